@@ -1,0 +1,1 @@
+"""fxopt: a compiler-style graph optimizer for PyTorch models."""

@@ -1,0 +1,68 @@
+"""Graph editing helpers every pass uses."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+import torch.fx as fx
+
+from fxopt.ir.program import Program
+
+__all__ = ["producers", "users", "replace_node", "replace_subgraph", "add_constant", "erase_if_dead"]
+
+
+def producers(node: fx.Node) -> list[fx.Node]:
+    """Nodes whose values ``node`` reads, in argument order, without repeats."""
+    return list(node.all_input_nodes)
+
+
+def users(node: fx.Node) -> list[fx.Node]:
+    """Nodes that read ``node``'s value."""
+    return list(node.users)
+
+
+def replace_node(old: fx.Node, new: fx.Node | object) -> None:
+    """Make every user of ``old`` read ``new`` instead, then erase ``old``."""
+    old.replace_all_uses_with(new, propagate_meta=False)
+    old.graph.erase_node(old)
+
+
+def replace_subgraph(root: fx.Node, new: fx.Node | object, matched: list[fx.Node]) -> None:
+    """Replace the subgraph ending at ``root`` by ``new``.
+
+    Users of ``root`` read ``new``; the nodes in ``matched`` that no longer have
+    users (the rest of the old subgraph) are erased, in reverse order.
+    """
+    root.replace_all_uses_with(new, propagate_meta=False)
+    for node in sorted(set(matched) | {root}, key=_position(root.graph), reverse=True):
+        erase_if_dead(node)
+
+
+def erase_if_dead(node: fx.Node) -> bool:
+    """Erase ``node`` if nothing reads it and it is not an input or output. Returns whether it was."""
+    if node.users or node.op in ("placeholder", "output"):
+        return False
+    node.graph.erase_node(node)
+    return True
+
+
+def add_constant(program: Program, tensor: torch.Tensor, name_hint: str) -> str:
+    """Register ``tensor`` on the program's graph module under a fresh name and return that name.
+
+    Passes call this instead of writing into existing parameters, whose storage
+    is shared with the user's model.
+    """
+    gm = program.graph_module
+    base = re.sub(r"[^0-9a-zA-Z_]", "_", name_hint) or "constant"
+    name, i = base, 0
+    while hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    gm.register_buffer(name, tensor.detach())
+    return name
+
+
+def _position(graph: fx.Graph):
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    return lambda node: order.get(node, -1)

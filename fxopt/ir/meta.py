@@ -1,0 +1,152 @@
+"""Node metadata: shapes and dtypes (``meta["val"]``), model source locations, provenance.
+
+Every node of a captured graph carries ``meta["val"]`` (a fake tensor, or a
+tuple of them, or a symbolic int); rewrites call :func:`propagate_meta` to
+recompute it. Nodes created by a pass carry ``meta["fxopt_provenance"]``: the
+pass name and the names of the original nodes they replace, so errors, dumps
+and reports can say where a node came from.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+
+import torch
+import torch.fx as fx
+from torch._guards import detect_fake_mode
+from torch.fx.passes.fake_tensor_prop import FakeTensorProp
+
+__all__ = [
+    "Provenance",
+    "propagate_meta",
+    "source_location",
+    "describe_node",
+    "stamp_provenance",
+    "tensor_summary",
+]
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def source_location(node: fx.Node) -> str | None:
+    """``file:line in func`` of the model code that created ``node``, if known.
+
+    Frames inside PyTorch itself are skipped: the user wants their model's line
+    (``model.py:42``), not ``torch/nn/modules/conv.py``.
+    """
+    trace = node.meta.get("stack_trace")
+    if not trace:
+        # Nodes a pass created point at the nodes they came from.
+        origin = node.meta.get("fxopt_source")
+        return origin
+    location = None
+    for line in trace.splitlines():
+        line = line.strip()
+        if not line.startswith('File "'):
+            continue
+        path, _, rest = line[len('File "'):].partition('"')
+        if path.startswith(_TORCH_DIR):
+            continue
+        # rest looks like: ", line 12, in forward"
+        parts = [p.strip() for p in rest.split(",") if p.strip()]
+        lineno = parts[0].removeprefix("line ") if parts else "?"
+        func = parts[1].removeprefix("in ") if len(parts) > 1 else "?"
+        location = f"{path}:{lineno} in {func}"
+    return location
+
+
+def module_path(node: fx.Node) -> str | None:
+    """``name (Class)`` of the innermost ``nn.Module`` that created ``node``, if known."""
+    stack = node.meta.get("nn_module_stack")
+    if not stack:
+        return node.meta.get("fxopt_module")
+    path, cls = list(stack.values())[-1]
+    cls_name = cls.rsplit(".", 1)[-1] if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    # export spells nested paths as L['self'].layer1._modules['0'] in some versions
+    return f"{path or '<root>'} ({cls_name})"
+
+
+def describe_node(node: fx.Node) -> str:
+    """One-line identification of a node for error messages: name, op, module, source line."""
+    target = node.target if node.op != "call_function" else _op_name(node.target)
+    text = f"node '{node.name}' ({target})"
+    where = [w for w in (module_path(node), source_location(node)) if w]
+    if where:
+        text += " from " + " at ".join(where)
+    prov = node.meta.get("fxopt_provenance")
+    if prov:
+        text += f", created by pass '{prov.pass_name}' from {', '.join(prov.origins) or 'nothing'}"
+    return text
+
+
+def _op_name(target: object) -> str:
+    if isinstance(target, torch._ops.OpOverload):
+        return str(target)
+    return getattr(target, "__name__", str(target))
+
+
+class Provenance:
+    """Which pass created a node, and from which original nodes."""
+
+    __slots__ = ("pass_name", "origins")
+
+    def __init__(self, pass_name: str, origins: Iterable[str]):
+        self.pass_name = pass_name
+        self.origins = tuple(origins)
+
+    def __repr__(self) -> str:
+        return f"Provenance({self.pass_name!r}, {self.origins!r})"
+
+
+def stamp_provenance(new_nodes: Iterable[fx.Node], pass_name: str, origins: Iterable[fx.Node]) -> None:
+    """Record on ``new_nodes`` that ``pass_name`` created them from ``origins``.
+
+    Source location and module path are inherited from the first origin that has
+    one, so errors about a fused node still point at the model's line.
+    """
+    origins = list(origins)
+    names: list[str] = []
+    for origin in origins:
+        prov = origin.meta.get("fxopt_provenance")
+        names.extend(prov.origins if prov else (origin.name,))
+    source = next((s for s in map(source_location, origins) if s), None)
+    module = next((m for m in map(module_path, origins) if m), None)
+    for node in new_nodes:
+        node.meta["fxopt_provenance"] = Provenance(pass_name, dict.fromkeys(names))
+        if source and "stack_trace" not in node.meta:
+            node.meta["fxopt_source"] = source
+        if module and "nn_module_stack" not in node.meta:
+            node.meta["fxopt_module"] = module
+
+
+def propagate_meta(gm: fx.GraphModule) -> None:
+    """Recompute ``meta["val"]`` of every node with fake tensors.
+
+    Uses the fake mode of the graph's existing values, so symbolic (dynamic)
+    dimensions keep their symbols. Placeholders keep the values capture gave them.
+    """
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    vals = [n.meta["val"] for n in gm.graph.nodes if isinstance(n.meta.get("val"), torch.Tensor)]
+    mode = detect_fake_mode(vals)
+    if mode is None:  # pragma: no cover - capture always attaches fake values
+        raise ValueError("graph has no fake tensor metadata to propagate from")
+    with mode:
+        FakeTensorProp(gm, mode).propagate_dont_convert_inputs(*[p.meta["val"] for p in placeholders])
+
+
+def tensor_summary(val: object) -> str:
+    """``f32[2,8,14,14]``-style text for a node value."""
+    if isinstance(val, torch.Tensor):
+        dims = ",".join(str(d) for d in val.shape)
+        return f"{_DTYPE_ABBREV.get(val.dtype, str(val.dtype).removeprefix('torch.'))}[{dims}]"
+    if isinstance(val, (tuple, list)):
+        return "(" + ", ".join(tensor_summary(v) for v in val) + ")"
+    return type(val).__name__ if val is not None else "?"
+
+
+_DTYPE_ABBREV = {
+    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
+    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
+    torch.uint8: "u8", torch.bool: "bool", torch.float8_e4m3fn: "f8e4m3", torch.float8_e5m2: "f8e5m2",
+}

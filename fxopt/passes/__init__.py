@@ -1,0 +1,41 @@
+"""Graph passes and the pass registry.
+
+Every pass is a frozen dataclass in a file of its own; :data:`PASSES` maps each
+pass's spec name to its class and is the one place a pass is registered.
+"""
+
+from fxopt.passes.base import Option, Pass, PassContext, option
+from fxopt.passes.cse import CommonSubexpressionElimination
+from fxopt.passes.dce import DeadCodeElimination
+from fxopt.passes.fold_constants import FoldConstants
+from fxopt.passes.remove_noops import RemoveNoops
+
+PASSES: dict[str, type[Pass]] = {
+    "cse": CommonSubexpressionElimination,
+    "dce": DeadCodeElimination,
+    "fold-constants": FoldConstants,
+    "remove-noops": RemoveNoops,
+}
+
+from fxopt.passes.manager import (  # noqa: E402  (the manager reads PASSES lazily)
+    BUILTIN_PIPELINES,
+    PassManager,
+    PassRecord,
+    Pipeline,
+    Tolerance,
+    parse_pipeline,
+)
+
+__all__ = [
+    "BUILTIN_PIPELINES",
+    "PASSES",
+    "Option",
+    "Pass",
+    "PassContext",
+    "PassManager",
+    "PassRecord",
+    "Pipeline",
+    "Tolerance",
+    "option",
+    "parse_pipeline",
+]

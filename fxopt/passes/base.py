@@ -1,0 +1,111 @@
+"""The pass interface: a frozen dataclass whose fields are its options."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+from fxopt.ir.program import Program
+
+__all__ = ["Pass", "PassContext", "Option", "option"]
+
+
+def option(default: Any, doc: str) -> Any:
+    """Declare a pass option: a dataclass field with a default and a one-line doc."""
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("pass options must be immutable: use a tuple")
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass(frozen=True)
+class Option:
+    """One option of a pass, as the spec grammar and docs see it."""
+
+    name: str  # kebab-case, as written in specs
+    field: str  # the dataclass field
+    type: Any
+    default: Any
+    doc: str
+
+    def type_name(self) -> str:
+        return type_name(self.type)
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {type_name(typing.get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or none"
+    return getattr(tp, "__name__", str(tp))
+
+
+@dataclass
+class PassContext:
+    """What a pass may use and report while it runs.
+
+    ``stats`` counts what the pass did (``ctx.count("folded")``); ``notes``
+    records why it skipped candidates (``ctx.skip(node, "conv has other users")``);
+    ``config`` holds the pipeline file's extra tables (calibration, tuning, ...).
+    """
+
+    pass_name: str = ""
+    config: dict = field(default_factory=dict)
+    stats: Counter = field(default_factory=Counter)
+    notes: list[str] = field(default_factory=list)
+
+    def count(self, key: str, n: int = 1) -> None:
+        self.stats[key] += n
+
+    def skip(self, where: str, reason: str) -> None:
+        self.stats["skipped"] += 1
+        self.notes.append(f"skipped {where}: {reason}")
+
+
+@dataclass(frozen=True)
+class Pass:
+    """Base class of fxopt passes.
+
+    Subclasses are frozen dataclasses: ``name`` is the kebab-case name used in
+    pipeline specs, dataclass fields (declared with :func:`option`) are the
+    options, and :meth:`apply` rewrites the program in place and returns
+    whether it changed anything. The pass manager hands ``apply`` a private
+    copy, so a pass that raises leaves the caller's program as it was.
+
+    Class attributes: ``exact`` (does the pass preserve outputs up to float
+    rounding?), ``requires`` (passes that must run earlier in the same
+    pipeline), ``before`` (passes that, when present, must run later).
+    """
+
+    name: ClassVar[str] = ""
+    exact: ClassVar[bool] = True
+    requires: ClassVar[tuple[str, ...]] = ()
+    before: ClassVar[tuple[str, ...]] = ()
+
+    def apply(self, program: Program, ctx: PassContext) -> bool:
+        raise NotImplementedError(f"pass '{self.name}' does not implement apply")
+
+    @classmethod
+    def options(cls) -> list[Option]:
+        hints = typing.get_type_hints(cls)
+        return [
+            Option(f.name.replace("_", "-"), f.name, hints[f.name], f.default, f.metadata.get("doc", ""))
+            for f in dataclasses.fields(cls)
+        ]
+
+    @classmethod
+    def summary(cls) -> str:
+        """First paragraph of the docstring: what the pass does."""
+        doc = (cls.__doc__ or "").strip()
+        return " ".join(doc.split("\n\n")[0].split())
+
+    def __str__(self) -> str:
+        from fxopt.passes.manager import format_pass
+
+        return format_pass(self)
