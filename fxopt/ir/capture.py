@@ -19,6 +19,7 @@ from fxopt.ir.program import Program
 __all__ = ["capture"]
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
+_FXOPT_DIR = os.path.dirname(os.path.dirname(__file__))
 
 
 def capture(
@@ -58,23 +59,25 @@ def capture(
     args = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
     kwargs = dict(example_kwargs or {})
     name = type(model).__name__
-    with _eval_mode(model):
+    with eval_mode(model):
         try:
             exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
         except Exception as exc:  # export raises many unrelated types; all mean "cannot capture"
             raise CaptureError(_explain_export_failure(model, exc, strict)) from exc
-    _reject_mutations(name, exported)
     exported = exported.run_decompositions(decomposition_table())
+    _reject_mutations(name, exported)  # mutations become visible in the signature once functionalized
 
     unlifted = exported.module()
     graph = copy.deepcopy(unlifted.graph)
     for node in list(graph.nodes):
-        # export's input guards are re-checked by Program.flatten_inputs with clearer errors
-        if node.op == "call_module":
+        # Export's input guards are re-checked by Program.flatten_inputs with clearer errors;
+        # dtype assertions on intermediates were proven while tracing and only block rewrites.
+        if node.op == "call_module" or node.target is torch.ops.aten._assert_tensor_metadata.default:
             graph.erase_node(node)
     graph._codegen = fx.graph.CodeGen()  # flat inputs and a flat output tuple; Program owns the pytrees
     gm = fx.GraphModule(unlifted, graph, class_name=f"{name}Graph")
     gm.graph.eliminate_dead_code()
+    _own_constants(gm)
     gm.recompile()
     flat_inputs = fx_pytree.tree_flatten_spec((args, kwargs), exported.call_spec.in_spec)
     program = Program(gm, exported.call_spec.in_spec, exported.call_spec.out_spec, flat_inputs, name)
@@ -85,8 +88,24 @@ def capture(
     return program
 
 
+def _own_constants(gm: fx.GraphModule) -> None:
+    """Give the graph module its own tensor objects, sharing storage with the model's.
+
+    ``Module.to()`` and similar rebind ``param.data`` in place; with shared
+    Parameter objects that would move or convert the user's model too.
+    """
+    for name, param in list(gm.named_parameters()):
+        owner, _, attr = name.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        setattr(module, attr, torch.nn.Parameter(param.detach(), requires_grad=param.requires_grad))
+    for name, buffer in list(gm.named_buffers()):
+        owner, _, attr = name.rpartition(".")
+        module = gm.get_submodule(owner) if owner else gm
+        module.register_buffer(attr, buffer.detach())
+
+
 @contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module) -> Iterator[None]:
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
     flags = {module: module.training for module in model.modules()}
     model.eval()
     try:
@@ -114,7 +133,7 @@ def _explain_export_failure(model: torch.nn.Module, exc: Exception, strict: bool
     tb = exc.__traceback__
     while tb is not None:
         frame = tb.tb_frame
-        if not frame.f_code.co_filename.startswith(_TORCH_DIR) and frame.f_code.co_filename != __file__:
+        if _is_model_code(frame.f_code.co_filename):
             where = f"{frame.f_code.co_filename}:{tb.tb_lineno} in {frame.f_code.co_name}"
             owner = frame.f_locals.get("self")
             if isinstance(owner, torch.nn.Module) and id(owner) in module_names:
@@ -122,7 +141,7 @@ def _explain_export_failure(model: torch.nn.Module, exc: Exception, strict: bool
         tb = tb.tb_next
     if where is None:
         # Dynamo (strict) keeps the user frame in the message, not the traceback.
-        user_frames = [f for f in traceback.extract_tb(exc.__traceback__) if not f.filename.startswith(_TORCH_DIR)]
+        user_frames = [f for f in traceback.extract_tb(exc.__traceback__) if _is_model_code(f.filename)]
         if user_frames:
             where = f"{user_frames[-1].filename}:{user_frames[-1].lineno}"
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -135,8 +154,17 @@ def _explain_export_failure(model: torch.nn.Module, exc: Exception, strict: bool
     return text
 
 
+def _is_model_code(filename: str) -> bool:
+    # "<string>" and similar are code torch generates while tracing, not the model's.
+    return not (filename.startswith((_TORCH_DIR, "<")) or filename.startswith(_FXOPT_DIR))
+
+
 def _remedy(exc: Exception, strict: bool) -> str:
     message = str(exc)
+    if "register a pytree" in message:
+        return ("The model takes or returns an object export cannot flatten; return tensors (or tuples/dicts "
+                "of them), or register the type with torch.utils._pytree.register_pytree_node. For "
+                "transformers models, config.use_cache=False avoids returning cache objects.")
     if "data-dependent" in message or "GuardOnDataDependent" in type(exc).__name__:
         return ("The forward branches on tensor values; rewrite the branch with torch.where or "
                 "torch.cond, or move it out of the model.")

@@ -70,8 +70,13 @@ class Pat:
         return Pat("get_attr", name=name)
 
 
-def match(pattern: Pat | object, value: object, captures: dict | None = None) -> dict | None:
-    """Match ``value`` (an fx node or literal) against ``pattern``; the captures, or ``None``."""
+def match(pattern: Pat | object, value: object, captures: dict | None = None,
+          matched: list | None = None) -> dict | None:
+    """Match ``value`` (an fx node or literal) against ``pattern``; the captures, or ``None``.
+
+    ``matched``, if given, collects every node a ``Pat`` with a target matched:
+    the subgraph a rewrite replaces.
+    """
     captures = {} if captures is None else captures
     if not isinstance(pattern, Pat):
         return captures if _literal_equal(pattern, value) else None
@@ -83,7 +88,7 @@ def match(pattern: Pat | object, value: object, captures: dict | None = None) ->
         if not isinstance(value, fx.Node) or len(value.args) < len(pattern.args):
             return None
         for sub, arg in zip(pattern.args, value.args):
-            if match(sub, arg, captures) is None:
+            if match(sub, arg, captures, matched) is None:
                 return None
     if pattern.where is not None and not pattern.where(value):
         return None
@@ -91,6 +96,8 @@ def match(pattern: Pat | object, value: object, captures: dict | None = None) ->
         if pattern.name in captures and captures[pattern.name] is not value:
             return None
         captures[pattern.name] = value
+    if matched is not None and pattern.target is not None:
+        matched.append(value)
     return captures
 
 
@@ -188,17 +195,18 @@ def rewrite(program: Program, rules: Iterable[Rule], pass_name: str, *, max_swee
             if node.graph is not program.graph or node.op != "call_function":
                 continue  # erased earlier in this sweep
             for rule in rules:
-                captures = match(rule.pattern, node)
+                matched: list[fx.Node] = []
+                captures = match(rule.pattern, node, matched=matched)
                 if captures is None:
                     continue
                 ctx = RewriteContext(program, node)
-                replacement = rule.rewrite(ctx, **{k: v for k, v in captures.items()})
+                replacement = rule.rewrite(ctx, **captures)
                 if replacement is None:
                     for created in reversed(ctx.created):
                         program.graph.erase_node(created)
                     continue
-                matched = [v for v in captures.values() if isinstance(v, fx.Node) and v.op == "call_function"]
-                stamp_provenance(ctx.created, pass_name, [node, *matched])
+                matched = [n for n in matched if n.op == "call_function"]
+                stamp_provenance(ctx.created, pass_name, matched)
                 replace_subgraph(node, replacement, matched)
                 hits[rule.name] += 1
                 changed = True

@@ -58,7 +58,8 @@ def _verify_node(program: Program, node: fx.Node) -> None:
             raise VerificationError(f"{describe_node(node)}: attribute '{node.target}' does not exist") from None
         if not isinstance(value, torch.Tensor):
             raise VerificationError(f"{describe_node(node)}: attribute '{node.target}' is not a tensor")
-    if node.op in ("placeholder", "get_attr", "call_function") and "val" not in node.meta:
+    returns_nothing = isinstance(node.target, torch._ops.OpOverload) and not node.target._schema.returns
+    if node.op in ("placeholder", "get_attr", "call_function") and "val" not in node.meta and not returns_nothing:
         raise VerificationError(f"{describe_node(node)}: missing meta['val'] (shape/dtype)")
 
 

@@ -269,7 +269,9 @@ def _instantiate(item: _Item) -> Pass:
         opt = by_name.get(key) or by_name.get(key.replace("_", "-"))
         if opt is None:
             known = ", ".join(by_name) or "none"
-            raise PipelineError(f"pass '{item.name}' has no option '{key}' (its options: {known})")
+            close = difflib.get_close_matches(key, list(by_name), n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise PipelineError(f"pass '{item.name}' has no option '{key}'{hint} (its options: {known})")
         kwargs[opt.field] = _convert(value, opt.type, f"option '{opt.name}' of pass '{item.name}'")
     try:
         return cls(**kwargs)

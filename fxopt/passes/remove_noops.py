@@ -15,13 +15,22 @@ aten = torch.ops.aten
 
 
 def _same_value_type(node: fx.Node, source: object) -> bool:
-    """``node`` has exactly the shape and dtype of ``source``: forwarding ``source`` is a no-op."""
+    """``node`` has the shape, dtype and strides of ``source``: forwarding ``source`` is a no-op.
+
+    Strides matter: a ``clone`` of an expanded tensor makes it contiguous so
+    that a later ``view`` works; forwarding the expanded tensor would break it.
+    """
     if not isinstance(source, fx.Node):
         return False
     a, b = node.meta.get("val"), source.meta.get("val")
     if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
         return False
-    return a.dtype == b.dtype and a.device == b.device and [str(d) for d in a.shape] == [str(d) for d in b.shape]
+    return (
+        a.dtype == b.dtype
+        and a.device == b.device
+        and [str(d) for d in a.shape] == [str(d) for d in b.shape]
+        and [str(d) for d in a.stride()] == [str(d) for d in b.stride()]
+    )
 
 
 def _forward_input(ctx: RewriteContext, x: fx.Node) -> fx.Node | None:

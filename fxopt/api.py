@@ -1,0 +1,186 @@
+"""``fxopt.optimize``: capture, run a pipeline, build for a target."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+import torch.utils._pytree as pytree
+
+from fxopt.codegen import Executable, build
+from fxopt.errors import FxoptError, VerificationError
+from fxopt.ir.capture import capture, eval_mode
+from fxopt.passes.base import Pass
+from fxopt.passes.manager import PassManager, Pipeline, Tolerance, VerifyMode, compare_outputs
+from fxopt.report import Report
+from fxopt.targets import Target, parse_target
+
+__all__ = ["optimize", "OptimizedModel"]
+
+
+def optimize(
+    model: torch.nn.Module,
+    example_inputs: tuple | torch.Tensor | None = None,
+    *,
+    example_kwargs: dict | None = None,
+    target: str | Target | None = None,
+    pipeline: str | Path | Sequence[Pass] | Pipeline | None = None,
+    verify: VerifyMode | None = None,
+    tolerance: Tolerance | None = None,
+    dynamic_shapes: dict | tuple | None = None,
+    strict: bool = False,
+    print_ir_after: Sequence[str] = (),
+    dump_dir: str | Path | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> OptimizedModel:
+    """Optimize ``model`` for ``target``; the result is called like the model.
+
+    Parameters
+    ----------
+    model:
+        Any ``torch.nn.Module``; it is captured in eval mode and never modified.
+    example_inputs, example_kwargs:
+        A representative call. Given, everything happens now; omitted, the model
+        is captured and built on its first call and again for each new input
+        signature (shapes, dtypes, structure), like ``torch.compile``.
+    target:
+        ``"cpu"``, ``"cuda"``, ``"cuda:sm_90"``, ``"aarch64"`` or ``"torch"``;
+        default: the pipeline file's ``[target]``, else ``"cpu"``.
+        ``report()`` says which backend actually runs.
+    pipeline:
+        A spec string (``"fold-constants,dce"``), a named pipeline, a TOML file
+        path, a list of passes, or a :class:`Pipeline`. Default: the target's
+        default pipeline (or the pipeline file's ``[target]``).
+    verify:
+        ``"end"`` (default) compares the optimized outputs with the original
+        model's on the example inputs and, on failure, names the first pass and
+        node responsible; ``"each"`` checks after every pass; ``"off"`` skips
+        the numeric check (the IR is still verified).
+    tolerance:
+        The bound outputs must meet (:class:`Tolerance`).
+    print_ir_after, dump_dir:
+        IR dumps: pass names, ``"all"`` or ``"change"``; written to ``dump_dir``
+        when given, else to stderr.
+    progress:
+        ``progress(index, total, step)`` called before each step.
+
+    Raises
+    ------
+    CaptureError, PipelineError, PassError, VerificationError
+        With the culprit named; see :mod:`fxopt.errors`.
+    """
+    if not isinstance(model, torch.nn.Module):
+        raise FxoptError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    resolved = Pipeline.coerce(pipeline) if pipeline is not None else None
+    target = parse_target(target or (resolved.target if resolved else None) or "cpu")
+    if resolved is None:
+        resolved = Pipeline.coerce(target.default_pipeline)
+    manager = PassManager(
+        resolved, verify=verify, tolerance=tolerance, print_ir_after=print_ir_after,
+        dump_dir=dump_dir, progress=progress,
+    )
+    optimized = OptimizedModel(model, target, manager, dynamic_shapes=dynamic_shapes, strict=strict)
+    if example_inputs is not None or example_kwargs:
+        args = () if example_inputs is None else example_inputs
+        optimized.build(args if isinstance(args, tuple) else (args,), dict(example_kwargs or {}))
+    return optimized
+
+
+class OptimizedModel(torch.nn.Module):
+    """The result of :func:`optimize`: call it like the original model (inference, no autograd).
+
+    ``graph_module`` is the optimized ATen-level ``torch.fx.GraphModule`` and
+    ``report()`` the per-pass table of the most recent build. One build is
+    cached per input signature.
+    """
+
+    def __init__(self, model, target: Target, manager: PassManager, *, dynamic_shapes=None, strict=False):
+        super().__init__()
+        # Held outside the Module tree: the original's parameters are not this module's.
+        self.__dict__["_model"] = model
+        self.target = target
+        self.manager = manager
+        self._dynamic_shapes = dynamic_shapes
+        self._strict = strict
+        self._builds: dict[str, tuple[Executable, Report]] = {}
+        self._last: tuple[Executable, Report] | None = None
+
+    def forward(self, *args, **kwargs):
+        key = _signature(args, kwargs)
+        built = self._builds.get(key)
+        if built is None:
+            built = self.build(args, kwargs)
+        self._last = built
+        return built[0](*args, **kwargs)
+
+    def build(self, args: tuple, kwargs: dict) -> tuple[Executable, Report]:
+        """Capture, optimize and build for this input signature (done by the first call otherwise)."""
+        model = self.__dict__["_model"]
+        progress = self.manager.progress
+        if progress:
+            progress(0, 1, "capture")
+        start = time.perf_counter()
+        program = capture(model, args, kwargs, dynamic_shapes=self._dynamic_shapes, strict=self._strict)
+        capture_seconds = time.perf_counter() - start
+        with eval_mode(model), torch.no_grad():
+            reference = tuple(pytree.tree_leaves(model(*args, **kwargs)))
+        capture_error = None
+        if self.manager.verify != "off":
+            worst_abs, worst_rel, failing = compare_outputs(program.run_flat(), reference, self.manager.tolerance)
+            capture_error = (worst_abs, worst_rel)
+            if failing is not None:
+                raise VerificationError(
+                    f"the captured graph of {program.name} differs from the model at output {failing} "
+                    f"(max abs error {worst_abs:.3g}); the model may be nondeterministic or depend on "
+                    f"global state that export specialized"
+                )
+        optimized, records = self.manager.run(program, reference)
+        executable = build(optimized, self.target)
+        report = Report(
+            model=program.name, target=str(self.target), backend=executable.backend,
+            backend_note=executable.note, pipeline=str(self.manager.pipeline), verify=self.manager.verify,
+            capture_seconds=capture_seconds, capture_error=capture_error, passes=records,
+        )
+        built = (executable, report)
+        self._builds[_signature(args, kwargs)] = built
+        self._last = built
+        return built
+
+    def _latest(self) -> tuple[Executable, Report]:
+        if self._last is None:
+            raise FxoptError("nothing is built yet: call the model once or pass example_inputs to optimize()")
+        return self._last
+
+    @property
+    def graph_module(self) -> torch.fx.GraphModule:
+        """The optimized ATen-level graph of the most recent build."""
+        return self._latest()[0].program.graph_module
+
+    @property
+    def program(self):
+        """The optimized :class:`~fxopt.ir.Program` of the most recent build."""
+        return self._latest()[0].program
+
+    def report(self) -> Report:
+        """The per-pass report of the most recent build."""
+        return self._latest()[1]
+
+    def save(self, path: str | Path) -> Path:
+        """Write the optimized graph as a ``torch.export`` archive (``.pt2``), loadable with ``torch.export.load``."""
+        program = self.program
+        args, kwargs = pytree.tree_unflatten(list(program.example_inputs), program.in_spec)
+        exported = torch.export.export(program, tuple(args), dict(kwargs), strict=False)
+        path = Path(path)
+        torch.export.save(exported, path)
+        return path
+
+
+def _signature(args: tuple, kwargs: dict) -> str:
+    leaves, spec = pytree.tree_flatten((args, kwargs))
+    parts = [
+        f"{tuple(leaf.shape)}:{leaf.dtype}:{leaf.device.type}" if isinstance(leaf, torch.Tensor) else repr(leaf)
+        for leaf in leaves
+    ]
+    return f"{spec}|{'|'.join(parts)}"

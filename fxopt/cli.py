@@ -1,0 +1,218 @@
+"""The ``fxopt`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+
+from fxopt.errors import FxoptError
+
+__all__ = ["main"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    # torch's own pytree deprecation notice, printed on every export; not the user's concern
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.run(args)
+    except FxoptError as exc:
+        if args.debug:
+            raise
+        print(f"fxopt: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fxopt: interrupted", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxopt", description="Compiler-style graph optimization of PyTorch models.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.set_defaults(debug=False)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    opt = sub.add_parser("optimize", help="capture, optimize and build a model")
+    opt.add_argument("model", nargs="?", default=None,
+                     help="path/to/file.py:factory, package.module:factory, or a built-in model name "
+                          "(`fxopt models`); default: the built-in resnet50")
+    opt.add_argument("--example-input", "-i", action="append", default=[], metavar="SHAPE[:DTYPE[:LOW-HIGH]]",
+                     help="one positional input, e.g. 1x3x224x224 or 1x128:int64:0-30522 (repeat for more); "
+                          "built-in models bring their own")
+    opt.add_argument("--target", "-t", default=None, help="cpu, cuda, cuda:sm_90, aarch64 or torch (default: the pipeline file's, else cpu)")
+    group = opt.add_mutually_exclusive_group()
+    group.add_argument("-p", "--passes", dest="spec", help="pipeline spec, e.g. 'cleanup,fold-constants'")
+    group.add_argument("--pipeline", type=Path, help="TOML pipeline file")
+    opt.add_argument("--verify", choices=["each", "end", "off"], default=None)
+    opt.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
+                     help="dump the IR after this pass ('all', 'change'); repeatable")
+    opt.add_argument("--dump-dir", type=Path, help="write IR dumps to files here")
+    opt.add_argument("-o", "--output", type=Path, help="write the optimized graph as a torch.export archive (.pt2)")
+    opt.add_argument("--json", action="store_true", help="print the report as JSON")
+    opt.add_argument("--debug", action="store_true", help="show full tracebacks")
+    opt.set_defaults(run=_optimize)
+
+    passes = sub.add_parser("passes", help="list every pass with its options and docs")
+    passes.add_argument("--markdown", action="store_true", help="as the README's Markdown table")
+    passes.set_defaults(run=_passes)
+
+    pipe = sub.add_parser("pipeline", help="print the canonical form of a pipeline")
+    pipe.add_argument("--dump", required=True, metavar="SPEC|FILE", help="a pipeline spec or TOML file")
+    pipe.set_defaults(run=_pipeline)
+
+    models = sub.add_parser("models", help="list the built-in models")
+    models.set_defaults(run=_models)
+    return parser
+
+
+# ----------------------------------------------------------------------------- commands
+
+def _optimize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fxopt.api import optimize
+    from fxopt.zoo import DEFAULT_MODEL
+
+    console = Console(stderr=True)
+    model, inputs = _load_model(args.model or DEFAULT_MODEL, args.example_input)
+    pipeline = args.pipeline if args.pipeline is not None else args.spec
+    with console.status("capturing") as status:
+
+        def progress(index: int, total: int, step: str) -> None:
+            status.update(f"[{index + 1}/{total}] {step}" if step != "capture" else "capturing")
+
+        result = optimize(
+            model, inputs, target=args.target, pipeline=pipeline, verify=args.verify,
+            print_ir_after=args.print_ir_after, dump_dir=args.dump_dir, progress=progress,
+        )
+    report = result.report()
+    print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
+    if args.output:
+        with console.status(f"writing {args.output}"):
+            path = result.save(args.output)
+        print(f"wrote {path} (load with torch.export.load)")
+    return 0
+
+
+def _passes(args: argparse.Namespace) -> int:
+    print(passes_markdown() if args.markdown else passes_text())
+    return 0
+
+
+def _pipeline(args: argparse.Namespace) -> int:
+    from fxopt.passes import Pipeline
+
+    print(Pipeline.coerce(args.dump))
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from fxopt.zoo import DEFAULT_MODEL, ZOO
+
+    for name, entry in ZOO.items():
+        print(f"{name:<20} {entry.description}{'  (default)' if name == DEFAULT_MODEL else ''}")
+    return 0
+
+
+def passes_text() -> str:
+    """Every registered pass with its docstring and options, for ``fxopt passes``."""
+    from fxopt.passes import BUILTIN_PIPELINES, PASSES
+
+    blocks = []
+    for name, cls in PASSES.items():
+        doc = "\n".join("    " + line.strip() for line in (cls.__doc__ or "").strip().splitlines())
+        lines = [f"{name}{'' if cls.exact else '  (lossy)'}", doc]
+        for o in cls.options():
+            lines.append(f"    option {o.name}: {o.type_name()} = {o.default!r}  {o.doc}")
+        blocks.append("\n".join(lines))
+    named = "\n".join(f"  {k} = {v}" for k, v in BUILTIN_PIPELINES.items())
+    return "\n\n".join(blocks) + f"\n\nnamed pipelines:\n{named}"
+
+
+def passes_markdown() -> str:
+    """The README's table of passes, generated from the registry."""
+    from fxopt.passes import PASSES
+
+    rows = ["| pass | exact | options | what it does |", "|---|---|---|---|"]
+    for name, cls in PASSES.items():
+        options = "<br>".join(f"`{o.name}={o.default}` {o.doc}" for o in cls.options()) or "–"
+        rows.append(f"| `{name}` | {'yes' if cls.exact else 'no'} | {options} | {cls.summary()} |")
+    return "\n".join(rows)
+
+
+# ----------------------------------------------------------------------------- model loading
+
+def _load_model(spec: str, input_specs: list[str]) -> tuple[torch.nn.Module, tuple]:
+    from fxopt.zoo import ZOO, load_zoo_model
+
+    if ":" not in spec:
+        if spec in ZOO or not input_specs:
+            model, inputs = load_zoo_model(spec)
+            return model, tuple(parse_input_spec(s) for s in input_specs) if input_specs else inputs
+    path, _, factory_name = spec.rpartition(":")
+    if not path or not factory_name:
+        raise FxoptError(f"model '{spec}' must be path/to/file.py:factory, module:factory or a built-in name")
+    module = _import(path)
+    factory = getattr(module, factory_name, None)
+    if factory is None or not callable(factory):
+        raise FxoptError(f"'{path}' has no callable '{factory_name}'")
+    made = factory()
+    model, inputs = made if isinstance(made, tuple) else (made, None)
+    if input_specs:
+        inputs = tuple(parse_input_spec(s) for s in input_specs)
+    if inputs is None:
+        raise FxoptError(f"give the inputs of {spec} with --example-input SHAPE (or return (model, inputs) from the factory)")
+    if not isinstance(model, torch.nn.Module):
+        raise FxoptError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module")
+    return model, inputs if isinstance(inputs, tuple) else (inputs,)
+
+
+def _import(path: str):
+    if path.endswith(".py"):
+        file = Path(path)
+        if not file.is_file():
+            raise FxoptError(f"model file '{path}' does not exist")
+        spec = importlib.util.spec_from_file_location(file.stem, file)
+        module = importlib.util.module_from_spec(spec)
+        sys.path.insert(0, str(file.parent.resolve()))
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.path.pop(0)
+        return module
+    try:
+        return importlib.import_module(path)
+    except ImportError as exc:
+        raise FxoptError(f"cannot import model module '{path}': {exc}") from None
+
+
+_INPUT = re.compile(r"^(?P<shape>\d+(?:x\d+)*)(?::(?P<dtype>[a-z0-9]+))?(?::(?P<low>-?\d+)-(?P<high>-?\d+))?$")
+
+
+def parse_input_spec(text: str) -> torch.Tensor:
+    """``1x3x224x224`` -> a random float32 tensor; ``1x128:int64:0-30522`` -> random integers in [0, 30522)."""
+    m = _INPUT.match(text.strip())
+    if not m:
+        raise FxoptError(f"bad --example-input '{text}': expected SHAPE[:DTYPE[:LOW-HIGH]] like 1x3x224x224 or 1x128:int64:0-1000")
+    shape = tuple(int(d) for d in m["shape"].split("x"))
+    dtype = getattr(torch, m["dtype"] or "float32", None)
+    if not isinstance(dtype, torch.dtype):
+        raise FxoptError(f"bad --example-input '{text}': unknown dtype '{m['dtype']}'")
+    generator = torch.Generator().manual_seed(0)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    low, high = (int(m["low"]), int(m["high"])) if m["low"] is not None else (0, 2 if dtype == torch.bool else 100)
+    return torch.randint(low, high, shape, generator=generator).to(dtype)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,84 @@
+"""What an ``optimize`` run did: capture, each pass, the backend, and the error against the original."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from fxopt.passes.manager import PassRecord
+
+__all__ = ["Report", "human"]
+
+
+def human(n: float) -> str:
+    """1234567 -> '1.23M'."""
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}" if isinstance(n, float) else str(n)
+
+
+@dataclass
+class Report:
+    """The per-pass table of an optimization, printable and serializable (``to_dict``)."""
+
+    model: str
+    target: str
+    backend: str
+    backend_note: str
+    pipeline: str
+    verify: str
+    capture_seconds: float
+    capture_error: tuple[float, float] | None
+    passes: list[PassRecord] = field(default_factory=list)
+
+    @property
+    def final_error(self) -> tuple[float, float] | None:
+        checked = [r for r in self.passes if r.max_abs_error is not None]
+        if checked:
+            return checked[-1].max_abs_error, checked[-1].max_rel_error
+        return self.capture_error
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["final_error"] = self.final_error
+        return data
+
+    def __str__(self) -> str:
+        header = ["pass", "time", "changed", "nodes", "params", "FLOPs", "max abs err", "max rel err"]
+        rows = [["capture", f"{self.capture_seconds:.2f}s", "", "", "", "", *_errors(self.capture_error)]]
+        for r in self.passes:
+            rows.append([
+                r.name, f"{r.seconds:.2f}s", "yes" if r.changed else "no",
+                _change(r.nodes), _change(r.params, human), _change(r.flops, human),
+                *_errors(None if r.max_abs_error is None else (r.max_abs_error, r.max_rel_error)),
+            ])
+        widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+        lines = [
+            f"fxopt report: {self.model} -> target {self.target}",
+            f"backend: {self.backend} ({self.backend_note})",
+            f"pipeline: {self.pipeline or '(empty)'}",
+            f"verification: {self.verify}",
+            "",
+            "  ".join(h.ljust(w) for h, w in zip(header, widths)),
+            "  ".join("-" * w for w in widths),
+        ]
+        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        notes = [(r.name, n) for r in self.passes for n in r.notes]
+        stats = [(r.name, r.stats) for r in self.passes if any(r.stats.values())]
+        if stats:
+            lines += ["", "what each pass did:"]
+            lines += [f"  {name}: " + ", ".join(f"{k}={v}" for k, v in s.items() if v) for name, s in stats]
+        if notes:
+            lines += ["", "notes:"] + [f"  {name}: {n}" for name, n in notes]
+        return "\n".join(lines)
+
+
+def _change(pair: tuple[int, int], fmt=str) -> str:
+    before, after = pair
+    return fmt(before) if before == after else f"{fmt(before)} -> {fmt(after)}"
+
+
+def _errors(error: tuple[float, float] | None) -> list[str]:
+    if error is None:
+        return ["-", "-"]
+    return [f"{error[0]:.2e}", f"{error[1]:.2e}"]

@@ -1,0 +1,127 @@
+"""Built-in real models for the CLI, tests and benchmarks.
+
+Real architectures from ``transformers``, randomly initialized from their
+configs (nothing is downloaded). ``fxopt optimize resnet50`` and the README's
+main job use :data:`DEFAULT_MODEL`.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from fxopt.errors import FxoptError
+
+__all__ = ["ZooModel", "ZOO", "DEFAULT_MODEL", "load_zoo_model"]
+
+
+@dataclass(frozen=True)
+class ZooModel:
+    """A named model: how to build it and a representative input."""
+
+    name: str
+    description: str
+    build: Callable[[], torch.nn.Module]
+    example_inputs: Callable[[], tuple]
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError:  # pragma: no cover - installed with fxopt[zoo]
+        raise FxoptError("the built-in models need transformers: pip install 'fxopt[zoo]'") from None
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def _seeded(build: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+    def wrapped() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return build().eval()
+
+    return wrapped
+
+
+def _resnet(**config) -> torch.nn.Module:
+    t = _transformers()
+    return t.ResNetForImageClassification(t.ResNetConfig(**config))
+
+
+def _mobilenet_v2(**config) -> torch.nn.Module:
+    t = _transformers()
+    return t.MobileNetV2ForImageClassification(t.MobileNetV2Config(**config))
+
+
+def _vit(**config) -> torch.nn.Module:
+    t = _transformers()
+    return t.ViTForImageClassification(t.ViTConfig(**config))
+
+
+def _bert(**config) -> torch.nn.Module:
+    t = _transformers()
+    return t.BertModel(t.BertConfig(**config), add_pooling_layer=True)
+
+
+def _gpt2(**config) -> torch.nn.Module:
+    t = _transformers()
+    # No KV cache: export cannot return transformers' cache objects, and a single forward needs none.
+    return t.GPT2LMHeadModel(t.GPT2Config(use_cache=False, **config))
+
+
+def _llama(**config) -> torch.nn.Module:
+    t = _transformers()
+    return t.LlamaForCausalLM(t.LlamaConfig(use_cache=False, **config))
+
+
+def _image(size: int, batch: int = 1) -> Callable[[], tuple]:
+    return lambda: (torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0)),)
+
+
+def _tokens(vocab: int, seq: int, batch: int = 1) -> Callable[[], tuple]:
+    return lambda: (torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)),)
+
+
+_TINY_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+
+ZOO: dict[str, ZooModel] = {
+    m.name: m
+    for m in [
+        ZooModel("resnet50", "ResNet-50 image classifier, 1x3x224x224", _seeded(_resnet), _image(224)),
+        ZooModel("mobilenet_v2", "MobileNetV2 image classifier, 1x3x224x224", _seeded(_mobilenet_v2), _image(224)),
+        ZooModel("vit", "ViT-Base/16 image classifier, 1x3x224x224", _seeded(_vit), _image(224)),
+        ZooModel("bert", "BERT-base encoder, batch 1, sequence 128", _seeded(_bert), _tokens(30522, 128)),
+        ZooModel("gpt2", "GPT-2 small language model, batch 1, sequence 128", _seeded(_gpt2), _tokens(50257, 128)),
+        # Small members of the same families, for tests and quick tries.
+        ZooModel("resnet-tiny", "2-stage ResNet, 1x3x32x32",
+                 _seeded(lambda: _resnet(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)),
+                 _image(32)),
+        ZooModel("mobilenet_v2-tiny", "MobileNetV2 at width 0.35, 1x3x64x64",
+                 _seeded(lambda: _mobilenet_v2(depth_multiplier=0.35, image_size=64, num_labels=10)), _image(64)),
+        ZooModel("vit-tiny", "2-layer ViT, 1x3x32x32",
+                 _seeded(lambda: _vit(image_size=32, patch_size=8, num_labels=10, **_TINY_TEXT)), _image(32)),
+        ZooModel("bert-tiny", "2-layer BERT, batch 1, sequence 16",
+                 _seeded(lambda: _bert(vocab_size=100, max_position_embeddings=64, **_TINY_TEXT)), _tokens(100, 16)),
+        ZooModel("gpt2-tiny", "2-layer GPT-2, batch 1, sequence 16",
+                 _seeded(lambda: _gpt2(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4)),
+                 _tokens(100, 16)),
+        ZooModel("llama-tiny", "2-layer LLaMA with grouped-query attention, batch 1, sequence 16",
+                 _seeded(lambda: _llama(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2,
+                                        **_TINY_TEXT)),
+                 _tokens(100, 16)),
+    ]
+}
+
+DEFAULT_MODEL = "resnet50"
+
+
+def load_zoo_model(name: str) -> tuple[torch.nn.Module, tuple]:
+    """Build a built-in model and its example inputs."""
+    if name not in ZOO:
+        close = difflib.get_close_matches(name, list(ZOO), n=3)
+        hint = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise FxoptError(f"unknown built-in model '{name}'{hint} (known: {', '.join(ZOO)})")
+    entry = ZOO[name]
+    return entry.build(), entry.example_inputs()

@@ -1,0 +1,69 @@
+import pytest
+import torch
+import torch.nn as nn
+
+from fxopt import VerificationError, capture
+from fxopt.ir import count_flops, count_parameters, format_program, to_networkx, verify
+
+aten = torch.ops.aten
+
+
+class Small(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, bias=False)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def _program():
+    return capture(Small(), (torch.randn(2, 3, 10, 10),))
+
+
+def test_flops_and_parameters_are_counted_from_shapes():
+    program = _program()
+    conv = 2 * (2 * 8 * 8 * 8) * (3 * 3 * 3)  # 2 * outputs * macs per output
+    linear = 2 * 2 * 8 * 5
+    assert count_flops(program) == conv + linear
+    assert count_parameters(program) == 8 * 3 * 3 * 3 + 8 * 5 + 5
+
+
+def test_networkx_view_has_dataflow_edges():
+    graph = to_networkx(_program())
+    conv = next(n for n, d in graph.nodes(data=True) if "convolution" in d["target"])
+    assert graph.has_edge("x", conv)
+    assert graph.nodes[conv]["value"] == "f32[2,8,8,8]"
+
+
+def test_printer_shows_shapes_ops_and_source_lines():
+    text = format_program(_program())
+    assert "%x : f32[2,3,10,10] = input" in text
+    assert "aten.convolution(%x, %conv_weight" in text
+    assert "test_verify_print_analysis.py:" in text
+    assert text.splitlines()[-1].startswith("  return (")
+
+
+def test_verifier_rejects_non_canonical_ops():
+    program = _program()
+    node = next(n for n in program.graph.nodes if n.target is aten.mean.dim)
+    node.target = aten.nanmean.default  # not a core ATen op
+    with pytest.raises(VerificationError, match="canonical op set"):
+        verify(program)
+
+
+def test_verifier_rejects_stale_metadata():
+    program = _program()
+    node = next(n for n in program.graph.nodes if n.target is aten.mean.dim)
+    node.args = (node.args[0], [3])  # shape changes, meta does not
+    with pytest.raises(VerificationError, match="propagate_meta"):
+        verify(program)
+
+
+def test_verifier_rejects_missing_constants():
+    program = _program()
+    node = next(n for n in program.graph.nodes if n.op == "get_attr")
+    node.target = "no_such_weight"
+    with pytest.raises(VerificationError, match="no_such_weight"):
+        verify(program)

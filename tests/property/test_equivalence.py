@@ -1,0 +1,52 @@
+"""Capture and every exact pass preserve the outputs of random models.
+
+Bound: max |optimized - original| <= 1e-5 + 1e-4 * max|original| (float32),
+fxopt's default :class:`~fxopt.Tolerance`; these passes reorder no arithmetic,
+so in practice the error is exactly zero.
+"""
+
+import pytest
+import torch
+from hypothesis import given
+
+from fxopt import PASSES, PassManager, Tolerance, capture, optimize
+from fxopt.passes.manager import compare_outputs
+
+from tests.property.generators import random_models
+
+TOLERANCE = Tolerance(rtol=1e-4, atol=1e-5)
+
+
+def _assert_close(outputs, reference):
+    worst_abs, worst_rel, failing = compare_outputs(outputs, reference, TOLERANCE)
+    assert failing is None, f"max abs error {worst_abs}, relative {worst_rel}"
+
+
+@given(random_models())
+def test_capture_preserves_outputs(case):
+    model, inputs = case
+    program = capture(model, inputs)
+    with torch.no_grad():
+        _assert_close([program(*inputs)], [model(*inputs)])
+
+
+@pytest.mark.parametrize("pass_name", sorted(PASSES))
+@given(case=random_models())
+def test_each_pass_preserves_outputs(pass_name, case):
+    model, inputs = case
+    program = capture(model, inputs)
+    optimized, records = PassManager(pass_name, verify="off").run(program)
+    with torch.no_grad():
+        _assert_close(optimized.run_flat(), [model(*inputs)])
+
+
+@given(random_models())
+def test_default_pipeline_preserves_outputs_and_never_grows_the_graph(case):
+    model, inputs = case
+    result = optimize(model, inputs, target="torch", verify="each")
+    report = result.report()
+    first, last = report.passes[0], report.passes[-1]
+    assert last.nodes[1] <= first.nodes[0]
+    assert last.flops[1] <= first.flops[0]
+    with torch.no_grad():
+        _assert_close([result(*inputs)], [model(*inputs)])
