@@ -1,13 +1,17 @@
 """fxopt's canonical op set: core ATen plus a few preserved composite ops.
 
-Captured graphs are decomposed to core ATen (the ops tagged ``torch.Tag.core``),
-except for the ops in :data:`PRESERVED_OPS`. Those stay whole because later
+Captured graphs are decomposed with :func:`decomposition_table` (core ATen, the
+ops tagged ``torch.Tag.core``) except for the ops in :data:`PRESERVED_OPS`; an
+op is canonical when that table leaves it alone (a fixed point: core ops, the
+preserved ones, and the few ops PyTorch has no decomposition for, such as
+``rand_like``). Those stay whole because later
 passes and the backend want to see them as one op (a Linear is one matmul with
 a bias, not ``view/permute/addmm/view``; an attention is one fused kernel).
 """
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -44,14 +48,16 @@ def decomposition_table() -> dict:
     return table
 
 
+@functools.cache
+def _decomposed_ops() -> frozenset:
+    return frozenset(decomposition_table().keys())
+
+
 def is_canonical_target(target: object) -> bool:
     """Whether a ``call_function`` target belongs to the canonical op set."""
     if target in PRESERVED_OPS or target in _STRUCTURAL_TARGETS:
         return True
     if isinstance(target, torch._ops.OpOverload):
-        if torch.Tag.core in target.tags:
-            return True
-        # fxopt's own ops (RMSNorm, quantized kernels, ...) live in the "fxopt" namespace;
-        # ATen ops that export never decomposes (e.g. sym_size, _assert_*) carry no core tag.
-        return target.namespace == "fxopt" or target.__name__.startswith(("sym_", "_assert"))
+        # fxopt's own ops (RMSNorm, quantized kernels, ...) live in the "fxopt" namespace.
+        return torch.Tag.core in target.tags or target.namespace == "fxopt" or target not in _decomposed_ops()
     return False

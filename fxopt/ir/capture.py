@@ -75,8 +75,8 @@ def capture(
         if node.op == "call_module" or node.target is torch.ops.aten._assert_tensor_metadata.default:
             graph.erase_node(node)
     graph._codegen = fx.graph.CodeGen()  # flat inputs and a flat output tuple; Program owns the pytrees
+    graph.eliminate_dead_code()  # before building the module, so constants nothing reads are not copied
     gm = fx.GraphModule(unlifted, graph, class_name=f"{name}Graph")
-    gm.graph.eliminate_dead_code()
     _own_constants(gm)
     gm.recompile()
     flat_inputs = fx_pytree.tree_flatten_spec((args, kwargs), exported.call_spec.in_spec)

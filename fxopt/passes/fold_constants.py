@@ -37,13 +37,16 @@ class FoldConstants(Pass):
     def apply(self, program: Program, ctx: PassContext) -> bool:
         graph = program.graph
         values: dict[fx.Node, object] = {}
+        sources: dict[fx.Node, set[fx.Node]] = {}  # the constants each folded value is computed from
         for node in graph.nodes:
             if node.op == "get_attr":
                 values[node] = program.get_constant(node.target)
+                sources[node] = {node}
             elif node.op == "call_function" and is_pure(node) and all(n in values for n in node.all_input_nodes):
                 args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: values[n])
                 with torch.no_grad():
                     values[node] = node.target(*args, **kwargs)
+                sources[node] = set().union(*(sources[n] for n in node.all_input_nodes))
         folded = []
         for node in list(graph.nodes):
             if node.op != "call_function" or node not in values:
@@ -53,7 +56,7 @@ class FoldConstants(Pass):
             result = values[node]
             if not isinstance(result, torch.Tensor):
                 continue
-            inputs = sum(values[n].numel() for n in node.all_input_nodes if isinstance(values[n], torch.Tensor))
+            inputs = sum(values[n].numel() for n in sources[node])
             if result.numel() - inputs > self.max_new_elements:
                 ctx.skip(describe_node(node), f"folding adds {result.numel() - inputs} elements")
                 continue

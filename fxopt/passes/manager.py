@@ -92,7 +92,7 @@ def _tokenize(text: str) -> list[tuple[str, Any, int]]:
         if m.group("punct"):
             tokens.append(("punct", m.group("punct"), column))
         elif m.group("dq") is not None:
-            tokens.append(("str", bytes(m.group("dq"), "utf-8").decode("unicode_escape"), column))
+            tokens.append(("str", re.sub(r"\\(.)", r"\1", m.group("dq")), column))
         elif m.group("sq") is not None:
             tokens.append(("str", m.group("sq"), column))
         else:
