@@ -1,0 +1,96 @@
+"""Side-by-side latency: PyTorch eager, torch.compile, ONNX Runtime and fxopt, in one process.
+
+Calls are interleaved (one call of each runner per round) so that machine
+noise hits every runner alike; the table reports medians and ratios to eager.
+
+    python benchmarks/run.py resnet50 bert --rounds 30 --target cpu
+    python benchmarks/run.py resnet-tiny --rounds 5      # a quick smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.utils._pytree as pytree
+
+import fxopt
+from fxopt.zoo import ZOO, load_zoo_model
+
+Runner = Callable[[], object]
+
+
+def make_runners(model: torch.nn.Module, inputs: tuple, target: str) -> tuple[dict[str, Runner], dict[str, str]]:
+    """Build every runner; a runner that cannot be built is reported with the reason, not dropped silently."""
+    runners: dict[str, Runner] = {}
+    failures: dict[str, str] = {}
+
+    def add(name: str, build: Callable[[], Runner]) -> None:
+        try:
+            runner = build()
+            runner()  # warm-up (and compilation for lazy runners)
+            runners[name] = runner
+        except Exception as exc:  # a peer failing must not stop the comparison
+            failures[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+
+    add("eager", lambda: lambda: model(*inputs))
+    add("torch.compile", lambda: (lambda compiled: lambda: compiled(*inputs))(torch.compile(model)))
+    add("onnxruntime", lambda: _onnxruntime(model, inputs))
+    add(f"fxopt({target})", lambda: (lambda opt: lambda: opt(*inputs))(fxopt.optimize(model, inputs, target=target)))
+    return runners, failures
+
+
+def _onnxruntime(model: torch.nn.Module, inputs: tuple) -> Runner:
+    import onnxruntime as ort
+
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    torch.onnx.export(model, inputs, str(path), dynamo=True, optimize=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), pytree.tree_leaves(inputs))}
+    return lambda: session.run(None, feed)
+
+
+def measure(runners: dict[str, Runner], rounds: int) -> dict[str, float]:
+    samples: dict[str, list[float]] = {name: [] for name in runners}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, runner in runners.items():
+                start = time.perf_counter()
+                runner()
+                samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(times) for name, times in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=["resnet50"], help=f"built-in models: {', '.join(ZOO)}")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--target", default="cpu")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(torch.get_num_threads())
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
+    for name in args.models:
+        model, inputs = load_zoo_model(name)
+        runners, failures = make_runners(model, inputs, args.target)
+        medians = measure(runners, args.rounds)
+        eager = medians.get("eager")
+        print(f"\n{name}")
+        print(f"  {'runner':<16} {'median ms':>10} {'/ eager':>8}")
+        for runner, seconds in medians.items():
+            ratio = f"{seconds / eager:.2f}x" if eager else "-"
+            print(f"  {runner:<16} {seconds * 1e3:>10.2f} {ratio:>8}")
+        for runner, reason in failures.items():
+            print(f"  {runner:<16} failed: {reason}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fxopt.cli import main, parse_input_spec
+
+MODEL_FILE = '''
+import torch.nn as nn
+import torch
+
+def make():
+    return nn.Sequential(nn.Linear(8, 8), nn.Dropout(0.1), nn.ReLU())
+
+def make_with_inputs():
+    return make(), (torch.randn(2, 8),)
+'''
+
+
+@pytest.fixture
+def model_file(tmp_path):
+    path = tmp_path / "mymodel.py"
+    path.write_text(MODEL_FILE)
+    return path
+
+
+def test_optimize_a_file_factory_and_write_an_archive(model_file, tmp_path, capsys):
+    out = tmp_path / "opt.pt2"
+    assert main(["optimize", f"{model_file}:make", "-i", "2x8", "--target", "torch", "-o", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "backend: torch" in text and "remove-noops" in text and "capture" in text
+    loaded = torch.export.load(out).module()
+    assert loaded(torch.randn(2, 8)).shape == (2, 8)
+
+
+def test_factory_that_brings_inputs_and_json_report(model_file, capsys):
+    assert main(["optimize", f"{model_file}:make_with_inputs", "-p", "remove-noops,dce", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in report["passes"]] == ["remove-noops", "dce"]
+    assert report["passes"][0]["stats"] == {"copy": 1}  # the eval-mode dropout
+    assert report["final_error"][0] == 0.0
+
+
+def test_builtin_model_and_pipeline_file(tmp_path, capsys):
+    pipeline = tmp_path / "p.toml"
+    pipeline.write_text('passes = ["cleanup"]\n[target]\nname = "torch"\n')
+    assert main(["optimize", "bert-tiny", "--pipeline", str(pipeline)]) == 0
+    text = capsys.readouterr().out
+    assert "BertModel -> target torch" in text
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["optimize", "resnet5"], "unknown built-in model 'resnet5'; did you mean resnet50"),
+        (["optimize", "nope.py:make", "-i", "2x8"], "model file 'nope.py' does not exist"),
+        (["optimize", "bert-tiny", "-p", "dse"], "unknown pass or pipeline 'dse'; did you mean 'dce'"),
+        (["optimize", "bert-tiny", "--target", "cuda:90"], "only cuda takes an architecture"),
+        (["optimize", "resnet-tiny", "-i", "1x3x32"], "cannot capture"),
+        (["pipeline", "--dump", "fold-constants{max-new-elements=x}"], "expects an integer"),
+    ],
+)
+def test_errors_are_one_clear_line(argv, message, capsys):
+    assert main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fxopt: error:") and message in err[-1], err[-1]
+
+
+def test_missing_inputs_for_a_user_model(model_file, capsys):
+    assert main(["optimize", f"{model_file}:make"]) == 1
+    assert "--example-input" in capsys.readouterr().err
+
+
+def test_passes_and_pipeline_dump(capsys):
+    assert main(["passes"]) == 0
+    text = capsys.readouterr().out
+    assert "fold-constants" in text and "option max-new-elements: int = 65536" in text and "named pipelines" in text
+    assert main(["pipeline", "--dump", "default"]) == 0
+    assert capsys.readouterr().out.strip() == "remove-noops,fold-constants{max-new-elements=65536},cse,dce"
+
+
+def test_input_specs():
+    assert parse_input_spec("1x3x4").shape == (1, 3, 4)
+    tokens = parse_input_spec("2x5:int64:10-20")
+    assert tokens.dtype == torch.int64 and tokens.min() >= 10 and tokens.max() < 20
+
+
+def test_console_script_is_installed():
+    done = subprocess.run([sys.executable, "-m", "fxopt.cli", "pipeline", "--dump", "dce"], capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.strip() == "dce"

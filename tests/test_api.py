@@ -1,0 +1,79 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import fxopt
+from fxopt import FxoptError, InputMismatchError, PipelineError, optimize
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.drop = nn.Dropout(0.2)
+
+    def forward(self, x):
+        return {"y": self.drop(self.fc(x)).contiguous() * 1}
+
+
+def test_ahead_of_time_result_matches_and_exposes_graph_and_report():
+    model = Net().eval()
+    x = torch.randn(3, 6)
+    result = optimize(model, (x,), target="torch")
+    torch.testing.assert_close(result(x)["y"], model(x)["y"])
+    assert isinstance(result.graph_module, torch.fx.GraphModule)
+    ops = [n.target for n in result.graph_module.graph.nodes if n.op == "call_function"]
+    assert ops == [torch.ops.aten.linear.default]
+    report = result.report()
+    assert report.backend == "torch" and report.final_error == (0.0, 0.0)
+    assert "remove-noops" in str(report) and "nodes" in str(report)
+
+
+def test_cpu_target_says_plainly_which_backend_ran():
+    result = optimize(Net(), (torch.randn(3, 6),), target="cpu")
+    report = result.report()
+    assert report.backend == "torch" and "not available yet" in report.backend_note
+    assert "backend: torch" in str(report)
+
+
+def test_lazy_build_per_input_signature():
+    model = Net().eval()
+    result = optimize(model, target="torch")
+    with pytest.raises(FxoptError, match="nothing is built yet"):
+        result.report()
+    a, b = torch.randn(2, 6), torch.randn(5, 6)
+    torch.testing.assert_close(result(a)["y"], model(a)["y"])
+    torch.testing.assert_close(result(b)["y"], model(b)["y"])
+    assert len(result._builds) == 2
+    result(a)
+    assert len(result._builds) == 2
+
+
+def test_users_model_is_untouched_by_the_whole_pipeline():
+    model = Net().train()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    optimize(model, (torch.randn(3, 6),), pipeline="default", verify="each")
+    assert model.training
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
+def test_pipeline_forms_and_errors(tmp_path):
+    x = (torch.randn(3, 6),)
+    passes = [fxopt.PASSES["remove-noops"](), fxopt.PASSES["dce"]()]
+    assert str(optimize(Net(), x, pipeline=passes).report().pipeline) == "remove-noops,dce"
+    path = tmp_path / "p.toml"
+    path.write_text('passes = ["dce"]\n[target]\nname = "torch"\n')
+    assert optimize(Net(), x, pipeline=str(path)).report().target == "torch"
+    with pytest.raises(PipelineError):
+        optimize(Net(), x, pipeline=["dce"])
+    with pytest.raises(FxoptError, match="unknown target"):
+        optimize(Net(), x, target="tpu")
+
+
+def test_aot_result_rejects_other_shapes_clearly():
+    result = optimize(Net(), (torch.randn(3, 6),), target="torch")
+    assert result(torch.randn(3, 6))["y"].shape == (3, 6)
+    # a new signature builds again rather than failing
+    assert result(torch.randn(4, 6))["y"].shape == (4, 6)
+    with pytest.raises(InputMismatchError):
+        result.program(torch.randn(7, 6))
