@@ -38,12 +38,12 @@ def node_flops(node: fx.Node) -> int:
         return 0
     target = node.target
     formula = flop_registry.get(target) or flop_registry.get(getattr(target, "overloadpacket", None))
-    if formula is None:
-        return _composite_flops(node)
-    args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
     try:
+        if formula is None:
+            return _composite_flops(node)
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
         return int(formula(*args, **kwargs, out_val=node.meta.get("val")))
-    except Exception:  # a formula rejecting symbolic shapes means "unknown", not an error
+    except Exception:  # symbolic (dynamic) shapes have no number of FLOPs: count them as unknown
         return 0
 
 

@@ -35,9 +35,10 @@ def format_program(program: Program, *, locations: bool = True) -> str:
             rhs += f" [{prov.pass_name}]"
         note = ""
         if locations and node.op == "call_function":
-            where = [w for w in (source_location(node), module_path(node)) if w]
+            source, module = source_location(node), module_path(node)
+            where = ([_short(source)] if source else []) + ([f"module {module}"] if module else [])
             if where:
-                note = "  # " + " ".join(_short(w) for w in where)
+                note = "  # " + ", ".join(where)
         lines.append(f"{lhs} = {rhs}{note}")
     return "\n".join(lines)
 

@@ -34,7 +34,7 @@ from fxopt.ir.meta import describe_node
 from fxopt.ir.printer import format_program
 from fxopt.ir.program import Program
 from fxopt.ir.verify import verify
-from fxopt.passes.base import Option, Pass, PassContext
+from fxopt.passes.base import Pass, PassContext, type_name
 
 __all__ = [
     "BUILTIN_PIPELINES",
@@ -186,7 +186,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
                 return _convert(value, member, where)
             except PipelineError:
                 pass
-        raise PipelineError(f"{where} expects {_type_name(tp)}, got {value!r}")
+        raise PipelineError(f"{where} expects {type_name(tp)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(tp)
         for choice in choices:
@@ -198,7 +198,7 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         items = value if isinstance(value, list) else [value]
         return tuple(_convert(v, item_tp, where) for v in items)
     if isinstance(value, list):
-        raise PipelineError(f"{where} expects {_type_name(tp)}, got a list")
+        raise PipelineError(f"{where} expects {type_name(tp)}, got a list")
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -222,12 +222,6 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     if tp is str:
         return str(value)
     raise TypeError(f"unsupported option type {tp}")  # a pass declared an option type the grammar lacks
-
-
-def _type_name(tp: Any) -> str:
-    from fxopt.passes.base import type_name
-
-    return type_name(tp)
 
 
 def _format_value(value: Any) -> str:

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from fxopt import CaptureError, InputMismatchError, capture
+from fxopt import CaptureError, InputMismatchError, PassManager, capture
 from fxopt.ir import is_canonical_target, source_location
 
 
@@ -119,7 +119,12 @@ def test_wrong_shape_or_dtype_gives_input_mismatch():
         program(torch.randn(3, 4, dtype=torch.float64))
 
 
-def test_dynamic_batch_dimension():
+def test_dynamic_batch_dimension_survives_the_pipeline():
     batch = torch.export.Dim("batch")
-    program = capture(nn.Linear(4, 2), (torch.randn(3, 4),), dynamic_shapes=({0: batch},))
-    torch.testing.assert_close(program(torch.randn(7, 4)).shape, torch.Size([7, 2]))
+    model = nn.Sequential(nn.Linear(4, 2), nn.Dropout(0.1))
+    program = capture(model, (torch.randn(3, 4),), dynamic_shapes=({0: batch},))
+    optimized, records = PassManager("default").run(program)
+    assert records[0].changed  # the dropout copy went
+    x = torch.randn(7, 4)
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(x), model.eval()(x))
