@@ -14,11 +14,11 @@ import torch.fx._pytree as fx_pytree
 
 from fxopt.errors import CaptureError
 from fxopt.ir.canonical import decomposition_table
-from fxopt.ir.program import Program
+from fxopt.ir.meta import TORCH_DIR
+from fxopt.ir.program import Program, attribute_owner
 
 __all__ = ["capture"]
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
 _FXOPT_DIR = os.path.dirname(os.path.dirname(__file__))
 
 
@@ -95,12 +95,10 @@ def _own_constants(gm: fx.GraphModule) -> None:
     Parameter objects that would move or convert the user's model too.
     """
     for name, param in list(gm.named_parameters()):
-        owner, _, attr = name.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
+        module, attr = attribute_owner(gm, name)
         setattr(module, attr, torch.nn.Parameter(param.detach(), requires_grad=param.requires_grad))
     for name, buffer in list(gm.named_buffers()):
-        owner, _, attr = name.rpartition(".")
-        module = gm.get_submodule(owner) if owner else gm
+        module, attr = attribute_owner(gm, name)
         module.register_buffer(attr, buffer.detach())
 
 
@@ -156,7 +154,7 @@ def _explain_export_failure(model: torch.nn.Module, exc: Exception, strict: bool
 
 def _is_model_code(filename: str) -> bool:
     # "<string>" and similar are code torch generates while tracing, not the model's.
-    return not (filename.startswith((_TORCH_DIR, "<")) or filename.startswith(_FXOPT_DIR))
+    return not (filename.startswith((TORCH_DIR, "<")) or filename.startswith(_FXOPT_DIR))
 
 
 def _remedy(exc: Exception, strict: bool) -> str:

@@ -26,7 +26,7 @@ __all__ = [
     "tensor_summary",
 ]
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
+TORCH_DIR = os.path.dirname(torch.__file__)
 
 
 def source_location(node: fx.Node) -> str | None:
@@ -46,7 +46,7 @@ def source_location(node: fx.Node) -> str | None:
         if not line.startswith('File "'):
             continue
         path, _, rest = line[len('File "'):].partition('"')
-        if path.startswith(_TORCH_DIR):
+        if path.startswith(TORCH_DIR):
             continue
         # rest looks like: ", line 12, in forward"
         parts = [p.strip() for p in rest.split(",") if p.strip()]

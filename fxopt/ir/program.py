@@ -12,7 +12,13 @@ import torch.utils._pytree as pytree
 
 from fxopt.errors import InputMismatchError
 
-__all__ = ["Program"]
+__all__ = ["Program", "attribute_owner"]
+
+
+def attribute_owner(module: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
+    """The submodule holding the dotted attribute ``target``, and the attribute's own name."""
+    owner, _, attr = target.rpartition(".")
+    return (module.get_submodule(owner) if owner else module), attr
 
 
 class Program(torch.nn.Module):
@@ -86,9 +92,7 @@ class Program(torch.nn.Module):
                     yield node.target, value
 
     def get_constant(self, target: str):
-        owner, _, attr = target.rpartition(".")
-        module = self.graph_module.get_submodule(owner) if owner else self.graph_module
-        return getattr(module, attr)
+        return getattr(*attribute_owner(self.graph_module, target))
 
     def clone(self) -> Program:
         """A copy whose graph can be rewritten freely; constant tensors are shared, not copied."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fxopt.ir.program import Program
+from fxopt.ir.program import Program, attribute_owner
 from fxopt.passes.base import Pass, PassContext
 
 
@@ -36,7 +36,6 @@ def _drop_unread_constants(program: Program) -> int:
     unread = [name for name, _ in gm.named_parameters()] + [name for name, _ in gm.named_buffers()]
     unread = [name for name in unread if name not in read]
     for name in unread:
-        owner, _, attr = name.rpartition(".")
-        delattr(gm.get_submodule(owner) if owner else gm, attr)
+        delattr(*attribute_owner(gm, name))
     gm.delete_all_unused_submodules()
     return len(unread)
