@@ -7,6 +7,8 @@
 """
 
 from fxopt.api import OptimizedModel, optimize
+from fxopt.codegen.export import load
+from fxopt.codegen.tune import TuneOptions
 from fxopt.errors import (
     CaptureError,
     CodegenError,
@@ -39,8 +41,10 @@ __all__ = [
     "Report",
     "Target",
     "Tolerance",
+    "TuneOptions",
     "VerificationError",
     "capture",
+    "load",
     "optimize",
     "parse_target",
 ]

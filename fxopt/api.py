@@ -9,7 +9,8 @@ from pathlib import Path
 import torch
 import torch.utils._pytree as pytree
 
-from fxopt.codegen import Executable, build
+from fxopt.codegen import Dispatch, Executable, build
+from fxopt.codegen.tune import TuneOptions
 from fxopt.errors import FxoptError, VerificationError
 from fxopt.ir.capture import capture, eval_mode
 from fxopt.passes.base import Pass
@@ -34,6 +35,8 @@ def optimize(
     print_ir_after: Sequence[str] = (),
     dump_dir: str | Path | None = None,
     progress: Callable[[int, int, str], None] | None = None,
+    tune: bool | int | str | TuneOptions | None = None,
+    dispatch: Dispatch = "measure",
 ) -> OptimizedModel:
     """Optimize ``model`` for ``target``; the result is called like the model.
 
@@ -64,7 +67,20 @@ def optimize(
         IR dumps: pass names, ``"all"`` or ``"change"``; written to ``dump_dir``
         when given, else to stderr.
     progress:
-        ``progress(index, total, step)`` called before each step.
+        ``progress(index, total, step)`` called before each step (passes,
+        tuning rounds with the best latency so far, dispatch measurements).
+    tune:
+        TVM targets: tune kernels with MetaSchedule before building. ``True``
+        (the target's default trials per kernel), a trial count (``500``), a
+        duration (``"10m"``), or :class:`~fxopt.codegen.tune.TuneOptions`
+        (database path, remote devices). Results persist in the target's
+        database, so a second run reuses them. Default: untuned kernels.
+    dispatch:
+        ``"measure"`` (default) runs each segment in TVM only where it is
+        measured faster than PyTorch, so the result is never slower than the
+        optimized graph in PyTorch; ``"tvm"`` uses TVM wherever it lowers;
+        ``"torch"`` runs everything in PyTorch. ``report()`` shows, per
+        segment, the backend chosen and both timings.
 
     Raises
     ------
@@ -81,7 +97,10 @@ def optimize(
         resolved, verify=verify, tolerance=tolerance, print_ir_after=print_ir_after,
         dump_dir=dump_dir, progress=progress,
     )
-    optimized = OptimizedModel(model, target, manager, dynamic_shapes=dynamic_shapes, strict=strict)
+    optimized = OptimizedModel(
+        model, target, manager, dynamic_shapes=dynamic_shapes, strict=strict, tune=TuneOptions.coerce(tune),
+        dispatch=dispatch,
+    )
     if example_inputs is not None or example_kwargs:
         args = () if example_inputs is None else example_inputs
         optimized.build(args if isinstance(args, tuple) else (args,), dict(example_kwargs or {}))
@@ -96,7 +115,8 @@ class OptimizedModel(torch.nn.Module):
     cached per input signature.
     """
 
-    def __init__(self, model, target: Target, manager: PassManager, *, dynamic_shapes=None, strict=False):
+    def __init__(self, model, target: Target, manager: PassManager, *, dynamic_shapes=None, strict=False,
+                 tune: TuneOptions | None = None, dispatch: Dispatch = "measure"):
         super().__init__()
         # Held outside the Module tree: the original's parameters are not this module's.
         self.__dict__["_model"] = model
@@ -104,6 +124,8 @@ class OptimizedModel(torch.nn.Module):
         self.manager = manager
         self._dynamic_shapes = dynamic_shapes
         self._strict = strict
+        self._tune = tune
+        self._dispatch = dispatch
         self._builds: dict[str, tuple[Executable, Report]] = {}
         self._last: tuple[Executable, Report] | None = None
 
@@ -137,11 +159,30 @@ class OptimizedModel(torch.nn.Module):
                     f"global state that export specialized"
                 )
         optimized, records = self.manager.run(program, reference)
-        executable = build(optimized, self.target)
+        start = time.perf_counter()
+        executable = build(
+            optimized, self.target, dispatch=self._dispatch, tolerance=self.manager.tolerance, tune=self._tune,
+            progress=progress,
+        )
+        build_seconds = time.perf_counter() - start
+        build_error = None
+        if self.manager.verify != "off" and executable.module is not optimized:
+            outputs = pytree.tree_leaves(executable(*args, **kwargs))
+            outputs = [o.cpu() if isinstance(o, torch.Tensor) else o for o in outputs]
+            worst_abs, worst_rel, failing = compare_outputs(outputs, reference, self.manager.tolerance)
+            build_error = (worst_abs, worst_rel)
+            if failing is not None:
+                raise VerificationError(
+                    f"the {executable.backend} build of {program.name} for target '{self.target}' differs from the "
+                    f"model at output {failing} (max abs error {worst_abs:.3g}); build with dispatch='torch' to "
+                    f"isolate the backend"
+                )
         report = Report(
             model=program.name, target=str(self.target), backend=executable.backend,
             backend_note=executable.note, pipeline=str(self.manager.pipeline), verify=self.manager.verify,
             capture_seconds=capture_seconds, capture_error=capture_error, passes=records,
+            build_seconds=build_seconds, build_error=build_error, segments=executable.segments,
+            fallbacks=executable.fallbacks, tuning=str(executable.tuning) if executable.tuning else "",
         )
         built = (executable, report)
         self._builds[_signature(args, kwargs)] = built
@@ -166,6 +207,14 @@ class OptimizedModel(torch.nn.Module):
     def report(self) -> Report:
         """The per-pass report of the most recent build."""
         return self._latest()[1]
+
+    def kernel_source(self, fmt: str | None = None) -> str:
+        """The kernels the most recent build generated: CUDA C for CUDA targets, LLVM IR or (``fmt="asm"``) assembly for CPU."""
+        return self._latest()[0].kernel_source(fmt)
+
+    def export(self, path: str | Path) -> Path:
+        """Write a deployable TVM library (+ manifest) of the whole optimized graph; load it with :func:`fxopt.load`."""
+        return self._latest()[0].export(path)
 
     def save(self, path: str | Path) -> Path:
         """Write the optimized graph as a ``torch.export`` archive (``.pt2``), loadable with ``torch.export.load``."""

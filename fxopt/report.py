@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from fxopt.codegen import SegmentRecord
 from fxopt.passes.manager import PassRecord
 
 __all__ = ["Report", "human"]
@@ -30,9 +31,16 @@ class Report:
     capture_seconds: float
     capture_error: tuple[float, float] | None
     passes: list[PassRecord] = field(default_factory=list)
+    build_seconds: float = 0.0
+    build_error: tuple[float, float] | None = None  # the built model against the original
+    segments: list[SegmentRecord] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    tuning: str = ""
 
     @property
     def final_error(self) -> tuple[float, float] | None:
+        if self.build_error is not None:
+            return self.build_error
         checked = [r for r in self.passes if r.max_abs_error is not None]
         if checked:
             return checked[-1].max_abs_error, checked[-1].max_rel_error
@@ -52,17 +60,28 @@ class Report:
                 _change(r.nodes), _change(r.params, human), _change(r.flops, human),
                 *_errors(None if r.max_abs_error is None else (r.max_abs_error, r.max_rel_error)),
             ])
-        widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+        if self.build_seconds:
+            rows.append([f"build ({self.backend})", f"{self.build_seconds:.2f}s", "", "", "", "",
+                         *_errors(self.build_error)])
         lines = [
             f"fxopt report: {self.model} -> target {self.target}",
             f"backend: {self.backend} ({self.backend_note})",
             f"pipeline: {self.pipeline or '(empty)'}",
             f"verification: {self.verify}",
             "",
-            "  ".join(h.ljust(w) for h, w in zip(header, widths)),
-            "  ".join("-" * w for w in widths),
+            *_table(header, rows),
         ]
-        lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+        if self.tuning:
+            lines += ["", self.tuning]
+        if self.segments:
+            lines += ["", "segments (measured on the example inputs):"]
+            lines += ["  " + line for line in _table(
+                ["segment", "ops", "runs in", "torch ms", "tvm ms", "why"],
+                [[s.name, _shorten(s.ops, 48), s.backend, _ms(s.torch_ms), _ms(s.tvm_ms), s.reason]
+                 for s in self.segments],
+            )]
+        if self.fallbacks:
+            lines += ["", "ops left to PyTorch (no TVM lowering):"] + [f"  {f}" for f in self.fallbacks]
         notes = [(r.name, n) for r in self.passes for n in r.notes]
         stats = [(r.name, r.stats) for r in self.passes if any(r.stats.values())]
         if stats:
@@ -71,6 +90,20 @@ class Report:
         if notes:
             lines += ["", "notes:"] + [f"  {name}: {n}" for name, n in notes]
         return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
+    return lines + ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _shorten(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + "..."
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _change(pair: tuple[int, int], fmt=str) -> str:

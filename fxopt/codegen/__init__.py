@@ -1,49 +1,198 @@
 """Backends: turn an optimized :class:`~fxopt.ir.Program` into something callable.
 
-The PyTorch backend runs the optimized graph itself; it is always available
-and is the fallback of every target. The TVM (Relax) backend for ``cpu`` and
-``cuda`` targets is tracked in issue #3; until it lands those targets run on
-the PyTorch backend and :class:`Executable` says so.
+``target.kind == "torch"`` runs the optimized graph in PyTorch. The TVM
+targets (``cpu``, ``cuda``, ``aarch64``) go through:
+
+1. :func:`~fxopt.codegen.partition.partition` — segments TVM can take; ops
+   without a lowering stay in PyTorch and are reported by name;
+2. :func:`~fxopt.codegen.lower.lower_graph` — each segment to a Relax function
+   (one ``IRModule`` for the whole model);
+3. :func:`~fxopt.codegen.tune.tune` (optional) — MetaSchedule, with a
+   persistent database;
+4. :func:`~fxopt.codegen.compile.compile_module` — one build, one library;
+5. :func:`~fxopt.codegen.dispatch.choose` — per segment, TVM only where it
+   matches PyTorch numerically and is measured faster.
+
+Codegen never rewrites the optimized program: partitioning works on a copy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
 
 import torch
 
+from fxopt.codegen.compile import compile_module, kernel_source
+from fxopt.codegen.dispatch import choose
+from fxopt.codegen.export import export_program
+from fxopt.codegen.lower import LoweringError, lower_graph
+from fxopt.codegen.partition import partition
+from fxopt.codegen.runtime import TVMFunction, load_vm
+from fxopt.codegen.tune import TuningSummary, existing_database
+from fxopt.codegen.tune import tune as run_tuning
+from fxopt.errors import CodegenError
 from fxopt.ir.program import Program
+from fxopt.passes.manager import Tolerance
 from fxopt.targets import Target
 
-__all__ = ["Executable", "build"]
+__all__ = ["Executable", "SegmentRecord", "build", "Dispatch"]
+
+Dispatch = Literal["measure", "tvm", "torch"]
+
+
+@dataclass
+class SegmentRecord:
+    """Where one segment runs and why: the report's per-partition line."""
+
+    name: str
+    ops: str
+    backend: str
+    torch_ms: float | None
+    tvm_ms: float | None
+    reason: str
 
 
 @dataclass
 class Executable:
-    """A built model: call it with the model's arguments."""
+    """A built model: call it with the model's arguments (inference, no autograd)."""
 
-    program: Program
+    program: Program  # the optimized program, as the passes left it
     target: Target
-    backend: str
+    backend: str  # "torch", "tvm" or "tvm+torch"
     note: str
+    module: torch.nn.Module  # what runs: the program, or its partition with TVM segments
+    segments: list[SegmentRecord] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+    relax_executable: object | None = None
+    tuning: TuningSummary | None = None
 
     def __call__(self, *args, **kwargs):
+        if self.target.device == "cuda" and torch.cuda.is_available():
+            args, kwargs = _to_device((args, kwargs), "cuda")
         with torch.no_grad():
-            return self.program(*args, **kwargs)
+            return self.module(*args, **kwargs)
+
+    def kernel_source(self, fmt: str | None = None) -> str:
+        """Generated kernels: CUDA C for CUDA targets; LLVM IR (``fmt="ll"``) or assembly (``"asm"``) for CPU."""
+        if self.relax_executable is None:
+            raise CodegenError(f"nothing was compiled for target '{self.target}' (backend: {self.backend})")
+        return kernel_source(self.relax_executable, fmt)
+
+    def export(self, path: str | Path) -> Path:
+        """Write the whole graph as a deployable TVM library directory (see :mod:`fxopt.codegen.export`)."""
+        database = self.tuning.database_dir if self.tuning else existing_database(self.target)
+        return export_program(self.program, self.target, path, database)
 
 
-def build(program: Program, target: Target) -> Executable:
-    """Build ``program`` for ``target``."""
+def build(
+    program: Program,
+    target: Target,
+    *,
+    dispatch: Dispatch = "measure",
+    tolerance: Tolerance | None = None,
+    tune=None,
+    progress: Callable[[int, int, str], None] | None = None,
+) -> Executable:
+    """Build ``program`` for ``target``.
+
+    ``dispatch="measure"`` keeps TVM per segment only where it is measured
+    faster; ``"tvm"`` uses TVM wherever it lowers and matches numerically;
+    ``"torch"`` compiles but runs everything in PyTorch. ``tune`` is a
+    :class:`~fxopt.codegen.tune.TuneOptions` (or ``None`` for untuned kernels).
+    """
     if target.kind == "torch":
-        return Executable(program, target, "torch", "the optimized graph runs in PyTorch")
-    device_note = ""
-    if target.device == "cuda":
-        if torch.cuda.is_available():
-            program = program.to("cuda")
-        else:
-            device_note = "; no CUDA device is visible, so it runs on the CPU"
-    return Executable(
-        program, target, "torch",
-        f"TVM codegen for target '{target}' is not available yet (issue #3): the optimized graph runs "
-        f"in PyTorch{device_note}",
-    )
+        return Executable(program, target, "torch", "the optimized graph runs in PyTorch", program)
+    if target.kind == "cuda" and target.arch is None and not torch.cuda.is_available():
+        return Executable(
+            program, target, "torch",
+            "no CUDA device is visible, so the optimized graph runs in PyTorch on the CPU; name an architecture "
+            "(e.g. 'cuda:sm_90') to build CUDA kernels anyway", program,
+        )
+    target = target.resolved()
+    runnable = not target.is_cross
+    if runnable and target.device == "cuda":
+        program = _program_to(program, "cuda")
+    tolerance = tolerance or Tolerance()
+
+    part = partition(program)
+    functions, records = {}, {}
+    for segment in part.segments:
+        try:
+            functions[segment.name] = lower_graph(segment.graph_module, segment.name)
+        except (LoweringError, CodegenError) as exc:
+            records[segment.name] = SegmentRecord(segment.name, segment.summary, "torch", None, None, str(exc))
+    if not functions:
+        return _torch_only(program, target, part, records, "nothing in the graph could be lowered to TVM")
+
+    import tvm
+
+    mod = tvm.IRModule({tvm.ir.GlobalVar(name): fn for name, fn in functions.items()})
+    tuning = None
+    if tune is not None:
+        tuning = run_tuning(mod, target, tune, progress=progress)
+        database_dir = tuning.database_dir
+    else:  # schedules tuned earlier (or shipped) for this target apply without tuning again
+        database_dir = existing_database(target)
+    executable = compile_module(mod, target, database_dir)
+
+    if not runnable:
+        for segment in part.segments:
+            records.setdefault(segment.name, SegmentRecord(
+                segment.name, segment.summary, "torch", None, None, "built only: target cannot run on this machine"))
+        result = _torch_only(program, target, part, records, f"kernels built for {target.describe()}; this machine "
+                             "cannot run them, so the optimized graph runs in PyTorch here")
+        result.relax_executable = executable
+        result.tuning = tuning
+        return result
+
+    vm = load_vm(executable, target.device)
+    for i, segment in enumerate(part.segments):
+        if segment.name in records:
+            continue
+        if progress:
+            progress(i, len(part.segments), f"measure {segment.name}")
+        kernel = TVMFunction(vm, segment.name)
+        choice = choose(segment.graph_module, kernel, segment.example_inputs, tolerance, device=target.device,
+                        measure=dispatch == "measure")
+        if dispatch == "torch" and choice.backend == "tvm":
+            choice.backend, choice.reason = "torch", "PyTorch requested (dispatch='torch')"
+        if choice.backend == "tvm":
+            part.graph_module.add_submodule(segment.name, kernel)
+        records[segment.name] = SegmentRecord(
+            segment.name, segment.summary, choice.backend, _ms(choice.torch_seconds), _ms(choice.tvm_seconds),
+            choice.reason,
+        )
+    ordered = [records[s.name] for s in part.segments]
+    in_tvm = sum(r.backend == "tvm" for r in ordered)
+    backend = "tvm" if in_tvm == len(ordered) and not part.fallbacks else ("tvm+torch" if in_tvm else "torch")
+    note = f"{in_tvm} of {len(ordered)} segments run in TVM on {target.describe()}"
+    if part.fallbacks:
+        note += f"; {len(part.fallbacks)} ops have no lowering and run in PyTorch"
+    module = Program(part.graph_module, program.in_spec, program.out_spec, program.example_inputs, program.name)
+    return Executable(program, target, backend, note, module, ordered, part.fallback_summary(), executable, tuning)
+
+
+def _torch_only(program, target, part, records, note) -> Executable:
+    ordered = [records[s.name] for s in part.segments if s.name in records]
+    return Executable(program, target, "torch", note, program, ordered, part.fallback_summary())
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
+
+
+def _to_device(tree, device: str):
+    import torch.utils._pytree as pytree
+
+    return pytree.tree_map(lambda x: x.to(device) if isinstance(x, torch.Tensor) else x, tree)
+
+
+def _program_to(program: Program, device: str) -> Program:
+    # A deep copy: moving a clone would move the constants it shares with the optimized program.
+    graph_module = copy.deepcopy(program.graph_module).to(device)
+    inputs = tuple(_to_device(list(program.example_inputs), device))
+    return Program(graph_module, program.in_spec, program.out_spec, inputs, program.name)

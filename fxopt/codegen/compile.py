@@ -1,0 +1,96 @@
+"""Relax → machine code for a target: fxopt's build pipeline around TVM's passes.
+
+The pipeline is TVM's per-target default with two differences: tuned
+schedules from a MetaSchedule database are applied right after fusion
+(before anything else schedules the kernels), and CUDA targets get DLight's
+default GPU schedules for every kernel the database does not cover.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fxopt.errors import CodegenError
+from fxopt.targets import Target
+
+__all__ = ["fusion_passes", "relax_pipeline", "compile_module", "kernel_source"]
+
+
+def fusion_passes():
+    """Legalize Relax ops to TIR and fuse them into kernels; tuning extracts its tasks after these."""
+    from tvm import relax
+
+    return [
+        relax.backend.DispatchSampling(),
+        relax.backend.DispatchSortScan(),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def relax_pipeline(target: Target, database_dir: Path | None):
+    import tvm
+    from tvm import relax
+
+    backend = relax.backend.cuda.pipeline if target.kind == "cuda" else relax.backend.cpu_generic.pipeline
+    tvm_target = target.tvm()
+    apply_database = database_dir is not None and (Path(database_dir) / "database_tuning_record.json").exists()
+
+    @tvm.transform.module_pass(opt_level=0, name="fxopt_pipeline")
+    def pipeline(mod, _ctx):
+        with tvm_target:  # some passes read the target from the context when constructed
+            passes = fusion_passes()
+            if apply_database:
+                passes.append(relax.transform.MetaScheduleApplyDatabase(str(database_dir)))
+            if target.kind == "cuda":
+                from tvm.s_tir import dlight as dl
+
+                passes.append(dl.ApplyDefaultSchedule(
+                    dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback(),
+                ))
+            passes += backend.dataflow_lower_passes(tvm_target) + backend.finalize_passes(tvm_target)
+            return tvm.transform.Sequential(passes)(mod)
+
+    return pipeline
+
+
+def compile_module(mod, target: Target, database_dir: Path | None = None):
+    """Build a Relax ``IRModule`` into a ``tvm.runtime.Executable`` for ``target``."""
+    import tvm
+    from tvm import relax
+
+    try:
+        with tvm.transform.PassContext(opt_level=3):
+            return relax.build(mod, target.tvm(), relax_pipeline=relax_pipeline(target, database_dir))
+    except Exception as exc:  # a TVM bug or gap, raised from C++ as any exception type
+        raise CodegenError(f"TVM failed to build for target '{target}': {first_line(exc)}") from exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The head of an exception from TVM (its C++ traceback follows)."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
+
+
+def kernel_source(executable, fmt: str | None = None) -> str:
+    """The generated kernels: CUDA C of CUDA modules (``fmt=None`` or ``"cu"``); else the LLVM host/CPU code as
+    LLVM IR (``fmt=None`` or ``"ll"``) or assembly (``"asm"``)."""
+    modules = list(_library_modules(executable.mod))
+    cuda = [m.inspect_source("") for m in modules if m.kind == "cuda"]
+    if cuda and fmt in (None, "cu"):
+        return "\n".join(cuda)
+    if fmt not in (None, "ll", "asm"):
+        raise CodegenError(f"kernel source format '{fmt}': use 'cu' (CUDA targets), 'll' or 'asm'")
+    llvm = [m.inspect_source(fmt or "ll") for m in modules if m.kind == "llvm"]
+    if not llvm:
+        raise CodegenError("the built module holds no kernel source to show")
+    return "\n".join(llvm)
+
+
+def _library_modules(module):
+    yield module
+    for child in module.imports:
+        yield from _library_modules(child)

@@ -1,0 +1,265 @@
+"""FX → Relax lowering: an op-keyed table on top of TVM's PyTorch importer.
+
+TVM's ``ExportedProgramImporter`` knows most core ATen ops; fxopt keeps its
+own table of *overrides* for the ones it gets wrong or lacks (each one tested
+numerically in ``tests/codegen/test_lower.py``) and checks every lowered value
+against the node's ``meta["val"]`` (shape and dtype), so an importer bug shows
+up as a named :class:`LoweringError` and the segment runs in PyTorch instead
+of computing something quietly wrong.
+
+Users extend the table with :func:`register_lowering`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.fx as fx
+
+from fxopt.errors import CodegenError
+from fxopt.ir.meta import describe_node
+from fxopt.ir.program import attribute_owner
+
+__all__ = ["LoweringError", "OVERRIDES", "register_lowering", "lowering_key", "is_lowerable", "lower_graph"]
+
+# fn(node, importer) -> relax expression; the importer is TVM's ExportedProgramImporter (env, block_builder).
+Lowering = Callable[[fx.Node, object], object]
+
+#: fxopt's lowerings, keyed like TVM's convert map (``"cumsum.default"``); they win over TVM's.
+OVERRIDES: dict[str, Lowering] = {}
+
+
+class LoweringError(CodegenError):
+    """One node could not be lowered to Relax; the segment holding it runs in PyTorch."""
+
+    def __init__(self, node: fx.Node, reason: str):
+        super().__init__(f"cannot lower {describe_node(node)}: {reason}")
+        self.node = node
+        self.reason = reason
+
+
+def register_lowering(key: str) -> Callable[[Lowering], Lowering]:
+    """Register ``fn(node, importer) -> relax expr`` as the lowering of op ``key`` (e.g. ``"rms_norm.default"``)."""
+
+    def decorate(fn: Lowering) -> Lowering:
+        OVERRIDES[key] = fn
+        return fn
+
+    return decorate
+
+
+def lowering_key(node: fx.Node) -> str:
+    """The table key of a ``call_function`` node: ``"<op>.<overload>"`` for ATen ops."""
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _importer_keys() -> frozenset[str]:
+    return frozenset(_new_importer().convert_map)
+
+
+_KEYS: frozenset[str] | None = None
+
+
+def is_lowerable(node: fx.Node) -> str | None:
+    """``None`` when ``node`` can go to TVM, else the reason it cannot."""
+    global _KEYS
+    if node.op != "call_function":
+        return None
+    if _KEYS is None:
+        _KEYS = _importer_keys()
+    key = lowering_key(node)
+    if key not in OVERRIDES and key not in _KEYS:
+        return f"no lowering for '{key}'"
+    for value in _tensor_values(node):
+        if any(not isinstance(d, int) for d in value.shape):
+            return "symbolic shape (the TVM backend builds static shapes)"
+        if value.dtype not in _DTYPES:
+            return f"dtype {value.dtype} has no TVM equivalent here"
+    return None
+
+
+_DTYPES = {
+    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
+    torch.int8, torch.uint8, torch.bool,
+}
+
+
+def tvm_dtype(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _tensor_values(node: fx.Node):
+    values = node.meta.get("val")
+    for value in values if isinstance(values, (tuple, list)) else [values]:
+        if isinstance(value, torch.Tensor):
+            yield value
+
+
+def _new_importer():
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    return ExportedProgramImporter()
+
+
+def to_relax_constant(tensor: torch.Tensor):
+    """A Relax constant holding a copy of ``tensor`` (through DLPack, so bfloat16 works too)."""
+    import tvm
+    from tvm import relax
+
+    return relax.const(tvm.runtime.from_dlpack(tensor.detach().cpu().contiguous().clone()))
+
+
+def lower_graph(gm: fx.GraphModule, name: str):
+    """Lower a flat segment graph (placeholders → tensor ops → output tuple) to a Relax function.
+
+    ``get_attr`` constants become Relax constants, placeholders the function's
+    parameters. Raises :class:`LoweringError` naming the node that failed.
+    """
+    from tvm import relax
+
+    importer = _new_importer()
+    for key, fn in OVERRIDES.items():
+        importer.convert_map[key] = (lambda f: lambda node: f(node, importer))(fn)
+    for key, fn in list(importer.convert_map.items()):
+        importer.convert_map[key] = _checked(fn)
+
+    bb = importer.block_builder = relax.BlockBuilder()
+    params, inputs, nodes = [], {}, []
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            value = node.meta["val"]
+            var = relax.Var(node.name, relax.TensorType([int(d) for d in value.shape], tvm_dtype(value.dtype)))
+            params.append(var)
+            inputs[node.name] = var
+        elif node.op == "get_attr":
+            # Bound here, not by the importer: its get_attr path expects submodules, not tensors.
+            importer.env[node] = to_relax_constant(getattr(*attribute_owner(gm, node.target)))
+            continue
+        nodes.append(node)
+    try:
+        with bb.function(name, params=params):
+            with bb.dataflow():
+                outputs = importer._translate_fx_graph(gm, nodes, inputs)
+                result = bb.emit_output(relax.Tuple(list(outputs)))
+            bb.emit_func_output(result)
+    except LoweringError:
+        raise
+    except Exception as exc:  # an importer assertion outside any one op (e.g. the output tuple)
+        raise CodegenError(f"cannot lower segment {name}: {type(exc).__name__}: {exc}") from None
+    return bb.get()[name]
+
+
+def _checked(convert: Callable) -> Callable:
+    """Wrap an importer rule: name the node on failure and check the result's shape and dtype."""
+
+    def run(node: fx.Node):
+        try:
+            result = convert(node)
+        except LoweringError:
+            raise
+        except Exception as exc:
+            raise LoweringError(node, f"{type(exc).__name__}: {exc}") from None
+        _check_type(node, result)
+        return result
+
+    return run
+
+
+def _check_type(node: fx.Node, result) -> None:
+    from tvm import relax
+
+    expected = node.meta.get("val")
+    if not isinstance(expected, torch.Tensor) or not isinstance(result, relax.Expr):
+        return
+    info = result.ty
+    if not isinstance(info, relax.TensorType):
+        return
+    got_dtype, want_dtype = str(info.dtype), tvm_dtype(expected.dtype)
+    if got_dtype != want_dtype:
+        raise LoweringError(node, f"TVM's lowering gives dtype {got_dtype}, PyTorch gives {want_dtype}")
+    if info.shape is not None and hasattr(info.shape, "values"):
+        got = [int(d) if hasattr(d, "value") else d for d in info.shape.values]
+        if got != list(expected.shape):
+            raise LoweringError(node, f"TVM's lowering gives shape {got}, PyTorch gives {list(expected.shape)}")
+
+
+# --- overrides ---------------------------------------------------------------------------------------------
+
+
+def _arg(node: fx.Node, index: int, name: str, default=None):
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+@register_lowering("cumsum.default")
+def _cumsum(node: fx.Node, importer) -> object:
+    """TVM keeps the input dtype; PyTorch promotes bool and integer inputs to int64 (GPT-2's position ids)."""
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    out_dtype = tvm_dtype(node.meta["val"].dtype)
+    return importer.block_builder.emit(relax.op.cumsum(x, axis=_arg(node, 1, "dim"), dtype=out_dtype))
+
+
+@register_lowering("rms_norm.default")
+def _rms_norm(node: fx.Node, importer) -> object:
+    """``aten.rms_norm`` (absent from TVM's table): eps defaults to the dtype's machine epsilon, as in PyTorch."""
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    shape = list(_arg(node, 1, "normalized_shape"))
+    weight = _arg(node, 2, "weight")
+    eps = _arg(node, 3, "eps")
+    dtype = node.meta["val"].dtype
+    eps = torch.finfo(dtype).eps if eps is None else eps
+    axes = list(range(-len(shape), 0))
+    weight = importer.env[weight] if weight is not None else relax.const(1.0, tvm_dtype(dtype))
+    if weight.ty.ndim == 0:
+        weight = importer.block_builder.emit(relax.op.broadcast_to(weight, shape))
+    return importer.block_builder.emit(relax.op.nn.rms_norm(x, weight, axes=axes, epsilon=eps))
+
+
+@register_lowering("scaled_dot_product_attention.default")
+def _sdpa(node: fx.Node, importer) -> object:
+    """Spelled out as matmul-softmax-matmul.
+
+    TVM's own rule rejects boolean masks (every ``transformers`` model passes
+    one), ignores ``scale`` and ``enable_gqa``; this one handles all three and
+    ``is_causal``.
+    """
+    from tvm import relax
+
+    if _arg(node, 4, "dropout_p", 0.0):
+        raise LoweringError(node, "dropout in attention is not deterministic; captured in eval mode it should be 0")
+    bb = importer.block_builder
+    q, k, v = (importer.env[a] for a in node.args[:3])
+    mask = _arg(node, 3, "attn_mask")
+    is_causal = _arg(node, 5, "is_causal", False)
+    scale = node.kwargs.get("scale")
+    q_val, k_val = node.args[0].meta["val"], node.args[1].meta["val"]
+    dtype = tvm_dtype(q_val.dtype)
+    if node.kwargs.get("enable_gqa") and q_val.shape[-3] != k_val.shape[-3]:
+        repeats = q_val.shape[-3] // k_val.shape[-3]
+        k = bb.emit(relax.op.repeat(k, repeats, axis=-3))
+        v = bb.emit(relax.op.repeat(v, repeats, axis=-3))
+    scale = 1.0 / math.sqrt(q_val.shape[-1]) if scale is None else scale
+    axes = list(range(k_val.dim()))
+    axes[-1], axes[-2] = axes[-2], axes[-1]
+    scores = bb.emit(relax.op.matmul(q, bb.emit(relax.op.permute_dims(k, axes))))
+    scores = bb.emit(relax.op.multiply(scores, relax.const(scale, dtype)))
+    neg_inf = relax.const(float("-inf"), dtype)
+    if is_causal:
+        length, source = q_val.shape[-2], k_val.shape[-2]
+        causal = torch.ones(length, source, dtype=torch.bool).tril()
+        scores = bb.emit(relax.op.where(to_relax_constant(causal), scores, neg_inf))
+    if mask is not None:
+        m = importer.env[mask]
+        if mask.meta["val"].dtype == torch.bool:
+            scores = bb.emit(relax.op.where(m, scores, neg_inf))
+        else:
+            scores = bb.emit(relax.op.add(scores, m))
+    probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
+    return bb.emit(relax.op.matmul(probs, v))

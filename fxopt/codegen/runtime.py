@@ -1,0 +1,56 @@
+"""Calling compiled Relax functions from PyTorch without copies.
+
+Tensors cross with DLPack in both directions. TVM kernels assume their
+buffers are contiguous and aligned; a view that is neither is copied first
+(that copy is the only one).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["TVMFunction", "load_vm", "tvm_device"]
+
+# TVM's generated code may use aligned vector loads (kAllocAlignment).
+_ALIGNMENT = 64
+
+
+def tvm_device(device: torch.device | str):
+    import tvm
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return tvm.cuda(device.index or 0)
+    return tvm.cpu(0)
+
+
+def load_vm(executable, device: torch.device | str):
+    """A Relax virtual machine for ``executable`` on the TVM device matching ``device``."""
+    from tvm import relax
+
+    return relax.VirtualMachine(executable, tvm_device(device))
+
+
+def to_tvm(tensor: torch.Tensor):
+    import tvm
+
+    if not tensor.is_contiguous() or tensor.data_ptr() % _ALIGNMENT:
+        tensor = tensor.clone(memory_format=torch.contiguous_format)
+    return tvm.runtime.from_dlpack(tensor)
+
+
+class TVMFunction(torch.nn.Module):
+    """One compiled Relax function as a module: torch tensors in, a tuple of torch tensors out."""
+
+    def __init__(self, vm, function: str):
+        super().__init__()
+        self.function = function
+        self._vm = vm
+        self._call = vm[function]
+
+    def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        outputs = self._call(*[to_tvm(a) for a in args])
+        return tuple(torch.from_dlpack(o) for o in outputs)
+
+    def extra_repr(self) -> str:
+        return f"function={self.function!r}"

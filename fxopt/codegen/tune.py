@@ -1,0 +1,343 @@
+"""MetaSchedule tuning with a persistent, shared, crash-tolerant database per target.
+
+Each target has a database directory (``$FXOPT_CACHE_DIR/tuning/<target key>``,
+default ``~/.cache/fxopt``). Tuning extracts the model's fused kernels, skips
+every kernel the database already holds enough trials for, and tunes the rest
+in rounds within a budget of trials or seconds, reporting the best latency so
+far after each round. MetaSchedule appends each measured record to the
+database as it goes, so an interrupted run keeps what it measured; a
+half-written line from a killed process is dropped the next time the database
+is opened. A file lock serializes processes tuning the same target.
+
+Shipped records (``fxopt/codegen/records/<target key>/``) seed a new database
+so the benchmark models build fast on the reference CPU from the first run.
+
+Two workarounds for TVM 0.27 live here: builder workers use
+:func:`build_candidate` (MetaSchedule's default imports
+``tvm.s_tir.tensor_intrin`` in every worker, 40-60 s, so every build timed
+out), and targets carry ``num-cores``, without which MetaSchedule refuses
+CPU targets.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fxopt.errors import CodegenError
+from fxopt.targets import Target, host_cpu
+
+__all__ = ["TuneOptions", "TuningSummary", "tune", "database_dir", "build_candidate", "parse_budget"]
+
+_RECORDS = "database_tuning_record.json"
+_WORKLOADS = "database_workload.json"
+SHIPPED_RECORDS = Path(__file__).parent / "records"
+_ROUND = 16  # trials per round: the granularity of budgets and progress reports
+
+
+@dataclass(frozen=True)
+class TuneOptions:
+    """How much to tune and where to measure.
+
+    ``trials`` bounds the total number of new measurements, ``seconds`` the
+    wall time (either or both; neither means the target's default trials per
+    kernel). ``trials_per_kernel`` caps each kernel; kernels the database
+    already holds that many trials for are not tuned again. ``rpc`` is a
+    tracker ``"host:port"`` and ``device_key`` the key devices registered
+    with, to measure on remote devices.
+    """
+
+    trials: int | None = None
+    seconds: float | None = None
+    trials_per_kernel: int | None = None
+    database: Path | None = None
+    rpc: str | None = None
+    device_key: str | None = None
+
+    @classmethod
+    def coerce(cls, value) -> TuneOptions | None:
+        """``None``/``False`` → no tuning; ``True`` → defaults; ``200`` or ``"200"`` → trials; ``"90s"``/``"5m"`` → seconds."""
+        if value is None or value is False:
+            return None
+        if isinstance(value, TuneOptions):
+            return value
+        if value is True:
+            return cls()
+        if isinstance(value, dict):
+            return cls(**value)
+        trials, seconds = parse_budget(value)
+        return cls(trials=trials, seconds=seconds)
+
+
+def parse_budget(value: int | str) -> tuple[int | None, float | None]:
+    """``200`` → (200 trials, no time limit); ``"90s"``, ``"5m"``, ``"1h"`` → (no trial limit, seconds)."""
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value, None
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smh]?)\s*", str(value))
+    if not match:
+        raise CodegenError(f"tuning budget '{value}' is not a trial count (200) or a duration (90s, 5m, 1h)")
+    number, unit = float(match.group(1)), match.group(2)
+    if not unit:
+        if number != int(number) or number <= 0:
+            raise CodegenError(f"tuning budget '{value}': a trial count is a positive integer")
+        return int(number), None
+    return None, number * {"s": 1, "m": 60, "h": 3600}[unit]
+
+
+@dataclass
+class KernelTuning:
+    name: str
+    trials_before: int
+    trials_after: int
+    best_us: float | None
+
+
+@dataclass
+class TuningSummary:
+    """What a tuning run did: per kernel, trials before and after and the best latency."""
+
+    database_dir: Path
+    kernels: list[KernelTuning] = field(default_factory=list)
+    seconds: float = 0.0
+    stopped: str = ""  # why tuning stopped early, if it did
+
+    @property
+    def new_trials(self) -> int:
+        return sum(k.trials_after - k.trials_before for k in self.kernels)
+
+    def __str__(self) -> str:
+        tuned = sum(k.trials_after > 0 for k in self.kernels)
+        text = (f"tuning: {len(self.kernels)} kernels, {tuned} with tuned schedules, {self.new_trials} new trials "
+                f"in {self.seconds:.0f}s; database {self.database_dir}")
+        return text + (f" ({self.stopped})" if self.stopped else "")
+
+
+def target_key(target: Target) -> str:
+    """The database directory name of a target: what makes tuned schedules transferable."""
+    if target.kind == "cuda":
+        return f"cuda-{target.resolved().arch}"
+    if target.arch:
+        return f"llvm-{target.arch}-{target.tuning['cores']}c"
+    cpu = host_cpu()
+    return f"llvm-{cpu.mcpu}-{cpu.cores}c"
+
+
+def database_dir(target: Target, override: Path | None = None) -> Path:
+    """Where ``target``'s tuning database lives (created, and seeded from shipped records, on first use)."""
+    if override is not None:
+        path = Path(override)
+    else:
+        root = Path(os.environ.get("FXOPT_CACHE_DIR", Path.home() / ".cache" / "fxopt"))
+        path = root / "tuning" / target_key(target)
+    path.mkdir(parents=True, exist_ok=True)
+    shipped = SHIPPED_RECORDS / target_key(target)
+    if shipped.is_dir() and not (path / _RECORDS).exists():
+        for name in (_WORKLOADS, _RECORDS):
+            shutil.copyfile(shipped / name, path / name)
+    return path
+
+
+def existing_database(target: Target) -> Path | None:
+    """The target's database directory if it holds tuning records (tuned earlier, or shipped), else ``None``."""
+    if target.kind == "cuda" and target.arch is None:
+        return None
+    path = database_dir(target)
+    return path if (path / _RECORDS).exists() else None
+
+
+def repair_database(path: Path) -> int:
+    """Drop lines a killed process left half-written, and records whose workload is gone. Returns lines dropped."""
+    workloads_file, records_file = path / _WORKLOADS, path / _RECORDS
+    dropped = 0
+    workloads = _valid_lines(workloads_file)
+    dropped += _rewrite_if_changed(workloads_file, workloads)
+    records = [line for line in _valid_lines(records_file) if _record_workload(line) < len(workloads)]
+    dropped += _rewrite_if_changed(records_file, records)
+    return dropped
+
+
+def _valid_lines(file: Path) -> list[str]:
+    if not file.exists():
+        return []
+    valid = []
+    for line in file.read_text(errors="replace").splitlines():
+        try:
+            json.loads(line)
+        except ValueError:
+            continue
+        valid.append(line)
+    return valid
+
+
+def _record_workload(line: str) -> int:
+    entry = json.loads(line)
+    return entry[0] if isinstance(entry, list) and entry and isinstance(entry[0], int) else math.inf
+
+
+def _rewrite_if_changed(file: Path, lines: list[str]) -> int:
+    if not file.exists():
+        return 0
+    before = file.read_text(errors="replace").splitlines()
+    if before == lines:
+        return 0
+    tmp = file.with_suffix(".tmp")
+    tmp.write_text("".join(f"{line}\n" for line in lines))
+    tmp.replace(file)
+    return len(before) - len(lines)
+
+
+def build_candidate(mod, target, _params):
+    """MetaSchedule builder: TVM's default minus the ``tvm.s_tir.tensor_intrin`` import (40-60 s per worker)."""
+    from tvm.driver import build as tir_build
+    from tvm.s_tir.transform import RemoveWeightLayoutRewriteBlock
+
+    mod = RemoveWeightLayoutRewriteBlock(skip_tensor_rewrite=True)(mod)
+    return tir_build(mod, target=target)
+
+
+def _register_intrinsics(target: Target) -> None:
+    """Import only the tensor intrinsics the target can use.
+
+    ``TuneContext`` imports all of ``tvm.s_tir.tensor_intrin``, about 65 s here
+    (46 s of it CUDA's). For CPU targets the package is registered without
+    running its ``__init__`` and only the x86 or Arm module is imported (1-6 s).
+    """
+    name = "tvm.s_tir.tensor_intrin"
+    if name in sys.modules:
+        return
+    if target.kind == "cuda":
+        importlib.import_module(name)
+        return
+    import tvm.s_tir
+
+    package = importlib.util.module_from_spec(importlib.util.find_spec(name))
+    sys.modules[name] = package
+    tvm.s_tir.tensor_intrin = package
+    importlib.import_module(f"{name}.{'arm_cpu' if target.arch and 'aarch64' in target.arch else 'x86'}")
+
+
+def tune(mod, target: Target, options: TuneOptions,
+         progress: Callable[[int, int, str], None] | None = None) -> TuningSummary:
+    """Tune the kernels of Relax module ``mod`` for ``target`` into its database (see the module docstring)."""
+    import cloudpickle
+    import tvm
+    from filelock import FileLock
+    from tvm.s_tir import meta_schedule as ms
+
+    from fxopt.codegen.compile import fusion_passes
+
+    _register_intrinsics(target)
+    # Builder workers unpickle build_candidate; by value, so they need not import fxopt (and torch).
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+    tvm_target = target.tvm()
+    with tvm_target:
+        fused = tvm.transform.Sequential(fusion_passes())(mod)
+    tasks = ms.relax_integration.extract_tasks(fused, tvm_target)
+    path = database_dir(target, options.database)
+    per_kernel = options.trials_per_kernel or target.tuning["trials_per_kernel"]
+    summary = TuningSummary(path)
+    start = time.monotonic()
+    with FileLock(str(path / "lock")):
+        repair_database(path)
+        database = ms.database.JSONDatabase(work_dir=str(path))
+        kernels = [KernelTuning(t.task_name, _trials(database, t), 0, None) for t in tasks]
+        for kernel in kernels:
+            kernel.trials_after = kernel.trials_before
+        budget_left = options.trials
+        order = sorted(range(len(tasks)), key=lambda i: -tasks[i].weight * _flops(tasks[i]))
+        pending = [i for i in order if kernels[i].trials_before < per_kernel]
+        builder = ms.builder.LocalBuilder(f_build=build_candidate, max_workers=max(1, host_cpu().cores))
+        runner = _runner(ms, target, options)
+        for position, i in enumerate(pending):
+            task, kernel = tasks[i], kernels[i]
+            while kernel.trials_after < per_kernel:
+                if budget_left is not None and budget_left <= 0:
+                    summary.stopped = "trial budget spent"
+                    break
+                if options.seconds is not None and time.monotonic() - start >= options.seconds:
+                    summary.stopped = "time budget spent"
+                    break
+                trials = min(_ROUND, per_kernel - kernel.trials_after, budget_left or _ROUND)
+                _tune_round(ms, task, trials, builder, runner, database, path)
+                measured = _trials(database, task)
+                if budget_left is not None:
+                    budget_left -= trials
+                if measured == kernel.trials_after:  # nothing new: the search space is exhausted
+                    break
+                kernel.trials_after = measured
+                kernel.best_us = _best_us(database, task)
+                if progress:
+                    best = f"{kernel.best_us:.1f} us" if kernel.best_us else "-"
+                    progress(position, len(pending), f"tune {kernel.name}: {measured}/{per_kernel} trials, best {best}")
+            if summary.stopped:
+                break
+        for task, kernel in zip(tasks, kernels):
+            kernel.best_us = kernel.best_us or _best_us(database, task)
+    summary.kernels = kernels
+    summary.seconds = time.monotonic() - start
+    return summary
+
+
+def _tune_round(ms, task, trials: int, builder, runner, database, path: Path) -> None:
+    # MetaSchedule's console handler takes this logger's level, and each run resets it to DEBUG.
+    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        [task], work_dir=str(path / "logs"), num_threads=max(1, host_cpu().cores),
+    )
+    ms.tune_tasks(
+        tasks=contexts, task_weights=weights, work_dir=str(path / "logs"), max_trials_global=trials,
+        num_trials_per_iter=trials, builder=builder, runner=runner, database=database,
+    )
+
+
+def _runner(ms, target: Target, options: TuneOptions):
+    repeat = target.tuning["repeat"]
+    evaluator = ms.runner.EvaluatorConfig(number=3, repeat=repeat, min_repeat_ms=50, enable_cpu_cache_flush=False)
+    if options.rpc is None:
+        return ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=30)
+    host, _, port = options.rpc.rpartition(":")
+    if not host or not port.isdigit() or not options.device_key:
+        raise CodegenError(f"remote tuning needs rpc='HOST:PORT' and a device_key (got rpc={options.rpc!r}, "
+                           f"device_key={options.device_key!r})")
+    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=options.device_key,
+                                 session_timeout_sec=60)
+    return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator)
+
+
+def _workload(database, task):
+    mod = task.dispatched[0]
+    return database.commit_workload(mod) if database.has_workload(mod) else None
+
+
+def _trials(database, task) -> int:
+    workload = _workload(database, task)
+    return 0 if workload is None else len(database.get_top_k(workload, 1 << 30))
+
+
+def _best_us(database, task) -> float | None:
+    workload = _workload(database, task)
+    top = database.get_top_k(workload, 1) if workload is not None else []
+    if not top or not top[0].run_secs:
+        return None
+    secs = [float(s) for s in top[0].run_secs]
+    return sum(secs) / len(secs) * 1e6
+
+
+def _flops(task) -> float:
+    from tvm.s_tir.analysis import estimate_tir_flops
+
+    try:
+        return float(estimate_tir_flops(task.dispatched[0]))
+    except Exception:  # estimation fails on some kernels; then only the weight orders them
+        return 1.0
