@@ -27,7 +27,8 @@ from fxopt.zoo import ZOO, load_zoo_model
 Runner = Callable[[], object]
 
 
-def make_runners(model: torch.nn.Module, inputs: tuple, target: str) -> tuple[dict[str, Runner], dict[str, str]]:
+def make_runners(model: torch.nn.Module, inputs: tuple, target: str, tune: str | None = None,
+                 ) -> tuple[dict[str, Runner], dict[str, str]]:
     """Build every runner; a runner that cannot be built is reported with the reason, not dropped silently."""
     runners: dict[str, Runner] = {}
     failures: dict[str, str] = {}
@@ -43,7 +44,8 @@ def make_runners(model: torch.nn.Module, inputs: tuple, target: str) -> tuple[di
     add("eager", lambda: lambda: model(*inputs))
     add("torch.compile", lambda: (lambda compiled: lambda: compiled(*inputs))(torch.compile(model)))
     add("onnxruntime", lambda: _onnxruntime(model, inputs))
-    add(f"fxopt({target})", lambda: (lambda opt: lambda: opt(*inputs))(fxopt.optimize(model, inputs, target=target)))
+    label = f"fxopt({target}{', tuned ' + tune if tune else ''})"
+    add(label, lambda: (lambda opt: lambda: opt(*inputs))(fxopt.optimize(model, inputs, target=target, tune=tune)))
     return runners, failures
 
 
@@ -73,22 +75,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("models", nargs="*", default=["resnet50"], help=f"built-in models: {', '.join(ZOO)}")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--target", default="cpu")
+    parser.add_argument("--tune", default=None, metavar="BUDGET",
+                        help="tune fxopt's kernels first (trials or a duration, e.g. 2000 or 30m)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
     for name in args.models:
         model, inputs = load_zoo_model(name)
-        runners, failures = make_runners(model, inputs, args.target)
+        runners, failures = make_runners(model, inputs, args.target, args.tune)
         medians = measure(runners, args.rounds)
         eager = medians.get("eager")
         print(f"\n{name}")
-        print(f"  {'runner':<16} {'median ms':>10} {'/ eager':>8}")
+        print(f"  {'runner':<28} {'median ms':>10} {'/ eager':>8}")
         for runner, seconds in medians.items():
             ratio = f"{seconds / eager:.2f}x" if eager else "-"
-            print(f"  {runner:<16} {seconds * 1e3:>10.2f} {ratio:>8}")
+            print(f"  {runner:<28} {seconds * 1e3:>10.2f} {ratio:>8}")
         for runner, reason in failures.items():
-            print(f"  {runner:<16} failed: {reason}")
+            print(f"  {runner:<28} failed: {reason}")
     return 0
 
 

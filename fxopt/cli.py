@@ -42,13 +42,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     opt = sub.add_parser("optimize", help="capture, optimize and build a model")
-    opt.add_argument("model", nargs="?", default=None,
-                     help="path/to/file.py:factory, package.module:factory, or a built-in model name "
-                          "(`fxopt models`); default: the built-in resnet50")
-    opt.add_argument("--example-input", "-i", action="append", default=[], metavar="SHAPE[:DTYPE[:LOW-HIGH]]",
-                     help="one positional input, e.g. 1x3x224x224 or 1x128:int64:0-30522 (repeat for more); "
-                          "built-in models bring their own")
-    opt.add_argument("--target", "-t", default=None, help="cpu, cuda, cuda:sm_90, aarch64 or torch (default: the pipeline file's, else cpu)")
+    _model_arguments(opt)
     group = opt.add_mutually_exclusive_group()
     group.add_argument("-p", "--passes", dest="spec", help="pipeline spec, e.g. 'cleanup,fold-constants'")
     group.add_argument("--pipeline", type=Path, help="TOML pipeline file")
@@ -56,10 +50,22 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
                      help="dump the IR after this pass ('all', 'change'); repeatable")
     opt.add_argument("--dump-dir", type=Path, help="write IR dumps to files here")
+    opt.add_argument("--tune", default=None, metavar="BUDGET",
+                     help="tune kernels first: a trial count (500) or a duration (90s, 10m)")
+    _tuning_arguments(opt)
     opt.add_argument("-o", "--output", type=Path, help="write the optimized graph as a torch.export archive (.pt2)")
+    opt.add_argument("--export", type=Path, metavar="DIR",
+                     help="write a deployable TVM library + manifest here (load with fxopt.load)")
+    opt.add_argument("--kernel-source", type=Path, metavar="FILE",
+                     help="write the generated kernels here (CUDA C, or LLVM IR for CPU targets)")
     opt.add_argument("--json", action="store_true", help="print the report as JSON")
-    opt.add_argument("--debug", action="store_true", help="show full tracebacks")
     opt.set_defaults(run=_optimize)
+
+    tune = sub.add_parser("tune", help="tune a model's kernels for a target into the persistent database")
+    _model_arguments(tune)
+    tune.add_argument("--budget", default="200", help="trials (200) or a duration (90s, 10m); default 200")
+    _tuning_arguments(tune)
+    tune.set_defaults(run=_tune)
 
     passes = sub.add_parser("passes", help="list every pass with its options and docs")
     passes.add_argument("--markdown", action="store_true", help="as the README's Markdown table")
@@ -72,6 +78,38 @@ def _parser() -> argparse.ArgumentParser:
     models = sub.add_parser("models", help="list the built-in models")
     models.set_defaults(run=_models)
     return parser
+
+
+def _model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", nargs="?", default=None,
+                        help="path/to/file.py:factory, package.module:factory, or a built-in model name "
+                             "(`fxopt models`); default: the built-in resnet50")
+    parser.add_argument("--example-input", "-i", action="append", default=[], metavar="SHAPE[:DTYPE[:LOW-HIGH]]",
+                        help="one positional input, e.g. 1x3x224x224 or 1x128:int64:0-30522 (repeat for more); "
+                             "built-in models bring their own")
+    parser.add_argument("--target", "-t", default=None,
+                        help="cpu, cuda, cuda:sm_90, aarch64 or torch (default: the pipeline file's, else cpu)")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def _tuning_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dispatch", choices=["measure", "tvm", "torch"], default="measure",
+                        help="per segment: TVM where measured faster (default), TVM wherever possible, or PyTorch")
+    parser.add_argument("--database", type=Path, help="tuning database directory (default: per target, in the cache)")
+    parser.add_argument("--rpc", metavar="HOST:PORT", help="measure on remote devices through this RPC tracker")
+    parser.add_argument("--device-key", help="the key the remote devices registered with the tracker")
+
+
+def _tune_options(args: argparse.Namespace, budget: str | None):
+    from fxopt.codegen.tune import TuneOptions, parse_budget
+
+    if budget is None:
+        if args.rpc or args.device_key:
+            raise FxoptError("--rpc and --device-key measure tuning trials: add --tune BUDGET")
+        return None
+    trials, seconds = parse_budget(budget)
+    return TuneOptions(trials=trials, seconds=seconds, database=args.database, rpc=args.rpc,
+                       device_key=args.device_key)
 
 
 # ----------------------------------------------------------------------------- commands
@@ -93,6 +131,7 @@ def _optimize(args: argparse.Namespace) -> int:
         result = optimize(
             model, inputs, target=args.target, pipeline=pipeline, verify=args.verify,
             print_ir_after=args.print_ir_after, dump_dir=args.dump_dir, progress=progress,
+            tune=_tune_options(args, args.tune), dispatch=args.dispatch,
         )
     report = result.report()
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
@@ -100,6 +139,33 @@ def _optimize(args: argparse.Namespace) -> int:
         with console.status(f"writing {args.output}"):
             path = result.save(args.output)
         print(f"wrote {path} (load with torch.export.load)")
+    if args.export:
+        with console.status(f"exporting {args.export}"):
+            path = result.export(args.export)
+        print(f"wrote {path} (load with fxopt.load)")
+    if args.kernel_source:
+        args.kernel_source.write_text(result.kernel_source())
+        print(f"wrote {args.kernel_source}")
+    return 0
+
+
+def _tune(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fxopt.api import optimize
+    from fxopt.zoo import DEFAULT_MODEL
+
+    model, inputs = _load_model(args.model or DEFAULT_MODEL, args.example_input)
+    with Console(stderr=True).status("capturing") as status:
+        result = optimize(
+            model, inputs, target=args.target, tune=_tune_options(args, args.budget), dispatch=args.dispatch,
+            progress=lambda index, total, step: status.update(f"[{index + 1}/{total}] {step}"),
+        )
+    report = result.report()
+    if report.tuning:
+        print(report.tuning)
+    else:
+        print(f"nothing to tune: target '{result.target}' builds no TVM kernels ({report.backend_note})")
     return 0
 
 

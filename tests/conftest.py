@@ -28,3 +28,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def private_tuning_cache(tmp_path_factory, monkeypatch):
+    """Every test gets an empty tuning cache: no records from the user's machine or from another test."""
+    monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path_factory.mktemp("fxopt-cache")))

@@ -30,10 +30,17 @@ def test_ahead_of_time_result_matches_and_exposes_graph_and_report():
 
 
 def test_cpu_target_says_plainly_which_backend_ran():
-    result = optimize(Net(), (torch.randn(3, 6),), target="cpu")
+    result = optimize(Net(), (torch.randn(3, 6),), target="cpu", dispatch="tvm")
     report = result.report()
-    assert report.backend == "torch" and "not available yet" in report.backend_note
-    assert "backend: torch" in str(report)
+    assert report.backend == "tvm" and "segments run in TVM on cpu (" in report.backend_note
+    assert "backend: tvm" in str(report) and report.build_error is not None
+
+
+def test_cuda_without_a_gpu_or_architecture_runs_in_pytorch_and_says_so():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    report = optimize(Net(), (torch.randn(3, 6),), target="cuda").report()
+    assert report.backend == "torch" and "no CUDA device is visible" in report.backend_note
 
 
 def test_lazy_build_per_input_signature():

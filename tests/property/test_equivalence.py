@@ -7,7 +7,7 @@ so in practice the error is exactly zero.
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 
 from fxopt import PASSES, PassManager, Tolerance, capture, optimize
 from fxopt.passes.manager import compare_outputs
@@ -50,3 +50,15 @@ def test_default_pipeline_preserves_outputs_and_never_grows_the_graph(case):
     assert last.flops[1] <= first.flops[0]
     with torch.no_grad():
         _assert_close([result(*inputs)], [model(*inputs)])
+
+
+# Each example compiles with TVM (seconds), so this test draws fewer examples than the profile's.
+@settings(max_examples=max(3, settings().max_examples // 3))
+@given(case=random_models())
+def test_cpu_target_matches_pytorch(case):
+    """Random graphs through the TVM CPU backend, every lowerable segment forced into TVM."""
+    model, inputs = case
+    result = optimize(model, inputs, target="cpu", dispatch="tvm", verify="off")
+    with torch.no_grad():
+        _assert_close([result(*inputs)], [model(*inputs)])
+    assert all(s.backend == "tvm" for s in result.report().segments)

@@ -1,0 +1,128 @@
+"""The TVM backend end to end: real model classes, measured dispatch, kernel source, export/load, CUDA and cross builds.
+
+Bound: fxopt's default Tolerance (1e-5 + 1e-4 * max|reference|, float32), checked by optimize(verify="end")
+and again here against the original model.
+"""
+
+import json
+
+import pytest
+import torch
+import torch.utils._pytree as pytree
+
+import fxopt
+from fxopt import CodegenError, InputMismatchError
+from fxopt.passes.manager import Tolerance, compare_outputs
+from fxopt.zoo import load_zoo_model
+
+
+def assert_close(got, expected):
+    worst, _, failing = compare_outputs(pytree.tree_leaves(got), pytree.tree_leaves(expected), Tolerance())
+    assert failing is None, f"max abs error {worst}"
+
+
+def reference(model, args):
+    with torch.no_grad():
+        return model.eval()(*args)
+
+
+@pytest.mark.parametrize("name", ["resnet-tiny", "mobilenet_v2-tiny", "bert-tiny", "gpt2-tiny", "vit-tiny", "llama-tiny"])
+def test_zoo_models_run_in_tvm_and_match_pytorch(name):
+    model, args = load_zoo_model(name)
+    optimized = fxopt.optimize(model, args, target="cpu", dispatch="tvm")
+    report = optimized.report()
+    assert report.backend == "tvm", report.backend_note  # every op lowers
+    assert report.segments and all(s.backend == "tvm" for s in report.segments)
+    assert_close(optimized(*args), reference(model, args))
+
+
+def test_measured_dispatch_reports_both_timings_and_never_picks_the_slower():
+    model, args = load_zoo_model("resnet-tiny")
+    optimized = fxopt.optimize(model, args, target="cpu")
+    report = optimized.report()
+    for segment in report.segments:
+        assert segment.torch_ms > 0 and segment.tvm_ms > 0
+        if segment.backend == "tvm":
+            assert segment.tvm_ms < segment.torch_ms
+    text = str(report)
+    assert "segments (measured on the example inputs)" in text and "torch ms" in text
+    assert_close(optimized(*args), reference(model, args))
+
+
+def test_dispatch_torch_keeps_everything_in_pytorch():
+    model, args = load_zoo_model("bert-tiny")
+    report = fxopt.optimize(model, args, target="cpu", dispatch="torch").report()
+    assert report.backend == "torch" and {s.backend for s in report.segments} == {"torch"}
+
+
+def test_kernel_source_for_cpu():
+    model, args = load_zoo_model("resnet-tiny")
+    optimized = fxopt.optimize(model, args, target="cpu", dispatch="tvm")
+    assert "define" in optimized.kernel_source()  # LLVM IR functions
+    assert "vfmadd" in optimized.kernel_source("asm") or "vmul" in optimized.kernel_source("asm")
+    with pytest.raises(CodegenError, match="format 'ptx'"):
+        optimized.kernel_source("ptx")
+
+
+def test_export_and_load_roundtrip(tmp_path):
+    model, args = load_zoo_model("gpt2-tiny")
+    optimized = fxopt.optimize(model, args, target="cpu")
+    path = optimized.export(tmp_path / "gpt2")
+    manifest = json.loads((path / "manifest.json").read_text())
+    assert manifest["target"] == "cpu" and (path / manifest["library"]).exists()
+    assert manifest["inputs"][0]["dtype"] == "int64"
+    loaded = fxopt.load(path)
+    out = loaded(*args)
+    assert type(out).__name__ == "CausalLMOutputWithCrossAttentions"  # the model's own output structure
+    assert_close(out, reference(model, args))
+    with pytest.raises(InputMismatchError, match="must be int64"):
+        loaded(args[0].float())
+
+
+def test_export_refuses_ops_without_lowering(tmp_path):
+    class Erfinv(torch.nn.Module):
+        def forward(self, x):
+            return torch.special.erfinv(x * 0.5)
+
+    optimized = fxopt.optimize(Erfinv(), (torch.randn(3),), target="cpu")
+    with pytest.raises(CodegenError, match="no lowering for 'erfinv.default'"):
+        optimized.export(tmp_path / "x")
+
+
+def test_load_names_a_missing_manifest(tmp_path):
+    with pytest.raises(CodegenError, match="not an fxopt export"):
+        fxopt.load(tmp_path)
+
+
+def test_cuda_kernels_are_generated_without_a_gpu():
+    model, args = load_zoo_model("bert-tiny")
+    optimized = fxopt.optimize(model, args, target="cuda:sm_90")
+    source = optimized.kernel_source()
+    assert "__global__" in source and "threadIdx" in source
+    if not torch.cuda.is_available():
+        assert "cannot run them" in optimized.report().backend_note
+    assert_close(optimized(*args), reference(model, args))
+
+
+def test_aarch64_cross_build_exports_object_files(tmp_path):
+    model, args = load_zoo_model("resnet-tiny")
+    optimized = fxopt.optimize(model, args, target="aarch64")
+    assert "aarch64" in optimized.kernel_source()  # the target triple in the LLVM IR
+    path = optimized.export(tmp_path / "arm")
+    assert (path / "model.tar").exists()
+    with pytest.raises(CodegenError, match="link and run them on that device"):
+        fxopt.load(path)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["resnet-tiny", "gpt2-tiny"])
+def test_cuda_target_runs_on_the_gpu(name, tmp_path):
+    model, args = load_zoo_model(name)
+    optimized = fxopt.optimize(model, args, target="cuda", dispatch="tvm")
+    assert optimized.report().backend == "tvm"
+    out = optimized(*args)
+    assert pytree.tree_leaves(out)[0].device.type == "cuda"
+    assert_close(pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, out), reference(model, args))
+    loaded = fxopt.load(optimized.export(tmp_path / name))
+    assert_close(pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, loaded(*args)),
+                 reference(model, args))

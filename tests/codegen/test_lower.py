@@ -1,0 +1,133 @@
+"""Every lowering override against PyTorch, and the checks that stop a wrong lowering from running.
+
+Bound: fxopt's default Tolerance (1e-5 + 1e-4 * max|reference|, float32); integer results must match exactly.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxopt import capture
+from fxopt.codegen import build
+from fxopt.codegen.lower import OVERRIDES, is_lowerable, register_lowering
+from fxopt.passes.manager import Tolerance, compare_outputs
+from fxopt.targets import parse_target
+
+CPU = parse_target("cpu")
+
+
+class Fn(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *args):
+        return self.fn(*args)
+
+
+def tvm_build(fn, *inputs):
+    program = capture(Fn(fn), inputs)
+    return program, build(program, CPU, dispatch="tvm")
+
+
+def assert_matches_torch(fn, *inputs):
+    program, executable = tvm_build(fn, *inputs)
+    assert executable.segments and all(s.backend == "tvm" for s in executable.segments), executable.segments
+    expected = program.run_flat()
+    got = executable.module.run_flat()
+    worst, _, failing = compare_outputs(got, expected, Tolerance())
+    assert failing is None, f"max abs error {worst}"
+
+
+def test_every_override_is_tested_here():
+    tested = {"cumsum.default", "rms_norm.default", "scaled_dot_product_attention.default"}
+    assert set(OVERRIDES) == tested
+
+
+@pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.float32])
+def test_cumsum_promotes_like_pytorch(dtype):
+    x = (torch.rand(2, 7) > 0.5).to(dtype) if dtype != torch.float32 else torch.randn(2, 7)
+    assert_matches_torch(lambda t: torch.cumsum(t, 1) * 2, x)
+
+
+@pytest.mark.parametrize("with_weight, eps", [(True, 1e-6), (False, None), (True, None)])
+def test_rms_norm(with_weight, eps):
+    weight = torch.randn(16) if with_weight else None
+    assert_matches_torch(lambda x: F.rms_norm(x * 3, (16,), weight, eps), torch.randn(2, 5, 16))
+
+
+@pytest.mark.parametrize("case", ["none", "bool", "float", "causal", "scale", "gqa"])
+def test_attention(case):
+    q, k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8)
+    kwargs = {}
+    if case == "bool":
+        kwargs["attn_mask"] = torch.rand(6, 5) > 0.3
+        kwargs["attn_mask"][:, 0] = True  # no fully masked row: PyTorch gives NaN there
+    elif case == "float":
+        kwargs["attn_mask"] = torch.randn(2, 1, 6, 5)
+    elif case == "causal":
+        k, v = torch.randn(2, 4, 6, 8), torch.randn(2, 4, 6, 8)
+        kwargs["is_causal"] = True
+    elif case == "scale":
+        kwargs["scale"] = 0.7
+    elif case == "gqa":
+        k, v = torch.randn(2, 2, 5, 8), torch.randn(2, 2, 5, 8)
+        kwargs["enable_gqa"] = True
+    assert_matches_torch(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, **kwargs) + 1, q, k, v)
+
+
+def test_a_wrong_lowering_is_caught_and_runs_in_pytorch(monkeypatch):
+    """An override that gives the wrong dtype is refused by the type check; the segment stays correct."""
+    from tvm import relax
+
+    monkeypatch.setitem(OVERRIDES, "cumsum.default",
+                        lambda node, imp: imp.block_builder.emit(relax.op.cumsum(imp.env[node.args[0]], axis=1)))
+    program, executable = tvm_build(lambda t: torch.cumsum(t, 1) + 1, torch.rand(2, 7) > 0.5)
+    (segment,) = executable.segments
+    assert segment.backend == "torch"
+    assert "cumsum" in segment.reason and "dtype bool" in segment.reason and "int64" in segment.reason
+    assert torch.equal(executable.module.run_flat()[0], program.run_flat()[0])
+
+
+def test_numerically_wrong_kernels_are_not_dispatched(monkeypatch):
+    """A lowering with the right type but wrong values is caught by the per-segment check."""
+    from tvm import relax
+
+    monkeypatch.setitem(OVERRIDES, "cumsum.default", lambda node, imp: imp.block_builder.emit(
+        relax.op.cumsum(imp.env[node.args[0]], axis=0)))
+    program, executable = tvm_build(lambda t: torch.cumsum(t, 1) * 2, torch.randn(3, 7))
+    (segment,) = executable.segments
+    assert segment.backend == "torch" and "differs" in segment.reason
+    assert torch.equal(executable.module.run_flat()[0], program.run_flat()[0])
+
+
+def test_ops_without_lowering_run_in_pytorch_and_are_named():
+    program, executable = tvm_build(lambda x: torch.special.erfinv(torch.tanh(x) * 0.5).relu() * 2, torch.randn(4, 8))
+    erfinv = next(n for n in program.graph.nodes if "erfinv" in str(n.target))
+    assert is_lowerable(erfinv) == "no lowering for 'erfinv.default'"
+    assert any("erfinv" in line for line in executable.fallbacks)
+    assert executable.backend == "tvm+torch"
+    assert [s.backend for s in executable.segments] == ["tvm", "tvm"]  # tanh*0.5 before, relu*2 after
+    worst, _, failing = compare_outputs(executable.module.run_flat(), program.run_flat(), Tolerance())
+    assert failing is None, worst
+
+
+def test_register_lowering_extends_the_table(monkeypatch):
+    monkeypatch.delitem(OVERRIDES, "rms_norm.default")
+    program = capture(Fn(lambda x: F.rms_norm(x, (4,))), (torch.randn(2, 4),))
+    node = next(n for n in program.graph.nodes if n.op == "call_function")
+    assert is_lowerable(node) == "no lowering for 'rms_norm.default'"
+    calls = []
+
+    @register_lowering("rms_norm.default")
+    def lowering(node, importer):
+        calls.append(node.name)
+        from tvm import relax
+
+        x = importer.env[node.args[0]]
+        return importer.block_builder.emit(relax.op.nn.rms_norm(x, relax.const([1.0] * 4, "float32"), axes=[-1],
+                                                                epsilon=torch.finfo(torch.float32).eps))
+
+    assert is_lowerable(node) is None
+    executable = build(program, CPU, dispatch="tvm")
+    assert calls and executable.segments[0].backend == "tvm"

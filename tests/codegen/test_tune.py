@@ -1,0 +1,93 @@
+"""MetaSchedule tuning: budgets, the persistent database, reuse, and surviving a killed run."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+import fxopt
+from fxopt import CodegenError
+from fxopt.codegen.tune import TuneOptions, database_dir, parse_budget, repair_database
+from fxopt.targets import parse_target
+
+
+class Tiny(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.linear = torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return torch.relu(self.linear(x))
+
+
+ARGS = (torch.randn(8, 64),)
+
+
+def test_budgets_parse():
+    assert parse_budget(200) == (200, None) and parse_budget("200") == (200, None)
+    assert parse_budget("90s") == (None, 90) and parse_budget("5m") == (None, 300)
+    for bad in ("0", "ten", "1.5", -3):
+        with pytest.raises(CodegenError, match="budget"):
+            parse_budget(bad)
+    assert TuneOptions.coerce(None) is None and TuneOptions.coerce(True) == TuneOptions()
+
+
+def test_tuning_writes_the_database_and_a_second_run_reuses_it(tmp_path):
+    options = TuneOptions(trials=16, trials_per_kernel=16, database=tmp_path)
+    progress = []
+    first = fxopt.optimize(Tiny(), ARGS, target="cpu", tune=options, progress=lambda i, n, s: progress.append(s))
+    summary = first._latest()[0].tuning
+    assert summary.new_trials == 16 and summary.database_dir == tmp_path
+    assert any(s.startswith("tune fused_matmul") and "best" in s for s in progress)
+    assert (tmp_path / "database_tuning_record.json").read_text().count("\n") == 16
+    assert "tuning: 1 kernels" in str(first.report())
+
+    second = fxopt.optimize(Tiny(), ARGS, target="cpu", tune=options)
+    assert second._latest()[0].tuning.new_trials == 0  # every kernel already has its trials
+    torch.testing.assert_close(second(*ARGS), Tiny.forward(second._model, *ARGS))
+
+
+def test_repair_drops_half_written_lines(tmp_path):
+    (tmp_path / "database_workload.json").write_text('["a", 1]\n')
+    (tmp_path / "database_tuning_record.json").write_text('[0, {"x": 1}]\n[3, {"y": 2}]\n[0, {"tru')
+    assert repair_database(tmp_path) == 2  # the half-written line and the record of a missing workload
+    assert (tmp_path / "database_tuning_record.json").read_text() == '[0, {"x": 1}]\n'
+
+
+def test_the_default_database_is_per_target_in_the_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path))
+    path = database_dir(parse_target("cpu"))
+    assert path.parent == tmp_path / "tuning" and path.name.startswith("llvm-")
+    assert database_dir(parse_target("cuda:sm_80")).name == "cuda-sm_80"
+
+
+def test_a_killed_tuning_run_leaves_a_usable_database(tmp_path):
+    script = textwrap.dedent(f"""
+        import torch, fxopt
+        from tests.codegen.test_tune import Tiny, ARGS
+        fxopt.optimize(Tiny(), ARGS, target="cpu", tune=fxopt.TuneOptions(trials=400, trials_per_kernel=400,
+                       database={str(tmp_path)!r}))
+    """)
+    records = tmp_path / "database_tuning_record.json"
+    process = subprocess.Popen([sys.executable, "-c", script], cwd=os.getcwd(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (records.exists() and records.read_text().count("\n") >= 16):
+            assert process.poll() is None and time.monotonic() < deadline, "tuning made no records"
+            time.sleep(0.5)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    with records.open("a") as f:
+        f.write('[0, [["half-written')  # what a kill in the middle of a write leaves
+    kept = records.read_text().count("\n")
+
+    resumed = fxopt.optimize(Tiny(), ARGS, target="cpu", tune=TuneOptions(trials_per_kernel=kept, database=tmp_path))
+    summary = resumed._latest()[0].tuning
+    assert summary.kernels[0].trials_before == kept and summary.new_trials == 0
+    assert summary.kernels[0].best_us is not None
