@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import get_args
 
 import torch
 import torch.utils._pytree as pytree
@@ -89,6 +90,8 @@ def optimize(
     """
     if not isinstance(model, torch.nn.Module):
         raise FxoptError(f"optimize expects a torch.nn.Module, got {type(model).__name__}")
+    if dispatch not in get_args(Dispatch):
+        raise FxoptError(f"dispatch={dispatch!r}: use one of {', '.join(map(repr, get_args(Dispatch)))}")
     resolved = Pipeline.coerce(pipeline) if pipeline is not None else None
     target = parse_target(target or (resolved.target if resolved else None) or "cpu")
     if resolved is None:

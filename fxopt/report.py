@@ -77,7 +77,7 @@ class Report:
             lines += ["", "segments (measured on the example inputs):"]
             lines += ["  " + line for line in _table(
                 ["segment", "ops", "runs in", "torch ms", "tvm ms", "why"],
-                [[s.name, _shorten(s.ops, 48), s.backend, _ms(s.torch_ms), _ms(s.tvm_ms), s.reason]
+                [[s.name, _shorten(s.ops, 48), s.backend, _format_ms(s.torch_ms), _format_ms(s.tvm_ms), s.reason]
                  for s in self.segments],
             )]
         if self.fallbacks:
@@ -102,7 +102,7 @@ def _shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _ms(value: float | None) -> str:
+def _format_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 

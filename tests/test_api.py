@@ -84,3 +84,8 @@ def test_aot_result_rejects_other_shapes_clearly():
     assert result(torch.randn(4, 6))["y"].shape == (4, 6)
     with pytest.raises(InputMismatchError):
         result.program(torch.randn(7, 6))
+
+
+def test_an_unknown_dispatch_is_named():
+    with pytest.raises(FxoptError, match="dispatch='fast': use one of 'measure', 'tvm', 'torch'"):
+        optimize(Net(), (torch.randn(3, 6),), dispatch="fast")

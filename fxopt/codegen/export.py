@@ -21,8 +21,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from fxopt.codegen.compile import compile_module
-from fxopt.codegen.lower import lower_graph
-from fxopt.codegen.partition import partition
+from fxopt.codegen.lower import lower_graph, tvm_dtype
+from fxopt.codegen.partition import summarize_fallbacks, unlowerable
 from fxopt.codegen.runtime import TVMFunction, load_vm
 from fxopt.errors import CodegenError, InputMismatchError
 from fxopt.ir.program import Program
@@ -39,10 +39,10 @@ def export_program(program: Program, target: Target, path: str | Path, database_
 
     from fxopt import __version__
 
-    fallbacks = partition(program).fallback_summary()
+    fallbacks = unlowerable(program.graph)
     if fallbacks:
         raise CodegenError("cannot export a TVM library: these ops have no lowering and would need PyTorch: "
-                           + "; ".join(fallbacks))
+                           + "; ".join(summarize_fallbacks(fallbacks)))
     if target.kind == "torch":
         raise CodegenError("target 'torch' has no TVM library to export; use OptimizedModel.save() for a .pt2")
     target = target.resolved()
@@ -68,7 +68,7 @@ def export_program(program: Program, target: Target, path: str | Path, database_
 
 
 def _spec(name: str, value: torch.Tensor) -> dict:
-    return {"name": name, "shape": list(value.shape), "dtype": str(value.dtype).removeprefix("torch.")}
+    return {"name": name, "shape": list(value.shape), "dtype": tvm_dtype(value.dtype)}
 
 
 class LoadedModel:
@@ -88,7 +88,7 @@ class LoadedModel:
             raise InputMismatchError(f"{self.manifest['name']}: arguments do not have the structure it was exported "
                                      f"with ({self._in_spec})")
         for value, expected in zip(flat, self.manifest["inputs"]):
-            if list(value.shape) != expected["shape"] or str(value.dtype).removeprefix("torch.") != expected["dtype"]:
+            if list(value.shape) != expected["shape"] or tvm_dtype(value.dtype) != expected["dtype"]:
                 raise InputMismatchError(
                     f"{self.manifest['name']}: input '{expected['name']}' must be {expected['dtype']} "
                     f"{expected['shape']}, got {value.dtype} {list(value.shape)}"

@@ -22,7 +22,7 @@ from fxopt.errors import CodegenError
 from fxopt.ir.meta import describe_node
 from fxopt.ir.program import attribute_owner
 
-__all__ = ["LoweringError", "OVERRIDES", "register_lowering", "lowering_key", "is_lowerable", "lower_graph"]
+__all__ = ["LoweringError", "OVERRIDES", "register_lowering", "lowering_key", "is_lowerable", "lower_graph", "tvm_dtype"]
 
 # fn(node, importer) -> relax expression; the importer is TVM's ExportedProgramImporter (env, block_builder).
 Lowering = Callable[[fx.Node, object], object]

@@ -24,7 +24,7 @@ from fxopt.codegen.lower import is_lowerable
 from fxopt.ir.meta import describe_node
 from fxopt.ir.program import Program, attribute_owner
 
-__all__ = ["Segment", "Partition", "partition", "HEAVY_OPS"]
+__all__ = ["Segment", "Partition", "partition", "unlowerable", "summarize_fallbacks", "HEAVY_OPS"]
 
 aten = torch.ops.aten
 
@@ -65,14 +65,23 @@ class Partition:
     fallbacks: list[tuple[str, str]]  # (node description, reason) for every op left to PyTorch
 
     def fallback_summary(self) -> list[str]:
-        """One line per distinct reason, e.g. "no lowering for 'foo.default' (2 nodes: ...)"."""
-        by_reason: dict[str, list[str]] = {}
-        for where, reason in self.fallbacks:
-            by_reason.setdefault(reason, []).append(where)
-        return [
-            f"{reason} ({len(nodes)} node{'s' if len(nodes) > 1 else ''}, first: {nodes[0]})"
-            for reason, nodes in by_reason.items()
-        ]
+        return summarize_fallbacks(self.fallbacks)
+
+
+def unlowerable(graph: fx.Graph) -> list[tuple[str, str]]:
+    """(node description, reason) for every op in ``graph`` TVM cannot take."""
+    return [(describe_node(n), reason) for n in graph.nodes if (reason := is_lowerable(n)) is not None]
+
+
+def summarize_fallbacks(fallbacks: list[tuple[str, str]]) -> list[str]:
+    """One line per distinct reason, e.g. "no lowering for 'foo.default' (2 nodes, first: ...)"."""
+    by_reason: dict[str, list[str]] = {}
+    for where, reason in fallbacks:
+        by_reason.setdefault(reason, []).append(where)
+    return [
+        f"{reason} ({len(nodes)} node{'s' if len(nodes) > 1 else ''}, first: {nodes[0]})"
+        for reason, nodes in by_reason.items()
+    ]
 
 
 def partition(program: Program) -> Partition:
