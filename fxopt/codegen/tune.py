@@ -290,13 +290,18 @@ def tune(mod, target: Target, options: TuneOptions,
 
 
 def _tune_round(ms, task, trials: int, builder, runner, database, path: Path) -> None:
-    # MetaSchedule's console handler takes this logger's level, and each run resets it to DEBUG.
-    logging.getLogger("tvm.s_tir.meta_schedule").setLevel(logging.WARNING)
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        [task], work_dir=str(path / "logs"), num_threads=max(1, host_cpu().cores),
-    )
+    # The context is built here rather than by ``extracted_tasks_to_tune_contexts``: that helper
+    # runs ``logging.config.dictConfig`` on every call, which rewires the process's logging and
+    # fails outright once another library has put an unnamed handler on MetaSchedule's logger.
+    meta_schedule_logger = logging.getLogger("tvm.s_tir.meta_schedule")
+    meta_schedule_logger.setLevel(logging.WARNING)
+    context = ms.TuneContext(
+        mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
+        search_strategy="evolutionary", task_name=task.task_name, logger=meta_schedule_logger,
+        num_threads=max(1, host_cpu().cores),
+    ).clone()
     ms.tune_tasks(
-        tasks=contexts, task_weights=weights, work_dir=str(path / "logs"), max_trials_global=trials,
+        tasks=[context], task_weights=[task.weight], work_dir=str(path / "logs"), max_trials_global=trials,
         num_trials_per_iter=trials, builder=builder, runner=runner, database=database,
     )
 
