@@ -3,6 +3,7 @@
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -104,3 +105,54 @@ def test_a_killed_tuning_run_leaves_a_usable_database(tmp_path):
     summary = resumed._latest()[0].tuning
     assert summary.kernels[0].trials_before == kept and summary.new_trials == 0
     assert summary.kernels[0].best_us is not None
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def loopback_tracker(tmp_path):
+    """A local RPC tracker with one server registered under the key 'loopback', as a device fleet would be."""
+    from tvm import rpc
+
+    port, server_port = _free_port(), _free_port()
+    log = (tmp_path / "server.log").open("w")
+    processes = [
+        subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
+                          "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+    ]
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                tracker = rpc.connect_tracker("127.0.0.1", port)
+                break
+            except Exception:  # not listening yet
+                assert time.monotonic() < deadline, "the RPC tracker did not start"
+                time.sleep(0.5)
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", "loopback",
+             "--host", "127.0.0.1", "--port", str(server_port), "--port-end", str(server_port + 1)],
+            stdout=log, stderr=subprocess.STDOUT))
+        while "loopback" not in tracker.text_summary():
+            assert time.monotonic() < deadline, "the RPC server did not register with the tracker"
+            time.sleep(0.5)
+        yield f"127.0.0.1:{port}", tmp_path / "server.log"
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+        log.close()
+
+
+def test_remote_tuning_measures_on_the_device_behind_the_tracker(loopback_tracker, tmp_path):
+    address, server_log = loopback_tracker
+    options = TuneOptions(trials=16, trials_per_kernel=16, database=tmp_path / "db", rpc=address, device_key="loopback")
+    optimized = fxopt.optimize(Tiny(), ARGS, target="cpu", tune=options)
+    summary = optimized._latest()[0].tuning
+    assert 0 < summary.new_trials <= 16 and summary.kernels[0].best_us is not None
+    assert "load_module" in server_log.read_text()  # the candidates really ran on the server
+    torch.testing.assert_close(optimized(*ARGS), Tiny.forward(optimized._model, *ARGS))
