@@ -28,10 +28,15 @@ Runner = Callable[[], object]
 
 
 def make_runners(model: torch.nn.Module, inputs: tuple, target: str, tune: str | None = None,
-                 ) -> tuple[dict[str, Runner], dict[str, str]]:
-    """Build every runner; a runner that cannot be built is reported with the reason, not dropped silently."""
+                 ) -> tuple[dict[str, Runner], dict[str, str], dict[str, str]]:
+    """Build every runner; a runner that cannot be built is reported with the reason, not dropped silently.
+
+    Returns the runners, the failures and, per fxopt runner, its dispatch note (how many segments run in TVM).
+    With ``tune``, a tuned fxopt runner is measured beside the untuned one.
+    """
     runners: dict[str, Runner] = {}
     failures: dict[str, str] = {}
+    notes: dict[str, str] = {}
 
     def add(name: str, build: Callable[[], Runner]) -> None:
         try:
@@ -41,12 +46,20 @@ def make_runners(model: torch.nn.Module, inputs: tuple, target: str, tune: str |
         except Exception as exc:  # a peer failing must not stop the comparison
             failures[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
+    def fxopt_runner(name: str, budget: str | None) -> Runner:
+        optimized = fxopt.optimize(model, inputs, target=target, tune=budget)
+        optimized(*inputs)
+        report = optimized.report()
+        notes[name] = report.backend_note + (f"; {report.tuning}" if report.tuning else "")
+        return lambda: optimized(*inputs)
+
     add("eager", lambda: lambda: model(*inputs))
     add("torch.compile", lambda: (lambda compiled: lambda: compiled(*inputs))(torch.compile(model)))
     add("onnxruntime", lambda: _onnxruntime(model, inputs))
-    label = f"fxopt({target}{', tuned ' + tune if tune else ''})"
-    add(label, lambda: (lambda opt: lambda: opt(*inputs))(fxopt.optimize(model, inputs, target=target, tune=tune)))
-    return runners, failures
+    for budget in (None, tune) if tune else (None,):
+        name = f"fxopt({target}{', tuned ' + budget if budget else ''})"
+        add(name, lambda: fxopt_runner(name, budget))
+    return runners, failures, notes
 
 
 def _onnxruntime(model: torch.nn.Module, inputs: tuple) -> Runner:
@@ -76,14 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--target", default="cpu")
     parser.add_argument("--tune", default=None, metavar="BUDGET",
-                        help="tune fxopt's kernels first (trials or a duration, e.g. 2000 or 30m)")
+                        help="also measure fxopt with tuned kernels (trials or a duration, e.g. 2000 or 30m)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
     for name in args.models:
         model, inputs = load_zoo_model(name)
-        runners, failures = make_runners(model, inputs, args.target, args.tune)
+        runners, failures, notes = make_runners(model, inputs, args.target, args.tune)
         medians = measure(runners, args.rounds)
         eager = medians.get("eager")
         print(f"\n{name}")
@@ -93,6 +106,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {runner:<28} {seconds * 1e3:>10.2f} {ratio:>8}")
         for runner, reason in failures.items():
             print(f"  {runner:<28} failed: {reason}")
+        for runner, note in notes.items():
+            print(f"  {runner}: {note}")
     return 0
 
 

@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     tune = sub.add_parser("tune", help="tune a model's kernels for a target into the persistent database")
     _model_arguments(tune)
     tune.add_argument("--budget", default="200", help="trials (200) or a duration (90s, 10m); default 200")
+    tune.add_argument("--distill", type=Path, metavar="DIR",
+                      help="then write the best record per kernel here, as fxopt ships them "
+                           "(fxopt/codegen/records/<target key>)")
     _tuning_arguments(tune)
     tune.set_defaults(run=_tune)
 
@@ -162,10 +165,15 @@ def _tune(args: argparse.Namespace) -> int:
             progress=lambda index, total, step: status.update(f"[{index + 1}/{total}] {step}"),
         )
     report = result.report()
-    if report.tuning:
-        print(report.tuning)
-    else:
+    if not report.tuning:
         print(f"nothing to tune: target '{result.target}' builds no TVM kernels ({report.backend_note})")
+        return 0
+    print(report.tuning)
+    if args.distill:
+        from fxopt.codegen.tune import database_dir, distill_database
+
+        kept = distill_database(database_dir(result.target, args.database), args.distill)
+        print(f"distilled the best records of {kept} kernels into {args.distill}")
     return 0
 
 

@@ -55,6 +55,11 @@ def _mobilenet_v2(**config) -> torch.nn.Module:
     return t.MobileNetV2ForImageClassification(t.MobileNetV2Config(**config))
 
 
+def _convnext(**config) -> torch.nn.Module:
+    t = _transformers()
+    return t.ConvNextForImageClassification(t.ConvNextConfig(**config))
+
+
 def _vit(**config) -> torch.nn.Module:
     t = _transformers()
     return t.ViTForImageClassification(t.ViTConfig(**config))
@@ -91,6 +96,7 @@ ZOO: dict[str, ZooModel] = {
     for m in [
         ZooModel("resnet50", "ResNet-50 image classifier, 1x3x224x224", _seeded(_resnet), _image(224)),
         ZooModel("mobilenet_v2", "MobileNetV2 image classifier, 1x3x224x224", _seeded(_mobilenet_v2), _image(224)),
+        ZooModel("convnext", "ConvNeXt-T image classifier, 1x3x224x224", _seeded(_convnext), _image(224)),
         ZooModel("vit", "ViT-Base/16 image classifier, 1x3x224x224", _seeded(_vit), _image(224)),
         ZooModel("bert", "BERT-base encoder, batch 1, sequence 128", _seeded(_bert), _tokens(30522, 128)),
         ZooModel("gpt2", "GPT-2 small language model, batch 1, sequence 128", _seeded(_gpt2), _tokens(50257, 128)),
@@ -100,6 +106,8 @@ ZOO: dict[str, ZooModel] = {
                  _image(32)),
         ZooModel("mobilenet_v2-tiny", "MobileNetV2 at width 0.35, 1x3x64x64",
                  _seeded(lambda: _mobilenet_v2(depth_multiplier=0.35, image_size=64, num_labels=10)), _image(64)),
+        ZooModel("convnext-tiny", "2-stage ConvNeXt, 1x3x32x32",
+                 _seeded(lambda: _convnext(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=10)), _image(32)),
         ZooModel("vit-tiny", "2-layer ViT, 1x3x32x32",
                  _seeded(lambda: _vit(image_size=32, patch_size=8, num_labels=10, **_TINY_TEXT)), _image(32)),
         ZooModel("bert-tiny", "2-layer BERT, batch 1, sequence 16",

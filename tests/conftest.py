@@ -32,5 +32,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def private_tuning_cache(tmp_path_factory, monkeypatch):
-    """Every test gets an empty tuning cache: no records from the user's machine or from another test."""
+    """Every test gets an empty tuning cache: no records from the user's machine, another test, or the package."""
+    import fxopt.codegen.tune
+
     monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path_factory.mktemp("fxopt-cache")))
+    monkeypatch.setattr(fxopt.codegen.tune, "SHIPPED_RECORDS", tmp_path_factory.mktemp("no-shipped-records"))

@@ -9,8 +9,10 @@ database as it goes, so an interrupted run keeps what it measured; a
 half-written line from a killed process is dropped the next time the database
 is opened. A file lock serializes processes tuning the same target.
 
-Shipped records (``fxopt/codegen/records/<target key>/``) seed a new database
-so the benchmark models build fast on the reference CPU from the first run.
+Shipped records (``fxopt/codegen/records/<target key>/``, the best record per
+kernel from the benchmark models' tuning, gzip-compressed; see
+:func:`distill_database`) seed a new database, so those models get tuned
+kernels on the reference CPU from the first run.
 
 Two workarounds for TVM 0.27 live here: builder workers use
 :func:`build_candidate` (MetaSchedule's default imports
@@ -21,6 +23,7 @@ CPU targets.
 
 from __future__ import annotations
 
+import gzip
 import importlib
 import importlib.util
 import json
@@ -38,7 +41,8 @@ from pathlib import Path
 from fxopt.errors import CodegenError
 from fxopt.targets import Target, host_cpu
 
-__all__ = ["TuneOptions", "TuningSummary", "tune", "database_dir", "build_candidate", "parse_budget"]
+__all__ = ["TuneOptions", "TuningSummary", "tune", "database_dir", "distill_database", "build_candidate",
+           "parse_budget"]
 
 _RECORDS = "database_tuning_record.json"
 _WORKLOADS = "database_workload.json"
@@ -134,18 +138,47 @@ def target_key(target: Target) -> str:
 
 
 def database_dir(target: Target, override: Path | None = None) -> Path:
-    """Where ``target``'s tuning database lives (created, and seeded from shipped records, on first use)."""
+    """Where ``target``'s tuning database lives: ``override``, or the target's directory in the cache
+    (created, and seeded from shipped records, on first use)."""
     if override is not None:
         path = Path(override)
-    else:
-        root = Path(os.environ.get("FXOPT_CACHE_DIR", Path.home() / ".cache" / "fxopt"))
-        path = root / "tuning" / target_key(target)
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+    root = Path(os.environ.get("FXOPT_CACHE_DIR", Path.home() / ".cache" / "fxopt"))
+    path = root / "tuning" / target_key(target)
     path.mkdir(parents=True, exist_ok=True)
     shipped = SHIPPED_RECORDS / target_key(target)
     if shipped.is_dir() and not (path / _RECORDS).exists():
         for name in (_WORKLOADS, _RECORDS):
-            shutil.copyfile(shipped / name, path / name)
+            with gzip.open(shipped / f"{name}.gz", "rb") as source, (path / name).open("wb") as destination:
+                shutil.copyfileobj(source, destination)
     return path
+
+
+def distill_database(source: Path, destination: Path) -> int:
+    """Write the best record of every tuned kernel in database ``source`` to ``destination``, gzip-compressed.
+
+    This is the form of shipped records: tune the benchmark models for a target,
+    then distill into ``fxopt/codegen/records/<target key>``. Returns the number
+    of kernels kept.
+    """
+    source, destination = Path(source), Path(destination)
+    repair_database(source)
+    workloads = _valid_lines(source / _WORKLOADS)
+    best: dict[int, tuple[float, list]] = {}
+    for line in _valid_lines(source / _RECORDS):
+        workload, record = json.loads(line)
+        seconds = [float(s) for s in record[1]]
+        mean = sum(seconds) / len(seconds) if seconds else math.inf
+        if mean < best.get(workload, (math.inf,))[0]:
+            best[workload] = mean, record
+    destination.mkdir(parents=True, exist_ok=True)
+    kept = sorted(best)
+    with gzip.open(destination / f"{_WORKLOADS}.gz", "wt") as out:
+        out.writelines(f"{workloads[i]}\n" for i in kept)
+    with gzip.open(destination / f"{_RECORDS}.gz", "wt") as out:
+        out.writelines(f"{json.dumps([new, best[old][1]], separators=(',', ':'))}\n" for new, old in enumerate(kept))
+    return len(kept)
 
 
 def existing_database(target: Target) -> Path | None:

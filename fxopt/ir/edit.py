@@ -9,7 +9,7 @@ import torch.fx as fx
 
 from fxopt.ir.program import Program
 
-__all__ = ["producers", "users", "replace_node", "replace_subgraph", "add_constant", "erase_if_dead"]
+__all__ = ["producers", "users", "replace_node", "replace_subgraph", "add_constant", "erase_if_dead", "inline_function"]
 
 
 def producers(node: fx.Node) -> list[fx.Node]:
@@ -61,6 +61,36 @@ def add_constant(program: Program, tensor: torch.Tensor, name_hint: str) -> str:
         name = f"{base}_{i}"
     gm.register_buffer(name, tensor.detach())
     return name
+
+
+def inline_function(graph: fx.Graph, fn, inputs: list[fx.Node], values: list[torch.Tensor],
+                    before: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+    """Trace ``fn`` to canonical ATen ops and insert them before ``before``, reading ``inputs``.
+
+    ``values`` are example tensors for ``inputs`` (tracing runs ``fn`` on them
+    once). Returns the nodes holding ``fn``'s results and every node created.
+    A pass uses this to compute something in the graph, at run time, that it
+    would otherwise fold into a constant (e.g. weights that must stay
+    trainable).
+    """
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    from fxopt.ir.canonical import decomposition_table
+
+    traced = make_fx(fn, decomposition_table=decomposition_table())(*values)
+    env: dict[fx.Node, fx.Node] = dict(zip((n for n in traced.graph.nodes if n.op == "placeholder"), inputs))
+    created: list[fx.Node] = []
+    results: list[fx.Node] = []
+    with graph.inserting_before(before):
+        for node in traced.graph.nodes:
+            if node.op == "call_function":
+                env[node] = graph.call_function(node.target, *fx.node.map_arg((node.args, node.kwargs), env.get))
+                created.append(env[node])
+            elif node.op == "output":
+                results = [env[n] for n in node.args[0]]
+            elif node.op != "placeholder":
+                raise ValueError(f"cannot inline {node.op} node '{node.name}' (fn must not create tensor constants)")
+    return results, created
 
 
 def _position(graph: fx.Graph):

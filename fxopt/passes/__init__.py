@@ -8,12 +8,14 @@ from fxopt.passes.base import Option, Pass, PassContext, option
 from fxopt.passes.cse import CommonSubexpressionElimination
 from fxopt.passes.dce import DeadCodeElimination
 from fxopt.passes.fold_constants import FoldConstants
+from fxopt.passes.fold_conv_bn import FoldConvBN
 from fxopt.passes.remove_noops import RemoveNoops
 
 PASSES: dict[str, type[Pass]] = {
     "cse": CommonSubexpressionElimination,
     "dce": DeadCodeElimination,
     "fold-constants": FoldConstants,
+    "fold-conv-bn": FoldConvBN,
     "remove-noops": RemoveNoops,
 }
 

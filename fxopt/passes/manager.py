@@ -47,11 +47,11 @@ __all__ = [
     "parse_pipeline",
 ]
 
-# Named pipelines, usable wherever a pass name is. Per-target defaults start as
-# the exact cleanup pipeline; later passes (folding, fusion) join them here.
+# Named pipelines, usable wherever a pass name is. The per-target defaults are
+# the exact rewrites; lossy ones (pruning, quantization) are always asked for.
 BUILTIN_PIPELINES: dict[str, str] = {
     "cleanup": "remove-noops,fold-constants,cse,dce",
-    "default": "cleanup",
+    "default": "remove-noops,fold-constants,fold-conv-bn,cse,dce",
     "torch": "default",
     "cpu": "default",
     "cuda": "default",

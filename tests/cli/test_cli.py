@@ -79,7 +79,7 @@ def test_passes_and_pipeline_dump(capsys):
     text = capsys.readouterr().out
     assert "fold-constants" in text and "option max-new-elements: int = 65536" in text and "named pipelines" in text
     assert main(["pipeline", "--dump", "default"]) == 0
-    assert capsys.readouterr().out.strip() == "remove-noops,fold-constants{max-new-elements=65536},cse,dce"
+    assert capsys.readouterr().out.strip() == "remove-noops,fold-constants{max-new-elements=65536},fold-conv-bn{mode=deploy},cse,dce"
 
 
 def test_input_specs():
@@ -105,9 +105,13 @@ def test_optimize_exports_a_library_and_kernel_source(model_file, tmp_path, caps
     assert fxopt.load(lib)(torch.randn(2, 8)).shape == (2, 8)
 
 
-def test_tune_command_reports_the_database(model_file, tmp_path, capsys):
-    assert main(["tune", f"{model_file}:make", "-i", "2x8", "--budget", "1", "--database", str(tmp_path)]) == 0
-    assert f"database {tmp_path}" in capsys.readouterr().out
+def test_tune_command_reports_the_database_and_distills_it(model_file, tmp_path, capsys):
+    database, shipped = tmp_path / "db", tmp_path / "shipped"
+    assert main(["tune", f"{model_file}:make", "-i", "2x8", "--budget", "1", "--database", str(database),
+                 "--distill", str(shipped)]) == 0
+    out = capsys.readouterr().out
+    assert f"database {database}" in out and f"kernels into {shipped}" in out
+    assert (shipped / "database_tuning_record.json.gz").exists()
 
 
 def test_remote_tuning_needs_a_budget_and_a_key(model_file, capsys):

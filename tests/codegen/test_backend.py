@@ -94,8 +94,10 @@ def test_load_names_a_missing_manifest(tmp_path):
         fxopt.load(tmp_path)
 
 
-def test_cuda_kernels_are_generated_without_a_gpu():
-    model, args = load_zoo_model("bert-tiny")
+@pytest.mark.parametrize("name", ["resnet-tiny", "mobilenet_v2-tiny", "vit-tiny", "bert-tiny", "gpt2-tiny",
+                                  "llama-tiny"])
+def test_cuda_kernels_are_generated_without_a_gpu(name):
+    model, args = load_zoo_model(name)
     optimized = fxopt.optimize(model, args, target="cuda:sm_90")
     source = optimized.kernel_source()
     assert "__global__" in source and "threadIdx" in source

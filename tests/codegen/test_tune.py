@@ -1,5 +1,7 @@
 """MetaSchedule tuning: budgets, the persistent database, reuse, and surviving a killed run."""
 
+import gzip
+import json
 import logging
 import os
 import signal
@@ -8,13 +10,22 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import pytest
 import torch
 
 import fxopt
+import fxopt.codegen.tune as tune_module
 from fxopt import CodegenError
-from fxopt.codegen.tune import TuneOptions, database_dir, parse_budget, repair_database
+from fxopt.codegen.tune import (
+    TuneOptions,
+    database_dir,
+    distill_database,
+    parse_budget,
+    repair_database,
+    target_key,
+)
 from fxopt.targets import parse_target
 
 
@@ -64,6 +75,37 @@ def test_tuning_writes_the_database_and_a_second_run_reuses_it(tmp_path):
     second = fxopt.optimize(Tiny(), ARGS, target="cpu", tune=options)
     assert second._latest()[0].tuning.new_trials == 0  # every kernel already has its trials
     torch.testing.assert_close(second(*ARGS), Tiny.forward(second._model, *ARGS))
+
+
+def test_distilled_records_keep_the_best_per_kernel_and_seed_new_databases(tmp_path, monkeypatch):
+    source = tmp_path / "tuned"
+    source.mkdir()
+    (source / "database_workload.json").write_text('["a", 1]\n["b", 2]\n["c", 3]\n')
+    (source / "database_tuning_record.json").write_text(
+        '[0, [["slow"], [3.0, 3.0], {}, []]]\n[0, [["fast"], [1.0, 2.0], {}, []]]\n[2, [["only"], [5.0], {}, []]]\n')
+    target = parse_target("cpu")
+    shipped = tmp_path / "records"
+    assert distill_database(source, shipped / target_key(target)) == 2  # workload "b" has no record
+    monkeypatch.setattr(tune_module, "SHIPPED_RECORDS", shipped)
+    seeded = database_dir(target)  # a fresh cache (see conftest): seeded from the shipped records
+    assert seeded != source and (seeded / "database_workload.json").read_text() == '["a", 1]\n["c", 3]\n'
+    records = [json.loads(line) for line in (seeded / "database_tuning_record.json").read_text().splitlines()]
+    assert records == [[0, [["fast"], [1.0, 2.0], {}, []]], [1, [["only"], [5.0], {}, []]]]
+
+
+PACKAGED_RECORDS = sorted((Path(tune_module.__file__).parent / "records").glob("*"))
+
+
+@pytest.mark.parametrize("records", PACKAGED_RECORDS, ids=lambda path: path.name)
+def test_packaged_records_load_as_a_metaschedule_database(records, tmp_path):
+    from tvm.s_tir import meta_schedule as ms
+
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        (tmp_path / name).write_bytes(gzip.decompress((records / f"{name}.gz").read_bytes()))
+    assert repair_database(tmp_path) == 0  # every line is whole and names a shipped workload
+    workloads = (tmp_path / "database_workload.json").read_text().count("\n")
+    database = ms.database.JSONDatabase(work_dir=str(tmp_path))
+    assert len(database) == workloads > 0  # one best record per kernel
 
 
 def test_repair_drops_half_written_lines(tmp_path):

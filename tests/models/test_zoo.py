@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.utils._pytree as pytree
 
-from fxopt import optimize
+from fxopt import PassManager, capture, optimize
 from fxopt.zoo import ZOO, load_zoo_model
 
 TINY = [name for name in ZOO if name.endswith("-tiny")]
@@ -38,3 +38,21 @@ def test_transformer_cleanup_really_removes_nodes():
 @pytest.mark.parametrize("name", FULL)
 def test_full_size_models_optimize_exactly(name):
     _check(name)
+
+
+def _batch_norms(program):
+    return sum(n.target is torch.ops.aten._native_batch_norm_legit_no_training.default for n in program.graph.nodes)
+
+
+@pytest.mark.parametrize("name, layer_scales", [("resnet-tiny", 0), ("mobilenet_v2-tiny", 0), ("convnext-tiny", 2)])
+def test_default_pipeline_folds_every_batch_norm(name, layer_scales):
+    model, inputs = load_zoo_model(name)
+    program = capture(model, inputs)
+    optimized, records = PassManager("default", verify="each").run(program)
+    (fold,) = [r for r in records if r.name == "fold-conv-bn"]
+    assert _batch_norms(optimized) == 0 and not fold.notes
+    assert fold.stats.get("batch-norm-into-conv", 0) == _batch_norms(program)
+    # ConvNeXt has no BatchNorm; its per-channel layer scales fold into the Linear before them.
+    assert fold.stats.get("mul-into-linear", 0) == layer_scales
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
