@@ -32,7 +32,8 @@ def make_runners(model: torch.nn.Module, inputs: tuple, target: str, tune: str |
     """Build every runner; a runner that cannot be built is reported with the reason, not dropped silently.
 
     Returns the runners, the failures and, per fxopt runner, its dispatch note (how many segments run in TVM).
-    With ``tune``, a tuned fxopt runner is measured beside the untuned one.
+    ``fxopt(torch)`` runs the optimized graph in PyTorch; with ``tune``, a tuned fxopt runner is measured
+    beside the untuned one.
     """
     runners: dict[str, Runner] = {}
     failures: dict[str, str] = {}
@@ -46,7 +47,7 @@ def make_runners(model: torch.nn.Module, inputs: tuple, target: str, tune: str |
         except Exception as exc:  # a peer failing must not stop the comparison
             failures[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
-    def fxopt_runner(name: str, budget: str | None) -> Runner:
+    def fxopt_runner(name: str, target: str, budget: str | None) -> Runner:
         optimized = fxopt.optimize(model, inputs, target=target, tune=budget)
         optimized(*inputs)
         report = optimized.report()
@@ -56,9 +57,11 @@ def make_runners(model: torch.nn.Module, inputs: tuple, target: str, tune: str |
     add("eager", lambda: lambda: model(*inputs))
     add("torch.compile", lambda: (lambda compiled: lambda: compiled(*inputs))(torch.compile(model)))
     add("onnxruntime", lambda: _onnxruntime(model, inputs))
+    # The optimized graph run by PyTorch: what the passes alone (BatchNorm folding, ...) change.
+    add("fxopt(torch)", lambda: fxopt_runner("fxopt(torch)", "torch", None))
     for budget in (None, tune) if tune else (None,):
         name = f"fxopt({target}{', tuned ' + budget if budget else ''})"
-        add(name, lambda: fxopt_runner(name, budget))
+        add(name, lambda: fxopt_runner(name, target, budget))
     return runners, failures, notes
 
 

@@ -9,6 +9,7 @@ from fxopt.passes.cse import CommonSubexpressionElimination
 from fxopt.passes.dce import DeadCodeElimination
 from fxopt.passes.fold_constants import FoldConstants
 from fxopt.passes.fold_conv_bn import FoldConvBN
+from fxopt.passes.fuse_blocks import FuseBlocks
 from fxopt.passes.remove_noops import RemoveNoops
 
 PASSES: dict[str, type[Pass]] = {
@@ -16,6 +17,7 @@ PASSES: dict[str, type[Pass]] = {
     "dce": DeadCodeElimination,
     "fold-constants": FoldConstants,
     "fold-conv-bn": FoldConvBN,
+    "fuse-blocks": FuseBlocks,
     "remove-noops": RemoveNoops,
 }
 

@@ -64,8 +64,11 @@ class PassContext:
         self.stats[key] += n
 
     def skip(self, where: str, reason: str) -> None:
-        self.stats["skipped"] += 1
-        self.notes.append(f"skipped {where}: {reason}")
+        """Record a candidate left alone; a pass that revisits the same candidate records it once."""
+        note = f"skipped {where}: {reason}"
+        if note not in self.notes:
+            self.stats["skipped"] += 1
+            self.notes.append(note)
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import operator
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -11,40 +9,12 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.edit import add_constant, inline_function, replace_subgraph
+from fxopt.ir.layers import BATCH_STATISTICS, Affine, Layer, as_affine, as_layer, is_call
 from fxopt.ir.meta import describe_node, propagate_meta, stamp_provenance
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
 
 aten = torch.ops.aten
-
-_BATCH_NORM = aten._native_batch_norm_legit_no_training.default
-# BatchNorm variants that normalize with the batch's own statistics: nothing constant to fold.
-_BATCH_STATISTICS = (aten._native_batch_norm_legit.default, aten._native_batch_norm_legit.no_stats,
-                     aten._native_batch_norm_legit_functional.default, aten.native_batch_norm.default)
-_MUL = (aten.mul.Tensor, aten.mul.Scalar)
-_DIV = (aten.div.Tensor, aten.div.Scalar)
-_ADD = (aten.add.Tensor, aten.add.Scalar)
-_SUB = (aten.sub.Tensor, aten.sub.Scalar)
-
-
-@dataclass
-class _Affine:
-    """``out = x * scale + shift`` with per-channel ``scale``/``shift`` along one dim of ``x``.
-
-    ``coefficients(zeros, *params)`` computes ``(scale, shift)`` as float32
-    vectors shaped like ``zeros`` (one per channel, on the weights' device) from
-    the tensors of ``params`` (``get_attr`` nodes); ``dim`` is the channel dim,
-    or ``None`` when any dim works (a scalar).
-    """
-
-    kind: str
-    x: fx.Node
-    out: fx.Node
-    nodes: list[fx.Node]
-    params: list[fx.Node | None]
-    coefficients: Callable[..., tuple[torch.Tensor, torch.Tensor]]
-    dim: int | None
-
 
 # A fold's result: ("folded", statistic), ("skipped", reason), or None when no layer is there.
 _Outcome = tuple[str, str] | None
@@ -52,27 +22,6 @@ _Outcome = tuple[str, str] | None
 
 def _folded(outcome: _Outcome) -> bool:
     return outcome is not None and outcome[0] == "folded"
-
-
-@dataclass
-class _Layer:
-    """A convolution or linear layer an affine can fold into: its weight/bias nodes and output channel dim."""
-
-    node: fx.Node
-    weight: fx.Node
-    bias: fx.Node | None
-
-    @property
-    def is_linear(self) -> bool:
-        return self.node.target is aten.linear.default
-
-    @property
-    def transposed(self) -> bool:
-        return not self.is_linear and bool(self.node.args[6])
-
-    @property
-    def groups(self) -> int:
-        return 1 if self.is_linear else int(self.node.args[8])
 
 
 @dataclass(frozen=True)
@@ -126,10 +75,10 @@ class FoldConvBN(Pass):
 
     def _fold_one(self, program: Program, ctx: PassContext) -> bool:
         for node in program.graph.nodes:
-            if node.op == "call_function" and node.target in _BATCH_STATISTICS and _next_to_a_layer(node):
-                _note_once(ctx, node, "BatchNorm normalizes with batch statistics (no running stats): not constant")
+            if node.op == "call_function" and node.target in BATCH_STATISTICS and _next_to_a_layer(node):
+                ctx.skip(describe_node(node), "BatchNorm normalizes with batch statistics (no running stats)")
                 continue
-            affine = _affine(program, node)
+            affine = as_affine(program, node)
             if affine is None:
                 continue
             outcomes = [self._fold_after(program, affine)]
@@ -140,29 +89,29 @@ class FoldConvBN(Pass):
                 return True
             reasons = [reason for _, reason in filter(None, outcomes)]
             if reasons or affine.kind == "batch-norm":  # a constant scale only matters next to a layer
-                _note_once(ctx, affine.out, reasons[0] if reasons else "no conv or linear next to it to fold into")
+                reason = reasons[0] if reasons else "no conv or linear next to it to fold into"
+                ctx.skip(describe_node(affine.out), reason)
         return False
 
     # ------------------------------------------------------------------ layer(x) -> affine
 
-    def _fold_after(self, program: Program, affine: _Affine) -> _Outcome:
+    def _fold_after(self, program: Program, affine: Affine) -> _Outcome:
         """Fold into the layer producing the affine's input."""
         chain, source = [], affine.x
-        while _is_call(source, aten.permute.default):
+        while is_call(source, aten.permute.default):
             chain.append(source)
             source = source.args[0]
-        layer = _layer(source)
+        layer = as_layer(source)
         if layer is None:
             return None
         if any(len(n.users) > 1 for n in [layer.node, *chain]):
-            return "skipped", f"the {_layer_kind(layer)} output has other users"
-        ndim = layer.node.meta["val"].dim()
-        channel = ndim - 1 if layer.is_linear else 1
+            return "skipped", f"the {layer.kind} output has other users"
+        ndim, channel = layer.node.meta["val"].dim(), layer.channel_dim
         dim = affine.dim
         for permute in chain:  # map the affine's channel dim back through the permutes
             dim = None if dim is None else permute.args[1][dim] % ndim
         if dim is not None and dim != channel:
-            return "skipped", f"{affine.kind} scales dim {affine.dim}, the {_layer_kind(layer)}'s channels are another dim"
+            return "skipped", f"{affine.kind} scales dim {affine.dim}, the {layer.kind}'s channels are another dim"
         if (problem := _dtype_problem(affine, layer)) is not None:
             return "skipped", problem
         channels = layer.node.meta["val"].shape[channel]
@@ -181,26 +130,25 @@ class FoldConvBN(Pass):
 
         if overflow := self._replace(program, affine, layer, fold, chain):
             return "skipped", overflow
-        return "folded", f"{affine.kind}-into-{_layer_kind(layer)}"
+        return "folded", f"{affine.kind}-into-{layer.kind}"
 
     # ------------------------------------------------------------------ affine -> layer(x)
 
-    def _fold_before(self, program: Program, affine: _Affine) -> _Outcome:
+    def _fold_before(self, program: Program, affine: Affine) -> _Outcome:
         """Fold into the layer reading the affine's output."""
         if len(affine.out.users) != 1:
             return None
         (consumer,) = affine.out.users
-        layer = _layer(consumer)
+        layer = as_layer(consumer)
         if layer is None or consumer.args[0] is not affine.out:
             return None
         if layer.transposed:
             return "skipped", "a transposed conv after it sums fewer taps at the border"
-        if not layer.is_linear and any(consumer.args[4]):
+        if any(layer.padding):
             return "skipped", "the conv after it pads its input, so the border would change"
-        ndim = affine.x.meta["val"].dim()
-        channel = ndim - 1 if layer.is_linear else 1
+        channel = layer.channel_dim
         if affine.dim is not None and affine.dim != channel:
-            return "skipped", f"{affine.kind} scales dim {affine.dim}, the {_layer_kind(layer)} reads channels on dim {channel}"
+            return "skipped", f"{affine.kind} scales dim {affine.dim}, the {layer.kind} reads channels on dim {channel}"
         if (problem := _dtype_problem(affine, layer)) is not None:
             return "skipped", problem
         channels = affine.x.meta["val"].shape[channel]
@@ -220,11 +168,11 @@ class FoldConvBN(Pass):
 
         if overflow := self._replace(program, affine, layer, fold, [], layer_input=affine.x):
             return "skipped", overflow
-        return "folded", f"{affine.kind}-into-following-{_layer_kind(layer)}"
+        return "folded", f"{affine.kind}-into-following-{layer.kind}"
 
     # ------------------------------------------------------------------ rewriting
 
-    def _replace(self, program: Program, affine: _Affine, layer: _Layer, fold, chain: list[fx.Node],
+    def _replace(self, program: Program, affine: Affine, layer: Layer, fold, chain: list[fx.Node],
                  layer_input: fx.Node | None = None) -> str | None:
         """Emit the layer with folded weight and bias in place of the layer, ``chain`` and the affine.
 
@@ -237,11 +185,9 @@ class FoldConvBN(Pass):
         if isinstance(emitted, str):
             return emitted
         weight, bias, created = emitted
-        args = list(layer.node.args) + [None] * (3 - len(layer.node.args))  # linear(x, w) has no bias argument
-        args[0] = layer.node.args[0] if layer_input is None else layer_input
-        args[1], args[2] = weight, bias
+        args = layer.args_with(layer.node.args[0] if layer_input is None else layer_input, weight, bias)
         with graph.inserting_before(root):
-            result = graph.call_function(layer.node.target, tuple(args), dict(layer.node.kwargs))
+            result = graph.call_function(layer.node.target, args, dict(layer.node.kwargs))
             # Shapes are unchanged; later folds in this pass read them before metadata is re-propagated.
             result.meta["val"] = layer.node.meta["val"]
             created.append(result)
@@ -283,125 +229,22 @@ class FoldConvBN(Pass):
 # ---------------------------------------------------------------------- recognizing the pieces
 
 
-def _is_call(node: object, *targets) -> bool:
-    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
 
 
-def _layer(node: object) -> _Layer | None:
-    """The conv or linear computed by ``node``, when its weight (and bias) are constants."""
-    if not _is_call(node, aten.convolution.default, aten.linear.default):
-        return None
-    weight = node.args[1]
-    bias = node.args[2] if len(node.args) > 2 else None
-    if not _is_constant(weight) or not (bias is None or _is_constant(bias)):
-        return None
-    return _Layer(node, weight, bias)
 
 
-def _layer_kind(layer: _Layer) -> str:
-    return "linear" if layer.is_linear else ("conv-transpose" if layer.transposed else "conv")
 
 
-def _is_constant(node: object) -> bool:
-    return isinstance(node, fx.Node) and node.op == "get_attr"
 
 
 def _next_to_a_layer(node: fx.Node) -> bool:
-    return _layer(node.args[0]) is not None or any(_layer(u) is not None for u in node.users)
+    return as_layer(node.args[0]) is not None or any(as_layer(u) is not None for u in node.users)
 
 
-def _affine(program: Program, node: fx.Node) -> _Affine | None:
-    """The per-channel affine ``node`` computes, if it is one."""
-    if _is_call(node, operator.getitem) and _is_call(node.args[0], _BATCH_NORM) and node.args[1] == 0:
-        return _batch_norm(node)
-    if not _is_call(node, *_MUL, *_DIV, *_ADD, *_SUB) or node.kwargs.get("alpha", 1) != 1:
-        return None
-    a, b = node.args[:2]
-    if node.target in _MUL + _ADD and not _is_activation(a):
-        a, b = b, a  # c * x, c + x
-    if not _is_activation(a):
-        return None
-    constant = _constant_vector(program, node, a, b)
-    if constant is None:
-        return None
-    value, dim, param = constant
-    multiplies, inverts = node.target in _MUL + _DIV, node.target in _DIV + _SUB
-    if node.target in _DIV and (value == 0).any():
-        return None  # x / 0 is inf or nan; a folded weight * inf is not the same
-
-    def coefficients(zeros, *params):
-        c = zeros + (params[0].float().reshape(-1) if param is not None else float(value))
-        if inverts:
-            c = 1 / c if multiplies else -c
-        return (c, zeros) if multiplies else (zeros + 1, c)
-
-    kind = {**dict.fromkeys(_MUL, "mul"), **dict.fromkeys(_DIV, "div"),
-            **dict.fromkeys(_ADD, "add"), **dict.fromkeys(_SUB, "sub")}[node.target]
-    return _Affine(kind, a, node, [node], [param] if param is not None else [], coefficients, dim)
-
-
-def _is_activation(node: object) -> bool:
-    return isinstance(node, fx.Node) and node.op != "get_attr"
-
-
-def _constant_vector(program: Program, node: fx.Node, x: fx.Node, c: object):
-    """``(value, channel dim, get_attr node)`` when ``c`` is a scalar or a per-channel constant for ``x``.
-
-    The channel dim is ``None`` when ``c`` is the same for every channel.
-    """
-    out, val = node.meta.get("val"), x.meta.get("val")
-    if not isinstance(out, torch.Tensor) or not isinstance(val, torch.Tensor) or out.shape != val.shape:
-        return None
-    if isinstance(c, (int, float)) and not isinstance(c, bool):
-        return torch.tensor(float(c)), None, None
-    if not _is_constant(c):
-        return None
-    tensor = program.get_constant(c.target)
-    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() > val.dim():
-        return None
-    shape = (1,) * (val.dim() - tensor.dim()) + tuple(tensor.shape)
-    varying = [d for d, size in enumerate(shape) if size != 1]
-    if len(varying) > 1:
-        return None
-    return tensor, (varying[0] if varying else None), c
-
-
-def _batch_norm(node: fx.Node) -> _Affine | None:
-    bn = node.args[0]
-    x, gamma, beta, mean, var, _momentum, eps = bn.args
-    if len(bn.users) != 1 or not all(p is None or _is_constant(p) for p in (gamma, beta)):
-        return None
-    if not (_is_constant(mean) and _is_constant(var)):
-        return None
-    has_gamma, has_beta = gamma is not None, beta is not None
-
-    def coefficients(_zeros, *params):
-        it = iter(params)
-        g = next(it) if has_gamma else None
-        b = next(it) if has_beta else None
-        running_mean, running_var = next(it), next(it)
-        scale = torch.rsqrt(running_var.float() + eps)
-        if g is not None:
-            scale = scale * g.float()
-        shift = -running_mean.float() * scale
-        if b is not None:
-            shift = shift + b.float()
-        return scale, shift
-
-    params = [p for p in (gamma, beta) if p is not None] + [mean, var]
-    return _Affine("batch-norm", x, node, [node, bn], params, coefficients, 1)
-
-
-def _dtype_problem(affine: _Affine, layer: _Layer) -> str | None:
+def _dtype_problem(affine: Affine, layer: Layer) -> str | None:
     """Why folding would change a dtype (an fp32 constant promoting an fp16 activation), if it would."""
     out, x = affine.out.meta["val"].dtype, affine.x.meta["val"].dtype
     if out != x or x != layer.node.meta["val"].dtype:
         return f"dtype mismatch ({x} in, {out} out)"
     return None
-
-
-def _note_once(ctx: PassContext, node: fx.Node, reason: str) -> None:
-    where = describe_node(node)
-    if not any(note.startswith(f"skipped {where}:") for note in ctx.notes):
-        ctx.skip(where, reason)
 

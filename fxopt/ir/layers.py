@@ -1,0 +1,201 @@
+"""Recognizing convolution and linear layers whose weights are constants: what folding and fusion rewrite."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from fxopt.ir.program import Program
+
+__all__ = ["Affine", "Layer", "as_affine", "as_layer", "is_call", "is_constant", "BATCH_NORM", "BATCH_STATISTICS"]
+
+aten = torch.ops.aten
+
+
+def is_call(node: object, *targets) -> bool:
+    """Whether ``node`` is a ``call_function`` of one of ``targets``."""
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in targets
+
+
+def is_constant(node: object) -> bool:
+    """Whether ``node`` reads a parameter or buffer (a ``get_attr``)."""
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+@dataclass(frozen=True)
+class Layer:
+    """An ``aten.convolution`` or ``aten.linear`` node with constant weight (and bias, if any)."""
+
+    node: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+
+    @property
+    def is_linear(self) -> bool:
+        return self.node.target is aten.linear.default
+
+    @property
+    def transposed(self) -> bool:
+        return not self.is_linear and bool(self.node.args[6])
+
+    @property
+    def groups(self) -> int:
+        return 1 if self.is_linear else int(self.node.args[8])
+
+    @property
+    def stride(self) -> tuple[int, ...]:
+        return () if self.is_linear else tuple(self.node.args[3])
+
+    @property
+    def padding(self) -> tuple[int, ...]:
+        return () if self.is_linear else tuple(self.node.args[4])
+
+    @property
+    def dilation(self) -> tuple[int, ...]:
+        return () if self.is_linear else tuple(self.node.args[5])
+
+    @property
+    def kind(self) -> str:
+        return "linear" if self.is_linear else ("conv-transpose" if self.transposed else "conv")
+
+    @property
+    def channel_dim(self) -> int:
+        """The dim of the output (and input) holding channels: 1 for convs, the last for linears."""
+        return self.node.meta["val"].dim() - 1 if self.is_linear else 1
+
+    def args_with(self, x: fx.Node, weight: fx.Node, bias: fx.Node | None) -> tuple:
+        """This layer's arguments with another input, weight and bias."""
+        args = list(self.node.args) + [None] * (3 - len(self.node.args))  # linear(x, w) has no bias argument
+        args[:3] = x, weight, bias
+        return tuple(args)
+
+
+def as_layer(node: object) -> Layer | None:
+    """The conv or linear ``node`` computes, when its weight (and bias) are constants."""
+    if not is_call(node, aten.convolution.default, aten.linear.default):
+        return None
+    weight = node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    if not is_constant(weight) or not (bias is None or is_constant(bias)):
+        return None
+    return Layer(node, weight, bias)
+
+
+BATCH_NORM = aten._native_batch_norm_legit_no_training.default
+# BatchNorm variants that normalize with the batch's own statistics: nothing constant to fold.
+BATCH_STATISTICS = (aten._native_batch_norm_legit.default, aten._native_batch_norm_legit.no_stats,
+                     aten._native_batch_norm_legit_functional.default, aten.native_batch_norm.default)
+_MUL = (aten.mul.Tensor, aten.mul.Scalar)
+_DIV = (aten.div.Tensor, aten.div.Scalar)
+_ADD = (aten.add.Tensor, aten.add.Scalar)
+_SUB = (aten.sub.Tensor, aten.sub.Scalar)
+
+
+@dataclass
+class Affine:
+    """``out = x * scale + shift`` with per-channel ``scale``/``shift`` along one dim of ``x``.
+
+    ``coefficients(zeros, *params)`` computes ``(scale, shift)`` as float32
+    vectors shaped like ``zeros`` (one per channel, on the weights' device) from
+    the tensors of ``params`` (``get_attr`` nodes); ``dim`` is the channel dim,
+    or ``None`` when any dim works (a scalar).
+    """
+
+    kind: str
+    x: fx.Node
+    out: fx.Node
+    nodes: list[fx.Node]
+    params: list[fx.Node]
+    coefficients: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    dim: int | None
+
+    def evaluate(self, program: Program, channels: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale, shift)`` from the constants' current values: float32 vectors of length ``channels``."""
+        values = [program.get_constant(p.target) for p in self.params]
+        return self.coefficients(torch.zeros(channels, dtype=torch.float32, device=device), *values)
+
+
+def as_affine(program: Program, node: fx.Node) -> Affine | None:
+    """The per-channel affine ``node`` computes (eval-mode BatchNorm, ``*``/``/``/``+``/``-`` by a constant), if any."""
+    if is_call(node, operator.getitem) and is_call(node.args[0], BATCH_NORM) and node.args[1] == 0:
+        return _batch_norm(node)
+    if not is_call(node, *_MUL, *_DIV, *_ADD, *_SUB) or node.kwargs.get("alpha", 1) != 1:
+        return None
+    a, b = node.args[:2]
+    if node.target in _MUL + _ADD and not _is_activation(a):
+        a, b = b, a  # c * x, c + x
+    if not _is_activation(a):
+        return None
+    constant = _constant_vector(program, node, a, b)
+    if constant is None:
+        return None
+    value, dim, param = constant
+    multiplies, inverts = node.target in _MUL + _DIV, node.target in _DIV + _SUB
+    if node.target in _DIV and (value == 0).any():
+        return None  # x / 0 is inf or nan; a folded weight * inf is not the same
+
+    def coefficients(zeros, *params):
+        c = zeros + (params[0].float().reshape(-1) if param is not None else float(value))
+        if inverts:
+            c = 1 / c if multiplies else -c
+        return (c, zeros) if multiplies else (zeros + 1, c)
+
+    kind = {**dict.fromkeys(_MUL, "mul"), **dict.fromkeys(_DIV, "div"),
+            **dict.fromkeys(_ADD, "add"), **dict.fromkeys(_SUB, "sub")}[node.target]
+    return Affine(kind, a, node, [node], [param] if param is not None else [], coefficients, dim)
+
+
+def _is_activation(node: object) -> bool:
+    return isinstance(node, fx.Node) and node.op != "get_attr"
+
+
+def _constant_vector(program: Program, node: fx.Node, x: fx.Node, c: object):
+    """``(value, channel dim, get_attr node)`` when ``c`` is a scalar or a per-channel constant for ``x``.
+
+    The channel dim is ``None`` when ``c`` is the same for every channel.
+    """
+    out, val = node.meta.get("val"), x.meta.get("val")
+    if not isinstance(out, torch.Tensor) or not isinstance(val, torch.Tensor) or out.shape != val.shape:
+        return None
+    if isinstance(c, (int, float)) and not isinstance(c, bool):
+        return torch.tensor(float(c)), None, None
+    if not is_constant(c):
+        return None
+    tensor = program.get_constant(c.target)
+    if not isinstance(tensor, torch.Tensor) or not tensor.is_floating_point() or tensor.dim() > val.dim():
+        return None
+    shape = (1,) * (val.dim() - tensor.dim()) + tuple(tensor.shape)
+    varying = [d for d, size in enumerate(shape) if size != 1]
+    if len(varying) > 1:
+        return None
+    return tensor, (varying[0] if varying else None), c
+
+
+def _batch_norm(node: fx.Node) -> Affine | None:
+    bn = node.args[0]
+    x, gamma, beta, mean, var, _momentum, eps = bn.args
+    if len(bn.users) != 1 or not all(p is None or is_constant(p) for p in (gamma, beta)):
+        return None
+    if not (is_constant(mean) and is_constant(var)):
+        return None
+    has_gamma, has_beta = gamma is not None, beta is not None
+
+    def coefficients(_zeros, *params):
+        it = iter(params)
+        g = next(it) if has_gamma else None
+        b = next(it) if has_beta else None
+        running_mean, running_var = next(it), next(it)
+        scale = torch.rsqrt(running_var.float() + eps)
+        if g is not None:
+            scale = scale * g.float()
+        shift = -running_mean.float() * scale
+        if b is not None:
+            shift = shift + b.float()
+        return scale, shift
+
+    params = [p for p in (gamma, beta) if p is not None] + [mean, var]
+    return Affine("batch-norm", x, node, [node, bn], params, coefficients, 1)
