@@ -22,7 +22,8 @@ import torch
 import torch.utils._pytree as pytree
 
 import fxopt
-from fxopt.zoo import ZOO, load_zoo_model
+from fxopt.cli import load_model
+from fxopt.zoo import ZOO
 
 Runner = Callable[[], object]
 
@@ -88,7 +89,8 @@ def measure(runners: dict[str, Runner], rounds: int) -> dict[str, float]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=["resnet50"], help=f"built-in models: {', '.join(ZOO)}")
+    parser.add_argument("models", nargs="*", default=["resnet50"],
+                        help=f"built-in models ({', '.join(ZOO)}) or path/to/file.py:factory")
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--target", default="cpu")
     parser.add_argument("--tune", default=None, metavar="BUDGET",
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
     for name in args.models:
-        model, inputs = load_zoo_model(name)
+        model, inputs = load_model(name)
         runners, failures, notes = make_runners(model, inputs, args.target, args.tune)
         medians = measure(runners, args.rounds)
         eager = medians.get("eager")

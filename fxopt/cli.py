@@ -124,7 +124,7 @@ def _optimize(args: argparse.Namespace) -> int:
     from fxopt.zoo import DEFAULT_MODEL
 
     console = Console(stderr=True)
-    model, inputs = _load_model(args.model or DEFAULT_MODEL, args.example_input)
+    model, inputs = load_model(args.model or DEFAULT_MODEL, args.example_input)
     pipeline = args.pipeline if args.pipeline is not None else args.spec
     with console.status("capturing") as status:
 
@@ -158,7 +158,7 @@ def _tune(args: argparse.Namespace) -> int:
     from fxopt.api import optimize
     from fxopt.zoo import DEFAULT_MODEL
 
-    model, inputs = _load_model(args.model or DEFAULT_MODEL, args.example_input)
+    model, inputs = load_model(args.model or DEFAULT_MODEL, args.example_input)
     with Console(stderr=True).status("capturing") as status:
         result = optimize(
             model, inputs, target=args.target, tune=_tune_options(args, args.budget), dispatch=args.dispatch,
@@ -225,7 +225,11 @@ def passes_markdown() -> str:
 
 # ----------------------------------------------------------------------------- model loading
 
-def _load_model(spec: str, input_specs: list[str]) -> tuple[torch.nn.Module, tuple]:
+def load_model(spec: str, input_specs: list[str] = ()) -> tuple[torch.nn.Module, tuple]:
+    """A model and example inputs from a built-in name or ``path/to/file.py:factory`` / ``module:factory``.
+
+    The factory returns a model or ``(model, inputs)``; ``input_specs`` (``1x3x224x224``) override the inputs.
+    """
     from fxopt.zoo import ZOO, load_zoo_model
 
     if ":" not in spec:

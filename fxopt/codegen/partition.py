@@ -3,7 +3,9 @@
 A *segment* is a run of consecutive lowerable nodes (in topological order,
 so every run is convex and can be cut out without creating a cycle) holding
 at most one heavy op (convolution, matmul, attention) with the cheap ops
-around it. Keeping heavy ops apart lets the dispatcher decide per kernel:
+around it, and never splits an epilogue group (``mark-epilogues``): a group
+whose nodes the graph interleaves with other ops is first moved together, so
+TVM's fusion emits it as one kernel. Keeping heavy ops apart lets the dispatcher decide per kernel:
 an untuned convolution stays in PyTorch while the fused elementwise chain
 after it, or a tuned matmul, runs in TVM. Ops without a lowering stay in the
 parent graph and run in PyTorch; :attr:`Partition.fallbacks` names each one.
@@ -21,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.codegen.lower import is_lowerable
-from fxopt.ir.meta import describe_node
+from fxopt.ir.meta import describe_node, epilogue_group
 from fxopt.ir.program import Program, attribute_owner
 
 __all__ = ["Segment", "Partition", "partition", "unlowerable", "summarize_fallbacks", "HEAVY_OPS"]
@@ -87,6 +89,7 @@ def summarize_fallbacks(fallbacks: list[tuple[str, str]]) -> list[str]:
 def partition(program: Program) -> Partition:
     """Cut ``program`` into TVM candidate segments; see the module docstring."""
     parent = program.clone().graph_module
+    _gather_epilogue_groups(parent.graph)
     fallbacks: list[tuple[str, str]] = []
     runs: list[list[fx.Node]] = []
     current: list[fx.Node] = []
@@ -113,6 +116,24 @@ def partition(program: Program) -> Partition:
     parent.recompile()
     _record_example_inputs(parent, segments, program.example_inputs)
     return Partition(parent, segments, fallbacks)
+
+
+def _gather_epilogue_groups(graph: fx.Graph) -> None:
+    """Make each epilogue group contiguous by moving its nodes to just before its last one.
+
+    Legal when every node of a group but the last is read only by the next node of the group (it
+    may move later, up to its reader): true when marked; a group that later passes changed is left.
+    """
+    groups: dict[str, list[fx.Node]] = {}
+    for node in graph.nodes:
+        if (group := epilogue_group(node)) is not None:
+            groups.setdefault(group, []).append(node)
+    for nodes in groups.values():
+        if any(list(node.users) != [reader] for node, reader in zip(nodes, nodes[1:])):
+            continue
+        last = nodes[-1]
+        for node in nodes[:-1]:
+            last.prepend(node)
 
 
 def _close(run: list[fx.Node], runs: list[list[fx.Node]]) -> list[fx.Node]:

@@ -4,7 +4,10 @@ Every node of a captured graph carries ``meta["val"]`` (a fake tensor, or a
 tuple of them, or a symbolic int); rewrites call :func:`propagate_meta` to
 recompute it. Nodes created by a pass carry ``meta["fxopt_provenance"]``: the
 pass name and the names of the original nodes they replace, so errors, dumps
-and reports can say where a node came from.
+and reports can say where a node came from. Nodes of an epilogue group (a
+conv/matmul and the elementwise ops after it that the backend should emit as
+one kernel, marked by the ``mark-epilogues`` pass) carry
+``meta["fxopt_epilogue"]``: the name of the group's anchor.
 """
 
 from __future__ import annotations
@@ -22,11 +25,20 @@ __all__ = [
     "propagate_meta",
     "source_location",
     "describe_node",
+    "epilogue_group",
+    "EPILOGUE",
     "stamp_provenance",
     "tensor_summary",
 ]
 
 TORCH_DIR = os.path.dirname(torch.__file__)
+
+EPILOGUE = "fxopt_epilogue"
+
+
+def epilogue_group(node: fx.Node) -> str | None:
+    """The anchor name of the epilogue group ``node`` belongs to, or ``None``."""
+    return node.meta.get(EPILOGUE)
 
 
 def source_location(node: fx.Node) -> str | None:

@@ -9,7 +9,9 @@ from fxopt.passes.cse import CommonSubexpressionElimination
 from fxopt.passes.dce import DeadCodeElimination
 from fxopt.passes.fold_constants import FoldConstants
 from fxopt.passes.fold_conv_bn import FoldConvBN
+from fxopt.passes.fuse_attention import FuseAttention
 from fxopt.passes.fuse_blocks import FuseBlocks
+from fxopt.passes.mark_epilogues import MarkEpilogues
 from fxopt.passes.remove_noops import RemoveNoops
 
 PASSES: dict[str, type[Pass]] = {
@@ -17,7 +19,9 @@ PASSES: dict[str, type[Pass]] = {
     "dce": DeadCodeElimination,
     "fold-constants": FoldConstants,
     "fold-conv-bn": FoldConvBN,
+    "fuse-attention": FuseAttention,
     "fuse-blocks": FuseBlocks,
+    "mark-epilogues": MarkEpilogues,
     "remove-noops": RemoveNoops,
 }
 

@@ -176,23 +176,30 @@ class FuseBlocks(Pass):
                 key = (user.target, tuple(weight.shape[1:]), weight.dtype, layer.stride, layer.padding,
                        layer.dilation)
                 groups.setdefault(key, []).append(layer)
-        for layers in groups.values():
-            if len(layers) < 2:
+        for group in groups.values():
+            # Twins (the same weight and bias applied twice) are cse's to merge: stacking them would
+            # only grow the graph. They share the slice of the layer they repeat.
+            twins: dict[tuple, list[Layer]] = {}
+            for layer in group:
+                twins.setdefault((layer.weight, layer.bias), []).append(layer)
+            if len(twins) < 2:
                 continue
+            layers = [copies[0] for copies in twins.values()]
             widths = [program.get_constant(layer.weight.target).shape[0] for layer in layers]
             if sum(widths) < self.min_width:
                 ctx.skip(describe_node(layers[0].node), f"{len(layers)} parallel layers are {sum(widths)} wide, "
                                                         f"less than min-width={self.min_width}")
                 continue
-            self._emit_parallel(program, x, layers, widths)
+            self._emit_parallel(program, x, list(twins.values()), widths)
             ctx.count(f"parallel-{layers[0].kind}s-merged", len(layers))
             ctx.notes.append(f"merged {', '.join(layer.node.name for layer in layers)} into one "
                              f"{layers[0].kind} {sum(widths)} wide")
             return True
         return False
 
-    def _emit_parallel(self, program: Program, x: fx.Node, layers: list[Layer], widths: list[int]) -> None:
+    def _emit_parallel(self, program: Program, x: fx.Node, twins: list[list[Layer]], widths: list[int]) -> None:
         graph = program.graph
+        layers = [copies[0] for copies in twins]
         weights = [program.get_constant(layer.weight.target) for layer in layers]
         weight = torch.cat(weights)
         if all(layer.bias is None for layer in layers):
@@ -201,7 +208,7 @@ class FuseBlocks(Pass):
             bias = torch.cat([torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if layer.bias is None
                               else program.get_constant(layer.bias.target) for w, layer in zip(weights, layers)])
         order = {n: i for i, n in enumerate(graph.nodes)}
-        first = min((layer.node for layer in layers), key=order.__getitem__)
+        first = min((layer.node for copies in twins for layer in copies), key=order.__getitem__)
         weight_node, bias_node = self._constants(program, first, weight, bias)
         dim = layers[0].channel_dim
         with graph.inserting_before(first):
@@ -209,13 +216,15 @@ class FuseBlocks(Pass):
                                          dict(first.kwargs))
             created = [weight_node, merged] + ([bias_node] if bias_node is not None else [])
             start = 0
-            for layer, width in zip(layers, widths):
+            for copies, width in zip(twins, widths):
                 piece = graph.call_function(aten.slice.Tensor, (merged, dim, start, start + width))
                 created.append(piece)
                 start += width
-                layer.node.replace_all_uses_with(piece, propagate_meta=False)
-        stamp_provenance(created, self.name, [layer.node for layer in layers])
-        for layer in layers:
+                for layer in copies:
+                    layer.node.replace_all_uses_with(piece, propagate_meta=False)
+        replaced = [layer.node for copies in twins for layer in copies]
+        stamp_provenance(created, self.name, replaced)
+        for layer in (layer for copies in twins for layer in copies):
             for node in (layer.node, layer.weight, layer.bias):
                 if node is not None:
                     erase_if_dead(node)

@@ -51,7 +51,7 @@ __all__ = [
 # the exact rewrites; lossy ones (pruning, quantization) are always asked for.
 BUILTIN_PIPELINES: dict[str, str] = {
     "cleanup": "remove-noops,fold-constants,cse,dce",
-    "default": "remove-noops,fold-constants,fold-conv-bn,fuse-blocks,cse,dce",
+    "default": "remove-noops,fold-constants,fold-conv-bn,fuse-blocks,fuse-attention,cse,dce,mark-epilogues",
     "torch": "default",
     "cpu": "default",
     "cuda": "default",

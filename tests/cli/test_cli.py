@@ -81,7 +81,7 @@ def test_passes_and_pipeline_dump(capsys):
     assert main(["pipeline", "--dump", "default"]) == 0
     assert capsys.readouterr().out.strip() == (
         "remove-noops,fold-constants{max-new-elements=65536},fold-conv-bn{mode=deploy},"
-        "fuse-blocks{branches=true serial=true parallel=true min-width=0},cse,dce"
+        "fuse-blocks{branches=true serial=true parallel=true min-width=0},fuse-attention,cse,dce,mark-epilogues"
     )
 
 

@@ -1,11 +1,16 @@
 """Real model classes from transformers (random init) through capture and the default pipeline."""
 
+import pathlib
+
 import pytest
 import torch
 import torch.utils._pytree as pytree
 
 from fxopt import PassManager, capture, optimize
+from fxopt.cli import load_model
 from fxopt.zoo import ZOO, load_zoo_model
+
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 TINY = [name for name in ZOO if name.endswith("-tiny")]
 FULL = [name for name in ZOO if not name.endswith("-tiny")]
@@ -54,5 +59,20 @@ def test_default_pipeline_folds_every_batch_norm(name, layer_scales):
     assert fold.stats.get("batch-norm-into-conv", 0) == _batch_norms(program)
     # ConvNeXt has no BatchNorm; its per-channel layer scales fold into the Linear before them.
     assert fold.stats.get("mul-into-linear", 0) == layer_scales
+    with torch.no_grad():
+        torch.testing.assert_close(optimized(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_repvgg_example_becomes_a_plain_conv_relu_stack():
+    """examples/repvgg.py: every block (two or three branches with BatchNorms) is one 3x3 conv and a ReLU."""
+    model, inputs = load_model(str(EXAMPLES / "repvgg.py") + ":repvgg_tiny")
+    program = capture(model, inputs)
+    optimized, records = PassManager("default", verify="each").run(program)
+    ops = [n.target for n in optimized.graph.nodes if n.op == "call_function"]
+    aten = torch.ops.aten
+    norms = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    assert _batch_norms(program) == norms > 0 and _batch_norms(optimized) == 0
+    assert ops.count(aten.convolution.default) == ops.count(aten.relu.default) == len(model.blocks)
+    assert {r.name: r.stats.get("branches-merged") for r in records}["fuse-blocks"] == len(model.blocks)
     with torch.no_grad():
         torch.testing.assert_close(optimized(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)

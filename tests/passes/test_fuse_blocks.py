@@ -194,6 +194,34 @@ def test_min_width_keeps_narrow_parallel_layers_apart():
     assert ops(after).count(LINEAR) == 3 and "less than min-width=64" in record.notes[0]
 
 
+class SharedProjection(nn.Module):
+    """One linear applied twice to the same input (a weight-tied pair), optionally beside another."""
+
+    def __init__(self, other: bool):
+        super().__init__()
+        self.shared, self.other = nn.Linear(8, 4), nn.Linear(8, 6) if other else None
+
+    def forward(self, x):
+        y = self.shared(x).tanh() + self.shared(x).sigmoid()
+        return y if self.other is None else (y, self.other(x))
+
+
+# Pinned from hypothesis (test_default_pipeline_preserves_outputs_and_never_grows_the_graph): the
+# twins were stacked into one linear 2x wide, growing the graph by a slice and a weight.
+def test_twin_layers_are_left_to_cse_and_share_one_slice_when_merged():
+    torch.manual_seed(0)
+    inputs = (torch.randn(2, 8),)
+    model = SharedProjection(other=False).eval()
+    _, after, record = run_pass(model, inputs, "fuse-blocks")
+    assert not record.changed and ops(after).count(LINEAR) == 2
+    model = SharedProjection(other=True).eval()
+    before, after, record = run_pass(model, inputs, "fuse-blocks,dce")
+    assert ops(after).count(LINEAR) == 1 and ops(after).count(SLICE) == 2
+    assert record.stats["parallel-linears-merged"] == 2 and "10 wide" in record.notes[0]
+    assert len(after.graph.nodes) < len(before.graph.nodes)
+    assert_close(after, model, inputs)
+
+
 class Inception(nn.Module):
     def __init__(self):
         super().__init__()
