@@ -1,7 +1,8 @@
 """Side-by-side latency: PyTorch eager, torch.compile, ONNX Runtime and fxopt, in one process.
 
-Calls are interleaved (one call of each runner per round) so that machine
-noise hits every runner alike; the table reports medians and ratios to eager.
+Calls are interleaved (each runner in turn, every round) so that machine
+noise hits every runner alike, and only a runner's second call in a row is
+timed; the table reports medians and ratios to eager.
 
     python benchmarks/run.py resnet50 bert --rounds 30 --target cpu
     python benchmarks/run.py resnet-tiny --rounds 5      # a quick smoke run
@@ -77,10 +78,17 @@ def _onnxruntime(model: torch.nn.Module, inputs: tuple) -> Runner:
 
 
 def measure(runners: dict[str, Runner], rounds: int) -> dict[str, float]:
+    """Median latency of each runner over ``rounds`` interleaved rounds.
+
+    Within a round each runner is called twice and the second call is timed: the first call
+    after another runner pays for what that runner did to the caches and thread pools (a
+    PyTorch call right after an ONNX Runtime call took twice as long on the reference machine).
+    """
     samples: dict[str, list[float]] = {name: [] for name in runners}
     with torch.no_grad():
         for _ in range(rounds):
             for name, runner in runners.items():
+                runner()
                 start = time.perf_counter()
                 runner()
                 samples[name].append(time.perf_counter() - start)

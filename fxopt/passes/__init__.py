@@ -11,6 +11,7 @@ from fxopt.passes.fold_constants import FoldConstants
 from fxopt.passes.fold_conv_bn import FoldConvBN
 from fxopt.passes.fuse_attention import FuseAttention
 from fxopt.passes.fuse_blocks import FuseBlocks
+from fxopt.passes.fuse_norms import FuseNorms
 from fxopt.passes.mark_epilogues import MarkEpilogues
 from fxopt.passes.remove_noops import RemoveNoops
 
@@ -21,6 +22,7 @@ PASSES: dict[str, type[Pass]] = {
     "fold-conv-bn": FoldConvBN,
     "fuse-attention": FuseAttention,
     "fuse-blocks": FuseBlocks,
+    "fuse-norms": FuseNorms,
     "mark-epilogues": MarkEpilogues,
     "remove-noops": RemoveNoops,
 }

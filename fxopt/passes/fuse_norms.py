@@ -1,0 +1,211 @@
+"""Hand-written normalization chains become one ``rms_norm`` or ``layer_norm`` op."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx as fx
+
+from fxopt.ir.edit import replace_subgraph
+from fxopt.ir.layers import is_call, is_constant
+from fxopt.ir.meta import describe_node, propagate_meta, stamp_provenance
+from fxopt.ir.program import Program
+from fxopt.passes.base import Pass, PassContext
+
+aten = torch.ops.aten
+
+_MEAN = aten.mean.dim
+_CAST = aten._to_copy.default
+_MUL, _DIV, _ADD, _SUB = aten.mul.Tensor, aten.div.Tensor, aten.add.Tensor, aten.sub.Tensor
+
+
+@dataclass(frozen=True)
+class FuseNorms(Pass):
+    """Replace spelled-out RMSNorm and LayerNorm chains by one ``aten.rms_norm`` / ``aten.layer_norm``.
+
+    RMSNorm (LLaMA, T5, Mistral...): ``x * rsqrt(mean(x², -1) + eps)`` or
+    ``x / sqrt(...)``, on ``x`` itself or on a float32 upcast of it that is
+    cast back afterwards, then optionally times a weight vector. LayerNorm:
+    ``(x - mean(x)) * rsqrt(var + eps)`` with the variance as
+    ``mean((x - mean(x))², -1)`` or a biased ``var(x, -1)``, then optionally
+    ``* weight`` and ``+ bias``. Only normalization over the last dimension,
+    with the statistics kept (``keepdim``) and a numeric eps; an
+    intermediate value used outside the chain leaves it alone (noted).
+
+    Exact up to float rounding: the fused op computes the same formula in
+    one kernel (in float32 for half inputs, as the upcast spelling does).
+    Run after ``remove-noops`` (which drops casts to the same dtype) and
+    before ``cse`` and ``dce``; ``layernorm-to-rmsnorm`` sees the fused ops.
+    """
+
+    name = "fuse-norms"
+
+    def apply(self, program: Program, ctx: PassContext) -> bool:
+        changed = False
+        erased: set[fx.Node] = set()
+        for node in list(program.graph.nodes):
+            if node in erased or not is_call(node, _MUL, _DIV):
+                continue
+            found = _match(node)
+            if found is None:
+                continue
+            if isinstance(found, str):
+                ctx.skip(describe_node(node), found)
+                continue
+            target, root, args, nodes = found
+            with program.graph.inserting_before(root):
+                fused = program.graph.call_function(target, args)
+            stamp_provenance([fused], self.name, nodes)
+            replace_subgraph(root, fused, nodes)
+            erased.update(nodes)  # all of them: the match checked nothing else reads them
+            kind = "rms-norms" if target is aten.rms_norm.default else "layer-norms"
+            ctx.count(f"{kind}-fused")
+            changed = True
+        if changed:
+            program.graph_module.recompile()
+            propagate_meta(program.graph_module)
+        return changed
+
+
+def _match(scaled: fx.Node):
+    """``(op, root, args, nodes)`` when ``scaled`` divides by a standard deviation; ``None`` when it does not
+    (not a norm at all); a reason when it looks like a norm that cannot be fused."""
+    parts = _inverse_std(scaled)
+    if parts is None:
+        return None
+    numerator, variance, eps, nodes = parts
+    last = len(_shape(scaled)) - 1
+    # A centred input first: the RMS of x - mean(x) is a LayerNorm, and fuses as one.
+    if (centered := _centered(numerator, last)) is not None:
+        x, mean_nodes = centered
+        stat_nodes = _variance(variance, numerator, x, last)
+        if stat_nodes is None:
+            return "the denominator is not the variance of the centred input"
+        stat_nodes += mean_nodes
+        target = aten.layer_norm.default
+    elif (rms := _mean_of_square(variance, last)) is not None and rms[0] is numerator:
+        x, stat_nodes = rms
+        target = aten.rms_norm.default
+    else:
+        return None
+    nodes = [scaled, *nodes, *stat_nodes]
+    source, upcast = x, None
+    if is_call(x, _CAST) and x.kwargs.get("dtype") == torch.float32 and set(x.kwargs) <= {"dtype"}:
+        source, upcast = x.args[0], x
+        nodes.append(upcast)
+    root = scaled
+    if upcast is not None:
+        back = _only_user(root)
+        if not (is_call(back, _CAST) and back.kwargs.get("dtype") == _dtype(source) and set(back.kwargs) <= {"dtype"}):
+            return "the float32 statistics are not cast back to the input dtype"
+        nodes.append(back)
+        root = back
+    weight = bias = None
+    if (factor := _affine_operand(_only_user(root), root, _MUL)) is not None:
+        weight, root = factor, _only_user(root)
+        nodes.append(root)
+    if target is aten.layer_norm.default and (term := _affine_operand(_only_user(root), root, _ADD)) is not None:
+        bias, root = term, _only_user(root)
+        nodes.append(root)
+    inside = set(nodes)
+    if any(u not in inside for n in nodes if n is not root for u in n.users):
+        return "an intermediate value of the normalization is used elsewhere"
+    if _dtype(root) != _dtype(source):
+        return f"the result is {_dtype(root)}, the input {_dtype(source)} (a weight of another dtype)"
+    shape = [_shape(source)[-1]]
+    if target is aten.rms_norm.default:
+        args = (source, shape, weight, eps)
+    else:
+        args = (source, shape, weight, bias, eps)
+    return target, root, args, list(dict.fromkeys(nodes))
+
+
+def _inverse_std(node: fx.Node):
+    """``(numerator, variance, eps, nodes)`` for ``n * rsqrt(v + eps)`` or ``n / sqrt(v + eps)``."""
+    if is_call(node, _MUL):
+        for numerator, other in (node.args, reversed(node.args)):
+            if is_call(other, aten.rsqrt.default):
+                root_node = other
+                break
+        else:
+            return None
+    elif is_call(node, _DIV) and is_call(node.args[1], aten.sqrt.default):
+        numerator, root_node = node.args
+    else:
+        return None
+    shifted = root_node.args[0]
+    if not is_call(shifted, _ADD, aten.add.Scalar) or not _is_number(shifted.args[1]):
+        return None
+    return numerator, shifted.args[0], float(shifted.args[1]), [root_node, shifted]
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _reduces_last(node: object, last: int) -> bool:
+    """``mean(t, [-1], keepdim=True)``."""
+    return (is_call(node, _MEAN) and [d % (last + 1) for d in node.args[1]] == [last]
+            and (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+            and node.kwargs.get("dtype") is None)
+
+
+def _square_of(node: object) -> fx.Node | None:
+    if is_call(node, aten.pow.Tensor_Scalar) and node.args[1] == 2:
+        return node.args[0]
+    if is_call(node, _MUL) and node.args[0] is node.args[1]:
+        return node.args[0]
+    return None
+
+
+def _mean_of_square(variance: object, last: int):
+    """``(x, nodes)`` when ``variance`` is ``mean(x², -1)``."""
+    if not _reduces_last(variance, last):
+        return None
+    x = _square_of(variance.args[0])
+    return None if x is None else (x, [variance, variance.args[0]])
+
+
+def _centered(node: object, last: int):
+    """``(x, nodes)`` when ``node`` is ``x - mean(x, -1)``."""
+    if not is_call(node, _SUB) or node.kwargs.get("alpha", 1) != 1:
+        return None
+    x, mean = node.args
+    if not (_reduces_last(mean, last) and mean.args[0] is x):
+        return None
+    return x, [node, mean]
+
+
+def _variance(variance: object, centered: fx.Node, x: fx.Node, last: int) -> list[fx.Node] | None:
+    """The nodes computing ``variance`` as the biased variance of ``x`` over the last dim, or ``None``."""
+    if _reduces_last(variance, last) and _square_of(variance.args[0]) is centered:
+        return [variance, variance.args[0]]
+    if (is_call(variance, aten.var.correction) and variance.args[0] is x
+            and [d % (last + 1) for d in (variance.args[1] or [])] == [last]
+            and variance.kwargs.get("correction") == 0 and variance.kwargs.get("keepdim")):
+        return [variance]
+    return None
+
+
+def _affine_operand(user: fx.Node | None, value: fx.Node, op) -> fx.Node | None:
+    """The constant vector ``user`` multiplies or adds ``value`` by, when it is one of the last dim's size."""
+    if not is_call(user, op) or (op is _ADD and user.kwargs.get("alpha", 1) != 1):
+        return None
+    other = user.args[1] if user.args[0] is value else user.args[0]
+    if not is_constant(other) or _shape(other) != [_shape(value)[-1]]:
+        return None
+    return other
+
+
+def _only_user(node: fx.Node) -> fx.Node | None:
+    return next(iter(node.users)) if len(node.users) == 1 else None
+
+
+def _shape(node: fx.Node) -> list:
+    value = node.meta.get("val")
+    return list(value.shape) if isinstance(value, torch.Tensor) else []
+
+
+def _dtype(node: fx.Node) -> torch.dtype:
+    return node.meta["val"].dtype
