@@ -3,11 +3,16 @@
 Bound (float32): max |fused - original| <= 1e-4 * max|original| + 1e-5, the
 same as every exact pass: merged kernels are sums of the branch kernels and
 merged linears products of the weights, computed in float32.
+
+Half precision: the merged fp16/bf16 block must be as close to the float32
+model as the unmerged one is, up to 8 ulps of the output scale (merged
+weights are computed in float32 and rounded once), for outputs well inside
+the dtype's range (as for ``fold-conv-bn``).
 """
 
 import torch
 import torch.nn as nn
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from fxopt import PassManager, capture
@@ -87,6 +92,19 @@ def test_random_branch_blocks_become_one_conv_unless_that_costs_more(case):
     assert convs == 1 or any("FLOPs" in note for note in record.notes), record.notes
     with torch.no_grad():
         assert _close(fused(x), model(x))
+
+
+@given(branch_blocks(), st.sampled_from([torch.float16, torch.bfloat16]))
+def test_random_half_branch_blocks_merge_within_rounding(case, dtype):
+    model, x = case
+    with torch.no_grad():
+        expected = model(x)
+        assume(expected.abs().max() < torch.finfo(dtype).max / 8)
+        low = model.to(dtype)
+        fused, _ = PassManager("fold-conv-bn,fuse-blocks,dce", verify="off").run(capture(low, (x.to(dtype),)))
+        error_fused = (fused(x.to(dtype)).float() - expected).abs().max()
+        error_eager = (low(x.to(dtype)).float() - expected).abs().max()
+    assert error_fused <= error_eager + 8 * torch.finfo(dtype).eps * expected.abs().max()
 
 
 class Projections(nn.Module):
