@@ -122,7 +122,8 @@ class TuningSummary:
 
     def __str__(self) -> str:
         tuned = sum(k.trials_after > 0 for k in self.kernels)
-        text = (f"tuning: {len(self.kernels)} kernels, {tuned} with tuned schedules, {self.new_trials} new trials "
+        count = len(self.kernels)
+        text = (f"tuning: {count} kernel{'s' * (count != 1)}, {tuned} with tuned schedules, {self.new_trials} new trials "
                 f"in {self.seconds:.0f}s; database {self.database_dir}")
         return text + (f" ({self.stopped})" if self.stopped else "")
 

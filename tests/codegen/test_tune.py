@@ -69,7 +69,7 @@ def test_tuning_writes_the_database_and_a_second_run_reuses_it(tmp_path):
     assert 0 < summary.new_trials <= 16 and summary.database_dir == tmp_path
     assert any(s.startswith("tune fused_matmul") and "best" in s for s in progress)
     assert (tmp_path / "database_tuning_record.json").read_text().count("\n") == summary.new_trials
-    assert "tuning: 1 kernels" in str(first.report())
+    assert "tuning: 1 kernel, 1 with tuned schedules" in str(first.report())
 
     options = TuneOptions(trials=16, trials_per_kernel=summary.new_trials, database=tmp_path)
     second = fxopt.optimize(Tiny(), ARGS, target="cpu", tune=options)
