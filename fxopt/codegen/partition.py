@@ -5,8 +5,8 @@ so every run is convex and can be cut out without creating a cycle) holding
 at most one heavy op (convolution, matmul, attention) with the cheap ops
 around it, and never splits an epilogue group (``mark-epilogues``): a group
 whose nodes the graph interleaves with other ops is first moved together, so
-TVM's fusion emits it as one kernel. Keeping heavy ops apart lets the dispatcher decide per kernel:
-an untuned convolution stays in PyTorch while the fused elementwise chain
+TVM's fusion emits it as one kernel. Keeping heavy ops apart lets the
+dispatcher decide per kernel: an untuned convolution stays in PyTorch while the fused elementwise chain
 after it, or a tuned matmul, runs in TVM. Ops without a lowering stay in the
 parent graph and run in PyTorch; :attr:`Partition.fallbacks` names each one.
 

@@ -9,7 +9,8 @@ import torch.fx as fx
 
 from fxopt.ir.program import Program
 
-__all__ = ["producers", "users", "replace_node", "replace_subgraph", "add_constant", "erase_if_dead", "inline_function"]
+__all__ = ["producers", "users", "replace_node", "replace_subgraph", "read_outside", "add_constant", "erase_if_dead",
+           "inline_function"]
 
 
 def producers(node: fx.Node) -> list[fx.Node]:
@@ -37,6 +38,15 @@ def replace_subgraph(root: fx.Node, new: fx.Node | object, matched: list[fx.Node
     root.replace_all_uses_with(new, propagate_meta=False)
     for node in sorted(set(matched) | {root}, key=_position(root.graph), reverse=True):
         erase_if_dead(node)
+
+
+def read_outside(nodes: list[fx.Node], root: fx.Node) -> bool:
+    """Whether a node of ``nodes`` other than ``root`` has a reader outside ``nodes``.
+
+    Then :func:`replace_subgraph` at ``root`` would leave it alive: the rewrite would add work, not remove it.
+    """
+    inside = set(nodes)
+    return any(user not in inside for node in nodes if node is not root for user in node.users)
 
 
 def erase_if_dead(node: fx.Node) -> bool:

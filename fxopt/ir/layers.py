@@ -11,7 +11,8 @@ import torch.fx as fx
 
 from fxopt.ir.program import Program
 
-__all__ = ["Affine", "Layer", "as_affine", "as_layer", "is_call", "is_constant", "BATCH_NORM", "BATCH_STATISTICS"]
+__all__ = ["Affine", "Layer", "as_affine", "as_layer", "is_call", "is_constant", "is_number", "BATCH_NORM",
+           "BATCH_STATISTICS"]
 
 aten = torch.ops.aten
 
@@ -24,6 +25,11 @@ def is_call(node: object, *targets) -> bool:
 def is_constant(node: object) -> bool:
     """Whether ``node`` reads a parameter or buffer (a ``get_attr``)."""
     return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def is_number(value: object) -> bool:
+    """Whether ``value`` is a literal int or float argument (not a node, not a bool)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -161,7 +167,7 @@ def _constant_vector(program: Program, node: fx.Node, x: fx.Node, c: object):
     out, val = node.meta.get("val"), x.meta.get("val")
     if not isinstance(out, torch.Tensor) or not isinstance(val, torch.Tensor) or out.shape != val.shape:
         return None
-    if isinstance(c, (int, float)) and not isinstance(c, bool):
+    if is_number(c):
         return torch.tensor(float(c)), None, None
     if not is_constant(c):
         return None

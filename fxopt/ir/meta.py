@@ -27,6 +27,8 @@ __all__ = [
     "describe_node",
     "epilogue_group",
     "EPILOGUE",
+    "shape_of",
+    "dtype_of",
     "stamp_provenance",
     "tensor_summary",
 ]
@@ -34,6 +36,17 @@ __all__ = [
 TORCH_DIR = os.path.dirname(torch.__file__)
 
 EPILOGUE = "fxopt_epilogue"
+
+
+def shape_of(node: object) -> list:
+    """The shape of the tensor ``node`` computes (``meta["val"]``); ``[]`` for anything else."""
+    value = node.meta.get("val") if isinstance(node, fx.Node) else None
+    return list(value.shape) if isinstance(value, torch.Tensor) else []
+
+
+def dtype_of(node: fx.Node) -> torch.dtype:
+    """The dtype of the tensor ``node`` computes."""
+    return node.meta["val"].dtype
 
 
 def epilogue_group(node: fx.Node) -> str | None:

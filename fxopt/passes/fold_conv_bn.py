@@ -229,14 +229,6 @@ class FoldConvBN(Pass):
 # ---------------------------------------------------------------------- recognizing the pieces
 
 
-
-
-
-
-
-
-
-
 def _next_to_a_layer(node: fx.Node) -> bool:
     return as_layer(node.args[0]) is not None or any(as_layer(u) is not None for u in node.users)
 

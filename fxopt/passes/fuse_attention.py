@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fxopt.ir.edit import replace_subgraph
-from fxopt.ir.layers import is_call, is_constant
-from fxopt.ir.meta import describe_node, propagate_meta, stamp_provenance
+from fxopt.ir.edit import read_outside, replace_subgraph
+from fxopt.ir.layers import is_call, is_constant, is_number
+from fxopt.ir.meta import describe_node, dtype_of, propagate_meta, shape_of, stamp_provenance
 from fxopt.ir.program import Program, attribute_owner
 from fxopt.passes.base import Pass, PassContext
 
@@ -58,7 +58,7 @@ class FuseAttention(Pass):
             with program.graph.inserting_before(found.root):
                 key = found.key
                 if key is None:  # Kᵀ is not a visible transpose of K: SDPA wants K itself
-                    rank = len(_shape(found.key_t))
+                    rank = len(shape_of(found.key_t))
                     dims = list(range(rank - 2)) + [rank - 1, rank - 2]
                     key = program.graph.call_function(aten.permute.default, (found.key_t, dims))
                 args = (found.query, key, found.value) + ((found.mask,) if found.mask is not None else ())
@@ -89,7 +89,7 @@ class _Attention:
 
 def _match(softmax: fx.Node) -> _Attention | str:
     """The attention around ``softmax``, or why it is not one."""
-    rank = len(_shape(softmax))
+    rank = len(shape_of(softmax))
     if rank < 3:
         return "scores of rank < 3"
     if softmax.args[1] not in (-1, rank - 1) or softmax.args[2]:
@@ -126,31 +126,21 @@ def _match(softmax: fx.Node) -> _Attention | str:
     key = key_t.args[0] if is_call(key_t, aten.permute.default) and _swaps_last_two(key_t) else None
     if key is not None and len(key_t.users) == 1:
         nodes.append(key_t)
-    inside = set(nodes)
-    if any(u not in inside for n in nodes if n is not root for u in n.users):
+    if read_outside(nodes, root):
         return "an intermediate value of the attention is used elsewhere"
-    batch = _shape(root)[:-2]
-    if not _shape(query)[:-2] == _shape(key_t)[:-2] == _shape(value)[:-2] == batch:
+    batch = shape_of(root)[:-2]
+    if not shape_of(query)[:-2] == shape_of(key_t)[:-2] == shape_of(value)[:-2] == batch:
         return "Q, K and V have different batch dimensions"
-    dtypes = {_dtype(query), _dtype(key_t), _dtype(value)}
-    if dtypes != {_dtype(softmax)} or not _dtype(softmax).is_floating_point:
-        return f"Q, K, V and the scores have dtypes {sorted(map(str, dtypes | {_dtype(softmax)}))}"
+    dtypes = {dtype_of(query), dtype_of(key_t), dtype_of(value)}
+    if dtypes != {dtype_of(softmax)} or not dtype_of(softmax).is_floating_point:
+        return f"Q, K, V and the scores have dtypes {sorted(map(str, dtypes | {dtype_of(softmax)}))}"
     return _Attention(root, query, key, key_t, value, mask, scale, nodes)
-
-
-def _shape(node: object) -> list:
-    value = node.meta.get("val") if isinstance(node, fx.Node) else None
-    return list(value.shape) if isinstance(value, torch.Tensor) else []
-
-
-def _dtype(node: fx.Node) -> torch.dtype:
-    return node.meta["val"].dtype
 
 
 def _is_mask(term: object, softmax: fx.Node) -> bool:
     """An additive mask: a tensor of the scores' dtype and rank from 2 (SDPA's least) to theirs."""
     value = term.meta.get("val") if isinstance(term, fx.Node) else None
-    return (isinstance(value, torch.Tensor) and value.dtype == _dtype(softmax)
+    return (isinstance(value, torch.Tensor) and value.dtype == dtype_of(softmax)
             and 2 <= value.dim() <= softmax.meta["val"].dim() and _matmul(term) is None
             and _scale_factor(term) is None)
 
@@ -165,7 +155,7 @@ def _scale_factor(node: object) -> float | None:
         if not isinstance(value, torch.Tensor) or value.numel() != 1:
             return None
         factor = float(getattr(*attribute_owner(factor.graph.owning_module, factor.target)))
-    if not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor == 0:
+    if not is_number(factor) or factor == 0:
         return None
     return float(factor) if node.target in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / float(factor)
 
@@ -197,8 +187,8 @@ def _matmul(out: object):
     bmm = out.args[0] if is_call(out, aten.view.default, aten._unsafe_view.default, aten.reshape.default) else out
     if not is_call(bmm, aten.bmm.default) or (bmm is not out and len(bmm.users) != 1):
         return None
-    shape = _shape(out)
-    a_flat, b_flat = _shape(bmm.args[0]), _shape(bmm.args[1])
+    shape = shape_of(out)
+    a_flat, b_flat = shape_of(bmm.args[0]), shape_of(bmm.args[1])
     a, a_nodes = _unflatten_operand(bmm.args[0], shape[:-2] + [shape[-2], a_flat[-1]])
     b, b_nodes = _unflatten_operand(bmm.args[1], shape[:-2] + [b_flat[-2], shape[-1]])
     if a is None or b is None:
@@ -209,11 +199,11 @@ def _matmul(out: object):
 def _unflatten_operand(node: fx.Node, logical: list):
     """The earliest tensor of shape ``logical`` that ``node`` reshapes with nothing else reading the steps."""
     chain: list[fx.Node] = []
-    best = (node, []) if _shape(node) == logical else (None, [])
+    best = (node, []) if shape_of(node) == logical else (None, [])
     while is_call(node, *_RESHAPES) and len(node.users) == 1:
         chain.append(node)
         node = node.args[0]
-        if _shape(node) == logical:
+        if shape_of(node) == logical:
             best = (node, list(chain))
     return best
 

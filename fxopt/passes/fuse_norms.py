@@ -7,9 +7,9 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fxopt.ir.edit import replace_subgraph
-from fxopt.ir.layers import is_call, is_constant
-from fxopt.ir.meta import describe_node, propagate_meta, stamp_provenance
+from fxopt.ir.edit import read_outside, replace_subgraph
+from fxopt.ir.layers import is_call, is_constant, is_number
+from fxopt.ir.meta import describe_node, dtype_of, propagate_meta, shape_of, stamp_provenance
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext
 
@@ -75,7 +75,7 @@ def _match(scaled: fx.Node):
     if parts is None:
         return None
     numerator, variance, eps, nodes = parts
-    last = len(_shape(scaled)) - 1
+    last = len(shape_of(scaled)) - 1
     # A centred input first: the RMS of x - mean(x) is a LayerNorm, and fuses as one.
     if (centered := _centered(numerator, last)) is not None:
         x, mean_nodes = centered
@@ -97,7 +97,7 @@ def _match(scaled: fx.Node):
     root = scaled
     if upcast is not None:
         back = _only_user(root)
-        if not (is_call(back, _CAST) and back.kwargs.get("dtype") == _dtype(source) and set(back.kwargs) <= {"dtype"}):
+        if not (is_call(back, _CAST) and back.kwargs.get("dtype") == dtype_of(source) and set(back.kwargs) <= {"dtype"}):
             return "the float32 statistics are not cast back to the input dtype"
         nodes.append(back)
         root = back
@@ -108,12 +108,11 @@ def _match(scaled: fx.Node):
     if target is aten.layer_norm.default and (term := _affine_operand(_only_user(root), root, _ADD)) is not None:
         bias, root = term, _only_user(root)
         nodes.append(root)
-    inside = set(nodes)
-    if any(u not in inside for n in nodes if n is not root for u in n.users):
+    if read_outside(nodes, root):
         return "an intermediate value of the normalization is used elsewhere"
-    if _dtype(root) != _dtype(source):
-        return f"the result is {_dtype(root)}, the input {_dtype(source)} (a weight of another dtype)"
-    shape = [_shape(source)[-1]]
+    if dtype_of(root) != dtype_of(source):
+        return f"the result is {dtype_of(root)}, the input {dtype_of(source)} (a weight of another dtype)"
+    shape = [shape_of(source)[-1]]
     if target is aten.rms_norm.default:
         args = (source, shape, weight, eps)
     else:
@@ -135,13 +134,9 @@ def _inverse_std(node: fx.Node):
     else:
         return None
     shifted = root_node.args[0]
-    if not is_call(shifted, _ADD, aten.add.Scalar) or not _is_number(shifted.args[1]):
+    if not is_call(shifted, _ADD, aten.add.Scalar) or not is_number(shifted.args[1]):
         return None
     return numerator, shifted.args[0], float(shifted.args[1]), [root_node, shifted]
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _reduces_last(node: object, last: int) -> bool:
@@ -193,19 +188,10 @@ def _affine_operand(user: fx.Node | None, value: fx.Node, op) -> fx.Node | None:
     if not is_call(user, op) or (op is _ADD and user.kwargs.get("alpha", 1) != 1):
         return None
     other = user.args[1] if user.args[0] is value else user.args[0]
-    if not is_constant(other) or _shape(other) != [_shape(value)[-1]]:
+    if not is_constant(other) or shape_of(other) != [shape_of(value)[-1]]:
         return None
     return other
 
 
 def _only_user(node: fx.Node) -> fx.Node | None:
     return next(iter(node.users)) if len(node.users) == 1 else None
-
-
-def _shape(node: fx.Node) -> list:
-    value = node.meta.get("val")
-    return list(value.shape) if isinstance(value, torch.Tensor) else []
-
-
-def _dtype(node: fx.Node) -> torch.dtype:
-    return node.meta["val"].dtype
