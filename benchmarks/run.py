@@ -108,7 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(torch.get_num_threads())
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
     for name in args.models:
-        model, inputs = load_model(name)
+        try:
+            model, inputs = load_model(name)
+        except fxopt.FxoptError as exc:
+            parser.error(str(exc))
         runners, failures, notes = make_runners(model, inputs, args.target, args.tune)
         medians = measure(runners, args.rounds)
         eager = medians.get("eager")
