@@ -222,6 +222,26 @@ def _rms_norm(node: fx.Node, importer) -> object:
     return importer.block_builder.emit(relax.op.nn.rms_norm(x, weight, axes=axes, epsilon=eps))
 
 
+@register_lowering("crms_norm.default")
+def _crms_norm(node: fx.Node, importer) -> object:
+    """fxopt's CRMSNorm (:func:`fxopt.ir.ops.crms_norm`): ``x / sqrt((sum(x²) + sum(x)²) / (n + 1) + eps)``."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x, eps = importer.env[node.args[0]], node.args[1]
+    dtype = node.meta["val"].dtype
+    compute = torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+    if compute != dtype:
+        x = bb.emit(relax.op.astype(x, tvm_dtype(compute)))
+    total = bb.emit(relax.op.sum(x, axis=[-1], keepdims=True))
+    squares = bb.emit(relax.op.sum(relax.op.multiply(x, x), axis=[-1], keepdims=True))
+    width = node.meta["val"].shape[-1] + 1
+    mean_square = relax.op.divide(relax.op.add(squares, relax.op.multiply(total, total)),
+                                  relax.const(float(width), tvm_dtype(compute)))
+    out = bb.emit(relax.op.multiply(x, relax.op.rsqrt(relax.op.add(mean_square, relax.const(eps, tvm_dtype(compute))))))
+    return bb.emit(relax.op.astype(out, tvm_dtype(dtype))) if compute != dtype else out
+
+
 @register_lowering("scaled_dot_product_attention.default")
 def _sdpa(node: fx.Node, importer) -> object:
     """Spelled out as matmul-softmax-matmul.

@@ -12,6 +12,7 @@ from fxopt.passes.fold_conv_bn import FoldConvBN
 from fxopt.passes.fuse_attention import FuseAttention
 from fxopt.passes.fuse_blocks import FuseBlocks
 from fxopt.passes.fuse_norms import FuseNorms
+from fxopt.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
 from fxopt.passes.mark_epilogues import MarkEpilogues
 from fxopt.passes.remove_noops import RemoveNoops
 
@@ -23,6 +24,7 @@ PASSES: dict[str, type[Pass]] = {
     "fuse-attention": FuseAttention,
     "fuse-blocks": FuseBlocks,
     "fuse-norms": FuseNorms,
+    "layernorm-to-rmsnorm": LayerNormToRMSNorm,
     "mark-epilogues": MarkEpilogues,
     "remove-noops": RemoveNoops,
 }

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fxopt.ir.edit import read_outside, replace_subgraph
-from fxopt.ir.layers import is_call, is_constant, is_number
+from fxopt.ir.edit import add_constant, read_outside, replace_subgraph
+from fxopt.ir.layers import as_layer, is_call, is_constant, is_number
 from fxopt.ir.meta import describe_node, dtype_of, propagate_meta, shape_of, stamp_provenance
 from fxopt.ir.program import Program
-from fxopt.passes.base import Pass, PassContext
+from fxopt.passes.base import Pass, PassContext, option
 
 aten = torch.ops.aten
 
@@ -35,13 +35,31 @@ class FuseNorms(Pass):
 
     Exact up to float rounding: the fused op computes the same formula in
     one kernel (in float32 for half inputs, as the upcast spelling does).
+    ``absorb=true`` then folds the elementwise affine of every norm (fused
+    here or not) into the linear layers that read it, SliceGPT-style:
+    ``linear(norm(x) * w + b)`` becomes ``linear'(norm(x))`` with the weight's
+    columns scaled by ``w`` and ``W @ b`` added to its bias; exact up to
+    rounding (computed in float64), done only when every reader of the norm
+    is a linear with constant weights (noted otherwise).
+
     Run after ``remove-noops`` (which drops casts to the same dtype) and
     before ``cse`` and ``dce``; ``layernorm-to-rmsnorm`` sees the fused ops.
     """
 
     name = "fuse-norms"
+    before = ("layernorm-to-rmsnorm",)
+    absorb: bool = option(False, "fold each norm's weight and bias into the linear layers reading it")
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
+        changed = self._fuse(program, ctx)
+        if self.absorb:
+            changed = _absorb_affines(program, ctx, self.name) or changed
+        if changed:
+            program.graph_module.recompile()
+            propagate_meta(program.graph_module)
+        return changed
+
+    def _fuse(self, program: Program, ctx: PassContext) -> bool:
         changed = False
         erased: set[fx.Node] = set()
         for node in list(program.graph.nodes):
@@ -62,10 +80,47 @@ class FuseNorms(Pass):
             kind = "rms-norms" if target is aten.rms_norm.default else "layer-norms"
             ctx.count(f"{kind}-fused")
             changed = True
-        if changed:
-            program.graph_module.recompile()
-            propagate_meta(program.graph_module)
         return changed
+
+
+def _absorb_affines(program: Program, ctx: PassContext, pass_name: str) -> bool:
+    """Fold each norm's weight and bias into the linears reading it; whether any was."""
+    changed = False
+    graph = program.graph
+    for norm in list(graph.nodes):
+        if not is_call(norm, aten.rms_norm.default, aten.layer_norm.default):
+            continue
+        affine = [(i, norm.args[i]) for i in ((2,) if norm.target is aten.rms_norm.default else (2, 3))
+                  if len(norm.args) > i and norm.args[i] is not None]
+        if not affine:
+            continue
+        layers = [as_layer(user) for user in norm.users]
+        if not all(is_constant(p) for _, p in affine) or not layers or any(
+                layer is None or not layer.is_linear or layer.node.args[0] is not norm for layer in layers):
+            ctx.skip(describe_node(norm), "its affine stays: not every reader is a linear layer with constant weights")
+            continue
+        width = norm.args[1][-1]  # fused nodes have no metadata yet
+        values = {i: program.get_constant(p.target).double() for i, p in affine}
+        scale, shift = values.get(2, torch.ones(width, dtype=torch.float64)), values.get(3)
+        for layer in layers:
+            weight = program.get_constant(layer.weight.target)
+            bias = program.get_constant(layer.bias.target) if layer.bias is not None else None
+            new_bias = None if bias is None else bias.double()
+            if shift is not None:
+                new_bias = weight.double() @ shift + (0 if new_bias is None else new_bias)
+            scaled = (weight.double() * scale).to(weight.dtype)
+            constants = [add_constant(program, scaled, f"{layer.weight.target}_absorbed")]
+            if new_bias is not None:
+                constants.append(add_constant(program, new_bias.to(weight.dtype), f"{layer.node.name}_absorbed_bias"))
+            with graph.inserting_before(layer.node):
+                nodes = [graph.get_attr(name) for name in constants]
+            stamp_provenance(nodes, pass_name, [norm, layer.node])
+            layer.node.args = layer.args_with(norm, nodes[0], nodes[1] if len(nodes) > 1 else None)
+        for index, _ in affine:
+            norm.update_arg(index, None)
+        ctx.count("norm-affines-absorbed")
+        changed = True
+    return changed
 
 
 def _match(scaled: fx.Node):

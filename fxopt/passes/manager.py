@@ -51,7 +51,10 @@ __all__ = [
 # the exact rewrites; lossy ones (pruning, quantization) are always asked for.
 BUILTIN_PIPELINES: dict[str, str] = {
     "cleanup": "remove-noops,fold-constants,cse,dce",
-    "default": "remove-noops,fold-constants,fold-conv-bn,fuse-blocks,fuse-attention,cse,dce,mark-epilogues",
+    "default": "remove-noops,fold-constants,fuse-norms,fold-conv-bn,fuse-blocks,fuse-attention,cse,dce,mark-epilogues",
+    # Opt-in: exact, and faster where RMSNorm is one kernel (compiled backends), slower in eager PyTorch on CPU.
+    "pre-rmsnorm": "remove-noops,fold-constants,fuse-norms,layernorm-to-rmsnorm,fold-conv-bn,fuse-blocks,"
+                   "fuse-attention,cse,dce,mark-epilogues",
     "torch": "default",
     "cpu": "default",
     "cuda": "default",

@@ -80,7 +80,7 @@ def test_passes_and_pipeline_dump(capsys):
     assert "fold-constants" in text and "option max-new-elements: int = 65536" in text and "named pipelines" in text
     assert main(["pipeline", "--dump", "default"]) == 0
     assert capsys.readouterr().out.strip() == (
-        "remove-noops,fold-constants{max-new-elements=65536},fold-conv-bn{mode=deploy},"
+        "remove-noops,fold-constants{max-new-elements=65536},fuse-norms{absorb=false},fold-conv-bn{mode=deploy},"
         "fuse-blocks{branches=true serial=true parallel=true min-width=0},fuse-attention,cse,dce,mark-epilogues"
     )
 

@@ -40,7 +40,7 @@ def assert_matches_torch(fn, *inputs):
 
 
 def test_every_override_is_tested_here():
-    tested = {"cumsum.default", "rms_norm.default", "scaled_dot_product_attention.default"}
+    tested = {"crms_norm.default", "cumsum.default", "rms_norm.default", "scaled_dot_product_attention.default"}
     assert set(OVERRIDES) == tested
 
 
@@ -54,6 +54,12 @@ def test_cumsum_promotes_like_pytorch(dtype):
 def test_rms_norm(with_weight, eps):
     weight = torch.randn(16) if with_weight else None
     assert_matches_torch(lambda x: F.rms_norm(x * 3, (16,), weight, eps), torch.randn(2, 5, 16))
+
+
+def test_crms_norm():
+    import fxopt.ir.ops  # noqa: F401  (registers fxopt::crms_norm)
+
+    assert_matches_torch(lambda x: torch.ops.fxopt.crms_norm(x * 3, 1e-5) + 1, torch.randn(2, 5, 15))
 
 
 @pytest.mark.parametrize("case", ["none", "bool", "float", "causal", "scale", "gqa"])

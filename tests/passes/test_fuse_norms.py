@@ -106,3 +106,26 @@ def test_llama_rms_norms_all_fuse():
     norms = 2 * model.config.num_hidden_layers + 1
     assert ops(after).count(RMS) == norms == record.stats["rms-norms-fused"]
     assert aten.rsqrt.default not in ops(after)
+
+
+def test_absorb_folds_every_llama_norm_weight_into_the_linears_reading_it():
+    model, inputs = load_zoo_model("llama-tiny")
+    # remove-noops drops the alias between the final norm and lm_head
+    after, (_, record) = PassManager("remove-noops,fuse-norms{absorb=true}", verify="each").run(capture(model, inputs))
+    norms = [n for n in after.graph.nodes if n.target is RMS]
+    assert len(norms) == record.stats["norm-affines-absorbed"] == 2 * model.config.num_hidden_layers + 1
+    assert all(n.args[2] is None for n in norms)  # weightless: the q/k/v, gate/up and lm_head weights carry it
+    assert_close(after, model, inputs)
+
+
+def test_absorb_moves_a_layer_norm_bias_into_the_linear_bias_and_keeps_norms_read_otherwise():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 4, bias=False), nn.LayerNorm(4), nn.GELU()).eval()
+    for norm in (model[0], model[2]):
+        nn.init.normal_(norm.weight)
+        nn.init.normal_(norm.bias)
+    _, after, record = run_pass(model, X, "fuse-norms{absorb=true},dce")
+    first, second = [n for n in after.graph.nodes if n.target is LN]
+    assert first.args[2:4] == (None, None) and second.args[2] is not None  # the second is read by a GELU
+    assert record.stats["norm-affines-absorbed"] == 1 and "not every reader is a linear" in record.notes[0]
+    assert_close(after, model, X)
