@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.edit import add_constant, read_outside, replace_subgraph
-from fxopt.ir.layers import as_layer, is_call, is_constant, is_number
+from fxopt.ir.layers import absorb_input_affine, as_layer, is_call, is_constant, is_number
 from fxopt.ir.meta import describe_node, dtype_of, propagate_meta, shape_of, stamp_provenance
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
@@ -105,11 +105,8 @@ def _absorb_affines(program: Program, ctx: PassContext, pass_name: str) -> bool:
         for layer in layers:
             weight = program.get_constant(layer.weight.target)
             bias = program.get_constant(layer.bias.target) if layer.bias is not None else None
-            new_bias = None if bias is None else bias.double()
-            if shift is not None:
-                new_bias = weight.double() @ shift + (0 if new_bias is None else new_bias)
-            scaled = (weight.double() * scale).to(weight.dtype)
-            constants = [add_constant(program, scaled, f"{layer.weight.target}_absorbed")]
+            scaled, new_bias = absorb_input_affine(weight, bias, scale, shift, in_dim=1)
+            constants = [add_constant(program, scaled.to(weight.dtype), f"{layer.weight.target}_absorbed")]
             if new_bias is not None:
                 constants.append(add_constant(program, new_bias.to(weight.dtype), f"{layer.node.name}_absorbed_bias"))
             with graph.inserting_before(layer.node):

@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from fxopt.ir.dims import VIEWS, result_dim, source_dim
 from fxopt.ir.edit import add_constant, erase_if_dead, replace_node
-from fxopt.ir.layers import as_layer, is_call, is_constant, is_number
+from fxopt.ir.layers import absorb_input_affine, as_layer, is_call, is_constant, is_number
 from fxopt.ir.meta import describe_node, propagate_meta, shape_of, stamp_provenance
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
@@ -365,16 +365,12 @@ def _absorb_into(program: Program, layer: fx.Node, gamma: torch.Tensor, beta: to
         bias_index, weight_index, weight_dim = 2, 1, 1
     weight = program.get_constant(layer.args[weight_index].target)
     old_bias = layer.args[bias_index] if len(layer.args) > bias_index else None
-    shape = [1] * weight.dim()
-    shape[weight_dim] = -1
-    scaled = weight.double() * gamma.reshape(shape)
+    bias = program.get_constant(old_bias.target) if old_bias is not None else None
+    scaled, new_bias = absorb_input_affine(weight, bias, gamma, beta, in_dim=weight_dim)
     kept, last = scaled.narrow(weight_dim, 0, len(gamma) - 1), scaled.narrow(weight_dim, len(gamma) - 1, 1)
     constants = {weight_index: ((kept - last).to(weight.dtype), f"{layer.args[weight_index].target}_compressed")}
-    if beta is not None or old_bias is not None:
-        bias = 0 if old_bias is None else program.get_constant(old_bias.target).double()
-        if beta is not None:
-            bias = bias + (weight.double() @ beta if weight_dim == 1 else beta @ weight.double())
-        constants[bias_index] = (bias.to(weight.dtype), f"{layer.name}_compressed_bias")
+    if new_bias is not None:
+        constants[bias_index] = (new_bias.to(weight.dtype), f"{layer.name}_compressed_bias")
     args = list(layer.args) + [None] * (3 - len(layer.args))
     nodes = []
     with layer.graph.inserting_before(layer):
