@@ -39,3 +39,15 @@ def test_random_norm_spellings_fuse_and_match(case):
     with torch.no_grad():
         expected = model(x)
         assert (fused(x) - expected).abs().max() <= 1e-4 * expected.abs().max() + 1e-5
+
+
+@given(norms(), st.integers(1, 8))
+def test_absorbing_a_norm_affine_into_the_next_linear_keeps_outputs(case, out_features):
+    norm, x, op = case
+    model = torch.nn.Sequential(norm, torch.nn.Linear(x.shape[-1], out_features)).eval()
+    absorbed, _ = PassManager("fuse-norms{absorb=true},dce", verify="off").run(capture(model, (x,)))
+    fused = [n for n in absorbed.graph.nodes if n.target is op]
+    assert len(fused) == 1 and fused[0].args[2] is None  # the weight now lives in the linear
+    with torch.no_grad():
+        expected = model(x)
+        assert (absorbed(x) - expected).abs().max() <= 1e-4 * expected.abs().max() + 1e-5
