@@ -70,6 +70,16 @@ def _parser() -> argparse.ArgumentParser:
     _tuning_arguments(tune)
     tune.set_defaults(run=_tune)
 
+    prune = sub.add_parser("prune", help="prune channels and heads, then optimize; or --explain the groups")
+    _model_arguments(prune)
+    prune.add_argument("--options", default="", metavar="'KEY=VALUE ...'",
+                       help="options of prune-channels, e.g. 'ratio=0.5 importance=l2 round-to=8'")
+    prune.add_argument("--explain", action="store_true",
+                       help="print each channel group (its layers, size, importance) and what would be kept; "
+                            "nothing is built")
+    prune.add_argument("-o", "--output", type=Path, help="write the pruned graph as a torch.export archive (.pt2)")
+    prune.set_defaults(run=_prune)
+
     passes = sub.add_parser("passes", help="list every pass with its options and docs")
     passes.add_argument("--markdown", action="store_true", help="as the README's Markdown table")
     passes.set_defaults(run=_passes)
@@ -149,6 +159,27 @@ def _optimize(args: argparse.Namespace) -> int:
     if args.kernel_source:
         args.kernel_source.write_text(result.kernel_source())
         print(f"wrote {args.kernel_source}")
+    return 0
+
+
+def _prune(args: argparse.Namespace) -> int:
+    from fxopt.api import optimize
+    from fxopt.ir.capture import capture
+    from fxopt.passes import parse_pipeline
+    from fxopt.passes.prune_channels import explain
+    from fxopt.targets import parse_target
+    from fxopt.zoo import DEFAULT_MODEL
+
+    model, inputs = load_model(args.model or DEFAULT_MODEL, args.example_input)
+    (pruning,) = parse_pipeline(f"prune-channels{{{args.options}}}")
+    if args.explain:
+        print(explain(capture(model, inputs), pruning))
+        return 0
+    target = parse_target(args.target or "cpu")
+    result = optimize(model, inputs, target=target, pipeline=f"{pruning},{target.default_pipeline}")
+    print(result.report())
+    if args.output:
+        print(f"wrote {result.save(args.output)} (load with torch.export.load)")
     return 0
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import networkx as nx
 import torch
 import torch.fx as fx
@@ -29,28 +31,35 @@ def to_networkx(program: Program) -> nx.DiGraph:
     return graph
 
 
-def node_flops(node: fx.Node) -> int:
+def node_flops(node: fx.Node, value: Callable[[fx.Node], object] | None = None) -> int:
     """Floating-point operations of one node (2 per multiply-add of matmuls, convolutions, attention).
 
-    Elementwise and data-movement ops count zero, the usual convention for model FLOPs.
+    Elementwise and data-movement ops count zero, the usual convention for
+    model FLOPs. ``value`` gives the tensor of a node (default: its
+    ``meta["val"]``); pruning passes shaped meta tensors to cost a plan.
     """
     if node.op != "call_function":
         return 0
+    value = value or _meta_value
     target = node.target
     formula = flop_registry.get(target) or flop_registry.get(getattr(target, "overloadpacket", None))
     try:
         if formula is None:
-            return _composite_flops(node)
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("val"))
-        return int(formula(*args, **kwargs, out_val=node.meta.get("val")))
+            return _composite_flops(node, value)
+        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+        return int(formula(*args, **kwargs, out_val=value(node)))
     except Exception:  # symbolic (dynamic) shapes have no number of FLOPs: count them as unknown
         return 0
 
 
-def _composite_flops(node: fx.Node) -> int:
+def _meta_value(node: fx.Node) -> object:
+    return node.meta.get("val")
+
+
+def _composite_flops(node: fx.Node, value: Callable[[fx.Node], object]) -> int:
     # linear is preserved whole in fxopt's op set; the registry only knows its decomposition
     if node.target is torch.ops.aten.linear.default:
-        x, w = node.args[0].meta["val"], node.args[1].meta["val"]
+        x, w = value(node.args[0]), value(node.args[1])
         return int(2 * x.numel() * w.shape[0])
     return 0
 

@@ -7,10 +7,10 @@ import re
 import torch
 import torch.fx as fx
 
-from fxopt.ir.program import Program
+from fxopt.ir.program import Program, attribute_owner
 
 __all__ = ["producers", "users", "replace_node", "replace_subgraph", "read_outside", "add_constant", "erase_if_dead",
-           "inline_function"]
+           "inline_function", "drop_unread_constants"]
 
 
 def producers(node: fx.Node) -> list[fx.Node]:
@@ -71,6 +71,22 @@ def add_constant(program: Program, tensor: torch.Tensor, name_hint: str) -> str:
         name = f"{base}_{i}"
     gm.register_buffer(name, tensor.detach())
     return name
+
+
+def drop_unread_constants(program: Program) -> int:
+    """Delete the parameters and buffers no ``get_attr`` reads any more (and emptied submodules); returns how many.
+
+    A pass that registers replacements calls this so the program (and what is
+    saved from it) does not carry the old tensors along.
+    """
+    gm = program.graph_module
+    read = {node.target for node in program.graph.nodes if node.op == "get_attr"}
+    unread = [name for name, _ in gm.named_parameters()] + [name for name, _ in gm.named_buffers()]
+    unread = [name for name in unread if name not in read]
+    for name in unread:
+        delattr(*attribute_owner(gm, name))
+    gm.delete_all_unused_submodules()
+    return len(unread)
 
 
 def inline_function(graph: fx.Graph, fn, inputs: list[fx.Node], values: list[torch.Tensor],

@@ -14,6 +14,7 @@ from fxopt.passes.fuse_blocks import FuseBlocks
 from fxopt.passes.fuse_norms import FuseNorms
 from fxopt.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
 from fxopt.passes.mark_epilogues import MarkEpilogues
+from fxopt.passes.prune_channels import PruneChannels
 from fxopt.passes.remove_noops import RemoveNoops
 
 PASSES: dict[str, type[Pass]] = {
@@ -26,6 +27,7 @@ PASSES: dict[str, type[Pass]] = {
     "fuse-norms": FuseNorms,
     "layernorm-to-rmsnorm": LayerNormToRMSNorm,
     "mark-epilogues": MarkEpilogues,
+    "prune-channels": PruneChannels,
     "remove-noops": RemoveNoops,
 }
 

@@ -537,21 +537,32 @@ class PassManager:
         """Run every pass on a copy of ``program``; return the result and one record per pass.
 
         ``reference``: the original model's flat outputs on ``program.example_inputs``
-        (defaults to running ``program`` itself).
+        (defaults to running ``program`` itself). Exact passes must keep the
+        outputs within the tolerance; a lossy pass (pruning, quantization) is
+        not held to it: its record carries the error it introduced, and the
+        exact passes after it are checked against its output.
         """
         reference = program.run_flat() if reference is None else tuple(reference)
         current = program
         records: list[PassRecord] = []
         passes = self.pipeline.passes
+        start = 0  # exact passes since the last lossy one are checked against its output
         for index, p in enumerate(passes):
             if self.progress:
                 self.progress(index, len(passes), str(p))
+            if not p.exact and self.verify == "end" and index > start:
+                self._check(records[-1], current, reference, passes[start:index], program)
             current, record = self._run_one(p, current, [r.name for r in records])
-            if self.verify == "each":
-                self._check(record, current, reference, passes[: index + 1], program)
+            if not p.exact:
+                # A lossy pass is measured, not judged: its row shows what it changed, and it becomes the baseline.
+                outputs = current.run_flat()
+                record.max_abs_error, record.max_rel_error, _ = compare_outputs(outputs, reference, self.tolerance)
+                reference, program, start = outputs, current, index + 1
+            elif self.verify == "each":
+                self._check(record, current, reference, passes[start: index + 1], program)
             records.append(record)
-        if self.verify == "end" and records:
-            self._check(records[-1], current, reference, passes, program)
+        if self.verify == "end" and start < len(passes):
+            self._check(records[-1], current, reference, passes[start:], program)
         return current, records
 
     def _run_one(self, p: Pass, program: Program, done: list[str]) -> tuple[Program, PassRecord]:

@@ -69,6 +69,18 @@ def test_errors_are_one_clear_line(argv, message, capsys):
     assert err[-1].startswith("fxopt: error:") and message in err[-1], err[-1]
 
 
+def test_prune_explains_groups_and_writes_the_pruned_model(tmp_path, capsys):
+    assert main(["prune", "llama-tiny", "--options", "ratio=0.4 target=params", "--explain"]) == 0
+    text = capsys.readouterr().out
+    assert "[heads]" in text and "out   linear 'model.layers.0.mlp.gate_proj'" in text
+    assert "params reduced by" in text
+    out = tmp_path / "pruned.pt2"
+    assert main(["prune", "resnet-tiny", "--options", "ratio=0.5", "--target", "torch", "-o", str(out)]) == 0
+    assert "prune-channels" in capsys.readouterr().out and out.is_file()
+    assert main(["prune", "resnet-tiny", "--options", "ratio=2"]) == 1
+    assert "ratio must be in [0, 1)" in capsys.readouterr().err
+
+
 def test_missing_inputs_for_a_user_model(model_file, capsys):
     assert main(["optimize", f"{model_file}:make"]) == 1
     assert "--example-input" in capsys.readouterr().err

@@ -76,3 +76,14 @@ def test_repvgg_example_becomes_a_plain_conv_relu_stack():
     assert {r.name: r.stats.get("branches-merged") for r in records}["fuse-blocks"] == len(model.blocks)
     with torch.no_grad():
         torch.testing.assert_close(optimized(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_models_prune_to_a_third_fewer_flops(name):
+    """Every family prunes (CNNs, depthwise, ViT, BERT, GPT-2's Conv1D, LLaMA's GQA and gated MLP) and still runs."""
+    model, inputs = load_zoo_model(name)
+    program = capture(model, inputs)
+    pruned, (record, *_) = PassManager("prune-channels{ratio=0.3},default", verify="end").run(program)
+    assert record.flops[1] <= 0.7 * record.flops[0] and record.params[1] < record.params[0]
+    got, want = pytree.tree_leaves(pruned(*inputs)), pytree.tree_leaves(program(*inputs))
+    assert [g.shape for g in got] == [w.shape for w in want] and all(torch.isfinite(g).all() for g in got)

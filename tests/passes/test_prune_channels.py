@@ -1,0 +1,206 @@
+import pytest
+import torch
+import torch.nn as nn
+
+import fxopt
+from fxopt import PassManager, capture
+from fxopt.errors import PipelineError
+from fxopt.ir import count_flops, count_parameters
+from fxopt.ir.channels import analyze
+from fxopt.ir.program import attribute_owner
+from fxopt.passes.prune_channels import PruneChannels
+from tests.property.generators import PrunableNet
+
+CNN = [("residual", {}), ("depthwise", {"mult": 2}), ("concat", {"a": 6, "b": 4}),
+       ("grouped", {"groups": 2, "per_group": 6}), ("expand", {"out": 16})]
+GQA = {"heads": 4, "kv_heads": 2, "head_dim": 4, "bias": True}
+TRANSFORMER = [("attention", GQA), ("gated-mlp", {"hidden": 32}), ("attention", {**GQA, "kv_heads": 4}),
+               ("mlp", {"hidden": 32})]
+
+
+def cnn(flatten=True):
+    return PrunableNet("cnn", 8, CNN, flatten, False, seed=0).eval()
+
+
+def transformer(norm=True):
+    return PrunableNet("transformer", 16, TRANSFORMER, False, norm, seed=0).eval()
+
+
+def prune(model, spec, verify="off"):
+    program = capture(model, (model.example_input(),))
+    pruned, (record, *_) = PassManager(spec, verify=verify).run(program)
+    return program, pruned, record
+
+
+def weight(program, module_path):
+    """The weight a layer of the original model has in ``program`` (wherever the pass registered its new copy)."""
+    for node in program.graph.nodes:
+        stack = node.meta.get("nn_module_stack")
+        if node.op == "call_function" and stack and list(stack.values())[-1][0] == module_path and \
+                node.target in (torch.ops.aten.convolution.default, torch.ops.aten.linear.default):
+            return program.get_constant(node.args[1].target)
+    raise KeyError(module_path)
+
+
+def zero_channels(graph, group, channels):
+    """Zero every constant slice of ``channels`` along ``group``: those channels then carry nothing anywhere."""
+    program = graph.program
+    for target, dim in group.constants:
+        coordinates = graph.coordinates(graph.constant_dims()[target][dim], group.space)
+        positions = torch.nonzero(torch.isin(coordinates, torch.tensor(channels))).flatten()
+        value = program.get_constant(target)
+        zeroed = value.detach().clone().index_fill(dim, positions, 0)
+        owner, attr = attribute_owner(program.graph_module, target)
+        setattr(owner, attr, nn.Parameter(zeroed, requires_grad=False) if isinstance(value, nn.Parameter) else zeroed)
+
+
+@pytest.mark.parametrize("target", ["flops", "params", "channels"])
+@pytest.mark.parametrize("scope", ["uniform", "global"])
+def test_cnn_shrinks_to_the_requested_fraction_and_runs(target, scope):
+    program, pruned, record = prune(cnn(), f"prune-channels{{ratio=0.4 target={target} scope={scope}}}")
+    assert record.changed
+    (out,) = pruned.run_flat()
+    assert out.shape == program.run_flat()[0].shape and torch.isfinite(out).all()
+    before, after = {"flops": record.flops, "params": record.params}.get(target, (None, None))
+    if before is not None:
+        assert after <= 0.6 * before and after >= 0.4 * before  # met, and not wildly overshot
+    assert count_flops(pruned) == record.flops[1] and count_parameters(pruned) == record.params[1]
+    # Physically smaller dense weights, consistent through the depthwise and grouped convs.
+    depthwise = weight(pruned, "layers.b1.0")
+    assert depthwise.shape[1] == 1 and depthwise.shape[0] < 16
+    assert weight(pruned, "layers.b3").shape[0] % 2 == 0  # groups=2 stays consistent
+
+
+def test_the_users_model_and_the_input_program_are_untouched():
+    model = cnn()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    program, _, _ = prune(model, "prune-channels{ratio=0.5}")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]) and v.shape == state[k].shape
+    assert weight(program, "layers.b4").shape == (16, 12, 1, 1)
+
+
+def test_zero_channels_are_removed_first_and_exactly():
+    program = capture(cnn(), (cnn().example_input(),))
+    graph = analyze(program)
+    groups, _ = graph.groups()
+    zeroed = 0
+    for group in groups:
+        channels = list(range(0, group.size - 1, 2))  # every other channel, never all of them
+        zero_channels(graph, group, channels)
+        zeroed += len(channels)
+    reference = program.run_flat()
+    total = sum(g.size for g in groups)
+    spec = f"prune-channels{{ratio={(zeroed - 0.5) / total} target=channels scope=global}}"
+    pruned, (record,) = PassManager(spec, verify="off").run(program)
+    assert record.stats["channels-removed"] == zeroed
+    torch.testing.assert_close(pruned.run_flat(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_attention_heads_go_whole_and_gqa_stays_grouped():
+    _, pruned, record = prune(transformer(), "prune-channels{ratio=0.5 target=params}")
+    assert record.changed
+    for i in (0, 2):
+        q, k, o = (weight(pruned, f"layers.b{i}{p}") for p in "qko")
+        assert q.shape[0] % 4 == 0 and k.shape[0] % 4 == 0  # whole heads of head_dim 4
+        assert (q.shape[0] // 4) % (k.shape[0] // 4) == 0  # every K/V head still serves whole query heads
+        assert o.shape[1] == q.shape[0]
+    assert any("head dimension" in n for n in record.notes)  # head_dim kept by default, and said so
+
+
+def test_zero_head_dims_are_removed_exactly_and_the_attention_scale_is_kept():
+    model = PrunableNet("transformer", 8, [("attention", {"heads": 2, "kv_heads": 2, "head_dim": 4, "bias": False})],
+                        False, False, seed=1).eval()
+    program = capture(model, (model.example_input(),))
+    graph = analyze(program)
+    groups, _ = graph.groups()
+    (qk_dims,) = [g for g in groups if "head-dim" in g.roles and "b0k" in g.describe()]
+    zero_channels(graph, qk_dims, [1, 3])
+    reference = program.run_flat()
+    spec = "prune-channels{ratio=0.1 target=channels scope=global head-dim=true heads=false}"
+    pruned, (record,) = PassManager(spec, verify="off").run(program)
+    assert weight(pruned, "layers.b0q").shape[0] == 4  # 2 heads x 2 dims left
+    torch.testing.assert_close(pruned.run_flat(), reference, rtol=1e-5, atol=1e-6)
+
+
+def test_round_to_min_channels_and_ignore():
+    _, pruned, _ = prune(transformer(norm=False), "prune-channels{ratio=0.6 round-to=8 heads=false}")
+    assert weight(pruned, "layers.b1up").shape[0] % 8 == 0
+    _, pruned, _ = prune(transformer(norm=False), "prune-channels{ratio=0.8 min-channels=12 heads=false}")
+    assert weight(pruned, "layers.b1up").shape[0] >= 12
+    _, pruned, record = prune(transformer(norm=False), "prune-channels{ratio=0.5 ignore=[layers.b1up] heads=false}")
+    assert weight(pruned, "layers.b1up").shape[0] == 32
+    assert any("ignored (layers.b1up)" in n for n in record.notes)
+
+
+def test_bn_scale_ranks_by_the_batchnorm_scale():
+    model = cnn()
+    with torch.no_grad():
+        model.layers.stem[1].weight[[1, 5]] = 1e-4  # two channels the stem's BatchNorm nearly switches off
+    _, pruned, record = prune(model, "prune-channels{ratio=0.2 target=channels importance=bn-scale}")
+    assert weight(pruned, "layers.stem.0").shape[0] < 8
+    kept_gamma = [pruned.get_constant(n.args[1].target) for n in pruned.graph.nodes
+                  if n.target is torch.ops.aten._native_batch_norm_legit_no_training.default][0]
+    assert (kept_gamma > 1e-3).all()
+    assert any("no normalization scale" in n for n in record.notes)  # groups without a norm are left alone
+
+
+def test_dynamic_shapes_are_refused_with_a_reason():
+    model = PrunableNet("transformer", 8, [("mlp", {"hidden": 16})], False, True, seed=0).eval()
+    x = model.example_input()
+    program = capture(model, (x,), dynamic_shapes=({1: torch.export.Dim("seq", min=2, max=64)},))
+    pruned, (record,) = PassManager("prune-channels", verify="off").run(program)
+    assert not record.changed and any("dynamic" in n for n in record.notes)
+
+
+def test_options_are_validated_with_the_pass_named():
+    with pytest.raises(PipelineError, match="prune-channels.*ratio"):
+        fxopt.passes.Pipeline.parse("prune-channels{ratio=1.5}")
+    with pytest.raises(PipelineError, match="importance"):
+        fxopt.passes.Pipeline.parse("prune-channels{importance=magic}")
+
+
+def test_exact_passes_after_pruning_are_verified_against_the_pruned_model():
+    model = cnn()
+    program, pruned, record = prune(model, "prune-channels{ratio=0.3},default", verify="each")
+    assert record.max_abs_error > 0  # the lossy pass reports the error it introduced
+    optimized = fxopt.optimize(model, model.example_input(), target="torch",
+                               pipeline="prune-channels{ratio=0.3},default")
+    rows = {r.name: r for r in optimized.report().passes}
+    assert rows["prune-channels"].max_abs_error > 1e-3 and rows["fold-conv-bn"].changed
+
+
+def test_pruned_model_saves_and_loads(tmp_path):
+    model = transformer()
+    x = model.example_input()
+    optimized = fxopt.optimize(model, x, target="torch", pipeline="prune-channels{ratio=0.4}")
+    expected = optimized(x)
+    exported = torch.export.load(optimized.save(tmp_path / "pruned.pt2"))
+    torch.testing.assert_close(exported.module()(x), expected)
+    stored = sum(t.numel() for t in exported.state_dict.values()) + sum(t.numel() for t in exported.constants.values())
+    assert stored < 0.7 * sum(p.numel() for p in model.parameters())  # the archive holds the smaller weights
+
+
+class TiedMLP(nn.Module):
+    """Weight tying: one tensor read by two layers must stay one tensor."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(8, 16)
+        self.down = nn.Linear(16, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.down(torch.relu(self.up(x)))
+        return self.head(h + torch.nn.functional.linear(torch.relu(self.up(x + 1)), self.down.weight))
+
+
+def test_tied_weights_stay_tied():
+    model = TiedMLP().eval()
+    program = capture(model, (torch.randn(2, 8),))
+    readers = [n.name for n in program.graph.nodes
+               if n.target is torch.ops.aten.linear.default and n.args[1].target == "down.weight"]
+    pruned, (record,) = PassManager("prune-channels{ratio=0.5 target=channels}", verify="off").run(program)
+    weights = {n.args[1].target for n in pruned.graph.nodes if n.name in readers}
+    assert len(readers) == 2 and record.changed and len(weights) == 1
+    assert pruned.get_constant(weights.pop()).shape[1] < 16
