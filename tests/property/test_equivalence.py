@@ -30,7 +30,7 @@ def test_capture_preserves_outputs(case):
         _assert_close([program(*inputs)], [model(*inputs)])
 
 
-@pytest.mark.parametrize("pass_name", sorted(PASSES))
+@pytest.mark.parametrize("pass_name", sorted(name for name, cls in PASSES.items() if cls.exact))  # lossy: own bounds
 @given(case=random_models())
 def test_each_pass_preserves_outputs(pass_name, case):
     model, inputs = case
