@@ -29,7 +29,7 @@ import torch.fx as fx
 
 from fxopt.ir.edit import add_constant, drop_unread_constants
 from fxopt.ir.layers import BATCH_NORM, is_call
-from fxopt.ir.meta import describe_node, propagate_meta, shape_of
+from fxopt.ir.meta import describe_node, module_name, propagate_meta, shape_of
 from fxopt.ir.program import Program
 
 __all__ = ["Space", "Leaf", "Cat", "Prod", "Tree", "ChannelGraph", "Group", "Member", "analyze"]
@@ -119,10 +119,8 @@ class Group:
 
 
 def _short(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    where = list(stack.values())[-1][0] if stack else node.meta.get("fxopt_module", "").split(" (")[0]
     op = str(getattr(node.target, "__name__", node.target)).split(".")[0]
-    return f"{_OP_NAMES.get(op, op)} '{where or node.name}'"
+    return f"{_OP_NAMES.get(op, op)} '{module_name(node) or node.name}'"
 
 
 _OP_NAMES = {"convolution": "conv", "_native_batch_norm_legit_no_training": "batch_norm",
@@ -259,10 +257,6 @@ class ChannelGraph:
     def constant_dims(self) -> dict[str, list[Tree]]:
         return self._constants
 
-    def value_dims(self, node: fx.Node) -> list[Tree]:
-        dims = self.dims.get(node)
-        return dims if isinstance(dims, list) else []
-
     def groups(self) -> tuple[list[Group], list[tuple[Group, str]]]:
         """Prunable groups, and the groups that would be but are pinned (with the reason).
 
@@ -333,7 +327,8 @@ class ChannelGraph:
 
     # ------------------------------------------------------------------ per-op rules
 
-    def _of(self, value: object) -> list[Tree]:
+    def value_dims(self, value: object) -> list[Tree]:
+        """The trees of the dims of the tensor ``value`` (a node) computes; ``[]`` for anything else."""
         if isinstance(value, fx.Node):
             dims = self.dims.get(value)
             if isinstance(dims, list):
@@ -361,7 +356,7 @@ class ChannelGraph:
             return
         if node.op == "output":
             for value in node.args[0]:
-                for t in self._of(value):
+                for t in self.value_dims(value):
                     self.pin(t, "model output")
             return
         if node.op != "call_function":
@@ -384,17 +379,17 @@ class ChannelGraph:
             return
         try:
             rule(self, node)
-        except (IndexError, KeyError, TypeError, ZeroDivisionError) as exc:  # arguments of a form the rule does not know
+        except (IndexError, KeyError, TypeError, ZeroDivisionError) as exc:  # arguments the rule does not know
             self._opaque(node, f"unexpected arguments for {node.target} ({type(exc).__name__})")
 
     def pin_all(self, node: fx.Node, why: str) -> None:
-        for t in self._of(node):
+        for t in self.value_dims(node):
             self.pin(t, why)
 
     def _opaque(self, node: fx.Node, why: str) -> None:
         """An op without a rule: pin every dim it reads or writes."""
         for arg in node.all_input_nodes:
-            for t in self._of(arg):
+            for t in self.value_dims(arg):
                 self.pin(t, f"{why} ({describe_node(node)})")
         value = node.meta.get("val")
         if isinstance(value, (tuple, list)):
@@ -411,7 +406,7 @@ class ChannelGraph:
         self._members.append((tree, Member(node, dim, role)))
 
     def _broadcast_into(self, out: list[Tree], out_shape: list, arg: object) -> None:
-        shape, trees = shape_of(arg), self._of(arg)
+        shape, trees = shape_of(arg), self.value_dims(arg)
         offset = len(out_shape) - len(shape)
         for d, size in enumerate(shape):
             if d + offset >= 0 and size == out_shape[d + offset]:
@@ -425,7 +420,7 @@ class ChannelGraph:
         self.dims[node] = out
 
     def _same(self, node: fx.Node) -> None:
-        self.dims[node] = list(self._of(node.args[0])) or self._new(node)
+        self.dims[node] = list(self.value_dims(node.args[0])) or self._new(node)
 
     def _reduction(self, node: fx.Node) -> None:
         x = node.args[0]
@@ -434,7 +429,7 @@ class ChannelGraph:
         reduced = {d % rank for d in ([reduced] if isinstance(reduced, int) else reduced)} if rank else set()
         keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
         dims = []
-        for d, t in enumerate(self._of(x)):
+        for d, t in enumerate(self.value_dims(x)):
             if d not in reduced:
                 dims.append(t)
             elif keep:
@@ -442,7 +437,7 @@ class ChannelGraph:
         self.dims[node] = dims if len(dims) == len(shape_of(node)) else self._new(node)
 
     def _view(self, node: fx.Node) -> None:
-        self.dims[node] = self.reshape(self._of(node.args[0]), shape_of(node.args[0]), shape_of(node))
+        self.dims[node] = self.reshape(self.value_dims(node.args[0]), shape_of(node.args[0]), shape_of(node))
 
     def reshape(self, trees: list[Tree], shape: list[int], out_shape: list[int]) -> list[Tree]:
         """Trees of a reshape's output: runs of dims with equal element counts are merged or split."""
@@ -470,29 +465,29 @@ class ChannelGraph:
         return out
 
     def _permute(self, node: fx.Node) -> None:
-        trees = self._of(node.args[0])
+        trees = self.value_dims(node.args[0])
         self.dims[node] = [trees[d % len(trees)] for d in node.args[1]]
 
     def _transpose(self, node: fx.Node) -> None:
-        trees = list(self._of(node.args[0]))
+        trees = list(self.value_dims(node.args[0]))
         if len(trees) >= 2:
             a, b = (node.args[1] % len(trees), node.args[2] % len(trees)) if len(node.args) > 1 else (0, 1)
             trees[a], trees[b] = trees[b], trees[a]
         self.dims[node] = trees
 
     def _unsqueeze(self, node: fx.Node) -> None:
-        trees = list(self._of(node.args[0]))
+        trees = list(self.value_dims(node.args[0]))
         trees.insert(node.args[1] % (len(trees) + 1), self.fresh(1))
         self.dims[node] = trees
 
     def _squeeze(self, node: fx.Node) -> None:
-        trees, shape = self._of(node.args[0]), shape_of(node.args[0])
+        trees, shape = self.value_dims(node.args[0]), shape_of(node.args[0])
         dims = node.args[1] if len(node.args) > 1 else list(range(len(shape)))
         dims = {d % len(shape) for d in ([dims] if isinstance(dims, int) else dims)}
         self.dims[node] = [t for d, t in enumerate(trees) if not (d in dims and shape[d] == 1)]
 
     def _expand(self, node: fx.Node) -> None:
-        out_shape, shape, trees = shape_of(node), shape_of(node.args[0]), self._of(node.args[0])
+        out_shape, shape, trees = shape_of(node), shape_of(node.args[0]), self.value_dims(node.args[0])
         offset = len(out_shape) - len(shape)
         self.dims[node] = [
             trees[d - offset] if d >= offset and shape[d - offset] == size else self.fresh(size)
@@ -505,15 +500,15 @@ class ChannelGraph:
         dim = (node.args[1] if len(node.args) > 1 else 0) % rank
         out = self._new(node)
         for t in tensors:
-            for d, tree in enumerate(self._of(t)):
+            for d, tree in enumerate(self.value_dims(t)):
                 if d != dim:
                     self.unify(tree, out[d])
-        out[dim] = Cat(tuple(self._of(t)[dim] for t in tensors))
+        out[dim] = Cat(tuple(self.value_dims(t)[dim] for t in tensors))
         self.dims[node] = out
 
     def _split(self, node: fx.Node) -> None:
         x = node.args[0]
-        trees, shape = self._of(x), shape_of(x)
+        trees, shape = self.value_dims(x), shape_of(x)
         dim = (node.args[2] if len(node.args) > 2 else 0) % len(shape)
         pieces = [self.fresh(_value_shape(v)[dim]) for v in node.meta["val"]]
         self.unify(trees[dim], Cat(tuple(pieces)))
@@ -521,7 +516,7 @@ class ChannelGraph:
 
     def _slice(self, node: fx.Node) -> None:
         x = node.args[0]
-        trees, shape = list(self._of(x)), shape_of(x)
+        trees, shape = list(self.value_dims(x)), shape_of(x)
         dim, start, end, step = _slice_args(node)
         out = list(trees)
         if (start, end, step) != (0, shape[dim], 1):
@@ -536,32 +531,32 @@ class ChannelGraph:
         self.dims[node] = out
 
     def _select(self, node: fx.Node) -> None:
-        trees = list(self._of(node.args[0]))
+        trees = list(self.value_dims(node.args[0]))
         dim = node.args[1] % len(trees)
         self.pin(trees[dim], f"an index is selected ({describe_node(node)})")
         self.dims[node] = trees[:dim] + trees[dim + 1:]
 
     def _embedding(self, node: fx.Node) -> None:
         weight, indices = node.args[:2]
-        w = self._of(weight)
+        w = self.value_dims(weight)
         self.pin(w[0], "embedding rows are looked up by index")
-        self.dims[node] = list(self._of(indices)) + [w[1]]
+        self.dims[node] = list(self.value_dims(indices)) + [w[1]]
         self._member(w[1], node, 1, "out")
 
     def _linear(self, node: fx.Node) -> None:
         x, w = node.args[:2]
         bias = node.args[2] if len(node.args) > 2 else None
-        xs, ws = self._of(x), self._of(w)
+        xs, ws = self.value_dims(x), self.value_dims(w)
         self.unify(xs[-1], ws[1])
         if bias is not None:
-            self.unify(self._of(bias)[0], ws[0])
+            self.unify(self.value_dims(bias)[0], ws[0])
         self.dims[node] = list(xs[:-1]) + [ws[0]]
         self._member(ws[0], node, 0, "out")
         self._member(ws[1], node, 1, "in")
 
     def _addmm(self, node: fx.Node) -> None:
         bias, a, b = node.args[:3]
-        at, bt = self._of(a), self._of(b)
+        at, bt = self.value_dims(a), self.value_dims(b)
         self.unify(at[1], bt[0])
         out = [at[0], bt[1]]
         self._broadcast_into(out, shape_of(node), bias)
@@ -571,7 +566,7 @@ class ChannelGraph:
 
     def _mm(self, node: fx.Node) -> None:
         a, b = node.args[:2]
-        at, bt = self._of(a), self._of(b)
+        at, bt = self.value_dims(a), self.value_dims(b)
         for x, y in zip(at[:-2], bt[:-2]):
             self.unify(x, y)
         self.unify(at[-1], bt[-2])
@@ -580,7 +575,7 @@ class ChannelGraph:
     def _convolution(self, node: fx.Node) -> None:
         x, w, bias = node.args[:3]
         transposed, groups = bool(node.args[6]), int(node.args[8])
-        xs, ws = self._of(x), self._of(w)
+        xs, ws = self.value_dims(x), self.value_dims(w)
         for t in ws[2:]:
             self.pin(t, "convolution kernel")
         weight_in, weight_out = (ws[0], ws[1]) if transposed else (ws[1], ws[0])
@@ -600,7 +595,7 @@ class ChannelGraph:
             self.unify(xs[1], weight_in)
             out_channels = weight_out
         if bias is not None:
-            self.unify(self._of(bias)[0], out_channels)
+            self.unify(self.value_dims(bias)[0], out_channels)
         out = [xs[0], out_channels] + [self.fresh(s) for s in out_shape[2:]]
         for t in out[2:]:
             self.pin(t, "spatial dimension")
@@ -610,7 +605,7 @@ class ChannelGraph:
 
     def _spatial(self, node: fx.Node) -> None:
         """Pools and resizes: batch and channels pass through, spatial dims are new."""
-        xs = self._of(node.args[0])
+        xs = self.value_dims(node.args[0])
         value = node.meta["val"]
         values = value if isinstance(value, (tuple, list)) else [value]
         results = []
@@ -623,7 +618,7 @@ class ChannelGraph:
 
     def _pad(self, node: fx.Node) -> None:
         x, pad = node.args[:2]
-        trees = list(self._of(x))
+        trees = list(self.value_dims(x))
         for k in range(len(pad) // 2):
             d = len(trees) - 1 - k
             if pad[2 * k] or pad[2 * k + 1]:
@@ -636,19 +631,19 @@ class ChannelGraph:
         """layer_norm(x, shape, w, b) / rms_norm(x, shape, w): the affine indexes the normalized dims."""
         x, normalized = node.args[:2]
         params = node.args[2:4] if node.target is aten.layer_norm.default else node.args[2:3]
-        xs = self._of(x)
+        xs = self.value_dims(x)
         if isinstance(node.args[2], fx.Node):
             self.norm_weights.add(node.args[2].target)
         for p in params:
             if isinstance(p, fx.Node):
-                for a, b in zip(self._of(p), xs[len(xs) - len(normalized):]):
+                for a, b in zip(self.value_dims(p), xs[len(xs) - len(normalized):]):
                     self.unify(a, b)
-                self._member(self._of(p)[-1], node, 0, "param")
+                self._member(self.value_dims(p)[-1], node, 0, "param")
         self.dims[node] = list(xs)
 
     def _group_norm(self, node: fx.Node) -> None:
         x, groups, weight, bias = node.args[:4]
-        xs = self._of(x)
+        xs = self.value_dims(x)
         channels = shape_of(x)[1]
         group = self.fresh(groups)
         self.unify(xs[1], Prod((group, self.fresh(channels // groups))))
@@ -657,18 +652,18 @@ class ChannelGraph:
             self.norm_weights.add(weight.target)
         for p in (weight, bias):
             if isinstance(p, fx.Node):
-                self.unify(self._of(p)[0], xs[1])
+                self.unify(self.value_dims(p)[0], xs[1])
                 self._member(xs[1], node, 0, "param")
         self.dims[node] = list(xs)
 
     def _batch_norm(self, node: fx.Node) -> None:
         x = node.args[0]
-        xs = self._of(x)
+        xs = self.value_dims(x)
         if isinstance(node.args[1], fx.Node):
             self.norm_weights.add(node.args[1].target)
         for p in node.args[1:5]:
             if isinstance(p, fx.Node):
-                self.unify(self._of(p)[0], xs[1])
+                self.unify(self.value_dims(p)[0], xs[1])
         self._member(xs[1], node, 0, "param")
         extra = [[self.fresh(s) for s in v.shape] for v in node.meta["val"][1:]]
         self.dims[node] = (list(xs), *extra)
@@ -678,7 +673,7 @@ class ChannelGraph:
         if node.kwargs.get("enable_gqa"):
             self._opaque(node, "grouped-query SDPA (enable_gqa)")
             return
-        qs, ks, vs = self._of(q), self._of(k), self._of(v)
+        qs, ks, vs = self.value_dims(q), self.value_dims(k), self.value_dims(v)
         for a, b, c in zip(qs[:-2], ks[:-2], vs[:-2]):
             self.unify(a, b)
             self.unify(a, c)

@@ -22,6 +22,7 @@ from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 __all__ = [
     "Provenance",
+    "module_name",
     "propagate_meta",
     "source_location",
     "describe_node",
@@ -79,6 +80,14 @@ def source_location(node: fx.Node) -> str | None:
         func = parts[1].removeprefix("in ") if len(parts) > 1 else "?"
         location = f"{path}:{lineno} in {func}"
     return location
+
+
+def module_name(node: fx.Node) -> str | None:
+    """Dotted path of the innermost ``nn.Module`` that created ``node`` (``layer1.0.conv1``), if known."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        return list(stack.values())[-1][0]
+    return (node.meta.get("fxopt_module") or "").split(" (")[0] or None
 
 
 def module_path(node: fx.Node) -> str | None:

@@ -13,7 +13,7 @@ import torch.fx as fx
 
 from fxopt.ir.analysis import node_flops
 from fxopt.ir.channels import ChannelGraph, Group, Space, analyze, shrink
-from fxopt.ir.meta import dtype_of
+from fxopt.ir.meta import dtype_of, module_name
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
 
@@ -130,16 +130,13 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
     groups, pinned = graph.groups()
     for group, why in pinned:
         if any(m.role == "out" for m in group.members):  # a layer's channels, not a kernel or vocabulary axis
-            ctx.skip(f"group of {group.size} ({group.describe()})", why)
+            ctx.skip(_label(group), why)
     candidates = []
     for group in groups:
         excluded = _excluded(group, options)
-        if excluded:
-            ctx.skip(f"group of {group.size} ({group.describe()})", excluded)
-            continue
-        importance = _importance(graph, group, options.importance, len(candidates))
-        if importance is None:
-            ctx.skip(f"group of {group.size} ({group.describe()})", "no normalization scale in the group")
+        importance = None if excluded else _importance(graph, group, options.importance, len(candidates))
+        if excluded or importance is None:
+            ctx.skip(_label(group), excluded or "no normalization scale in the group")
             continue
         step = 1 if "heads" in group.roles else options.round_to
         candidates.append(_Candidate(group, importance, min(options.min_channels, group.size), step))
@@ -147,22 +144,21 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
     cost = _Cost(graph, options.target, candidates)
     wanted = _schedule(candidates, options.scope)
     full = cost(wanted(0.0))
-    low, high = 0.0, 1.0
-    if full <= 0 or cost(wanted(high)) > full * (1 - options.ratio):
-        reached = 1 - cost(wanted(high)) / full if full > 0 else 0.0
-        if options.ratio > 0:
-            ctx.notes.append(f"only {reached:.1%} of the {options.target} can be removed "
-                             f"(asked {options.ratio:.1%}): the rest is pinned or at min-channels")
-        low = high
-    else:
-        for _ in range(40):  # smallest fraction whose plan meets the target
-            middle = (low + high) / 2
-            if cost(wanted(middle)) <= full * (1 - options.ratio):
-                high = middle
+    budget = full * (1 - options.ratio)
+    level = 1.0  # the pruning level of the plan: the smallest that meets the budget, or everything prunable
+    most = cost(wanted(level))
+    if full > 0 and most <= budget:
+        low = 0.0
+        for _ in range(40):
+            middle = (low + level) / 2
+            if cost(wanted(middle)) <= budget:
+                level = middle
             else:
                 low = middle
-        low = high
-    counts = wanted(low)
+    elif options.ratio > 0:
+        ctx.notes.append(f"only {1 - most / full if full > 0 else 0.0:.1%} of the {options.target} can be "
+                         f"removed (asked {options.ratio:.1%}): the rest is pinned or at min-channels")
+    counts = wanted(level)
     plan = PrunePlan(graph, candidates, counts)
     ctx.notes.append(f"{options.target} reduced by {1 - cost(counts) / full:.1%} (asked {options.ratio:.1%})"
                      if full > 0 else "nothing to prune")
@@ -180,17 +176,17 @@ def _excluded(group: Group, options: PruneChannels) -> str | None:
         return "attention head dimension (head-dim=false)"
     for member in group.members:
         if member.role == "out" and any(_matches(member.node, p) for p in options.ignore):
-            return f"its output layer is ignored ({_layer_name(member.node)})"
+            return f"its output layer is ignored ({module_name(member.node) or member.node.name})"
     return None
 
 
-def _layer_name(node: fx.Node) -> str:
-    stack = node.meta.get("nn_module_stack")
-    return list(stack.values())[-1][0] if stack else node.name
+def _label(group: Group) -> str:
+    return f"group of {group.size} ({group.describe()})"
 
 
 def _matches(node: fx.Node, pattern: str) -> bool:
-    names = [_layer_name(node), node.name] + [a.target for a in node.all_input_nodes if a.op == "get_attr"]
+    names = [module_name(node) or node.name, node.name] + [a.target for a in node.all_input_nodes
+                                                            if a.op == "get_attr"]
     return any(fnmatch.fnmatchcase(str(n), pattern) for n in names)
 
 
