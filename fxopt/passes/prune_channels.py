@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
+from fxopt.errors import PassError
 from fxopt.ir.analysis import node_flops
 from fxopt.ir.channels import ChannelGraph, Group, Space, analyze, shrink
 from fxopt.ir.meta import dtype_of, module_name
@@ -128,6 +129,12 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
         return None
     graph = analyze(program)
     groups, pinned = graph.groups()
+    layers = [m.node for g in groups + [g for g, _ in pinned] for m in g.members if m.role == "out"]
+    for pattern in options.ignore:
+        if not any(_matches(node, pattern) for node in layers):
+            example = next((module_name(n) for n in layers if module_name(n)), "layer1.0.conv1")
+            raise PassError(f"ignore pattern {pattern!r} matches no layer of {program.name}; layers are named by "
+                            f"module path or weight name, e.g. {example!r} (`fxopt prune --explain` lists them)")
     for group, why in pinned:
         if any(m.role == "out" for m in group.members):  # a layer's channels, not a kernel or vocabulary axis
             ctx.skip(_label(group), why)

@@ -4,7 +4,7 @@ import torch.nn as nn
 
 import fxopt
 from fxopt import PassManager, capture
-from fxopt.errors import PipelineError
+from fxopt.errors import PassError, PipelineError
 from fxopt.ir import count_flops, count_parameters
 from fxopt.ir.channels import analyze
 from fxopt.ir.program import attribute_owner
@@ -131,6 +131,11 @@ def test_round_to_min_channels_and_ignore():
     _, pruned, record = prune(transformer(norm=False), "prune-channels{ratio=0.5 ignore=[layers.b1up] heads=false}")
     assert weight(pruned, "layers.b1up").shape[0] == 32
     assert any("ignored (layers.b1up)" in n for n in record.notes)
+
+
+def test_an_ignore_pattern_that_matches_nothing_is_an_error_naming_it():
+    with pytest.raises(PassError, match=r"prune-channels.*ignore pattern 'layers\.b9\*' matches no layer.*layers\."):
+        prune(transformer(), "prune-channels{ignore=[layers.b9*]}")
 
 
 def test_bn_scale_ranks_by_the_batchnorm_scale():
