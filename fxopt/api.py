@@ -38,6 +38,7 @@ def optimize(
     progress: Callable[[int, int, str], None] | None = None,
     tune: bool | int | str | TuneOptions | None = None,
     dispatch: Dispatch = "measure",
+    calibration: object = None,
 ) -> OptimizedModel:
     """Optimize ``model`` for ``target``; the result is called like the model.
 
@@ -82,6 +83,11 @@ def optimize(
         optimized graph in PyTorch; ``"tvm"`` uses TVM wherever it lowers;
         ``"torch"`` runs everything in PyTorch. ``report()`` shows, per
         segment, the backend chosen and both timings.
+    calibration:
+        Representative inputs for data-driven passes (pruning by activation or
+        Taylor importance, quantization): an iterable of batches called like the
+        model, a ``.pt`` file of them, or a :class:`~fxopt.ir.calibration.Calibration`
+        (which may carry a loss). Overrides the pipeline file's ``[calibration]``.
 
     Raises
     ------
@@ -98,7 +104,7 @@ def optimize(
         resolved = Pipeline.coerce(target.default_pipeline)
     manager = PassManager(
         resolved, verify=verify, tolerance=tolerance, print_ir_after=print_ir_after,
-        dump_dir=dump_dir, progress=progress,
+        dump_dir=dump_dir, progress=progress, calibration=calibration,
     )
     optimized = OptimizedModel(
         model, target, manager, dynamic_shapes=dynamic_shapes, strict=strict, tune=TuneOptions.coerce(tune),

@@ -50,6 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     opt.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
                      help="dump the IR after this pass ('all', 'change'); repeatable")
     opt.add_argument("--dump-dir", type=Path, help="write IR dumps to files here")
+    _calibration_argument(opt)
     opt.add_argument("--tune", default=None, metavar="BUDGET",
                      help="tune kernels first: a trial count (500) or a duration (90s, 10m)")
     _tuning_arguments(opt)
@@ -77,6 +78,7 @@ def _parser() -> argparse.ArgumentParser:
     prune.add_argument("--explain", action="store_true",
                        help="print each channel group (its layers, size, importance) and what would be kept; "
                             "nothing is built")
+    _calibration_argument(prune)
     prune.add_argument("-o", "--output", type=Path, help="write the pruned graph as a torch.export archive (.pt2)")
     prune.set_defaults(run=_prune)
 
@@ -103,6 +105,12 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", "-t", default=None,
                         help="cpu, cuda, cuda:sm_90, aarch64 or torch (default: the pipeline file's, else cpu)")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+
+
+def _calibration_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--calibration", type=Path, metavar="FILE.pt",
+                        help="inputs for data-driven passes: a torch.save'd list of batches, or one tensor of "
+                             "samples split into batches of the example input's size")
 
 
 def _tuning_arguments(parser: argparse.ArgumentParser) -> None:
@@ -144,7 +152,7 @@ def _optimize(args: argparse.Namespace) -> int:
         result = optimize(
             model, inputs, target=args.target, pipeline=pipeline, verify=args.verify,
             print_ir_after=args.print_ir_after, dump_dir=args.dump_dir, progress=progress,
-            tune=_tune_options(args, args.tune), dispatch=args.dispatch,
+            tune=_tune_options(args, args.tune), dispatch=args.dispatch, calibration=args.calibration,
         )
     report = result.report()
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
@@ -164,6 +172,7 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from fxopt.api import optimize
+    from fxopt.ir.calibration import Calibration
     from fxopt.ir.capture import capture
     from fxopt.passes import parse_pipeline
     from fxopt.passes.prune_channels import explain
@@ -173,10 +182,11 @@ def _prune(args: argparse.Namespace) -> int:
     model, inputs = load_model(args.model or DEFAULT_MODEL, args.example_input)
     (pruning,) = parse_pipeline(f"prune-channels{{{args.options}}}")
     if args.explain:
-        print(explain(capture(model, inputs), pruning))
+        print(explain(capture(model, inputs), pruning, Calibration.coerce(args.calibration)))
         return 0
     target = parse_target(args.target or "cpu")
-    result = optimize(model, inputs, target=target, pipeline=f"{pruning},{target.default_pipeline}")
+    result = optimize(model, inputs, target=target, pipeline=f"{pruning},{target.default_pipeline}",
+                      calibration=args.calibration)
     print(result.report())
     if args.output:
         print(f"wrote {result.save(args.output)} (load with torch.export.load)")

@@ -100,6 +100,11 @@ ZOO: dict[str, ZooModel] = {
         ZooModel("vit", "ViT-Base/16 image classifier, 1x3x224x224", _seeded(_vit), _image(224)),
         ZooModel("bert", "BERT-base encoder, batch 1, sequence 128", _seeded(_bert), _tokens(30522, 128)),
         ZooModel("gpt2", "GPT-2 small language model, batch 1, sequence 128", _seeded(_gpt2), _tokens(50257, 128)),
+        ZooModel("llama", "8-layer LLaMA with grouped-query attention (8 query, 2 K/V heads), hidden 512, "
+                 "batch 1, sequence 128",
+                 _seeded(lambda: _llama(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
+                                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)),
+                 _tokens(32000, 128)),
         # Small members of the same families, for tests and quick tries.
         ZooModel("resnet-tiny", "2-stage ResNet, 1x3x32x32",
                  _seeded(lambda: _resnet(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)),

@@ -756,8 +756,11 @@ def analyze(program: Program) -> ChannelGraph:
     return ChannelGraph(program)
 
 
-def shrink(graph: ChannelGraph, keep: dict[Space, torch.Tensor]) -> None:
+def shrink(graph: ChannelGraph, keep: dict[Space, torch.Tensor], values: dict[str, torch.Tensor] | None = None) -> None:
     """Remove channels from ``graph.program``: each root axis in ``keep`` keeps only the (sorted) indices given.
+
+    ``values`` replaces constants (by target, same shape) before they are
+    sliced: weights adjusted to make up for the removed channels.
 
     Constants are sliced into new tensors (the originals, shared with the
     user's model, are untouched; tied weights stay tied) and every op argument
@@ -772,8 +775,8 @@ def shrink(graph: ChannelGraph, keep: dict[Space, torch.Tensor]) -> None:
             continue
         trees = graph.constant_dims()[node.target]
         if id(trees) not in renamed:
-            value = program.get_constant(node.target)
-            sliced, changed = value, False
+            value = (values or {}).get(node.target, program.get_constant(node.target))
+            sliced, changed = value, node.target in (values or {})
             for d, tree in enumerate(trees):
                 index = graph.kept(tree, keep)
                 if len(index) != value.shape[d]:

@@ -9,6 +9,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from fxopt.errors import PassError
+from fxopt.ir.calibration import Calibration
 from fxopt.ir.program import Program
 
 __all__ = ["Pass", "PassContext", "Option", "option"]
@@ -52,16 +54,25 @@ class PassContext:
 
     ``stats`` counts what the pass did (``ctx.count("folded")``); ``notes``
     records why it skipped candidates (``ctx.skip(node, "conv has other users")``);
-    ``config`` holds the pipeline file's extra tables (calibration, tuning, ...).
+    ``config`` holds the pipeline file's extra tables (tuning, ...);
+    ``calibration`` the inputs data-driven passes run on, when given.
     """
 
     pass_name: str = ""
     config: dict = field(default_factory=dict)
+    calibration: Calibration | None = None
     stats: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
 
     def count(self, key: str, n: int = 1) -> None:
         self.stats[key] += n
+
+    def require_calibration(self, what: str) -> Calibration:
+        """The calibration data, or an error saying that ``what`` needs it and how to give it."""
+        if self.calibration is None:
+            raise PassError(f"{what} needs calibration data: optimize(..., calibration=batches), a [calibration] "
+                            f"table in the pipeline file, or --calibration FILE.pt on the command line")
+        return self.calibration
 
     def skip(self, where: str, reason: str) -> None:
         """Record a candidate left alone; a pass that revisits the same candidate records it once."""

@@ -30,6 +30,7 @@ import torch.fx as fx
 
 from fxopt.errors import FxoptError, PassError, PipelineError, VerificationError
 from fxopt.ir.analysis import count_flops, count_parameters
+from fxopt.ir.calibration import Calibration
 from fxopt.ir.meta import describe_node
 from fxopt.ir.printer import format_program
 from fxopt.ir.program import Program
@@ -339,6 +340,7 @@ class Pipeline:
     tolerance: Tolerance | None = None
     print_ir_after: tuple[str, ...] = ()
     config: dict = field(default_factory=dict, compare=False)
+    calibration: Calibration | None = field(default=None, compare=False)
 
     def __post_init__(self):
         check_order(self.passes)
@@ -360,10 +362,11 @@ class Pipeline:
             raise PipelineError(f"cannot read pipeline file {path}: {exc.strerror}") from None
         except tomllib.TOMLDecodeError as exc:
             raise PipelineError(f"pipeline file {path} is not valid TOML: {exc}") from None
-        return Pipeline.from_dict(data, origin=str(path))
+        return Pipeline.from_dict(data, origin=str(path), base=path.parent)
 
     @staticmethod
-    def from_dict(data: dict, origin: str = "pipeline") -> Pipeline:
+    def from_dict(data: dict, origin: str = "pipeline", base: Path | None = None) -> Pipeline:
+        """A pipeline from a parsed TOML document; ``base`` is where relative paths in it start."""
         known = {"passes", "target", "verify", "instrument", "calibration", "tuning"}
         unknown = sorted(set(data) - known)
         if unknown:
@@ -390,8 +393,12 @@ class Pipeline:
             )
         print_after = instrument.get("print-ir-after", ())
         print_after = (print_after,) if isinstance(print_after, str) else tuple(print_after)
-        extra = {k: data[k] for k in ("calibration", "tuning") if k in data}
-        return Pipeline(passes, target.get("name"), mode, tolerance, print_after, extra)
+        extra = {k: data[k] for k in ("tuning",) if k in data}
+        try:
+            calibration = Calibration.coerce(_table(data, "calibration", origin) or None, base=base)
+        except FxoptError as exc:
+            raise PipelineError(f"{origin}: {exc}") from None
+        return Pipeline(passes, target.get("name"), mode, tolerance, print_after, extra, calibration)
 
     @staticmethod
     def coerce(pipeline: str | Path | Sequence[Pass] | Pipeline) -> Pipeline:
@@ -504,6 +511,9 @@ class PassManager:
         Write dumps to numbered files there instead of ``stream``.
     progress:
         Called as ``progress(index, total, pass_spec)`` before each pass.
+    calibration:
+        Inputs for data-driven passes (anything :meth:`Calibration.coerce`
+        accepts); overrides the pipeline file's ``[calibration]``.
     """
 
     def __init__(
@@ -517,8 +527,10 @@ class PassManager:
         dump_dir: str | Path | None = None,
         stream: TextIO | None = None,
         progress: Progress | None = None,
+        calibration: object = None,
     ):
         self.pipeline = Pipeline.coerce(pipeline)
+        self.calibration = Calibration.coerce(calibration) or self.pipeline.calibration
         self.verify = verify or self.pipeline.verify or "end"
         if self.verify not in _VERIFY_MODES:
             raise PipelineError(f"verify must be one of {', '.join(_VERIFY_MODES)}, got {self.verify!r}")
@@ -568,7 +580,7 @@ class PassManager:
     def _run_one(self, p: Pass, program: Program, done: list[str]) -> tuple[Program, PassRecord]:
         self._dump(p, program, "before", selected=self.print_ir_before)
         work = program.clone()
-        ctx = PassContext(pass_name=p.name, config=self.pipeline.config)
+        ctx = self._context(p)
         before = _measure(program)
         start = time.perf_counter()
         try:
@@ -593,6 +605,9 @@ class PassManager:
         if "all" in self.print_ir_after or p.name in self.print_ir_after or (changed and "change" in self.print_ir_after):
             self._dump(p, work, "after", selected={"all"})
         return (work if changed else program), record
+
+    def _context(self, p: Pass) -> PassContext:
+        return PassContext(pass_name=p.name, config=self.pipeline.config, calibration=self.calibration)
 
     def _check(self, record: PassRecord, program: Program, reference: Sequence, run: Sequence[Pass], original: Program) -> None:
         outputs = program.run_flat()
@@ -634,7 +649,7 @@ class PassManager:
 
     def _apply_quiet(self, p: Pass, program: Program) -> Program:
         work = program.clone()
-        if p.apply(work, PassContext(pass_name=p.name, config=self.pipeline.config)):
+        if p.apply(work, self._context(p)):
             work.graph_module.recompile()
         return work
 

@@ -81,6 +81,19 @@ def test_prune_explains_groups_and_writes_the_pruned_model(tmp_path, capsys):
     assert "ratio must be in [0, 1)" in capsys.readouterr().err
 
 
+def test_prune_with_calibration_data_from_a_file(tmp_path, capsys):
+    from fxopt.zoo import load_zoo_model
+
+    _, (image,) = load_zoo_model("resnet-tiny")
+    torch.save(torch.randn(3, *image.shape[1:]), tmp_path / "calib.pt")  # three samples, batches of one
+    options = "ratio=0.3 importance=activation scope=global compensate=true"
+    assert main(["prune", "resnet-tiny", "--options", options, "--target", "torch",
+                 "--calibration", str(tmp_path / "calib.pt")]) == 0
+    assert "compensat" in capsys.readouterr().out
+    assert main(["prune", "resnet-tiny", "--options", "importance=taylor", "--explain"]) == 1
+    assert "importance=taylor needs calibration data" in capsys.readouterr().err
+
+
 def test_missing_inputs_for_a_user_model(model_file, capsys):
     assert main(["optimize", f"{model_file}:make"]) == 1
     assert "--example-input" in capsys.readouterr().err

