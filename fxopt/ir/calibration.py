@@ -123,8 +123,7 @@ def data_nodes(program: Program) -> set[fx.Node]:
     return found
 
 
-def observe(program: Program, calibration: Calibration, watch: Mapping[fx.Node, Callable[[torch.Tensor], None]],
-            progress: Callable[[int, int], None] | None = None) -> None:
+def observe(program: Program, calibration: Calibration, watch: Mapping[fx.Node, Callable[[torch.Tensor], None]]) -> None:
     """Run every calibration batch through ``program``, calling ``watch[node](value)`` as each watched value is made."""
 
     class Watcher(fx.Interpreter):
@@ -134,11 +133,8 @@ def observe(program: Program, calibration: Calibration, watch: Mapping[fx.Node, 
                 watch[n](result)
             return result
 
-    batches = list(calibration.flat_batches(program))
     with torch.no_grad():
-        for index, flat in enumerate(batches):
-            if progress:
-                progress(index, len(batches))
+        for flat in calibration.flat_batches(program):
             Watcher(program.graph_module).run(*flat)
 
 

@@ -268,7 +268,7 @@ class _Scores:
 
     def weight(self, group: Group) -> float:
         """How much the group's block matters relative to others (CFSP's coarse, block-level importance)."""
-        if group.space not in self.block or not self.block:
+        if group.space not in self.block:
             return 1.0
         mean = sum(self.block.values()) / len(self.block)
         return self.block[group.space] / mean if mean > 0 else 1.0
