@@ -72,12 +72,15 @@ class PruneChannels(Pass):
     ratio: float = option(0.3, "fraction of the target removed, in [0, 1)")
     target: Literal["flops", "params", "channels"] = option("flops", "what the ratio is a fraction of")
     importance: Importance = option("l1", "how channels are ranked")
-    scope: Literal["uniform", "global"] = option("uniform", "same ratio per group, or one ranking across groups")
+    scope: Literal["uniform", "global", "per-layer-ratios"] = option(
+        "uniform", "same ratio per group, one ranking across groups, or the channel ratios of layer-ratios")
     round_to: int = option(1, "kept channels per group are a multiple of this (heads excepted)")
     min_channels: int = option(1, "fewest channels (or heads) a group keeps")
     heads: bool = option(True, "remove whole attention heads")
     head_dim: bool = option(False, "shrink every head's dimension")
     ignore: tuple[str, ...] = option((), "layers whose output channels stay (module path or weight name globs)")
+    layer_ratios: tuple[str, ...] = option(
+        (), "scope=per-layer-ratios: 'glob:ratio' channel fractions by layer, first match wins, else ratio")
     compensate: bool = option(False, "fold a data-free reconstruction of removed channels into the next layers")
     latency: bool = option(False, "snap each group's width to what measures fastest on this machine's CPU")
 
@@ -86,9 +89,19 @@ class PruneChannels(Pass):
             raise ValueError(f"ratio must be in [0, 1), got {self.ratio}")
         if self.round_to < 1 or self.min_channels < 1:
             raise ValueError("round-to and min-channels must be at least 1")
+        if bool(self.layer_ratios) != (self.scope == "per-layer-ratios"):
+            raise ValueError("scope=per-layer-ratios and layer-ratios=[glob:ratio, ...] go together")
+        for entry in self.layer_ratios:
+            pattern, _, value = entry.rpartition(":")
+            try:
+                ok = bool(pattern) and 0 <= float(value) < 1
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ValueError(f"layer-ratios entry {entry!r} must be 'glob:ratio' with ratio in [0, 1)")
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
-        if self.ratio == 0:
+        if self.ratio == 0 and not self.layer_ratios:
             return False
         plan = plan_pruning(program, self, ctx)
         if plan is None or not plan.removed:
@@ -155,7 +168,7 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
     graph = analyze(program)
     groups, pinned = graph.groups()
     layers = [m.node for g in groups + [g for g, _ in pinned] for m in g.members if m.role == "out"]
-    for pattern in options.ignore:
+    for pattern in options.ignore + tuple(p for p, _ in _layer_ratios(options)):
         if not any(_matches(node, pattern) for node in layers):
             example = next((module_name(n) for n in layers if module_name(n)), "layer1.0.conv1")
             raise PassError(f"ignore pattern {pattern!r} matches no layer of {program.name}; layers are named by "
@@ -185,7 +198,8 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
             counts = {**{space: space.size for space in whole}, **_solve(rest, options, cost, full, ctx)}
             counts, _ = _snap_to_latency(graph, rest, counts, cost, ctx, restore=False)
     plan = PrunePlan(graph, candidates, counts)
-    ctx.notes.append(f"{options.target} reduced by {1 - cost(counts) / full:.1%} (asked {options.ratio:.1%})"
+    asked = "per-layer ratios" if options.layer_ratios else f"asked {options.ratio:.1%}"
+    ctx.notes.append(f"{options.target} reduced by {1 - cost(counts) / full:.1%} ({asked})"
                      if full > 0 else "nothing to prune")
     for c in candidates:
         kept = counts[c.group.space]
@@ -196,7 +210,14 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
 
 def _solve(candidates: list[_Candidate], options: PruneChannels, cost: _Cost, full: float,
            ctx: PassContext) -> dict[Space, int]:
-    """The kept count of each candidate at the smallest pruning level that brings ``cost`` within the budget."""
+    """The kept count of each candidate at the smallest pruning level that brings ``cost`` within the budget.
+
+    ``scope=per-layer-ratios`` has no budget: each group loses the channel
+    fraction given for its layers.
+    """
+    if options.scope == "per-layer-ratios":
+        return {c.group.space: c.group.size - c.removable(math.floor(_group_ratio(c.group, options) * c.group.size))
+                for c in candidates}
     wanted = _schedule(candidates, options.scope)
     budget = full * (1 - options.ratio)
     level = 1.0  # the smallest level that meets the budget, or everything prunable
@@ -213,6 +234,16 @@ def _solve(candidates: list[_Candidate], options: PruneChannels, cost: _Cost, fu
         ctx.notes.append(f"only {1 - most / full if full > 0 else 0.0:.1%} of the {options.target} can be "
                          f"removed (asked {options.ratio:.1%}): the rest is pinned or at min-channels")
     return wanted(level)
+
+
+def _layer_ratios(options: PruneChannels) -> list[tuple[str, float]]:
+    return [(pattern, float(value)) for pattern, _, value in (e.rpartition(":") for e in options.layer_ratios)]
+
+
+def _group_ratio(group: Group, options: PruneChannels) -> float:
+    """The channel fraction of the first layer-ratios pattern matching one of the group's layers, else ``ratio``."""
+    layers = [m.node for m in group.members if m.role == "out"]
+    return next((r for p, r in _layer_ratios(options) if any(_matches(n, p) for n in layers)), options.ratio)
 
 
 def _excluded(group: Group, options: PruneChannels) -> str | None:

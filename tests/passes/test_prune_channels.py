@@ -334,3 +334,18 @@ def test_latency_aware_pruning_measures_and_stays_valid():
     program, pruned, record = prune(cnn(), "prune-channels{ratio=0.4 latency=true}")
     assert pruned.run_flat()[0].shape == program.run_flat()[0].shape
     assert "groups-kept-whole-for-latency" in record.stats
+
+
+def test_per_layer_ratios_prune_each_layer_by_its_own_fraction():
+    spec = "prune-channels{scope=per-layer-ratios ratio=0 layer-ratios=[layers.b1up:0.5, layers.b3*:0.25]}"
+    _, pruned, record = prune(transformer(), spec)
+    assert weight(pruned, "layers.b1up").shape[0] == 16 and weight(pruned, "layers.b1gate").shape[0] == 16
+    assert weight(pruned, "layers.b3up").shape[0] == 24
+    assert weight(pruned, "layers.b2q").shape[0] == 16  # ratio=0 elsewhere: untouched
+    assert any("per-layer ratios" in n for n in record.notes)
+    with pytest.raises(PipelineError, match="layer-ratios entry 'layers.b1up' must be 'glob:ratio'"):
+        prune(transformer(), "prune-channels{scope=per-layer-ratios layer-ratios=[layers.b1up]}")
+    with pytest.raises(PipelineError, match="go together"):
+        prune(transformer(), "prune-channels{layer-ratios=[layers.b1up:0.5]}")
+    with pytest.raises(PassError, match="'nothing.*' matches no layer"):
+        prune(transformer(), "prune-channels{scope=per-layer-ratios layer-ratios=[nothing.*:0.5]}")
