@@ -155,7 +155,7 @@ def build(
             continue
         if progress:
             progress(i, len(part.segments), f"measure {segment.name}")
-        kernel = TVMFunction(vm, segment.name)
+        kernel = TVMFunction(vm, segment.name, _output_strides(segment.graph_module))
         choice = choose(segment.graph_module, kernel, segment.example_inputs, tolerance, device=target.device,
                         measure=dispatch == "measure")
         if dispatch == "torch" and choice.backend == "tvm":
@@ -179,6 +179,17 @@ def build(
 def _torch_only(program, target, part, records, note) -> Executable:
     ordered = [records[s.name] for s in part.segments if s.name in records]
     return Executable(program, target, "torch", note, program, ordered, part.fallback_summary())
+
+
+def _output_strides(graph_module: torch.fx.GraphModule) -> list[tuple[int, ...] | None]:
+    """The strides PyTorch gives each output of a segment (None where unknown or symbolic)."""
+    (outputs,) = graph_module.graph.output_node().args
+    strides = []
+    for value in outputs:
+        meta = value.meta.get("val") if isinstance(value, torch.fx.Node) else None
+        static = isinstance(meta, torch.Tensor) and all(isinstance(s, int) for s in meta.stride())
+        strides.append(tuple(meta.stride()) if static else None)
+    return strides
 
 
 def _ms(seconds: float | None) -> float | None:

@@ -40,17 +40,32 @@ def to_tvm(tensor: torch.Tensor):
 
 
 class TVMFunction(torch.nn.Module):
-    """One compiled Relax function as a module: torch tensors in, a tuple of torch tensors out."""
+    """One compiled Relax function as a module: torch tensors in, a tuple of torch tensors out.
 
-    def __init__(self, vm, function: str):
+    ``strides``: per output, the strides PyTorch gives that value in the
+    graph, or None. TVM returns contiguous tensors; where PyTorch's differ
+    (attention's output is a transpose of a contiguous buffer), the output is
+    laid out like PyTorch's, because ops after it (``view``) may depend on it.
+    """
+
+    def __init__(self, vm, function: str, strides: list[tuple[int, ...] | None] | None = None):
         super().__init__()
         self.function = function
         self._vm = vm
         self._call = vm[function]
+        self._strides = strides
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = self._call(*[to_tvm(a) for a in args])
-        return tuple(torch.from_dlpack(o) for o in outputs)
+        outputs = tuple(torch.from_dlpack(o) for o in self._call(*[to_tvm(a) for a in args]))
+        if self._strides is None:
+            return outputs
+        return tuple(_laid_out(o, s) for o, s in zip(outputs, self._strides))
 
     def extra_repr(self) -> str:
         return f"function={self.function!r}"
+
+
+def _laid_out(tensor: torch.Tensor, strides: tuple[int, ...] | None) -> torch.Tensor:
+    if strides is None or tensor.stride() == strides or tensor.dim() != len(strides):
+        return tensor
+    return torch.empty_strided(tensor.shape, strides, dtype=tensor.dtype, device=tensor.device).copy_(tensor)
