@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import copy
 import signal
-import statistics
 import sys
 import time
 import warnings
@@ -30,7 +29,9 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+
+from run import measure  # noqa: E402  (benchmarks/run.py: interleaved rounds, the second call timed)
 
 from fxopt import PassManager, capture  # noqa: E402
 from fxopt.ir import count_flops, count_parameters  # noqa: E402
@@ -160,18 +161,6 @@ def time_limit(seconds: int):
         signal.signal(signal.SIGALRM, previous)
 
 
-def median_latency(runners: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    with torch.no_grad():
-        for _ in range(rounds):
-            for name, run in runners.items():
-                run()
-                start = time.perf_counter()
-                run()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def compare(names: list[str], ratios: list[float], rounds: int, limit: int) -> list[str]:
     rows = ["| model | FLOPs cut asked | tool | prunes | FLOPs | params | rel. output error | eager latency |",
             "|---|---|---|---|---|---|---|---|"]
@@ -200,7 +189,7 @@ def compare(names: list[str], ratios: list[float], rounds: int, limit: int) -> l
                     runners[f"{tool} {ratio}"] = run
                 except (Exception, TimeLimit) as exc:  # a pruner failing on a model is a result, not a crash
                     results[tool, ratio] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
-        latency = median_latency(runners, rounds)
+        latency = measure(runners, rounds)
         rows.append(f"| {name} | - | original | - | {_si(flops)} | {_si(params)} | 0 | "
                     f"{latency['original'] * 1e3:.1f} ms |")
         for (tool, ratio), result in results.items():

@@ -11,16 +11,15 @@ model costs seconds, not minutes.
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from fxopt.passes.manager import Tolerance, compare_outputs
+from fxopt.timing import time_call
 
-__all__ = ["MARGIN", "Choice", "choose", "time_call"]
+__all__ = ["MARGIN", "Choice", "choose"]
 
 #: TVM must beat PyTorch by this factor to be chosen: below it, timing noise decides.
 MARGIN = 0.95
@@ -34,26 +33,6 @@ class Choice:
     torch_seconds: float | None
     tvm_seconds: float | None
     reason: str
-
-
-def time_call(fn: Callable, args: tuple, *, sync: Callable[[], None], budget: float = 0.2,
-              give_up_after: float | None = None) -> float:
-    """Median seconds per call of ``fn(*args)`` after one warm-up call.
-
-    Runs at least 3 and at most 100 times, within about ``budget`` seconds;
-    returns after a single timed run when that run exceeds ``give_up_after``.
-    """
-    fn(*args)
-    sync()
-    times: list[float] = []
-    while len(times) < 3 or (sum(times) < budget and len(times) < 100):
-        start = time.perf_counter()
-        fn(*args)
-        sync()
-        times.append(time.perf_counter() - start)
-        if give_up_after is not None and times[-1] > give_up_after:
-            break
-    return statistics.median(times)
 
 
 def choose(torch_fn: Callable, tvm_fn: Callable, args: tuple, tolerance: Tolerance, *, device: str,

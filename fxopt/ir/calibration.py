@@ -10,6 +10,7 @@ memory stays bounded by one batch plus whatever the callbacks keep.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,15 +61,17 @@ class Calibration:
             if unknown or "data" not in data:
                 raise PipelineError(f"[calibration] takes 'data' (a .pt file) and optionally 'batches'; "
                                     f"got {', '.join(sorted(data)) or 'nothing'}")
+            limit = data.get("batches", limit)
+            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
+                raise PipelineError(f"[calibration] batches must be a positive integer, got {limit!r}")
             path = Path(data["data"])
-            return Calibration.coerce(base / path if base and not path.is_absolute() else path,
-                                      limit=data.get("batches", limit), loss=loss)
+            return Calibration.coerce(base / path if base and not path.is_absolute() else path, limit=limit, loss=loss)
         source = "calibration data"
         if isinstance(data, (str, Path)):
             source = str(data)
             try:
                 data = torch.load(data, weights_only=True)
-            except (OSError, RuntimeError) as exc:
+            except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
                 raise FxoptError(f"cannot read calibration file {source}: {exc}") from None
         if isinstance(data, torch.Tensor):
             data = [data]
@@ -123,7 +126,8 @@ def data_nodes(program: Program) -> set[fx.Node]:
     return found
 
 
-def observe(program: Program, calibration: Calibration, watch: Mapping[fx.Node, Callable[[torch.Tensor], None]]) -> None:
+def observe(program: Program, calibration: Calibration,
+            watch: Mapping[fx.Node, Callable[[torch.Tensor], None]]) -> None:
     """Run every calibration batch through ``program``, calling ``watch[node](value)`` as each watched value is made."""
 
     class Watcher(fx.Interpreter):

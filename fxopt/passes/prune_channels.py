@@ -5,8 +5,6 @@ from __future__ import annotations
 import fnmatch
 import math
 import operator
-import statistics
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -18,10 +16,11 @@ from fxopt.errors import PassError
 from fxopt.ir.analysis import node_flops
 from fxopt.ir.calibration import Calibration, data_nodes, gradients, observe
 from fxopt.ir.channels import ChannelGraph, Group, Leaf, Prod, Space, Tree, analyze, shrink
-from fxopt.ir.layers import BATCH_NORM
+from fxopt.ir.layers import BATCH_NORM, as_affine
 from fxopt.ir.meta import describe_node, dtype_of, module_name, shape_of
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
+from fxopt.timing import time_call
 
 __all__ = ["PruneChannels", "PrunePlan", "plan_pruning"]
 
@@ -168,18 +167,20 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
     graph = analyze(program)
     groups, pinned = graph.groups()
     layers = [m.node for g in groups + [g for g, _ in pinned] for m in g.members if m.role == "out"]
-    for pattern in options.ignore + tuple(p for p, _ in _layer_ratios(options)):
+    patterns = [("ignore", p) for p in options.ignore] + [("layer-ratios", p) for p, _ in _layer_ratios(options)]
+    for option_name, pattern in patterns:
         if not any(_matches(node, pattern) for node in layers):
             example = next((module_name(n) for n in layers if module_name(n)), "layer1.0.conv1")
-            raise PassError(f"ignore pattern {pattern!r} matches no layer of {program.name}; layers are named by "
-                            f"module path or weight name, e.g. {example!r} (`fxopt prune --explain` lists them)")
+            raise PassError(f"{option_name} pattern {pattern!r} matches no layer of {program.name}; layers are named "
+                            f"by module path or weight name, e.g. {example!r} (`fxopt prune --explain` lists them)")
     for group, why in pinned:
         if any(m.role == "out" for m in group.members):  # a layer's channels, not a kernel or vocabulary axis
             ctx.skip(_label(group), why)
     candidates = []
-    scores = _Scores(graph, [g for g in groups if not _excluded(g, options)], options.importance, ctx)
+    excluded_by = {g.space: _excluded(g, options) for g in groups}
+    scores = _Scores(graph, [g for g in groups if not excluded_by[g.space]], options.importance, ctx)
     for group in groups:
-        excluded = _excluded(group, options)
+        excluded = excluded_by[group.space]
         importance = None if excluded else scores(group, len(candidates))
         if excluded or importance is None:
             ctx.skip(_label(group), excluded or "no normalization scale in the group")
@@ -491,17 +492,12 @@ def _snap_to_latency(graph: ChannelGraph, candidates: list[_Candidate], counts: 
     return snapped, whole
 
 
-def _model_latency(program: Program, repeats: int = 7) -> float:
-    program.run_flat()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        program.run_flat()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def _model_latency(program: Program) -> float:
+    with torch.no_grad():
+        return time_call(program.graph_module, tuple(program.example_inputs))
 
 
-def _time_layers(cost: _Cost, layers: list[fx.Node], counts: dict[Space, int], repeats: int = 7) -> float:
+def _time_layers(cost: _Cost, layers: list[fx.Node], counts: dict[Space, int]) -> float:
     """Median seconds of running ``layers`` at the shapes ``counts`` gives them, on random inputs."""
     shaped = cost._shaped(counts)
 
@@ -513,14 +509,13 @@ def _time_layers(cost: _Cost, layers: list[fx.Node], counts: dict[Space, int], r
 
     calls = [(n.target, tuple(materialize(a) for a in n.args), {k: materialize(v) for k, v in n.kwargs.items()})
              for n in layers]
-    times = []
+
+    def run() -> None:
+        for op, args, kwargs in calls:
+            op(*args, **kwargs)
+
     with torch.no_grad():
-        for _ in range(repeats + 1):
-            start = time.perf_counter()
-            for op, args, kwargs in calls:
-                op(*args, **kwargs)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times[1:])
+        return time_call(run)
 
 
 # ----------------------------------------------------------------------------- data-free compensation
@@ -612,9 +607,12 @@ def _compensate(graph: ChannelGraph, group: Group, kept: torch.Tensor, values: d
             if _weight(node) is None:
                 return f"{describe_node(node)} has no plain weight"
         elif node.target is BATCH_NORM:
-            if node.args[0] not in producers or node.args[0] in affine:
+            norm = next((as_affine(program, u) for u in node.users if u.args[1] == 0), None)
+            if norm is None or norm.x not in producers or norm.x in affine:
                 return "a batch norm that does not directly follow a layer"
-            affine[node.args[0]] = _batch_norm_affine(program, node)
+            device = program.get_constant(_weight(norm.x).target).device
+            scale, shift = norm.evaluate(program, shape_of(norm.x)[1], device)
+            affine[norm.x] = (scale.double().cpu(), shift.double().cpu())
         elif node.target in _HOMOGENEOUS:
             homogeneous = True
         elif not (node.target in _LINEAR or (node.target is aten.mul.Tensor and not isinstance(node.args[1], fx.Node))):
@@ -677,15 +675,6 @@ def _responses(graph: ChannelGraph, group: Group, producer: fx.Node, values: dic
         scale, shift = affine
         rows, b = rows * scale[:, None], b * scale + shift
     return torch.cat([rows, b[:, None]], 1)
-
-
-def _batch_norm_affine(program: Program, node: fx.Node) -> tuple[torch.Tensor, torch.Tensor]:
-    def constant(arg: object, default: float) -> torch.Tensor | float:
-        return program.get_constant(arg.target).detach().double() if isinstance(arg, fx.Node) else default
-
-    weight, bias, mean, var = (constant(a, d) for a, d in zip(node.args[1:5], (1.0, 0.0, 0.0, 1.0)))
-    scale = weight / torch.sqrt(var + node.args[6])
-    return scale, bias - mean * scale
 
 
 def _reconstruction(removed: torch.Tensor, kept: torch.Tensor, single: bool) -> torch.Tensor:

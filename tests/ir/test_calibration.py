@@ -86,3 +86,11 @@ def test_gradients_match_autograd_on_the_model():
 def test_a_pass_that_needs_calibration_says_how_to_give_it():
     with pytest.raises(PassError, match="importance=activation needs calibration data.*calibration="):
         PassManager("prune-channels{importance=activation}").run(program())
+
+
+def test_bad_calibration_files_and_tables_name_the_culprit(tmp_path):
+    (tmp_path / "junk.pt").write_bytes(b"not a tensor file")
+    with pytest.raises(FxoptError, match="cannot read calibration file .*junk.pt"):
+        Calibration.coerce(tmp_path / "junk.pt")
+    with pytest.raises(PipelineError, match="batches must be a positive integer, got 'x'"):
+        Calibration.coerce({"data": "calib.pt", "batches": "x"}, base=tmp_path)

@@ -347,5 +347,5 @@ def test_per_layer_ratios_prune_each_layer_by_its_own_fraction():
         prune(transformer(), "prune-channels{scope=per-layer-ratios layer-ratios=[layers.b1up]}")
     with pytest.raises(PipelineError, match="go together"):
         prune(transformer(), "prune-channels{layer-ratios=[layers.b1up:0.5]}")
-    with pytest.raises(PassError, match="'nothing.*' matches no layer"):
+    with pytest.raises(PassError, match="layer-ratios pattern 'nothing.*' matches no layer"):
         prune(transformer(), "prune-channels{scope=per-layer-ratios layer-ratios=[nothing.*:0.5]}")
