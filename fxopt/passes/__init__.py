@@ -15,7 +15,10 @@ from fxopt.passes.fuse_norms import FuseNorms
 from fxopt.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
 from fxopt.passes.mark_epilogues import MarkEpilogues
 from fxopt.passes.prune_channels import PruneChannels
+from fxopt.passes.quantize import Quantize
 from fxopt.passes.remove_noops import RemoveNoops
+from fxopt.passes.shift_activations import ShiftActivations
+from fxopt.passes.smooth_activations import SmoothActivations
 
 PASSES: dict[str, type[Pass]] = {
     "cse": CommonSubexpressionElimination,
@@ -28,7 +31,10 @@ PASSES: dict[str, type[Pass]] = {
     "layernorm-to-rmsnorm": LayerNormToRMSNorm,
     "mark-epilogues": MarkEpilogues,
     "prune-channels": PruneChannels,
+    "quantize": Quantize,
     "remove-noops": RemoveNoops,
+    "shift-activations": ShiftActivations,
+    "smooth-activations": SmoothActivations,
 }
 
 from fxopt.passes.manager import (  # noqa: E402  (the manager reads PASSES lazily)

@@ -6,6 +6,7 @@ import dataclasses
 import types
 import typing
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -55,12 +56,14 @@ class PassContext:
     ``stats`` counts what the pass did (``ctx.count("folded")``); ``notes``
     records why it skipped candidates (``ctx.skip(node, "conv has other users")``);
     ``config`` holds the pipeline file's extra tables (tuning, ...);
-    ``calibration`` the inputs data-driven passes run on, when given.
+    ``calibration`` the inputs data-driven passes run on, when given;
+    ``progress(detail)`` shows how far a long pass has got (calibration batches).
     """
 
     pass_name: str = ""
     config: dict = field(default_factory=dict)
     calibration: Calibration | None = None
+    progress: Callable[[str], None] | None = None
     stats: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
 

@@ -61,6 +61,7 @@ class FoldConvBN(Pass):
     """
 
     name = "fold-conv-bn"
+    before = ("quantize",)  # it folds into float layers only
     mode: Literal["deploy", "tune"] = option("deploy", "deploy: constant weights; tune: weights computed at run time")
 
     def apply(self, program: Program, ctx: PassContext) -> bool:

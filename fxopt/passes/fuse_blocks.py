@@ -54,6 +54,7 @@ class FuseBlocks(Pass):
     """
 
     name = "fuse-blocks"
+    before = ("quantize",)  # it merges float layers only
     branches: bool = option(True, "merge sums of conv/identity/affine/avg-pool branches of one input into one conv")
     serial: bool = option(True, "merge back-to-back linear or 1x1-conv layers when that lowers FLOPs")
     parallel: bool = option(True, "merge layers that read the same input into one wider layer")

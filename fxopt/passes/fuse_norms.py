@@ -47,7 +47,7 @@ class FuseNorms(Pass):
     """
 
     name = "fuse-norms"
-    before = ("layernorm-to-rmsnorm",)
+    before = ("layernorm-to-rmsnorm", "quantize")
     absorb: bool = option(False, "fold each norm's weight and bias into the linear layers reading it")
 
     def apply(self, program: Program, ctx: PassContext) -> bool:

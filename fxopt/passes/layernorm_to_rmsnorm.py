@@ -71,6 +71,7 @@ class LayerNormToRMSNorm(Pass):
     """
 
     name = "layernorm-to-rmsnorm"
+    before = ("quantize",)  # it rewrites the float weights reading each norm
     variant: Literal["rms", "crms"] = option(
         "rms", "rms: Pre-RMSNorm, the stream keeps its width; crms: Pre-CRMSNorm, the stream loses one feature")
 

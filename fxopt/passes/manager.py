@@ -564,7 +564,8 @@ class PassManager:
                 self.progress(index, len(passes), str(p))
             if not p.exact and self.verify == "end" and index > start:
                 self._check(records[-1], current, reference, passes[start:index], program)
-            current, record = self._run_one(p, current, [r.name for r in records])
+            step = self._step_progress(index, len(passes), str(p))
+            current, record = self._run_one(p, current, [r.name for r in records], step)
             if not p.exact:
                 # A lossy pass is measured, not judged: its row shows what it changed, and it becomes the baseline.
                 outputs = current.run_flat()
@@ -577,10 +578,11 @@ class PassManager:
             self._check(records[-1], current, reference, passes[start:], program)
         return current, records
 
-    def _run_one(self, p: Pass, program: Program, done: list[str]) -> tuple[Program, PassRecord]:
+    def _run_one(self, p: Pass, program: Program, done: list[str],
+                 progress: Callable[[str], None] | None = None) -> tuple[Program, PassRecord]:
         self._dump(p, program, "before", selected=self.print_ir_before)
         work = program.clone()
-        ctx = self._context(p)
+        ctx = self._context(p, progress)
         before = _measure(program)
         start = time.perf_counter()
         try:
@@ -606,8 +608,15 @@ class PassManager:
             self._dump(p, work, "after", selected={"all"})
         return (work if changed else program), record
 
-    def _context(self, p: Pass) -> PassContext:
-        return PassContext(pass_name=p.name, config=self.pipeline.config, calibration=self.calibration)
+    def _context(self, p: Pass, progress: Callable[[str], None] | None = None) -> PassContext:
+        return PassContext(pass_name=p.name, config=self.pipeline.config, calibration=self.calibration,
+                           progress=progress)
+
+    def _step_progress(self, index: int, total: int, spec: str) -> Callable[[str], None] | None:
+        """Progress within pass ``index``: the manager's callback with the pass's detail after its spec."""
+        if self.progress is None:
+            return None
+        return lambda detail: self.progress(index, total, f"{spec}: {detail}")
 
     def _check(self, record: PassRecord, program: Program, reference: Sequence, run: Sequence[Pass], original: Program) -> None:
         outputs = program.run_flat()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import operator
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from fxopt.errors import PassError
 from fxopt.ir.analysis import node_flops
 from fxopt.ir.calibration import Calibration, data_nodes, gradients, observe
 from fxopt.ir.channels import ChannelGraph, Group, Leaf, Prod, Space, Tree, analyze, shrink
-from fxopt.ir.layers import BATCH_NORM, as_affine
+from fxopt.ir.layers import BATCH_NORM, as_affine, layer_matches, require_matches
 from fxopt.ir.meta import describe_node, dtype_of, module_name, shape_of
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
@@ -67,7 +66,7 @@ class PruneChannels(Pass):
 
     name = "prune-channels"
     exact = False
-    before = ("fold-conv-bn", "fuse-blocks")
+    before = ("fold-conv-bn", "fuse-blocks", "quantize")
     ratio: float = option(0.3, "fraction of the target removed, in [0, 1)")
     target: Literal["flops", "params", "channels"] = option("flops", "what the ratio is a fraction of")
     importance: Importance = option("l1", "how channels are ranked")
@@ -168,11 +167,7 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
     groups, pinned = graph.groups()
     layers = [m.node for g in groups + [g for g, _ in pinned] for m in g.members if m.role == "out"]
     patterns = [("ignore", p) for p in options.ignore] + [("layer-ratios", p) for p, _ in _layer_ratios(options)]
-    for option_name, pattern in patterns:
-        if not any(_matches(node, pattern) for node in layers):
-            example = next((module_name(n) for n in layers if module_name(n)), "layer1.0.conv1")
-            raise PassError(f"{option_name} pattern {pattern!r} matches no layer of {program.name}; layers are named "
-                            f"by module path or weight name, e.g. {example!r} (`fxopt prune --explain` lists them)")
+    require_matches(program, layers, patterns, "`fxopt prune --explain` lists them")
     for group, why in pinned:
         if any(m.role == "out" for m in group.members):  # a layer's channels, not a kernel or vocabulary axis
             ctx.skip(_label(group), why)
@@ -244,7 +239,7 @@ def _layer_ratios(options: PruneChannels) -> list[tuple[str, float]]:
 def _group_ratio(group: Group, options: PruneChannels) -> float:
     """The channel fraction of the first layer-ratios pattern matching one of the group's layers, else ``ratio``."""
     layers = [m.node for m in group.members if m.role == "out"]
-    return next((r for p, r in _layer_ratios(options) if any(_matches(n, p) for n in layers)), options.ratio)
+    return next((r for p, r in _layer_ratios(options) if any(layer_matches(n, p) for n in layers)), options.ratio)
 
 
 def _excluded(group: Group, options: PruneChannels) -> str | None:
@@ -253,19 +248,13 @@ def _excluded(group: Group, options: PruneChannels) -> str | None:
     if "head-dim" in group.roles and not options.head_dim:
         return "attention head dimension (head-dim=false)"
     for member in group.members:
-        if member.role == "out" and any(_matches(member.node, p) for p in options.ignore):
+        if member.role == "out" and any(layer_matches(member.node, p) for p in options.ignore):
             return f"its output layer is ignored ({module_name(member.node) or member.node.name})"
     return None
 
 
 def _label(group: Group) -> str:
     return f"group of {group.size} ({group.describe()})"
-
-
-def _matches(node: fx.Node, pattern: str) -> bool:
-    names = [module_name(node) or node.name, node.name] + [a.target for a in node.all_input_nodes
-                                                            if a.op == "get_attr"]
-    return any(fnmatch.fnmatchcase(str(n), pattern) for n in names)
 
 
 class _Scores:

@@ -40,7 +40,8 @@ def assert_matches_torch(fn, *inputs):
 
 
 def test_every_override_is_tested_here():
-    tested = {"crms_norm.default", "cumsum.default", "rms_norm.default", "scaled_dot_product_attention.default"}
+    tested = {"amax.default", "crms_norm.default", "cumsum.default", "rms_norm.default",
+              "scaled_dot_product_attention.default", "quantize.default", "linear_q.default", "conv_q.default"}
     assert set(OVERRIDES) == tested
 
 
@@ -60,6 +61,50 @@ def test_crms_norm():
     import fxopt.ir.ops  # noqa: F401  (registers fxopt::crms_norm)
 
     assert_matches_torch(lambda x: torch.ops.fxopt.crms_norm(x * 3, 1e-5) + 1, torch.randn(2, 5, 15))
+
+
+@pytest.mark.parametrize("dims, keepdim", [([-1], True), ([1, 2], False)])
+def test_amax(dims, keepdim):
+    assert_matches_torch(lambda x: torch.amax(x * 2, dims, keepdim), torch.randn(2, 5, 6))
+
+
+class QuantizedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1, stride=2)
+        self.grouped = torch.nn.Conv2d(8, 8, 3, padding=1, groups=4, bias=False)
+        self.fc = torch.nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.grouped(torch.relu(self.conv(x))))
+        return self.fc(x.mean((2, 3)) - 0.2)
+
+
+@pytest.mark.parametrize("spec", ["quantize", "quantize{activations=symmetric}", "quantize{scheme=w8a8-dynamic}"])
+def test_int8_quantized_graphs_lower_to_integer_kernels_with_the_reference_results(spec):
+    from fxopt import PassManager
+
+    program = capture(QuantizedNet(), (torch.randn(2, 3, 9, 9),))
+    quantized, _ = PassManager(spec, verify="off", calibration=[torch.randn(2, 3, 9, 9)]).run(program)
+    executable = build(quantized, CPU, dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    source = executable.kernel_source("ll")
+    assert "mul nsw <" in source and " i8>" in source  # vectorized integer arithmetic on int8 data
+    worst, _, failing = compare_outputs(executable.module.run_flat(), quantized.run_flat(), Tolerance())
+    assert failing is None, f"max abs error {worst}"
+
+
+def test_fp8_and_weight_only_layers_run_in_pytorch_and_are_named():
+    from fxopt import PassManager
+
+    program = capture(QuantizedNet(), (torch.randn(2, 3, 9, 9),))
+    for spec, reason in [("quantize{scheme=fp8}", "float8_e4m3fn has no TVM equivalent"),
+                         ("quantize{scheme=w8 group-size=0}", "no lowering for 'linear_wq.default'")]:
+        quantized, _ = PassManager(spec, verify="off", calibration=[torch.randn(2, 3, 9, 9)]).run(program)
+        executable = build(quantized, CPU, dispatch="tvm")
+        assert any(reason in line for line in executable.fallbacks), executable.fallbacks
+        torch.testing.assert_close(executable.module.run_flat(), quantized.run_flat())
 
 
 @pytest.mark.parametrize("case", ["none", "bool", "float", "causal", "scale", "gqa"])

@@ -1,0 +1,42 @@
+"""shift-activations: center each activation channel read by linear layers (Outlier Suppression+ shifting)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fxopt.ir.equivalence import channel_statistics, linear_readers, shift_channels
+from fxopt.ir.meta import propagate_meta
+from fxopt.ir.program import Program
+from fxopt.passes.base import Pass, PassContext
+
+__all__ = ["ShiftActivations"]
+
+
+@dataclass(frozen=True)
+class ShiftActivations(Pass):
+    """Subtract each activation channel's range midpoint, adding ``W @ shift`` to the reading layers' biases.
+
+    Channels whose values sit asymmetrically (a LayerNorm's bias, a GELU's
+    output) are centered on zero (Wei et al. 2023, Outlier Suppression+), so a
+    symmetric range covers them with half the span. Midpoints come from the
+    calibration data. Exact in float (rounding aside); the shift folds into a
+    LayerNorm's bias before the layers, or is a ``sub`` the backend fuses into
+    the quantization. Runs after the exact rewrites, before
+    ``smooth-activations`` and ``quantize``.
+    """
+
+    name = "shift-activations"
+    before = ("smooth-activations", "quantize")
+
+    def apply(self, program: Program, ctx: PassContext) -> bool:
+        readers = linear_readers(program)
+        if not readers:
+            return False
+        calibration = ctx.require_calibration("shift-activations")
+        stats = channel_statistics(program, calibration, readers, ctx.progress)
+        for x, layers in readers.items():
+            lo, hi = stats[x]
+            shift_channels(program, x, layers, (lo + hi) / 2, self.name)
+            ctx.count("shifted activations")
+        propagate_meta(program.graph_module)
+        return True
