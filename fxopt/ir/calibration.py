@@ -127,10 +127,10 @@ def data_nodes(program: Program) -> set[fx.Node]:
 
 
 def observe(program: Program, calibration: Calibration, watch: Mapping[fx.Node, Callable[[torch.Tensor], None]],
-            progress: Callable[[int, int], None] | None = None) -> None:
+            progress: Callable[[str], None] | None = None, what: str = "statistics") -> None:
     """Run every calibration batch through ``program``, calling ``watch[node](value)`` as each watched value is made.
 
-    ``progress(done, total)`` is called after each batch.
+    After each batch ``progress`` (a pass's ``ctx.progress``) gets "calibration <what>: batch 3/8".
     """
 
     class Watcher(fx.Interpreter):
@@ -145,7 +145,7 @@ def observe(program: Program, calibration: Calibration, watch: Mapping[fx.Node, 
         for done, flat in enumerate(batches, 1):
             Watcher(program.graph_module).run(*flat)
             if progress:
-                progress(done, len(batches))
+                progress(f"calibration {what}: batch {done}/{len(batches)}")
 
 
 def gradients(program: Program, calibration: Calibration, targets: Iterable[str],

@@ -23,7 +23,7 @@ from fxopt.ir.layers import WeightedLayer, is_call, is_constant, weighted_layers
 from fxopt.ir.meta import stamp_provenance
 from fxopt.ir.program import Program
 
-__all__ = ["linear_readers", "channel_statistics", "scale_channels", "shift_channels"]
+__all__ = ["linear_readers", "calibrated_readers", "channel_statistics", "scale_channels", "shift_channels"]
 
 aten = torch.ops.aten
 
@@ -43,6 +43,17 @@ def linear_readers(program: Program) -> dict[fx.Node, list[WeightedLayer]]:
     return readers
 
 
+def calibrated_readers(program: Program, calibration: Callable[[], Calibration],
+                       progress: Callable[[str], None] | None = None):
+    """``(activation, reading layers, per-channel min, per-channel max)`` for every activation linear layers read;
+    ``calibration()`` is asked for the data only when there is one."""
+    readers = linear_readers(program)
+    if not readers:
+        return []
+    stats = channel_statistics(program, calibration(), readers, progress)
+    return [(x, layers, *stats[x]) for x, layers in readers.items()]
+
+
 def channel_statistics(program: Program, calibration: Calibration, nodes: Iterable[fx.Node],
                        progress: Callable[[str], None] | None = None) -> dict[fx.Node, tuple[torch.Tensor, ...]]:
     """Per-channel (last dim) ``(min, max)`` of each activation over the calibration data."""
@@ -58,8 +69,7 @@ def channel_statistics(program: Program, calibration: Calibration, nodes: Iterab
 
         return record
 
-    observe(program, calibration, {n: update(n) for n in nodes},
-            progress and (lambda done, total: progress(f"calibration channel ranges: batch {done}/{total}")))
+    observe(program, calibration, {n: update(n) for n in nodes}, progress, "channel ranges")
     return stats
 
 
@@ -89,22 +99,23 @@ def _change_input(program: Program, x: fx.Node, readers: list[WeightedLayer], pa
                   fold: Callable) -> None:
     """Make ``readers`` read ``op(x, operand)``: folded into ``x``'s LayerNorm when nothing else reads it."""
     dtype = x.meta["val"].dtype
-    norm = x
-    if (is_call(norm, aten.layer_norm.default) and len(norm.args) >= 3 and is_constant(norm.args[2])
-            and set(norm.users) == {layer.node for layer in readers}):
-        weight_node = norm.args[2]
-        bias_node = norm.args[3] if len(norm.args) > 3 else None
+    if (is_call(x, aten.layer_norm.default) and len(x.args) >= 3 and is_constant(x.args[2])
+            and set(x.users) == {layer.node for layer in readers}):
+        weight_node = x.args[2]
+        bias_node = x.args[3] if len(x.args) > 3 else None
         if bias_node is None or is_constant(bias_node):
             weight = program.get_constant(weight_node.target)
             bias = None if bias_node is None else program.get_constant(bias_node.target)
             new_weight, new_bias = fold(weight, bias)
-            args = list(norm.args) + [None] * (4 - len(norm.args))
-            with program.graph.inserting_before(norm):
-                args[2] = program.graph.get_attr(add_constant(program, new_weight.to(weight.dtype), f"{pass_name}_w"))
+            args = list(x.args) + [None] * (4 - len(x.args))
+            with program.graph.inserting_before(x):
+                if new_weight is not weight:  # a shift leaves the norm's weight as it is
+                    args[2] = program.graph.get_attr(
+                        add_constant(program, new_weight.to(weight.dtype), f"{pass_name}_w"))
                 if new_bias is not None:
                     args[3] = program.graph.get_attr(add_constant(program, new_bias.to(weight.dtype), f"{pass_name}_b"))
-            norm.args = tuple(args)
-            stamp_provenance([a for a in args[2:4] if isinstance(a, fx.Node)], pass_name, [norm])
+            x.args = tuple(args)
+            stamp_provenance([a for a in args[2:4] if isinstance(a, fx.Node) and a is not weight_node], pass_name, [x])
             return
     with program.graph.inserting_after(x):
         constant = program.graph.get_attr(add_constant(program, operand.to(dtype), f"{pass_name}_{x.name}"))

@@ -39,6 +39,12 @@ TORCH_DIR = os.path.dirname(torch.__file__)
 EPILOGUE = "fxopt_epilogue"
 
 
+def has_symbolic_shapes(graph: fx.Graph) -> bool:
+    """Whether any value in ``graph`` has a symbolic (dynamic) dimension."""
+    return any(not isinstance(d, int) for n in graph.nodes
+               if isinstance(n.meta.get("val"), torch.Tensor) for d in n.meta["val"].shape)
+
+
 def shape_of(node: object) -> list:
     """The shape of the tensor ``node`` computes (``meta["val"]``); ``[]`` for anything else."""
     value = node.meta.get("val") if isinstance(node, fx.Node) else None

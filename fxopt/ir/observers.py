@@ -49,7 +49,7 @@ def calibrate_ranges(program: Program, calibration: Calibration, nodes: Iterable
 
         return update
 
-    observe(program, calibration, {n: extremes(n) for n in nodes}, _stage(progress, "ranges"))
+    observe(program, calibration, {n: extremes(n) for n in nodes}, progress, "ranges")
     if observer == "minmax":
         return {n: (lo[n], hi[n]) for n in nodes}
     # Entropy looks at magnitudes only; the others at signed values.
@@ -66,7 +66,7 @@ def calibrate_ranges(program: Program, calibration: Calibration, nodes: Iterable
 
         return update
 
-    observe(program, calibration, {n: histogram(n) for n in nodes}, _stage(progress, "histograms"))
+    observe(program, calibration, {n: histogram(n) for n in nodes}, progress, "histograms")
     chosen = {}
     for n in nodes:
         low, high = bounds[n]
@@ -86,12 +86,6 @@ def histogram_range(counts: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
     """Centers of the histogram's bins over ``[lo, hi]``."""
     width = (hi - lo) / len(counts)
     return lo + width * (torch.arange(len(counts), dtype=torch.float64) + 0.5)
-
-
-def _stage(progress: Callable[[str], None] | None, what: str) -> Callable[[int, int], None] | None:
-    if progress is None:
-        return None
-    return lambda done, total: progress(f"calibration {what}: batch {done}/{total}")
 
 
 def _percentile(counts: torch.Tensor, lo: float, hi: float, percentile: float) -> tuple[float, float]:

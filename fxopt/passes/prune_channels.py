@@ -16,7 +16,7 @@ from fxopt.ir.analysis import node_flops
 from fxopt.ir.calibration import Calibration, data_nodes, gradients, observe
 from fxopt.ir.channels import ChannelGraph, Group, Leaf, Prod, Space, Tree, analyze, shrink
 from fxopt.ir.layers import BATCH_NORM, as_affine, layer_matches, require_matches
-from fxopt.ir.meta import describe_node, dtype_of, module_name, shape_of
+from fxopt.ir.meta import describe_node, dtype_of, has_symbolic_shapes, module_name, shape_of
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
 from fxopt.timing import time_call
@@ -159,8 +159,7 @@ class PrunePlan:
 
 def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> PrunePlan | None:
     """Analyze ``program``, rank its channels and choose how many each group keeps to meet ``options.ratio``."""
-    if any(not isinstance(s, int) for n in program.graph.nodes
-           if isinstance(n.meta.get("val"), torch.Tensor) for s in n.meta["val"].shape):
+    if has_symbolic_shapes(program.graph):
         ctx.skip("the graph", "it has dynamic (symbolic) dimensions; capture with static shapes to prune")
         return None
     graph = analyze(program)

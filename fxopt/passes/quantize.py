@@ -11,7 +11,7 @@ import torch.fx as fx
 from fxopt.errors import PassError
 from fxopt.ir.edit import add_constant, drop_unread_constants, erase_if_dead, inline_function, replace_node
 from fxopt.ir.layers import WeightedLayer, layer_matches, require_matches, weighted_layers
-from fxopt.ir.meta import describe_node, propagate_meta, stamp_provenance
+from fxopt.ir.meta import describe_node, has_symbolic_shapes, propagate_meta, stamp_provenance
 from fxopt.ir.observers import ObserverKind, calibrate_ranges
 from fxopt.ir.program import Program
 from fxopt.ir.calibration import observe
@@ -63,8 +63,7 @@ class Quantize(Pass):
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
         self._validate()
-        if any(not isinstance(d, int) for n in program.graph.nodes
-               if isinstance(n.meta.get("val"), torch.Tensor) for d in n.meta["val"].shape):
+        if has_symbolic_shapes(program.graph):
             ctx.skip("the graph", "it has dynamic (symbolic) dimensions; capture with static shapes to quantize")
             return False
         targets, refused = weighted_layers(program)
@@ -220,8 +219,7 @@ def input_hessians(program: Program, calibration, nodes, progress=None) -> dict[
 
         return update
 
-    observe(program, calibration, {n: accumulate(n) for n in nodes},
-            progress and (lambda done, total: progress(f"calibration hessians: batch {done}/{total}")))
+    observe(program, calibration, {n: accumulate(n) for n in nodes}, progress, "hessians")
     return {n: sums[n] / max(rows[n], 1) for n in nodes}
 
 

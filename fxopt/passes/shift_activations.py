@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fxopt.ir.equivalence import channel_statistics, linear_readers, shift_channels
+from fxopt.ir.equivalence import calibrated_readers, shift_channels
 from fxopt.ir.meta import propagate_meta
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext
@@ -29,14 +29,10 @@ class ShiftActivations(Pass):
     before = ("smooth-activations", "quantize")
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
-        readers = linear_readers(program)
-        if not readers:
-            return False
-        calibration = ctx.require_calibration("shift-activations")
-        stats = channel_statistics(program, calibration, readers, ctx.progress)
-        for x, layers in readers.items():
-            lo, hi = stats[x]
+        readers = calibrated_readers(program, lambda: ctx.require_calibration(self.name), ctx.progress)
+        for x, layers, lo, hi in readers:
             shift_channels(program, x, layers, (lo + hi) / 2, self.name)
             ctx.count("shifted activations")
-        propagate_meta(program.graph_module)
-        return True
+        if readers:
+            propagate_meta(program.graph_module)
+        return bool(readers)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fxopt.errors import PassError
-from fxopt.ir.equivalence import channel_statistics, linear_readers, scale_channels
+from fxopt.ir.equivalence import calibrated_readers, scale_channels
 from fxopt.ir.meta import describe_node, propagate_meta
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
@@ -36,13 +36,8 @@ class SmoothActivations(Pass):
     def apply(self, program: Program, ctx: PassContext) -> bool:
         if not 0 <= self.alpha <= 1:
             raise PassError(f"smooth-activations: alpha must be in [0, 1], got {self.alpha}")
-        readers = linear_readers(program)
-        if not readers:
-            return False
-        calibration = ctx.require_calibration("smooth-activations")
-        stats = channel_statistics(program, calibration, readers, ctx.progress)
-        for x, layers in readers.items():
-            lo, hi = stats[x]
+        for x, layers, lo, hi in calibrated_readers(program, lambda: ctx.require_calibration(self.name),
+                                                    ctx.progress):
             act = torch.maximum(-lo, hi).double()
             weight = torch.stack([layer.weight_value(program).double().abs().amax(0) for layer in layers]).amax(0)
             if act.shape != weight.shape:

@@ -1,45 +1,13 @@
 """shift-activations: centered channels, compensated in the readers' biases (exactness is verified by the manager)."""
 
 import torch
-from torch import nn
 
 from fxopt import PassManager, capture
-from tests.passes.helpers import ops
-
-
-class Block(nn.Module):
-    """A Pre-LN attention-like block: one LayerNorm feeding two linears (one without bias)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.norm = nn.LayerNorm(16)
-        self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16, bias=False)
-        with torch.no_grad():
-            self.norm.bias.uniform_(-3, 3)
-            self.norm.weight.uniform_(0.1, 5)
-
-    def forward(self, x):
-        h = self.norm(x)
-        return self.q(h) * self.k(h)
-
-
-class Unfoldable(Block):
-    """A ReLU between the norm and the linears: the change cannot fold into the norm."""
-
-    def forward(self, x):
-        h = torch.relu(self.norm(x))
-        return self.q(h) * self.k(h)
-
-
-def run(model, spec):
-    program = capture(model, (torch.randn(2, 5, 16),))
-    result, (record,) = PassManager(spec, verify="each", calibration=[torch.randn(2, 5, 16) * 2]).run(program)
-    return program, result, record
+from tests.passes.helpers import NormFeedingLinears, NormReluFeedingLinears, ops, run_calibrated
 
 
 def test_the_shift_folds_into_the_layer_norm_and_gives_bias_free_readers_a_bias():
-    program, result, record = run(Block(), "shift-activations")
+    program, result, record = run_calibrated(NormFeedingLinears(), "shift-activations")
     assert record.stats == {"shifted activations": 1}
     assert ops(result) == ops(program)  # folded into the norm's bias: no new op
     k = [n for n in result.graph.nodes if n.target is torch.ops.aten.linear.default][1]
@@ -47,7 +15,7 @@ def test_the_shift_folds_into_the_layer_norm_and_gives_bias_free_readers_a_bias(
 
 
 def test_channels_are_centered_on_the_calibration_data():
-    program, result, _ = run(Unfoldable(), "shift-activations")
+    program, result, _ = run_calibrated(NormReluFeedingLinears(), "shift-activations")
     (sub,) = [n for n in result.graph.nodes if n.target is torch.ops.aten.sub.Tensor]
     from fxopt.ir.calibration import Calibration, observe
 
@@ -64,4 +32,4 @@ def test_without_calibration_the_error_says_how_to_give_it():
     from fxopt.errors import PassError
 
     with pytest.raises(PassError, match="shift-activations needs calibration data"):
-        PassManager("shift-activations").run(capture(Block(), (torch.randn(2, 5, 16),)))
+        PassManager("shift-activations").run(capture(NormFeedingLinears(), (torch.randn(2, 5, 16),)))

@@ -1,53 +1,19 @@
 """smooth-activations: activation ranges migrated into weights (exactness is verified by the manager)."""
 
 import pytest
-
 import torch
-from torch import nn
 
-from fxopt import PassManager, capture
-from tests.passes.helpers import ops
-
-
-class Block(nn.Module):
-    """A Pre-LN attention-like block: one LayerNorm feeding two linears (one without bias)."""
-
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.norm = nn.LayerNorm(16)
-        self.q, self.k = nn.Linear(16, 16), nn.Linear(16, 16, bias=False)
-        with torch.no_grad():
-            self.norm.bias.uniform_(-3, 3)
-            self.norm.weight.uniform_(0.1, 5)
-
-    def forward(self, x):
-        h = self.norm(x)
-        return self.q(h) * self.k(h)
-
-
-class Unfoldable(Block):
-    """A ReLU between the norm and the linears: the change cannot fold into the norm."""
-
-    def forward(self, x):
-        h = torch.relu(self.norm(x))
-        return self.q(h) * self.k(h)
-
-
-def run(model, spec):
-    program = capture(model, (torch.randn(2, 5, 16),))
-    result, (record,) = PassManager(spec, verify="each", calibration=[torch.randn(2, 5, 16) * 2]).run(program)
-    return program, result, record
+from tests.passes.helpers import NormFeedingLinears, NormReluFeedingLinears, ops, run_calibrated
 
 
 def test_the_scale_folds_into_the_layer_norm():
-    program, result, record = run(Block(), "smooth-activations")
+    program, result, record = run_calibrated(NormFeedingLinears(), "smooth-activations")
     assert record.stats == {"smoothed activations": 1}
     assert ops(result) == ops(program)
 
 
 def test_activation_ranges_even_out_and_weights_take_the_difference():
-    program, result, _ = run(Unfoldable(), "smooth-activations{alpha=1}")
+    program, result, _ = run_calibrated(NormReluFeedingLinears(), "smooth-activations{alpha=1}")
     (mul,) = [n for n in result.graph.nodes
               if n.target is torch.ops.aten.mul.Tensor and n.args[0].target is torch.ops.aten.relu.default]
     from fxopt.ir.calibration import Calibration, observe
@@ -63,4 +29,4 @@ def test_alpha_is_validated():
     from fxopt.errors import PassError
 
     with pytest.raises(PassError, match=r"alpha must be in \[0, 1\]"):
-        run(Block(), "smooth-activations{alpha=1.5}")
+        run_calibrated(NormFeedingLinears(), "smooth-activations{alpha=1.5}")
