@@ -188,7 +188,8 @@ class _Rewriter:
         x = self.replaced.get(original, original)
         hint = f"{x.name}_act"
         if self.options.scheme == "w8a8-dynamic":
-            example = torch.zeros(x.meta["val"].shape, dtype=x.meta["val"].dtype)
+            value = original.meta["val"]  # a replacement layer has no metadata until the pass ends
+            example = torch.zeros(value.shape, dtype=value.dtype)
             (scale,), created = inline_function(self.graph, _token_scale, [x], [example], target.node)
             stamp_provenance(created, self.options.name, [x])
             zero_point = self.constant(torch.zeros((), dtype=torch.int32), f"{hint}_zero_point")
