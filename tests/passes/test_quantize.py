@@ -193,3 +193,14 @@ def test_digits_cnn_loses_at_most_one_point_of_accuracy_at_w8a8():
     float_accuracy = accuracy(program)
     assert float_accuracy > 0.9  # trained
     assert accuracy(quantized) >= float_accuracy - 0.01
+
+
+def test_dynamic_quantization_of_a_layer_reading_another_quantized_layer():
+    # Pinned from the hypothesis quantize-graph property: the second layer's per-token scale was built from the
+    # first layer's replacement, which had no shape metadata yet.
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 4)).eval()
+    program = capture(model, (torch.randn(3, 8),))
+    quantized, _ = PassManager("quantize{scheme=w8a8-dynamic}", verify="off").run(program)
+    assert ops(quantized).count(fxopt_ops.linear_q.default) == 2
+    (out,), (reference,) = quantized.run_flat(), program.run_flat()
+    assert (out - reference).abs().max() < 0.05 * reference.abs().max()
