@@ -35,7 +35,7 @@ from run import measure  # noqa: E402  (benchmarks/run.py: interleaved rounds, t
 
 from fxopt import PassManager, capture  # noqa: E402
 from fxopt.ir import count_flops, count_parameters  # noqa: E402
-from fxopt.zoo import SENTENCES, ZOO, load_zoo_model, minilm_encoder  # noqa: E402
+from fxopt.zoo import CALIBRATION_SENTENCES, SENTENCES, ZOO, load_zoo_model, minilm_encoder  # noqa: E402
 
 DEFAULT_MODELS = ["resnet50", "mobilenet_v2", "vit", "bert-classifier", "llama"]
 
@@ -212,7 +212,7 @@ def _si(n: float) -> str:
 def minilm(ratios: list[float]) -> list[str]:
     """Embedding cosine similarity of pruned MiniLM (real trained weights) against the original."""
     encoder, tokens = minilm_encoder()
-    calibration, evaluation = SENTENCES[:8], SENTENCES[8:]
+    calibration, evaluation = CALIBRATION_SENTENCES[:8], SENTENCES
     calibration_batches = [tokens(calibration[i:i + 8]) for i in range(0, len(calibration), 8)]
     inputs = tokens(evaluation)
     with torch.no_grad():

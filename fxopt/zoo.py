@@ -16,7 +16,7 @@ import torch
 
 from fxopt.errors import FxoptError
 
-__all__ = ["ZooModel", "ZOO", "DEFAULT_MODEL", "SENTENCES", "SentenceEncoder", "load_zoo_model", "minilm_encoder"]
+__all__ = ["ZooModel", "ZOO", "DEFAULT_MODEL", "SENTENCES", "CALIBRATION_SENTENCES", "calibration_batches", "SentenceEncoder", "load_zoo_model", "minilm_encoder"]
 
 
 @dataclass(frozen=True)
@@ -90,16 +90,52 @@ def _tokens(vocab: int, seq: int, batch: int = 1) -> Callable[[], tuple]:
     return lambda: (torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(0)),)
 
 
-SENTENCES = [
-    "A man is playing a guitar on stage.", "The stock market fell sharply on Monday.",
-    "Cats often sleep for most of the day.", "She finished the marathon in under four hours.",
-    "The new phone has a larger battery.", "Rain is expected throughout the weekend.",
-    "He cooked pasta with garlic and olive oil.", "The museum opens a new exhibition next month.",
+SENTENCES = [  # held out: what tests and benchmarks compare embeddings on
     "Solar panels convert sunlight into electricity.", "The children built a sandcastle at the beach.",
     "Our flight was delayed by two hours.", "The library lends e-books to its members.",
     "A dog is running through the park.", "Inflation rose faster than economists predicted.",
     "The recipe calls for two cups of flour.", "Astronomers discovered a distant exoplanet.",
 ]
+
+CALIBRATION_SENTENCES = [  # what data-driven passes calibrate on: none of SENTENCES
+    "A man is playing a guitar on stage.", "The stock market fell sharply on Monday.",
+    "Cats often sleep for most of the day.", "She finished the marathon in under four hours.",
+    "The new phone has a larger battery.", "Rain is expected throughout the weekend.",
+    "He cooked pasta with garlic and olive oil.", "The museum opens a new exhibition next month.",
+    "The committee approved the budget after a long debate.", "Two kids are kicking a ball in the street.",
+    "The bridge will be closed for repairs until spring.", "Scientists sequenced the genome of an ancient wheat.",
+    "My grandmother knits scarves for the whole family.", "The train to Berlin leaves at seven fifteen.",
+    "Heavy snow blocked the mountain pass overnight.", "The startup raised forty million dollars in funding.",
+    "A woman is slicing tomatoes in the kitchen.", "The orchestra rehearsed the symphony for weeks.",
+    "Please restart the router if the connection drops.", "Bees are essential for pollinating many crops.",
+    "The court ruled that the contract was invalid.", "He forgot his umbrella and got soaked on the way home.",
+    "The team celebrated their victory in the final minute.", "Antibiotics do not work against viral infections.",
+    "Fresh bread smells wonderful in the morning.", "The software update fixed several security flaws.",
+    "A cyclist rides along the river at sunset.", "Prices for used cars have doubled since last year.",
+    "The professor explained quantum entanglement with a simple analogy.", "They adopted a kitten from the shelter.",
+    "Volcanic ash disrupted air travel across Europe.", "The hotel room had a view of the harbor.",
+    "Regular exercise lowers the risk of heart disease.", "The novel was translated into thirty languages.",
+    "Workers went on strike demanding higher wages.", "A boy is climbing a tall oak tree.",
+    "The database query takes too long on large tables.", "Coral reefs are threatened by warming oceans.",
+    "She painted the fence bright yellow.", "The election results will be announced tonight.",
+    "Add salt to the water before boiling the potatoes.", "The satellite captured images of the hurricane.",
+    "Our neighbors are renovating their kitchen.", "The goalkeeper saved a penalty in extra time.",
+    "Electric cars are becoming cheaper to produce.", "The patient recovered quickly after surgery.",
+    "A group of friends is hiking up a steep trail.", "The company recalled thousands of faulty chargers.",
+    "Learning a new language takes patience and practice.", "The river flooded several villages last spring.",
+    "He plays chess online every evening.", "The central bank kept interest rates unchanged.",
+    "Wolves were reintroduced to the national park.", "The printer is out of ink again.",
+    "A chef is grilling fish over an open flame.", "The documentary follows penguins through a harsh winter.",
+    "The app crashes whenever I upload a photo.", "Farmers are worried about the long drought.",
+    "A little girl is feeding ducks at the pond.", "The senator resigned after the scandal.",
+    "Mount Everest is the highest mountain on Earth.", "The concert was cancelled because of the storm.",
+    "You should back up your files regularly.", "The vaccine trial enrolled ten thousand volunteers.",
+]
+
+
+def calibration_batches(tokens: Callable[[list[str]], tuple], size: int = 8) -> list[tuple]:
+    """:data:`CALIBRATION_SENTENCES` tokenized in batches of ``size`` (the batch the model was captured with)."""
+    return [tokens(CALIBRATION_SENTENCES[i:i + size]) for i in range(0, len(CALIBRATION_SENTENCES), size)]
 
 
 class SentenceEncoder(torch.nn.Module):
@@ -153,7 +189,7 @@ ZOO: dict[str, ZooModel] = {
                                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)),
                  _tokens(32000, 128)),
         ZooModel("minilm", "all-MiniLM-L6-v2 sentence encoder with its trained weights, 16 sentences of 24 tokens",
-                 lambda: minilm_encoder()[0], lambda: minilm_encoder()[1](SENTENCES[8:])),
+                 lambda: minilm_encoder()[0], lambda: minilm_encoder()[1](SENTENCES)),
         # Small members of the same families, for tests and quick tries.
         ZooModel("resnet-tiny", "2-stage ResNet, 1x3x32x32",
                  _seeded(lambda: _resnet(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)),

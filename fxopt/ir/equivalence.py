@@ -23,7 +23,8 @@ from fxopt.ir.layers import WeightedLayer, is_call, is_constant, weighted_layers
 from fxopt.ir.meta import stamp_provenance
 from fxopt.ir.program import Program
 
-__all__ = ["linear_readers", "calibrated_readers", "channel_statistics", "scale_channels", "shift_channels"]
+__all__ = ["linear_readers", "calibrated_readers", "channel_statistics", "input_moments", "scale_channels",
+           "shift_channels"]
 
 aten = torch.ops.aten
 
@@ -71,6 +72,28 @@ def channel_statistics(program: Program, calibration: Calibration, nodes: Iterab
 
     observe(program, calibration, {n: update(n) for n in nodes}, progress, "channel ranges")
     return stats
+
+
+def input_moments(program: Program, calibration: Calibration, nodes: Iterable[fx.Node],
+                  progress: Callable[[str], None] | None = None) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
+    """``(E[x xᵀ], E|x|)`` over the calibration data of each activation (features along the last dim).
+
+    The second moment says how much each direction of a layer's input is
+    exercised: a weight error ``d`` changes the layer's output by ``dᵀ H d``
+    in the mean. float64 sums; memory is one ``features²`` matrix each.
+    """
+    sums: dict[fx.Node, list] = {}
+
+    def accumulate(node: fx.Node) -> Callable[[torch.Tensor], None]:
+        def update(value: torch.Tensor) -> None:
+            flat = value.detach().reshape(-1, value.shape[-1]).double()
+            previous = sums.get(node, (0, 0, 0))
+            sums[node] = [previous[0] + flat.T @ flat, previous[1] + flat.abs().sum(0), previous[2] + len(flat)]
+
+        return update
+
+    observe(program, calibration, {n: accumulate(n) for n in nodes}, progress, "second moments")
+    return {n: (square / max(rows, 1), absolute / max(rows, 1)) for n, (square, absolute, rows) in sums.items()}
 
 
 def scale_channels(program: Program, x: fx.Node, readers: list[WeightedLayer], scale: torch.Tensor,

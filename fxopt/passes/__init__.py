@@ -4,6 +4,7 @@ Every pass is a frozen dataclass in a file of its own; :data:`PASSES` maps each
 pass's spec name to its class and is the one place a pass is registered.
 """
 
+from fxopt.passes.awq import AWQ
 from fxopt.passes.base import Option, Pass, PassContext, option
 from fxopt.passes.cse import CommonSubexpressionElimination
 from fxopt.passes.dce import DeadCodeElimination
@@ -21,6 +22,7 @@ from fxopt.passes.shift_activations import ShiftActivations
 from fxopt.passes.smooth_activations import SmoothActivations
 
 PASSES: dict[str, type[Pass]] = {
+    "awq": AWQ,
     "cse": CommonSubexpressionElimination,
     "dce": DeadCodeElimination,
     "fold-constants": FoldConstants,

@@ -10,6 +10,7 @@ import torch.fx as fx
 
 from fxopt.errors import PassError
 from fxopt.ir.edit import add_constant, drop_unread_constants, erase_if_dead, inline_function, replace_node
+from fxopt.ir.equivalence import input_moments
 from fxopt.ir.layers import WeightedLayer, layer_matches, require_matches, weighted_layers
 from fxopt.ir.meta import describe_node, has_symbolic_shapes, propagate_meta, stamp_provenance
 from fxopt.ir.observers import ObserverKind, calibrate_ranges
@@ -18,7 +19,7 @@ from fxopt.ir.calibration import observe
 from fxopt.ir.quant import FP8, INT4, INT8, affine_params, gptq_groups, group_params, pack_int4, quantize_tensor
 from fxopt.passes.base import Pass, PassContext, option
 
-__all__ = ["Quantize", "Scheme", "input_hessians"]
+__all__ = ["Quantize", "Scheme"]
 
 aten = torch.ops.aten
 fxopt_ops = torch.ops.fxopt
@@ -44,7 +45,7 @@ class Quantize(Pass):
     Not exact: every value moves by at most half a quantization step (fp8: 2⁻⁴
     of its magnitude) within the calibrated range; the pass record shows the
     output error. Runs after the exact rewrites that change weights
-    (``fold-conv-bn``, ``fuse-blocks``, ``smooth-activations``) and before
+    (``fold-conv-bn``, ``fuse-blocks``, ``smooth-activations``, ``awq``) and before
     ``cse``/``dce``.
     """
 
@@ -59,6 +60,8 @@ class Quantize(Pass):
     weights: Literal["symmetric", "asymmetric"] = option("symmetric", "w8/w4: weight group zero points")
     rounding: Literal["nearest", "gptq"] = option("nearest", "w8/w4: round to nearest, or GPTQ's error-compensating "
                                                   "rounding (calibrated)")
+    weight_ranges: Literal["minmax", "search"] = option("minmax", "w8/w4: each group's min/max, or the clipped range "
+                                                        "with the least output error (calibrated)")
     ignore: tuple[str, ...] = option((), "layers left in float (module path or weight name globs)")
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
@@ -81,9 +84,11 @@ class Quantize(Pass):
         if not chosen:
             return False
         ranges, hessians = {}, {}
-        if self.scheme in _WEIGHT_ONLY and self.rounding == "gptq":
-            calibration = ctx.require_calibration("quantize{rounding=gptq}")
-            hessians = input_hessians(program, calibration, dict.fromkeys(t.x for t in chosen), ctx.progress)
+        if self.scheme in _WEIGHT_ONLY and (self.rounding == "gptq" or self.weight_ranges == "search"):
+            needs = "rounding=gptq" if self.rounding == "gptq" else "weight-ranges=search"
+            calibration = ctx.require_calibration(f"quantize{{{needs}}}")
+            moments = input_moments(program, calibration, dict.fromkeys(t.x for t in chosen), ctx.progress)
+            hessians = {x: second for x, (second, _) in moments.items()}
         if self.scheme in ("w8a8", "fp8"):
             calibration = ctx.require_calibration(f"quantize{{scheme={self.scheme}}}")
             fmt = FP8 if self.scheme == "fp8" else INT8
@@ -171,10 +176,11 @@ class _Rewriter:
         fmt = INT4 if self.options.scheme == "w4" else INT8
         group = self.options.group_size or weight.shape[1]
         symmetric = self.options.weights == "symmetric"
-        if hessian is not None:
-            q, scale, zero_point = gptq_groups(weight, hessian, group, fmt, symmetric)
+        search = self.options.weight_ranges == "search"
+        if self.options.rounding == "gptq":
+            q, scale, zero_point = gptq_groups(weight, hessian, group, fmt, symmetric, search)
         else:
-            q, scale, zero_point = group_params(weight, group, fmt, symmetric)
+            q, scale, zero_point = group_params(weight, group, fmt, symmetric, hessian if search else None)
         stored = pack_int4(q) if fmt is INT4 else q
         self.weights.append(stored)
         return (self.constant(stored, f"{hint}_q{fmt.name}"), self.constant(scale, f"{hint}_scale"),
@@ -205,23 +211,6 @@ class _Rewriter:
         stamp_provenance([xq], self.options.name, [x])
         self.quantized[original] = (xq, scale, zero_point)
         return xq, scale, zero_point
-
-
-def input_hessians(program: Program, calibration, nodes, progress=None) -> dict[fx.Node, torch.Tensor]:
-    """``E[x xᵀ]`` over the calibration data of each activation in ``nodes`` (features along the last dim)."""
-    sums = {n: 0 for n in nodes}
-    rows = dict.fromkeys(nodes, 0)
-
-    def accumulate(node: fx.Node):
-        def update(value: torch.Tensor) -> None:
-            flat = value.reshape(-1, value.shape[-1]).double()
-            sums[node] = sums[node] + flat.T @ flat
-            rows[node] += flat.shape[0]
-
-        return update
-
-    observe(program, calibration, {n: accumulate(n) for n in nodes}, progress, "hessians")
-    return {n: sums[n] / max(rows[n], 1) for n in nodes}
 
 
 def _token_scale(x: torch.Tensor) -> tuple[torch.Tensor]:

@@ -4,7 +4,7 @@
   within the calibrated range, 2⁻⁴ relative (or 2⁻¹⁰ of the scale near zero) for fp8 e4m3;
 - the reference int8 kernels (``fxopt::linear_q``, ``fxopt::conv_q``) compute exactly what float64 computes on the
   same integer values, zero points included; int4 packing round-trips;
-- ``shift-activations`` and ``smooth-activations`` are exact in float32 on random transformers and CNNs;
+- ``shift-activations``, ``smooth-activations`` and ``awq`` are exact in float32 on random transformers and CNNs;
 - ``quantize`` with any scheme yields a verified graph with the model's output shapes and finite outputs.
 """
 
@@ -82,7 +82,8 @@ def test_int8_conv_is_exact_on_integers(seed, in_groups, out_per_group, size, ke
 
 
 @given(prunable_models(), st.sampled_from(["shift-activations", "smooth-activations",
-                                           "shift-activations,smooth-activations{alpha=0.8}"]))
+                                           "shift-activations,smooth-activations{alpha=0.8}", "awq{group-size=0}",
+                                           "awq{bits=8 group-size=2 weights=asymmetric grid=4}"]))
 def test_activation_transformations_are_exact(model, spec):
     program = capture(model, (model.example_input(),))
     calibration = [model.example_input() * 3]  # ranges from other data than the check: exactness cannot depend on it
