@@ -67,11 +67,17 @@ def make_runners(model: torch.nn.Module, inputs: tuple, target: str, tune: str |
     return runners, failures, notes
 
 
+def export_onnx(model: torch.nn.Module, inputs: tuple, path: Path | None = None) -> Path:
+    """The model as ONNX (torch's dynamo exporter), at ``path`` or in a fresh temporary directory."""
+    path = path or Path(tempfile.mkdtemp()) / "model.onnx"
+    torch.onnx.export(model, inputs, str(path), dynamo=True, optimize=True)
+    return path
+
+
 def _onnxruntime(model: torch.nn.Module, inputs: tuple) -> Runner:
     import onnxruntime as ort
 
-    path = Path(tempfile.mkdtemp()) / "model.onnx"
-    torch.onnx.export(model, inputs, str(path), dynamo=True, optimize=True)
+    path = export_onnx(model, inputs)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), pytree.tree_leaves(inputs))}
     return lambda: session.run(None, feed)

@@ -71,16 +71,21 @@ def _parser() -> argparse.ArgumentParser:
     _tuning_arguments(tune)
     tune.set_defaults(run=_tune)
 
-    prune = sub.add_parser("prune", help="prune channels and heads, then optimize; or --explain the groups")
-    _model_arguments(prune)
-    prune.add_argument("--options", default="", metavar="'KEY=VALUE ...'",
-                       help="options of prune-channels, e.g. 'ratio=0.5 importance=l2 round-to=8'")
+    prune = _lossy_pass_command(sub, "prune", "prune channels and heads, then optimize; or --explain the groups",
+                                "prune-channels, e.g. 'ratio=0.5 importance=l2 round-to=8'", "pruned")
     prune.add_argument("--explain", action="store_true",
                        help="print each channel group (its layers, size, importance) and what would be kept; "
                             "nothing is built")
-    _calibration_argument(prune)
-    prune.add_argument("-o", "--output", type=Path, help="write the pruned graph as a torch.export archive (.pt2)")
     prune.set_defaults(run=_prune)
+
+    quant = _lossy_pass_command(sub, "quantize", "quantize, then optimize; or --report each layer's sensitivity",
+                                "quantize, e.g. 'scheme=w4 rounding=gptq' or 'scheme=mixed max-error=0.02'",
+                                "quantized")
+    quant.add_argument("--report", action="store_true",
+                       help="print each layer's output error when it alone is quantized (and scheme=mixed's "
+                            "choice); nothing is built")
+    quant.add_argument("--plot", type=Path, metavar="FILE.svg", help="with --report: also draw it as a bar chart")
+    quant.set_defaults(run=_quantize)
 
     passes = sub.add_parser("passes", help="list every pass with its options and docs")
     passes.add_argument("--markdown", action="store_true", help="as the README's Markdown table")
@@ -107,10 +112,21 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
 
 
+def _lossy_pass_command(sub, command: str, help: str, options: str, written: str) -> argparse.ArgumentParser:
+    """A command that runs one lossy pass with ``--options`` before the target's pipeline."""
+    parser = sub.add_parser(command, help=help)
+    _model_arguments(parser)
+    parser.add_argument("--options", default="", metavar="'KEY=VALUE ...'", help=f"options of {options}")
+    _calibration_argument(parser)
+    parser.add_argument("-o", "--output", type=Path, help=f"write the {written} graph as a torch.export archive (.pt2)")
+    return parser
+
+
 def _calibration_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--calibration", type=Path, metavar="FILE.pt",
                         help="inputs for data-driven passes: a torch.save'd list of batches, or one tensor of "
-                             "samples split into batches of the example input's size")
+                             "samples split into batches of the example input's size (default: a built-in "
+                             "model's own, where it has some)")
 
 
 def _tuning_arguments(parser: argparse.ArgumentParser) -> None:
@@ -152,7 +168,7 @@ def _optimize(args: argparse.Namespace) -> int:
         result = optimize(
             model, inputs, target=args.target, pipeline=pipeline, verify=args.verify,
             print_ir_after=args.print_ir_after, dump_dir=args.dump_dir, progress=progress,
-            tune=_tune_options(args, args.tune), dispatch=args.dispatch, calibration=args.calibration,
+            tune=_tune_options(args, args.tune), dispatch=args.dispatch, calibration=_calibration(args),
         )
     report = result.report()
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
@@ -182,15 +198,96 @@ def _prune(args: argparse.Namespace) -> int:
     model, inputs = load_model(args.model or DEFAULT_MODEL, args.example_input)
     (pruning,) = parse_pipeline(f"prune-channels{{{args.options}}}")
     if args.explain:
-        print(explain(capture(model, inputs), pruning, Calibration.coerce(args.calibration)))
+        print(explain(capture(model, inputs), pruning, Calibration.coerce(_calibration(args))))
         return 0
     target = parse_target(args.target or "cpu")
     result = optimize(model, inputs, target=target, pipeline=f"{pruning},{target.default_pipeline}",
-                      calibration=args.calibration)
+                      calibration=_calibration(args))
     print(result.report())
     if args.output:
         print(f"wrote {result.save(args.output)} (load with torch.export.load)")
     return 0
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from fxopt.api import optimize
+    from fxopt.ir.calibration import Calibration
+    from fxopt.ir.capture import capture
+    from fxopt.passes import PassManager, parse_pipeline
+    from fxopt.passes.quantize import format_sensitivity, sensitivity
+    from fxopt.targets import parse_target
+    from fxopt.zoo import DEFAULT_MODEL
+
+    if args.plot and not args.report:
+        raise FxoptError("--plot draws the --report: give both")
+    model, inputs = load_model(args.model or DEFAULT_MODEL, args.example_input)
+    (quantize,) = parse_pipeline(f"quantize{{{args.options}}}")
+    target = parse_target(args.target or "cpu")
+    calibration = Calibration.coerce(_calibration(args))
+    with Console(stderr=True).status("capturing") as status:
+
+        def progress(detail: str) -> None:
+            status.update(f"{quantize}: {detail}")
+
+        if args.report:
+            # The layers as quantize meets them in the pipeline: after the target's exact rewrites.
+            program, _ = PassManager(target.default_pipeline, verify="off").run(capture(model, inputs))
+            if calibration is None:
+                raise FxoptError(f"--report runs {program.name} on calibration data: give --calibration FILE.pt")
+            status.update(f"{quantize}: sensitivity")
+            rows, notes = sensitivity(program, quantize, calibration, progress)
+        else:
+            result = optimize(model, inputs, target=target, pipeline=f"{target.default_pipeline},{quantize}",
+                              calibration=calibration,
+                              progress=lambda index, total, step: status.update(f"[{index + 1}/{total}] {step}"))
+    if not args.report:
+        print(result.report())
+        if args.output:
+            print(f"wrote {result.save(args.output)} (load with torch.export.load)")
+        return 0
+    print(format_sensitivity(program.name, quantize, rows, notes, len(calibration)))
+    if args.plot:
+        args.plot.write_text(_sensitivity_svg(f"{program.name}: {quantize}", rows))
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _sensitivity_svg(title: str, rows) -> str:
+    """A horizontal bar chart of each layer's sensitivity, most sensitive on top, colored by precision."""
+    from html import escape
+
+    bar_width, row_height, label_width = 360, 16, 330
+    top = max((r.error for r in rows), default=0) or 1
+    colors = {}
+    palette = ["#4477aa", "#ee6677", "#228833", "#ccbb44"]
+    lines = [f'<text x="4" y="16" font-weight="bold">{escape(title)}</text>']
+    for i, row in enumerate(rows):
+        color = colors.setdefault(row.precision, palette[len(colors) % len(palette)])
+        y = 28 + i * row_height
+        width = bar_width * row.error / top
+        lines.append(f'<text x="{label_width - 4}" y="{y + 12}" text-anchor="end">{escape(row.label)}</text>'
+                     f'<rect x="{label_width}" y="{y + 2}" width="{width:.1f}" height="{row_height - 4}" '
+                     f'fill="{color}"><title>{row.error:.4g} ({row.precision})</title></rect>'
+                     f'<text x="{label_width + width + 4:.1f}" y="{y + 12}">{row.error:.3g}</text>')
+    legend_y = 28 + len(rows) * row_height + 14
+    lines += [f'<rect x="{label_width + 90 * i}" y="{legend_y - 10}" width="10" height="10" fill="{color}"/>'
+              f'<text x="{label_width + 90 * i + 14}" y="{legend_y}">{escape(precision)}</text>'
+              for i, (precision, color) in enumerate(colors.items())]
+    width, height = label_width + bar_width + 60, legend_y + 10
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
+            f'font-size="11">\n' + "\n".join(lines) + "\n</svg>\n")
+
+
+def _calibration(args: argparse.Namespace):
+    """``--calibration``, else the built-in model's own calibration batches, else ``None``."""
+    from fxopt.zoo import DEFAULT_MODEL, ZOO
+
+    if args.calibration is not None:
+        return args.calibration
+    entry = ZOO.get(args.model or DEFAULT_MODEL)
+    return entry.calibration() if entry is not None and entry.calibration is not None else None
 
 
 def _tune(args: argparse.Namespace) -> int:

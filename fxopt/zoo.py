@@ -16,17 +16,20 @@ import torch
 
 from fxopt.errors import FxoptError
 
-__all__ = ["ZooModel", "ZOO", "DEFAULT_MODEL", "SENTENCES", "CALIBRATION_SENTENCES", "calibration_batches", "SentenceEncoder", "load_zoo_model", "minilm_encoder"]
+__all__ = ["ZooModel", "ZOO", "DEFAULT_MODEL", "SENTENCES", "CALIBRATION_SENTENCES", "calibration_batches",
+           "SentenceEncoder", "load_zoo_model", "minilm_encoder", "digits_cnn"]
 
 
 @dataclass(frozen=True)
 class ZooModel:
-    """A named model: how to build it and a representative input."""
+    """A named model: how to build it, a representative input, and calibration batches where it has real ones
+    (data-driven passes use them when the command line gives no ``--calibration``)."""
 
     name: str
     description: str
     build: Callable[[], torch.nn.Module]
     example_inputs: Callable[[], tuple]
+    calibration: Callable[[], list] | None = None
 
 
 def _transformers():
@@ -35,6 +38,7 @@ def _transformers():
     except ImportError:  # pragma: no cover - installed with fxopt[zoo]
         raise FxoptError("the built-in models need transformers: pip install 'fxopt[zoo]'") from None
     transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # "Loading weights" bars on every build of a trained model
     return transformers
 
 
@@ -138,6 +142,31 @@ def calibration_batches(tokens: Callable[[list[str]], tuple], size: int = 8) -> 
     return [tokens(CALIBRATION_SENTENCES[i:i + size]) for i in range(0, len(CALIBRATION_SENTENCES), size)]
 
 
+def digits_cnn(epochs: int = 8) -> tuple[torch.nn.Module, tuple, tuple]:
+    """A small CNN trained (seconds, seeded) on scikit-learn's 8x8 digits: the model in eval mode,
+    ``(train images, labels)`` (1400) and ``(test images, labels)`` (397); images ``[n, 1, 8, 8]`` in [0, 1]."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise FxoptError("the digits CNN needs scikit-learn: pip install 'fxopt[bench]'") from None
+    digits = load_digits()
+    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
+    labels = torch.tensor(digits.target)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    train, test = order[:1400], order[1400:]
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32 * 16, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _epoch in range(epochs):
+        for batch in train.split(64):
+            optimizer.zero_grad()
+            torch.nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
+            optimizer.step()
+    return model.eval(), (images[train], labels[train]), (images[test], labels[test])
+
+
 class SentenceEncoder(torch.nn.Module):
     """MiniLM + mean pooling + L2 normalization: sentence-transformers' all-MiniLM-L6-v2 embedding."""
 
@@ -188,8 +217,9 @@ ZOO: dict[str, ZooModel] = {
                  _seeded(lambda: _llama(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
                                         num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)),
                  _tokens(32000, 128)),
-        ZooModel("minilm", "all-MiniLM-L6-v2 sentence encoder with its trained weights, 16 sentences of 24 tokens",
-                 lambda: minilm_encoder()[0], lambda: minilm_encoder()[1](SENTENCES)),
+        ZooModel("minilm", "all-MiniLM-L6-v2 sentence encoder with its trained weights, 8 sentences of 24 tokens "
+                 "(calibration: 64 others)", lambda: minilm_encoder()[0], lambda: minilm_encoder()[1](SENTENCES),
+                 lambda: calibration_batches(minilm_encoder()[1])),
         # Small members of the same families, for tests and quick tries.
         ZooModel("resnet-tiny", "2-stage ResNet, 1x3x32x32",
                  _seeded(lambda: _resnet(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)),

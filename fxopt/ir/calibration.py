@@ -36,11 +36,17 @@ class Calibration:
     passes that need gradients (Taylor importance) differentiate it. Without
     one they use half the squared norm of the floating outputs, a label-free
     proxy for how much the output depends on each weight.
+
+    ``metric(outputs, reference)`` scores a changed model (``quantize{scheme=mixed}``,
+    sensitivity reports): its outputs on every batch against the original's,
+    as lists with one model output per batch; lower is better (an error, or an
+    accuracy drop). Without one: the relative RMS error of the floating outputs.
     """
 
     batches: tuple
     loss: Loss | None = None
     source: str = "calibration data"
+    metric: Callable[[list, list], float] | None = None
 
     @staticmethod
     def coerce(data: object, *, limit: int | None = None, loss: Loss | None = None,

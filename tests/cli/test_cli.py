@@ -94,6 +94,29 @@ def test_prune_with_calibration_data_from_a_file(tmp_path, capsys):
     assert "importance=taylor needs calibration data" in capsys.readouterr().err
 
 
+def test_quantize_reports_sensitivity_plots_it_and_quantizes(tmp_path, capsys):
+    import xml.dom.minidom
+
+    from fxopt.zoo import load_zoo_model
+
+    _, (tokens,) = load_zoo_model("bert-tiny")
+    torch.save([tokens.roll(i, dims=1) for i in (3, 7)], tmp_path / "calib.pt")  # other sentences, same vocabulary
+    calibration = ["--calibration", str(tmp_path / "calib.pt")]
+    plot = tmp_path / "sensitivity.svg"
+    assert main(["quantize", "bert-tiny", "--options", "scheme=mixed max-error=0.01", "--report", "--plot", str(plot),
+                 *calibration]) == 0
+    out = capsys.readouterr().out
+    assert "most sensitive first" in out and "encoder.layer.1.output.dense" in out and "float" in out
+    assert "mixed: the " in out and "layers at float, the rest at w8a8" in out
+    assert len(xml.dom.minidom.parse(str(plot)).getElementsByTagName("rect")) >= 8  # a bar per layer, and a legend
+    archive = tmp_path / "quantized.pt2"
+    assert main(["quantize", "bert-tiny", "--options", "scheme=w8", "--target", "torch", "-o", str(archive)]) == 0
+    assert "quantize" in capsys.readouterr().out and archive.is_file()
+    assert main(["quantize", "bert-tiny", "--report"]) == 1
+    assert "--report runs" in capsys.readouterr().err
+    assert main(["quantize", "bert-tiny", "--plot", str(plot)]) == 1
+
+
 def test_missing_inputs_for_a_user_model(model_file, capsys):
     assert main(["optimize", f"{model_file}:make"]) == 1
     assert "--example-input" in capsys.readouterr().err

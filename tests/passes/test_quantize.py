@@ -6,6 +6,7 @@ from torch import nn
 
 from fxopt import PassManager, capture
 from fxopt.errors import PassError, PipelineError
+from fxopt.ir import count_flops
 from fxopt.ir.observers import calibrate_ranges
 from fxopt.ir.quant import INT8, affine_params, fake_quantize
 from tests.passes.helpers import ops
@@ -61,6 +62,7 @@ def test_each_scheme_replaces_the_layers_by_quantized_ops(scheme, layer_op, weig
     (out,), (reference,) = quantized.run_flat(), program.run_flat()
     assert (out - reference).abs().max() < bound * reference.abs().max()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
+    assert count_flops(quantized) == count_flops(program)  # integer multiply-adds count like float ones
 
 
 def test_static_schemes_need_calibration_and_say_how_to_give_it():
@@ -195,6 +197,83 @@ def test_awq_skips_layers_that_do_not_group_and_checks_its_options():
         PassManager("awq{bits=3}")
 
 
+# --- sensitivity and mixed precision ---------------------------------------------------------------------------
+
+
+def error_on(program, quantized, data):
+    from fxopt.passes.quantize import relative_rms_error
+
+    return relative_rms_error([quantized.run_flat([b]) for b in data], [program.run_flat([b]) for b in data])
+
+
+def test_sensitivity_is_the_output_error_of_each_layer_quantized_alone():
+    from fxopt.ir.calibration import Calibration
+    from fxopt.passes import parse_pipeline
+    from fxopt.passes.quantize import sensitivity
+
+    data = batches()
+    program = capture(Net(), (data[0],))
+    rows, notes = sensitivity(program, parse_pipeline("quantize")[0], Calibration(tuple(data)))
+    assert sorted(r.label for r in rows) == ["conv", "fc1", "fc2"] and not notes
+    assert [r.error for r in rows] == sorted((r.error for r in rows), reverse=True) and rows[-1].error > 0
+    others = {"conv", "fc1", "fc2"}
+    for row in rows:
+        ignore = ",".join(sorted(others - {row.label}))
+        _, alone, _ = quantize(Net(), f"quantize{{ignore=[{ignore}]}}", data)
+        assert error_on(program, alone, data) == pytest.approx(row.error, rel=1e-6)
+        assert row.precision == "w8a8" and row.shape[0] in (8, 64, 10)
+
+
+def test_mixed_keeps_the_fewest_most_sensitive_layers_that_meet_the_bound():
+    from fxopt.ir.calibration import Calibration
+    from fxopt.passes import parse_pipeline
+    from fxopt.passes.quantize import sensitivity
+
+    data = batches()
+    program = capture(Net(), (data[0],))
+    rows, _ = sensitivity(program, parse_pipeline("quantize{scheme=w4 group-size=16}")[0], Calibration(tuple(data)))
+    _, everything, _ = quantize(Net(), "quantize{scheme=w4 group-size=16}", data)
+    bound = error_on(program, everything, data) * 0.7  # all at 4 bits is too much
+    spec = f"quantize{{scheme=mixed mix=[w4,w8] group-size=16 max-error={bound}}}"
+    _, mixed, record = quantize(Net(), spec, data)
+    assert error_on(program, mixed, data) <= bound
+    kept = [n.args[1] for n in mixed.graph.nodes if n.target is fxopt_ops.linear_wq.default and n.args[-1] == 8]
+    assert 1 <= len(kept) < 2  # two linears (the conv is linear-only schemes' to skip): one had to stay at 8 bits
+    assert "mixed: the 1 most sensitive of 2 layers at w8, the rest at w4" in " ".join(record.notes)
+    most_sensitive = rows[0].label
+    assert most_sensitive in kept[0].target  # its weight, stored at 8 bits
+    # A bound everything meets keeps nothing at the high precision.
+    _, loose, record = quantize(Net(), "quantize{scheme=mixed mix=[w4,w8] group-size=16 max-error=10}", data)
+    assert all(n.args[-1] == 4 for n in loose.graph.nodes if n.target is fxopt_ops.linear_wq.default)
+
+
+def test_mixed_to_float_and_a_user_metric():
+    from fxopt.ir.calibration import Calibration
+
+    data = batches()
+    calls = []
+
+    def disagreement(outputs, reference):  # an accuracy metric: the share of changed predictions
+        calls.append(len(outputs))
+        changed = sum(int((o[0].argmax(-1) != r[0].argmax(-1)).sum()) for o, r in zip(outputs, reference))
+        return changed / sum(len(r[0]) for r in reference) + 1.0  # never within the bound below
+
+    _, result, record = quantize(Net(), "quantize{scheme=mixed max-error=0.5}", Calibration(tuple(data),
+                                                                                             metric=disagreement))
+    assert calls and set(calls) == {len(data)}
+    assert fxopt_ops.linear_q.default not in ops(result) and fxopt_ops.conv_q.default not in ops(result)
+    assert not record.changed  # every layer kept in float: the bound is met only there
+
+
+def test_mixed_options_are_checked():
+    with pytest.raises(PassError, match="mix takes two precisions, the low one first"):
+        quantize(Net(), "quantize{scheme=mixed mix=[float,w8]}", batches())
+    with pytest.raises(PassError, match="max-error must be positive"):
+        quantize(Net(), "quantize{scheme=mixed max-error=0}", batches())
+    with pytest.raises(PipelineError, match="mix"):
+        PassManager("quantize{scheme=mixed mix=[w3,float]}")
+
+
 # --- quality on real models ------------------------------------------------------------------------------------
 
 
@@ -226,27 +305,14 @@ def test_minilm_sentence_embeddings_keep_their_direction(minilm, spec, goal):
 
 
 def test_digits_cnn_loses_at_most_one_point_of_accuracy_at_w8a8():
-    datasets = pytest.importorskip("sklearn.datasets")
-    digits = datasets.load_digits()
-    images = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16
-    labels = torch.tensor(digits.target)
-    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
-    train, test = order[:1400], order[1400:]
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(), nn.MaxPool2d(2),
-                          nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 10))
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _epoch in range(8):
-        for batch in train.split(64):
-            optimizer.zero_grad()
-            nn.functional.cross_entropy(model(images[batch]), labels[batch]).backward()
-            optimizer.step()
-    model.eval()
-    test_images = images[test]
+    pytest.importorskip("sklearn.datasets")
+    from fxopt.zoo import digits_cnn
+
+    model, (train_images, _), (test_images, test_labels) = digits_cnn()
     program = capture(model, (test_images,))
     quantized, _ = PassManager("fold-conv-bn,quantize", verify="off",
-                               calibration=[images[train[:len(test)]]]).run(program)
-    accuracy = lambda p: float((p.run_flat([test_images])[0].argmax(1) == labels[test]).float().mean())  # noqa: E731
+                               calibration=[train_images[:len(test_images)]]).run(program)
+    accuracy = lambda p: float((p.run_flat([test_images])[0].argmax(1) == test_labels).float().mean())  # noqa: E731
     float_accuracy = accuracy(program)
     assert float_accuracy > 0.9  # trained
     assert accuracy(quantized) >= float_accuracy - 0.01

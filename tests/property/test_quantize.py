@@ -90,7 +90,7 @@ def test_activation_transformations_are_exact(model, spec):
     PassManager(spec, verify="each", calibration=calibration).run(program)  # raises if outputs change
 
 
-@given(prunable_models(), st.sampled_from(["w8a8", "w8a8-dynamic", "w8", "w4", "fp8"]),
+@given(prunable_models(), st.sampled_from(["w8a8", "w8a8-dynamic", "w8", "w4", "fp8", "mixed"]),
        st.sampled_from(["minmax", "percentile", "mse", "entropy"]), st.sampled_from([0, 2, 4]))
 def test_quantize_yields_a_valid_graph(model, scheme, observer, group_size):
     program = capture(model, (model.example_input(),))

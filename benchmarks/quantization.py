@@ -1,0 +1,221 @@
+"""Post-training quantization side by side: fxopt, ONNX Runtime's quantization tool and torchao.
+
+Every tool quantizes the same float model with the same calibration batches.
+Quality: MiniLM (trained weights) mean/min cosine of the sentence embeddings
+against float32 on held-out sentences; a CNN trained on scikit-learn's digits,
+test accuracy. Size: bytes of the model's constants. Speed: CPU latency
+(medians of interleaved rounds, benchmarks/run.py's ``measure``) against the
+float32 model in PyTorch eager.
+
+    python benchmarks/quantization.py                                   # MiniLM and digits, every tool
+    python benchmarks/quantization.py digits --rounds 3 --peers onnxruntime --no-tvm   # a smoke run
+
+Install the peers with ``pip install -e ".[bench]"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
+
+from run import export_onnx, measure  # noqa: E402  (benchmarks/run.py)
+
+import fxopt  # noqa: E402
+from fxopt import PassManager, capture  # noqa: E402
+from fxopt.zoo import SENTENCES, calibration_batches, digits_cnn, minilm_encoder  # noqa: E402
+
+FXOPT_SCHEMES = {
+    "minilm": ["quantize", "smooth-activations,quantize", "quantize{scheme=w8a8-dynamic}", "quantize{scheme=fp8}",
+               "quantize{scheme=w8}", "quantize{scheme=w4}",
+               "awq{weights=asymmetric},quantize{scheme=w4 weights=asymmetric rounding=gptq weight-ranges=search}",
+               "quantize{scheme=mixed mix=[w4,w8] max-error=0.1}", "quantize{scheme=mixed max-error=0.05}"],
+    "digits": ["quantize", "quantize{observer=percentile}", "quantize{scheme=fp8}", "quantize{scheme=w8a8-dynamic}"],
+}
+# The schemes whose CPU latency is measured through fxopt's TVM build (every segment it can lower in TVM).
+TVM_SCHEMES = ["quantize"]
+
+
+@dataclass
+class Case:
+    """A float model, its evaluation inputs, calibration batches and a quality score of its outputs."""
+
+    name: str
+    model: torch.nn.Module
+    inputs: tuple
+    calibration: list[tuple]
+    score: Callable[[torch.Tensor], str]  # of the model's output on ``inputs``
+
+
+def load_case(name: str) -> Case:
+    if name == "minilm":
+        encoder, tokens = minilm_encoder()
+        inputs = tokens(SENTENCES)
+        with torch.no_grad():
+            reference = encoder(*inputs)
+
+        def cosine(out: torch.Tensor) -> str:
+            similarity = torch.nn.functional.cosine_similarity(out, reference, dim=-1)
+            return f"{similarity.mean():.4f} (min {similarity.min():.4f})"
+
+        return Case(name, encoder, inputs, calibration_batches(tokens), cosine)
+    if name == "digits":
+        model, (train_images, _), (test_images, test_labels) = digits_cnn()
+
+        def accuracy(out: torch.Tensor) -> str:
+            return f"{(out.argmax(1) == test_labels).float().mean():.2%} accuracy"
+
+        # Calibration: training images, batches of the evaluation size (the model is captured for it).
+        size = len(test_images)
+        return Case(name, model, (test_images,), [(train_images[i:i + size],) for i in (0, size)], accuracy)
+    raise SystemExit(f"unknown model {name!r}: minilm or digits")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="*", default=["minilm", "digits"])
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--peers", nargs="*", default=["onnxruntime", "torchao"], choices=["onnxruntime", "torchao"])
+    parser.add_argument("--no-tvm", action="store_true", help="skip the TVM CPU builds (minutes on MiniLM)")
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
+    for name in args.models:
+        case = load_case(name)
+        rows, runners = compare(case, args.peers, not args.no_tvm)
+        latency = measure(runners, args.rounds)
+        eager = latency["float32 (eager)"]
+        print(f"\n### {name}\n")
+        print("| tool | method | quality | weights | CPU latency | vs eager float32 |")
+        print("|---|---|---|---|---|---|")
+        for tool, method, quality, size, runner in rows:
+            timing = f"{latency[runner] * 1e3:.1f} ms | {latency[runner] / eager:.2f}x" if runner in latency else "– | –"
+            print(f"| {tool} | {method} | {quality} | {size} | {timing} |")
+    return 0
+
+
+def compare(case: Case, peers: list[str], tvm: bool) -> tuple[list[tuple], dict[str, Callable[[], object]]]:
+    """Quality rows ``(tool, method, quality, weights, runner name)`` and the runners to time."""
+    rows, runners = [], {}
+
+    def add(tool: str, method: str, build: Callable[[], tuple[Callable[[], torch.Tensor], int]],
+            timed: bool = True) -> None:
+        try:
+            run, size = build()
+            out = run()
+        except Exception as exc:  # a tool failing on a model is a result, not a crash
+            rows.append((tool, method, f"failed: {type(exc).__name__}: {str(exc).splitlines()[0][:120]}", "–", ""))
+            return
+        rows.append((tool, method, case.score(out), f"{size / 1e6:.2f} MB", f"{tool} {method}" if timed else ""))
+        if timed:
+            runners[f"{tool} {method}"] = run
+
+    model, inputs = case.model, case.inputs
+    float_bytes = sum(t.nbytes for t in model.state_dict().values())
+    add("float32", "(eager)", lambda: (lambda: model(*inputs), float_bytes))
+    program = capture(model, inputs)
+    for spec in FXOPT_SCHEMES[case.name]:
+        # Quality through the reference kernels (PyTorch, float64 sums): slow, so not timed.
+        add("fxopt", spec, lambda spec=spec: _fxopt_reference(program, spec, case.calibration), timed=False)
+    if tvm:
+        add("fxopt cpu", "default (float32)", lambda: _fxopt_built(model, inputs, "default", case.calibration))
+        for spec in TVM_SCHEMES:
+            add("fxopt cpu", spec, lambda spec=spec: _fxopt_built(model, inputs, f"default,{spec}", case.calibration))
+    if "onnxruntime" in peers:
+        for method in ("float32", "quantize_static QDQ", "quantize_dynamic"):
+            add("onnxruntime", method, lambda method=method: _onnxruntime(model, inputs, case.calibration, method))
+    if "torchao" in peers:
+        for method in ("Int8DynamicActivationInt8Weight", "Int8WeightOnly", "Int4WeightOnly"):
+            add("torchao", method, lambda method=method: _torchao(model, inputs, method))
+    return rows, runners
+
+
+def _fxopt_reference(program, spec: str, calibration: list[tuple]):
+    quantized, _ = PassManager(f"default,{spec}", verify="off", calibration=calibration).run(program)
+    size = sum(t.nbytes for _, t in quantized.constants())
+    return (lambda: quantized.run_flat()[0]), size
+
+
+def _fxopt_built(model, inputs, pipeline: str, calibration: list[tuple]):
+    # Every segment TVM can lower runs in TVM (untuned kernels), to time its integer kernels against its float ones.
+    optimized = fxopt.optimize(model, inputs, target="cpu", pipeline=pipeline, calibration=calibration,
+                               dispatch="tvm")
+    optimized(*inputs)
+    size = sum(t.nbytes for _, t in optimized.program.constants())
+    print(f"fxopt cpu {pipeline}: {optimized.report().backend_note}", file=sys.stderr)
+    return (lambda: optimized(*inputs)), size
+
+
+def _onnxruntime(model, inputs, calibration: list[tuple], method: str):
+    import onnxruntime as ort
+    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    directory = Path(tempfile.mkdtemp())
+    path = export_onnx(model, inputs, directory / "model.onnx")
+    names = None
+    if method != "float32":
+        prepared, quantized = directory / "prepared.onnx", directory / "quantized.onnx"
+        quant_pre_process(str(path), str(prepared))
+        if method == "quantize_dynamic":
+            quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8, per_channel=True)
+        else:
+            names = [i.name for i in ort.InferenceSession(str(path)).get_inputs()]
+
+            class Batches(CalibrationDataReader):
+                def __init__(self):
+                    self.batches = iter(calibration)
+
+                def get_next(self):
+                    batch = next(self.batches, None)
+                    return None if batch is None else {n: t.numpy() for n, t in zip(names, batch)}
+
+            # fxopt w8a8's choices: asymmetric uint8 activations per tensor (min/max), symmetric int8 weights
+            # per output channel.
+            quantize_static(str(prepared), str(quantized), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                            calibrate_method=CalibrationMethod.MinMax)
+        path = quantized
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+    size = sum(f.stat().st_size for f in directory.iterdir() if f.name.startswith(path.name))  # and external data
+    return (lambda: torch.from_numpy(session.run(None, feed)[0])), size
+
+
+def _torchao(model, inputs, method: str):
+    from torchao.quantization import (Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
+                                      Int8WeightOnlyConfig, quantize_)
+
+    config = {"Int8DynamicActivationInt8Weight": Int8DynamicActivationInt8WeightConfig,
+              "Int8WeightOnly": Int8WeightOnlyConfig,
+              "Int4WeightOnly": lambda: Int4WeightOnlyConfig(group_size=128)}[method]()
+    quantized = copy.deepcopy(model)
+    quantize_(quantized, config)
+    size = sum(_storage_bytes(t) for t in quantized.state_dict().values())
+    return (lambda: quantized(*inputs)), size
+
+
+def _storage_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of a plain or torchao tensor subclass (its inner tensors)."""
+    if hasattr(tensor, "__tensor_flatten__"):
+        names, _ = tensor.__tensor_flatten__()
+        return sum(_storage_bytes(getattr(tensor, n)) for n in names)
+    return tensor.nbytes
+
+
+if __name__ == "__main__":
+    started = time.time()
+    code = main()
+    print(f"\n({time.time() - started:.0f} s)", file=sys.stderr)
+    raise SystemExit(code)
