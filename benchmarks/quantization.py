@@ -166,8 +166,12 @@ def _onnxruntime(model, inputs, calibration: list[tuple], method: str):
     path = export_onnx(model, inputs, directory / "model.onnx")
     names = None
     if method != "float32":
-        prepared, quantized = directory / "prepared.onnx", directory / "quantized.onnx"
-        quant_pre_process(str(path), str(prepared))
+        import onnx
+
+        embedded, prepared, quantized = (directory / f"{n}.onnx" for n in ("embedded", "prepared", "quantized"))
+        onnx.save(onnx.load(str(path)), str(embedded))  # the tool cannot read the exporter's external data
+        # ONNX Runtime's symbolic shape inference fails on the exported BERT attention mask (Expand): ONNX's own.
+        quant_pre_process(str(embedded), str(prepared), skip_symbolic_shape=True)
         if method == "quantize_dynamic":
             quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8, per_channel=True)
         else:

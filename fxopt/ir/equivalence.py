@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.calibration import Calibration, observe
-from fxopt.ir.edit import add_constant
+from fxopt.ir.edit import add_constant, erase_if_dead
 from fxopt.ir.layers import WeightedLayer, is_call, is_constant, weighted_layers
 from fxopt.ir.meta import stamp_provenance
 from fxopt.ir.program import Program
@@ -138,6 +138,9 @@ def _change_input(program: Program, x: fx.Node, readers: list[WeightedLayer], pa
                 if new_bias is not None:
                     args[3] = program.graph.get_attr(add_constant(program, new_bias.to(weight.dtype), f"{pass_name}_b"))
             x.args = tuple(args)
+            for old in (weight_node, bias_node):
+                if old is not None:
+                    erase_if_dead(old)
             stamp_provenance([a for a in args[2:4] if isinstance(a, fx.Node) and a is not weight_node], pass_name, [x])
             return
     with program.graph.inserting_after(x):
@@ -175,3 +178,4 @@ def _replace_constant(program: Program, layer: WeightedLayer, old: fx.Node, tens
         new = program.graph.get_attr(add_constant(program, tensor, f"{pass_name}_{old.target}"))
     stamp_provenance([new], pass_name, [old])
     layer.node.replace_input_with(old, new)
+    erase_if_dead(old)

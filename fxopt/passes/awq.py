@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from fxopt.errors import PassError
+from fxopt.ir.edit import drop_unread_constants
 from fxopt.ir.equivalence import input_moments, linear_readers, scale_channels
 from fxopt.ir.layers import WeightedLayer
 from fxopt.ir.meta import describe_node, propagate_meta
@@ -70,6 +71,7 @@ class AWQ(Pass):
                          + (f"; exponents {min(exponents):.2f}..{max(exponents):.2f}" if exponents else ""))
         if not exponents:
             return False
+        drop_unread_constants(program)  # the weights it replaced
         propagate_meta(program.graph_module)
         return True
 

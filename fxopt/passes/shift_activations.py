@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fxopt.ir.edit import drop_unread_constants
 from fxopt.ir.equivalence import calibrated_readers, shift_channels
 from fxopt.ir.meta import propagate_meta
 from fxopt.ir.program import Program
@@ -34,5 +35,6 @@ class ShiftActivations(Pass):
             shift_channels(program, x, layers, (lo + hi) / 2, self.name)
             ctx.count("shifted activations")
         if readers:
+            drop_unread_constants(program)  # the weights it replaced
             propagate_meta(program.graph_module)
         return bool(readers)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fxopt.errors import PassError
+from fxopt.ir.edit import drop_unread_constants
 from fxopt.ir.equivalence import calibrated_readers, scale_channels
 from fxopt.ir.meta import describe_node, propagate_meta
 from fxopt.ir.program import Program
@@ -49,5 +50,6 @@ class SmoothActivations(Pass):
             ctx.count("smoothed activations")
         if not ctx.stats["smoothed activations"]:
             return False
+        drop_unread_constants(program)  # the weights it replaced
         propagate_meta(program.graph_module)
         return True

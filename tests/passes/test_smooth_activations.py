@@ -10,6 +10,10 @@ def test_the_scale_folds_into_the_layer_norm():
     program, result, record = run_calibrated(NormFeedingLinears(), "smooth-activations")
     assert record.stats == {"smoothed activations": 1}
     assert ops(result) == ops(program)
+    # The replaced weights are gone, not carried along.
+    assert sorted(t.numel() for _, t in result.constants()) == sorted(t.numel() for _, t in program.constants())
+    assert len(dict(result.graph_module.named_parameters()) | dict(result.graph_module.named_buffers())) == len(
+        list(result.constants()))
 
 
 def test_activation_ranges_even_out_and_weights_take_the_difference():
