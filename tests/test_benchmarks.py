@@ -23,7 +23,7 @@ def test_pruning_benchmark_compares_both_pruners(capsys):
 def test_quantization_benchmark_compares_fxopt_with_onnxruntime(capsys):
     pytest.importorskip("sklearn.datasets")
     quantization = runpy.run_path(str(ROOT / "benchmarks" / "quantization.py"))
-    assert quantization["main"](["digits", "--rounds", "1", "--peers", "onnxruntime", "--no-tvm"]) == 0
+    assert quantization["main"](["digits", "--rounds", "1", "--tools", "fxopt", "onnxruntime"]) == 0
     rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
     table = {(tool.strip(), method.strip()): [c.strip() for c in rest] for tool, method, *rest in rows[1:]}
     for key in [("fxopt", "quantize"), ("onnxruntime", "quantize_static QDQ"), ("float32", "(eager)")]:
