@@ -338,13 +338,14 @@ def _models(args: argparse.Namespace) -> int:
 def passes_text() -> str:
     """Every registered pass with its docstring and options, for ``fxopt passes``."""
     from fxopt.passes import BUILTIN_PIPELINES, PASSES
+    from fxopt.passes.manager import format_value
 
     blocks = []
     for name, cls in PASSES.items():
         doc = "\n".join("    " + line.strip() for line in (cls.__doc__ or "").strip().splitlines())
         lines = [f"{name}{'' if cls.exact else '  (lossy)'}", doc]
         for o in cls.options():
-            lines.append(f"    option {o.name}: {o.type_name()} = {o.default!r}  {o.doc}")
+            lines.append(f"    option {o.name}: {o.type_name()} = {format_value(o.default)}  {o.doc}")
         blocks.append("\n".join(lines))
     named = "\n".join(f"  {k} = {v}" for k, v in BUILTIN_PIPELINES.items())
     return "\n\n".join(blocks) + f"\n\nnamed pipelines:\n{named}"
@@ -353,10 +354,11 @@ def passes_text() -> str:
 def passes_markdown() -> str:
     """The README's table of passes, generated from the registry."""
     from fxopt.passes import PASSES
+    from fxopt.passes.manager import format_value
 
     rows = ["| pass | exact | options | what it does |", "|---|---|---|---|"]
     for name, cls in PASSES.items():
-        options = "<br>".join(f"`{o.name}={o.default}` {o.doc}" for o in cls.options()) or "–"
+        options = "<br>".join(f"`{o.name}={format_value(o.default)}` {o.doc}" for o in cls.options()) or "–"
         rows.append(f"| `{name}` | {'yes' if cls.exact else 'no'} | {options} | {cls.summary()} |")
     return "\n".join(rows)
 

@@ -45,6 +45,7 @@ __all__ = [
     "Tolerance",
     "compare_outputs",
     "format_pass",
+    "format_value",
     "parse_pipeline",
 ]
 
@@ -228,13 +229,13 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported option type {tp}")  # a pass declared an option type the grammar lacks
 
 
-def _format_value(value: Any) -> str:
+def format_value(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
         return "none"
     if isinstance(value, tuple):
-        return "[" + ",".join(_format_value(v) for v in value) + "]"
+        return "[" + ",".join(format_value(v) for v in value) + "]"
     if isinstance(value, float):
         return repr(value) if math.isfinite(value) else str(value)
     text = str(value)
@@ -248,7 +249,7 @@ def format_pass(p: Pass) -> str:
     options = type(p).options()
     if not options:
         return p.name
-    body = " ".join(f"{o.name}={_format_value(getattr(p, o.field))}" for o in options)
+    body = " ".join(f"{o.name}={format_value(getattr(p, o.field))}" for o in options)
     return f"{p.name}{{{body}}}"
 
 
