@@ -35,7 +35,7 @@ from run import measure  # noqa: E402  (benchmarks/run.py: interleaved rounds, t
 
 from fxopt import PassManager, capture  # noqa: E402
 from fxopt.ir import count_flops, count_parameters  # noqa: E402
-from fxopt.zoo import CALIBRATION_SENTENCES, SENTENCES, ZOO, load_zoo_model, minilm_encoder  # noqa: E402
+from fxopt.zoo import SENTENCES, ZOO, calibration_batches, load_zoo_model, minilm_encoder  # noqa: E402
 
 DEFAULT_MODELS = ["resnet50", "mobilenet_v2", "vit", "bert-classifier", "llama"]
 
@@ -212,9 +212,8 @@ def _si(n: float) -> str:
 def minilm(ratios: list[float]) -> list[str]:
     """Embedding cosine similarity of pruned MiniLM (real trained weights) against the original."""
     encoder, tokens = minilm_encoder()
-    calibration, evaluation = CALIBRATION_SENTENCES[:8], SENTENCES
-    calibration_batches = [tokens(calibration[i:i + 8]) for i in range(0, len(calibration), 8)]
-    inputs = tokens(evaluation)
+    calibration = calibration_batches(tokens)[:1]  # 8 sentences
+    inputs = tokens(SENTENCES)
     with torch.no_grad():
         reference = encoder(*inputs)
     program = capture(encoder, inputs)
@@ -224,7 +223,7 @@ def minilm(ratios: list[float]) -> list[str]:
         for importance in ("l1", "activation"):
             for compensate in ("false", "true"):
                 spec = f"prune-channels{{ratio={ratio} importance={importance} compensate={compensate}}}"
-                pruned, (record,) = PassManager(spec, verify="off", calibration=calibration_batches).run(program)
+                pruned, (record,) = PassManager(spec, verify="off", calibration=calibration).run(program)
                 (out,) = pruned.run_flat(list(inputs))
                 cosine = torch.nn.functional.cosine_similarity(out, reference, dim=-1)
                 rows.append(f"| {ratio:.0%} | {importance} | {compensate} | {cosine.mean():.4f} | {cosine.min():.4f} "

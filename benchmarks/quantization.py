@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import sys
 import tempfile
 import time
@@ -133,8 +134,9 @@ def compare(case: Case, tools: list[str]) -> tuple[list[tuple], dict[str, Callab
         for spec in TVM_SCHEMES:
             add("fxopt cpu", spec, lambda spec=spec: _fxopt_built(model, inputs, f"default,{spec}", case.calibration))
     if "onnxruntime" in tools:
+        exported = functools.cache(lambda: export_onnx(model, inputs))  # once for the three; a failure is each's row
         for method in ("float32", "quantize_static QDQ", "quantize_dynamic"):
-            add("onnxruntime", method, lambda method=method: _onnxruntime(model, inputs, case.calibration, method))
+            add("onnxruntime", method, lambda method=method: _onnxruntime(exported(), inputs, case.calibration, method))
     if "torchao" in tools:
         for method in ("Int8DynamicActivationInt8Weight", "Int8WeightOnly", "Int4WeightOnly"):
             add("torchao", method, lambda method=method: _torchao(model, inputs, method))
@@ -157,49 +159,54 @@ def _fxopt_built(model, inputs, pipeline: str, calibration: list[tuple]):
     return (lambda: optimized(*inputs)), size
 
 
-def _onnxruntime(model, inputs, calibration: list[tuple], method: str):
+def _onnxruntime(path: Path, inputs, calibration: list[tuple], method: str):
+    """An ONNX Runtime session of the exported float model at ``path``, quantized by ``method`` unless float32."""
     import onnxruntime as ort
+
+    if method != "float32":
+        path = _ort_quantize(path, calibration, method)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
+    size = sum(f.stat().st_size for f in path.parent.iterdir() if f.name.startswith(path.name))  # and external data
+    return (lambda: torch.from_numpy(session.run(None, feed)[0])), size
+
+
+def _ort_quantize(path: Path, calibration: list[tuple], method: str) -> Path:
+    import onnx
     from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
                                           quantize_dynamic, quantize_static)
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     directory = Path(tempfile.mkdtemp())
-    path = export_onnx(model, inputs, directory / "model.onnx")
-    names = None
-    if method != "float32":
-        import onnx
+    embedded, prepared, quantized = (directory / f"{n}.onnx" for n in ("embedded", "prepared", "quantized"))
+    model = onnx.load(str(path))
+    onnx.save(model, str(embedded))  # the tool cannot read the exporter's external data
+    try:
+        quant_pre_process(str(embedded), str(prepared))
+    except TypeError:  # its symbolic shape inference fails on the exported BERT attention mask (Expand)
+        quant_pre_process(str(embedded), str(prepared), skip_symbolic_shape=True)
+    if method == "quantize_dynamic":
+        quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8, per_channel=True)
+        return quantized
+    weights = {i.name for i in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name not in weights]
 
-        embedded, prepared, quantized = (directory / f"{n}.onnx" for n in ("embedded", "prepared", "quantized"))
-        onnx.save(onnx.load(str(path)), str(embedded))  # the tool cannot read the exporter's external data
-        try:
-            quant_pre_process(str(embedded), str(prepared))
-        except TypeError:  # its symbolic shape inference fails on the exported BERT attention mask (Expand)
-            quant_pre_process(str(embedded), str(prepared), skip_symbolic_shape=True)
-        if method == "quantize_dynamic":
-            quantize_dynamic(str(prepared), str(quantized), weight_type=QuantType.QInt8, per_channel=True)
-        else:
-            names = [i.name for i in ort.InferenceSession(str(path)).get_inputs()]
+    class Batches(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter(calibration)
 
-            class Batches(CalibrationDataReader):
-                def __init__(self):
-                    self.batches = iter(calibration)
+        def get_next(self):
+            batch = next(self.batches, None)
+            return None if batch is None else {n: t.numpy() for n, t in zip(names, batch)}
 
-                def get_next(self):
-                    batch = next(self.batches, None)
-                    return None if batch is None else {n: t.numpy() for n, t in zip(names, batch)}
-
-            # fxopt w8a8's choices: asymmetric uint8 activations per tensor (min/max), symmetric int8 weights
-            # per output channel, and only the layers with weights (by default the tool quantizes every op it
-            # knows, embeddings, norms and attention included).
-            quantize_static(str(prepared), str(quantized), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                            calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=WEIGHTED_OPS,
-                            nodes_to_exclude=_activation_matmuls(prepared))
-        path = quantized
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), inputs)}
-    size = sum(f.stat().st_size for f in directory.iterdir() if f.name.startswith(path.name))  # and external data
-    return (lambda: torch.from_numpy(session.run(None, feed)[0])), size
+    # fxopt w8a8's choices: asymmetric uint8 activations per tensor (min/max), symmetric int8 weights per output
+    # channel, and only the layers with weights (by default the tool quantizes every op it knows, embeddings, norms
+    # and attention included).
+    quantize_static(str(prepared), str(quantized), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                    calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=WEIGHTED_OPS,
+                    nodes_to_exclude=_activation_matmuls(prepared))
+    return quantized
 
 
 WEIGHTED_OPS = ["MatMul", "Gemm", "Conv"]

@@ -222,10 +222,12 @@ def _quantize(args: argparse.Namespace) -> int:
 
     if args.plot and not args.report:
         raise FxoptError("--plot draws the --report: give both")
-    model, inputs = load_model(args.model or DEFAULT_MODEL, args.example_input)
     (quantize,) = parse_pipeline(f"quantize{{{args.options}}}")
     target = parse_target(args.target or "cpu")
     calibration = Calibration.coerce(_calibration(args))
+    if args.report and calibration is None:
+        raise FxoptError(f"--report runs {args.model or DEFAULT_MODEL} on calibration data: give --calibration FILE.pt")
+    model, inputs = load_model(args.model or DEFAULT_MODEL, args.example_input)
     with Console(stderr=True).status("capturing") as status:
 
         def progress(detail: str) -> None:
@@ -234,8 +236,6 @@ def _quantize(args: argparse.Namespace) -> int:
         if args.report:
             # The layers as quantize meets them in the pipeline: after the target's exact rewrites.
             program, _ = PassManager(target.default_pipeline, verify="off").run(capture(model, inputs))
-            if calibration is None:
-                raise FxoptError(f"--report runs {program.name} on calibration data: give --calibration FILE.pt")
             status.update(f"{quantize}: sensitivity")
             rows, notes = sensitivity(program, quantize, calibration, progress)
         else:

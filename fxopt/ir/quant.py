@@ -116,15 +116,18 @@ def group_params(weight: torch.Tensor, group_size: int, fmt: Format, symmetric: 
         count = in_features // group_size
         blocks = hessian.float().reshape(count, group_size, count, group_size).diagonal(dim1=0, dim2=2)
         blocks = blocks.permute(2, 0, 1)  # [groups, group_size, group_size]: each group's inputs with each other
-        best = None
-        for step in range(grid + 1):
+
+        def output_error(params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+            d = groups - _dequantize(quantize_tensor(groups, params[0][..., None], params[1][..., None], fmt), *params)
+            return torch.einsum("ogi,gij,ogj->og", d, blocks, d)
+
+        best = output_error((scale, zero_point))  # the min/max range: shrink 1
+        for step in range(1, grid + 1):
             shrink = 1 - 0.5 * step / grid
             candidate = _group_range_params(lo * shrink, hi * shrink, fmt, symmetric)
-            error = groups - _dequantize(quantize_tensor(groups, candidate[0][..., None], candidate[1][..., None], fmt),
-                                         *candidate)
-            error = torch.einsum("ogi,gij,ogj->og", error, blocks, error)
-            better = error < best if best is not None else torch.ones_like(error, dtype=torch.bool)
-            best = error if best is None else torch.where(better, error, best)
+            error = output_error(candidate)
+            better = error < best
+            best = torch.where(better, error, best)
             scale, zero_point = torch.where(better, candidate[0], scale), torch.where(better, candidate[1], zero_point)
     q = quantize_tensor(groups, scale[..., None], zero_point[..., None], fmt)
     return q.reshape(out_features, in_features), scale, zero_point

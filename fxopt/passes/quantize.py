@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
@@ -249,17 +250,29 @@ class _Plan:
         program.graph_module.recompile()
         return rewriter.stored
 
+    @functools.cached_property
+    def calibration(self) -> Calibration:
+        return self.ctx.require_calibration("quantize sensitivity (scheme=mixed, --report)")
+
+    @functools.cached_property
+    def reference(self) -> list:
+        """The float program's outputs on the calibration batches."""
+        return self._outputs(self.program)
+
     def error(self, assignment: dict[str, str]) -> float:
         """The output error on the calibration data of the program quantized as ``assignment`` says."""
         trial = self.program.clone()
         self.rewrite(trial, assignment)  # no metadata needed to run it
         metric = self.calibration.metric or relative_rms_error
-        return float(metric(self._outputs(trial), self.reference))
+        value = metric(self._outputs(trial), self.reference)
+        try:
+            return float(value)
+        except (TypeError, ValueError, RuntimeError):
+            raise PassError(f"quantize: the calibration metric must return a number (lower is better), got "
+                            f"{type(value).__name__}") from None
 
     def sensitivities(self) -> dict[str, float]:
         """Each chosen layer's output error quantized alone at the first scheme."""
-        self.calibration = self.ctx.require_calibration("quantize sensitivity (scheme=mixed, --report)")
-        self.reference = self._outputs(self.program)
         errors = {}
         for done, target in enumerate(self.chosen, 1):
             errors[target.node.name] = self.error({target.node.name: self.schemes[0]})

@@ -225,6 +225,13 @@ def test_mixed_to_float_and_a_user_metric():
     assert not record.changed  # every layer kept in float: the bound is met only there
 
 
+def test_a_metric_that_returns_no_number_is_named():
+    from fxopt.ir.calibration import Calibration
+
+    with pytest.raises(PassError, match="the calibration metric must return a number.*got str"):
+        quantize(Net(), "quantize{scheme=mixed}", Calibration(tuple(batches()), metric=lambda out, ref: "good"))
+
+
 def test_mixed_options_are_checked():
     with pytest.raises(PassError, match="mix takes two precisions, the low one first"):
         quantize(Net(), "quantize{scheme=mixed mix=[float,w8]}", batches())
