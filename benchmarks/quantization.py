@@ -45,7 +45,7 @@ FXOPT_SCHEMES = {
 }
 TOOLS = ["fxopt", "fxopt-cpu", "onnxruntime", "torchao"]
 # The schemes whose CPU latency is measured through fxopt's TVM build (every segment it can lower in TVM).
-TVM_SCHEMES = ["quantize"]
+TVM_SCHEMES = ["quantize", "quantize{scheme=w4}"]
 
 
 @dataclass
@@ -129,10 +129,12 @@ def compare(case: Case, tools: list[str]) -> tuple[list[tuple], dict[str, Callab
     for spec in FXOPT_SCHEMES[case.name] if "fxopt" in tools else ():
         # Quality through the reference kernels (PyTorch, float64 sums): slow, so not timed.
         add("fxopt", spec, lambda spec=spec: _fxopt_reference(program, spec, case.calibration), timed=False)
-    if "fxopt-cpu" in tools:
-        add("fxopt cpu", "default (float32)", lambda: _fxopt_built(model, inputs, "default", case.calibration))
-        for spec in TVM_SCHEMES:
-            add("fxopt cpu", spec, lambda spec=spec: _fxopt_built(model, inputs, f"default,{spec}", case.calibration))
+    for spec in ["", *TVM_SCHEMES] if "fxopt-cpu" in tools else ():
+        pipeline = f"default,{spec}" if spec else "default"
+        for dispatch in ("measure", "tvm"):
+            method = (spec or "default (float32)") + (", all in TVM" if dispatch == "tvm" else "")
+            add("fxopt cpu", method, lambda pipeline=pipeline, dispatch=dispatch: _fxopt_built(
+                model, inputs, pipeline, case.calibration, dispatch))
     if "onnxruntime" in tools:
         exported = functools.cache(lambda: export_onnx(model, inputs))  # once for the three; a failure is each's row
         for method in ("float32", "quantize_static QDQ", "quantize_dynamic"):
@@ -149,13 +151,14 @@ def _fxopt_reference(program, spec: str, calibration: list[tuple]):
     return (lambda: quantized.run_flat()[0]), size
 
 
-def _fxopt_built(model, inputs, pipeline: str, calibration: list[tuple]):
-    # Every segment TVM can lower runs in TVM (untuned kernels), to time its integer kernels against its float ones.
+def _fxopt_built(model, inputs, pipeline: str, calibration: list[tuple], dispatch: str):
+    # dispatch="measure" is what fxopt.optimize gives; "tvm" runs every segment TVM can lower in TVM (untuned
+    # kernels except the hand-scheduled int8 linear), to time its integer kernels against its float ones.
     optimized = fxopt.optimize(model, inputs, target="cpu", pipeline=pipeline, calibration=calibration,
-                               dispatch="tvm")
+                               dispatch=dispatch)
     optimized(*inputs)
     size = sum(t.nbytes for _, t in optimized.program.constants())
-    print(f"fxopt cpu {pipeline}: {optimized.report().backend_note}", file=sys.stderr)
+    print(f"fxopt cpu {pipeline} (dispatch={dispatch}): {optimized.report().backend_note}", file=sys.stderr)
     return (lambda: optimized(*inputs)), size
 
 

@@ -119,18 +119,21 @@ def build(
     tolerance = tolerance or Tolerance()
 
     part = partition(program)
-    functions, records = {}, {}
-    for segment in part.segments:
-        try:
-            functions[segment.name] = lower_graph(segment.graph_module, segment.name)
-        except (LoweringError, CodegenError) as exc:
-            records[segment.name] = SegmentRecord(segment.name, segment.summary, "torch", None, None, str(exc))
-    if not functions:
-        return _torch_only(program, target, part, records, "nothing in the graph could be lowered to TVM")
-
     import tvm
 
-    mod = tvm.IRModule({tvm.ir.GlobalVar(name): fn for name, fn in functions.items()})
+    mod, records = tvm.IRModule(), {}
+    for segment in part.segments:
+        try:
+            lowered = lower_graph(segment.graph_module, segment.name, target)
+            clash = {v.name_hint for v in lowered.get_global_vars()} & {v.name_hint for v in mod.get_global_vars()}
+            if clash:
+                raise CodegenError(f"segment {segment.name}: kernel names {sorted(clash)} are taken by another segment")
+            mod.update(lowered)
+        except (LoweringError, CodegenError) as exc:
+            records[segment.name] = SegmentRecord(segment.name, segment.summary, "torch", None, None, str(exc))
+    if not mod.functions:
+        return _torch_only(program, target, part, records, "nothing in the graph could be lowered to TVM")
+
     tuning = None
     if tune is not None:
         tuning = run_tuning(mod, target, tune, progress=progress)

@@ -2,8 +2,10 @@
 
 The pipeline is TVM's per-target default with two differences: tuned
 schedules from a MetaSchedule database are applied right after fusion
-(before anything else schedules the kernels), and CUDA targets get DLight's
-default GPU schedules for every kernel the database does not cover.
+(before anything else schedules the kernels), and every kernel the database
+does not cover gets a default schedule: DLight's GPU rules on CUDA; on CPUs
+DLight's reduction rule and :func:`cpu_injective` (TVM's CPU default leaves
+a kernel as one thread of scalar loops).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from pathlib import Path
 from fxopt.errors import CodegenError
 from fxopt.targets import Target
 
-__all__ = ["fusion_passes", "relax_pipeline", "compile_module", "kernel_source"]
+__all__ = ["fusion_passes", "relax_pipeline", "compile_module", "kernel_source", "cpu_injective"]
 
 
 def fusion_passes():
@@ -45,15 +47,53 @@ def relax_pipeline(target: Target, database_dir: Path | None):
             passes = fusion_passes()
             if apply_database:
                 passes.append(relax.transform.MetaScheduleApplyDatabase(str(database_dir)))
-            if target.kind == "cuda":
-                from tvm.s_tir import dlight as dl
+            from tvm.s_tir import dlight as dl
 
+            if target.kind == "cuda":
                 rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction())
                 passes.append(dl.ApplyDefaultSchedule(*map(_declining_on_error, rules), dl.gpu.Fallback()))
+            else:
+                passes.append(dl.ApplyDefaultSchedule(*map(_declining_on_error, (dl.cpu.Reduction(), cpu_injective()))))
             passes += backend.dataflow_lower_passes(tvm_target) + backend.finalize_passes(tvm_target)
             return tvm.transform.Sequential(passes)(mod)
 
     return pipeline
+
+
+def cpu_injective():
+    """DLight rule for elementwise and data-movement kernels on CPUs: producers inlined into the output, its loops
+    fused, split into a parallel loop over cores and a vectorized inner loop of one register's lanes."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+    from tvm.target.codegen import llvm_get_vector_width
+
+    @dl.ScheduleRule.from_callable("fxopt-cpu-injective")
+    def injective(func, target, _tunable):
+        if target.kind.name != "llvm":
+            return None
+        sch = s_tir.Schedule(func)
+        blocks = dl.normalize_prim_func(sch)
+        if blocks is None or not all(b.is_injective() for b in blocks):
+            return None
+        blocks = dl.try_inline(sch, blocks)
+        if len(blocks) != 1:
+            return None
+        loops = sch.get_loops(blocks[0].block_rv)
+        if not loops:
+            return None
+        fused = sch.fuse(*loops)
+        extent = sch.get(fused).extent
+        write = sch.get(blocks[0].block_rv).writes[0].source
+        lanes = max(2, max(llvm_get_vector_width(target), 128) // write.dtype.bits)
+        if isinstance(extent, tirx.IntImm) and extent.value % lanes == 0 and extent.value > lanes:
+            outer, inner = sch.split(fused, [None, lanes])
+            sch.parallel(outer)
+            sch.vectorize(inner)
+        else:
+            sch.parallel(fused)
+        return sch
+
+    return injective
 
 
 def _declining_on_error(rule):

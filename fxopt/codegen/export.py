@@ -35,8 +35,6 @@ MANIFEST = "manifest.json"
 
 def export_program(program: Program, target: Target, path: str | Path, database_dir: Path | None = None) -> Path:
     """Compile all of ``program`` for ``target`` into the directory ``path``; see the module docstring."""
-    import tvm
-
     from fxopt import __version__
 
     fallbacks = unlowerable(program.graph)
@@ -46,8 +44,7 @@ def export_program(program: Program, target: Target, path: str | Path, database_
     if target.kind == "torch":
         raise CodegenError("target 'torch' has no TVM library to export; use OptimizedModel.save() for a .pt2")
     target = target.resolved()
-    function = lower_graph(program.graph_module, "main")
-    executable = compile_module(tvm.IRModule({"main": function}), target, database_dir)
+    executable = compile_module(lower_graph(program.graph_module, "main", target), target, database_dir)
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     library = "model.tar" if target.is_cross and target.kind == "llvm" else "model.so"

@@ -18,9 +18,11 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
+from fxopt.codegen import x86
 from fxopt.errors import CodegenError
 from fxopt.ir.meta import describe_node
 from fxopt.ir.program import attribute_owner
+from fxopt.targets import Target
 
 __all__ = ["LoweringError", "OVERRIDES", "register_lowering", "lowering_key", "is_lowerable", "lower_graph", "tvm_dtype"]
 
@@ -111,15 +113,20 @@ def to_relax_constant(tensor: torch.Tensor):
     return relax.const(tvm.runtime.from_dlpack(tensor.detach().cpu().contiguous().clone()))
 
 
-def lower_graph(gm: fx.GraphModule, name: str):
-    """Lower a flat segment graph (placeholders → tensor ops → output tuple) to a Relax function.
+def lower_graph(gm: fx.GraphModule, name: str, target: Target | None = None):
+    """Lower a flat segment graph (placeholders → tensor ops → output tuple) to an ``IRModule``: Relax function
+    ``name`` and the TIR kernels fxopt's lowerings wrote for it (named after their nodes, which the
+    segments of one program do not share).
 
     ``get_attr`` constants become Relax constants, placeholders the function's
-    parameters. Raises :class:`LoweringError` naming the node that failed.
+    parameters. Lowerings read ``importer.target`` (``target``, or ``None`` when the
+    module is not for one target) to pick target-specific kernels. Raises
+    :class:`LoweringError` naming the node that failed.
     """
     from tvm import relax
 
     importer = _new_importer()
+    importer.target = target
     for key, fn in OVERRIDES.items():
         importer.convert_map[key] = (lambda f: lambda node: f(node, importer))(fn)
     for key, fn in list(importer.convert_map.items()):
@@ -148,7 +155,7 @@ def lower_graph(gm: fx.GraphModule, name: str):
         raise
     except Exception as exc:  # an importer assertion outside any one op (e.g. the output tuple)
         raise CodegenError(f"cannot lower segment {name}: {type(exc).__name__}: {exc}") from None
-    return bb.get()[name]
+    return bb.get()
 
 
 def _checked(convert: Callable) -> Callable:
@@ -285,6 +292,26 @@ def _sdpa(node: fx.Node, importer) -> object:
     return bb.emit(relax.op.matmul(probs, v))
 
 
+@register_lowering("gelu.default")
+def _gelu(node: fx.Node, importer) -> object:
+    """Exact GELU; on CPUs ``erf`` is TVM's polynomial ``fast_erf`` (the GELU stays within 2e-7 of PyTorch's,
+    relative to its scale; checked like every lowering): LLVM makes ``erf`` a scalar libm call per element,
+    11x slower on MiniLM's MLP."""
+    from tvm import relax, topi
+
+    bb = importer.block_builder
+    x = importer.env[node.args[0]]
+    if _arg(node, 1, "approximate", "none") == "tanh":
+        return bb.emit(relax.op.nn.gelu_tanh(x))
+    on_cpu = importer.target is not None and importer.target.kind == "llvm"
+    if not on_cpu or node.meta["val"].dtype != torch.float32:
+        return bb.emit(relax.op.nn.gelu(x))
+    scaled = bb.emit(relax.op.multiply(x, relax.const(math.sqrt(0.5), "float32")))
+    erf = bb.emit_te(topi.fast_erf, scaled, primfunc_name_hint=f"{node.name}_erf")
+    half = relax.op.multiply(x, relax.const(0.5, "float32"))
+    return bb.emit(relax.op.multiply(half, relax.op.add(erf, relax.const(1.0, "float32"))))
+
+
 @register_lowering("amax.default")
 def _amax(node: fx.Node, importer) -> object:
     """``aten.amax`` (absent from TVM's table; dynamic quantization's per-token range)."""
@@ -320,6 +347,14 @@ def _quantize(node: fx.Node, importer) -> object:
     return bb.emit(relax.op.astype(relax.op.clip(q, -128, 127), "int8"))
 
 
+def _in_output_dtype(node: fx.Node, bb, y) -> object:
+    """Float32 result ``y`` cast to the node's dtype (float16/bfloat16 models)."""
+    from tvm import relax
+
+    out_dtype = tvm_dtype(node.meta["val"].dtype)
+    return bb.emit(relax.op.astype(y, out_dtype)) if out_dtype != "float32" else y
+
+
 def _dequantize_accumulator(node: fx.Node, importer, acc, channel_shape: list[int]) -> object:
     """int32 sums → ``out_dtype``: ``acc * (x_scale * w_scale) + bias``, the scales broadcast along ``channel_shape``."""
     from tvm import relax
@@ -335,22 +370,70 @@ def _dequantize_accumulator(node: fx.Node, importer, acc, channel_shape: list[in
         if bias.meta["val"].dtype != torch.float32:
             b = bb.emit(relax.op.astype(b, "float32"))
         y = bb.emit(relax.op.add(y, relax.op.reshape(b, channel_shape)))
-    out_dtype = tvm_dtype(node.meta["val"].dtype)
-    return bb.emit(relax.op.astype(y, out_dtype)) if out_dtype != "float32" else y
+    return _in_output_dtype(node, bb, y)
 
 
 @register_lowering("linear_q.default")
 def _linear_q(node: fx.Node, importer) -> object:
-    """int8 × int8 → int32 matmul; the activation zero point is subtracted as ``zp * Σ_k w[n, k]`` (a constant)."""
+    """int8 × int8 → int32 matmul; the activation zero point is subtracted as ``zp * Σ_k w[n, k]`` (a constant).
+
+    On an AVX2 CPU, fxopt's hand-scheduled kernel (:mod:`fxopt.codegen.x86`) with the epilogue inside.
+    """
     from tvm import relax
 
     _int8_only(node)
+    weight = _constant(node.args[3])
+    out_features, in_features = node.args[3].meta["val"].shape
+    if x86.has_avx2(importer.target) and weight is not None and out_features % 8 == 0 and in_features % 2 == 0:
+        return _linear_q_avx2(node, importer, weight)
     bb = importer.block_builder
     xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]
     acc = bb.emit(relax.op.matmul(xq, relax.op.permute_dims(wq, [1, 0]), out_dtype="int32"))
     column_sums = relax.op.sum(relax.op.astype(wq, "int32"), axis=[1])
     acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(zero_point, column_sums)))
     return _dequantize_accumulator(node, importer, acc, [-1])
+
+
+def _constant(node: fx.Node) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads, or ``None`` for a computed value."""
+    if node.op != "get_attr":
+        return None
+    return getattr(*attribute_owner(node.graph.owning_module, node.target))
+
+
+def _linear_q_avx2(node: fx.Node, importer, weight: torch.Tensor) -> object:
+    """``linear_q`` as one call of :func:`fxopt.codegen.x86.int8_linear` over the rows of the activation."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x_meta = node.args[0].meta["val"]
+    rows, (out_features, in_features) = x_meta.numel() // x_meta.shape[-1], weight.shape
+    per_row = node.args[1].meta["val"].numel() > 1 or node.args[2].meta["val"].numel() > 1
+
+    def per_activation(arg: fx.Node, dtype: str):
+        value = relax.op.reshape(importer.env[arg], [-1])
+        if per_row and arg.meta["val"].numel() == 1:
+            value = relax.op.broadcast_to(value, [rows])
+        return bb.emit(relax.op.astype(value, dtype))
+
+    w_scale = node.args[4]
+    per_channel = w_scale.meta["val"].numel() > 1
+    bias = node.args[5]
+    kernel = x86.int8_linear(rows, in_features, out_features, per_row, per_channel)
+    kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
+    args = [
+        bb.emit(relax.op.reshape(importer.env[node.args[0]], [rows, in_features])),
+        to_relax_constant(x86.pack_int8_weight(weight)),
+        to_relax_constant(weight.to(torch.int32).sum(1, dtype=torch.int32)),
+        per_activation(node.args[2], "int32"),
+        per_activation(node.args[1], "float32"),
+        bb.emit(relax.op.astype(relax.op.reshape(importer.env[w_scale], [-1]), "float32")),
+        to_relax_constant(torch.zeros(out_features)) if bias is None
+        else bb.emit(relax.op.astype(importer.env[bias], "float32")),
+    ]
+    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, out_features], "float32")))
+    y = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
+    return _in_output_dtype(node, bb, y)
 
 
 @register_lowering("conv_q.default")
@@ -375,3 +458,45 @@ def _conv_q(node: fx.Node, importer) -> object:
     ones = to_relax_constant(torch.ones([1, *shape[1:]], dtype=torch.int8))
     acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(zero_point, conv(ones))))
     return _dequantize_accumulator(node, importer, acc, [1, -1, 1, 1])
+
+
+@register_lowering("linear_wq.default")
+def _linear_wq(node: fx.Node, importer) -> object:
+    """Weight-only ``linear``: one kernel that dequantizes each weight element inside the matmul's reduction.
+
+    The integer weights stay in the library (int8, or two 4-bit values per byte); a separate dequantize op
+    would be folded back into a float weight by ``FoldConstant``, so the dequantization is part of the
+    reduction itself, computed as the reference does: ``(q - zero_point) * scale`` in float32.
+    """
+    from tvm import relax, te, tirx
+
+    bb = importer.block_builder
+    x, wq, scale, zero_point = (importer.env[a] for a in node.args[:4])
+    bias, bits = node.args[4], node.args[5]
+    out_features, groups = node.args[2].meta["val"].shape
+    in_features = node.args[0].meta["val"].shape[-1]
+    group_size = in_features // groups
+    if node.args[0].meta["val"].dtype != torch.float32:
+        x = bb.emit(relax.op.astype(x, "float32"))
+    rows = bb.emit(relax.op.reshape(x, [-1, in_features]))
+
+    def dequantize_matmul(x, wq, scale, zero_point):
+        def weight(n, k):
+            if bits == 4:  # low nibble first (fxopt.ir.quant.pack_int4)
+                nibble = tirx.shift_right(wq[n, k // 2], ((k % 2) * 4).astype("uint8"))
+                q = tirx.bitwise_and(nibble, tirx.const(15, "uint8"))
+            else:
+                q = wq[n, k]
+            group = k // group_size
+            return (q.astype("float32") - zero_point[n, group]) * scale[n, group]
+
+        k = te.reduce_axis((0, in_features), "k")
+        return te.compute((x.shape[0], out_features), lambda i, n: te.sum(x[i, k] * weight(n, k), axis=k),
+                          name="dequantize_matmul")
+
+    y = bb.emit_te(dequantize_matmul, rows, wq, scale, zero_point, primfunc_name_hint=node.name)
+    if bias is not None:
+        b = importer.env[bias]
+        y = bb.emit(relax.op.add(y, b if bias.meta["val"].dtype == torch.float32 else relax.op.astype(b, "float32")))
+    y = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
+    return _in_output_dtype(node, bb, y)

@@ -7,7 +7,11 @@ buffers are contiguous and aligned; a view that is neither is copied first
 
 from __future__ import annotations
 
+import os
+
 import torch
+
+from fxopt.targets import host_cpu
 
 __all__ = ["TVMFunction", "load_vm", "tvm_device"]
 
@@ -28,7 +32,21 @@ def load_vm(executable, device: torch.device | str):
     """A Relax virtual machine for ``executable`` on the TVM device matching ``device``."""
     from tvm import relax
 
+    use_host_cores()
     return relax.VirtualMachine(executable, tvm_device(device))
+
+
+def use_host_cores() -> None:
+    """Run CPU kernels on every core this process may use (the ``num-cores`` they were built and tuned for).
+
+    TVM sizes its thread pool once, when a kernel first runs, from ``TVM_NUM_THREADS`` or else half
+    the hardware threads (it assumes SMT siblings): one thread on a 2-core machine. Its workers
+    spin after each kernel by default, taking the cores from the PyTorch kernels that run between
+    TVM segments (eager MiniLM ran 2x slower beside them); they sleep at once here. Values the user
+    set are kept.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(host_cpu().cores))
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 
 def to_tvm(tensor: torch.Tensor):

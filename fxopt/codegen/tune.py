@@ -270,7 +270,9 @@ def tune(mod, target: Target, options: TuneOptions,
     from tvm.s_tir import meta_schedule as ms
 
     from fxopt.codegen.compile import fusion_passes
+    from fxopt.codegen.runtime import use_host_cores
 
+    use_host_cores()  # before the runner's workers start: they measure with the thread pool kernels will run on
     _register_intrinsics(target)
     # Builder workers unpickle build_candidate; by value, so they need not import fxopt (and torch).
     cloudpickle.register_pickle_by_value(sys.modules[__name__])

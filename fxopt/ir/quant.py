@@ -16,9 +16,10 @@ Conventions, shared by the ops, the passes and the backend:
 - ``scale`` and ``zero_point`` are float32 / int32 tensors broadcastable
   against the tensor they describe (a scalar per tensor, ``[out]`` per output
   channel, ``[..., 1]`` per token);
-- int8 layers accumulate exact integer products in int32 (the reference
-  computes them in float64, exact for any realistic reduction length), then
-  multiply by ``x_scale * w_scale`` and add the float bias;
+- int8 layers accumulate exact integer products in int32 (the reference sums
+  them in float32 in chunks short enough to stay exact, :data:`EXACT_FLOAT32_TERMS`,
+  and adds the chunks in float64), then multiply by ``x_scale * w_scale`` and
+  add the float bias;
 - fp8 is ``float8_e4m3fn`` with a float32 scale: ``real = fp8 * scale``;
   products accumulate in float32 (simulated where the CPU has no fp8 units);
 - 4-bit weights are stored two per byte (low nibble first) as unsigned
@@ -223,11 +224,26 @@ def _quantize_fake(x, scale, zero_point, fmt):
     return torch.empty_like(x, dtype=FORMATS[fmt].dtype)
 
 
-def _accumulate(xq: torch.Tensor, x_zero_point: torch.Tensor, layer) -> torch.Tensor:
-    """Exact integer sums of products as float64 (int8), or float32 sums of fp8 products."""
-    if xq.dtype == torch.int8:
-        return layer(xq.double() - x_zero_point.double())
-    return layer(xq.float())
+#: Products of an int8 weight and an activation centered on its zero point (|x - zp| <= 255) summed this many at a
+#: time stay below 2^24, where float32 holds every integer: such sums are exact in any order, so fast float GEMMs
+#: compute them.
+EXACT_FLOAT32_TERMS = 2**24 // (255 * 128)
+
+
+def _accumulate(xq: torch.Tensor, x_zero_point: torch.Tensor, wq: torch.Tensor, layer, terms: int) -> torch.Tensor:
+    """``layer(x, w)`` of the quantized values: exact integer sums (int8, as float64), or float32 sums of fp8
+    products. ``terms`` is the reduction length per output; longer int8 reductions are split over input channels
+    (dim 1 of the weight) into chunks that float32 sums exactly, added in float64."""
+    if xq.dtype != torch.int8:
+        return layer(xq.float(), wq.float())
+    x, w = xq.float() - x_zero_point.float(), wq.float()
+    channels = w.shape[1]
+    step = max(1, channels * EXACT_FLOAT32_TERMS // terms)
+    if step >= channels:
+        return layer(x, w).double()
+    channel_dim = x.dim() - 1 if w.dim() == 2 else 1
+    return sum(layer(x.narrow(channel_dim, start, min(step, channels - start)),
+                     w[:, start:start + step]).double() for start in range(0, channels, step))
 
 
 @torch.library.custom_op("fxopt::linear_q", mutates_args=())
@@ -238,8 +254,7 @@ def linear_q(xq: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor
     ``x_scale`` is per tensor (static) or ``[..., 1]`` per token (dynamic);
     ``w_scale`` per tensor or ``[out]``; ``wq`` is ``[out, in]``.
     """
-    wide = wq.double() if wq.dtype == torch.int8 else wq.float()
-    acc = _accumulate(xq, x_zero_point, lambda x: x @ wide.T)
+    acc = _accumulate(xq, x_zero_point, wq, lambda x, w: x @ w.T, wq.shape[1])
     return (acc.float() * (x_scale * w_scale) + (0 if bias is None else bias.float())).to(out_dtype)
 
 
@@ -254,9 +269,12 @@ def conv_q(xq: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor, 
            dilation: list[int], groups: int, out_dtype: torch.dtype) -> torch.Tensor:
     """``convolution`` of quantized activations and weights, like :func:`linear_q`; per-tensor ``x_scale``,
     ``w_scale`` per tensor or ``[out]``. Padding pads with the real value 0 (the zero point)."""
-    wide = wq.double() if wq.dtype == torch.int8 else wq.float()
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[wq.dim() - 2]
-    acc = _accumulate(xq, x_zero_point, lambda x: conv(x, wide, None, stride, padding, dilation, groups))
+    if groups > 1:  # chunking input channels would cut across groups; one float64 convolution instead
+        acc = conv(xq.double() - x_zero_point.double(), wq.double(), None, stride, padding, dilation, groups)
+    else:
+        acc = _accumulate(xq, x_zero_point, wq, lambda x, w: conv(x, w, None, stride, padding, dilation, groups),
+                          wq[0].numel())
     channel = (-1,) + (1,) * (wq.dim() - 2)
     y = acc.float() * (x_scale * w_scale).reshape(channel if w_scale.dim() else ())
     if bias is not None:

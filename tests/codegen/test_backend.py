@@ -149,3 +149,17 @@ def test_a_tvm_segment_hands_on_pytorch_strides(monkeypatch):
     optimized = fxopt.optimize(model, args, target="cpu")
     assert 0 < sum(s.backend == "tvm" for s in optimized.report().segments) < len(optimized.report().segments)
     assert_close(optimized(*args), reference(model, args))
+
+
+def test_cpu_kernels_run_on_every_core_the_process_may_use():
+    # TVM's own default is half the hardware threads; a fresh process shows what fxopt sets up.
+    import os
+    import subprocess
+    import sys
+
+    script = ("import torch, tvm, fxopt\n"
+              "fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target='cpu', pipeline=[])\n"
+              "print(tvm.get_global_func('runtime.NumThreads')())")
+    env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
+    threads = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert int(threads.stdout.split()[-1]) == fxopt.targets.host_cpu().cores

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from fxopt import capture
 from fxopt.codegen import build
 from fxopt.codegen.lower import OVERRIDES, is_lowerable, register_lowering
+from fxopt.codegen.x86 import has_avx2
 from fxopt.passes.manager import Tolerance, compare_outputs
 from fxopt.targets import parse_target
 
@@ -41,7 +42,8 @@ def assert_matches_torch(fn, *inputs):
 
 def test_every_override_is_tested_here():
     tested = {"amax.default", "crms_norm.default", "cumsum.default", "rms_norm.default",
-              "scaled_dot_product_attention.default", "quantize.default", "linear_q.default", "conv_q.default"}
+              "scaled_dot_product_attention.default", "quantize.default", "linear_q.default", "conv_q.default",
+              "linear_wq.default", "gelu.default"}
     assert set(OVERRIDES) == tested
 
 
@@ -61,6 +63,13 @@ def test_crms_norm():
     import fxopt.ir.ops  # noqa: F401  (registers fxopt::crms_norm)
 
     assert_matches_torch(lambda x: torch.ops.fxopt.crms_norm(x * 3, 1e-5) + 1, torch.randn(2, 5, 15))
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_has_no_scalar_erf_calls_on_cpu(approximate):
+    fn = lambda x: F.gelu(x * 3, approximate=approximate)  # noqa: E731
+    assert_matches_torch(fn, torch.randn(4, 64))
+    assert "erff" not in tvm_build(fn, torch.randn(4, 64))[1].kernel_source("ll")
 
 
 @pytest.mark.parametrize("dims, keepdim", [([-1], True), ([1, 2], False)])
@@ -95,16 +104,115 @@ def test_int8_quantized_graphs_lower_to_integer_kernels_with_the_reference_resul
     assert failing is None, f"max abs error {worst}"
 
 
-def test_fp8_and_weight_only_layers_run_in_pytorch_and_are_named():
+class Int8MLP(torch.nn.Module):
+    def __init__(self, bias: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = torch.nn.Linear(24, 48, bias=bias)
+        self.down = torch.nn.Linear(48, 16, bias=bias)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)) - 0.1)
+
+
+@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled int8 kernel is for AVX2 CPUs")
+@pytest.mark.parametrize("spec, rows, bias", [("quantize", (2, 4), True),
+                                              ("quantize{activations=symmetric}", (5,), False),
+                                              ("quantize{scheme=w8a8-dynamic}", (3, 2), True)])
+def test_int8_linear_on_avx2_is_one_exact_pmaddwd_kernel(spec, rows, bias):
+    from fxopt import PassManager
+
+    x = torch.randn(*rows, 24)
+    quantized, _ = PassManager(spec, verify="off", calibration=[x]).run(capture(Int8MLP(bias), (x,)))
+    executable = build(quantized, CPU, dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    assert "vpmaddwd" in executable.kernel_source("asm")
+    worst, _, failing = compare_outputs(executable.module.run_flat(), quantized.run_flat(), Tolerance())
+    assert failing is None, f"max abs error {worst}"
+
+
+def test_elementwise_kernels_get_parallel_vector_schedules_on_cpu():
+    program, executable = tvm_build(lambda x: torch.relu(x * 2 + 1), torch.randn(64, 256))
+    source = executable.kernel_source("ll")
+    assert "__tvm_parallel_lambda" in source and ("<8 x float>" in source or "<16 x float>" in source)
+
+
+def test_fp8_layers_run_in_pytorch_and_are_named():
     from fxopt import PassManager
 
     program = capture(QuantizedNet(), (torch.randn(2, 3, 9, 9),))
-    for spec, reason in [("quantize{scheme=fp8}", "float8_e4m3fn has no TVM equivalent"),
-                         ("quantize{scheme=w8 group-size=0}", "no lowering for 'linear_wq.default'")]:
-        quantized, _ = PassManager(spec, verify="off", calibration=[torch.randn(2, 3, 9, 9)]).run(program)
-        executable = build(quantized, CPU, dispatch="tvm")
-        assert any(reason in line for line in executable.fallbacks), executable.fallbacks
-        torch.testing.assert_close(executable.module.run_flat(), quantized.run_flat())
+    quantized, _ = PassManager("quantize{scheme=fp8}", verify="off", calibration=[torch.randn(2, 3, 9, 9)]).run(program)
+    executable = build(quantized, CPU, dispatch="tvm")
+    assert any("float8_e4m3fn has no TVM equivalent" in line for line in executable.fallbacks), executable.fallbacks
+    torch.testing.assert_close(executable.module.run_flat(), quantized.run_flat())
+
+
+class WeightOnlyNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.up = torch.nn.Linear(64, 48)
+        self.down = torch.nn.Linear(48, 32, bias=False)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))
+
+
+def relax_constants(mod) -> set[tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of every tensor constant the Relax functions of ``mod`` pass to their kernels."""
+    import tvm
+    from tvm import relax
+
+    found = set()
+
+    def visit(expr):
+        if isinstance(expr, tvm.ir.expr.Constant) and isinstance(expr.value, tvm.runtime.Tensor):
+            found.add((tuple(expr.value.shape), str(expr.value.dtype)))
+
+    for function in mod.functions.values():
+        if isinstance(function, relax.Function):
+            relax.analysis.post_order_visit(function, visit)
+    return found
+
+
+@pytest.mark.parametrize("spec", ["quantize{scheme=w8 group-size=0}", "quantize{scheme=w4 group-size=16}",
+                                  "quantize{scheme=w4 group-size=16 weights=asymmetric}"])
+def test_weight_only_layers_dequantize_inside_one_matmul_kernel(spec):
+    import tvm
+
+    from fxopt import PassManager
+    from fxopt.codegen.compile import fusion_passes
+    from fxopt.codegen.lower import lower_graph
+
+    x = torch.randn(2, 5, 64)
+    quantized, _ = PassManager(spec, verify="off", calibration=[x]).run(capture(WeightOnlyNet(), (x,)))
+    executable = build(quantized, CPU, dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    worst, _, failing = compare_outputs(executable.module.run_flat(), quantized.run_flat(), Tolerance())
+    assert failing is None, f"max abs error {worst}"
+    # After constant folding the kernels still read integer weights: no float weight was materialized.
+    with tvm.target.Target({"kind": "llvm"}):
+        fused = tvm.transform.Sequential(fusion_passes())(lower_graph(quantized.graph_module, "main"))
+    packed = 2 if "w4" in spec else 1
+    weight_shapes = {(48, 64 // packed), (32, 48 // packed)}
+    assert {c for c in relax_constants(fused) if c[0] in weight_shapes} == {
+        (shape, "uint8" if packed == 2 else "int8") for shape in weight_shapes}
+
+
+@pytest.mark.parametrize("net, shape, spec, weight_type", [
+    (Int8MLP(True), (2, 4, 24), "quantize", r"(signed char|int8_t)"),
+    (QuantizedNet(), (2, 3, 9, 9), "quantize{scheme=w8a8-dynamic}", r"(signed char|int8_t)"),
+    (WeightOnlyNet(), (2, 5, 64), "quantize{scheme=w4 group-size=16}", r"(unsigned char|uint8_t|uchar)")])
+def test_quantized_graphs_build_cuda_kernels_reading_integer_buffers(net, shape, spec, weight_type):
+    import re
+
+    from fxopt import PassManager
+
+    x = torch.randn(*shape)
+    quantized, _ = PassManager(spec, verify="off", calibration=[x]).run(capture(net, (x,)))
+    executable = build(quantized, parse_target("cuda:sm_90"))  # generated and compiled here; runs on a GPU
+    assert not executable.fallbacks and all("built only" in s.reason for s in executable.segments)
+    assert re.search(weight_type + r"\*\s*__restrict__", executable.kernel_source())
 
 
 @pytest.mark.parametrize("case", ["none", "bool", "float", "causal", "scale", "gqa"])

@@ -35,7 +35,7 @@ def kernels(segment):
     import tvm
     from tvm import relax
 
-    mod = tvm.IRModule({segment.name: lower_graph(segment.graph_module, segment.name)})
+    mod = lower_graph(segment.graph_module, segment.name)
     with tvm.target.Target({"kind": "llvm"}):
         mod = tvm.transform.Sequential(fusion_passes())(mod)
     return [gv.name_hint for gv, func in mod.functions.items() if not isinstance(func, relax.Function)]

@@ -81,6 +81,24 @@ def test_int8_conv_is_exact_on_integers(seed, in_groups, out_per_group, size, ke
     assert torch.equal(out.double(), expected)
 
 
+@given(st.integers(0, 2**16), st.integers(1, 2000), st.integers(1, 150), st.integers(-128, -100))
+def test_int8_reductions_longer_than_float32_holds_exactly_stay_exact(seed, in_features, channels, zero_point):
+    # Near-extreme values: sums pass 2^24, where float32 stops holding every integer. The reference sums
+    # EXACT_FLOAT32_TERMS products at a time in float32 and adds the chunks in float64.
+    generator = torch.Generator().manual_seed(seed)
+    zp, one = torch.tensor(zero_point, dtype=torch.int32), torch.ones(())
+
+    def extreme(*shape):
+        return torch.randint(100, 128, shape, generator=generator, dtype=torch.int8)
+
+    xq, wq = extreme(3, in_features), extreme(4, in_features)
+    out = fxopt_ops.linear_q(xq, one, zp, wq, torch.ones(4), None, torch.float32)
+    assert torch.equal(out, F.linear(xq.double() - zero_point, wq.double()).float())
+    xq, wq = extreme(1, channels, 5, 5), extreme(2, channels, 3, 3)
+    out = fxopt_ops.conv_q(xq, one, zp, wq, torch.ones(2), None, [1, 1], [1, 1], [1, 1], 1, torch.float32)
+    assert torch.equal(out, F.conv2d(xq.double() - zero_point, wq.double(), None, 1, 1).float())
+
+
 @given(prunable_models(), st.sampled_from(["shift-activations", "smooth-activations",
                                            "shift-activations,smooth-activations{alpha=0.8}", "awq{group-size=0}",
                                            "awq{bits=8 group-size=2 weights=asymmetric grid=4}"]))

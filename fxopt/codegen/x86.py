@@ -1,0 +1,139 @@
+"""Hand-scheduled x86 kernels, for what TVM's generic schedules and tensor intrinsics leave slow.
+
+**int8 linear on AVX2** (:func:`int8_linear`). TVM's x86 int8 intrinsics need
+VNNI or AVX-512; on an AVX2 CPU an untuned int8 matmul runs as scalar-ish
+loops, 30x slower than PyTorch's float GEMM. The fast AVX2 instruction,
+``vpmaddubsw``, saturates its int16 pair sums on full-range int8 data (the
+reason PyTorch's x86 backends quantize activations to 7 bits), so this kernel
+uses ``vpmaddwd`` instead: weights are packed at build time as int16 pairs
+``[N/8, K/2, 8, 2]``, each step multiplies one broadcast pair of sign-extended
+activations by 8 output channels' pairs and adds exactly into int32. Measured
+here (2-core Zen, 128x384x1536) it runs 1.3-1.4x faster than PyTorch's MKL float
+GEMM, and it is exact. The tile (``rows`` x 16 outputs) keeps its accumulators in
+registers; the epilogue (zero-point correction, scales, bias) runs on the tile
+while it is hot, so the int32 result never reaches memory.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from fxopt.targets import Target, host_cpu
+
+__all__ = ["has_avx2", "pack_int8_weight", "int8_linear"]
+
+_INTRINSIC = "fxopt_avx2_dot_8x2_i16"
+_LANES = 8  # int32 lanes of a 256-bit register: output channels per intrinsic call
+
+
+def has_avx2(target: Target | None) -> bool:
+    """Whether ``target`` builds for this machine's CPU and the CPU has AVX2."""
+    return target is not None and target.kind == "llvm" and target.arch is None and "avx2" in host_cpu().features
+
+
+def pack_int8_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` int8 → ``[N/8, K/2, 8, 2]`` int16: for each 8 output channels, their input pairs side by side."""
+    out_features, in_features = weight.shape
+    pairs = weight.to(torch.int16).reshape(out_features // _LANES, _LANES, in_features // 2, 2)
+    return pairs.permute(0, 2, 1, 3).contiguous()
+
+
+@functools.cache
+def _register_intrinsic() -> str:
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    @T.prim_func(s_tir=True)
+    def description(a: T.Buffer((2,), "int16", offset_factor=1), b: T.Buffer((8, 2), "int16", offset_factor=1),
+                    c: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:8], a[0:2], b[0:8, 0:2])
+            T.writes(c[0:8])
+            for i in T.serial(0, 8):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
+
+    @T.prim_func(s_tir=True)
+    def implementation(a: T.Buffer((2,), "int16", offset_factor=1), b: T.Buffer((8, 2), "int16", offset_factor=1),
+                       c: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:8], a[0:2], b[0:8, 0:2])
+            T.writes(c[0:8])
+            pair = T.reinterpret(a.vload([0], "int16x2"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"), b.vload([0, 0], dtype="int16x16"),
+                dtype="int32x8")
+
+    TensorIntrin.register(_INTRINSIC, description, implementation)
+    return _INTRINSIC
+
+
+def int8_linear(rows: int, in_features: int, out_features: int, per_row_activation: bool, per_channel_weight: bool):
+    """The scheduled PrimFunc ``out[m, n] = (acc[m, n] - zp * colsum[n]) * (x_scale * w_scale) + bias[n]``.
+
+    Parameters, in order: ``xq`` int8 ``[rows, in]``; the packed weight (:func:`pack_int8_weight`);
+    ``colsum`` int32 ``[out]`` (each output channel's weight sum); ``zero_point`` int32 and ``x_scale``
+    float32, ``[rows]`` or ``[1]``; ``w_scale`` float32 ``[out]`` or ``[1]``; ``bias`` float32 ``[out]``;
+    the result float32 ``[rows, out]``. Needs ``in_features`` even and ``out_features`` a multiple of 8.
+    """
+    from tvm import s_tir, te
+
+    activations = rows if per_row_activation else 1
+    xq = te.placeholder((rows, in_features), "int8", name="xq")
+    packed = te.placeholder((out_features // _LANES, in_features // 2, _LANES, 2), "int16", name="packed")
+    colsum = te.placeholder((out_features,), "int32", name="colsum")
+    zero_point = te.placeholder((activations,), "int32", name="zero_point")
+    x_scale = te.placeholder((activations,), "float32", name="x_scale")
+    w_scale = te.placeholder((out_features if per_channel_weight else 1,), "float32", name="w_scale")
+    bias = te.placeholder((out_features,), "float32", name="bias")
+    # Sign-extended once per call (the tiles read each row N/16 times; widening there costs 40%).
+    wide = te.compute(xq.shape, lambda m, k: xq[m, k].astype("int16"), name="wide")
+    pair = te.reduce_axis((0, in_features // 2), "pair")
+    half = te.reduce_axis((0, 2), "half")
+    acc = te.compute(
+        (rows, out_features // _LANES, _LANES),
+        lambda m, block, lane: te.sum(
+            wide[m, pair * 2 + half].astype("int32") * packed[block, pair, lane, half].astype("int32"),
+            axis=[pair, half]),
+        name="acc")
+
+    def row(m):
+        return m if per_row_activation else 0
+
+    out = te.compute(
+        (rows, out_features),
+        lambda m, n: (acc[m, n // _LANES, n % _LANES] - zero_point[row(m)] * colsum[n]).astype("float32")
+        * (x_scale[row(m)] * w_scale[n if per_channel_weight else 0]) + bias[n],
+        name="out")
+    func = te.create_prim_func([xq, packed, colsum, zero_point, x_scale, w_scale, bias, out])
+
+    tile_rows = next(r for r in (4, 2, 1) if rows % r == 0)
+    tile_blocks = 2 if (out_features // _LANES) % 2 == 0 else 1  # 4x2 tile: 8 accumulator registers
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("acc")
+    m, channel_block, lane, pair_loop, half_loop = sch.get_loops(block)
+    m_outer, m_inner = sch.split(m, [None, tile_rows])
+    # Output channels outermost: a tile's packed weights (K x 16 int16) stay in L1 while the rows stream by.
+    block_outer, block_inner = sch.split(channel_block, [None, tile_blocks])
+    sch.reorder(block_outer, m_outer, pair_loop, m_inner, block_inner, lane, half_loop)
+    tile = sch.fuse(block_outer, m_outer)
+    epilogue = sch.get_sblock("out")
+    sch.reverse_compute_at(epilogue, tile)
+    sch.set_scope(block, 0, "local")
+    sch.parallel(tile)
+    init = sch.decompose_reduction(block, pair_loop)
+    sch.tensorize(lane, _register_intrinsic())
+    sch.unroll(m_inner)
+    sch.unroll(block_inner)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(epilogue)[-1])
+    widen = sch.get_sblock("wide")
+    widen_rows, widen_columns = sch.get_loops(widen)
+    sch.parallel(widen_rows)
+    sch.vectorize(widen_columns)
+    return sch.mod["main"].with_attr({"tir.is_scheduled": True, "op_pattern": 8})  # 8: opaque, never fused
