@@ -131,6 +131,12 @@ def test_int8_linear_on_avx2_is_one_exact_pmaddwd_kernel(spec, rows, bias):
     assert failing is None, f"max abs error {worst}"
 
 
+def test_a_reduction_over_unit_loops_is_not_scheduled_as_elementwise():
+    # Pinned from tests/property/test_equivalence.py: a 1x1 convolution of one input channel looked injective.
+    conv = torch.nn.Conv2d(1, 6, 1)
+    assert_matches_torch(lambda x: conv(x), torch.randn(1, 1, 6, 6))
+
+
 def test_elementwise_kernels_get_parallel_vector_schedules_on_cpu():
     program, executable = tvm_build(lambda x: torch.relu(x * 2 + 1), torch.randn(64, 256))
     source = executable.kernel_source("ll")
