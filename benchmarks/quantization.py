@@ -44,7 +44,7 @@ FXOPT_SCHEMES = {
     "digits": ["quantize", "quantize{observer=percentile}", "quantize{scheme=fp8}", "quantize{scheme=w8a8-dynamic}"],
 }
 TOOLS = ["fxopt", "fxopt-cpu", "onnxruntime", "torchao"]
-# The schemes whose CPU latency is measured through fxopt's TVM build (every segment it can lower in TVM).
+# The schemes whose CPU latency is measured through fxopt's TVM build (measured dispatch, and all in TVM).
 TVM_SCHEMES = ["quantize", "quantize{scheme=w4}"]
 
 
@@ -127,7 +127,7 @@ def compare(case: Case, tools: list[str]) -> tuple[list[tuple], dict[str, Callab
     add("float32", "(eager)", lambda: (lambda: model(*inputs), float_bytes))
     program = capture(model, inputs) if "fxopt" in tools else None
     for spec in FXOPT_SCHEMES[case.name] if "fxopt" in tools else ():
-        # Quality through the reference kernels (PyTorch, float64 sums): slow, so not timed.
+        # Quality through the reference kernels (PyTorch, exact integer sums): for accuracy, not timed.
         add("fxopt", spec, lambda spec=spec: _fxopt_reference(program, spec, case.calibration), timed=False)
     for spec in ["", *TVM_SCHEMES] if "fxopt-cpu" in tools else ():
         pipeline = f"default,{spec}" if spec else "default"

@@ -331,6 +331,16 @@ def _int8_only(node: fx.Node) -> None:
         raise LoweringError(node, "fp8 has no TVM kernels here; fp8 layers run (simulated) in PyTorch")
 
 
+def _float32(arg: fx.Node, importer) -> object:
+    """The lowered value of ``arg`` as float32 (quantized ops compute in float32 whatever the model's dtype)."""
+    from tvm import relax
+
+    value = importer.env[arg]
+    if arg.meta["val"].dtype == torch.float32:
+        return value
+    return importer.block_builder.emit(relax.op.astype(value, "float32"))
+
+
 @register_lowering("quantize.default")
 def _quantize(node: fx.Node, importer) -> object:
     """``clamp(floor(x / scale + 0.5) + zero_point, -128, 127)`` as int8, rounding exactly as the reference does."""
@@ -339,9 +349,7 @@ def _quantize(node: fx.Node, importer) -> object:
     if node.args[3] != "int8":
         raise LoweringError(node, f"{node.args[3]} has no TVM kernels here; it runs in PyTorch")
     bb = importer.block_builder
-    x, scale, zero_point = (importer.env[a] for a in node.args[:3])
-    if node.args[0].meta["val"].dtype != torch.float32:
-        x = bb.emit(relax.op.astype(x, "float32"))
+    x, scale, zero_point = _float32(node.args[0], importer), importer.env[node.args[1]], importer.env[node.args[2]]
     q = bb.emit(relax.op.floor(relax.op.add(relax.op.divide(x, scale), relax.const(0.5, "float32"))))
     q = bb.emit(relax.op.add(q, relax.op.astype(zero_point, "float32")))
     return bb.emit(relax.op.astype(relax.op.clip(q, -128, 127), "int8"))
@@ -366,10 +374,7 @@ def _dequantize_accumulator(node: fx.Node, importer, acc, channel_shape: list[in
     y = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.op.multiply(x_scale, w_scale)))
     bias = node.args[5]
     if bias is not None:
-        b = importer.env[bias]
-        if bias.meta["val"].dtype != torch.float32:
-            b = bb.emit(relax.op.astype(b, "float32"))
-        y = bb.emit(relax.op.add(y, relax.op.reshape(b, channel_shape)))
+        y = bb.emit(relax.op.add(y, relax.op.reshape(_float32(bias, importer), channel_shape)))
     return _in_output_dtype(node, bb, y)
 
 
@@ -428,8 +433,7 @@ def _linear_q_avx2(node: fx.Node, importer, weight: torch.Tensor) -> object:
         per_activation(node.args[2], "int32"),
         per_activation(node.args[1], "float32"),
         bb.emit(relax.op.astype(relax.op.reshape(importer.env[w_scale], [-1]), "float32")),
-        to_relax_constant(torch.zeros(out_features)) if bias is None
-        else bb.emit(relax.op.astype(importer.env[bias], "float32")),
+        to_relax_constant(torch.zeros(out_features)) if bias is None else _float32(bias, importer),
     ]
     y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, out_features], "float32")))
     y = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
@@ -471,14 +475,12 @@ def _linear_wq(node: fx.Node, importer) -> object:
     from tvm import relax, te, tirx
 
     bb = importer.block_builder
-    x, wq, scale, zero_point = (importer.env[a] for a in node.args[:4])
+    wq, scale, zero_point = (importer.env[a] for a in node.args[1:4])
     bias, bits = node.args[4], node.args[5]
     out_features, groups = node.args[2].meta["val"].shape
     in_features = node.args[0].meta["val"].shape[-1]
     group_size = in_features // groups
-    if node.args[0].meta["val"].dtype != torch.float32:
-        x = bb.emit(relax.op.astype(x, "float32"))
-    rows = bb.emit(relax.op.reshape(x, [-1, in_features]))
+    rows = bb.emit(relax.op.reshape(_float32(node.args[0], importer), [-1, in_features]))
 
     def dequantize_matmul(x, wq, scale, zero_point):
         def weight(n, k):
@@ -496,7 +498,6 @@ def _linear_wq(node: fx.Node, importer) -> object:
 
     y = bb.emit_te(dequantize_matmul, rows, wq, scale, zero_point, primfunc_name_hint=node.name)
     if bias is not None:
-        b = importer.env[bias]
-        y = bb.emit(relax.op.add(y, b if bias.meta["val"].dtype == torch.float32 else relax.op.astype(b, "float32")))
+        y = bb.emit(relax.op.add(y, _float32(bias, importer)))
     y = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
     return _in_output_dtype(node, bb, y)

@@ -270,7 +270,7 @@ def conv_q(xq: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor, 
     """``convolution`` of quantized activations and weights, like :func:`linear_q`; per-tensor ``x_scale``,
     ``w_scale`` per tensor or ``[out]``. Padding pads with the real value 0 (the zero point)."""
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[wq.dim() - 2]
-    if groups > 1:  # chunking input channels would cut across groups; one float64 convolution instead
+    if groups > 1 and xq.dtype == torch.int8:  # chunks of input channels would cut across groups: float64
         acc = conv(xq.double() - x_zero_point.double(), wq.double(), None, stride, padding, dilation, groups)
     else:
         acc = _accumulate(xq, x_zero_point, wq, lambda x, w: conv(x, w, None, stride, padding, dilation, groups),

@@ -99,6 +99,17 @@ def test_int8_reductions_longer_than_float32_holds_exactly_stay_exact(seed, in_f
     assert torch.equal(out, F.conv2d(xq.double() - zero_point, wq.double(), None, 1, 1).float())
 
 
+@given(st.integers(0, 2**16), st.integers(1, 3))
+def test_fp8_grouped_conv_sums_in_float32(seed, groups):
+    # fp8 products accumulate in float32 (fxopt.ir.quant's conventions), grouped or not.
+    generator = torch.Generator().manual_seed(seed)
+    xq = (torch.randn(1, 16 * groups, 6, 6, generator=generator) * 40).to(torch.float8_e4m3fn)
+    wq = (torch.randn(4 * groups, 16, 3, 3, generator=generator) * 40).to(torch.float8_e4m3fn)
+    out = fxopt_ops.conv_q(xq, torch.ones(()), torch.zeros((), dtype=torch.int32), wq, torch.ones(()), None,
+                           [1, 1], [1, 1], [1, 1], groups, torch.float32)
+    assert torch.equal(out, F.conv2d(xq.float(), wq.float(), None, 1, 1, 1, groups))
+
+
 @given(prunable_models(), st.sampled_from(["shift-activations", "smooth-activations",
                                            "shift-activations,smooth-activations{alpha=0.8}", "awq{group-size=0}",
                                            "awq{bits=8 group-size=2 weights=asymmetric grid=4}"]))
