@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from fxopt.codegen.compile import compile_module, kernel_source
-from fxopt.codegen.dispatch import choose
+from fxopt.codegen.dispatch import Choice, choose
 from fxopt.codegen.export import export_program
 from fxopt.codegen.lower import LoweringError, lower_graph
 from fxopt.codegen.partition import partition
@@ -159,8 +159,12 @@ def build(
         if progress:
             progress(i, len(part.segments), f"measure {segment.name}")
         kernel = TVMFunction(vm, segment.name, _output_strides(segment.graph_module))
-        choice = choose(segment.graph_module, kernel, segment.example_inputs, tolerance, device=target.device,
-                        measure=dispatch == "measure")
+        try:
+            choice = choose(segment.graph_module, kernel, segment.example_inputs, tolerance, device=target.device,
+                            measure=dispatch == "measure")
+        except Exception as exc:  # a segment that cannot be checked or timed runs in PyTorch; the build goes on
+            first_line = (str(exc).strip().splitlines() or [""])[0]
+            choice = Choice("torch", None, None, f"checking TVM's kernel failed: {type(exc).__name__}: {first_line}")
         if dispatch == "torch" and choice.backend == "tvm":
             choice.backend, choice.reason = "torch", "PyTorch requested (dispatch='torch')"
         if choice.backend == "tvm":

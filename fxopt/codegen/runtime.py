@@ -86,4 +86,23 @@ class TVMFunction(torch.nn.Module):
 def _laid_out(tensor: torch.Tensor, strides: tuple[int, ...] | None) -> torch.Tensor:
     if strides is None or tensor.stride() == strides or tensor.dim() != len(strides):
         return tensor
-    return torch.empty_strided(tensor.shape, strides, dtype=tensor.dtype, device=tensor.device).copy_(tensor)
+    # A stride-0 dimension is a broadcast (``expand``): every slice along it is equal, so one slice is
+    # laid out and expanded back, as PyTorch's own value is. Storing all of them would overlap.
+    source = tensor
+    for dim, stride in enumerate(strides):
+        if stride == 0:
+            source = source.narrow(dim, 0, 1)
+    if not _dense_without_overlap(source.shape, strides):
+        return tensor  # a layout no fresh tensor has; the contiguous result holds the same values
+    laid_out = torch.empty_strided(source.shape, strides, dtype=tensor.dtype, device=tensor.device).copy_(source)
+    return laid_out.expand(tensor.shape)
+
+
+def _dense_without_overlap(shape: torch.Size, strides: tuple[int, ...]) -> bool:
+    """``strides`` put every element of ``shape`` at its own offset, with no gaps."""
+    expected = 1
+    for size, stride in sorted((p for p in zip(shape, strides) if p[0] != 1), key=lambda p: p[1]):
+        if stride != expected:
+            return False
+        expected *= size
+    return True

@@ -5,9 +5,11 @@ default ``~/.cache/fxopt``). Tuning extracts the model's fused kernels, skips
 every kernel the database already holds enough trials for, and tunes the rest
 in rounds within a budget of trials or seconds, reporting the best latency so
 far after each round. MetaSchedule appends each measured record to the
-database as it goes, so an interrupted run keeps what it measured; a
-half-written line from a killed process is dropped the next time the database
-is opened. A file lock serializes processes tuning the same target.
+database as it goes, so an interrupted run keeps what it measured. Every
+build that opens a database first drops lines that are not entries (half
+written by a killed process, truncated, edited) and moves a database TVM
+still cannot read aside, with a warning naming it: a build never fails
+because of the cache. A file lock serializes processes using the same target.
 
 Shipped records (``fxopt/codegen/records/<target key>/``, the best record per
 kernel from the benchmark models' tuning, gzip-compressed; see
@@ -43,6 +45,8 @@ from fxopt.targets import Target, host_cpu
 
 __all__ = ["TuneOptions", "TuningSummary", "tune", "database_dir", "distill_database", "build_candidate",
            "parse_budget"]
+
+logger = logging.getLogger(__name__)
 
 _RECORDS = "database_tuning_record.json"
 _WORKLOADS = "database_workload.json"
@@ -165,11 +169,11 @@ def distill_database(source: Path, destination: Path) -> int:
     """
     source, destination = Path(source), Path(destination)
     repair_database(source)
-    workloads = _valid_lines(source / _WORKLOADS)
+    workloads = _valid_lines(source / _WORKLOADS, _is_workload)
     best: dict[int, tuple[float, list]] = {}
-    for line in _valid_lines(source / _RECORDS):
+    for line in _valid_lines(source / _RECORDS, lambda entry: _is_record(entry, len(workloads))):
         workload, record = json.loads(line)
-        seconds = [float(s) for s in record[1]]
+        seconds = [float(s) for s in record[1] or ()]
         mean = sum(seconds) / len(seconds) if seconds else math.inf
         if mean < best.get(workload, (math.inf,))[0]:
             best[workload] = mean, record
@@ -183,40 +187,88 @@ def distill_database(source: Path, destination: Path) -> int:
 
 
 def existing_database(target: Target) -> Path | None:
-    """The target's database directory if it holds tuning records (tuned earlier, or shipped), else ``None``."""
+    """The target's database directory if it holds usable tuning records (tuned earlier, or shipped), else ``None``.
+
+    A build never fails because of the cache: an unwritable cache directory or a database TVM cannot read
+    is reported as a warning and the kernels get default schedules.
+    """
     if target.kind == "cuda" and target.arch is None:
         return None
-    path = database_dir(target)
-    return path if (path / _RECORDS).exists() else None
+    try:
+        path = database_dir(target)
+    except OSError as exc:
+        logger.warning("fxopt: warning: tuning cache unusable (%s: %s); building with untuned schedules, nothing "
+                       "is cached (set FXOPT_CACHE_DIR to a writable directory)", exc.filename, exc.strerror)
+        return None
+    if not (path / _RECORDS).exists():
+        return None
+    from filelock import FileLock
+
+    with FileLock(str(path / "lock")):
+        return path if checked_database(path) else None
+
+
+def checked_database(path: Path) -> bool:
+    """Repair database ``path`` (see :func:`repair_database`) and check that TVM loads it; one it cannot load
+    is moved aside (``*.broken``) so that later builds and tuning start afresh. Warns naming the files."""
+    from tvm.s_tir import meta_schedule as ms
+
+    dropped = repair_database(path)
+    if dropped:
+        logger.warning("fxopt: warning: tuning database %s: dropped %d malformed line%s", path, dropped,
+                       "s" * (dropped != 1))
+    try:
+        ms.database.JSONDatabase(work_dir=str(path))
+    except Exception as exc:  # TVM's parser rejects a line the shape checks let through
+        for name in (_WORKLOADS, _RECORDS):
+            if (path / name).exists():
+                (path / name).replace(path / f"{name}.broken")
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
+        logger.warning("fxopt: warning: tuning database %s cannot be read (%s); moved aside as *.broken, "
+                       "continuing without it", path, reason[:200])
+        return False
+    return True
 
 
 def repair_database(path: Path) -> int:
-    """Drop lines a killed process left half-written, and records whose workload is gone. Returns lines dropped."""
+    """Drop lines that are not database entries (half-written by a killed process, edited, truncated) and records
+    whose workload is gone. Returns the number of lines dropped."""
     workloads_file, records_file = path / _WORKLOADS, path / _RECORDS
     dropped = 0
-    workloads = _valid_lines(workloads_file)
+    workloads = _valid_lines(workloads_file, _is_workload)
     dropped += _rewrite_if_changed(workloads_file, workloads)
-    records = [line for line in _valid_lines(records_file) if _record_workload(line) < len(workloads)]
+    records = _valid_lines(records_file, lambda entry: _is_record(entry, len(workloads)))
     dropped += _rewrite_if_changed(records_file, records)
     return dropped
 
 
-def _valid_lines(file: Path) -> list[str]:
+def _valid_lines(file: Path, valid: Callable[[object], bool]) -> list[str]:
     if not file.exists():
         return []
-    valid = []
+    kept = []
     for line in file.read_text(errors="replace").splitlines():
         try:
-            json.loads(line)
+            entry = json.loads(line)
         except ValueError:
             continue
-        valid.append(line)
-    return valid
+        if valid(entry):
+            kept.append(line)
+    return kept
 
 
-def _record_workload(line: str) -> int:
-    entry = json.loads(line)
-    return entry[0] if isinstance(entry, list) and entry and isinstance(entry[0], int) else math.inf
+def _is_workload(entry: object) -> bool:
+    """``[structural hash, module]``, as MetaSchedule's JSONDatabase writes them."""
+    return isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
+
+
+def _is_record(entry: object, workloads: int) -> bool:
+    """``[workload index, [trace, run seconds, target, argument info]]``."""
+    if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int and 0 <= entry[0] < workloads):
+        return False
+    record = entry[1]
+    return (isinstance(record, list) and len(record) == 4 and isinstance(record[0], list)
+            and (record[1] is None or isinstance(record[1], list) and all(isinstance(s, (int, float)) for s in record[1]))
+            and isinstance(record[2], dict) and isinstance(record[3], list))
 
 
 def _rewrite_if_changed(file: Path, lines: list[str]) -> int:
@@ -280,12 +332,16 @@ def tune(mod, target: Target, options: TuneOptions,
     with tvm_target:
         fused = tvm.transform.Sequential(fusion_passes())(mod)
     tasks = ms.relax_integration.extract_tasks(fused, tvm_target)
-    path = database_dir(target, options.database)
+    try:
+        path = database_dir(target, options.database)
+    except OSError as exc:
+        raise CodegenError(f"cannot tune: the tuning cache {exc.filename} is unusable ({exc.strerror}); set "
+                           f"FXOPT_CACHE_DIR or TuneOptions(database=...) to a writable directory") from None
     per_kernel = options.trials_per_kernel or target.tuning["trials_per_kernel"]
     summary = TuningSummary(path)
     start = time.monotonic()
     with FileLock(str(path / "lock")):
-        repair_database(path)
+        checked_database(path)
         database = ms.database.JSONDatabase(work_dir=str(path))
         kernels = [KernelTuning(t.task_name, _trials(database, t), 0, None) for t in tasks]
         for kernel in kernels:

@@ -13,8 +13,10 @@ positions that map to ``j``, and the graph stays valid.
 
 Axes are *pinned* (never pruned) when they reach a model input or output, a
 convolution's spatial or kernel dims, an index an op selects or gathers by,
-or an op without a rule here (named in the reason). That is the one fallback:
-an unknown op costs coverage, never a wrong shape.
+a dim a softmax, cumsum or reduction (sum, mean, variance, extremum) runs over (each output
+depends on every channel there), or an op without a rule here (named in the
+reason). That is the one fallback: an unknown op costs coverage, never a
+wrong shape. A rule that fails on its op's arguments is a bug and raises.
 """
 
 from __future__ import annotations
@@ -129,8 +131,9 @@ _OP_NAMES = {"convolution": "conv", "_native_batch_norm_legit_no_training": "bat
 
 # Ops whose output has their first input's shape and treats each channel alike.
 _SHAPE_ONLY = (aten.clone.default, aten.alias.default, aten._to_copy.default, aten.hardswish.default,
-               aten.hardsigmoid.default, aten._softmax.default, aten._log_softmax.default, aten.cumsum.default,
-               aten.detach.default)
+               aten.hardsigmoid.default, aten.detach.default)
+# Ops whose output has their input's shape but mixes the channels of one dim (their second argument).
+_ALONG_DIM = (aten._softmax.default, aten._log_softmax.default, aten.cumsum.default)
 _REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction)
 _VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _POOLS = (aten.max_pool2d_with_indices.default, aten.avg_pool2d.default, aten._adaptive_avg_pool2d.default,
@@ -377,10 +380,7 @@ class ChannelGraph:
         if rule is None:
             self._opaque(node, f"no pruning rule for {node.target}")
             return
-        try:
-            rule(self, node)
-        except (IndexError, KeyError, TypeError, ZeroDivisionError) as exc:  # arguments the rule does not know
-            self._opaque(node, f"unexpected arguments for {node.target} ({type(exc).__name__})")
+        rule(self, node)
 
     def pin_all(self, node: fx.Node, why: str) -> None:
         for t in self.value_dims(node):
@@ -422,14 +422,25 @@ class ChannelGraph:
     def _same(self, node: fx.Node) -> None:
         self.dims[node] = list(self.value_dims(node.args[0])) or self._new(node)
 
+    def _along_dim(self, node: fx.Node) -> None:
+        """softmax / log-softmax / cumsum: every output channel of the dim depends on the others (a removed
+        channel, even an all-zero one, changes the softmax's denominator or the later running sums)."""
+        trees = list(self.value_dims(node.args[0]))
+        self.pin(trees[node.args[1] % len(trees)], f"{_op_name(node)} runs over these channels ({describe_node(node)})")
+        self.dims[node] = trees
+
     def _reduction(self, node: fx.Node) -> None:
         x = node.args[0]
         rank = len(shape_of(x))
-        reduced = node.args[1] if len(node.args) > 1 and node.args[1] is not None else list(range(rank))
-        reduced = {d % rank for d in ([reduced] if isinstance(reduced, int) else reduced)} if rank else set()
+        reduced = node.args[1] if len(node.args) > 1 else None
+        reduced = [reduced] if isinstance(reduced, int) else list(reduced or range(rank))  # [] and None: all dims
+        reduced = {d % rank for d in reduced} if rank else set()
         keep = node.kwargs.get("keepdim", node.args[2] if len(node.args) > 2 else False)
+        trees = self.value_dims(x)
+        for d in reduced:  # a reduction over fewer channels is another value, broadcast back to the rest
+            self.pin(trees[d], f"{_op_name(node)} runs over these channels ({describe_node(node)})")
         dims = []
-        for d, t in enumerate(self.value_dims(x)):
+        for d, t in enumerate(trees):
             if d not in reduced:
                 dims.append(t)
             elif keep:
@@ -695,6 +706,10 @@ class ChannelGraph:
         self.dims[node] = out
 
 
+def _op_name(node: fx.Node) -> str:
+    return node.target._opname.lstrip("_") if isinstance(node.target, torch._ops.OpOverload) else str(node.target)
+
+
 def _value_shape(value: object) -> list:
     return list(value.shape) if isinstance(value, torch.Tensor) else []
 
@@ -721,6 +736,7 @@ def _slice_args(node: fx.Node) -> tuple[int, int, int, int]:
 
 _RULES = {
     **dict.fromkeys(_SHAPE_ONLY, ChannelGraph._same),
+    **dict.fromkeys(_ALONG_DIM, ChannelGraph._along_dim),
     **dict.fromkeys(_REDUCTIONS, ChannelGraph._reduction),
     **dict.fromkeys(_VIEWS, ChannelGraph._view),
     **dict.fromkeys(_POOLS, ChannelGraph._spatial),

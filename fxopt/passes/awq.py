@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
-from fxopt.errors import PassError
+from fxopt.errors import PipelineError
 from fxopt.ir.edit import drop_unread_constants
 from fxopt.ir.equivalence import input_moments, linear_readers, scale_channels
 from fxopt.ir.layers import WeightedLayer
@@ -43,10 +44,30 @@ class AWQ(Pass):
     weights: Literal["symmetric", "asymmetric"] = option("symmetric", "group zero points, as quantize's weights")
     grid: int = option(20, "exponents tried between 0 and 1")
 
+    def __post_init__(self):
+        if self.group_size < 0:
+            raise ValueError(f"group-size must be 0 (per output channel) or positive, got {self.group_size}")
+        if self.grid < 1:
+            raise ValueError(f"grid must be at least 1, got {self.grid}")
+
+    def check_later(self, later: Sequence[Pass]) -> None:
+        """The scales are searched for the rounding of the ``quantize`` that follows: its options must match."""
+        quantize = next((p for p in later if p.name == "quantize"), None)
+        if quantize is None:
+            return
+        scheme = quantize.mix[0] if quantize.scheme == "mixed" else quantize.scheme
+        if scheme not in ("w4", "w8"):
+            raise PipelineError(f"awq prepares weight-only quantization (w4/w8), but the quantize after it uses "
+                                f"{scheme}; drop awq or quantize with scheme=w4/w8")
+        expected = {"bits": int(scheme[1]), "group-size": quantize.group_size, "weights": quantize.weights}
+        mismatched = [f"{k}={v} (quantize's: {expected[k]})" for k, v in
+                      (("bits", self.bits), ("group-size", self.group_size), ("weights", self.weights))
+                      if v != expected[k]]
+        if mismatched:
+            raise PipelineError(f"awq's options do not match the quantize after it: {', '.join(mismatched)}; "
+                                f"give awq the same bits, group-size and weights")
+
     def apply(self, program: Program, ctx: PassContext) -> bool:
-        if self.group_size < 0 or self.grid < 1:
-            raise PassError(f"awq: group-size must be >= 0 and grid >= 1; got group-size={self.group_size} "
-                            f"grid={self.grid}")
         readers = linear_readers(program)
         chosen = {}
         for x, layers in readers.items():

@@ -6,7 +6,7 @@ import dataclasses
 import types
 import typing
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
@@ -107,6 +107,9 @@ class Pass:
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
         raise NotImplementedError(f"pass '{self.name}' does not implement apply")
+
+    def check_later(self, later: Sequence[Pass]) -> None:
+        """Raise :class:`~fxopt.errors.PipelineError` if the passes after this one do not fit its options."""
 
     @classmethod
     def options(cls) -> list[Option]:

@@ -439,6 +439,7 @@ def check_order(passes: Sequence[Pass]) -> None:
         for later in p.before:
             if later in names[:i]:
                 raise PipelineError(f"pass '{p.name}' must run before '{later}', but '{later}' comes first")
+        p.check_later(passes[i + 1:])
 
 
 # ----------------------------------------------------------------------------- running
@@ -591,8 +592,8 @@ class PassManager:
             if changed:
                 work.graph_module.recompile()
             verify(work)
-        except FxoptError as exc:
-            raise type(exc)(f"pass '{p.name}' failed: {exc} (passes already run: {', '.join(done) or 'none'})") from exc
+        except FxoptError as exc:  # wrapped, not rebuilt: a subclass's constructor may take other arguments
+            raise PassError(f"pass '{p.name}' failed: {exc} (passes already run: {', '.join(done) or 'none'})") from exc
         except Exception as exc:
             raise PassError(
                 f"pass '{p.name}' raised {type(exc).__name__}: {exc} "

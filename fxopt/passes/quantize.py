@@ -77,6 +77,17 @@ class Quantize(Pass):
                                     "the calibration's metric)")
     ignore: tuple[str, ...] = option((), "layers left in float (module path or weight name globs)")
 
+    def __post_init__(self):
+        if self.group_size < 0:
+            raise ValueError(f"group-size must be 0 (per output channel) or positive, got {self.group_size}")
+        if not 0 < self.percentile <= 100:
+            raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
+        if self.scheme == "mixed" and (len(self.mix) != 2 or self.mix[0] == "float" or self.mix[0] == self.mix[1]):
+            raise ValueError(f"mix takes two precisions, the low one first (e.g. [w4, w8] or [w8a8, float]); "
+                             f"got {list(self.mix)}")
+        if self.max_error <= 0:
+            raise ValueError(f"max-error must be positive, got {self.max_error}")
+
     def apply(self, program: Program, ctx: PassContext) -> bool:
         chosen = self.candidates(program, ctx)
         if not chosen:
@@ -96,7 +107,6 @@ class Quantize(Pass):
 
     def candidates(self, program: Program, ctx: PassContext) -> list[WeightedLayer]:
         """The layers this pass quantizes; the others are noted in ``ctx`` with the reason."""
-        self._validate()
         if has_symbolic_shapes(program.graph):
             ctx.skip("the graph", "it has dynamic (symbolic) dimensions; capture with static shapes to quantize")
             return []
@@ -114,17 +124,6 @@ class Quantize(Pass):
             else:
                 chosen.append(target)
         return chosen
-
-    def _validate(self) -> None:
-        if self.group_size < 0:
-            raise PassError(f"quantize: group-size must be 0 (per output channel) or positive, got {self.group_size}")
-        if not 0 < self.percentile <= 100:
-            raise PassError(f"quantize: percentile must be in (0, 100], got {self.percentile}")
-        if self.scheme == "mixed" and (len(self.mix) != 2 or self.mix[0] == "float" or self.mix[0] == self.mix[1]):
-            raise PassError(f"quantize: mix takes two precisions, the low one first (e.g. [w4, w8] or [w8a8, float]); "
-                            f"got {list(self.mix)}")
-        if self.max_error <= 0:
-            raise PassError(f"quantize: max-error must be positive, got {self.max_error}")
 
     def _refusal(self, program: Program, target: WeightedLayer, scheme: str) -> str | None:
         if any(layer_matches(target.node, p) for p in self.ignore):

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 
 import torch
 
-from fxopt.errors import PassError
 from fxopt.ir.edit import drop_unread_constants
 from fxopt.ir.equivalence import calibrated_readers, scale_channels
 from fxopt.ir.meta import describe_node, propagate_meta
@@ -34,9 +33,11 @@ class SmoothActivations(Pass):
 
     alpha: float = option(0.5, "migration strength: 0 leaves activations alone, 1 moves all of their range")
 
-    def apply(self, program: Program, ctx: PassContext) -> bool:
+    def __post_init__(self):
         if not 0 <= self.alpha <= 1:
-            raise PassError(f"smooth-activations: alpha must be in [0, 1], got {self.alpha}")
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+
+    def apply(self, program: Program, ctx: PassContext) -> bool:
         for x, layers, lo, hi in calibrated_readers(program, lambda: ctx.require_calibration(self.name),
                                                     ctx.progress):
             act = torch.maximum(-lo, hi).double()

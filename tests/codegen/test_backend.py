@@ -163,3 +163,36 @@ def test_cpu_kernels_run_on_every_core_the_process_may_use():
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     threads = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert int(threads.stdout.split()[-1]) == fxopt.targets.host_cpu().cores
+
+
+class _Broadcast(torch.nn.Module):
+    def forward(self, x):
+        return torch.relu(x).expand(2, 8, 16), x.unsqueeze(1).expand(2, 3, 8, 16).transpose(1, 2)
+
+
+@pytest.mark.parametrize("dispatch", ["tvm", "measure"])
+def test_broadcast_outputs_keep_pytorch_values_and_layout(dispatch):
+    # expand() gives an output stride 0: laying the TVM result out with those strides overlapped and raised.
+    x = torch.randn(2, 1, 16)
+    optimized = fxopt.optimize(_Broadcast(), (x,), target="cpu", dispatch=dispatch)
+    got, expected = optimized(x), _Broadcast()(x)
+    assert_close(got, expected)
+    if dispatch == "tvm":
+        assert {s.backend for s in optimized.report().segments} == {"tvm"}
+        assert [g.stride() for g in got] == [e.stride() for e in expected]
+
+
+def test_a_segment_whose_check_raises_runs_in_pytorch(monkeypatch):
+    from fxopt.codegen.runtime import TVMFunction
+
+    def broken(self, *args):
+        raise RuntimeError("kernel exploded\nsecond line")
+
+    monkeypatch.setattr(TVMFunction, "forward", broken)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    x = torch.randn(2, 8)
+    optimized = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm")
+    (segment,) = optimized.report().segments
+    assert segment.backend == "torch"
+    assert segment.reason == "checking TVM's kernel failed: RuntimeError: kernel exploded"
+    assert_close(optimized(x), reference(model, (x,)))

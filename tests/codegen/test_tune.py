@@ -108,11 +108,71 @@ def test_packaged_records_load_as_a_metaschedule_database(records, tmp_path):
     assert len(database) == workloads > 0  # one best record per kernel
 
 
-def test_repair_drops_half_written_lines(tmp_path):
-    (tmp_path / "database_workload.json").write_text('["a", 1]\n')
-    (tmp_path / "database_tuning_record.json").write_text('[0, {"x": 1}]\n[3, {"y": 2}]\n[0, {"tru')
-    assert repair_database(tmp_path) == 2  # the half-written line and the record of a missing workload
-    assert (tmp_path / "database_tuning_record.json").read_text() == '[0, {"x": 1}]\n'
+RECORD = '[0, [[[], []], [0.001], {"kind": "llvm"}, []]]'
+
+
+def test_repair_drops_half_written_and_malformed_lines(tmp_path):
+    (tmp_path / "database_workload.json").write_text('["1", "a"]\n{"not": "a workload"}\n["2"]\n')
+    (tmp_path / "database_tuning_record.json").write_text(
+        f'{RECORD}\n[3, {{"y": 2}}]\n[0, [1, 2]]\n{{"x": 1}}\ngarbage\n[0, {{"tru')
+    # the half-written, garbage and wrong-shape lines, and the record of a missing workload
+    assert repair_database(tmp_path) == 7
+    assert (tmp_path / "database_workload.json").read_text() == '["1", "a"]\n'
+    assert (tmp_path / "database_tuning_record.json").read_text() == f"{RECORD}\n"
+
+
+def _seeded_with(tmp_path, monkeypatch, **bad_lines):
+    """The target's cache database holding real records (the package's), then ``bad_lines`` appended (by file)."""
+    monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path))
+    path = database_dir(parse_target("cpu"))
+    packaged = next((Path(tune_module.__file__).parent / "records").iterdir())
+    for name in ("database_workload.json", "database_tuning_record.json"):
+        with gzip.open(packaged / f"{name}.gz", "rt") as source:
+            (path / name).write_text(source.read())
+    for name, line in bad_lines.items():
+        with (path / f"database_{name}.json").open("a") as file:
+            file.write(line)
+    return path
+
+
+@pytest.mark.parametrize("bad_lines", [
+    {"tuning_record": '[0, [[[["GetSBlock", [], ["T_'},  # truncated
+    {"tuning_record": "\x00\x7fgarbage\n"},
+    {"tuning_record": '[0, [1, 2, 3]]\n'},  # valid JSON, wrong shape: TVM raised InternalError on it
+    {"workload": '["123"]\n'},
+])
+def test_a_damaged_database_never_fails_a_build(tmp_path, monkeypatch, caplog, bad_lines):
+    # An untuned build that opened it failed with "TVM failed to build ... Unexpected token", and tuning raised.
+    path = _seeded_with(tmp_path, monkeypatch, **bad_lines)
+    with caplog.at_level(logging.WARNING, logger="fxopt"):
+        untuned = fxopt.optimize(Tiny(), ARGS, target="cpu", dispatch="tvm")
+    assert untuned.report().backend == "tvm"
+    assert f"tuning database {path}: dropped 1 malformed line" in caplog.text
+    _seeded_with(tmp_path, monkeypatch, **bad_lines)
+    # No trial to run: only opening the database is tested here (tuning itself is, above).
+    assert " 0 new trials" in fxopt.optimize(Tiny(), ARGS, target="cpu", tune=TuneOptions(trials=0)).report().tuning
+
+
+def test_a_database_tvm_cannot_read_is_moved_aside(tmp_path, monkeypatch, caplog):
+    path = _seeded_with(tmp_path, monkeypatch)
+    records = path / "database_tuning_record.json"
+    entry = json.loads(records.read_text().splitlines()[0])
+    entry[1][0] = [["NoSuchInstruction", [], [], []]]  # passes the shape checks; TVM's parser rejects it
+    records.write_text(json.dumps(entry) + "\n")
+    with caplog.at_level(logging.WARNING, logger="fxopt"):
+        assert fxopt.optimize(Tiny(), ARGS, target="cpu", dispatch="tvm").report().backend == "tvm"
+    assert "cannot be read" in caplog.text and (path / "database_tuning_record.json.broken").exists()
+
+
+def test_an_unwritable_cache_still_builds_untuned(tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("FXOPT_CACHE_DIR", str(blocker))
+    with caplog.at_level(logging.WARNING, logger="fxopt"):
+        assert fxopt.optimize(Tiny(), ARGS, target="cpu", dispatch="tvm").report().backend == "tvm"
+    assert "tuning cache unusable" in caplog.text and "nothing is cached" in caplog.text
+    with pytest.raises(CodegenError, match="tuning cache"):
+        fxopt.optimize(Tiny(), ARGS, target="cpu", tune=16)
 
 
 def test_the_default_database_is_per_target_in_the_cache(monkeypatch, tmp_path):

@@ -41,9 +41,24 @@ def test_awq_skips_layers_that_do_not_group_and_checks_its_options():
     program = capture(Outliers(), (torch.randn(4, 8, 64),))
     result, (record,) = PassManager("awq", verify="off", calibration=[torch.randn(4, 8, 64)]).run(program)
     assert not record.changed and "not a multiple of group-size 128" in record.notes[0]
-    with pytest.raises(PassError, match="grid >= 1"):
-        PassManager("awq{grid=0}", verify="off", calibration=[torch.randn(4, 8, 64)]).run(program)
+    with pytest.raises(PipelineError, match="pass 'awq': grid must be at least 1"):
+        PassManager("awq{grid=0}")
+    with pytest.raises(PipelineError, match="pass 'awq': group-size must be 0"):
+        PassManager("awq{group-size=-1}")
     with pytest.raises(PassError, match="awq needs calibration data"):
         PassManager("awq{group-size=32}", verify="off").run(program)
     with pytest.raises(PipelineError, match="bits"):
         PassManager("awq{bits=3}")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("awq,quantize{scheme=w8}", r"bits=4 \(quantize's: 8\)"),
+    ("awq{group-size=64},quantize{scheme=w4}", r"group-size=64 \(quantize's: 128\)"),
+    ("awq,quantize{scheme=w4 weights=asymmetric}", r"weights=symmetric \(quantize's: asymmetric\)"),
+    ("awq,quantize", "awq prepares weight-only quantization .* uses w8a8"),
+])
+def test_awq_must_match_the_quantize_after_it(spec, message):
+    # The scales are searched for the rounding quantize will do; a mismatch searched for another one.
+    with pytest.raises(PipelineError, match=message):
+        PassManager(spec)
+    PassManager("awq{bits=8 group-size=64},quantize{scheme=mixed mix=[w8,float] group-size=64}")  # agrees

@@ -227,3 +227,27 @@ def test_statistics_and_timing_per_pass():
     assert noops.changed and noops.stats == {"copy": 1}
     assert noops.nodes[1] == noops.nodes[0] - 1
     assert noops.seconds >= 0
+
+
+class _LayerError(VerificationError):
+    """An fxopt error whose constructor takes more than a message (test only)."""
+
+    def __init__(self, layer: str, detail: str):
+        super().__init__(f"layer {layer}: {detail}")
+
+
+@dataclass(frozen=True)
+class RaiseFxoptError(Pass):
+    name = "raise-fxopt-error"
+
+    def apply(self, program, ctx):
+        raise _LayerError("fc1", "bad weight")
+
+
+def test_a_pass_raising_an_fxopt_error_subclass_is_wrapped_not_rebuilt():
+    # Rebuilding it as type(exc)(message) raised a TypeError from _LayerError's constructor instead.
+    program = capture(nn.Linear(2, 2), (torch.randn(1, 2),))
+    with pytest.raises(PassError) as info:
+        PassManager([RaiseFxoptError()]).run(program)
+    assert "pass 'raise-fxopt-error' failed: layer fc1: bad weight" in str(info.value)
+    assert isinstance(info.value.__cause__, _LayerError)

@@ -349,3 +349,62 @@ def test_per_layer_ratios_prune_each_layer_by_its_own_fraction():
         prune(transformer(), "prune-channels{layer-ratios=[layers.b1up:0.5]}")
     with pytest.raises(PassError, match="layer-ratios pattern 'nothing.*' matches no layer"):
         prune(transformer(), "prune-channels{scope=per-layer-ratios layer-ratios=[nothing.*:0.5]}")
+
+
+class _Coupled(nn.Module):
+    """Linear(4, 8) -> an op over the 8 features -> Linear(8, 3): the op ties every feature to the others."""
+
+    def __init__(self, coupling):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1, self.fc2, self.coupling = nn.Linear(4, 8), nn.Linear(8, 3), coupling
+
+    def forward(self, x):
+        return self.fc2(self.coupling(self.fc1(x)))
+
+
+@pytest.mark.parametrize("coupling, reason", [
+    (lambda h: torch.softmax(h, -1), "softmax runs over these channels"),
+    (lambda h: torch.log_softmax(h, -1), "log_softmax runs over these channels"),
+    (lambda h: torch.cumsum(h, -1), "cumsum runs over these channels"),
+    (lambda h: h - h.mean(-1, keepdim=True), "mean runs over these channels"),
+    (lambda h: h - h.sum(-1, keepdim=True), "sum runs over these channels"),
+    (lambda h: h / h.var(-1, keepdim=True), "var runs over these channels"),
+    (lambda h: h - h.amax(-1, keepdim=True), "amax runs over these channels"),
+])
+def test_channels_an_op_runs_over_are_pinned(coupling, reason):
+    # Removing 4 all-zero features changed these outputs by up to 0.06: softmax's denominator lost exp(0) terms.
+    model = _Coupled(coupling).eval()
+    with torch.no_grad():
+        model.fc1.weight[4:] = 0
+        model.fc1.bias[4:] = 0
+    x = torch.randn(5, 4)
+    program, pruned, record = prune(_Example(model, x), "prune-channels{ratio=0.3 target=channels}")
+    assert not record.changed
+    assert any(reason in note for note in record.notes), record.notes
+    torch.testing.assert_close(pruned.run_flat(), program.run_flat())
+
+
+class _Example(nn.Module):
+    """A model with the ``example_input()`` that ``prune`` calls."""
+
+    def __init__(self, model, x):
+        super().__init__()
+        self.model, self.x = model, x
+
+    def forward(self, x):
+        return self.model(x)
+
+    def example_input(self):
+        return self.x
+
+
+def test_a_failing_channel_rule_is_an_error_not_a_silent_pin(monkeypatch):
+    import fxopt.ir.channels as channels
+
+    def broken(graph, node):
+        raise IndexError("rule bug")
+
+    monkeypatch.setitem(channels._RULES, torch.ops.aten.linear.default, broken)
+    with pytest.raises(PassError, match="prune-channels.*IndexError: rule bug"):
+        prune(_Example(nn.Linear(4, 4), torch.randn(2, 4)), "prune-channels{ratio=0.3}")

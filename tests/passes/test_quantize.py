@@ -92,8 +92,18 @@ def test_bad_options_and_order_are_errors():
         PassManager("quantize{scheme=int3}")
     with pytest.raises(PipelineError, match="must run before 'quantize'"):
         PassManager("quantize,fold-conv-bn")
-    with pytest.raises(PassError, match="group-size must be 0"):
-        quantize(Net(), "quantize{scheme=w8 group-size=-1}")
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("quantize{scheme=w8 group-size=-1}", "group-size must be 0"),
+    ("quantize{percentile=500}", r"percentile must be in \(0, 100\]"),
+    ("quantize{max-error=-1}", "max-error must be positive"),
+    ("quantize{scheme=mixed mix=[float,w8]}", "mix takes two precisions, the low one first"),
+])
+def test_options_are_checked_when_the_pipeline_is_parsed(spec, message):
+    # They were checked only when the pass ran: `quantize{group-size=-1 percentile=500 max-error=-1}` parsed.
+    with pytest.raises(PipelineError, match=message):
+        PassManager(spec)
 
 
 def test_calibration_progress_is_reported():
@@ -233,10 +243,8 @@ def test_a_metric_that_returns_no_number_is_named():
 
 
 def test_mixed_options_are_checked():
-    with pytest.raises(PassError, match="mix takes two precisions, the low one first"):
-        quantize(Net(), "quantize{scheme=mixed mix=[float,w8]}", batches())
-    with pytest.raises(PassError, match="max-error must be positive"):
-        quantize(Net(), "quantize{scheme=mixed max-error=0}", batches())
+    with pytest.raises(PipelineError, match="max-error must be positive"):
+        PassManager("quantize{scheme=mixed max-error=0}")
     with pytest.raises(PipelineError, match="mix"):
         PassManager("quantize{scheme=mixed mix=[w3,float]}")
 

@@ -30,7 +30,8 @@ def test_activation_ranges_even_out_and_weights_take_the_difference():
 
 
 def test_alpha_is_validated():
-    from fxopt.errors import PassError
+    from fxopt import PassManager
+    from fxopt.errors import PipelineError
 
-    with pytest.raises(PassError, match=r"alpha must be in \[0, 1\]"):
-        run_calibrated(NormFeedingLinears(), "smooth-activations{alpha=1.5}")
+    with pytest.raises(PipelineError, match=r"pass 'smooth-activations': alpha must be in \[0, 1\]"):
+        PassManager("smooth-activations{alpha=1.5}")
