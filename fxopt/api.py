@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -12,8 +13,9 @@ import torch.utils._pytree as pytree
 
 from fxopt.codegen import Dispatch, Executable, build
 from fxopt.codegen.tune import TuneOptions
-from fxopt.errors import FxoptError, VerificationError
+from fxopt.errors import FxoptError, InputMismatchError, VerificationError
 from fxopt.ir.capture import capture, eval_mode
+from fxopt.ir.program import describe_arguments
 from fxopt.passes.base import Pass
 from fxopt.passes.manager import PassManager, Pipeline, Tolerance, VerifyMode, compare_outputs
 from fxopt.report import Report
@@ -149,6 +151,7 @@ class OptimizedModel(torch.nn.Module):
     def build(self, args: tuple, kwargs: dict) -> tuple[Executable, Report]:
         """Capture, optimize and build for this input signature (done by the first call otherwise)."""
         model = self.__dict__["_model"]
+        _check_call(model, args, kwargs)
         progress = self.manager.progress
         if progress:
             progress(0, 1, "capture")
@@ -236,6 +239,19 @@ class OptimizedModel(torch.nn.Module):
         path = Path(path)
         torch.export.save(exported, path)
         return path
+
+
+def _check_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """A call the model's ``forward`` cannot take is the caller's mistake: say so, before capturing it."""
+    try:
+        signature = inspect.signature(model.forward)
+    except (TypeError, ValueError):  # a forward without a Python signature: capture will tell
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as exc:
+        raise InputMismatchError(f"{type(model).__name__}.forward{signature}: {exc} "
+                                 f"({describe_arguments(args, kwargs)})") from None
 
 
 def _signature(args: tuple, kwargs: dict) -> str:

@@ -8,12 +8,13 @@ import importlib.util
 import json
 import re
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
 import torch
 
-from fxopt.errors import FxoptError
+from fxopt.errors import FxoptError, first_line
 
 __all__ = ["main"]
 
@@ -24,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     try:
+        _check_outputs(args)
         return args.run(args)
     except FxoptError as exc:
         if args.debug:
@@ -35,10 +37,21 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Files the command will write go into existing directories: checked before minutes of work, not after."""
+    for option in ("output", "export", "kernel_source", "plot", "distill"):
+        path = getattr(args, option, None)
+        if path is not None and not path.resolve().parent.is_dir():
+            flag = "-o/--output" if option == "output" else f"--{option.replace('_', '-')}"
+            raise FxoptError(f"{flag} {path}: directory {path.parent} does not exist")
+
+
 def _parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="fxopt", description="Compiler-style graph optimization of PyTorch models.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
-    parser.set_defaults(debug=False)
+    parser.add_argument("--version", action="version", version=f"fxopt {version('fxopt')}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     opt = sub.add_parser("optimize", help="capture, optimize and build a model")
@@ -109,7 +122,8 @@ def _model_arguments(parser: argparse.ArgumentParser) -> None:
                              "built-in models bring their own")
     parser.add_argument("--target", "-t", default=None,
                         help="cpu, cuda, cuda:sm_90, aarch64 or torch (default: the pipeline file's, else cpu)")
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    # SUPPRESS: unless given here, the top-level `fxopt --debug COMMAND` stands (a default would overwrite it).
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
 
 
 def _lossy_pass_command(sub, command: str, help: str, options: str, written: str) -> argparse.ArgumentParser:
@@ -383,7 +397,10 @@ def load_model(spec: str, input_specs: list[str] = ()) -> tuple[torch.nn.Module,
     factory = getattr(module, factory_name, None)
     if factory is None or not callable(factory):
         raise FxoptError(f"'{path}' has no callable '{factory_name}'")
-    made = factory()
+    try:
+        made = factory()
+    except Exception as exc:
+        raise FxoptError(f"model factory {spec} raised {_where(exc, path)}{first_line(exc)}") from exc
     model, inputs = made if isinstance(made, tuple) else (made, None)
     if input_specs:
         inputs = tuple(parse_input_spec(s) for s in input_specs)
@@ -404,13 +421,23 @@ def _import(path: str):
         sys.path.insert(0, str(file.parent.resolve()))
         try:
             spec.loader.exec_module(module)
+        except Exception as exc:  # the user's file: a syntax error, a failing import, anything it raises
+            raise FxoptError(f"cannot load model file '{path}': {_where(exc, path)}{first_line(exc)}") from exc
         finally:
             sys.path.pop(0)
         return module
     try:
         return importlib.import_module(path)
-    except ImportError as exc:
-        raise FxoptError(f"cannot import model module '{path}': {exc}") from None
+    except Exception as exc:
+        raise FxoptError(f"cannot import model module '{path}': {_where(exc, path)}{first_line(exc)}") from exc
+
+
+def _where(exc: BaseException, path: str) -> str:
+    """``file.py:12: `` of the user's line that raised (or has the syntax error), when it is in ``path``."""
+    if isinstance(exc, SyntaxError) and exc.filename:
+        return f"{Path(exc.filename).name}:{exc.lineno}: "
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if Path(f.filename).stem == Path(path).stem]
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}: " if frames else ""
 
 
 _INPUT = re.compile(r"^(?P<shape>\d+(?:x\d+)*)(?::(?P<dtype>[a-z0-9]+))?(?::(?P<low>-?\d+)-(?P<high>-?\d+))?$")

@@ -15,6 +15,7 @@ __all__ = [
     "PassError",
     "VerificationError",
     "CodegenError",
+    "first_line",
 ]
 
 
@@ -44,3 +45,10 @@ class VerificationError(FxoptError):
 
 class CodegenError(FxoptError):
     """The backend could not lower or build the graph."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: the head of an exception from a library whose message runs on
+    (TVM's C++ traceback, torch.load's advice) for a one-line error."""
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"

@@ -86,6 +86,24 @@ def test_aot_result_rejects_other_shapes_clearly():
         result.program(torch.randn(7, 6))
 
 
+def test_calls_with_the_wrong_arguments_are_input_mismatches(tmp_path):
+    # They were CaptureErrors pointing at inspect.py (a call with other arguments captures again), and a loaded
+    # export named a raw TreeSpec.
+    model, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
+    result = optimize(model, (x,), target="cpu", dispatch="tvm")
+    with pytest.raises(InputMismatchError, match=r"Linear.forward\(input: torch.Tensor\).*too many positional "
+                                                 r"arguments \(called with 2 positional arguments\)"):
+        result(x, x)
+    with pytest.raises(InputMismatchError, match="missing a required argument: 'input'"):
+        result()
+    loaded = fxopt.load(result.export(tmp_path / "linear"))
+    with pytest.raises(InputMismatchError, match=r"called with 0 positional arguments and keyword 'x', but it was "
+                                                 r"exported for 1 positional argument \(input_1 float32\[2, 4\]\)"):
+        loaded(x=x)
+    with pytest.raises(InputMismatchError, match="called with 2 positional arguments, but it was captured with 1"):
+        result.program(x, x)
+
+
 def test_an_unknown_dispatch_is_named():
     with pytest.raises(FxoptError, match="dispatch='fast': use one of 'measure', 'tvm', 'torch'"):
         optimize(Net(), (torch.randn(3, 6),), dispatch="fast")

@@ -34,7 +34,7 @@ from fxopt.codegen.partition import partition
 from fxopt.codegen.runtime import TVMFunction, load_vm
 from fxopt.codegen.tune import TuningSummary, existing_database
 from fxopt.codegen.tune import tune as run_tuning
-from fxopt.errors import CodegenError
+from fxopt.errors import CodegenError, first_line
 from fxopt.ir.program import Program
 from fxopt.passes.manager import Tolerance
 from fxopt.targets import Target
@@ -163,8 +163,7 @@ def build(
             choice = choose(segment.graph_module, kernel, segment.example_inputs, tolerance, device=target.device,
                             measure=dispatch == "measure")
         except Exception as exc:  # a segment that cannot be checked or timed runs in PyTorch; the build goes on
-            first_line = (str(exc).strip().splitlines() or [""])[0]
-            choice = Choice("torch", None, None, f"checking TVM's kernel failed: {type(exc).__name__}: {first_line}")
+            choice = Choice("torch", None, None, f"checking TVM's kernel failed: {first_line(exc)}")
         if dispatch == "torch" and choice.backend == "tvm":
             choice.backend, choice.reason = "torch", "PyTorch requested (dispatch='torch')"
         if choice.backend == "tvm":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fxopt.errors import CodegenError
+from fxopt.errors import CodegenError, first_line
 from fxopt.targets import Target
 
 __all__ = ["fusion_passes", "relax_pipeline", "compile_module", "kernel_source", "cpu_injective"]
@@ -126,12 +126,6 @@ def compile_module(mod, target: Target, database_dir: Path | None = None):
             return relax.build(mod, target.tvm(), relax_pipeline=relax_pipeline(target, database_dir))
     except Exception as exc:  # a TVM bug or gap, raised from C++ as any exception type
         raise CodegenError(f"TVM failed to build for target '{target}': {first_line(exc)}") from exc
-
-
-def first_line(exc: BaseException) -> str:
-    """The head of an exception from TVM (its C++ traceback follows)."""
-    text = str(exc).strip()
-    return f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def kernel_source(executable, fmt: str | None = None) -> str:

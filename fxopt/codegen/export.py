@@ -25,7 +25,7 @@ from fxopt.codegen.lower import lower_graph, tvm_dtype
 from fxopt.codegen.partition import summarize_fallbacks, unlowerable
 from fxopt.codegen.runtime import TVMFunction, load_vm
 from fxopt.errors import CodegenError, InputMismatchError
-from fxopt.ir.program import Program
+from fxopt.ir.program import Program, describe_arguments, describe_structure
 from fxopt.targets import Target, parse_target
 
 __all__ = ["export_program", "load", "LoadedModel", "MANIFEST"]
@@ -82,8 +82,9 @@ class LoadedModel:
     def __call__(self, *args, **kwargs):
         flat, spec = pytree.tree_flatten((args, kwargs))
         if spec != self._in_spec:
-            raise InputMismatchError(f"{self.manifest['name']}: arguments do not have the structure it was exported "
-                                     f"with ({self._in_spec})")
+            expected = ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in self.manifest["inputs"])
+            raise InputMismatchError(f"{self.manifest['name']}: {describe_arguments(args, kwargs)}, but it was "
+                                     f"exported for {describe_structure(self._in_spec)} ({expected})")
         for value, expected in zip(flat, self.manifest["inputs"]):
             if list(value.shape) != expected["shape"] or tvm_dtype(value.dtype) != expected["dtype"]:
                 raise InputMismatchError(

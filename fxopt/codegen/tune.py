@@ -40,7 +40,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fxopt.errors import CodegenError
+from fxopt.errors import CodegenError, first_line
 from fxopt.targets import Target, host_cpu
 
 __all__ = ["TuneOptions", "TuningSummary", "tune", "database_dir", "distill_database", "build_candidate",
@@ -223,9 +223,8 @@ def checked_database(path: Path) -> bool:
         for name in (_WORKLOADS, _RECORDS):
             if (path / name).exists():
                 (path / name).replace(path / f"{name}.broken")
-        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[-1]
         logger.warning("fxopt: warning: tuning database %s cannot be read (%s); moved aside as *.broken, "
-                       "continuing without it", path, reason[:200])
+                       "continuing without it", path, first_line(exc)[:200])
         return False
     return True
 

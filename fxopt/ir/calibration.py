@@ -10,7 +10,6 @@ memory stays bounded by one batch plus whatever the callbacks keep.
 
 from __future__ import annotations
 
-import pickle
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,8 +76,12 @@ class Calibration:
             source = str(data)
             try:
                 data = torch.load(data, weights_only=True)
-            except (OSError, RuntimeError, pickle.UnpicklingError) as exc:
-                raise FxoptError(f"cannot read calibration file {source}: {exc}") from None
+            except OSError as exc:
+                raise FxoptError(f"cannot read calibration file {source}: {exc.strerror}") from None
+            except Exception as exc:  # whatever else the file holds: text, nothing, a truncated or foreign pickle
+                what = "it is empty" if Path(source).stat().st_size == 0 else f"{type(exc).__name__} reading it"
+                raise FxoptError(f"calibration file {source} is not a torch.save'd list of tensor batches "
+                                 f"({what})") from None
         if isinstance(data, torch.Tensor):
             data = [data]
         if not isinstance(data, Iterable):

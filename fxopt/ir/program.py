@@ -12,7 +12,7 @@ import torch.utils._pytree as pytree
 
 from fxopt.errors import InputMismatchError
 
-__all__ = ["Program", "attribute_owner"]
+__all__ = ["Program", "attribute_owner", "describe_structure", "describe_arguments"]
 
 
 def attribute_owner(module: torch.nn.Module, target: str) -> tuple[torch.nn.Module, str]:
@@ -63,11 +63,13 @@ class Program(torch.nn.Module):
     def flatten_inputs(self, args: tuple, kwargs: dict) -> list:
         """Flatten call arguments to the graph's placeholders, checking shapes and dtypes."""
         try:
+            if len(args) != self.in_spec.child(0).num_children:  # tree_flatten_spec ignores extra arguments
+                raise ValueError
             flat = fx_pytree.tree_flatten_spec((args, kwargs), self.in_spec)
-        except Exception as exc:
+        except Exception:
             raise InputMismatchError(
-                f"{self.name}: arguments do not have the structure the model was captured with "
-                f"({self.in_spec}): {exc}"
+                f"{self.name}: {describe_arguments(args, kwargs)}, but it was captured with "
+                f"{describe_structure(self.in_spec)}"
             ) from None
         for placeholder, value in zip(self.placeholders(), flat):
             expected = placeholder.meta.get("val")
@@ -127,3 +129,21 @@ def _check_tensor(model: str, name: str, expected: torch.Tensor, value: object) 
             f"captured for {shown}; capture again with these shapes or mark the dimension dynamic "
             f"(dynamic_shapes=...)"
         )
+
+
+def describe_structure(in_spec: pytree.TreeSpec) -> str:
+    """The call structure ``(args, kwargs)`` a spec flattens: ``1 positional argument and keyword 'mask'``."""
+    args_spec, kwargs_spec = in_spec.children() if in_spec.num_children == 2 else (in_spec, None)
+    keywords = list(kwargs_spec.context) if kwargs_spec is not None and kwargs_spec.context else []
+    text = _count(args_spec.num_children, "positional argument")
+    return text + (f" and keyword{'s' * (len(keywords) > 1)} {', '.join(map(repr, keywords))}" if keywords else "")
+
+
+def describe_arguments(args: tuple, kwargs: dict) -> str:
+    """What a call passed, in the words of :func:`describe_structure`: ``called with 2 positional arguments``."""
+    text = f"called with {_count(len(args), 'positional argument')}"
+    return text + (f" and keyword{'s' * (len(kwargs) > 1)} {', '.join(map(repr, kwargs))}" if kwargs else "")
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'s' * (n != 1)}"

@@ -69,6 +69,57 @@ def test_errors_are_one_clear_line(argv, message, capsys):
     assert err[-1].startswith("fxopt: error:") and message in err[-1], err[-1]
 
 
+BROKEN_MODELS = {
+    "raises.py": "import torch\ndef make():\n    raise ValueError('no weights here')\n",
+    "syntax.py": "import torch\ndef make(:\n    pass\n",
+    "imports.py": "import no_such_module_anywhere\n",
+}
+
+
+@pytest.mark.parametrize("file, argv, message", [
+    ("raises.py", ["optimize", "MODEL:make", "-i", "2x8"], "model factory {MODEL}:make raised raises.py:3: "
+                                                             "ValueError: no weights here"),
+    ("syntax.py", ["optimize", "MODEL:make", "-i", "2x8"], "cannot load model file '{MODEL}': syntax.py:2: "
+                                                           "SyntaxError"),
+    ("imports.py", ["optimize", "MODEL:make", "-i", "2x8"], "cannot load model file '{MODEL}': imports.py:1: "
+                                                            "ModuleNotFoundError"),
+    ("text.pt", ["optimize", "bert-tiny", "-t", "torch", "--calibration", "MODEL"],
+     "calibration file {MODEL} is not a torch.save'd list of tensor batches"),
+    ("empty.pt", ["optimize", "bert-tiny", "-t", "torch", "--calibration", "MODEL"],
+     "calibration file {MODEL} is not a torch.save'd list of tensor batches (it is empty)"),
+    ("garbage.pt", ["optimize", "bert-tiny", "-t", "torch", "--calibration", "MODEL"],
+     "calibration file {MODEL} is not a torch.save'd list of tensor batches"),
+    ("raises.py", ["optimize", "MODEL:make", "-i", "2x8", "-o", "missing/dir/out.pt2"],
+     "-o/--output missing/dir/out.pt2: directory missing/dir does not exist"),
+    ("raises.py", ["optimize", "MODEL:make", "-i", "2x8", "--export", "missing/lib"],
+     "--export missing/lib: directory missing does not exist"),
+])
+def test_what_users_get_wrong_is_one_line(file, argv, message, tmp_path, capsys, monkeypatch):
+    # Each was a traceback (or, for -o, an error after all the work): IndexError, EOFError, KeyError from the
+    # calibration file even for pipelines with no data-driven pass, the model file's own traceback.
+    monkeypatch.chdir(tmp_path)
+    contents = {"text.pt": "hello\n", "empty.pt": "", "garbage.pt": "\x00\x01\x02 not a pickle", **BROKEN_MODELS}
+    (tmp_path / file).write_text(contents[file])
+    model = str(tmp_path / file)
+    assert main([a.replace("MODEL", model) for a in argv]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fxopt: error:") and message.format(MODEL=model) in err[0], err
+
+
+def test_debug_before_the_command_shows_the_traceback(tmp_path):
+    (tmp_path / "raises.py").write_text(BROKEN_MODELS["raises.py"])
+    with pytest.raises(Exception, match="raised raises.py:3"):
+        main(["--debug", "optimize", f"{tmp_path / 'raises.py'}:make", "-i", "2x8"])
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0 and capsys.readouterr().out.strip() == f"fxopt {version('fxopt')}"
+
+
 def test_prune_explains_groups_and_writes_the_pruned_model(tmp_path, capsys):
     assert main(["prune", "llama-tiny", "--options", "ratio=0.4 target=params", "--explain"]) == 0
     text = capsys.readouterr().out

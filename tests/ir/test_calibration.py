@@ -90,7 +90,7 @@ def test_a_pass_that_needs_calibration_says_how_to_give_it():
 
 def test_bad_calibration_files_and_tables_name_the_culprit(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a tensor file")
-    with pytest.raises(FxoptError, match="cannot read calibration file .*junk.pt"):
+    with pytest.raises(FxoptError, match="calibration file .*junk.pt is not a torch.save.d list of tensor batches"):
         Calibration.coerce(tmp_path / "junk.pt")
     with pytest.raises(PipelineError, match="batches must be a positive integer, got 'x'"):
         Calibration.coerce({"data": "calib.pt", "batches": "x"}, base=tmp_path)
