@@ -108,6 +108,7 @@ def optimize(
         resolved, verify=verify, tolerance=tolerance, print_ir_after=print_ir_after,
         dump_dir=dump_dir, progress=progress, calibration=calibration,
     )
+    manager.check_calibration()  # before minutes of capture and passes
     optimized = OptimizedModel(
         model, target, manager, dynamic_shapes=dynamic_shapes, strict=strict, tune=TuneOptions.coerce(tune),
         dispatch=dispatch,

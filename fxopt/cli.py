@@ -337,7 +337,11 @@ def _passes(args: argparse.Namespace) -> int:
 def _pipeline(args: argparse.Namespace) -> int:
     from fxopt.passes import Pipeline
 
-    print(Pipeline.coerce(args.dump))
+    pipeline = Pipeline.coerce(args.dump)
+    if args.dump.endswith(".toml"):  # a file: every table of it, not only the passes
+        print(pipeline.to_toml(), end="")
+    else:
+        print(pipeline)
     return 0
 
 

@@ -104,6 +104,14 @@ def test_calls_with_the_wrong_arguments_are_input_mismatches(tmp_path):
         result.program(x, x)
 
 
+def test_a_missing_calibration_fails_before_capture(monkeypatch):
+    import fxopt.api
+
+    monkeypatch.setattr(fxopt.api, "capture", lambda *args, **kwargs: pytest.fail("captured before failing"))
+    with pytest.raises(fxopt.PassError, match=r"quantize\{scheme=w8a8\} needs calibration data"):
+        optimize(Net(), (torch.randn(3, 6),), pipeline="cleanup,quantize", target="torch")
+
+
 def test_an_unknown_dispatch_is_named():
     with pytest.raises(FxoptError, match="dispatch='fast': use one of 'measure', 'tvm', 'torch'"):
         optimize(Net(), (torch.randn(3, 6),), dispatch="fast")

@@ -50,6 +50,9 @@ class AWQ(Pass):
         if self.grid < 1:
             raise ValueError(f"grid must be at least 1, got {self.grid}")
 
+    def calibration_need(self) -> str | None:
+        return self.name
+
     def check_later(self, later: Sequence[Pass]) -> None:
         """The scales are searched for the rounding of the ``quantize`` that follows: its options must match."""
         quantize = next((p for p in later if p.name == "quantize"), None)

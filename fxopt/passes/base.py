@@ -14,7 +14,7 @@ from fxopt.errors import PassError
 from fxopt.ir.calibration import Calibration
 from fxopt.ir.program import Program
 
-__all__ = ["Pass", "PassContext", "Option", "option"]
+__all__ = ["Pass", "PassContext", "Option", "option", "missing_calibration"]
 
 
 def option(default: Any, doc: str) -> Any:
@@ -73,8 +73,7 @@ class PassContext:
     def require_calibration(self, what: str) -> Calibration:
         """The calibration data, or an error saying that ``what`` needs it and how to give it."""
         if self.calibration is None:
-            raise PassError(f"{what} needs calibration data: optimize(..., calibration=batches), a [calibration] "
-                            f"table in the pipeline file, or --calibration FILE.pt on the command line")
+            raise missing_calibration(what)
         return self.calibration
 
     def skip(self, where: str, reason: str) -> None:
@@ -83,6 +82,12 @@ class PassContext:
         if note not in self.notes:
             self.stats["skipped"] += 1
             self.notes.append(note)
+
+
+def missing_calibration(what: str) -> PassError:
+    """The error for ``what`` (a pass, or its option) run without calibration data: it says how to give some."""
+    return PassError(f"{what} needs calibration data: optimize(..., calibration=batches), a [calibration] "
+                     f"table in the pipeline file, or --calibration FILE.pt on the command line")
 
 
 @dataclass(frozen=True)
@@ -107,6 +112,11 @@ class Pass:
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
         raise NotImplementedError(f"pass '{self.name}' does not implement apply")
+
+    def calibration_need(self) -> str | None:
+        """What of this pass, with these options, runs on calibration data (``"quantize{scheme=w8a8}"``), or None.
+        The manager asks before running anything, so a missing ``calibration`` fails at once, not minutes in."""
+        return None
 
     def check_later(self, later: Sequence[Pass]) -> None:
         """Raise :class:`~fxopt.errors.PipelineError` if the passes after this one do not fit its options."""

@@ -13,6 +13,7 @@ parsing that text gives the same pipeline back.
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 import sys
@@ -35,7 +36,7 @@ from fxopt.ir.meta import describe_node
 from fxopt.ir.printer import format_program
 from fxopt.ir.program import Program
 from fxopt.ir.verify import verify
-from fxopt.passes.base import Pass, PassContext, type_name
+from fxopt.passes.base import Pass, PassContext, missing_calibration, type_name
 
 __all__ = [
     "BUILTIN_PIPELINES",
@@ -349,6 +350,22 @@ class Pipeline:
     def __str__(self) -> str:
         return ",".join(str(p) for p in self.passes)
 
+    def to_toml(self) -> str:
+        """The pipeline as a TOML file, every pass option filled in: :meth:`load` reads the same pipeline back."""
+        lines = [f"passes = {_toml_value([str(p) for p in self.passes])}"]
+        tables = {"target": {"name": self.target} if self.target else {}, "verify": {}, "instrument": {}}
+        if self.verify is not None:
+            tables["verify"]["mode"] = self.verify
+        if self.tolerance is not None:
+            tables["verify"].update({"rtol": self.tolerance.rtol, "atol": self.tolerance.atol,
+                                     "half-rtol": self.tolerance.half_rtol})
+        if self.print_ir_after:
+            tables["instrument"]["print-ir-after"] = list(self.print_ir_after)
+        for name, table in {**tables, **self.config}.items():
+            if table:
+                lines += ["", f"[{name}]"] + [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+        return "\n".join(lines) + "\n"
+
     @staticmethod
     def parse(spec: str) -> Pipeline:
         return Pipeline(tuple(parse_pipeline(spec)))
@@ -394,7 +411,8 @@ class Pipeline:
             )
         print_after = instrument.get("print-ir-after", ())
         print_after = (print_after,) if isinstance(print_after, str) else tuple(print_after)
-        extra = {k: data[k] for k in ("tuning",) if k in data}
+        # [calibration] is loaded below; its table stays too, for to_toml().
+        extra = {k: data[k] for k in ("calibration", "tuning") if k in data}
         try:
             calibration = Calibration.coerce(_table(data, "calibration", origin) or None, base=base)
         except FxoptError as exc:
@@ -414,6 +432,16 @@ class Pipeline:
             if not isinstance(p, Pass):
                 raise PipelineError(f"pipeline entries must be fxopt Pass objects, got {type(p).__name__}")
         return Pipeline(passes)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string is a JSON string
 
 
 def _table(data: dict, key: str, origin: str) -> dict:
@@ -556,6 +584,7 @@ class PassManager:
         not held to it: its record carries the error it introduced, and the
         exact passes after it are checked against its output.
         """
+        self.check_calibration()
         reference = program.run_flat() if reference is None else tuple(reference)
         current = program
         records: list[PassRecord] = []
@@ -579,6 +608,15 @@ class PassManager:
         if self.verify == "end" and start < len(passes):
             self._check(records[-1], current, reference, passes[start:], program)
         return current, records
+
+    def check_calibration(self) -> None:
+        """Raise :class:`~fxopt.errors.PassError` if a pass needs calibration data and none was given."""
+        if self.calibration is not None:
+            return
+        for p in self.pipeline.passes:
+            need = p.calibration_need()
+            if need is not None:
+                raise missing_calibration(need)
 
     def _run_one(self, p: Pass, program: Program, done: list[str],
                  progress: Callable[[str], None] | None = None) -> tuple[Program, PassRecord]:

@@ -98,6 +98,9 @@ class PruneChannels(Pass):
             if not ok:
                 raise ValueError(f"layer-ratios entry {entry!r} must be 'glob:ratio' with ratio in [0, 1)")
 
+    def calibration_need(self) -> str | None:
+        return f"importance={self.importance}" if self.importance in ("taylor", "activation") else None
+
     def apply(self, program: Program, ctx: PassContext) -> bool:
         if self.ratio == 0 and not self.layer_ratios:
             return False

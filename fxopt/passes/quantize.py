@@ -88,6 +88,15 @@ class Quantize(Pass):
         if self.max_error <= 0:
             raise ValueError(f"max-error must be positive, got {self.max_error}")
 
+    def calibration_need(self) -> str | None:
+        if self.scheme == "mixed":
+            return "quantize{scheme=mixed}"
+        if self.scheme in _STATIC:
+            return f"quantize{{scheme={self.scheme}}}"
+        if self.scheme in _WEIGHT_ONLY and (self.rounding == "gptq" or self.weight_ranges == "search"):
+            return f"quantize{{{'rounding=gptq' if self.rounding == 'gptq' else 'weight-ranges=search'}}}"
+        return None
+
     def apply(self, program: Program, ctx: PassContext) -> bool:
         chosen = self.candidates(program, ctx)
         if not chosen:

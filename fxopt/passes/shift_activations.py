@@ -29,6 +29,9 @@ class ShiftActivations(Pass):
     name = "shift-activations"
     before = ("smooth-activations", "quantize")
 
+    def calibration_need(self) -> str | None:
+        return self.name
+
     def apply(self, program: Program, ctx: PassContext) -> bool:
         readers = calibrated_readers(program, lambda: ctx.require_calibration(self.name), ctx.progress)
         for x, layers, lo, hi in readers:

@@ -37,6 +37,9 @@ class SmoothActivations(Pass):
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
 
+    def calibration_need(self) -> str | None:
+        return self.name
+
     def apply(self, program: Program, ctx: PassContext) -> bool:
         for x, layers, lo, hi in calibrated_readers(program, lambda: ctx.require_calibration(self.name),
                                                     ctx.progress):

@@ -184,6 +184,22 @@ def test_passes_and_pipeline_dump(capsys):
     )
 
 
+def test_pipeline_dump_of_a_file_keeps_every_table_and_reads_back(tmp_path, capsys):
+    # It printed the passes only: [verify] and [instrument] were dropped.
+    torch.save([torch.randn(2, 8)], tmp_path / "calib.pt")
+    source = tmp_path / "p.toml"
+    source.write_text('passes = ["cleanup"]\n[target]\nname = "torch"\n[verify]\nmode = "each"\nrtol = 1e-3\n'
+                      '[instrument]\nprint-ir-after = "change"\n[calibration]\ndata = "calib.pt"\nbatches = 2\n')
+    assert main(["pipeline", "--dump", str(source)]) == 0
+    dumped = capsys.readouterr().out
+    assert '[verify]\nmode = "each"\nrtol = 0.001' in dumped and 'print-ir-after = ["change"]' in dumped
+    assert '[calibration]\ndata = "calib.pt"\nbatches = 2' in dumped and 'name = "torch"' in dumped
+    again = tmp_path / "again.toml"
+    again.write_text(dumped)
+    assert main(["pipeline", "--dump", str(again)]) == 0
+    assert capsys.readouterr().out == dumped
+
+
 def test_input_specs():
     assert parse_input_spec("1x3x4").shape == (1, 3, 4)
     tokens = parse_input_spec("2x5:int64:10-20")
