@@ -6,6 +6,7 @@ import argparse
 import importlib
 import importlib.util
 import json
+import logging
 import re
 import sys
 import traceback
@@ -24,6 +25,9 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
     parser = _parser()
     args = parser.parse_args(argv)
+    if args.debug:  # other libraries' log lines and TVM's native log, which fxopt otherwise keeps quiet
+        logging.getLogger("fxopt").setLevel(logging.DEBUG)
+        logging.getLogger("fxopt").addHandler(logging.StreamHandler())
     try:
         _check_outputs(args)
         return args.run(args)

@@ -9,12 +9,14 @@ main job use :data:`DEFAULT_MODEL`.
 from __future__ import annotations
 
 import difflib
+import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from fxopt.errors import FxoptError
+from fxopt.log import quiet_loggers
 
 __all__ = ["ZooModel", "ZOO", "DEFAULT_MODEL", "SENTENCES", "CALIBRATION_SENTENCES", "calibration_batches",
            "SentenceEncoder", "load_zoo_model", "minilm_encoder", "digits_cnn"]
@@ -34,7 +36,11 @@ class ZooModel:
 
 def _transformers():
     try:
-        import transformers
+        with quiet_loggers("torchao", "torch.utils._pytree"):
+            import transformers
+            # Building a model imports its quantizers, and with them torchao, which logs the CUDA kernels a CPU
+            # build lacks and registers pytree types torch calls deprecated: noise for fxopt's users.
+            importlib.import_module("transformers.quantizers.auto")
     except ImportError:  # pragma: no cover - installed with fxopt[zoo]
         raise FxoptError("the built-in models need transformers: pip install 'fxopt[zoo]'") from None
     transformers.logging.set_verbosity_error()

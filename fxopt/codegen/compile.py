@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fxopt.errors import CodegenError, first_line
+from fxopt.log import native_stderr_to_debug
 from fxopt.targets import Target
 
 __all__ = ["fusion_passes", "relax_pipeline", "compile_module", "kernel_source", "cpu_injective"]
@@ -122,7 +123,7 @@ def compile_module(mod, target: Target, database_dir: Path | None = None):
     from tvm import relax
 
     try:
-        with tvm.transform.PassContext(opt_level=3):
+        with tvm.transform.PassContext(opt_level=3), native_stderr_to_debug("tvm"):
             return relax.build(mod, target.tvm(), relax_pipeline=relax_pipeline(target, database_dir))
     except Exception as exc:  # a TVM bug or gap, raised from C++ as any exception type
         raise CodegenError(f"TVM failed to build for target '{target}': {first_line(exc)}") from exc

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fxopt.errors import CodegenError, first_line
+from fxopt.log import native_stderr_to_debug
 from fxopt.targets import Target, host_cpu
 
 __all__ = ["TuneOptions", "TuningSummary", "tune", "database_dir", "distill_database", "build_candidate",
@@ -218,7 +219,8 @@ def checked_database(path: Path) -> bool:
         logger.warning("fxopt: warning: tuning database %s: dropped %d malformed line%s", path, dropped,
                        "s" * (dropped != 1))
     try:
-        ms.database.JSONDatabase(work_dir=str(path))
+        with native_stderr_to_debug("tvm"):
+            ms.database.JSONDatabase(work_dir=str(path))
     except Exception as exc:  # TVM's parser rejects a line the shape checks let through
         for name in (_WORKLOADS, _RECORDS):
             if (path / name).exists():
@@ -341,7 +343,8 @@ def tune(mod, target: Target, options: TuneOptions,
     start = time.monotonic()
     with FileLock(str(path / "lock")):
         checked_database(path)
-        database = ms.database.JSONDatabase(work_dir=str(path))
+        with native_stderr_to_debug("tvm"):
+            database = ms.database.JSONDatabase(work_dir=str(path))
         kernels = [KernelTuning(t.task_name, _trials(database, t), 0, None) for t in tasks]
         for kernel in kernels:
             kernel.trials_after = kernel.trials_before

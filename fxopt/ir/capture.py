@@ -13,6 +13,7 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 
 from fxopt.errors import CaptureError
+from fxopt.log import native_stderr_to_debug, quiet_loggers
 from fxopt.ir.canonical import decomposition_table
 from fxopt.ir.meta import TORCH_DIR
 from fxopt.ir.program import Program, attribute_owner
@@ -61,7 +62,9 @@ def capture(
     name = type(model).__name__
     with eval_mode(model):
         try:
-            exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
+            # Export logs and prints whole graphs before the errors capture turns into one line.
+            with quiet_loggers("torch.fx.experimental.symbolic_shapes"), native_stderr_to_debug("torch.export"):
+                exported = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_shapes, strict=strict)
         except Exception as exc:  # export raises many unrelated types; all mean "cannot capture"
             raise CaptureError(_explain_export_failure(model, exc, strict)) from exc
     exported = exported.run_decompositions(decomposition_table())

@@ -211,6 +211,27 @@ def test_console_script_is_installed():
     assert done.returncode == 0 and done.stdout.strip() == "dce"
 
 
+def test_users_see_fxopt_output_only_unless_they_ask_for_debug():
+    # Every run printed torchao's failed .so loads, torch's pytree deprecations and TVM's "Fast mode segfaults"
+    # (bert-tiny's embedding); --debug shows them.
+    command = [sys.executable, "-m", "fxopt.cli", "optimize", "bert-tiny", "--dispatch", "tvm"]
+    quiet = subprocess.run(command, capture_output=True, text=True)
+    assert quiet.returncode == 0 and quiet.stderr == "" and "fxopt report: BertModel" in quiet.stdout
+    debug = subprocess.run(command[:3] + ["--debug"] + command[3:], capture_output=True, text=True)
+    assert debug.returncode == 0 and "Fast mode" in debug.stderr and "torchao" in debug.stderr
+
+
+def test_a_capture_error_is_not_preceded_by_torch_graph_dumps(tmp_path, capsys):
+    (tmp_path / "branchy.py").write_text(
+        "import torch\nclass M(torch.nn.Module):\n    def forward(self, x):\n"
+        "        return x[: x.nonzero().shape[0]] * int(x.sum() > 0)\n"
+        "def make():\n    return M(), (torch.randn(4, 3),)\n")
+    done = subprocess.run([sys.executable, "-m", "fxopt.cli", "optimize", f"{tmp_path / 'branchy.py'}:make"],
+                          capture_output=True, text=True)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("fxopt: error: cannot capture M:")
+
+
 def test_optimize_exports_a_library_and_kernel_source(model_file, tmp_path, capsys):
     import fxopt
 
