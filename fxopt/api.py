@@ -199,6 +199,7 @@ class OptimizedModel(torch.nn.Module):
             capture_seconds=capture_seconds, capture_error=capture_error, passes=records,
             build_seconds=build_seconds, build_error=build_error, segments=executable.segments,
             fallbacks=executable.fallbacks, tuning=str(executable.tuning) if executable.tuning else "",
+            latency=executable.latency,
         )
         built = (executable, report)
         self._builds[_signature(args, kwargs)] = built

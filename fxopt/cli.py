@@ -36,8 +36,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"fxopt: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("fxopt: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        print(f"fxopt: {exc}" if str(exc) else "fxopt: interrupted", file=sys.stderr)
         return 130
 
 

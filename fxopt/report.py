@@ -36,6 +36,7 @@ class Report:
     segments: list[SegmentRecord] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
     tuning: str = ""
+    latency: tuple[float, float] | None = None  # ms on the example inputs: all in PyTorch, as built
 
     @property
     def final_error(self) -> tuple[float, float] | None:
@@ -73,6 +74,10 @@ class Report:
         ]
         if self.tuning:
             lines += ["", self.tuning]
+        if self.latency:
+            eager, built = self.latency
+            lines += ["", f"latency on the example inputs: {eager:.3f} ms in PyTorch -> {built:.3f} ms as built "
+                          f"({eager / built:.2f}x; medians of alternating warm blocks)"]
         if self.segments:
             lines += ["", "segments (measured on the example inputs):"]
             lines += ["  " + line for line in _table(

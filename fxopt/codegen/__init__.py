@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from fxopt.codegen.compile import compile_module, kernel_source
-from fxopt.codegen.dispatch import Choice, choose
+from fxopt.codegen.dispatch import Choice, Timing, choose, measure
 from fxopt.codegen.export import export_program
 from fxopt.codegen.lower import LoweringError, lower_graph
 from fxopt.codegen.partition import partition
@@ -69,6 +69,7 @@ class Executable:
     fallbacks: list[str] = field(default_factory=list)
     relax_executable: object | None = None
     tuning: TuningSummary | None = None
+    latency: tuple[float, float] | None = None  # ms on the example inputs: all in PyTorch, as built
 
     def __call__(self, *args, **kwargs):
         if self.target.device == "cuda" and torch.cuda.is_available():
@@ -153,17 +154,25 @@ def build(
         return result
 
     vm = load_vm(executable, target.device)
+    timings: dict[str, tuple[str, Timing]] = {}  # segments computing the same thing on the same shapes
     for i, segment in enumerate(part.segments):
         if segment.name in records:
             continue
         if progress:
             progress(i, len(part.segments), f"measure {segment.name}")
         kernel = TVMFunction(vm, segment.name, _output_strides(segment.graph_module))
+        key = _timing_key(segment)
+        same, timed = timings.get(key, (None, None))
         try:
-            choice = choose(segment.graph_module, kernel, segment.example_inputs, tolerance, device=target.device,
-                            measure=dispatch == "measure")
+            choice, timed = choose(segment.graph_module, kernel, segment.example_inputs, tolerance,
+                                   device=target.device, measure_speed=dispatch == "measure", timed=timed)
         except Exception as exc:  # a segment that cannot be checked or timed runs in PyTorch; the build goes on
             choice = Choice("torch", None, None, f"checking TVM's kernel failed: {first_line(exc)}")
+        else:
+            if timed is not None:
+                timings.setdefault(key, (segment.name, timed))
+                if same is not None:
+                    choice.reason += f" (timed as {same})"
         if dispatch == "torch" and choice.backend == "tvm":
             choice.backend, choice.reason = "torch", "PyTorch requested (dispatch='torch')"
         if choice.backend == "tvm":
@@ -179,12 +188,52 @@ def build(
     if part.fallbacks:
         note += f"; {len(part.fallbacks)} ops have no lowering and run in PyTorch"
     module = Program(part.graph_module, program.in_spec, program.out_spec, program.example_inputs, program.name)
-    return Executable(program, target, backend, note, module, ordered, part.fallback_summary(), executable, tuning)
+    latency = None
+    if dispatch == "measure" and in_tvm:
+        # Per-segment wins need not add up (segment boundaries cost copies and layout changes): the whole
+        # model is measured the same way, and the all-PyTorch plan kept unless the mix is faster.
+        with torch.no_grad():
+            whole = measure(program, module, program.example_inputs,
+                            sync=torch.cuda.synchronize if target.device == "cuda" else lambda: None)
+        latency = (whole.first_seconds * 1e3, whole.second_seconds * 1e3)
+        if not whole.second_is_faster:
+            for record in ordered:
+                if record.backend == "tvm":
+                    record.backend, record.reason = "torch", record.reason + "; the whole model was not faster"
+            result = _torch_only(program, target, part, records, f"the whole model measured no faster with "
+                                 f"{in_tvm} segments in TVM ({latency[1]:.3g} ms vs {latency[0]:.3g} ms in "
+                                 f"PyTorch), so it runs in PyTorch")
+            result.relax_executable, result.tuning, result.latency = executable, tuning, latency
+            return result
+    return Executable(program, target, backend, note, module, ordered, part.fallback_summary(), executable, tuning,
+                      latency)
 
 
 def _torch_only(program, target, part, records, note) -> Executable:
     ordered = [records[s.name] for s in part.segments if s.name in records]
     return Executable(program, target, "torch", note, program, ordered, part.fallback_summary())
+
+
+def _timing_key(segment) -> str:
+    """What decides a segment's speed: its ops and their wiring, and the shapes and dtypes of every value (node
+    names differ between the layers of a model; weights' values do not matter)."""
+    nodes = list(segment.graph_module.graph.nodes)
+    index = {node: i for i, node in enumerate(nodes)}
+
+    def spelled(value):
+        return f"%{index[value]}" if isinstance(value, torch.fx.Node) else value
+
+    lines = []
+    for node in nodes:
+        meta = node.meta.get("val")
+        shape = (tuple(meta.shape), meta.dtype) if isinstance(meta, torch.Tensor) else None
+        if node.op == "get_attr":
+            value = getattr(segment.graph_module, node.target)
+            shape = (tuple(value.shape), value.dtype)
+        lines.append((node.op, str(node.target) if node.op == "call_function" else None, shape,
+                      torch.fx.node.map_aggregate(node.args, spelled), torch.fx.node.map_aggregate(node.kwargs, spelled)))
+    inputs = [(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in segment.example_inputs]
+    return repr((lines, inputs))
 
 
 def _output_strides(graph_module: torch.fx.GraphModule) -> list[tuple[int, ...] | None]:

@@ -2,15 +2,20 @@
 
 For every segment the compiled TVM function is first checked against the
 PyTorch subgraph on the segment's real inputs (recorded from the example
-inputs), then both are timed on those inputs; TVM is kept only when it is
-correct and at least :data:`MARGIN` faster. Timing is median-of-runs after a
-warm-up, and gives up early on a TVM kernel that is already far slower (an
-untuned convolution can be 40x slower than PyTorch's), so measuring a large
-model costs seconds, not minutes.
+inputs), then both are timed on those inputs. Timing on a shared, noisy
+machine decides nothing on one sample: each runner is timed in
+:data:`ROUNDS` alternating warm blocks (median of several calls each), and
+TVM is kept only when its median is at least :data:`MARGIN` faster *and* it
+won every round; otherwise PyTorch, the plan that needs no build, stays.
+Segments that compute the same thing on the same shapes (the layers of a
+transformer) are timed once and decided alike. A TVM kernel already far
+slower in the first round (an untuned convolution can be 40x slower) is not
+timed again, so measuring a large model costs seconds, not minutes.
 """
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -19,10 +24,13 @@ import torch
 from fxopt.passes.manager import Tolerance, compare_outputs
 from fxopt.timing import time_call
 
-__all__ = ["MARGIN", "Choice", "choose"]
+__all__ = ["MARGIN", "ROUNDS", "Choice", "Timing", "choose", "measure"]
 
 #: TVM must beat PyTorch by this factor to be chosen: below it, timing noise decides.
-MARGIN = 0.95
+MARGIN = 0.9
+#: Alternating timing blocks per runner; TVM must win each of them.
+ROUNDS = 3
+_BLOCK_SECONDS = 0.05
 
 
 @dataclass
@@ -35,21 +43,61 @@ class Choice:
     reason: str
 
 
+@dataclass(frozen=True)
+class Timing:
+    """Two runners timed in alternating blocks: medians, and how many blocks the second won."""
+
+    first_seconds: float
+    second_seconds: float
+    second_wins: int
+    rounds: int
+
+    @property
+    def second_is_faster(self) -> bool:
+        return self.second_wins == self.rounds and self.second_seconds < MARGIN * self.first_seconds
+
+
+def measure(first: Callable, second: Callable, args: tuple, *, sync: Callable[[], None] = lambda: None,
+            rounds: int = ROUNDS, block_seconds: float = _BLOCK_SECONDS) -> Timing:
+    """Time ``first(*args)`` and ``second(*args)`` in ``rounds`` alternating warm blocks.
+
+    Alternating blocks, not single calls in turn: what one runner leaves behind (caches, thread pools) slows
+    the call right after it. A ``second`` more than 3x slower than ``first`` in the first block ends it there.
+    """
+    firsts, seconds, wins = [], [], 0
+    for index in range(rounds):
+        a = time_call(first, args, sync=sync, budget=block_seconds)
+        b = time_call(second, args, sync=sync, budget=block_seconds, give_up_after=3 * a)
+        firsts.append(a)
+        seconds.append(b)
+        wins += b < a
+        if index == 0 and b > 3 * a:
+            return Timing(a, b, 0, 1)
+    return Timing(statistics.median(firsts), statistics.median(seconds), wins, rounds)
+
+
 def choose(torch_fn: Callable, tvm_fn: Callable, args: tuple, tolerance: Tolerance, *, device: str,
-           measure: bool = True) -> Choice:
-    """Check ``tvm_fn`` against ``torch_fn`` on ``args`` and, with ``measure``, keep the faster."""
+           measure_speed: bool = True, timed: Timing | None = None) -> tuple[Choice, Timing | None]:
+    """Check ``tvm_fn`` against ``torch_fn`` on ``args`` and, with ``measure_speed``, keep the faster.
+
+    ``timed``: the timing of an identical segment, reused instead of measuring again. Returns the choice and
+    the timing it rests on.
+    """
     with torch.no_grad():
         expected = torch_fn(*args)
         got = tvm_fn(*args)
     worst_abs, _, failing = compare_outputs(got, expected, tolerance)
     if failing is not None:
-        return Choice("torch", None, None, f"TVM's result differs from PyTorch's (max abs error {worst_abs:.3g})")
-    if not measure:
-        return Choice("tvm", None, None, "TVM requested (dispatch='tvm')")
-    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    with torch.no_grad():
-        torch_seconds = time_call(torch_fn, args, sync=sync)
-        tvm_seconds = time_call(tvm_fn, args, sync=sync, give_up_after=3 * torch_seconds)
-    if tvm_seconds < MARGIN * torch_seconds:
-        return Choice("tvm", torch_seconds, tvm_seconds, f"{torch_seconds / tvm_seconds:.2f}x faster than PyTorch")
-    return Choice("torch", torch_seconds, tvm_seconds, "PyTorch is faster")
+        return Choice("torch", None, None, f"TVM's result differs from PyTorch's (max abs error {worst_abs:.3g})"), None
+    if not measure_speed:
+        return Choice("tvm", None, None, "TVM requested (dispatch='tvm')"), None
+    if timed is None:
+        with torch.no_grad():
+            timed = measure(torch_fn, tvm_fn, args, sync=torch.cuda.synchronize if device == "cuda" else lambda: None)
+    t, v = timed.first_seconds, timed.second_seconds
+    if timed.second_is_faster:
+        return Choice("tvm", t, v, f"{t / v:.2f}x faster than PyTorch"), timed
+    if v < t:
+        return Choice("torch", t, v, f"TVM not faster by the {1 / MARGIN:.2f}x margin in each of "
+                                     f"{timed.rounds} rounds"), timed
+    return Choice("torch", t, v, "PyTorch is faster"), timed

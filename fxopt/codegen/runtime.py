@@ -92,17 +92,17 @@ def _laid_out(tensor: torch.Tensor, strides: tuple[int, ...] | None) -> torch.Te
     for dim, stride in enumerate(strides):
         if stride == 0:
             source = source.narrow(dim, 0, 1)
-    if not _dense_without_overlap(source.shape, strides):
-        return tensor  # a layout no fresh tensor has; the contiguous result holds the same values
+    if not _without_overlap(source.shape, strides):
+        return tensor  # a layout no fresh tensor can have; the contiguous result holds the same values
     laid_out = torch.empty_strided(source.shape, strides, dtype=tensor.dtype, device=tensor.device).copy_(source)
     return laid_out.expand(tensor.shape)
 
 
-def _dense_without_overlap(shape: torch.Size, strides: tuple[int, ...]) -> bool:
-    """``strides`` put every element of ``shape`` at its own offset, with no gaps."""
-    expected = 1
+def _without_overlap(shape: torch.Size, strides: tuple[int, ...]) -> bool:
+    """``strides`` put every element of ``shape`` at its own offset (gaps allowed: a slice of a wider buffer)."""
+    extent = 1
     for size, stride in sorted((p for p in zip(shape, strides) if p[0] != 1), key=lambda p: p[1]):
-        if stride != expected:
+        if stride < extent:
             return False
-        expected *= size
+        extent = stride * size
     return True

@@ -25,6 +25,7 @@ CPU targets.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import importlib
 import importlib.util
@@ -34,7 +35,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -351,36 +354,88 @@ def tune(mod, target: Target, options: TuneOptions,
         budget_left = options.trials
         order = sorted(range(len(tasks)), key=lambda i: -tasks[i].weight * _flops(tasks[i]))
         pending = [i for i in order if kernels[i].trials_before < per_kernel]
-        builder = ms.builder.LocalBuilder(f_build=build_candidate, max_workers=max(1, host_cpu().cores))
+        builder = ms.builder.LocalBuilder(f_build=build_candidate, max_workers=max(1, host_cpu().cores),
+                                          initializer=_ignore_interrupts)
         runner = _runner(ms, target, options)
-        for position, i in enumerate(pending):
-            task, kernel = tasks[i], kernels[i]
-            while kernel.trials_after < per_kernel:
-                if budget_left is not None and budget_left <= 0:
-                    summary.stopped = "trial budget spent"
+        interrupted = _Interrupt()
+        try:
+            for position, i in enumerate(pending):
+                task, kernel = tasks[i], kernels[i]
+                while kernel.trials_after < per_kernel:
+                    if budget_left is not None and budget_left <= 0:
+                        summary.stopped = "trial budget spent"
+                        break
+                    if options.seconds is not None and time.monotonic() - start >= options.seconds:
+                        summary.stopped = "time budget spent"
+                        break
+                    if interrupted:
+                        break
+                    trials = min(_ROUND, per_kernel - kernel.trials_after, budget_left or _ROUND)
+                    with interrupted.deferred(lambda: progress and progress(
+                            position, len(pending), "stopping after this round (Ctrl-C again: now)")):
+                        _tune_round(ms, task, trials, builder, runner, database, path)
+                    measured = _trials(database, task)
+                    if budget_left is not None:
+                        budget_left -= trials
+                    if measured == kernel.trials_after:  # nothing new: the search space is exhausted
+                        break
+                    kernel.trials_after = measured
+                    kernel.best_us = _best_us(database, task)
+                    if progress:
+                        best = f"{kernel.best_us:.1f} us" if kernel.best_us else "-"
+                        progress(position, len(pending),
+                                 f"tune {kernel.name}: {measured}/{per_kernel} trials, best {best}")
+                if summary.stopped or interrupted:
                     break
-                if options.seconds is not None and time.monotonic() - start >= options.seconds:
-                    summary.stopped = "time budget spent"
-                    break
-                trials = min(_ROUND, per_kernel - kernel.trials_after, budget_left or _ROUND)
-                _tune_round(ms, task, trials, builder, runner, database, path)
-                measured = _trials(database, task)
-                if budget_left is not None:
-                    budget_left -= trials
-                if measured == kernel.trials_after:  # nothing new: the search space is exhausted
-                    break
-                kernel.trials_after = measured
-                kernel.best_us = _best_us(database, task)
-                if progress:
-                    best = f"{kernel.best_us:.1f} us" if kernel.best_us else "-"
-                    progress(position, len(pending), f"tune {kernel.name}: {measured}/{per_kernel} trials, best {best}")
-            if summary.stopped:
-                break
+        except Exception:
+            if not interrupted:
+                raise
+            # A second Ctrl-C inside TVM's C++ loop comes back as a RuntimeError around the KeyboardInterrupt.
+        if interrupted:
+            # Every record measured so far is in the database already (MetaSchedule appends as it goes).
+            records = len(_valid_lines(path / _RECORDS, lambda entry: True))
+            raise KeyboardInterrupt(f"interrupted: {records} tuning records kept in {path}")
         for task, kernel in zip(tasks, kernels):
             kernel.best_us = kernel.best_us or _best_us(database, task)
     summary.kernels = kernels
     summary.seconds = time.monotonic() - start
     return summary
+
+
+class _Interrupt:
+    """Ctrl-C while tuning: a KeyboardInterrupt raised inside MetaSchedule's C++ loop surfaces as a RuntimeError
+    with a traceback through TVM, so the first one only asks to stop after the running round; a second stops
+    at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __bool__(self) -> bool:
+        return self.requested
+
+    @contextlib.contextmanager
+    def deferred(self, on_request: Callable[[], None]):
+        if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+            yield
+            return
+
+        def handler(signum, frame):
+            if self.requested:
+                raise KeyboardInterrupt
+            self.requested = True
+            on_request()
+
+        previous = signal.signal(signal.SIGINT, handler)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+def _ignore_interrupts() -> None:
+    """In builder workers: Ctrl-C reaches the whole process group, and each worker printed a traceback of its
+    own; the tuning process stops them and says what was kept."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _tune_round(ms, task, trials: int, builder, runner, database, path: Path) -> None:

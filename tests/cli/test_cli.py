@@ -253,6 +253,34 @@ def test_tune_command_reports_the_database_and_distills_it(model_file, tmp_path,
     assert (shipped / "database_tuning_record.json.gz").exists()
 
 
+def test_ctrl_c_during_tune_says_what_was_kept(model_file, tmp_path):
+    # Ctrl-C reaches the whole process group: ~117 lines of tracebacks from the builder workers and fxopt before.
+    import os
+    import signal
+    import time
+
+    database = tmp_path / "db"
+    records = database / "database_tuning_record.json"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "fxopt.cli", "tune", f"{model_file}:make", "-i", "64x8", "--budget", "400",
+         "--database", str(database)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (records.exists() and records.read_text().count("\n") >= 16):
+            assert process.poll() is None and time.monotonic() < deadline, "tuning made no records"
+            time.sleep(0.5)
+        os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does
+        _, err = process.communicate(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+    kept = records.read_text().count("\n")
+    assert process.returncode == 130, err
+    assert err.strip() == f"fxopt: interrupted: {kept} tuning records kept in {database}", err
+
+
 def test_remote_tuning_needs_a_budget_and_a_key(model_file, capsys):
     assert main(["optimize", f"{model_file}:make", "-i", "2x8", "--rpc", "localhost:9190"]) == 1
     assert "add --tune BUDGET" in capsys.readouterr().err

@@ -138,15 +138,15 @@ def test_a_tvm_segment_hands_on_pytorch_strides(monkeypatch):
 
     real_choose = fxopt.codegen.choose
 
-    def attention_in_pytorch(torch_fn, tvm_fn, args, tolerance, *, device, measure=True):
-        choice = real_choose(torch_fn, tvm_fn, args, tolerance, device=device, measure=False)
+    def attention_in_pytorch(torch_fn, tvm_fn, args, tolerance, *, device, measure_speed=True, timed=None):
+        choice, _ = real_choose(torch_fn, tvm_fn, args, tolerance, device=device, measure_speed=False)
         if any(n.target is torch.ops.aten.scaled_dot_product_attention.default for n in torch_fn.graph.nodes):
             choice.backend = "torch"
-        return choice
+        return choice, None
 
     monkeypatch.setattr(fxopt.codegen, "choose", attention_in_pytorch)
     model, args = load_zoo_model("gpt2-tiny")
-    optimized = fxopt.optimize(model, args, target="cpu")
+    optimized = fxopt.optimize(model, args, target="cpu", dispatch="tvm")
     assert 0 < sum(s.backend == "tvm" for s in optimized.report().segments) < len(optimized.report().segments)
     assert_close(optimized(*args), reference(model, args))
 
@@ -195,4 +195,79 @@ def test_a_segment_whose_check_raises_runs_in_pytorch(monkeypatch):
     (segment,) = optimized.report().segments
     assert segment.backend == "torch"
     assert segment.reason == "checking TVM's kernel failed: RuntimeError: kernel exploded"
+    assert_close(optimized(x), reference(model, (x,)))
+
+
+def _scripted_time_call(monkeypatch, seconds):
+    """Make the dispatcher's timer return ``seconds`` in turn (torch, tvm, torch, tvm, ...)."""
+    import fxopt.codegen.dispatch as dispatch
+
+    script = iter(seconds)
+    monkeypatch.setattr(dispatch, "time_call", lambda fn, args, **kwargs: next(script))
+
+
+@pytest.mark.parametrize("seconds, faster", [
+    ([1.0, 0.5, 1.0, 0.5, 1.0, 0.5], True),
+    ([1.0, 0.5, 1.0, 1.2, 1.0, 0.5], False),  # one round lost: noise, not a win
+    ([1.0, 0.95, 1.0, 0.95, 1.0, 0.95], False),  # within the margin
+    ([1.0, 4.0], False),  # far slower in the first round: not timed again
+])
+def test_tvm_is_chosen_only_when_it_wins_every_round_by_the_margin(monkeypatch, seconds, faster):
+    from fxopt.codegen.dispatch import measure
+
+    _scripted_time_call(monkeypatch, seconds)
+    assert measure(lambda: None, lambda: None, ()).second_is_faster is faster
+
+
+class _TwinBlocks(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 16), torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.relu(self.b(torch.relu(self.a(x))))
+
+
+def _tvm_twice_as_fast(fn, args, **kwargs):
+    """A deterministic timer: whatever runs TVM kernels takes half PyTorch's time."""
+    from fxopt.codegen.runtime import TVMFunction
+
+    return 0.5e-3 if any(isinstance(m, TVMFunction) for m in fn.modules()) else 1e-3
+
+
+def test_identical_segments_are_timed_once_and_decided_alike(monkeypatch):
+    import fxopt.codegen.dispatch as dispatch
+
+    timed = []
+    monkeypatch.setattr(dispatch, "time_call", lambda fn, *a, **k: timed.append(fn) or _tvm_twice_as_fast(fn, *a))
+    report = fxopt.optimize(_TwinBlocks(), (torch.randn(4, 16),), target="cpu", pipeline=[]).report()
+    first, second = report.segments
+    assert "(timed as segment_0)" in second.reason and first.backend == second.backend == "tvm"
+    segment_runners = [fn for fn in timed if isinstance(fn, torch.fx.GraphModule)]
+    assert len(segment_runners) == dispatch.ROUNDS  # the first segment's PyTorch side, in each round; not the twin's
+
+
+def test_the_report_gives_the_whole_models_latency_before_and_after(monkeypatch):
+    import fxopt.codegen.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "time_call", _tvm_twice_as_fast)
+    report = fxopt.optimize(_TwinBlocks(), (torch.randn(4, 16),), target="cpu", pipeline=[]).report()
+    assert report.latency == (1.0, 0.5) and report.backend == "tvm"
+    assert "latency on the example inputs: 1.000 ms in PyTorch -> 0.500 ms as built (2.00x" in str(report)
+
+
+def test_a_mix_that_is_slower_as_a_whole_runs_in_pytorch(monkeypatch):
+    import fxopt.codegen.dispatch as dispatch
+    from fxopt.ir.program import Program
+
+    def whole_model_slower(fn, args, **kwargs):
+        return 2e-3 if isinstance(fn, Program) and fn.graph_module.graph.find_nodes(op="call_module") else \
+            _tvm_twice_as_fast(fn, args)
+
+    monkeypatch.setattr(dispatch, "time_call", whole_model_slower)
+    model, x = _TwinBlocks(), torch.randn(4, 16)
+    optimized = fxopt.optimize(model, (x,), target="cpu", pipeline=[])
+    report = optimized.report()
+    assert report.backend == "torch" and "the whole model measured no faster" in report.backend_note
+    assert all(s.backend == "torch" and s.reason.endswith("the whole model was not faster") for s in report.segments)
     assert_close(optimized(x), reference(model, (x,)))

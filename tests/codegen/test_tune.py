@@ -222,9 +222,11 @@ def loopback_tracker(tmp_path):
 
     port, server_port = _free_port(), _free_port()
     log = (tmp_path / "server.log").open("w")
+    # Each in a session of its own, stopped as a group: the server's popen workers outlived a kill of the server.
     processes = [
         subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                          "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                          "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True),
     ]
     try:
         deadline = time.monotonic() + 60
@@ -238,16 +240,35 @@ def loopback_tracker(tmp_path):
         processes.append(subprocess.Popen(
             [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", "loopback",
              "--host", "127.0.0.1", "--port", str(server_port), "--port-end", str(server_port + 1)],
-            stdout=log, stderr=subprocess.STDOUT))
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         while "loopback" not in tracker.text_summary():
             assert time.monotonic() < deadline, "the RPC server did not register with the tracker"
             time.sleep(0.5)
         yield f"127.0.0.1:{port}", tmp_path / "server.log"
     finally:
         for process in processes:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+        assert not _processes_in_groups({p.pid for p in processes}), "a tracker or server process outlived the test"
+
+
+def _processes_in_groups(groups: set[int]) -> list[int]:
+    import psutil
+
+    left = []
+    deadline = time.monotonic() + 10  # a killed group's members exit asynchronously
+    while True:
+        left = []
+        for process in psutil.process_iter():
+            try:
+                if os.getpgid(process.pid) in groups and process.status() != psutil.STATUS_ZOMBIE:
+                    left.append(process.pid)
+            except (ProcessLookupError, psutil.Error):
+                continue
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def test_remote_tuning_measures_on_the_device_behind_the_tracker(loopback_tracker, tmp_path):
