@@ -489,8 +489,13 @@ class PassRecord:
     notes: list[str] = field(default_factory=list)
 
 
-def compare_outputs(outputs: Sequence, reference: Sequence, tolerance: Tolerance) -> tuple[float, float, int | None]:
-    """Largest absolute and scale-relative error over all outputs, and the first output index out of bound."""
+def compare_outputs(outputs: Sequence, reference: Sequence, tolerance: Tolerance, *,
+                    allowance: Sequence[float] | None = None) -> tuple[float, float, int | None]:
+    """Largest absolute and scale-relative error over all outputs, and the first output index out of bound.
+
+    ``allowance``: per output, an absolute error allowed on top of the tolerance's bound (for an integer
+    output, how many units it may differ by: one quantization step where rounding may flip).
+    """
     worst_abs = worst_rel = 0.0
     failing = None
     for i, (out, ref) in enumerate(zip(outputs, reference, strict=True)):
@@ -502,16 +507,18 @@ def compare_outputs(outputs: Sequence, reference: Sequence, tolerance: Tolerance
             failing = i if failing is None else failing
             worst_abs = worst_rel = math.inf
             continue
+        extra = allowance[i] if allowance is not None else 0.0
         if not ref.is_floating_point():
-            err = 0.0 if torch.equal(out, ref) else math.inf
-            bound = 0.0
+            exact = torch.equal(out, ref)
+            err = 0.0 if exact else (float((out.long() - ref.long()).abs().max()) if extra else math.inf)
+            bound = extra
             scale = 1.0
         else:
             diff = (out.double() - ref.double()).abs()
             err = diff.max().item() if diff.numel() else 0.0
             if math.isnan(err) or (torch.isnan(out) != torch.isnan(ref)).any():
                 err = math.inf
-            bound = tolerance.bound(ref)
+            bound = tolerance.bound(ref) + extra
             scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1e-30)
         worst_abs = max(worst_abs, err)
         worst_rel = max(worst_rel, err / scale)

@@ -271,3 +271,68 @@ def test_a_mix_that_is_slower_as_a_whole_runs_in_pytorch(monkeypatch):
     assert report.backend == "torch" and "the whole model measured no faster" in report.backend_note
     assert all(s.backend == "torch" and s.reason.endswith("the whole model was not faster") for s in report.segments)
     assert_close(optimized(x), reference(model, (x,)))
+
+
+class _DeepMLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.layers = torch.nn.ModuleList(torch.nn.Linear(32, 32) for _ in range(6))
+
+    def forward(self, x):
+        for layer in self.layers:  # a float residual stream between the segments, as in a transformer
+            x = x + torch.nn.functional.gelu(layer(x))
+        return x
+
+
+def _tvm_outputs_scaled(monkeypatch, factor):
+    """TVM segments' float outputs times ``factor``: 1 + 3e-5 is the last-bit difference of TVM's GELU or layer
+    norm (within the float tolerance), 1.2 a wrong kernel."""
+    from fxopt.codegen.runtime import TVMFunction
+
+    real = TVMFunction.forward
+    monkeypatch.setattr(TVMFunction, "forward", lambda self, *args: tuple(
+        o * factor if o.is_floating_point() else o for o in real(self, *args)))
+
+
+def test_a_quantized_build_is_held_to_what_quantization_moved(monkeypatch):
+    # A 12-layer BERT's w8a8 build failed its own check (0.08): last-bit differences before a quantize flip
+    # activations to the neighbouring step, and the next layers carry that on.
+    _tvm_outputs_scaled(monkeypatch, 1 + 3e-5)
+    model, x = _DeepMLP().eval(), torch.randn(64, 32)
+    optimized = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm", pipeline="quantize", calibration=[x])
+    report = optimized.report()
+    assert sum(s.backend == "tvm" for s in report.segments) >= 6
+    quantization_error = next(p.max_abs_error for p in report.passes if p.name == "quantize")
+    assert (optimized(x) - model(x)).abs().max() <= 2 * quantization_error
+
+
+def test_a_wrong_quantized_build_is_still_rejected(monkeypatch):
+    import fxopt.codegen
+    from fxopt import VerificationError
+    from fxopt.codegen.dispatch import Choice
+
+    _tvm_outputs_scaled(monkeypatch, 1.2)
+    monkeypatch.setattr(fxopt.codegen, "choose", lambda *args, **kwargs: (Choice("tvm", None, None, "forced"), None))
+    model, x = _DeepMLP().eval(), torch.randn(64, 32)
+    with pytest.raises(VerificationError, match="differs from the optimized graph"):
+        fxopt.optimize(model, (x,), target="cpu", dispatch="tvm", pipeline="quantize", calibration=[x])
+
+
+def test_quantized_segment_outputs_may_round_one_step_apart():
+    from fxopt.codegen.dispatch import quantized_outputs
+    from fxopt.passes.manager import Tolerance, compare_outputs
+
+    from fxopt.codegen.partition import partition
+
+    model, x = _DeepMLP().eval(), torch.randn(8, 32)
+    quantized, _ = fxopt.PassManager("quantize", calibration=[x]).run(fxopt.capture(model, (x,)))
+    for segment in partition(quantized).segments:
+        (outputs,) = segment.graph_module.graph.output_node().args
+        assert quantized_outputs(segment.graph_module) == [
+            float(o.target is torch.ops.fxopt.quantize.default) for o in outputs]
+    assert any(1.0 in quantized_outputs(s.graph_module) for s in partition(quantized).segments)
+    q = torch.tensor([3, -7], dtype=torch.int8)
+    assert compare_outputs([q + 1], [q], Tolerance(), allowance=[1.0])[2] is None
+    assert compare_outputs([q + 2], [q], Tolerance(), allowance=[1.0])[2] == 0
+    assert compare_outputs([q + 1], [q], Tolerance())[2] == 0
