@@ -589,6 +589,8 @@ class ChannelGraph:
         xs, ws = self.value_dims(x), self.value_dims(w)
         for t in ws[2:]:
             self.pin(t, "convolution kernel")
+        for t in xs[2:]:  # the output's spatial size follows the input's (a linear's features can be a width)
+            self.pin(t, "spatial dimension")
         weight_in, weight_out = (ws[0], ws[1]) if transposed else (ws[1], ws[0])
         in_shape, out_shape = shape_of(x), shape_of(node)
         if groups > 1:
@@ -617,6 +619,8 @@ class ChannelGraph:
     def _spatial(self, node: fx.Node) -> None:
         """Pools and resizes: batch and channels pass through, spatial dims are new."""
         xs = self.value_dims(node.args[0])
+        for t in xs[2:]:
+            self.pin(t, "spatial dimension")
         value = node.meta["val"]
         values = value if isinstance(value, (tuple, list)) else [value]
         results = []

@@ -677,9 +677,9 @@ def _reconstruction(removed: torch.Tensor, kept: torch.Tensor, single: bool) -> 
         mix = torch.zeros(len(removed), len(kept), dtype=torch.float64)
         mix[torch.arange(len(removed)), best] = scale.clamp_min(0)
         return mix
-    gram = kept @ kept.T
-    ridge = 1e-8 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(len(kept), dtype=torch.float64)
-    return torch.linalg.solve(gram + ridge, kept @ removed.T).T
+    # Least squares by SVD, not the normal equations: those square the condition number, and their ridge then
+    # biased an exact reconstruction by 0.3% when the kept channels' condition number was 1.5e3.
+    return torch.linalg.lstsq(kept.T, removed.T, rcond=1e-12, driver="gelsd").solution.T
 
 
 def _relative_error(outputs: tuple, reference: tuple) -> float:

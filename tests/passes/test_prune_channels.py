@@ -408,3 +408,24 @@ def test_a_failing_channel_rule_is_an_error_not_a_silent_pin(monkeypatch):
     monkeypatch.setitem(channels._RULES, torch.ops.aten.linear.default, broken)
     with pytest.raises(PassError, match="prune-channels.*IndexError: rule bug"):
         prune(_Example(nn.Linear(4, 4), torch.randn(2, 4)), "prune-channels{ratio=0.3}")
+
+
+class _FeaturesAsWidth(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc, self.conv, self.pool = nn.Linear(3, 6), nn.Conv2d(2, 2, 1), pool
+
+    def forward(self, x):  # [N, 2, H, 3] -> the linear's 6 features are the conv's (or pool's) width
+        y = self.conv(self.fc(x))
+        return self.pool(y) if self.pool else y
+
+
+@pytest.mark.parametrize("pool", [None, nn.MaxPool2d(2)])
+def test_features_read_as_a_spatial_dim_are_pinned(pool):
+    # Found by tests/property/test_random_dags.py: the conv's input width was free, so pruning the linear shrank
+    # it and the conv's output no longer had the shape pruning predicted (an AssertionError inside the pass).
+    x = torch.randn(1, 2, 4, 3)
+    program, pruned, record = prune(_Example(_FeaturesAsWidth(pool).eval(), x), "prune-channels{ratio=0.5}")
+    assert not record.changed and any("spatial dimension" in note for note in record.notes), record.notes
+    torch.testing.assert_close(pruned.run_flat(), program.run_flat())

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from fxopt import PassManager, capture
 from fxopt.ir.channels import analyze
 from fxopt.passes.prune_channels import PruneChannels
-from tests.passes.test_prune_channels import zero_channels
+from tests.passes.test_prune_channels import weight, zero_channels
 from tests.property.generators import prunable_models
 
 aten = torch.ops.aten
@@ -99,8 +99,27 @@ def test_compensation_is_exact_when_removed_channels_are_combinations_of_kept_on
     spec = PruneChannels(ratio=(spare + 0.5) / hidden, target="channels", compensate=True)
     pruned, (record,) = PassManager([spec], verify="off").run(program)
     assert record.stats["channels-removed"] == spare + 1 and record.stats["groups-compensated"] == 1
+    # Exact in float64; float32 weights hold the combination while the kept channels are not near-dependent.
+    # (Pinned below: a kept set with condition number 1.5e3 missed by 1.4% while the solve used a ridge.)
+    kept = _kept_rows(model, weight(pruned, "fc1"))
+    assume(torch.linalg.cond(_responses(model)[kept]) < 1e5)
     (reference,) = program.run_flat()
     torch.testing.assert_close(pruned.run_flat([x])[0], reference, rtol=1e-3, atol=1e-3 * reference.abs().max())
+
+
+def _responses(model: LinearPair) -> torch.Tensor:
+    """Each hidden channel as an affine function of the inputs: weight row and bias, through the batch norm."""
+    weight, bias = model.fc1.weight.detach().double(), model.fc1.bias.detach().double()
+    if isinstance(model.norm, torch.nn.BatchNorm1d):
+        norm = model.norm
+        scale = (norm.weight / (norm.running_var + norm.eps).sqrt()).detach().double()
+        weight, bias = weight * scale[:, None], (bias - norm.running_mean) * scale + norm.bias.detach().double()
+    return torch.cat([weight, bias[:, None]], 1)
+
+
+def _kept_rows(model: LinearPair, pruned_weight: torch.Tensor) -> list[int]:
+    original = model.fc1.weight.detach()
+    return [int((original - row).abs().sum(1).argmin()) for row in pruned_weight]
 
 
 @given(prunable_models(), st.floats(0.1, 0.7))
@@ -113,3 +132,10 @@ def test_compensation_never_raises_the_output_error(model, ratio):
         (out,) = pruned.run_flat()
         errors.append(float((out - reference).norm() / reference.norm()))
     assert errors[1] <= errors[0] * (1 + 1e-6) + 1e-9
+
+
+def test_compensation_pinned_example_with_near_dependent_kept_channels():
+    # Found by the property above once the ci profile explored new seeds (inputs=4, spare=5, outputs=1,
+    # norm=True, seed=59936): the normal equations with a ridge missed by 1.4%.
+    test_compensation_is_exact_when_removed_channels_are_combinations_of_kept_ones.hypothesis.inner_test(
+        4, 5, 1, True, 59936)
