@@ -80,7 +80,7 @@ def test_tuning_writes_the_database_and_a_second_run_reuses_it(tmp_path):
 def test_distilled_records_keep_the_best_per_kernel_and_seed_new_databases(tmp_path, monkeypatch):
     source = tmp_path / "tuned"
     source.mkdir()
-    (source / "database_workload.json").write_text('["a", 1]\n["b", 2]\n["c", 3]\n')
+    (source / "database_workload.json").write_text('["1", "a"]\n["2", "b"]\n["3", "c"]\n')
     (source / "database_tuning_record.json").write_text(
         '[0, [["slow"], [3.0, 3.0], {}, []]]\n[0, [["fast"], [1.0, 2.0], {}, []]]\n[2, [["only"], [5.0], {}, []]]\n')
     target = parse_target("cpu")
@@ -88,7 +88,7 @@ def test_distilled_records_keep_the_best_per_kernel_and_seed_new_databases(tmp_p
     assert distill_database(source, shipped / target_key(target)) == 2  # workload "b" has no record
     monkeypatch.setattr(tune_module, "SHIPPED_RECORDS", shipped)
     seeded = database_dir(target)  # a fresh cache (see conftest): seeded from the shipped records
-    assert seeded != source and (seeded / "database_workload.json").read_text() == '["a", 1]\n["c", 3]\n'
+    assert seeded != source and (seeded / "database_workload.json").read_text() == '["1", "a"]\n["3", "c"]\n'
     records = [json.loads(line) for line in (seeded / "database_tuning_record.json").read_text().splitlines()]
     assert records == [[0, [["fast"], [1.0, 2.0], {}, []]], [1, [["only"], [5.0], {}, []]]]
 
