@@ -229,6 +229,23 @@ def _rms_norm(node: fx.Node, importer) -> object:
     return importer.block_builder.emit(relax.op.nn.rms_norm(x, weight, axes=axes, epsilon=eps))
 
 
+@register_lowering("layer_norm.default")
+def _layer_norm(node: fx.Node, importer) -> object:
+    """``aten.layer_norm`` without a weight or bias (``elementwise_affine=False``): TVM's importer looked the
+    missing ones up and failed (found by tests/property/test_random_dags.py)."""
+    from tvm import relax
+
+    x = importer.env[node.args[0]]
+    shape = list(_arg(node, 1, "normalized_shape"))
+    dtype = node.meta["val"].dtype
+    weight, bias = _arg(node, 2, "weight"), _arg(node, 3, "bias")
+    gamma = importer.env[weight] if weight is not None else to_relax_constant(torch.ones(shape, dtype=dtype))
+    beta = importer.env[bias] if bias is not None else to_relax_constant(torch.zeros(shape, dtype=dtype))
+    axes = list(range(-len(shape), 0))
+    eps = _arg(node, 4, "eps", 1e-5)
+    return importer.block_builder.emit(relax.op.nn.layer_norm(x, gamma, beta, axes=axes, epsilon=eps))
+
+
 @register_lowering("crms_norm.default")
 def _crms_norm(node: fx.Node, importer) -> object:
     """fxopt's CRMSNorm (:func:`fxopt.ir.ops.crms_norm`): ``x / sqrt((sum(x²) + sum(x)²) / (n + 1) + eps)``."""

@@ -43,7 +43,7 @@ def assert_matches_torch(fn, *inputs):
 def test_every_override_is_tested_here():
     tested = {"amax.default", "crms_norm.default", "cumsum.default", "rms_norm.default",
               "scaled_dot_product_attention.default", "quantize.default", "linear_q.default", "conv_q.default",
-              "linear_wq.default", "gelu.default"}
+              "linear_wq.default", "gelu.default", "layer_norm.default"}
     assert set(OVERRIDES) == tested
 
 
@@ -57,6 +57,17 @@ def test_cumsum_promotes_like_pytorch(dtype):
 def test_rms_norm(with_weight, eps):
     weight = torch.randn(16) if with_weight else None
     assert_matches_torch(lambda x: F.rms_norm(x * 3, (16,), weight, eps), torch.randn(2, 5, 16))
+
+
+@pytest.mark.parametrize("affine", [(True, True), (True, False), (False, False)])
+@pytest.mark.parametrize("shape", [(2, 5, 16), (1, 1)])
+def test_layer_norm_with_and_without_its_affine(affine, shape):
+    # Without a weight TVM's importer raised KeyError: None and the segment ran in PyTorch (found by
+    # tests/property/test_random_dags.py on a LayerNorm(1, elementwise_affine=False)).
+    width = shape[-1]
+    weight = torch.randn(width) if affine[0] else None
+    bias = torch.randn(width) if affine[1] else None
+    assert_matches_torch(lambda x: F.layer_norm(x * 3, (width,), weight, bias, 1e-5), torch.randn(*shape))
 
 
 def test_crms_norm():
