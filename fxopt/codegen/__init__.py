@@ -27,7 +27,7 @@ from typing import Literal
 import torch
 
 from fxopt.codegen.compile import compile_module, kernel_source
-from fxopt.codegen.dispatch import Choice, Timing, choose, measure
+from fxopt.codegen.dispatch import Choice, Timing, choose, device_sync, measure
 from fxopt.codegen.export import export_program
 from fxopt.codegen.lower import LoweringError, lower_graph
 from fxopt.codegen.partition import partition
@@ -193,8 +193,7 @@ def build(
         # Per-segment wins need not add up (segment boundaries cost copies and layout changes): the whole
         # model is measured the same way, and the all-PyTorch plan kept unless the mix is faster.
         with torch.no_grad():
-            whole = measure(program, module, program.example_inputs,
-                            sync=torch.cuda.synchronize if target.device == "cuda" else lambda: None)
+            whole = measure(program, module, program.example_inputs, sync=device_sync(target.device))
         latency = (whole.first_seconds * 1e3, whole.second_seconds * 1e3)
         if not whole.second_is_faster:
             for record in ordered:

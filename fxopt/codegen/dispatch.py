@@ -24,7 +24,7 @@ import torch
 from fxopt.passes.manager import Tolerance, compare_outputs
 from fxopt.timing import time_call
 
-__all__ = ["MARGIN", "ROUNDS", "Choice", "Timing", "choose", "measure", "quantized_outputs"]
+__all__ = ["MARGIN", "ROUNDS", "Choice", "Timing", "choose", "device_sync", "measure", "quantized_outputs"]
 
 #: TVM must beat PyTorch by this factor to be chosen: below it, timing noise decides.
 MARGIN = 0.9
@@ -55,6 +55,11 @@ class Timing:
     @property
     def second_is_faster(self) -> bool:
         return self.second_wins == self.rounds and self.second_seconds < MARGIN * self.first_seconds
+
+
+def device_sync(device: str) -> Callable[[], None]:
+    """What waits for ``device`` to finish its queued work: timing a CUDA call without it times the launch."""
+    return torch.cuda.synchronize if device == "cuda" else lambda: None
 
 
 def measure(first: Callable, second: Callable, args: tuple, *, sync: Callable[[], None] = lambda: None,
@@ -104,7 +109,7 @@ def choose(torch_fn: Callable, tvm_fn: Callable, args: tuple, tolerance: Toleran
         return Choice("tvm", None, None, "TVM requested (dispatch='tvm')"), None
     if timed is None:
         with torch.no_grad():
-            timed = measure(torch_fn, tvm_fn, args, sync=torch.cuda.synchronize if device == "cuda" else lambda: None)
+            timed = measure(torch_fn, tvm_fn, args, sync=device_sync(device))
     t, v = timed.first_seconds, timed.second_seconds
     if timed.second_is_faster:
         return Choice("tvm", t, v, f"{t / v:.2f}x faster than PyTorch"), timed
