@@ -182,6 +182,7 @@ def test_the_default_database_is_per_target_in_the_cache(monkeypatch, tmp_path):
     assert database_dir(parse_target("cuda:sm_80")).name == "cuda-sm_80"
 
 
+@pytest.mark.slow  # 40 s of tuning to kill; the Ctrl-C test in tests/cli covers stopping a run in CI
 def test_a_killed_tuning_run_leaves_a_usable_database(tmp_path):
     script = textwrap.dedent(f"""
         import torch, fxopt

@@ -269,8 +269,10 @@ def minilm():
     ("quantize{scheme=w8a8-dynamic}", 0.995),
     ("quantize{scheme=fp8}", 0.995),
     ("quantize{scheme=w8}", 0.999),
-    ("quantize{scheme=w4 rounding=gptq weights=asymmetric}", 0.98),
-    ("awq{weights=asymmetric},quantize{scheme=w4 weights=asymmetric weight-ranges=search}", 0.975),
+    # The calibrated 4-bit searches take half a minute each: `pytest -m slow` runs them.
+    pytest.param("quantize{scheme=w4 rounding=gptq weights=asymmetric}", 0.98, marks=pytest.mark.slow),
+    pytest.param("awq{weights=asymmetric},quantize{scheme=w4 weights=asymmetric weight-ranges=search}", 0.975,
+                 marks=pytest.mark.slow),
 ])
 def test_minilm_sentence_embeddings_keep_their_direction(minilm, spec, goal):
     program, calibration, inputs = minilm

@@ -99,10 +99,11 @@ def dag_specs(draw, max_steps: int = 10, dtypes: tuple[torch.dtype, ...] = (torc
 
 def _step(draw, values: list[tuple[int, ...]], kinds: tuple[str, ...]) -> Step | None:
     kind = draw(st.sampled_from(kinds))
-    i = draw(st.integers(0, len(values) - 1))
+    # Half the steps read the newest value: chains as deep as real models', the rest fan out from any value.
+    i = len(values) - 1 if draw(st.booleans()) else draw(st.integers(0, len(values) - 1))
     shape = values[i]
     rank = len(shape)
-    axis = draw(st.integers(0, rank - 1)) if rank else 0
+    axis = (rank - 1 if draw(st.booleans()) else draw(st.integers(0, rank - 1))) if rank else 0  # features: last
     if kind in UNARY:
         return Step(kind, (i,), {}, (shape,))
     if kind in BINARY or kind == "where":

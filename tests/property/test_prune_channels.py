@@ -12,7 +12,7 @@ gradient does not make a channel removable.
 """
 
 import torch
-from hypothesis import assume, given
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fxopt import PassManager, capture
@@ -24,6 +24,7 @@ from tests.property.generators import prunable_models
 aten = torch.ops.aten
 
 
+@settings(max_examples=max(4, settings().max_examples // 2))  # tests/property/test_random_dags.py draws more
 @given(prunable_models(), st.floats(0, 0.9), st.sampled_from(["flops", "params", "channels"]),
        st.sampled_from(["uniform", "global"]),
        st.sampled_from(["l1", "l2", "bn-scale", "taylor", "activation", "random"]),
@@ -44,6 +45,7 @@ def test_pruning_always_yields_a_valid_smaller_model(model, ratio, target, scope
         assert after <= (1 - ratio) * before + 1e-6 * before
 
 
+@settings(max_examples=max(4, settings().max_examples // 2))  # tests/property/test_random_dags.py draws more
 @given(prunable_models(), st.sampled_from(["l1", "activation"]), st.data())
 def test_all_zero_channels_are_removed_first_and_exactly(model, importance, data):
     program = capture(model, (model.example_input(),))

@@ -10,7 +10,7 @@
 
 import torch
 import torch.nn.functional as F
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxopt import PassManager, capture
@@ -119,6 +119,7 @@ def test_activation_transformations_are_exact(model, spec):
     PassManager(spec, verify="each", calibration=calibration).run(program)  # raises if outputs change
 
 
+@settings(max_examples=max(4, settings().max_examples // 2))  # tests/property/test_random_dags.py draws more
 @given(prunable_models(), st.sampled_from(["w8a8", "w8a8-dynamic", "w8", "w4", "fp8", "mixed"]),
        st.sampled_from(["minmax", "percentile", "mse", "entropy"]), st.sampled_from([0, 2, 4]))
 def test_quantize_yields_a_valid_graph(model, scheme, observer, group_size):
