@@ -7,7 +7,7 @@
 """
 
 from fxopt.api import OptimizedModel, optimize
-from fxopt.codegen.export import load
+from fxopt.codegen.export import load, program_weights
 from fxopt.codegen.tune import TuneOptions
 from fxopt.errors import (
     CaptureError,
@@ -47,4 +47,5 @@ __all__ = [
     "load",
     "optimize",
     "parse_target",
+    "program_weights",
 ]

@@ -230,9 +230,10 @@ class OptimizedModel(torch.nn.Module):
         """The kernels the most recent build generated: CUDA C for CUDA targets, LLVM IR or (``fmt="asm"``) assembly for CPU."""
         return self._latest()[0].kernel_source(fmt)
 
-    def export(self, path: str | Path) -> Path:
-        """Write a deployable TVM library (+ manifest) of the whole optimized graph; load it with :func:`fxopt.load`."""
-        return self._latest()[0].export(path)
+    def export(self, path: str | Path, weights: bool = True) -> Path:
+        """Write a deployable TVM library (+ manifest) of the whole optimized graph; load it with :func:`fxopt.load`.
+        ``weights=False``: kernels only, the weights passed to ``load`` (:func:`fxopt.program_weights`)."""
+        return self._latest()[0].export(path, weights)
 
     def save(self, path: str | Path) -> Path:
         """Write the optimized graph as a ``torch.export`` archive (``.pt2``), loadable with ``torch.export.load``."""

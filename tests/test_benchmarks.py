@@ -1,7 +1,11 @@
 """The benchmarks run end to end on small models (their numbers live in the READMEs, not here)."""
 
+import json
+import os
 import pathlib
 import runpy
+import subprocess
+import sys
 
 import pytest
 
@@ -30,3 +34,28 @@ def test_quantization_benchmark_compares_fxopt_with_onnxruntime(capsys):
         accuracy = float(table[key][0].split("%")[0])
         assert accuracy > 90, (key, table[key])  # both tools quantized the trained CNN and kept it working
     assert table[("onnxruntime", "quantize_static QDQ")][2].endswith("ms")  # timed side by side
+
+
+def test_gpu_check_dry_run_packages_a_cuda_export_and_runs_it_on_the_tvm_runtime_alone(tmp_path):
+    # Everything the GPU machine does but the GPU: the CUDA library is built and carried, and the same case's CPU
+    # export goes through gpu_check.sh with TVM's runtime only (no compiler), weights rebuilt from the model.
+    carry, out = tmp_path / "carry", tmp_path / "out"
+    python = ".".join(map(str, sys.version_info[:2]))  # tvm-ffi as installed here: no download
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "package", "--carry", str(carry),
+                    "--only", "gpt2-tiny-float32-b1", "--python", python, "--dry-run"], check=True)
+    (case,) = json.loads((carry / "cases.json").read_text())
+    assert set(case["exports"]) == {"cuda:sm_90", "cpu"}, case
+    cuda = json.loads((carry / case["exports"]["cuda:sm_90"] / "manifest.json").read_text())
+    assert "sm_90" in cuda["tvm_target"]
+    assert cuda["weights"] and (carry / "tvm-runtime.tar.xz").stat().st_size < 16 * 2**20
+
+    environment = {**os.environ, "FXOPT_CARRY": str(carry), "PATH": f"{pathlib.Path(sys.executable).parent}:"
+                   f"{os.environ['PATH']}"}  # gpu_check.sh runs python3: this one
+    subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run", "--rounds", "1"],
+                   check=True, env=environment)
+    results = json.loads((out / "gpu_check.json").read_text())
+    assert "runtime only" in results["machine"]["tvm"]
+    (checked,) = results["cases"]
+    assert checked["check"].startswith("matches eager PyTorch"), checked
+    assert set(checked["timing"]) == {"eager", "torch.compile", "fxopt"}
+    assert "| gpt2-tiny-float32-b1 | matches" in (out / "gpu_check.md").read_text()

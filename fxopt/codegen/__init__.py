@@ -83,10 +83,10 @@ class Executable:
             raise CodegenError(f"nothing was compiled for target '{self.target}' (backend: {self.backend})")
         return kernel_source(self.relax_executable, fmt)
 
-    def export(self, path: str | Path) -> Path:
+    def export(self, path: str | Path, weights: bool = True) -> Path:
         """Write the whole graph as a deployable TVM library directory (see :mod:`fxopt.codegen.export`)."""
         database = self.tuning.database_dir if self.tuning else existing_database(self.target)
-        return export_program(self.program, self.target, path, database)
+        return export_program(self.program, self.target, path, database, weights)
 
 
 def build(

@@ -24,7 +24,8 @@ from fxopt.ir.meta import describe_node
 from fxopt.ir.program import attribute_owner
 from fxopt.targets import Target
 
-__all__ = ["LoweringError", "OVERRIDES", "register_lowering", "lowering_key", "is_lowerable", "lower_graph", "tvm_dtype"]
+__all__ = ["LoweringError", "OVERRIDES", "register_lowering", "lowering_key", "is_lowerable", "lower_graph", "graph_weights",
+           "tvm_dtype"]
 
 # fn(node, importer) -> relax expression; the importer is TVM's ExportedProgramImporter (env, block_builder).
 Lowering = Callable[[fx.Node, object], object]
@@ -113,15 +114,16 @@ def to_relax_constant(tensor: torch.Tensor):
     return relax.const(tvm.runtime.from_dlpack(tensor.detach().cpu().contiguous().clone()))
 
 
-def lower_graph(gm: fx.GraphModule, name: str, target: Target | None = None):
+def lower_graph(gm: fx.GraphModule, name: str, target: Target | None = None, weights_as_params: bool = False):
     """Lower a flat segment graph (placeholders → tensor ops → output tuple) to an ``IRModule``: Relax function
     ``name`` and the TIR kernels fxopt's lowerings wrote for it (named after their nodes, which the
     segments of one program do not share).
 
-    ``get_attr`` constants become Relax constants, placeholders the function's
-    parameters. Lowerings read ``importer.target`` (``target``, or ``None`` when the
-    module is not for one target) to pick target-specific kernels. Raises
-    :class:`LoweringError` naming the node that failed.
+    Placeholders become the function's parameters; ``get_attr`` constants become Relax constants, or with
+    ``weights_as_params`` further parameters after the placeholders, in :func:`graph_weights` order (a library
+    of kernels alone, whatever the model's size). Lowerings read ``importer.target`` (``target``, or ``None``
+    when the module is not for one target) to pick target-specific kernels. Raises :class:`LoweringError`
+    naming the node that failed.
     """
     from tvm import relax
 
@@ -129,22 +131,29 @@ def lower_graph(gm: fx.GraphModule, name: str, target: Target | None = None):
     importer.target = target
     for key, fn in OVERRIDES.items():
         importer.convert_map[key] = (lambda f: lambda node: f(node, importer))(fn)
+    for key, bias_index in _FLOAT32_ACCUMULATING.items():
+        if key in importer.convert_map:
+            importer.convert_map[key] = _half_accumulating_in_float32(importer.convert_map[key], bias_index, importer)
     for key, fn in list(importer.convert_map.items()):
         importer.convert_map[key] = _checked(fn)
 
     bb = importer.block_builder = relax.BlockBuilder()
-    params, inputs, nodes = [], {}, []
+    params, inputs, nodes, weights = [], {}, [], {}
     for node in gm.graph.nodes:
         if node.op == "placeholder":
-            value = node.meta["val"]
-            var = relax.Var(node.name, relax.TensorType([int(d) for d in value.shape], tvm_dtype(value.dtype)))
+            var = _tensor_var(node.name, node.meta["val"])
             params.append(var)
             inputs[node.name] = var
         elif node.op == "get_attr":
             # Bound here, not by the importer: its get_attr path expects submodules, not tensors.
-            importer.env[node] = to_relax_constant(getattr(*attribute_owner(gm, node.target)))
+            value = getattr(*attribute_owner(gm, node.target))
+            if not weights_as_params:
+                importer.env[node] = to_relax_constant(value)
+            else:
+                importer.env[node] = weights.setdefault(node.target, _tensor_var(f"w_{len(weights)}", value))
             continue
         nodes.append(node)
+    params += weights.values()
     try:
         with bb.function(name, params=params):
             with bb.dataflow():
@@ -156,6 +165,53 @@ def lower_graph(gm: fx.GraphModule, name: str, target: Target | None = None):
     except Exception as exc:  # an importer assertion outside any one op (e.g. the output tuple)
         raise CodegenError(f"cannot lower segment {name}: {type(exc).__name__}: {exc}") from None
     return bb.get()
+
+
+def graph_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
+    """The constants a graph reads, by name, in the order ``lower_graph(weights_as_params=True)`` takes them."""
+    return {node.target: getattr(*attribute_owner(gm, node.target))
+            for node in gm.graph.nodes if node.op == "get_attr"}
+
+
+def _tensor_var(name: str, value: torch.Tensor):
+    from tvm import relax
+
+    return relax.Var(name, relax.TensorType([int(d) for d in value.shape], tvm_dtype(value.dtype)))
+
+
+# Ops TVM's importer gives ``out_dtype="float32"`` whatever their inputs' dtype, with the index of their bias
+# operand (None: none). On float16/bfloat16 values they accumulate in float32, as PyTorch's kernels do (and as
+# DLight's tensor-core matmul rule takes them), but the importer adds the half-precision bias to the float32 result,
+# which Relax refuses, and returns float32 where PyTorch returns the input's dtype.
+_FLOAT32_ACCUMULATING = {
+    "linear.default": 2, "convolution.default": 2, "conv1d.default": 2, "conv2d.default": 2, "conv3d.default": 2,
+    "addmm.default": 0, "baddbmm.default": 0, "matmul.default": None, "mm.default": None, "bmm.default": None,
+}
+
+
+def _half_accumulating_in_float32(rule: Callable, bias_index: int | None, importer) -> Callable:
+    """``rule`` on half-precision values: the bias read as float32 while it runs, and the float32 result rounded
+    once to the node's dtype, after the bias."""
+    from tvm import relax
+
+    def run(node: fx.Node):
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.dtype not in (torch.float16, torch.bfloat16):
+            return rule(node)
+        bias = node.args[bias_index] if bias_index is not None and len(node.args) > bias_index else None
+        saved = importer.env.get(bias) if isinstance(bias, fx.Node) else None
+        if saved is not None:
+            importer.env[bias] = importer.block_builder.emit(relax.op.astype(saved, "float32"))
+        try:
+            result = rule(node)
+        finally:
+            if saved is not None:
+                importer.env[bias] = saved
+        if isinstance(result.ty, relax.TensorType) and str(result.ty.dtype) == "float32":
+            result = importer.block_builder.emit(relax.op.astype(result, tvm_dtype(value.dtype)))
+        return result
+
+    return run
 
 
 def _checked(convert: Callable) -> Callable:

@@ -11,7 +11,8 @@ import os
 
 import torch
 
-from fxopt.targets import host_cpu
+from fxopt.errors import CodegenError, first_line
+from fxopt.targets import usable_cores
 
 __all__ = ["TVMFunction", "load_vm", "tvm_device"]
 
@@ -24,16 +25,33 @@ def tvm_device(device: torch.device | str):
 
     device = torch.device(device)
     if device.type == "cuda":
+        _load_cuda_runtime()
         return tvm.cuda(device.index or 0)
     return tvm.cpu(0)
 
 
+def _load_cuda_runtime() -> None:
+    """TVM loads its CUDA runtime library when its CUDA backend registers, which needs the compiler library; with
+    the runtime alone (``TVM_USE_RUNTIME_LIB=1``, how an export travels to a GPU machine) it is loaded here."""
+    from tvm import base, libinfo
+    from tvm_ffi.libinfo import load_lib_ctypes
+
+    if "tvm_runtime_cuda" in base._LOADED_LIBS:
+        return
+    torch.cuda.init()  # its CUDA runtime (libcudart) is the one TVM's library links against
+    try:
+        base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_LOCAL",
+                                                               extra_lib_paths=libinfo.package_lib_paths())
+    except (OSError, RuntimeError) as exc:
+        raise CodegenError(f"TVM's CUDA runtime (libtvm_runtime_cuda.so) does not load: {first_line(exc)}") from None
+
+
 def load_vm(executable, device: torch.device | str):
     """A Relax virtual machine for ``executable`` on the TVM device matching ``device``."""
-    from tvm import relax
+    from tvm.runtime.vm import VirtualMachine  # the runtime's (relax re-exports it), so no compiler is needed
 
     use_host_cores()
-    return relax.VirtualMachine(executable, tvm_device(device))
+    return VirtualMachine(executable, tvm_device(device))
 
 
 def use_host_cores() -> None:
@@ -45,7 +63,7 @@ def use_host_cores() -> None:
     TVM segments (eager MiniLM ran 2x slower beside them); they sleep at once here. Values the user
     set are kept.
     """
-    os.environ.setdefault("TVM_NUM_THREADS", str(host_cpu().cores))
+    os.environ.setdefault("TVM_NUM_THREADS", str(usable_cores()))
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
 
 
@@ -64,17 +82,20 @@ class TVMFunction(torch.nn.Module):
     graph, or None. TVM returns contiguous tensors; where PyTorch's differ
     (attention's output is a transpose of a contiguous buffer), the output is
     laid out like PyTorch's, because ops after it (``view``) may depend on it.
+    ``after_inputs``: TVM tensors passed after every call's arguments (an export's weights).
     """
 
-    def __init__(self, vm, function: str, strides: list[tuple[int, ...] | None] | None = None):
+    def __init__(self, vm, function: str, strides: list[tuple[int, ...] | None] | None = None,
+                 after_inputs: list | None = None):
         super().__init__()
         self.function = function
         self._vm = vm
         self._call = vm[function]
         self._strides = strides
+        self._after_inputs = after_inputs or []
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        outputs = tuple(torch.from_dlpack(o) for o in self._call(*[to_tvm(a) for a in args]))
+        outputs = tuple(torch.from_dlpack(o) for o in self._call(*[to_tvm(a) for a in args], *self._after_inputs))
         if self._strides is None:
             return outputs
         return tuple(_laid_out(o, s) for o, s in zip(outputs, self._strides))

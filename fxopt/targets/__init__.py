@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from fxopt.errors import FxoptError
 
-__all__ = ["Target", "TARGETS", "HostCPU", "host_cpu", "parse_target"]
+__all__ = ["Target", "TARGETS", "HostCPU", "host_cpu", "usable_cores", "parse_target"]
 
 
 @dataclass(frozen=True)
@@ -41,12 +41,16 @@ _VECTOR_FEATURES = (("avx512f", 512), ("avx2", 256), ("avx", 256), ("neon", 128)
 @functools.cache
 def host_cpu() -> HostCPU:
     """Detect the host CPU (cached): LLVM's CPU name, the cores this process may use, the widest vector unit."""
-    from tvm.target import codegen
+    from tvm.target import codegen  # TVM's compiler library: LLVM's name for this CPU
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     flags = _cpu_flags()
     vector_bits = next((bits for name, bits in _VECTOR_FEATURES if name in flags), 128)
-    return HostCPU(str(codegen.llvm_get_system_cpu()), cores, vector_bits, tuple(sorted(flags)))
+    return HostCPU(str(codegen.llvm_get_system_cpu()), usable_cores(), vector_bits, tuple(sorted(flags)))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity mask, else the machine's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _cpu_flags() -> set[str]:

@@ -5,6 +5,9 @@ and again here against the original model.
 """
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -77,6 +80,30 @@ def test_export_and_load_roundtrip(tmp_path):
     assert_close(out, reference(model, args))
     with pytest.raises(InputMismatchError, match="must be int64"):
         loaded(args[0].float())
+
+
+def test_an_export_without_weights_takes_them_at_load_and_runs_on_the_tvm_runtime_alone(tmp_path):
+    model, args = load_zoo_model("resnet-tiny")
+    optimized = fxopt.optimize(model, args, target="cpu")
+    path = optimized.export(tmp_path / "kernels", weights=False)
+    weights = fxopt.program_weights(optimized.program)
+    assert [w["name"] for w in json.loads((path / "manifest.json").read_text())["weights"]] == list(weights)
+    assert_close(fxopt.load(path, weights=weights)(*args), reference(model, args))
+    with pytest.raises(CodegenError, match="written without its weights"):
+        fxopt.load(path)
+    name, first = next(iter(weights.items()))
+    with pytest.raises(CodegenError, match=f"weight '{name}' must be"):
+        fxopt.load(path, weights={**weights, name: first[:1]})
+    doubled = fxopt.load(path, weights={**weights, name: first * 2})(*args)  # the weights given are the ones used
+    assert not torch.allclose(pytree.tree_leaves(doubled)[0], pytree.tree_leaves(reference(model, args))[0])
+
+    # Where the GPU check runs: TVM's runtime library only, no compiler (benchmarks/gpu_check.py).
+    torch.save({"weights": weights, "args": args}, tmp_path / "inputs.pt")
+    script = (f"import torch, tvm, fxopt; assert tvm.base._RUNTIME_ONLY; saved = torch.load({str(tmp_path / 'inputs.pt')!r}); "
+              f"out = fxopt.load({str(path)!r}, weights=saved['weights'])(*saved['args']); "
+              f"torch.save(out.logits, {str(tmp_path / 'out.pt')!r})")
+    subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
+    assert_close(torch.load(tmp_path / "out.pt"), reference(model, args).logits)
 
 
 def test_export_refuses_ops_without_lowering(tmp_path):

@@ -314,3 +314,27 @@ def test_register_lowering_extends_the_table(monkeypatch):
     assert is_lowerable(node) is None
     executable = build(program, CPU, dispatch="tvm")
     assert calls and executable.segments[0].backend == "tvm"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matmuls_and_convolutions_lower_and_accumulate_in_float32(dtype):
+    # TVM's importer gives these ops float32 results and then added a half-precision bias to them, which Relax
+    # refused: every half-precision linear, conv and addmm ran in PyTorch.
+    g = torch.Generator().manual_seed(0)
+    conv_w, conv_b, w, b, mm_w, mm_b = (torch.randn(*s, generator=g).to(dtype)
+                                        for s in [(8, 3, 3, 3), (8,), (16, 8), (16,), (16, 4), (4,)])
+
+    def layers(x):
+        h = F.linear(F.conv2d(x, conv_w, conv_b, padding=1).mean((2, 3)), w, b)
+        q = h.reshape(2, 4, 4)
+        return torch.addmm(mm_b, h, mm_w), torch.bmm(q, q.transpose(1, 2)), h @ mm_w
+
+    assert_matches_torch(layers, torch.randn(2, 3, 8, 8, generator=g).to(dtype))
+
+
+@pytest.mark.slow  # compiling the tensor-core kernel's CUDA C takes over a minute here
+def test_float16_matmuls_run_on_tensor_cores_on_cuda():
+    weight = torch.randn(512, 256, dtype=torch.float16)
+    program = capture(Fn(lambda x: F.gelu(F.linear(x, weight))), (torch.randn(128, 256, dtype=torch.float16),))
+    executable = build(program, parse_target("cuda:sm_90"), dispatch="tvm")  # built here, run where a GPU is
+    assert "wmma" in executable.kernel_source()  # DLight's tensor-core rule took the matmul
