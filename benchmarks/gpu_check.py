@@ -223,7 +223,7 @@ def _gpu_tests(out: Path, dry_run: bool) -> str:
 def _check(carry: Path, entry: dict, device: str, target: str) -> dict:
     """Load the case's export with weights rebuilt here and compare it with eager PyTorch on ``device``."""
     import fxopt
-    from fxopt.passes.manager import Tolerance, compare_outputs
+    from fxopt.ir.numerics import Tolerance, compare_outputs
 
     if target not in entry.get("exports", {}):
         return {"check": f"not exported: {entry.get('error', 'no export for ' + target)}"}

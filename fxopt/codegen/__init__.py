@@ -36,7 +36,7 @@ from fxopt.codegen.tune import TuningSummary, existing_database
 from fxopt.codegen.tune import tune as run_tuning
 from fxopt.errors import CodegenError, first_line
 from fxopt.ir.program import Program
-from fxopt.passes.manager import Tolerance
+from fxopt.ir.numerics import Tolerance
 from fxopt.targets import Target
 
 __all__ = ["Executable", "SegmentRecord", "build", "Dispatch"]

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fxopt.passes.manager import Tolerance, compare_outputs
+from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.timing import time_call
 
 __all__ = ["MARGIN", "ROUNDS", "Choice", "Timing", "choose", "device_sync", "measure", "quantized_outputs"]

@@ -4,6 +4,7 @@ Every pass is a frozen dataclass in a file of its own; :data:`PASSES` maps each
 pass's spec name to its class and is the one place a pass is registered.
 """
 
+from fxopt.ir.numerics import Tolerance
 from fxopt.passes.awq import AWQ
 from fxopt.passes.base import Option, Pass, PassContext, option
 from fxopt.passes.cse import CommonSubexpressionElimination
@@ -44,7 +45,6 @@ from fxopt.passes.manager import (  # noqa: E402  (the manager reads PASSES lazi
     PassManager,
     PassRecord,
     Pipeline,
-    Tolerance,
     parse_pipeline,
 )
 

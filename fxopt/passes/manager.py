@@ -33,6 +33,7 @@ from fxopt.errors import FxoptError, PassError, PipelineError, VerificationError
 from fxopt.ir.analysis import count_flops, count_parameters
 from fxopt.ir.calibration import Calibration
 from fxopt.ir.meta import describe_node
+from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.ir.printer import format_program
 from fxopt.ir.program import Program
 from fxopt.ir.verify import verify
@@ -309,25 +310,6 @@ _VERIFY_MODES = ("each", "end", "off")
 
 
 @dataclass(frozen=True)
-class Tolerance:
-    """How close an exact rewrite's outputs must stay to the original's.
-
-    An output passes when ``max|out - ref| <= atol + rtol * max|ref|`` (the
-    error relative to the output's scale); ``rtol`` is per output dtype.
-    Integer and boolean outputs must match exactly.
-    """
-
-    rtol: float = 1e-4
-    atol: float = 1e-5
-    half_rtol: float = 1e-2  # float16 / bfloat16 outputs
-
-    def bound(self, reference: torch.Tensor) -> float:
-        rtol = self.half_rtol if reference.dtype in (torch.float16, torch.bfloat16) else self.rtol
-        scale = reference.abs().max().item() if reference.numel() else 0.0
-        return self.atol + rtol * scale
-
-
-@dataclass(frozen=True)
 class Pipeline:
     """An ordered list of passes plus the settings of a pipeline file.
 
@@ -487,44 +469,6 @@ class PassRecord:
     max_rel_error: float | None = None
     stats: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
-
-
-def compare_outputs(outputs: Sequence, reference: Sequence, tolerance: Tolerance, *,
-                    allowance: Sequence[float] | None = None) -> tuple[float, float, int | None]:
-    """Largest absolute and scale-relative error over all outputs, and the first output index out of bound.
-
-    ``allowance``: per output, an absolute error allowed on top of the tolerance's bound (for an integer
-    output, how many units it may differ by: one quantization step where rounding may flip).
-    """
-    worst_abs = worst_rel = 0.0
-    failing = None
-    for i, (out, ref) in enumerate(zip(outputs, reference, strict=True)):
-        if not isinstance(ref, torch.Tensor):
-            if out != ref and failing is None:
-                failing = i
-            continue
-        if not isinstance(out, torch.Tensor) or out.shape != ref.shape or out.dtype != ref.dtype:
-            failing = i if failing is None else failing
-            worst_abs = worst_rel = math.inf
-            continue
-        extra = allowance[i] if allowance is not None else 0.0
-        if not ref.is_floating_point():
-            exact = torch.equal(out, ref)
-            err = 0.0 if exact else (float((out.long() - ref.long()).abs().max()) if extra else math.inf)
-            bound = extra
-            scale = 1.0
-        else:
-            diff = (out.double() - ref.double()).abs()
-            err = diff.max().item() if diff.numel() else 0.0
-            if math.isnan(err) or (torch.isnan(out) != torch.isnan(ref)).any():
-                err = math.inf
-            bound = tolerance.bound(ref) + extra
-            scale = max(ref.abs().max().item() if ref.numel() else 0.0, 1e-30)
-        worst_abs = max(worst_abs, err)
-        worst_rel = max(worst_rel, err / scale)
-        if err > bound and failing is None:
-            failing = i
-    return worst_abs, worst_rel, failing
 
 
 Progress = Callable[[int, int, str], None]

@@ -17,6 +17,7 @@ from fxopt.ir.calibration import Calibration, data_nodes, gradients, observe
 from fxopt.ir.channels import ChannelGraph, Group, Leaf, Prod, Space, Tree, analyze, shrink
 from fxopt.ir.layers import BATCH_NORM, as_affine, layer_matches, require_matches
 from fxopt.ir.meta import describe_node, dtype_of, has_symbolic_shapes, module_name, shape_of
+from fxopt.ir.numerics import relative_rms_error
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
 from fxopt.timing import time_call
@@ -556,7 +557,8 @@ def _shrink_compensated(plan: PrunePlan, ctx: PassContext) -> None:
     plain_graph = analyze(plain)
     shrink(plain_graph, {_same_axis(plan.graph, plain_graph, space): kept for space, kept in keep.items()})
     shrink(plan.graph, keep, values)
-    error, plain_error = _relative_error(program.run_flat(), reference), _relative_error(plain.run_flat(), reference)
+    error = relative_rms_error(program.run_flat(), reference)
+    plain_error = relative_rms_error(plain.run_flat(), reference)
     if error > plain_error:
         program.graph_module = plain.graph_module
         ctx.notes.append(f"compensation left out: it raised the relative output error on the example inputs "
@@ -680,14 +682,6 @@ def _reconstruction(removed: torch.Tensor, kept: torch.Tensor, single: bool) -> 
     # Least squares by SVD, not the normal equations: those square the condition number, and their ridge then
     # biased an exact reconstruction by 0.3% when the kept channels' condition number was 1.5e3.
     return torch.linalg.lstsq(kept.T, removed.T, rcond=1e-12, driver="gelsd").solution.T
-
-
-def _relative_error(outputs: tuple, reference: tuple) -> float:
-    pairs = [(o.double(), r.double()) for o, r in zip(outputs, reference)
-             if isinstance(o, torch.Tensor) and o.is_floating_point()]
-    num = sum(float((o - r).pow(2).sum()) for o, r in pairs)
-    den = sum(float(r.pow(2).sum()) for _, r in pairs)
-    return math.sqrt(num / den) if den > 0 else math.sqrt(num)
 
 
 def explain(program: Program, options: PruneChannels, calibration: Calibration | None = None) -> str:

@@ -17,6 +17,7 @@ from fxopt.ir.edit import add_constant, drop_unread_constants, erase_if_dead, in
 from fxopt.ir.equivalence import input_moments
 from fxopt.ir.layers import WeightedLayer, layer_matches, require_matches, weighted_layers
 from fxopt.ir.meta import describe_node, has_symbolic_shapes, propagate_meta, stamp_provenance
+from fxopt.ir.numerics import relative_rms_error
 from fxopt.ir.observers import ObserverKind, calibrate_ranges
 from fxopt.ir.program import Program
 from fxopt.ir.quant import FP8, INT4, INT8, affine_params, gptq_groups, group_params, pack_int4, quantize_tensor
@@ -207,16 +208,6 @@ def format_sensitivity(model: str, options: Quantize, rows: list[LayerSensitivit
     if not rows:
         lines.append("  no layer to quantize")
     return "\n".join(lines + (["notes:"] + [f"  {n}" for n in notes] if notes else []))
-
-
-def relative_rms_error(outputs: list, reference: list) -> float:
-    """``‖out - ref‖ / ‖ref‖`` over every floating output of every batch: the default error of ``scheme=mixed``."""
-    pairs = [(o, r) for out, ref in zip(outputs, reference)
-             for o, r in zip(pytree.tree_leaves(out), pytree.tree_leaves(ref))
-             if isinstance(r, torch.Tensor) and r.is_floating_point()]
-    signal = sum(float(r.double().square().sum()) for _, r in pairs)
-    noise = sum(float((o.double() - r.double()).square().sum()) for o, r in pairs)
-    return (noise / signal) ** 0.5 if signal > 0 else noise ** 0.5
 
 
 class _Plan:

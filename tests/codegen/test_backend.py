@@ -15,7 +15,7 @@ import torch.utils._pytree as pytree
 
 import fxopt
 from fxopt import CodegenError, InputMismatchError
-from fxopt.passes.manager import Tolerance, compare_outputs
+from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.zoo import load_zoo_model
 
 
@@ -348,7 +348,7 @@ def test_a_wrong_quantized_build_is_still_rejected(monkeypatch):
 
 def test_quantized_segment_outputs_may_round_one_step_apart():
     from fxopt.codegen.dispatch import quantized_outputs
-    from fxopt.passes.manager import Tolerance, compare_outputs
+    from fxopt.ir.numerics import Tolerance, compare_outputs
 
     from fxopt.codegen.partition import partition
 

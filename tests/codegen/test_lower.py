@@ -11,7 +11,7 @@ from fxopt import capture
 from fxopt.codegen import build, x86
 from fxopt.codegen.lower import OVERRIDES, is_lowerable, register_lowering
 from fxopt.codegen.x86 import has_avx2
-from fxopt.passes.manager import Tolerance, compare_outputs
+from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.targets import parse_target
 
 CPU = parse_target("cpu")

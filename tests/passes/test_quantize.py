@@ -171,7 +171,7 @@ def test_clipping_search_lowers_the_output_error_of_weight_groups():
 
 
 def error_on(program, quantized, data):
-    from fxopt.passes.quantize import relative_rms_error
+    from fxopt.ir.numerics import relative_rms_error
 
     return relative_rms_error([quantized.run_flat([b]) for b in data], [program.run_flat([b]) for b in data])
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 
 from fxopt import PASSES, PassManager, Tolerance, capture, optimize
-from fxopt.passes.manager import compare_outputs
+from fxopt.ir.numerics import compare_outputs
 
 from tests.property.generators import random_models
 

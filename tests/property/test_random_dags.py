@@ -24,7 +24,7 @@ from fxopt import PASSES, PassManager, Tolerance, capture, optimize
 from fxopt.ir.channels import analyze
 from fxopt.ir.layers import weighted_layers
 from fxopt.ir.quant import FORMATS, dequantize_groups, unpack_int4
-from fxopt.passes.manager import compare_outputs
+from fxopt.ir.numerics import compare_outputs
 from fxopt.passes.prune_channels import PruneChannels
 from tests.passes.test_prune_channels import zero_channels
 from tests.property.dags import ALONG, KINDS, REDUCE, random_dags
