@@ -3,6 +3,8 @@ codegen, codegen never imports passes (they share the IR, numerics included: ``f
 
 import ast
 import pathlib
+import subprocess
+import sys
 
 import pytest
 
@@ -30,3 +32,10 @@ def test_each_layer_imports_only_the_layers_below_it(layer, forbidden):
                 for path in (PACKAGE / layer).rglob("*.py")
                 for name in fxopt_imports(path) if name.startswith(forbidden)}
     assert not crossing, sorted(crossing)
+
+
+def test_import_fxopt_loads_neither_tvm_nor_networkx():
+    # TVM (seconds, hundreds of MB) only when something is built or loaded; networkx only for to_networkx().
+    script = "import sys, fxopt; print(sorted({m.split('.')[0] for m in sys.modules} & {'tvm', 'networkx'}))"
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

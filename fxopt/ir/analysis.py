@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import networkx as nx
 import torch
 import torch.fx as fx
 from torch.utils.flop_counter import flop_registry
@@ -13,6 +13,9 @@ from torch.utils.flop_counter import flop_registry
 from fxopt.ir import quant  # noqa: F401  (registers torch.ops.fxopt)
 from fxopt.ir.meta import tensor_summary
 from fxopt.ir.program import Program
+
+if TYPE_CHECKING:
+    import networkx as nx
 
 __all__ = ["to_networkx", "count_flops", "count_parameters", "node_flops"]
 
@@ -23,8 +26,11 @@ def to_networkx(program: Program) -> nx.DiGraph:
     """The dataflow graph: one vertex per fx node (keyed by name), an edge producer → user.
 
     Vertex attributes: ``op``, ``target`` (string), ``value`` (``f32[1,8]``-style
-    summary) and ``node`` (the fx node itself, for analyses that need more).
+    summary) and ``node`` (the fx node itself, for analyses that need more). networkx is imported here, not
+    by ``import fxopt``.
     """
+    import networkx as nx
+
     graph = nx.DiGraph(name=program.name)
     for node in program.graph.nodes:
         graph.add_node(
