@@ -1,5 +1,8 @@
 """Write a pass of your own with the pattern layer and run it beside the built-in ones.
 
+``register_pass`` makes it usable by name like a built-in pass: in spec strings, TOML pipeline files, and
+``fxopt optimize this_file.py:Model -p fold-double-negation,dce`` (the command imports the model's file first).
+
 Run: python examples/custom_pass.py
 """
 
@@ -15,6 +18,7 @@ from fxopt.passes import Pass, PassContext
 aten = torch.ops.aten
 
 
+@fxopt.register_pass
 @dataclass(frozen=True)
 class FoldDoubleNegation(Pass):
     """Rewrite neg(neg(x)) to x. Exact."""
@@ -33,6 +37,7 @@ class Model(nn.Module):
         return torch.relu(-(-x)) + 1
 
 
-optimized = fxopt.optimize(Model(), (torch.randn(4),), target="torch", pipeline=[FoldDoubleNegation(), fxopt.PASSES["dce"]()])
-print(optimized.report())
-print(optimized.graph_module.code)
+if __name__ == "__main__":
+    optimized = fxopt.optimize(Model(), (torch.randn(4),), target="torch", pipeline="fold-double-negation,dce")
+    print(optimized.report())
+    print(optimized.graph_module.code)

@@ -19,7 +19,7 @@ from fxopt.errors import (
     VerificationError,
 )
 from fxopt.ir import Program, capture
-from fxopt.passes import PASSES, Pass, PassManager, Pipeline, Tolerance
+from fxopt.passes import PASSES, Pass, PassManager, Pipeline, Tolerance, register_pass
 from fxopt.report import Report
 from fxopt.targets import Target, parse_target
 
@@ -48,4 +48,5 @@ __all__ = [
     "optimize",
     "parse_target",
     "program_weights",
+    "register_pass",
 ]

@@ -5,6 +5,7 @@ import runpy
 
 import pytest
 
+import fxopt.passes
 from fxopt import Pipeline
 from fxopt.cli import passes_markdown
 
@@ -12,7 +13,8 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.parametrize("script", sorted((ROOT / "examples").glob("*.py")), ids=lambda p: p.name)
-def test_example_runs(script, capsys):
+def test_example_runs(script, capsys, monkeypatch):
+    monkeypatch.setattr(fxopt.passes, "PASSES", dict(fxopt.passes.PASSES))  # an example may register a pass
     runpy.run_path(str(script), run_name="__main__")
     assert "fxopt report" in capsys.readouterr().out
 

@@ -1,9 +1,14 @@
 """Graph passes and the pass registry.
 
 Every pass is a frozen dataclass in a file of its own; :data:`PASSES` maps each
-pass's spec name to its class and is the one place a pass is registered.
+pass's spec name to its class and is the one place a pass is registered:
+built-in ones below, a user's with :func:`register_pass`.
 """
 
+import dataclasses
+import re
+
+from fxopt.errors import PipelineError
 from fxopt.ir.numerics import Tolerance
 from fxopt.passes.awq import AWQ
 from fxopt.passes.base import Option, Pass, PassContext, option
@@ -48,6 +53,25 @@ from fxopt.passes.manager import (  # noqa: E402  (the manager reads PASSES lazi
     parse_pipeline,
 )
 
+
+
+def register_pass(cls: type[Pass]) -> type[Pass]:
+    """Make a pass of your own usable by its ``name`` in spec strings, TOML pipeline files and the ``fxopt``
+    command (register it in the model file the command loads). Returns ``cls``: works as a class decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, Pass) and dataclasses.is_dataclass(cls)):
+        raise PipelineError(f"register_pass takes a Pass subclass that is a dataclass, got {cls!r}")
+    name = cls.name
+    if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", name):
+        raise PipelineError(f"{cls.__name__}.name must be a kebab-case spec name like 'fold-double-negation', "
+                            f"got {name!r}")
+    taken = "a named pipeline" if name in BUILTIN_PIPELINES else PASSES.get(name, cls) is not cls and PASSES[name]
+    if taken:
+        raise PipelineError(f"cannot register {cls.__name__} as '{name}': the name is taken by "
+                            f"{taken if isinstance(taken, str) else taken.__qualname__}")
+    PASSES[name] = cls
+    return cls
+
+
 __all__ = [
     "BUILTIN_PIPELINES",
     "PASSES",
@@ -60,4 +84,5 @@ __all__ = [
     "Tolerance",
     "option",
     "parse_pipeline",
+    "register_pass",
 ]

@@ -1,6 +1,10 @@
 import dataclasses
 import io
+import runpy
+import subprocess
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -10,9 +14,12 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxopt.passes as passes_pkg
-from fxopt import PASSES, Pass, PassError, PassManager, Pipeline, PipelineError, VerificationError, capture
+from fxopt import (PASSES, Pass, PassError, PassManager, Pipeline, PipelineError, VerificationError, capture,
+                   register_pass)
 from fxopt.passes import BUILTIN_PIPELINES, option
 from fxopt.passes.manager import check_order, parse_pipeline
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 aten = torch.ops.aten
 
@@ -251,3 +258,28 @@ def test_a_pass_raising_an_fxopt_error_subclass_is_wrapped_not_rebuilt():
         PassManager([RaiseFxoptError()]).run(program)
     assert "pass 'raise-fxopt-error' failed: layer fc1: bad weight" in str(info.value)
     assert isinstance(info.value.__cause__, _LayerError)
+
+
+def test_register_pass_makes_a_users_pass_usable_by_name_in_specs_files_and_the_cli(tmp_path, monkeypatch):
+    monkeypatch.setattr(passes_pkg, "PASSES", dict(passes_pkg.PASSES))  # registering is process-wide
+    user = runpy.run_path(str(EXAMPLES / "custom_pass.py"))  # its @register_pass runs on import
+    assert passes_pkg.PASSES["fold-double-negation"] is user["FoldDoubleNegation"]
+
+    program = capture(user["Model"](), (torch.randn(4),))
+    toml = tmp_path / "mine.toml"
+    toml.write_text('passes = ["fold-double-negation", "dce"]\n')
+    for pipeline in ["fold-double-negation,dce", toml]:
+        optimized, records = PassManager(pipeline).run(program)
+        assert records[0].stats == {"rewritten": 1}, pipeline
+        assert not any(n.target is torch.ops.aten.neg.default for n in optimized.graph.nodes)
+
+    done = subprocess.run([sys.executable, "-m", "fxopt.cli", "optimize", f"{EXAMPLES / 'custom_pass.py'}:Model",
+                           "-i", "4", "-p", "fold-double-negation,dce", "--target", "torch"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "fold-double-negation" in done.stdout and "rewritten=1" in done.stdout, done.stdout
+
+    with pytest.raises(PipelineError, match="is taken by DeadCodeElimination"):
+        register_pass(dataclass(frozen=True)(type("Dce", (Pass,), {"name": "dce"})))
+    with pytest.raises(PipelineError, match="kebab-case"):
+        register_pass(dataclass(frozen=True)(type("Bad", (Pass,), {"name": "Bad_Name"})))
