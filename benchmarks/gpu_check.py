@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import shutil
 import statistics
@@ -106,11 +105,10 @@ def optimized_program(case: Case):
 
 def package(carry: Path, cases: list[Case], python: str, dry_run: bool) -> int:
     import tvm
+    import tvm_ffi
 
     from fxopt.codegen.export import export_program
     from fxopt.targets import parse_target
-
-    import tvm_ffi
 
     carry.mkdir(parents=True, exist_ok=True)
     same_python = python == platform.python_version().rpartition(".")[0]
@@ -196,8 +194,9 @@ def _machine() -> dict:
                                    capture_output=True, text=True)
             info["driver"] = query.stdout.strip()
     try:
-        import fxopt
         import tvm
+
+        import fxopt
 
         info["fxopt"] = fxopt.__version__
         info["tvm"] = f"{tvm.__version__} ({'runtime only' if tvm.base._RUNTIME_ONLY else 'with compiler'})"

@@ -25,7 +25,6 @@ from fxopt import optimize
 from fxopt.passes import BUILTIN_PIPELINES
 from fxopt.zoo import ZOO
 
-
 PIPELINES = {
     "Pre-LN": BUILTIN_PIPELINES["default"],
     "Pre-RMSNorm": BUILTIN_PIPELINES["pre-rmsnorm"],

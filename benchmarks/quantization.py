@@ -176,8 +176,14 @@ def _onnxruntime(path: Path, inputs, calibration: list[tuple], method: str):
 
 def _ort_quantize(path: Path, calibration: list[tuple], method: str) -> Path:
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     directory = Path(tempfile.mkdtemp())
@@ -226,8 +232,12 @@ def _activation_matmuls(path: Path) -> list[str]:
 
 
 def _torchao(model, inputs, method: str):
-    from torchao.quantization import (Int4WeightOnlyConfig, Int8DynamicActivationInt8WeightConfig,
-                                      Int8WeightOnlyConfig, quantize_)
+    from torchao.quantization import (
+        Int4WeightOnlyConfig,
+        Int8DynamicActivationInt8WeightConfig,
+        Int8WeightOnlyConfig,
+        quantize_,
+    )
 
     config = {"Int8DynamicActivationInt8Weight": Int8DynamicActivationInt8WeightConfig,
               "Int8WeightOnly": Int8WeightOnlyConfig,

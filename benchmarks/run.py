@@ -1,8 +1,8 @@
 """Side-by-side latency: PyTorch eager, torch.compile, ONNX Runtime and fxopt, in one process.
 
-Calls are interleaved (each runner in turn, every round) so that machine
-noise hits every runner alike, and only a runner's second call in a row is
-timed; the table reports medians and ratios to eager.
+Each round times every runner in turn in a warm block of calls (so machine
+noise hits every runner alike, and no runner pays for the one before it); the
+table reports medians over rounds and ratios to eager.
 
     python benchmarks/run.py resnet50 bert --rounds 30 --target cpu
     python benchmarks/run.py resnet-tiny --rounds 5      # a quick smoke run
@@ -14,7 +14,6 @@ import argparse
 import statistics
 import sys
 import tempfile
-import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,8 @@ import torch
 import torch.utils._pytree as pytree
 
 import fxopt
-from fxopt.cli import load_model
+from fxopt.loading import load_model
+from fxopt.timing import time_call
 from fxopt.zoo import ZOO
 
 Runner = Callable[[], object]
@@ -83,21 +83,19 @@ def _onnxruntime(model: torch.nn.Module, inputs: tuple) -> Runner:
     return lambda: session.run(None, feed)
 
 
-def measure(runners: dict[str, Runner], rounds: int) -> dict[str, float]:
-    """Median latency of each runner over ``rounds`` interleaved rounds.
+def measure(runners: dict[str, Runner], rounds: int, block_seconds: float = 0.2) -> dict[str, float]:
+    """Median latency of each runner over ``rounds`` rounds; in each round every runner in turn is timed in a
+    warm block of calls (:func:`fxopt.timing.time_call`: one warm-up call, then calls for about
+    ``block_seconds``, their median), the same helper fxopt's dispatch and the GPU check use.
 
-    Within a round each runner is called twice and the second call is timed: the first call
-    after another runner pays for what that runner did to the caches and thread pools (a
-    PyTorch call right after an ONNX Runtime call took twice as long on the reference machine).
+    Blocks, not single calls in turn: what one runner leaves behind slows the call right after it (ONNX
+    Runtime's spinning thread pool made the next PyTorch call 2-10x slower on the reference machine).
     """
     samples: dict[str, list[float]] = {name: [] for name in runners}
     with torch.no_grad():
         for _ in range(rounds):
             for name, runner in runners.items():
-                runner()
-                start = time.perf_counter()
-                runner()
-                samples[name].append(time.perf_counter() - start)
+                samples[name].append(time_call(runner, budget=block_seconds))
     return {name: statistics.median(times) for name, times in samples.items()}
 
 
@@ -112,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(torch.get_num_threads())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of warm blocks")
     for name in args.models:
         try:
             model, inputs = load_model(name)

@@ -15,9 +15,9 @@ from fxopt.codegen import Dispatch, Executable, build
 from fxopt.codegen.tune import TuneOptions
 from fxopt.errors import FxoptError, InputMismatchError, VerificationError
 from fxopt.ir.capture import capture, eval_mode
+from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.ir.program import describe_arguments
 from fxopt.passes.base import Pass
-from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.passes.manager import PassManager, Pipeline, VerifyMode
 from fxopt.report import Report
 from fxopt.targets import Target, parse_target

@@ -35,8 +35,8 @@ from fxopt.codegen.runtime import TVMFunction, load_vm
 from fxopt.codegen.tune import TuningSummary, existing_database
 from fxopt.codegen.tune import tune as run_tuning
 from fxopt.errors import CodegenError, first_line
-from fxopt.ir.program import Program
 from fxopt.ir.numerics import Tolerance
+from fxopt.ir.program import Program
 from fxopt.targets import Target
 
 __all__ = ["Executable", "SegmentRecord", "build", "Dispatch"]

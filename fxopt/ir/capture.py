@@ -13,10 +13,10 @@ import torch.fx as fx
 import torch.fx._pytree as fx_pytree
 
 from fxopt.errors import CaptureError
-from fxopt.log import native_stderr_to_debug, quiet_loggers
 from fxopt.ir.canonical import decomposition_table
 from fxopt.ir.meta import TORCH_DIR
 from fxopt.ir.program import Program, attribute_owner
+from fxopt.log import native_stderr_to_debug, quiet_loggers
 
 __all__ = ["capture"]
 

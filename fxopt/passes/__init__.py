@@ -54,7 +54,6 @@ from fxopt.passes.manager import (  # noqa: E402  (the manager reads PASSES lazi
 )
 
 
-
 def register_pass(cls: type[Pass]) -> type[Pass]:
     """Make a pass of your own usable by its ``name`` in spec strings, TOML pipeline files and the ``fxopt``
     command (register it in the model file the command loads). Returns ``cls``: works as a class decorator."""

@@ -11,7 +11,6 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from fxopt.errors import PassError
 from fxopt.ir.analysis import node_flops
 from fxopt.ir.calibration import Calibration, data_nodes, gradients, observe
 from fxopt.ir.channels import ChannelGraph, Group, Leaf, Prod, Space, Tree, analyze, shrink

@@ -5,7 +5,8 @@ import sys
 import pytest
 import torch
 
-from fxopt.cli import main, parse_input_spec
+from fxopt.cli import main
+from fxopt.loading import parse_input_spec
 
 MODEL_FILE = '''
 import torch.nn as nn

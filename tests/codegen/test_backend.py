@@ -348,9 +348,8 @@ def test_a_wrong_quantized_build_is_still_rejected(monkeypatch):
 
 def test_quantized_segment_outputs_may_round_one_step_apart():
     from fxopt.codegen.dispatch import quantized_outputs
-    from fxopt.ir.numerics import Tolerance, compare_outputs
-
     from fxopt.codegen.partition import partition
+    from fxopt.ir.numerics import Tolerance, compare_outputs
 
     model, x = _DeepMLP().eval(), torch.randn(8, 32)
     quantized, _ = fxopt.PassManager("quantize", calibration=[x]).run(fxopt.capture(model, (x,)))

@@ -7,7 +7,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from fxopt import PassManager, capture, optimize
-from fxopt.cli import load_model
+from fxopt.loading import load_model
 from fxopt.zoo import ZOO, load_zoo_model
 
 EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"

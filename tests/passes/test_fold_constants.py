@@ -2,7 +2,7 @@ import torch
 import torch.nn as nn
 
 from fxopt import PassManager, capture
-from tests.passes.helpers import assert_same_outputs, ops, run_pass
+from tests.passes.helpers import ops, run_pass
 
 aten = torch.ops.aten
 

@@ -14,8 +14,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fxopt.passes as passes_pkg
-from fxopt import (PASSES, Pass, PassError, PassManager, Pipeline, PipelineError, VerificationError, capture,
-                   register_pass)
+from fxopt import (
+    PASSES,
+    Pass,
+    PassError,
+    PassManager,
+    Pipeline,
+    PipelineError,
+    VerificationError,
+    capture,
+    register_pass,
+)
 from fxopt.passes import BUILTIN_PIPELINES, option
 from fxopt.passes.manager import check_order, parse_pipeline
 

@@ -8,7 +8,6 @@ from fxopt.errors import PassError, PipelineError
 from fxopt.ir import count_flops, count_parameters
 from fxopt.ir.channels import analyze
 from fxopt.ir.program import attribute_owner
-from fxopt.passes.prune_channels import PruneChannels
 from tests.property.generators import PrunableNet
 
 CNN = [("residual", {}), ("depthwise", {"mult": 2}), ("concat", {"a": 6, "b": 4}),

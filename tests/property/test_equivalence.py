@@ -11,7 +11,6 @@ from hypothesis import given, settings
 
 from fxopt import PASSES, PassManager, Tolerance, capture, optimize
 from fxopt.ir.numerics import compare_outputs
-
 from tests.property.generators import random_models
 
 TOLERANCE = Tolerance(rtol=1e-4, atol=1e-5)

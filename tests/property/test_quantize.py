@@ -14,7 +14,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxopt import PassManager, capture
-from fxopt.ir.quant import FP8, INT4, INT8, affine_params, fake_quantize, group_params, dequantize_groups, pack_int4, unpack_int4
+from fxopt.ir.quant import (
+    FP8,
+    INT4,
+    INT8,
+    affine_params,
+    dequantize_groups,
+    fake_quantize,
+    group_params,
+    pack_int4,
+    unpack_int4,
+)
 from tests.property.generators import prunable_models
 
 fxopt_ops = torch.ops.fxopt

@@ -15,7 +15,6 @@ A failing example prints its spec (``spec.describe()``); reproduce it with the s
 (``pytest --hypothesis-seed=N``), then pin it in the test file of the pass or op it broke.
 """
 
-import pytest
 import torch
 from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
@@ -23,8 +22,8 @@ from hypothesis import strategies as st
 from fxopt import PASSES, PassManager, Tolerance, capture, optimize
 from fxopt.ir.channels import analyze
 from fxopt.ir.layers import weighted_layers
-from fxopt.ir.quant import FORMATS, dequantize_groups, unpack_int4
 from fxopt.ir.numerics import compare_outputs
+from fxopt.ir.quant import FORMATS, dequantize_groups, unpack_int4
 from fxopt.passes.prune_channels import PruneChannels
 from tests.passes.test_prune_channels import zero_channels
 from tests.property.dags import ALONG, KINDS, REDUCE, random_dags
