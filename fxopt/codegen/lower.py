@@ -12,6 +12,7 @@ Users extend the table with :func:`register_lowering`.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -59,7 +60,10 @@ def lowering_key(node: fx.Node) -> str:
 
 
 def _importer_keys() -> frozenset[str]:
-    return frozenset(_new_importer().convert_map)
+    """The ops TVM's own importer lowers (fxopt's :data:`OVERRIDES` are checked apart: they can change)."""
+    from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
+
+    return frozenset(ExportedProgramImporter().convert_map)
 
 
 _KEYS: frozenset[str] | None = None
@@ -100,10 +104,55 @@ def _tensor_values(node: fx.Node):
             yield value
 
 
-def _new_importer():
+@functools.cache
+def _segment_importer():
+    """TVM's importer of exported programs, extended for fxopt's segments (built once TVM is imported)."""
+    from tvm import relax
     from tvm.relax.frontend.torch.exported_program_translator import ExportedProgramImporter
 
-    return ExportedProgramImporter()
+    class SegmentImporter(ExportedProgramImporter):
+        """Lowers a flat segment graph with fxopt's lowerings in place of TVM's (:data:`OVERRIDES`), half-precision
+        matmuls accumulating in float32, and every result checked against PyTorch's shape and dtype. Lowerings
+        read ``target`` (``None`` when the module is not for one target) to pick target-specific kernels."""
+
+        def __init__(self, target: Target | None):
+            super().__init__()
+            self.target = target
+            self.block_builder = relax.BlockBuilder()
+            for key, fn in OVERRIDES.items():
+                self.convert_map[key] = (lambda f: lambda node: f(node, self))(fn)
+            for key, bias_index in _FLOAT32_ACCUMULATING.items():
+                if key in self.convert_map:
+                    self.convert_map[key] = _half_accumulating_in_float32(self.convert_map[key], bias_index, self)
+            for key, fn in list(self.convert_map.items()):
+                self.convert_map[key] = _checked(fn)
+
+        def lower(self, gm: fx.GraphModule, name: str, weights_as_params: bool):
+            bb = self.block_builder
+            params, inputs, nodes, weights = [], {}, [], {}
+            for node in gm.graph.nodes:
+                if node.op == "placeholder":  # translated too: the importer binds it to its variable in inputs
+                    var = _tensor_var(node.name, node.meta["val"])
+                    params.append(var)
+                    inputs[node.name] = var
+                    nodes.append(node)
+                elif node.op == "get_attr":
+                    # Bound here: the importer's get_attr path expects submodules, not tensors.
+                    value = getattr(*attribute_owner(gm, node.target))
+                    if not weights_as_params:
+                        self.env[node] = to_relax_constant(value)
+                    else:
+                        self.env[node] = weights.setdefault(node.target, _tensor_var(f"w_{len(weights)}", value))
+                else:
+                    nodes.append(node)
+            with bb.function(name, params=params + list(weights.values())):
+                with bb.dataflow():
+                    outputs = self._translate_fx_graph(gm, nodes, inputs)
+                    result = bb.emit_output(relax.Tuple(list(outputs)))
+                bb.emit_func_output(result)
+            return bb.get()
+
+    return SegmentImporter
 
 
 def to_relax_constant(tensor: torch.Tensor):
@@ -125,46 +174,12 @@ def lower_graph(gm: fx.GraphModule, name: str, target: Target | None = None, wei
     when the module is not for one target) to pick target-specific kernels. Raises :class:`LoweringError`
     naming the node that failed.
     """
-    from tvm import relax
-
-    importer = _new_importer()
-    importer.target = target
-    for key, fn in OVERRIDES.items():
-        importer.convert_map[key] = (lambda f: lambda node: f(node, importer))(fn)
-    for key, bias_index in _FLOAT32_ACCUMULATING.items():
-        if key in importer.convert_map:
-            importer.convert_map[key] = _half_accumulating_in_float32(importer.convert_map[key], bias_index, importer)
-    for key, fn in list(importer.convert_map.items()):
-        importer.convert_map[key] = _checked(fn)
-
-    bb = importer.block_builder = relax.BlockBuilder()
-    params, inputs, nodes, weights = [], {}, [], {}
-    for node in gm.graph.nodes:
-        if node.op == "placeholder":
-            var = _tensor_var(node.name, node.meta["val"])
-            params.append(var)
-            inputs[node.name] = var
-        elif node.op == "get_attr":
-            # Bound here, not by the importer: its get_attr path expects submodules, not tensors.
-            value = getattr(*attribute_owner(gm, node.target))
-            if not weights_as_params:
-                importer.env[node] = to_relax_constant(value)
-            else:
-                importer.env[node] = weights.setdefault(node.target, _tensor_var(f"w_{len(weights)}", value))
-            continue
-        nodes.append(node)
-    params += weights.values()
     try:
-        with bb.function(name, params=params):
-            with bb.dataflow():
-                outputs = importer._translate_fx_graph(gm, nodes, inputs)
-                result = bb.emit_output(relax.Tuple(list(outputs)))
-            bb.emit_func_output(result)
+        return _segment_importer()(target).lower(gm, name, weights_as_params)
     except LoweringError:
         raise
     except Exception as exc:  # an importer assertion outside any one op (e.g. the output tuple)
         raise CodegenError(f"cannot lower segment {name}: {type(exc).__name__}: {exc}") from None
-    return bb.get()
 
 
 def graph_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:

@@ -77,7 +77,7 @@ def capture(
         # dtype assertions on intermediates were proven while tracing and only block rewrites.
         if node.op == "call_module" or node.target is torch.ops.aten._assert_tensor_metadata.default:
             graph.erase_node(node)
-    graph._codegen = fx.graph.CodeGen()  # flat inputs and a flat output tuple; Program owns the pytrees
+    graph.set_codegen(fx.graph.CodeGen())  # flat inputs and a flat output tuple; Program owns the pytrees
     graph.eliminate_dead_code()  # before building the module, so constants nothing reads are not copied
     gm = fx.GraphModule(unlifted, graph, class_name=f"{name}Graph")
     _own_constants(gm)
