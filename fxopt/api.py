@@ -18,7 +18,8 @@ from fxopt.ir.capture import capture, eval_mode
 from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.ir.program import describe_arguments
 from fxopt.passes.base import Pass
-from fxopt.passes.manager import PassManager, Pipeline, VerifyMode
+from fxopt.passes.manager import PassManager
+from fxopt.passes.pipeline import Pipeline, VerifyMode
 from fxopt.report import Report
 from fxopt.targets import Target, parse_target
 

@@ -355,7 +355,7 @@ def _models(args: argparse.Namespace) -> int:
 def passes_text() -> str:
     """Every registered pass with its docstring and options, for ``fxopt passes``."""
     from fxopt.passes import BUILTIN_PIPELINES, PASSES
-    from fxopt.passes.manager import format_value
+    from fxopt.passes.spec import format_value
 
     blocks = []
     for name, cls in PASSES.items():
@@ -371,7 +371,7 @@ def passes_text() -> str:
 def passes_markdown() -> str:
     """The README's table of passes, generated from the registry."""
     from fxopt.passes import PASSES
-    from fxopt.passes.manager import format_value
+    from fxopt.passes.spec import format_value
 
     rows = ["| pass | exact | options | what it does |", "|---|---|---|---|"]
     for name, cls in PASSES.items():

@@ -20,12 +20,15 @@ from fxopt.passes.fuse_attention import FuseAttention
 from fxopt.passes.fuse_blocks import FuseBlocks
 from fxopt.passes.fuse_norms import FuseNorms
 from fxopt.passes.layernorm_to_rmsnorm import LayerNormToRMSNorm
+from fxopt.passes.manager import PassManager, PassRecord
 from fxopt.passes.mark_epilogues import MarkEpilogues
+from fxopt.passes.pipeline import Pipeline
 from fxopt.passes.prune_channels import PruneChannels
 from fxopt.passes.quantize import Quantize
 from fxopt.passes.remove_noops import RemoveNoops
 from fxopt.passes.shift_activations import ShiftActivations
 from fxopt.passes.smooth_activations import SmoothActivations
+from fxopt.passes.spec import BUILTIN_PIPELINES, parse_pipeline
 
 PASSES: dict[str, type[Pass]] = {
     "awq": AWQ,
@@ -44,14 +47,6 @@ PASSES: dict[str, type[Pass]] = {
     "shift-activations": ShiftActivations,
     "smooth-activations": SmoothActivations,
 }
-
-from fxopt.passes.manager import (  # noqa: E402  (the manager reads PASSES lazily)
-    BUILTIN_PIPELINES,
-    PassManager,
-    PassRecord,
-    Pipeline,
-    parse_pipeline,
-)
 
 
 def register_pass(cls: type[Pass]) -> type[Pass]:

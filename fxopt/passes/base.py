@@ -3,16 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 from fxopt.errors import PassError
 from fxopt.ir.calibration import Calibration
 from fxopt.ir.program import Program
+from fxopt.passes.spec import format_pass, type_name
 
 __all__ = ["Pass", "PassContext", "Option", "option", "missing_calibration"]
 
@@ -36,17 +36,6 @@ class Option:
 
     def type_name(self) -> str:
         return type_name(self.type)
-
-
-def type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "|".join(str(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return f"list of {type_name(typing.get_args(tp)[0])}"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or none"
-    return getattr(tp, "__name__", str(tp))
 
 
 @dataclass
@@ -136,6 +125,4 @@ class Pass:
         return " ".join(doc.split("\n\n")[0].split())
 
     def __str__(self) -> str:
-        from fxopt.passes.manager import format_pass
-
         return format_pass(self)

@@ -5,7 +5,7 @@ import torch.nn as nn
 from fxopt import PassManager, capture
 from fxopt.errors import FxoptError, InputMismatchError, PassError, PipelineError
 from fxopt.ir.calibration import Calibration, data_nodes, gradients, observe
-from fxopt.passes.manager import Pipeline
+from fxopt.passes.pipeline import Pipeline
 
 
 class TwoLayer(nn.Module):

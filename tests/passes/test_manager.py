@@ -26,7 +26,8 @@ from fxopt import (
     register_pass,
 )
 from fxopt.passes import BUILTIN_PIPELINES, option
-from fxopt.passes.manager import check_order, parse_pipeline
+from fxopt.passes.pipeline import check_order
+from fxopt.passes.spec import parse_pipeline
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
