@@ -22,8 +22,7 @@ from fxopt.ir import Program, capture
 from fxopt.passes import PASSES, Pass, PassManager, Pipeline, Tolerance, register_pass
 from fxopt.report import Report
 from fxopt.targets import Target, parse_target
-
-__version__ = "0.1.0"
+from fxopt.version import __version__ as __version__
 
 __all__ = [
     "PASSES",

@@ -39,3 +39,42 @@ def test_import_fxopt_loads_neither_tvm_nor_networkx():
     script = "import sys, fxopt; print(sorted({m.split('.')[0] for m in sys.modules} & {'tvm', 'networkx'}))"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]", done.stdout
+
+
+def module_imports(path: pathlib.Path, modules: set[str]) -> set[str]:
+    """The fxopt modules ``path`` imports, inside functions too (a deferred import is still a dependency), but
+    not under ``if TYPE_CHECKING``; ``from package import submodule`` counts as the submodule."""
+    tree = ast.parse(path.read_text())
+    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                   and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+    found = set()
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names} & modules
+            found |= submodules or {node.module}
+    return found & modules
+
+
+def test_no_import_cycle_among_fxopt_modules():
+    files = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in PACKAGE.rglob("*.py")}
+    graph = {name: module_imports(path, set(files)) - {name} for name, path in files.items()}
+    cycles, state = [], {}
+
+    def visit(name, stack):  # depth-first: an edge back into the stack closes a cycle
+        state[name] = "open"
+        for target in sorted(graph[name]):
+            if state.get(target) == "open":
+                cycles.append(stack[stack.index(target):] + [target])
+            elif target not in state:
+                visit(target, stack + [target])
+        state[name] = "done"
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
+    assert not cycles, cycles

@@ -36,6 +36,7 @@ from fxopt.codegen.runtime import TVMFunction, load_vm, to_tvm
 from fxopt.errors import CodegenError, InputMismatchError
 from fxopt.ir.program import Program, describe_arguments, describe_structure
 from fxopt.targets import Target, parse_target
+from fxopt.version import __version__
 
 __all__ = ["export_program", "program_weights", "load", "LoadedModel", "MANIFEST"]
 
@@ -46,8 +47,6 @@ def export_program(program: Program, target: Target, path: str | Path, database_
                    weights: bool = True) -> Path:
     """Compile all of ``program`` for ``target`` into the directory ``path``, its weights inside the library or
     (``weights=False``) taken as arguments; see the module docstring."""
-    from fxopt import __version__
-
     fallbacks = unlowerable(program.graph)
     if fallbacks:
         raise CodegenError("cannot export a TVM library: these ops have no lowering and would need PyTorch: "

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.fx as fx
 
 from fxopt.ir.meta import module_path, source_location, tensor_summary
-from fxopt.ir.program import Program
+
+if TYPE_CHECKING:
+    from fxopt.ir.program import Program
 
 __all__ = ["format_program"]
 

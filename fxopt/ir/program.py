@@ -11,6 +11,7 @@ import torch.fx._pytree as fx_pytree
 import torch.utils._pytree as pytree
 
 from fxopt.errors import InputMismatchError
+from fxopt.ir.printer import format_program
 
 __all__ = ["Program", "attribute_owner", "describe_structure", "describe_arguments"]
 
@@ -109,8 +110,6 @@ class Program(torch.nn.Module):
             return tuple(self.graph_module(*(self.example_inputs if flat_inputs is None else flat_inputs)))
 
     def __str__(self) -> str:
-        from fxopt.ir.printer import format_program
-
         return format_program(self)
 
 

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
+import types
 import typing
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 from fxopt.errors import PassError
 from fxopt.ir.calibration import Calibration
 from fxopt.ir.program import Program
-from fxopt.passes.spec import format_pass, type_name
 
-__all__ = ["Pass", "PassContext", "Option", "option", "missing_calibration"]
+__all__ = ["Pass", "PassContext", "Option", "option", "missing_calibration", "format_pass", "format_value", "type_name"]
 
 
 def option(default: Any, doc: str) -> Any:
@@ -22,6 +24,41 @@ def option(default: Any, doc: str) -> Any:
     if isinstance(default, (list, dict, set)):
         raise TypeError("pass options must be immutable: use a tuple")
     return field(default=default, metadata={"doc": doc})
+
+
+def type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    if origin is tuple:
+        return f"list of {type_name(typing.get_args(tp)[0])}"
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or none"
+    return getattr(tp, "__name__", str(tp))
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, tuple):
+        return "[" + ",".join(format_value(v) for v in value) + "]"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else str(value)
+    text = str(value)
+    if re.fullmatch(r"[^\s{}\[\],=\"']+", text) and text.lower() not in ("true", "false", "none"):
+        return text
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def format_pass(p: Pass) -> str:
+    """The canonical spec of a pass: ``name{opt=value ...}`` with every option, or ``name``."""
+    options = type(p).options()
+    if not options:
+        return p.name
+    body = " ".join(f"{o.name}={format_value(getattr(p, o.field))}" for o in options)
+    return f"{p.name}{{{body}}}"
 
 
 @dataclass(frozen=True)

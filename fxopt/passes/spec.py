@@ -13,7 +13,6 @@ parsing that text gives the same pipeline back.
 from __future__ import annotations
 
 import difflib
-import math
 import re
 import types
 import typing
@@ -21,25 +20,11 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from fxopt.errors import PipelineError
+from fxopt.passes.base import Pass, format_pass, format_value, type_name
 
-if typing.TYPE_CHECKING:
-    from fxopt.passes.base import Pass
-
-__all__ = ["BUILTIN_PIPELINES", "format_pass", "format_value", "parse_pipeline", "registered_passes", "type_name",
+__all__ = ["format_pass", "format_value", "named_pipelines", "parse_pipeline", "registered_passes", "type_name",
            "unknown_name"]
 
-# Named pipelines, usable wherever a pass name is. The per-target defaults are
-# the exact rewrites; lossy ones (pruning, quantization) are always asked for.
-BUILTIN_PIPELINES: dict[str, str] = {
-    "cleanup": "remove-noops,fold-constants,cse,dce",
-    "default": "remove-noops,fold-constants,fuse-norms,fold-conv-bn,fuse-blocks,fuse-attention,cse,dce,mark-epilogues",
-    # Opt-in: exact, and faster where RMSNorm is one kernel (compiled backends), slower in eager PyTorch on CPU.
-    "pre-rmsnorm": "remove-noops,fold-constants,fuse-norms,layernorm-to-rmsnorm,fold-conv-bn,fuse-blocks,"
-                   "fuse-attention,cse,dce,mark-epilogues",
-    "torch": "default",
-    "cpu": "default",
-    "cuda": "default",
-}
 
 _TOKEN = re.compile(
     r"""\s*(?:
@@ -203,45 +188,16 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
     raise TypeError(f"unsupported option type {tp}")  # a pass declared an option type the grammar lacks
 
 
-def type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return "|".join(str(a) for a in typing.get_args(tp))
-    if origin is tuple:
-        return f"list of {type_name(typing.get_args(tp)[0])}"
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or none"
-    return getattr(tp, "__name__", str(tp))
-
-
-def format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if value is None:
-        return "none"
-    if isinstance(value, tuple):
-        return "[" + ",".join(format_value(v) for v in value) + "]"
-    if isinstance(value, float):
-        return repr(value) if math.isfinite(value) else str(value)
-    text = str(value)
-    if re.fullmatch(r"[^\s{}\[\],=\"']+", text) and text.lower() not in ("true", "false", "none"):
-        return text
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def format_pass(p: Pass) -> str:
-    """The canonical spec of a pass: ``name{opt=value ...}`` with every option, or ``name``."""
-    options = type(p).options()
-    if not options:
-        return p.name
-    body = " ".join(f"{o.name}={format_value(getattr(p, o.field))}" for o in options)
-    return f"{p.name}{{{body}}}"
-
-
 def registered_passes() -> dict[str, type[Pass]]:
-    from fxopt.passes import PASSES
+    from fxopt.passes import registry  # deferred: the registry imports every pass, which import this module
 
-    return PASSES
+    return registry.PASSES
+
+
+def named_pipelines() -> dict[str, str]:
+    from fxopt.passes import registry
+
+    return registry.BUILTIN_PIPELINES
 
 
 def _instantiate(item: _Item) -> Pass:
@@ -264,7 +220,7 @@ def _instantiate(item: _Item) -> Pass:
 
 
 def unknown_name(name: str) -> PipelineError:
-    candidates = list(registered_passes()) + list(BUILTIN_PIPELINES)
+    candidates = list(registered_passes()) + list(named_pipelines())
     close = difflib.get_close_matches(name, candidates, n=3, cutoff=0.5)
     hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
     return PipelineError(f"unknown pass or pipeline '{name}'{hint} (`fxopt passes` lists them)")
@@ -276,12 +232,12 @@ def parse_pipeline(spec: str, _expanding: tuple[str, ...] = ()) -> list[Pass]:
     for item in _Parser(spec).items():
         if item.name in registered_passes():
             passes.append(_instantiate(item))
-        elif item.name in BUILTIN_PIPELINES:
+        elif item.name in named_pipelines():
             if item.options:
                 raise PipelineError(f"named pipeline '{item.name}' takes no options")
             if item.name in _expanding:
                 raise PipelineError(f"named pipeline '{item.name}' includes itself")
-            passes.extend(parse_pipeline(BUILTIN_PIPELINES[item.name], _expanding + (item.name,)))
+            passes.extend(parse_pipeline(named_pipelines()[item.name], _expanding + (item.name,)))
         else:
             raise unknown_name(item.name)
     return passes

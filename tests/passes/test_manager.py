@@ -81,7 +81,7 @@ class Explode(Pass):
 @pytest.fixture
 def registry(monkeypatch):
     extended = dict(PASSES, toy=Toy, **{"break-mul": BreakMul, "explode": Explode})
-    monkeypatch.setattr(passes_pkg, "PASSES", extended)
+    monkeypatch.setattr(passes_pkg.registry, "PASSES", extended)
     return extended
 
 
@@ -271,9 +271,9 @@ def test_a_pass_raising_an_fxopt_error_subclass_is_wrapped_not_rebuilt():
 
 
 def test_register_pass_makes_a_users_pass_usable_by_name_in_specs_files_and_the_cli(tmp_path, monkeypatch):
-    monkeypatch.setattr(passes_pkg, "PASSES", dict(passes_pkg.PASSES))  # registering is process-wide
+    monkeypatch.setattr(passes_pkg.registry, "PASSES", dict(passes_pkg.PASSES))  # registering is process-wide
     user = runpy.run_path(str(EXAMPLES / "custom_pass.py"))  # its @register_pass runs on import
-    assert passes_pkg.PASSES["fold-double-negation"] is user["FoldDoubleNegation"]
+    assert passes_pkg.registry.PASSES["fold-double-negation"] is user["FoldDoubleNegation"]
 
     program = capture(user["Model"](), (torch.randn(4),))
     toml = tmp_path / "mine.toml"
