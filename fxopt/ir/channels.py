@@ -33,6 +33,7 @@ from fxopt.ir.edit import add_constant, drop_unread_constants
 from fxopt.ir.layers import BATCH_NORM, is_call
 from fxopt.ir.meta import describe_node, module_name, propagate_meta, shape_of
 from fxopt.ir.program import Program
+from fxopt.ir.traits import ALONG_DIM, REDUCTIONS, SDPA, VIEWS
 
 __all__ = ["Space", "Leaf", "Cat", "Prod", "Tree", "ChannelGraph", "Group", "Member", "analyze"]
 
@@ -133,12 +134,8 @@ _OP_NAMES = {"convolution": "conv", "_native_batch_norm_legit_no_training": "bat
 _SHAPE_ONLY = (aten.clone.default, aten.alias.default, aten._to_copy.default, aten.hardswish.default,
                aten.hardsigmoid.default, aten.detach.default)
 # Ops whose output has their input's shape but mixes the channels of one dim (their second argument).
-_ALONG_DIM = (aten._softmax.default, aten._log_softmax.default, aten.cumsum.default)
-_REDUCTIONS = (aten.mean.dim, aten.sum.dim_IntList, aten.amax.default, aten.amin.default, aten.var.correction)
-_VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 _POOLS = (aten.max_pool2d_with_indices.default, aten.avg_pool2d.default, aten._adaptive_avg_pool2d.default,
           aten.avg_pool1d.default, aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec)
-_SDPA = aten.scaled_dot_product_attention.default
 
 
 class ChannelGraph:
@@ -740,9 +737,9 @@ def _slice_args(node: fx.Node) -> tuple[int, int, int, int]:
 
 _RULES = {
     **dict.fromkeys(_SHAPE_ONLY, ChannelGraph._same),
-    **dict.fromkeys(_ALONG_DIM, ChannelGraph._along_dim),
-    **dict.fromkeys(_REDUCTIONS, ChannelGraph._reduction),
-    **dict.fromkeys(_VIEWS, ChannelGraph._view),
+    **dict.fromkeys(ALONG_DIM, ChannelGraph._along_dim),
+    **dict.fromkeys(REDUCTIONS, ChannelGraph._reduction),
+    **dict.fromkeys(VIEWS, ChannelGraph._view),
     **dict.fromkeys(_POOLS, ChannelGraph._spatial),
     aten.permute.default: ChannelGraph._permute,
     aten.transpose.int: ChannelGraph._transpose,
@@ -767,7 +764,7 @@ _RULES = {
     aten.rms_norm.default: ChannelGraph._norm,
     aten.group_norm.default: ChannelGraph._group_norm,
     BATCH_NORM: ChannelGraph._batch_norm,
-    _SDPA: ChannelGraph._sdpa,
+    SDPA: ChannelGraph._sdpa,
 }
 
 
@@ -827,7 +824,7 @@ def _new_sizes(args: list, old: list[int], new: list[int]) -> list:
 def _rewrite_sizes(graph: ChannelGraph, node: fx.Node, keep: dict[Space, torch.Tensor],
                    expected: dict[fx.Node, list[int]]) -> None:
     target, args = node.target, list(node.args)
-    if target in _VIEWS or target is aten.expand.default:
+    if target in VIEWS or target is aten.expand.default:
         args[1] = _new_sizes(list(args[1]), shape_of(node), expected[node])
     elif target in (aten.layer_norm.default, aten.rms_norm.default):
         rank = len(args[1])
@@ -845,7 +842,7 @@ def _rewrite_sizes(graph: ChannelGraph, node: fx.Node, keep: dict[Space, torch.T
         if step == 1 and (start, end) != (0, shape_of(args[0])[dim]):
             kept = graph.kept(graph.value_dims(args[0])[dim], keep)
             args[1:4] = [dim, int((kept < start).sum()), int((kept < end).sum())]
-    elif target is _SDPA and node.kwargs.get("scale") is None:
+    elif target is SDPA and node.kwargs.get("scale") is None:
         head_dim = shape_of(args[0])[-1]
         if expected[args[0]][-1] != head_dim:
             node.kwargs = {**node.kwargs, "scale": 1 / math.sqrt(head_dim)}  # the softmax temperature stays

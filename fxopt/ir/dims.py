@@ -17,12 +17,12 @@ import torch.fx as fx
 
 from fxopt.ir.layers import is_call
 from fxopt.ir.meta import shape_of
+from fxopt.ir.traits import VIEWS
 
-__all__ = ["source_dim", "result_dim", "VIEWS"]
+__all__ = ["source_dim", "result_dim"]
 
 aten = torch.ops.aten
 
-VIEWS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default)
 # Ops whose output has the shape of their first input, element for element.
 _SAME_SHAPE = (aten.clone.default, aten.alias.default, aten._to_copy.default)
 _ELEMENTWISE = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor)

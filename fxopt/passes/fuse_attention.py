@@ -11,12 +11,12 @@ from fxopt.ir.edit import read_outside, replace_subgraph
 from fxopt.ir.layers import is_call, is_constant, is_number
 from fxopt.ir.meta import describe_node, dtype_of, propagate_meta, shape_of, stamp_provenance
 from fxopt.ir.program import Program, attribute_owner
+from fxopt.ir.traits import SDPA
 from fxopt.passes.base import Pass, PassContext
 
 aten = torch.ops.aten
 
 _SOFTMAX = aten._softmax.default
-_SDPA = aten.scaled_dot_product_attention.default
 # What capture's decomposition of a batched matmul wraps around its ``bmm`` (broadcast, flatten, unflatten).
 _RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
              aten.clone.default)
@@ -62,7 +62,7 @@ class FuseAttention(Pass):
                     dims = list(range(rank - 2)) + [rank - 1, rank - 2]
                     key = program.graph.call_function(aten.permute.default, (found.key_t, dims))
                 args = (found.query, key, found.value) + ((found.mask,) if found.mask is not None else ())
-                fused = program.graph.call_function(_SDPA, args, {"scale": found.scale})
+                fused = program.graph.call_function(SDPA, args, {"scale": found.scale})
             stamp_provenance([fused] if key is found.key else [key, fused], self.name, found.nodes)
             replace_subgraph(found.root, fused, found.nodes)
             ctx.count("attentions-fused")

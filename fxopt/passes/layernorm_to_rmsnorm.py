@@ -8,11 +8,12 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from fxopt.ir.dims import VIEWS, result_dim, source_dim
+from fxopt.ir.dims import result_dim, source_dim
 from fxopt.ir.edit import add_constant, erase_if_dead, replace_node
 from fxopt.ir.layers import absorb_input_affine, as_layer, is_call, is_constant, is_number
 from fxopt.ir.meta import describe_node, propagate_meta, shape_of, stamp_provenance
 from fxopt.ir.program import Program
+from fxopt.ir.traits import VIEWS
 from fxopt.passes.base import Pass, PassContext, option
 
 aten = torch.ops.aten
