@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-compile", dest="compile", action="store_false", help="skip the torch.compile runners")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of warm blocks")
     for name, spec in PIPELINES.items():
         print(f"{name}: {spec}")
     model = ZOO[args.model].build()

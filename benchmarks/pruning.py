@@ -4,7 +4,7 @@ For each model and FLOP reduction, both prune with L1 importance (uniform per
 group, whole attention heads); the table gives whether each pruned at all,
 the FLOPs and parameters reached (counted by one counter, fxopt's, on both
 results), the output's relative L2 error against the unpruned model, and the
-eager PyTorch latency of the pruned model (medians, interleaved rounds).
+eager PyTorch latency of the pruned model (medians over rounds of warm blocks).
 Torch-Pruning prunes by channel ratio; it is stepped up until it meets the
 FLOP target.
 
@@ -31,10 +31,11 @@ import torch
 
 sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
 
-from run import measure  # noqa: E402  (benchmarks/run.py: interleaved rounds, the second call timed)
+from run import measure  # noqa: E402  (benchmarks/run.py: warm blocks per runner, rounds, medians)
 
 from fxopt import PassManager, capture  # noqa: E402
 from fxopt.ir import count_flops, count_parameters  # noqa: E402
+from fxopt.ir.numerics import relative_rms_error  # noqa: E402
 from fxopt.zoo import SENTENCES, ZOO, calibration_batches, load_zoo_model, minilm_encoder  # noqa: E402
 
 DEFAULT_MODELS = ["resnet50", "mobilenet_v2", "vit", "bert-classifier", "llama"]
@@ -61,10 +62,6 @@ def load(name: str) -> tuple[torch.nn.Module, tuple]:
         return Primary(model), (torch.randint(0, 30522, (1, 128), generator=torch.Generator().manual_seed(0)),)
     model, inputs = load_zoo_model(name)
     return Primary(model), inputs
-
-
-def relative_error(out: torch.Tensor, reference: torch.Tensor) -> float:
-    return float((out.double() - reference.double()).norm() / reference.double().norm())
 
 
 def fxopt_prune(model: torch.nn.Module, inputs: tuple, ratio: float) -> tuple[Callable[[], object], torch.nn.Module]:
@@ -184,8 +181,8 @@ def compare(names: list[str], ratios: list[float], rounds: int, limit: int) -> l
                     if out.shape != reference.shape:
                         raise RuntimeError(f"output shape changed to {tuple(out.shape)}")
                     small = capture(pruned, inputs) if not hasattr(pruned, "graph_module") else pruned
-                    results[tool, ratio] = (count_flops(small), count_parameters(small), relative_error(out, reference),
-                                            time.perf_counter() - start)
+                    error = relative_rms_error([out], [reference])
+                    results[tool, ratio] = (count_flops(small), count_parameters(small), error, time.perf_counter() - start)
                     runners[f"{tool} {ratio}"] = run
                 except (Exception, TimeLimit) as exc:  # a pruner failing on a model is a result, not a crash
                     results[tool, ratio] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"

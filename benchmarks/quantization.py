@@ -4,7 +4,7 @@ Every tool quantizes the same float model with the same calibration batches.
 Quality: MiniLM (trained weights) mean/min cosine of the sentence embeddings
 against float32 on held-out sentences; a CNN trained on scikit-learn's digits,
 test accuracy. Size: bytes of the model's constants. Speed: CPU latency
-(medians of interleaved rounds, benchmarks/run.py's ``measure``) against the
+(medians over rounds of warm blocks, benchmarks/run.py's ``measure``) against the
 float32 model in PyTorch eager.
 
     python benchmarks/quantization.py                                   # MiniLM and digits, every tool
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="fxopt-cpu: the TVM CPU builds (minutes on MiniLM)")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} interleaved rounds")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of warm blocks")
     for name in args.models:
         case = load_case(name)
         rows, runners = compare(case, args.tools)
