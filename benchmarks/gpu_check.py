@@ -174,8 +174,13 @@ def run(carry: Path, out: Path, budget: float, dry_run: bool, rounds: int) -> in
             print(f"{entry['case']['model']}: {entry.get('check', entry.get('error'))}", flush=True)
         for entry in entries:
             if entry["case"]["timed"] and "loaded" in entry:
-                over = time.perf_counter() - started > budget
-                entry["timing"] = "skipped: the time budget was spent" if over else _time(entry, device, rounds)
+                if time.perf_counter() - started > budget:
+                    entry["timing"] = "skipped: the time budget was spent"
+                    continue
+                try:  # one failing case is a result: the GPU slot goes on to the next
+                    entry["timing"] = _time(entry, device, rounds)
+                except Exception as exc:
+                    entry["timing"] = f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
         results["cases"] = [{k: v for k, v in e.items() if k not in ("loaded", "model", "inputs")} for e in entries]
     results["seconds"] = round(time.perf_counter() - started, 1)
     (out / "gpu_check.json").write_text(json.dumps(results, indent=1, default=str))
