@@ -3,13 +3,12 @@
 import pytest
 import torch
 import torch.nn as nn
-import torch.utils._pytree as pytree
 
 import fxopt.api
 from fxopt import FxoptError
 from fxopt.dynamo import fxopt_backend
-from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.zoo import load_zoo_model
+from tests.codegen.test_backend import assert_close
 
 
 class Branchy(nn.Module):
@@ -22,11 +21,6 @@ class Branchy(nn.Module):
         if h.sum() > 0:  # data-dependent control flow: torch.export refuses it, Dynamo breaks the graph here
             h = h * 2
         return self.b(h)
-
-
-def assert_close(got, expected):
-    worst, _, failing = compare_outputs(pytree.tree_leaves(got), pytree.tree_leaves(expected), Tolerance())
-    assert failing is None, f"max abs error {worst}"
 
 
 @pytest.fixture

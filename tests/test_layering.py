@@ -9,17 +9,27 @@ import sys
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fxopt"
+MODULES = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+           for p in PACKAGE.rglob("*.py")}
 
 
-def fxopt_imports(path: pathlib.Path) -> set[str]:
-    """The fxopt modules a file imports, at any depth of its code (imports inside functions count)."""
+def module_imports(path: pathlib.Path, typing_too: bool = False) -> set[str]:
+    """The fxopt modules ``path`` imports, inside functions too (a deferred import is still a dependency), and
+    under ``if TYPE_CHECKING`` only with ``typing_too``; ``from package import submodule`` counts as the
+    submodule."""
+    tree = ast.parse(path.read_text())
+    typing_only = set() if typing_too else {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
+                                            and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
+    for node in ast.walk(tree):
+        if id(node) in typing_only:
+            continue
         if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names if alias.name.startswith("fxopt")}
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fxopt"):
-            found |= {node.module} | {f"{node.module}.{alias.name}" for alias in node.names}
-    return found
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            submodules = {f"{node.module}.{alias.name}" for alias in node.names} & MODULES.keys()
+            found |= submodules or {node.module}
+    return found & MODULES.keys()
 
 
 @pytest.mark.parametrize("layer, forbidden", [
@@ -30,7 +40,7 @@ def fxopt_imports(path: pathlib.Path) -> set[str]:
 def test_each_layer_imports_only_the_layers_below_it(layer, forbidden):
     crossing = {f"{path.relative_to(PACKAGE.parent)} imports {name}"
                 for path in (PACKAGE / layer).rglob("*.py")
-                for name in fxopt_imports(path) if name.startswith(forbidden)}
+                for name in module_imports(path, typing_too=True) if name.startswith(forbidden)}
     assert not crossing, sorted(crossing)
 
 
@@ -41,28 +51,8 @@ def test_import_fxopt_loads_neither_tvm_nor_networkx():
     assert done.stdout.strip() == "[]", done.stdout
 
 
-def module_imports(path: pathlib.Path, modules: set[str]) -> set[str]:
-    """The fxopt modules ``path`` imports, inside functions too (a deferred import is still a dependency), but
-    not under ``if TYPE_CHECKING``; ``from package import submodule`` counts as the submodule."""
-    tree = ast.parse(path.read_text())
-    typing_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                   and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
-    found = set()
-    for node in ast.walk(tree):
-        if id(node) in typing_only:
-            continue
-        if isinstance(node, ast.Import):
-            found |= {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            submodules = {f"{node.module}.{alias.name}" for alias in node.names} & modules
-            found |= submodules or {node.module}
-    return found & modules
-
-
 def test_no_import_cycle_among_fxopt_modules():
-    files = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in PACKAGE.rglob("*.py")}
-    graph = {name: module_imports(path, set(files)) - {name} for name, path in files.items()}
+    graph = {name: module_imports(path) - {name} for name, path in MODULES.items()}
     cycles, state = [], {}
 
     def visit(name, stack):  # depth-first: an edge back into the stack closes a cycle

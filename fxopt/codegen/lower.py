@@ -25,8 +25,8 @@ from fxopt.ir.meta import describe_node
 from fxopt.ir.program import attribute_owner
 from fxopt.targets import Target
 
-__all__ = ["LoweringError", "OVERRIDES", "register_lowering", "lowering_key", "is_lowerable", "lower_graph", "graph_weights",
-           "tvm_dtype"]
+__all__ = ["LoweringError", "OVERRIDES", "register_lowering", "lowering_key", "is_lowerable", "lower_graph",
+           "graph_weights", "tvm_dtype"]
 
 # fn(node, importer) -> relax expression; the importer is TVM's ExportedProgramImporter (env, block_builder).
 Lowering = Callable[[fx.Node, object], object]
@@ -129,7 +129,9 @@ def _segment_importer():
 
         def lower(self, gm: fx.GraphModule, name: str, weights_as_params: bool):
             bb = self.block_builder
-            params, inputs, nodes, weights = [], {}, [], {}
+            params, inputs, nodes = [], {}, []
+            weights = {target: _tensor_var(f"w_{i}", value)
+                       for i, (target, value) in enumerate(graph_weights(gm).items())} if weights_as_params else {}
             for node in gm.graph.nodes:
                 if node.op == "placeholder":  # translated too: the importer binds it to its variable in inputs
                     var = _tensor_var(node.name, node.meta["val"])
@@ -138,11 +140,8 @@ def _segment_importer():
                     nodes.append(node)
                 elif node.op == "get_attr":
                     # Bound here: the importer's get_attr path expects submodules, not tensors.
-                    value = getattr(*attribute_owner(gm, node.target))
-                    if not weights_as_params:
-                        self.env[node] = to_relax_constant(value)
-                    else:
-                        self.env[node] = weights.setdefault(node.target, _tensor_var(f"w_{len(weights)}", value))
+                    self.env[node] = (weights[node.target] if weights_as_params
+                                      else to_relax_constant(getattr(*attribute_owner(gm, node.target))))
                 else:
                     nodes.append(node)
             with bb.function(name, params=params + list(weights.values())):

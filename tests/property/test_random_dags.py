@@ -165,8 +165,8 @@ def _check_layer_bounds(program, quantized) -> int:
             x_hat = (xq.double() - x_zero_point.double()) * x_scale.double()
             channel = w_scale.double().reshape(-1, *[1] * (weight.dim() - 1))
             w_hat = wq.double() * channel
-            lo, hi = (fmt.qmin - x_zero_point.double()) * x_scale.double(), \
-                (fmt.qmax - x_zero_point.double()) * x_scale.double()
+            lo = (fmt.qmin - x_zero_point.double()) * x_scale.double()
+            hi = (fmt.qmax - x_zero_point.double()) * x_scale.double()
             if fmt.integer:
                 x_steps, w_steps = x_scale.double() / 2 + (x - x.clamp(lo, hi)).abs(), channel / 2
             else:
@@ -184,8 +184,7 @@ def _check_layer_bounds(program, quantized) -> int:
 
         exact = apply(x, weight, bias)
         moved = apply((x_hat - x).abs(), weight.abs()) + apply(x_hat.abs(), (w_hat - weight).abs())
-        rounding = 1e-5 * (apply(x_hat.abs(), w_hat.abs()) + (0 if bias is None else apply(0 * x, 0 * weight,
-                                                                                            bias.abs()))) + 1e-6
+        rounding = 1e-5 * apply(x_hat.abs(), w_hat.abs(), None if bias is None else bias.abs()) + 1e-6
         error = (values[node].double() - exact).abs()
         worst = int((error - moved - rounding).argmax())
         assert (error <= moved + rounding).all(), (
