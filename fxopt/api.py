@@ -90,7 +90,7 @@ def optimize(
     calibration:
         Representative inputs for data-driven passes (pruning by activation or
         Taylor importance, quantization): an iterable of batches called like the
-        model, a ``.pt`` file of them, or a :class:`~fxopt.ir.calibration.Calibration`
+        model, a ``.pt`` file of them, or a :class:`~fxopt.calibration.Calibration`
         (which may carry a loss). Overrides the pipeline file's ``[calibration]``.
 
     Raises

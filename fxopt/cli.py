@@ -201,10 +201,10 @@ def _optimize(args: argparse.Namespace) -> int:
 
 def _prune(args: argparse.Namespace) -> int:
     from fxopt.api import optimize
-    from fxopt.ir.calibration import Calibration
+    from fxopt.calibration import Calibration
     from fxopt.ir.capture import capture
     from fxopt.passes import parse_pipeline
-    from fxopt.passes.prune_channels import explain
+    from fxopt.prune.explain import explain
     from fxopt.targets import parse_target
     from fxopt.zoo import DEFAULT_MODEL
 
@@ -226,10 +226,10 @@ def _quantize(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from fxopt.api import optimize
-    from fxopt.ir.calibration import Calibration
+    from fxopt.calibration import Calibration
     from fxopt.ir.capture import capture
     from fxopt.passes import PassManager, parse_pipeline
-    from fxopt.passes.quantize import format_sensitivity, sensitivity
+    from fxopt.quant.plan import format_sensitivity, sensitivity
     from fxopt.targets import parse_target
     from fxopt.zoo import DEFAULT_MODEL
 

@@ -23,16 +23,20 @@ from fxopt.codegen import x86
 from fxopt.errors import CodegenError
 from fxopt.ir.meta import describe_node
 from fxopt.ir.program import attribute_owner
+from fxopt.quant import ops as _quant_ops  # noqa: F401  (registers the fxopt:: quantized ops lowered here)
 from fxopt.targets import Target
 
 __all__ = ["LoweringError", "OVERRIDES", "register_lowering", "lowering_key", "is_lowerable", "lower_graph",
            "graph_weights", "tvm_dtype"]
 
+aten = torch.ops.aten
+fxopt_ops = torch.ops.fxopt
+
 # fn(node, importer) -> relax expression; the importer is TVM's ExportedProgramImporter (env, block_builder).
 Lowering = Callable[[fx.Node, object], object]
 
-#: fxopt's lowerings, keyed like TVM's convert map (``"cumsum.default"``); they win over TVM's.
-OVERRIDES: dict[str, Lowering] = {}
+#: fxopt's lowerings, keyed by op overload; they win over TVM's (whose table is keyed by ``"cumsum.default"``).
+OVERRIDES: dict[torch._ops.OpOverload, Lowering] = {}
 
 
 class LoweringError(CodegenError):
@@ -44,11 +48,13 @@ class LoweringError(CodegenError):
         self.reason = reason
 
 
-def register_lowering(key: str) -> Callable[[Lowering], Lowering]:
-    """Register ``fn(node, importer) -> relax expr`` as the lowering of op ``key`` (e.g. ``"rms_norm.default"``)."""
+def register_lowering(op: torch._ops.OpOverload) -> Callable[[Lowering], Lowering]:
+    """Register ``fn(node, importer) -> relax expr`` as the lowering of ``op`` (``torch.ops.aten.rms_norm.default``)."""
+    if not isinstance(op, torch._ops.OpOverload):
+        raise TypeError(f"register_lowering takes an op overload such as torch.ops.aten.cumsum.default, got {op!r}")
 
     def decorate(fn: Lowering) -> Lowering:
-        OVERRIDES[key] = fn
+        OVERRIDES[op] = fn
         return fn
 
     return decorate
@@ -76,9 +82,8 @@ def is_lowerable(node: fx.Node) -> str | None:
         return None
     if _KEYS is None:
         _KEYS = _importer_keys()
-    key = lowering_key(node)
-    if key not in OVERRIDES and key not in _KEYS:
-        return f"no lowering for '{key}'"
+    if node.target not in OVERRIDES and lowering_key(node) not in _KEYS:
+        return f"no lowering for '{lowering_key(node)}'"
     for value in _tensor_values(node):
         if any(not isinstance(d, int) for d in value.shape):
             return "symbolic shape (the TVM backend builds static shapes)"
@@ -119,8 +124,8 @@ def _segment_importer():
             super().__init__()
             self.target = target
             self.block_builder = relax.BlockBuilder()
-            for key, fn in OVERRIDES.items():
-                self.convert_map[key] = (lambda f: lambda node: f(node, self))(fn)
+            for op, fn in OVERRIDES.items():
+                self.convert_map[op.__name__] = (lambda f: lambda node: f(node, self))(fn)
             for key, bias_index in _FLOAT32_ACCUMULATING.items():
                 if key in self.convert_map:
                     self.convert_map[key] = _half_accumulating_in_float32(self.convert_map[key], bias_index, self)
@@ -271,7 +276,7 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
-@register_lowering("cumsum.default")
+@register_lowering(aten.cumsum.default)
 def _cumsum(node: fx.Node, importer) -> object:
     """TVM keeps the input dtype; PyTorch promotes bool and integer inputs to int64 (GPT-2's position ids)."""
     from tvm import relax
@@ -281,7 +286,7 @@ def _cumsum(node: fx.Node, importer) -> object:
     return importer.block_builder.emit(relax.op.cumsum(x, axis=_arg(node, 1, "dim"), dtype=out_dtype))
 
 
-@register_lowering("rms_norm.default")
+@register_lowering(aten.rms_norm.default)
 def _rms_norm(node: fx.Node, importer) -> object:
     """``aten.rms_norm`` (absent from TVM's table): eps defaults to the dtype's machine epsilon, as in PyTorch."""
     from tvm import relax
@@ -299,7 +304,7 @@ def _rms_norm(node: fx.Node, importer) -> object:
     return importer.block_builder.emit(relax.op.nn.rms_norm(x, weight, axes=axes, epsilon=eps))
 
 
-@register_lowering("layer_norm.default")
+@register_lowering(aten.layer_norm.default)
 def _layer_norm(node: fx.Node, importer) -> object:
     """``aten.layer_norm`` without a weight or bias (``elementwise_affine=False``): TVM's importer looked the
     missing ones up and failed (found by tests/property/test_random_dags.py)."""
@@ -316,7 +321,7 @@ def _layer_norm(node: fx.Node, importer) -> object:
     return importer.block_builder.emit(relax.op.nn.layer_norm(x, gamma, beta, axes=axes, epsilon=eps))
 
 
-@register_lowering("crms_norm.default")
+@register_lowering(fxopt_ops.crms_norm.default)
 def _crms_norm(node: fx.Node, importer) -> object:
     """fxopt's CRMSNorm (:func:`fxopt.ir.ops.crms_norm`): ``x / sqrt((sum(x²) + sum(x)²) / (n + 1) + eps)``."""
     from tvm import relax
@@ -336,7 +341,7 @@ def _crms_norm(node: fx.Node, importer) -> object:
     return bb.emit(relax.op.astype(out, tvm_dtype(dtype))) if compute != dtype else out
 
 
-@register_lowering("scaled_dot_product_attention.default")
+@register_lowering(aten.scaled_dot_product_attention.default)
 def _sdpa(node: fx.Node, importer) -> object:
     """Spelled out as matmul-softmax-matmul.
 
@@ -379,7 +384,7 @@ def _sdpa(node: fx.Node, importer) -> object:
     return bb.emit(relax.op.matmul(probs, v))
 
 
-@register_lowering("gelu.default")
+@register_lowering(aten.gelu.default)
 def _gelu(node: fx.Node, importer) -> object:
     """Exact GELU; on CPUs ``erf`` is TVM's polynomial ``fast_erf`` (the GELU stays within 2e-7 of PyTorch's,
     relative to its scale; checked like every lowering): LLVM makes ``erf`` a scalar libm call per element,
@@ -399,7 +404,7 @@ def _gelu(node: fx.Node, importer) -> object:
     return bb.emit(relax.op.multiply(half, relax.op.add(erf, relax.const(1.0, "float32"))))
 
 
-@register_lowering("amax.default")
+@register_lowering(aten.amax.default)
 def _amax(node: fx.Node, importer) -> object:
     """``aten.amax`` (absent from TVM's table; dynamic quantization's per-token range)."""
     from tvm import relax
@@ -410,7 +415,7 @@ def _amax(node: fx.Node, importer) -> object:
                                                     keepdims=bool(_arg(node, 2, "keepdim", False))))
 
 
-# --- quantized ops (fxopt.ir.quant): integer kernels, float only at the edges ---------------------------------
+# --- quantized ops (fxopt.quant): integer kernels, float only at the edges ---------------------------------
 
 
 def _int8_only(node: fx.Node) -> None:
@@ -428,7 +433,7 @@ def _float32(arg: fx.Node, importer) -> object:
     return importer.block_builder.emit(relax.op.astype(value, "float32"))
 
 
-@register_lowering("quantize.default")
+@register_lowering(fxopt_ops.quantize.default)
 def _quantize(node: fx.Node, importer) -> object:
     """``clamp(floor(x / scale + 0.5) + zero_point, -128, 127)`` as int8, rounding exactly as the reference does."""
     from tvm import relax
@@ -465,7 +470,7 @@ def _dequantize_accumulator(node: fx.Node, importer, acc, channel_shape: list[in
     return _in_output_dtype(node, bb, y)
 
 
-@register_lowering("linear_q.default")
+@register_lowering(fxopt_ops.linear_q.default)
 def _linear_q(node: fx.Node, importer) -> object:
     """int8 × int8 → int32 matmul; the activation zero point is subtracted as ``zp * Σ_k w[n, k]`` (a constant).
 
@@ -527,7 +532,7 @@ def _linear_q_avx2(node: fx.Node, importer, weight: torch.Tensor) -> object:
     return _in_output_dtype(node, bb, y)
 
 
-@register_lowering("conv_q.default")
+@register_lowering(fxopt_ops.conv_q.default)
 def _conv_q(node: fx.Node, importer) -> object:
     """int8 2-D convolution into int32; the zero point's contribution (border-dependent, since padding pads the
     real 0) is ``zp * conv(ones, w)``, a constant."""
@@ -551,7 +556,7 @@ def _conv_q(node: fx.Node, importer) -> object:
     return _dequantize_accumulator(node, importer, acc, [1, -1, 1, 1])
 
 
-@register_lowering("linear_wq.default")
+@register_lowering(fxopt_ops.linear_wq.default)
 def _linear_wq(node: fx.Node, importer) -> object:
     """Weight-only ``linear``: one kernel that dequantizes each weight element inside the matmul's reduction.
 
@@ -571,7 +576,7 @@ def _linear_wq(node: fx.Node, importer) -> object:
 
     def dequantize_matmul(x, wq, scale, zero_point):
         def weight(n, k):
-            if bits == 4:  # low nibble first (fxopt.ir.quant.pack_int4)
+            if bits == 4:  # low nibble first (fxopt.quant.formats.pack_int4)
                 nibble = tirx.shift_right(wq[n, k // 2], ((k % 2) * 4).astype("uint8"))
                 q = tirx.bitwise_and(nibble, tirx.const(15, "uint8"))
             else:

@@ -1,6 +1,6 @@
 """fxopt's IR: capture, the Program graph, metadata, pattern matching, printing, verification, fxopt's own ops."""
 
-from fxopt.ir import ops, quant  # noqa: F401  (register the fxopt:: ops graphs may call)
+from fxopt.ir import ops  # noqa: F401  (registers the fxopt:: ops graphs may call)
 from fxopt.ir.analysis import count_flops, count_parameters, node_flops, to_networkx
 from fxopt.ir.canonical import PRESERVED_OPS, is_canonical_target
 from fxopt.ir.capture import capture

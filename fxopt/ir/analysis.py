@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -10,7 +9,6 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import flop_registry
 
-from fxopt.ir import quant  # noqa: F401  (registers torch.ops.fxopt)
 from fxopt.ir.meta import tensor_summary
 from fxopt.ir.program import Program
 
@@ -18,8 +16,6 @@ if TYPE_CHECKING:
     import networkx as nx
 
 __all__ = ["to_networkx", "count_flops", "count_parameters", "node_flops"]
-
-fxopt = torch.ops.fxopt
 
 
 def to_networkx(program: Program) -> nx.DiGraph:
@@ -71,13 +67,6 @@ def _composite_flops(node: fx.Node, value: Callable[[fx.Node], object]) -> int:
     if node.target is torch.ops.aten.linear.default:
         x, w = value(node.args[0]), value(node.args[1])
         return int(2 * x.numel() * w.shape[0])
-    # Quantized layers (fxopt.ir.quant) count their multiply-adds like the float layers they replace.
-    if node.target in (fxopt.linear_q.default, fxopt.linear_wq.default):
-        x, out = value(node.args[0]), value(node)
-        return int(2 * x.numel() * out.shape[-1])
-    if node.target is fxopt.conv_q.default:
-        w, out = value(node.args[3]), value(node)
-        return int(2 * out.numel() * math.prod(w.shape[1:]))
     return 0
 
 

@@ -3,7 +3,8 @@
 Each is a ``torch.library`` custom op with a PyTorch reference implementation
 (so a graph using it runs, and verifies, in PyTorch) and a fake
 implementation for shape propagation; the TVM backend has a lowering for each
-in :mod:`fxopt.codegen.lower`. Importing :mod:`fxopt.ir` registers them.
+in :mod:`fxopt.codegen.lower`. Importing :mod:`fxopt.ir` registers them; the quantized ops are
+:mod:`fxopt.quant.ops`.
 """
 
 from __future__ import annotations

@@ -10,12 +10,13 @@ import torch
 
 from fxopt.errors import PipelineError
 from fxopt.ir.edit import drop_unread_constants
-from fxopt.ir.equivalence import input_moments, linear_readers, scale_channels
 from fxopt.ir.layers import WeightedLayer
 from fxopt.ir.meta import describe_node, propagate_meta
 from fxopt.ir.program import Program
-from fxopt.ir.quant import INT4, INT8, dequantize_groups, group_params
 from fxopt.passes.base import Pass, PassContext, option
+from fxopt.quant.equivalence import input_moments, linear_readers, scale_channels
+from fxopt.quant.formats import INT4, INT8, dequantize_groups
+from fxopt.quant.weights import group_params
 
 __all__ = ["AWQ"]
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
+from fxopt.calibration import Calibration
 from fxopt.errors import PassError
-from fxopt.ir.calibration import Calibration
 from fxopt.ir.program import Program
 
 __all__ = ["Pass", "PassContext", "Option", "option", "missing_calibration", "format_pass", "format_value", "type_name"]

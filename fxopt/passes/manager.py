@@ -13,9 +13,9 @@ from typing import Any, TextIO
 import torch
 import torch.fx as fx
 
+from fxopt.calibration import Calibration
 from fxopt.errors import FxoptError, PassError, PipelineError, VerificationError
 from fxopt.ir.analysis import count_flops, count_parameters
-from fxopt.ir.calibration import Calibration
 from fxopt.ir.meta import describe_node
 from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.ir.printer import format_program

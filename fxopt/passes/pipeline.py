@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fxopt.calibration import Calibration
 from fxopt.errors import FxoptError, PipelineError
-from fxopt.ir.calibration import Calibration
 from fxopt.ir.numerics import Tolerance
 from fxopt.passes.base import Pass
 from fxopt.passes.spec import parse_pipeline

@@ -5,10 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fxopt.ir.edit import drop_unread_constants
-from fxopt.ir.equivalence import calibrated_readers, shift_channels
 from fxopt.ir.meta import propagate_meta
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext
+from fxopt.quant.equivalence import calibrated_readers, shift_channels
 
 __all__ = ["ShiftActivations"]
 

@@ -7,10 +7,10 @@ from dataclasses import dataclass
 import torch
 
 from fxopt.ir.edit import drop_unread_constants
-from fxopt.ir.equivalence import calibrated_readers, scale_channels
 from fxopt.ir.meta import describe_node, propagate_meta
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
+from fxopt.quant.equivalence import calibrated_readers, scale_channels
 
 __all__ = ["SmoothActivations"]
 

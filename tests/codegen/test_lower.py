@@ -41,10 +41,10 @@ def assert_matches_torch(fn, *inputs):
 
 
 def test_every_override_is_tested_here():
-    tested = {"amax.default", "crms_norm.default", "cumsum.default", "rms_norm.default",
-              "scaled_dot_product_attention.default", "quantize.default", "linear_q.default", "conv_q.default",
-              "linear_wq.default", "gelu.default", "layer_norm.default"}
-    assert set(OVERRIDES) == tested
+    tested = {"aten::amax", "fxopt::crms_norm", "aten::cumsum", "aten::rms_norm", "aten::scaled_dot_product_attention",
+              "fxopt::quantize", "fxopt::linear_q", "fxopt::conv_q", "fxopt::linear_wq", "aten::gelu",
+              "aten::layer_norm"}
+    assert {op.name() for op in OVERRIDES} == tested
 
 
 @pytest.mark.parametrize("dtype", [torch.bool, torch.int32, torch.float32])
@@ -263,7 +263,7 @@ def test_a_wrong_lowering_is_caught_and_runs_in_pytorch(monkeypatch):
     """An override that gives the wrong dtype is refused by the type check; the segment stays correct."""
     from tvm import relax
 
-    monkeypatch.setitem(OVERRIDES, "cumsum.default",
+    monkeypatch.setitem(OVERRIDES, torch.ops.aten.cumsum.default,
                         lambda node, imp: imp.block_builder.emit(relax.op.cumsum(imp.env[node.args[0]], axis=1)))
     program, executable = tvm_build(lambda t: torch.cumsum(t, 1) + 1, torch.rand(2, 7) > 0.5)
     (segment,) = executable.segments
@@ -276,7 +276,7 @@ def test_numerically_wrong_kernels_are_not_dispatched(monkeypatch):
     """A lowering with the right type but wrong values is caught by the per-segment check."""
     from tvm import relax
 
-    monkeypatch.setitem(OVERRIDES, "cumsum.default", lambda node, imp: imp.block_builder.emit(
+    monkeypatch.setitem(OVERRIDES, torch.ops.aten.cumsum.default, lambda node, imp: imp.block_builder.emit(
         relax.op.cumsum(imp.env[node.args[0]], axis=0)))
     program, executable = tvm_build(lambda t: torch.cumsum(t, 1) * 2, torch.randn(3, 7))
     (segment,) = executable.segments
@@ -296,13 +296,13 @@ def test_ops_without_lowering_run_in_pytorch_and_are_named():
 
 
 def test_register_lowering_extends_the_table(monkeypatch):
-    monkeypatch.delitem(OVERRIDES, "rms_norm.default")
+    monkeypatch.delitem(OVERRIDES, torch.ops.aten.rms_norm.default)
     program = capture(Fn(lambda x: F.rms_norm(x, (4,))), (torch.randn(2, 4),))
     node = next(n for n in program.graph.nodes if n.op == "call_function")
     assert is_lowerable(node) == "no lowering for 'rms_norm.default'"
     calls = []
 
-    @register_lowering("rms_norm.default")
+    @register_lowering(torch.ops.aten.rms_norm.default)
     def lowering(node, importer):
         calls.append(node.name)
         from tvm import relax

@@ -6,8 +6,8 @@ import fxopt
 from fxopt import PassManager, capture
 from fxopt.errors import PassError, PipelineError
 from fxopt.ir import count_flops, count_parameters
-from fxopt.ir.channels import analyze
 from fxopt.ir.program import attribute_owner
+from fxopt.prune.dependency import analyze
 from tests.property.generators import PrunableNet
 
 CNN = [("residual", {}), ("depthwise", {"mult": 2}), ("concat", {"a": 6, "b": 4}),
@@ -240,15 +240,15 @@ def test_activation_importance_removes_units_that_never_fire_on_the_calibration_
 
 
 def test_taylor_importance_is_weight_times_gradient_summed_over_each_channel():
-    from fxopt.ir.calibration import Calibration
+    from fxopt.calibration import Calibration
     from fxopt.passes.base import PassContext
-    from fxopt.passes.prune_channels import _Scores
+    from fxopt.prune.importance import ChannelScores
 
     model, data = DeadUnits(dead=0), [torch.randn(2, 4) for _ in range(3)]
     program = capture(model, (data[0],))
     graph = analyze(program)
     (group,) = [g for g in graph.groups()[0] if g.size == 8]
-    scores = _Scores(graph, [group], "taylor", PassContext(calibration=Calibration.coerce(data)))(group, 0)
+    scores = ChannelScores(graph, [group], "taylor", PassContext(calibration=Calibration.coerce(data)))(group, 0)
     saliency = {name: torch.zeros_like(p) for name, p in model.named_parameters()}
     for x in data:
         model.zero_grad()
@@ -316,9 +316,9 @@ def _fake_latency(staircase):
 
 @pytest.mark.parametrize("staircase, kept", [(lambda w: -(-w // 16) * 16, 64), (lambda w: 1.0, 100)])
 def test_latency_snaps_to_the_widest_width_that_is_as_fast(monkeypatch, staircase, kept):
-    import fxopt.passes.prune_channels as pruning
+    import fxopt.prune.latency as latency
 
-    monkeypatch.setattr(pruning, "_time_layers", _fake_latency(staircase))
+    monkeypatch.setattr(latency, "_time_layers", _fake_latency(staircase))
     model = Wide().eval()
     program = capture(model, (torch.randn(4, 16),))
     pruned, (record,) = PassManager("prune-channels{ratio=0.5 target=channels latency=true}", verify="off").run(program)
@@ -399,12 +399,12 @@ class _Example(nn.Module):
 
 
 def test_a_failing_channel_rule_is_an_error_not_a_silent_pin(monkeypatch):
-    import fxopt.ir.channels as channels
+    import fxopt.prune.rules as rules
 
     def broken(graph, node):
         raise IndexError("rule bug")
 
-    monkeypatch.setitem(channels._RULES, torch.ops.aten.linear.default, broken)
+    monkeypatch.setitem(rules.RULES, torch.ops.aten.linear.default, broken)
     with pytest.raises(PassError, match="prune-channels.*IndexError: rule bug"):
         prune(_Example(nn.Linear(4, 4), torch.randn(2, 4)), "prune-channels{ratio=0.3}")
 

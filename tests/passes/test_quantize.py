@@ -7,8 +7,8 @@ from torch import nn
 from fxopt import PassManager, capture
 from fxopt.errors import PassError, PipelineError
 from fxopt.ir import count_flops
-from fxopt.ir.observers import calibrate_ranges
-from fxopt.ir.quant import INT8, affine_params, fake_quantize
+from fxopt.quant.formats import INT8, affine_params, fake_quantize
+from fxopt.quant.observers import calibrate_ranges
 from tests.passes.helpers import ops
 
 fxopt_ops = torch.ops.fxopt
@@ -124,7 +124,7 @@ def test_observers_clip_outliers_that_minmax_keeps():
     values[0, 0] = 60.0  # one outlier
     program = capture(Identity(), (values,))
     (node,) = [n for n in program.graph.nodes if n.op == "placeholder"]
-    from fxopt.ir.calibration import Calibration
+    from fxopt.calibration import Calibration
 
     ranges = {kind: calibrate_ranges(program, Calibration((values,)), [node], kind, INT8, symmetric=True)[node]
               for kind in ("minmax", "percentile", "mse", "entropy")}
@@ -141,7 +141,8 @@ def test_observers_clip_outliers_that_minmax_keeps():
 
 
 def test_gptq_rounding_lowers_the_output_error_of_a_layer():
-    from fxopt.ir.quant import INT4, dequantize_groups, gptq_groups, group_params
+    from fxopt.quant.formats import INT4, dequantize_groups
+    from fxopt.quant.weights import gptq_groups, group_params
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(512, 64, generator=generator) @ torch.randn(64, 64, generator=generator)  # correlated inputs
@@ -153,7 +154,8 @@ def test_gptq_rounding_lowers_the_output_error_of_a_layer():
 
 
 def test_clipping_search_lowers_the_output_error_of_weight_groups():
-    from fxopt.ir.quant import INT4, dequantize_groups, group_params
+    from fxopt.quant.formats import INT4, dequantize_groups
+    from fxopt.quant.weights import group_params
 
     generator = torch.Generator().manual_seed(0)
     x = torch.randn(512, 64, generator=generator)
@@ -177,9 +179,9 @@ def error_on(program, quantized, data):
 
 
 def test_sensitivity_is_the_output_error_of_each_layer_quantized_alone():
-    from fxopt.ir.calibration import Calibration
+    from fxopt.calibration import Calibration
     from fxopt.passes import parse_pipeline
-    from fxopt.passes.quantize import sensitivity
+    from fxopt.quant.plan import sensitivity
 
     data = batches()
     program = capture(Net(), (data[0],))
@@ -195,9 +197,9 @@ def test_sensitivity_is_the_output_error_of_each_layer_quantized_alone():
 
 
 def test_mixed_keeps_the_fewest_most_sensitive_layers_that_meet_the_bound():
-    from fxopt.ir.calibration import Calibration
+    from fxopt.calibration import Calibration
     from fxopt.passes import parse_pipeline
-    from fxopt.passes.quantize import sensitivity
+    from fxopt.quant.plan import sensitivity
 
     data = batches()
     program = capture(Net(), (data[0],))
@@ -218,7 +220,7 @@ def test_mixed_keeps_the_fewest_most_sensitive_layers_that_meet_the_bound():
 
 
 def test_mixed_to_float_and_a_user_metric():
-    from fxopt.ir.calibration import Calibration
+    from fxopt.calibration import Calibration
 
     data = batches()
     calls = []
@@ -236,7 +238,7 @@ def test_mixed_to_float_and_a_user_metric():
 
 
 def test_a_metric_that_returns_no_number_is_named():
-    from fxopt.ir.calibration import Calibration
+    from fxopt.calibration import Calibration
 
     with pytest.raises(PassError, match="the calibration metric must return a number.*got str"):
         quantize(Net(), "quantize{scheme=mixed}", Calibration(tuple(batches()), metric=lambda out, ref: "good"))

@@ -17,7 +17,7 @@ def test_the_shift_folds_into_the_layer_norm_and_gives_bias_free_readers_a_bias(
 def test_channels_are_centered_on_the_calibration_data():
     program, result, _ = run_calibrated(NormReluFeedingLinears(), "shift-activations")
     (sub,) = [n for n in result.graph.nodes if n.target is torch.ops.aten.sub.Tensor]
-    from fxopt.ir.calibration import Calibration, observe
+    from fxopt.calibration import Calibration, observe
 
     values = []
     observe(result, Calibration((torch.randn(2, 5, 16) * 2,)), {sub: values.append})

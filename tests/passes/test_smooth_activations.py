@@ -20,7 +20,7 @@ def test_activation_ranges_even_out_and_weights_take_the_difference():
     program, result, _ = run_calibrated(NormReluFeedingLinears(), "smooth-activations{alpha=1}")
     (mul,) = [n for n in result.graph.nodes
               if n.target is torch.ops.aten.mul.Tensor and n.args[0].target is torch.ops.aten.relu.default]
-    from fxopt.ir.calibration import Calibration, observe
+    from fxopt.calibration import Calibration, observe
 
     seen = []
     observe(result, Calibration((torch.randn(2, 5, 16) * 2,)), {mul: seen.append, mul.args[0]: seen.append})

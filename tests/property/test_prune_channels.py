@@ -16,8 +16,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from fxopt import PassManager, capture
-from fxopt.ir.channels import analyze
 from fxopt.passes.prune_channels import PruneChannels
+from fxopt.prune.dependency import analyze
 from tests.passes.test_prune_channels import weight, zero_channels
 from tests.property.generators import prunable_models
 

@@ -14,17 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxopt import PassManager, capture
-from fxopt.ir.quant import (
-    FP8,
-    INT4,
-    INT8,
-    affine_params,
-    dequantize_groups,
-    fake_quantize,
-    group_params,
-    pack_int4,
-    unpack_int4,
-)
+from fxopt.quant.formats import FP8, INT4, INT8, affine_params, dequantize_groups, fake_quantize, pack_int4, unpack_int4
+from fxopt.quant.weights import group_params
 from tests.property.generators import prunable_models
 
 fxopt_ops = torch.ops.fxopt
@@ -111,7 +102,7 @@ def test_int8_reductions_longer_than_float32_holds_exactly_stay_exact(seed, in_f
 
 @given(st.integers(0, 2**16), st.integers(1, 3))
 def test_fp8_grouped_conv_sums_in_float32(seed, groups):
-    # fp8 products accumulate in float32 (fxopt.ir.quant's conventions), grouped or not.
+    # fp8 products accumulate in float32 (fxopt.quant.formats' conventions), grouped or not.
     generator = torch.Generator().manual_seed(seed)
     xq = (torch.randn(1, 16 * groups, 6, 6, generator=generator) * 40).to(torch.float8_e4m3fn)
     wq = (torch.randn(4 * groups, 16, 3, 3, generator=generator) * 40).to(torch.float8_e4m3fn)

@@ -20,11 +20,11 @@ from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 
 from fxopt import PASSES, PassManager, Tolerance, capture, optimize
-from fxopt.ir.channels import analyze
 from fxopt.ir.layers import weighted_layers
 from fxopt.ir.numerics import compare_outputs
-from fxopt.ir.quant import FORMATS, dequantize_groups, unpack_int4
 from fxopt.passes.prune_channels import PruneChannels
+from fxopt.prune.dependency import analyze
+from fxopt.quant.formats import FORMATS, dequantize_groups, unpack_int4
 from tests.passes.test_prune_channels import zero_channels
 from tests.property.dags import ALONG, KINDS, REDUCE, random_dags
 

@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 import torch
 import torch.fx as fx
 
-from fxopt.ir.calibration import Calibration, observe
+from fxopt.calibration import Calibration, observe
 from fxopt.ir.edit import add_constant, erase_if_dead
 from fxopt.ir.layers import WeightedLayer, is_call, is_constant, weighted_layers
 from fxopt.ir.meta import stamp_provenance

@@ -21,9 +21,9 @@ from typing import Literal
 import torch
 import torch.fx as fx
 
-from fxopt.ir.calibration import Calibration, observe
+from fxopt.calibration import Calibration, observe
 from fxopt.ir.program import Program
-from fxopt.ir.quant import Format, affine_params, fake_quantize
+from fxopt.quant.formats import Format, affine_params, fake_quantize
 
 __all__ = ["ObserverKind", "BINS", "calibrate_ranges", "histogram_range"]
 

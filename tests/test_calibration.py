@@ -3,8 +3,8 @@ import torch
 import torch.nn as nn
 
 from fxopt import PassManager, capture
+from fxopt.calibration import Calibration, data_nodes, gradients, observe
 from fxopt.errors import FxoptError, InputMismatchError, PassError, PipelineError
-from fxopt.ir.calibration import Calibration, data_nodes, gradients, observe
 from fxopt.passes.pipeline import Pipeline
 
 

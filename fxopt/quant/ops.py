@@ -1,0 +1,133 @@
+"""fxopt's quantized ops (namespace ``fxopt``): the explicit form of a quantized graph.
+
+A quantized graph is explicit: activations pass through ``fxopt::quantize``
+and integer (or fp8) layers ``fxopt::linear_q`` / ``fxopt::conv_q`` read the
+quantized values and their constant quantized weights; weight-only layers
+``fxopt::linear_wq`` read float activations and dequantize their weights
+inside the matmul. Every op is a ``torch.library`` custom op whose PyTorch
+implementation is the reference (so a quantized graph runs, and is measured,
+in PyTorch); the TVM backend lowers them to integer kernels.
+
+Their arithmetic follows :mod:`fxopt.quant.formats`. Each op also registers its FLOP formula with
+``torch.utils.flop_counter`` (the multiply-adds of the float layer it replaces), so :func:`fxopt.ir.count_flops`
+counts quantized graphs without knowing these ops.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import register_flop_formula
+
+from fxopt.quant.formats import FORMATS, dequantize_groups, quantize_tensor, unpack_int4
+
+__all__ = ["quantize", "linear_q", "conv_q", "linear_wq", "EXACT_FLOAT32_TERMS"]
+
+
+@torch.library.custom_op("fxopt::quantize", mutates_args=())
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, fmt: str) -> torch.Tensor:
+    """Quantize activations to ``fmt`` (``"int8"`` or ``"fp8"``) with ``scale``/``zero_point`` broadcast over ``x``."""
+    return quantize_tensor(x, scale, zero_point if FORMATS[fmt].integer else None, FORMATS[fmt])
+
+
+@quantize.register_fake
+def _quantize_fake(x, scale, zero_point, fmt):
+    return torch.empty_like(x, dtype=FORMATS[fmt].dtype)
+
+
+#: Products of an int8 weight and an activation centered on its zero point (|x - zp| <= 255) summed this many at a
+#: time stay below 2^24, where float32 holds every integer: such sums are exact in any order, so fast float GEMMs
+#: compute them.
+EXACT_FLOAT32_TERMS = 2**24 // (255 * 128)
+
+
+def _accumulate(xq: torch.Tensor, x_zero_point: torch.Tensor, wq: torch.Tensor, layer, terms: int) -> torch.Tensor:
+    """``layer(x, w)`` of the quantized values: exact integer sums (int8, as float64), or float32 sums of fp8
+    products. ``terms`` is the reduction length per output; longer int8 reductions are split over input channels
+    (dim 1 of the weight) into chunks that float32 sums exactly, added in float64."""
+    if xq.dtype != torch.int8:
+        return layer(xq.float(), wq.float())
+    x, w = xq.float() - x_zero_point.float(), wq.float()
+    channels = w.shape[1]
+    step = max(1, channels * EXACT_FLOAT32_TERMS // terms)
+    if step >= channels:
+        return layer(x, w).double()
+    channel_dim = x.dim() - 1 if w.dim() == 2 else 1
+    return sum(layer(x.narrow(channel_dim, start, min(step, channels - start)),
+                     w[:, start:start + step]).double() for start in range(0, channels, step))
+
+
+@torch.library.custom_op("fxopt::linear_q", mutates_args=())
+def linear_q(xq: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor, wq: torch.Tensor,
+             w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``linear`` of quantized activations and weights (int8 × int8 → int32, or fp8 × fp8 → float32), dequantized.
+
+    ``x_scale`` is per tensor (static) or ``[..., 1]`` per token (dynamic);
+    ``w_scale`` per tensor or ``[out]``; ``wq`` is ``[out, in]``.
+    """
+    acc = _accumulate(xq, x_zero_point, wq, lambda x, w: x @ w.T, wq.shape[1])
+    return (acc.float() * (x_scale * w_scale) + (0 if bias is None else bias.float())).to(out_dtype)
+
+
+@linear_q.register_fake
+def _linear_q_fake(xq, x_scale, x_zero_point, wq, w_scale, bias, out_dtype):
+    return xq.new_empty((*xq.shape[:-1], wq.shape[0]), dtype=out_dtype)
+
+
+@torch.library.custom_op("fxopt::conv_q", mutates_args=())
+def conv_q(xq: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor, wq: torch.Tensor,
+           w_scale: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
+           dilation: list[int], groups: int, out_dtype: torch.dtype) -> torch.Tensor:
+    """``convolution`` of quantized activations and weights, like :func:`linear_q`; per-tensor ``x_scale``,
+    ``w_scale`` per tensor or ``[out]``. Padding pads with the real value 0 (the zero point)."""
+    conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[wq.dim() - 2]
+    if groups > 1 and xq.dtype == torch.int8:  # chunks of input channels would cut across groups: float64
+        acc = conv(xq.double() - x_zero_point.double(), wq.double(), None, stride, padding, dilation, groups)
+    else:
+        acc = _accumulate(xq, x_zero_point, wq, lambda x, w: conv(x, w, None, stride, padding, dilation, groups),
+                          wq[0].numel())
+    channel = (-1,) + (1,) * (wq.dim() - 2)
+    y = acc.float() * (x_scale * w_scale).reshape(channel if w_scale.dim() else ())
+    if bias is not None:
+        y = y + bias.float().reshape(channel)
+    return y.to(out_dtype)
+
+
+@conv_q.register_fake
+def _conv_q_fake(xq, x_scale, x_zero_point, wq, w_scale, bias, stride, padding, dilation, groups, out_dtype):
+    spatial = [
+        (size + 2 * p - d * (k - 1) - 1) // s + 1
+        for size, k, s, p, d in zip(xq.shape[2:], wq.shape[2:], stride, padding, dilation)
+    ]
+    return xq.new_empty((xq.shape[0], wq.shape[0], *spatial), dtype=out_dtype)
+
+
+@torch.library.custom_op("fxopt::linear_wq", mutates_args=())
+def linear_wq(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+              bias: torch.Tensor | None, bits: int) -> torch.Tensor:
+    """Weight-only quantized ``linear``: float ``x``, group-wise ``bits``-bit weights dequantized in the matmul.
+
+    ``wq`` is ``[out, in]`` int8 (8 bits) or ``[out, in / 2]`` packed uint8 (4 bits);
+    ``scale``/``zero_point`` are ``[out, groups]`` float32.
+    """
+    q = unpack_int4(wq) if bits == 4 else wq
+    weight = dequantize_groups(q, scale, zero_point).to(x.dtype)
+    return F.linear(x, weight, bias)
+
+
+@linear_wq.register_fake
+def _linear_wq_fake(x, wq, scale, zero_point, bias, bits):
+    return x.new_empty((*x.shape[:-1], scale.shape[0]))
+
+
+# Quantized layers count the multiply-adds of the float layers they replace.
+@register_flop_formula([torch.ops.fxopt.linear_q, torch.ops.fxopt.linear_wq])
+def _linear_flops(x_shape, *args, out_shape, **kwargs) -> int:
+    return 2 * math.prod(x_shape) * out_shape[-1]
+
+
+@register_flop_formula(torch.ops.fxopt.conv_q)
+def _conv_flops(x_shape, x_scale_shape, x_zero_point_shape, w_shape, *args, out_shape, **kwargs) -> int:
+    return 2 * math.prod(out_shape) * math.prod(w_shape[1:])
