@@ -19,8 +19,8 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from fxopt.errors import FxoptError, InputMismatchError, PipelineError
-from fxopt.ir.layers import BATCH_NORM
 from fxopt.ir.program import Program
+from fxopt.ir.traits import BATCH_NORM
 
 __all__ = ["Calibration", "observe", "gradients", "data_nodes"]
 

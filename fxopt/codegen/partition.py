@@ -25,23 +25,15 @@ import torch.fx as fx
 from fxopt.codegen.lower import is_lowerable
 from fxopt.ir.meta import describe_node, epilogue_group
 from fxopt.ir.program import Program, attribute_owner
+from fxopt.ir.traits import CONTRACTIONS, DATA_MOVEMENT, SDPA
+from fxopt.quant import ops as _quant_ops  # noqa: F401  (registers torch.ops.fxopt's quantized ops)
 
 __all__ = ["Segment", "Partition", "partition", "unlowerable", "summarize_fallbacks", "HEAVY_OPS"]
 
-aten = torch.ops.aten
+quant_ops = torch.ops.fxopt
 
 HEAVY_OPS = {
-    aten.convolution.default, aten.linear.default, aten.mm.default, aten.bmm.default, aten.addmm.default,
-    aten.baddbmm.default, aten.scaled_dot_product_attention.default,
-    torch.ops.fxopt.linear_q.default, torch.ops.fxopt.conv_q.default, torch.ops.fxopt.linear_wq.default,
-}
-
-# Ops that only move or relabel data: a segment of nothing else gains nothing in TVM.
-_DATA_MOVEMENT = {
-    aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.permute.default,
-    aten.expand.default, aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims, aten.select.int,
-    aten.slice.Tensor, aten.alias.default, aten.clone.default, aten.t.default, aten.transpose.int,
-    operator.getitem,
+    *CONTRACTIONS, SDPA, quant_ops.linear_q.default, quant_ops.conv_q.default, quant_ops.linear_wq.default,
 }
 
 
@@ -109,7 +101,7 @@ def partition(program: Program) -> Partition:
 
     segments = []
     for run in runs:
-        if all(n.target in _DATA_MOVEMENT for n in run):
+        if all(n.target in DATA_MOVEMENT for n in run):  # nothing to gain in TVM
             continue
         segment = _extract(parent, run, f"segment_{len(segments)}")
         segments.append(segment)

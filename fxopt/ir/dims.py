@@ -17,15 +17,13 @@ import torch.fx as fx
 
 from fxopt.ir.layers import is_call
 from fxopt.ir.meta import shape_of
-from fxopt.ir.traits import VIEWS
+from fxopt.ir.traits import ARITHMETIC, COPIES, VIEWS
 
 __all__ = ["source_dim", "result_dim"]
 
 aten = torch.ops.aten
 
 # Ops whose output has the shape of their first input, element for element.
-_SAME_SHAPE = (aten.clone.default, aten.alias.default, aten._to_copy.default)
-_ELEMENTWISE = (aten.add.Tensor, aten.sub.Tensor, aten.mul.Tensor, aten.div.Tensor)
 
 
 def source_dim(node: fx.Node, dim: int, source: fx.Node) -> int | None:
@@ -39,14 +37,14 @@ def source_dim(node: fx.Node, dim: int, source: fx.Node) -> int | None:
     out, shape = shape_of(node), shape_of(source)
     if not out or not shape or not 0 <= dim < len(out):
         return None
-    if is_call(node, *_ELEMENTWISE):
+    if is_call(node, *ARITHMETIC):
         return _broadcast_dim(out, shape, dim)
     if is_call(node, aten.cat.default):
         cat_dim = (node.args[1] if len(node.args) > 1 else 0) % len(out)
         return dim if source in node.args[0] and cat_dim != dim else None
     if node.args[0] is not source:
         return None
-    if is_call(node, *_SAME_SHAPE):
+    if is_call(node, *COPIES):
         return dim
     if is_call(node, aten.permute.default):
         return node.args[1][dim] % len(shape)

@@ -13,10 +13,10 @@ import torch.fx as fx
 from fxopt.errors import PassError
 from fxopt.ir.meta import module_name
 from fxopt.ir.program import Program
+from fxopt.ir.traits import ADD, BATCH_NORM, DIV, MUL, SUB
 
 __all__ = ["Affine", "Layer", "absorb_input_affine", "as_affine", "as_layer", "is_call", "is_constant", "is_number",
-           "layer_matches", "require_matches", "WeightedLayer", "weighted_layers",
-           "BATCH_NORM", "BATCH_STATISTICS"]
+           "layer_matches", "require_matches", "WeightedLayer", "weighted_layers"]
 
 aten = torch.ops.aten
 
@@ -172,14 +172,6 @@ def weighted_layers(program: Program) -> tuple[list[WeightedLayer], list[tuple[f
     return kept, refused
 
 
-BATCH_NORM = aten._native_batch_norm_legit_no_training.default
-# BatchNorm variants that normalize with the batch's own statistics: nothing constant to fold.
-BATCH_STATISTICS = (aten._native_batch_norm_legit.default, aten._native_batch_norm_legit.no_stats,
-                     aten._native_batch_norm_legit_functional.default, aten.native_batch_norm.default)
-_MUL = (aten.mul.Tensor, aten.mul.Scalar)
-_DIV = (aten.div.Tensor, aten.div.Scalar)
-_ADD = (aten.add.Tensor, aten.add.Scalar)
-_SUB = (aten.sub.Tensor, aten.sub.Scalar)
 
 
 @dataclass
@@ -210,10 +202,10 @@ def as_affine(program: Program, node: fx.Node) -> Affine | None:
     """The per-channel affine ``node`` computes (eval-mode BatchNorm, ``*``/``/``/``+``/``-`` by a constant), if any."""
     if is_call(node, operator.getitem) and is_call(node.args[0], BATCH_NORM) and node.args[1] == 0:
         return _batch_norm(node)
-    if not is_call(node, *_MUL, *_DIV, *_ADD, *_SUB) or node.kwargs.get("alpha", 1) != 1:
+    if not is_call(node, *MUL, *DIV, *ADD, *SUB) or node.kwargs.get("alpha", 1) != 1:
         return None
     a, b = node.args[:2]
-    if node.target in _MUL + _ADD and not _is_activation(a):
+    if node.target in MUL + ADD and not _is_activation(a):
         a, b = b, a  # c * x, c + x
     if not _is_activation(a):
         return None
@@ -221,8 +213,8 @@ def as_affine(program: Program, node: fx.Node) -> Affine | None:
     if constant is None:
         return None
     value, dim, param = constant
-    multiplies, inverts = node.target in _MUL + _DIV, node.target in _DIV + _SUB
-    if node.target in _DIV and (value == 0).any():
+    multiplies, inverts = node.target in MUL + DIV, node.target in DIV + SUB
+    if node.target in DIV and (value == 0).any():
         return None  # x / 0 is inf or nan; a folded weight * inf is not the same
 
     def coefficients(zeros, *params):
@@ -231,8 +223,8 @@ def as_affine(program: Program, node: fx.Node) -> Affine | None:
             c = 1 / c if multiplies else -c
         return (c, zeros) if multiplies else (zeros + 1, c)
 
-    kind = {**dict.fromkeys(_MUL, "mul"), **dict.fromkeys(_DIV, "div"),
-            **dict.fromkeys(_ADD, "add"), **dict.fromkeys(_SUB, "sub")}[node.target]
+    kind = {**dict.fromkeys(MUL, "mul"), **dict.fromkeys(DIV, "div"),
+            **dict.fromkeys(ADD, "add"), **dict.fromkeys(SUB, "sub")}[node.target]
     return Affine(kind, a, node, [node], [param] if param is not None else [], coefficients, dim)
 
 

@@ -9,9 +9,10 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.edit import add_constant, inline_function, replace_subgraph
-from fxopt.ir.layers import BATCH_STATISTICS, Affine, Layer, as_affine, as_layer, is_call
+from fxopt.ir.layers import Affine, Layer, as_affine, as_layer, is_call
 from fxopt.ir.meta import describe_node, propagate_meta, stamp_provenance
 from fxopt.ir.program import Program
+from fxopt.ir.traits import BATCH_STATISTICS
 from fxopt.passes.base import Pass, PassContext, option
 
 aten = torch.ops.aten

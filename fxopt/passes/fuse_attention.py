@@ -11,7 +11,7 @@ from fxopt.ir.edit import read_outside, replace_subgraph
 from fxopt.ir.layers import is_call, is_constant, is_number
 from fxopt.ir.meta import describe_node, dtype_of, propagate_meta, shape_of, stamp_provenance
 from fxopt.ir.program import Program, attribute_owner
-from fxopt.ir.traits import SDPA
+from fxopt.ir.traits import DIV, MUL, SDPA
 from fxopt.passes.base import Pass, PassContext
 
 aten = torch.ops.aten
@@ -20,7 +20,6 @@ _SOFTMAX = aten._softmax.default
 # What capture's decomposition of a batched matmul wraps around its ``bmm`` (broadcast, flatten, unflatten).
 _RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
              aten.clone.default)
-_SCALES = (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar)
 
 
 @dataclass(frozen=True)
@@ -147,7 +146,7 @@ def _is_mask(term: object, softmax: fx.Node) -> bool:
 
 def _scale_factor(node: object) -> float | None:
     """The number ``node`` multiplies its first argument by, when it is a scaling by a constant."""
-    if not is_call(node, *_SCALES):
+    if not is_call(node, *MUL, *DIV):
         return None
     factor = node.args[1]
     if is_constant(factor):

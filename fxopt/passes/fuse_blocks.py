@@ -13,12 +13,12 @@ from fxopt.ir.edit import add_constant, erase_if_dead, replace_subgraph
 from fxopt.ir.layers import Layer, as_affine, as_layer, is_call
 from fxopt.ir.meta import describe_node, propagate_meta, stamp_provenance
 from fxopt.ir.program import Program
+from fxopt.ir.traits import AVG_POOLS
 from fxopt.passes.base import Pass, PassContext, option
 
 aten = torch.ops.aten
 
 _ADD = aten.add.Tensor
-_AVG_POOL = (aten.avg_pool1d.default, aten.avg_pool2d.default, aten.avg_pool3d.default)
 
 
 @dataclass(frozen=True)
@@ -290,7 +290,7 @@ def _sum_terms(root: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
 
 def _branch_input(program: Program, term: fx.Node) -> fx.Node:
     """The value a branch computes from: a layer's, affine's or pool's input, else the term itself (identity)."""
-    if as_layer(term) is not None or is_call(term, *_AVG_POOL):
+    if as_layer(term) is not None or is_call(term, *AVG_POOLS):
         return term.args[0]
     affine = as_affine(program, term)
     return affine.x if affine is not None else term
@@ -317,7 +317,7 @@ def _branch(program: Program, term: fx.Node, x: fx.Node) -> _Branch | str:
             return f"branch {term.name} scales dim {affine.dim}, not the channels"
         scale, shift = affine.evaluate(program, channels, torch.device("cpu"))
         return _depthwise(scale, shift, dims, affine.nodes)
-    if is_call(term, *_AVG_POOL):
+    if is_call(term, *AVG_POOLS):
         return _avg_pool(term, channels, dims)
     return f"branch {term.name} is not a conv, identity, per-channel affine or average pool of the block input"
 

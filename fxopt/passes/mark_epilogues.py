@@ -10,6 +10,7 @@ import torch.fx as fx
 from fxopt.ir.layers import is_constant
 from fxopt.ir.meta import EPILOGUE
 from fxopt.ir.program import Program
+from fxopt.ir.traits import ACTIVATIONS
 from fxopt.passes.base import Pass, PassContext
 
 aten = torch.ops.aten
@@ -17,11 +18,6 @@ aten = torch.ops.aten
 ANCHORS = {
     aten.convolution.default: "conv", aten.linear.default: "linear", aten.mm.default: "matmul",
     aten.bmm.default: "matmul", aten.addmm.default: "matmul",
-}
-ACTIVATIONS = {
-    aten.relu.default, aten.gelu.default, aten.silu.default, aten.sigmoid.default, aten.tanh.default,
-    aten.hardtanh.default, aten.clamp.default, aten.leaky_relu.default, aten.hardswish.default,
-    aten.hardsigmoid.default, aten.elu.default,
 }
 _CONSTANT_OPS = {aten.add.Tensor: "bias", aten.mul.Tensor: "scale"}
 

@@ -8,9 +8,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
-from fxopt.ir.layers import BATCH_NORM, as_affine
+from fxopt.ir.layers import as_affine
 from fxopt.ir.meta import describe_node, module_name, shape_of
 from fxopt.ir.numerics import relative_rms_error
+from fxopt.ir.traits import BATCH_NORM
 from fxopt.passes.base import PassContext
 from fxopt.prune.dependency import ChannelGraph, analyze
 from fxopt.prune.groups import Group, Leaf, Prod, Space, Tree

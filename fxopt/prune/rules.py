@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING
 import torch
 import torch.fx as fx
 
-from fxopt.ir.layers import BATCH_NORM
 from fxopt.ir.meta import describe_node, shape_of
-from fxopt.ir.traits import ALONG_DIM, REDUCTIONS, SDPA, VIEWS
+from fxopt.ir.traits import ALONG_DIM, BATCH_NORM, COPIES, POOLS, REDUCTIONS, SDPA, VIEWS
 from fxopt.prune.groups import Cat, Prod, Tree
 
 if TYPE_CHECKING:
@@ -26,11 +25,7 @@ __all__ = ["OpRules", "RULES", "WEIGHT_ARGS", "slice_args", "tensor_values"]
 aten = torch.ops.aten
 
 # Ops whose output has their first input's shape and treats each channel alike.
-_SHAPE_ONLY = (aten.clone.default, aten.alias.default, aten._to_copy.default, aten.hardswish.default,
-               aten.hardsigmoid.default, aten.detach.default)
-# Ops whose output has their input's shape but mixes the channels of one dim (their second argument).
-_POOLS = (aten.max_pool2d_with_indices.default, aten.avg_pool2d.default, aten._adaptive_avg_pool2d.default,
-          aten.avg_pool1d.default, aten.upsample_nearest2d.vec, aten.upsample_bilinear2d.vec)
+_SHAPE_ONLY = (*COPIES, aten.hardswish.default, aten.hardsigmoid.default, aten.detach.default)
 
 # Where the weight (and bias) of a layer are among its arguments.
 WEIGHT_ARGS = {aten.linear.default: (1, 2), aten.convolution.default: (1, 2), aten.addmm.default: (2, 0)}
@@ -378,7 +373,7 @@ RULES: dict[object, object] = {
     **dict.fromkeys(ALONG_DIM, OpRules._along_dim),
     **dict.fromkeys(REDUCTIONS, OpRules._reduction),
     **dict.fromkeys(VIEWS, OpRules._view),
-    **dict.fromkeys(_POOLS, OpRules._spatial),
+    **dict.fromkeys(POOLS, OpRules._spatial),
     aten.permute.default: OpRules._permute,
     aten.transpose.int: OpRules._transpose,
     aten.t.default: OpRules._transpose,
