@@ -88,10 +88,10 @@ class Report:
         if self.fallbacks:
             lines += ["", "ops left to PyTorch (no TVM lowering):"] + [f"  {f}" for f in self.fallbacks]
         notes = [(r.name, n) for r in self.passes for n in r.notes]
-        stats = [(r.name, r.stats) for r in self.passes if any(r.stats.values())]
-        if stats:
+        if any(any(r.stats.values()) for r in self.passes):
             lines += ["", "what each pass did:"]
-            lines += [f"  {name}: " + ", ".join(f"{k}={v}" for k, v in s.items() if v) for name, s in stats]
+            lines += [f"  {r.name}: " + ", ".join(_stat(k, v, r.rules) for k, v in r.stats.items() if v)
+                      for r in self.passes if any(r.stats.values())]
         if notes:
             lines += ["", "notes:"] + [f"  {name}: {n}" for name, n in notes]
         return "\n".join(lines)
@@ -101,6 +101,11 @@ def _table(header: list[str], rows: list[list]) -> list[str]:
     widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
     return lines + ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def _stat(key: str, value: object, rules: dict[str, str]) -> str:
+    """``folded=3``, or for a rule's hits ``fold-bn-after-conv=3 (fold_conv_bn.py:120)``."""
+    return f"{key}={value}" + (f" ({rules[key]})" if key in rules else "")
 
 
 def _shorten(text: str, width: int) -> str:

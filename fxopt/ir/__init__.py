@@ -6,7 +6,7 @@ from fxopt.ir.canonical import PRESERVED_OPS, is_canonical_target
 from fxopt.ir.capture import capture
 from fxopt.ir.edit import add_constant, erase_if_dead, producers, replace_node, replace_subgraph, users
 from fxopt.ir.meta import Provenance, describe_node, propagate_meta, source_location, stamp_provenance
-from fxopt.ir.pattern import Pat, RewriteContext, Rule, RuleSet, match, rewrite
+from fxopt.ir.pattern import Pat, RewriteContext, Rewritten, Rule, RuleSet, Skip, match, rewrite
 from fxopt.ir.printer import format_program
 from fxopt.ir.program import Program
 from fxopt.ir.verify import verify
@@ -17,8 +17,10 @@ __all__ = [
     "Program",
     "Provenance",
     "RewriteContext",
+    "Rewritten",
     "Rule",
     "RuleSet",
+    "Skip",
     "add_constant",
     "capture",
     "count_flops",

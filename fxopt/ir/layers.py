@@ -15,7 +15,7 @@ from fxopt.ir.meta import module_name
 from fxopt.ir.program import Program
 from fxopt.ir.traits import ADD, BATCH_NORM, DIV, MUL, SUB
 
-__all__ = ["Affine", "Layer", "absorb_input_affine", "as_affine", "as_layer", "is_call", "is_constant", "is_number",
+__all__ = ["Affine", "Layer", "as_affine", "as_layer", "is_call", "is_constant", "is_number",
            "layer_matches", "require_matches", "WeightedLayer", "weighted_layers"]
 
 aten = torch.ops.aten
@@ -110,20 +110,6 @@ def as_layer(node: object) -> Layer | None:
     if not is_constant(weight) or not (bias is None or is_constant(bias)):
         return None
     return Layer(node, weight, bias)
-
-
-def absorb_input_affine(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
-                        shift: torch.Tensor | None, in_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Float64 weight and bias of a matmul-like layer reading ``x`` that computes what it computed reading
-    ``x * scale + shift`` (per input feature; ``in_dim`` is the weight's input-feature dim)."""
-    shape = [1] * weight.dim()
-    shape[in_dim] = -1
-    wide = weight.double()
-    new_bias = None if bias is None else bias.double()
-    if shift is not None:
-        moved = (wide * shift.double().reshape(shape)).sum(in_dim)
-        new_bias = moved if new_bias is None else new_bias + moved
-    return wide * scale.double().reshape(shape), new_bias
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,12 @@
 """A small pattern-matching and rewriting layer over fx graphs.
 
-Simple rewrites are data: a :class:`Rule` pairs a :class:`Pat` with a
-function that receives the named captures as keyword arguments and returns
-the replacement value, or ``None`` for "no rewrite". Rules combine into a
-:class:`RuleSet` with ``+``, and :func:`rewrite` applies a rule set greedily
-until nothing matches.
+Rewrites are data: a :class:`Rule` pairs a :class:`Pat` with a function
+that receives the named captures as keyword arguments and returns the
+replacement value, :class:`Rewritten` when it edited the graph itself,
+:class:`Skip` with the reason it does not apply, or ``None`` for "no match".
+Rules combine into a :class:`RuleSet` with ``+``, and :func:`rewrite` applies
+a rule set over an op-indexed worklist until nothing matches (the way MLIR's
+greedy pattern driver does).
 
 >>> x = Pat.any("x")
 >>> drop_relu_relu = Rule("relu-relu", Pat(aten.relu.default, Pat(aten.relu.default, x)), lambda ctx, x: ctx.call(aten.relu.default, x))
@@ -25,7 +27,7 @@ from fxopt.ir.edit import replace_subgraph
 from fxopt.ir.meta import propagate_meta, stamp_provenance
 from fxopt.ir.program import Program
 
-__all__ = ["Pat", "Rule", "RuleSet", "RewriteContext", "match", "rewrite"]
+__all__ = ["Pat", "Rule", "RuleSet", "RewriteContext", "Rewritten", "Skip", "match", "rewrite"]
 
 aten = torch.ops.aten
 
@@ -151,12 +153,30 @@ class RewriteContext:
         return node
 
 
+@dataclass(frozen=True)
+class Skip:
+    """What a rule returns when its pattern matched but the rewrite does not apply here, and why (MLIR's
+    ``notifyMatchFailure``): the driver records the reason against the root node and leaves the graph alone."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class Rewritten:
+    """What a rule returns when it edited the graph itself (a rewrite whose root is not the matched node, or one
+    that replaces several values): ``value`` is its result, whose producers and users the driver revisits."""
+
+    value: fx.Node
+
+
 RewriteFn = Callable[..., object]
 
 
 @dataclass(frozen=True)
 class Rule:
-    """A named pattern and its rewrite. ``rewrite(ctx, **captures)`` returns the new value or ``None``."""
+    """A named pattern and its rewrite. ``rewrite(ctx, **captures)`` returns the new value (the driver replaces the
+    matched root and the matched nodes only it used), :class:`Rewritten` (the rule replaced nodes itself),
+    :class:`Skip` (no rewrite here, and why) or ``None`` (no match)."""
 
     name: str
     pattern: Pat
@@ -169,6 +189,12 @@ class Rule:
             caller = sys._getframe(2)  # inspect.stack() would read every frame's source: seconds at import
             object.__setattr__(self, "defined_at", f"{caller.f_code.co_filename}:{caller.f_lineno}")
 
+    @property
+    def location(self) -> str:
+        """``fold_conv_bn.py:120``: where the rule was written, short."""
+        path, _, line = self.defined_at.rpartition(":")
+        return f"{path.rsplit('/', 1)[-1]}:{line}"
+
 
 class RuleSet(tuple):
     """An ordered collection of rules; ``a + b`` concatenates."""
@@ -180,45 +206,103 @@ class RuleSet(tuple):
         return RuleSet(tuple(self) + tuple(other))
 
 
-def rewrite(program: Program, rules: Iterable[Rule], pass_name: str, *, max_sweeps: int = 32) -> Counter:
-    """Apply ``rules`` greedily until a sweep over the graph changes nothing.
+class _OpIndex:
+    """The rules whose root pattern can match a node, found by the node's op, in the rule set's order."""
 
-    Returns how often each rule fired. Metadata is re-propagated when anything
-    changed. A rule set that keeps firing for ``max_sweeps`` sweeps is a bug
-    (two rules undoing each other) and raises :class:`PassError`.
+    def __init__(self, rules: tuple[Rule, ...]):
+        self.by_target: dict[object, list[int]] = {}
+        self.anywhere: list[int] = []  # roots without an op: tried on every node
+        for i, rule in enumerate(rules):
+            root = rule.pattern.target
+            targets = root if isinstance(root, tuple) else (root,)
+            if any(t is None or isinstance(t, str) for t in targets):
+                self.anywhere.append(i)
+            else:
+                for t in targets:
+                    self.by_target.setdefault(t, []).append(i)
+        self.rules = rules
+
+    def candidates(self, node: fx.Node) -> list[Rule]:
+        found = self.by_target.get(node.target, []) + self.anywhere
+        packet = getattr(node.target, "overloadpacket", None)
+        if packet is not None:
+            found += self.by_target.get(packet, [])
+        return [self.rules[i] for i in sorted(set(found))]
+
+
+def _erased(node: fx.Node) -> bool:
+    # fx keeps an erased node's graph and marks it (for iterators holding it); there is no public test
+    return getattr(node, "_erased", False)
+
+
+def rewrite(program: Program, rules: Iterable[Rule], pass_name: str, *,
+            skipped: Callable[[fx.Node, str], None] | None = None, max_rewrites: int | None = None,
+            propagate: bool = True) -> Counter:
+    """Apply ``rules`` until none matches: a worklist of nodes, indexed by op, in graph order.
+
+    Every ``call_function`` node is visited once; after a rewrite the nodes it
+    created, their users and their inputs are visited again (a rewrite can
+    expose the next one, conv → BN → scale), never the whole graph. The first
+    rule (in order) that rewrites a node wins. ``skipped(node, reason)`` hears
+    each :class:`Skip`. Returns how often each rule fired, by name. After a
+    change the code is regenerated and metadata re-propagated, unless
+    ``propagate=False`` (a pass under the manager: it does that once per pass).
+
+    More than ``max_rewrites`` rewrites (default: four per node, plus 64) is a
+    bug, two rules undoing each other, and raises :class:`PassError` naming the
+    rules, where they are written and how often each fired.
     """
-    rules = tuple(rules)
+    index = _OpIndex(tuple(rules))
+    graph = program.graph
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    worklist = [n for n in graph.nodes if n.op == "call_function"]
+    queued = set(worklist)
+    limit = max_rewrites if max_rewrites is not None else 4 * len(order) + 64
     hits: Counter = Counter()
-    for _ in range(max_sweeps):
-        changed = False
-        for node in list(program.graph.nodes):
-            if node.graph is not program.graph or node.op != "call_function":
-                continue  # erased earlier in this sweep
-            for rule in rules:
-                matched: list[fx.Node] = []
-                captures = match(rule.pattern, node, matched=matched)
-                if captures is None:
-                    continue
-                ctx = RewriteContext(program, node)
-                replacement = rule.rewrite(ctx, **captures)
-                if replacement is None:
-                    for created in reversed(ctx.created):
-                        program.graph.erase_node(created)
-                    continue
-                matched = [n for n in matched if n.op == "call_function"]
-                stamp_provenance(ctx.created, pass_name, matched)
-                replace_subgraph(node, replacement, matched)
-                hits[rule.name] += 1
-                changed = True
-                break
-        if not changed:
+    fired: dict[str, Rule] = {}
+    position = 0
+    while position < len(worklist):
+        node = worklist[position]
+        position += 1
+        queued.discard(node)
+        if _erased(node):
+            continue
+        for rule in index.candidates(node):
+            matched: list[fx.Node] = []
+            captures = match(rule.pattern, node, matched=matched)
+            if captures is None:
+                continue
+            ctx = RewriteContext(program, node)
+            outcome = rule.rewrite(ctx, **captures)
+            if outcome is None or isinstance(outcome, Skip):
+                for created in reversed(ctx.created):
+                    graph.erase_node(created)
+                if isinstance(outcome, Skip) and skipped is not None:
+                    skipped(node, outcome.reason)
+                continue
+            if isinstance(outcome, Rewritten):
+                result = outcome.value
+            else:
+                replaced = [n for n in matched if n.op == "call_function"]
+                stamp_provenance(ctx.created, pass_name, replaced)
+                replace_subgraph(node, outcome, replaced)
+                result = outcome
+            hits[rule.name] += 1
+            fired[rule.name] = rule
+            if sum(hits.values()) > limit:
+                counts = ", ".join(f"{name} x{n} ({fired[name].location})" for name, n in hits.most_common())
+                raise PassError(f"pass '{pass_name}': rules still matching after {limit} rewrites: {counts}; "
+                                f"two rules probably undo each other")
+            revisit = [*ctx.created, result] if isinstance(result, fx.Node) else list(ctx.created)
+            for changed in list(revisit):
+                if not _erased(changed):
+                    revisit += [*changed.users, *changed.all_input_nodes]
+            for again in revisit:
+                if not _erased(again) and again.op == "call_function" and again not in queued:
+                    worklist.append(again)
+                    queued.add(again)
             break
-    else:
-        raise PassError(
-            f"pass '{pass_name}': rules {sorted(hits)} still matched after {max_sweeps} sweeps; "
-            f"two rules probably undo each other"
-        )
-    if hits:
+    if hits and propagate:
         program.graph_module.recompile()
         propagate_meta(program.graph_module)
     return hits

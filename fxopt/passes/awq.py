@@ -11,7 +11,7 @@ import torch
 from fxopt.errors import PipelineError
 from fxopt.ir.edit import drop_unread_constants
 from fxopt.ir.layers import WeightedLayer
-from fxopt.ir.meta import describe_node, propagate_meta
+from fxopt.ir.meta import describe_node
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
 from fxopt.quant.equivalence import input_moments, linear_readers, scale_channels
@@ -97,7 +97,6 @@ class AWQ(Pass):
         if not exponents:
             return False
         drop_unread_constants(program)  # the weights it replaced
-        propagate_meta(program.graph_module)
         return True
 
     @torch.no_grad()

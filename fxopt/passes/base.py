@@ -8,12 +8,14 @@ import re
 import types
 import typing
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 from fxopt.calibration import Calibration
 from fxopt.errors import PassError
+from fxopt.ir.meta import describe_node
+from fxopt.ir.pattern import Rule, rewrite
 from fxopt.ir.program import Program
 
 __all__ = ["Pass", "PassContext", "Option", "option", "missing_calibration", "format_pass", "format_value", "type_name"]
@@ -83,7 +85,8 @@ class PassContext:
     records why it skipped candidates (``ctx.skip(node, "conv has other users")``);
     ``config`` holds the pipeline file's extra tables (tuning, ...);
     ``calibration`` the inputs data-driven passes run on, when given;
-    ``progress(detail)`` shows how far a long pass has got (calibration batches).
+    ``progress(detail)`` shows how far a long pass has got (calibration batches);
+    :meth:`rewrite` applies a pass's rules.
     """
 
     pass_name: str = ""
@@ -92,6 +95,18 @@ class PassContext:
     progress: Callable[[str], None] | None = None
     stats: Counter = field(default_factory=Counter)
     notes: list[str] = field(default_factory=list)
+    rules: dict[str, str] = field(default_factory=dict)  # rule name -> where it is written, for rules that fired
+
+    def rewrite(self, program: Program, rules: Iterable[Rule]) -> bool:
+        """Apply ``rules`` with :func:`fxopt.ir.rewrite`: each rule's hits counted under its name, each
+        :class:`~fxopt.ir.Skip` noted against its node. Whether anything changed."""
+        hits = rewrite(program, rules, self.pass_name,
+                       skipped=lambda node, reason: self.skip(describe_node(node), reason), propagate=False)
+        located = {rule.name: rule.location for rule in rules}
+        for name, n in hits.items():
+            self.count(name, n)
+            self.rules[name] = located[name]
+        return bool(hits)
 
     def count(self, key: str, n: int = 1) -> None:
         self.stats[key] += n

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.edit import add_constant
-from fxopt.ir.meta import describe_node, propagate_meta, stamp_provenance
+from fxopt.ir.meta import describe_node, stamp_provenance
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
 from fxopt.passes.cse import is_pure
@@ -70,7 +70,4 @@ class FoldConstants(Pass):
             if node in values and node.op == "call_function" and not node.users:
                 graph.erase_node(node)
         ctx.count("subgraphs-folded", len(folded))
-        if folded:
-            program.graph_module.recompile()
-            propagate_meta(program.graph_module)
         return bool(folded)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -9,21 +10,15 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.edit import add_constant, inline_function, replace_subgraph
+from fxopt.ir.folding import fold_input_affine, fold_output_affine
 from fxopt.ir.layers import Affine, Layer, as_affine, as_layer, is_call
-from fxopt.ir.meta import describe_node, propagate_meta, stamp_provenance
+from fxopt.ir.meta import stamp_provenance
+from fxopt.ir.pattern import Pat, RewriteContext, Rewritten, Rule, RuleSet, Skip
 from fxopt.ir.program import Program
-from fxopt.ir.traits import BATCH_STATISTICS
+from fxopt.ir.traits import ADD, BATCH_STATISTICS, DIV, MUL, SUB
 from fxopt.passes.base import Pass, PassContext, option
 
 aten = torch.ops.aten
-
-# A fold's result: ("folded", statistic), ("skipped", reason), or None when no layer is there.
-_Outcome = tuple[str, str] | None
-
-
-def _folded(outcome: _Outcome) -> bool:
-    return outcome is not None and outcome[0] == "folded"
-
 
 @dataclass(frozen=True)
 class FoldConvBN(Pass):
@@ -66,38 +61,32 @@ class FoldConvBN(Pass):
     mode: Literal["deploy", "tune"] = option("deploy", "deploy: constant weights; tune: weights computed at run time")
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
-        changed = False
-        # One fold per scan: a fold can expose the next one (conv -> BN -> scale).
-        while self._fold_one(program, ctx):
-            changed = True
-        if changed:
-            program.graph_module.recompile()
-            propagate_meta(program.graph_module)
-        return changed
+        return ctx.rewrite(program, self._rules(program, ctx))
 
-    def _fold_one(self, program: Program, ctx: PassContext) -> bool:
-        for node in program.graph.nodes:
-            if node.op == "call_function" and node.target in BATCH_STATISTICS and _next_to_a_layer(node):
-                ctx.skip(describe_node(node), "BatchNorm normalizes with batch statistics (no running stats)")
-                continue
-            affine = as_affine(program, node)
+    def _rules(self, program: Program, ctx: PassContext) -> RuleSet:
+        def fold(rewriter: RewriteContext) -> Rewritten | Skip | None:
+            affine = as_affine(program, rewriter.root)
             if affine is None:
-                continue
-            outcomes = [self._fold_after(program, affine)]
-            if not _folded(outcomes[0]):
-                outcomes.append(self._fold_before(program, affine))
-            if _folded(outcomes[-1]):
-                ctx.count(outcomes[-1][1])
-                return True
-            reasons = [reason for _, reason in filter(None, outcomes)]
-            if reasons or affine.kind == "batch-norm":  # a constant scale only matters next to a layer
-                reason = reasons[0] if reasons else "no conv or linear next to it to fold into"
-                ctx.skip(describe_node(affine.out), reason)
-        return False
+                return None
+            outcomes = [self._fold_after(program, affine, ctx)]
+            if not isinstance(outcomes[0], Rewritten):
+                outcomes.append(self._fold_before(program, affine, ctx))
+            if isinstance(outcomes[-1], Rewritten):
+                return outcomes[-1]
+            skips = [o for o in outcomes if isinstance(o, Skip)]
+            if skips or affine.kind == "batch-norm":  # a constant scale only matters next to a layer
+                return skips[0] if skips else Skip("no conv or linear next to it to fold into")
+            return None
+
+        return RuleSet([
+            Rule("batch-statistics", Pat(BATCH_STATISTICS, where=_next_to_a_layer),
+                 lambda _: Skip("BatchNorm normalizes with batch statistics (no running stats)")),
+            Rule("fold-affine", Pat((*MUL, *DIV, *ADD, *SUB, operator.getitem)), fold),
+        ])
 
     # ------------------------------------------------------------------ layer(x) -> affine
 
-    def _fold_after(self, program: Program, affine: Affine) -> _Outcome:
+    def _fold_after(self, program: Program, affine: Affine, ctx: PassContext) -> Rewritten | Skip | None:
         """Fold into the layer producing the affine's input."""
         chain, source = [], affine.x
         while is_call(source, aten.permute.default):
@@ -107,36 +96,28 @@ class FoldConvBN(Pass):
         if layer is None:
             return None
         if any(len(n.users) > 1 for n in [layer.node, *chain]):
-            return "skipped", f"the {layer.kind} output has other users"
+            return Skip(f"the {layer.kind} output has other users")
         ndim, channel = layer.node.meta["val"].dim(), layer.channel_dim
         dim = affine.dim
         for permute in chain:  # map the affine's channel dim back through the permutes
             dim = None if dim is None else permute.args[1][dim] % ndim
         if dim is not None and dim != channel:
-            return "skipped", f"{affine.kind} scales dim {affine.dim}, the {layer.kind}'s channels are another dim"
+            return Skip(f"{affine.kind} scales dim {affine.dim}, the {layer.kind}'s channels are another dim")
         if (problem := _dtype_problem(affine, layer)) is not None:
-            return "skipped", problem
+            return Skip(problem)
         channels = layer.node.meta["val"].shape[channel]
         coefficients, transposed, groups = affine.coefficients, layer.transposed, layer.groups
 
         def fold(weight, bias, *params):
             scale, shift = coefficients(weight.new_zeros(channels, dtype=torch.float32), *params)
-            w = weight.float()
-            if transposed:  # weight [in, out/groups, *k]: the output channel is (group, dim 1)
-                shape = (groups, 1, channels // groups) + (1,) * (w.dim() - 2)
-                w = (w.reshape(groups, w.shape[0] // groups, *w.shape[1:]) * scale.reshape(shape)).reshape(w.shape)
-            else:
-                w = w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
-            b = shift if bias is None else bias.float() * scale + shift
+            w, b = fold_output_affine(weight, bias, scale, shift, transposed=transposed, groups=groups)
             return w.to(weight.dtype), b.to(weight.dtype)
 
-        if overflow := self._replace(program, affine, layer, fold, chain):
-            return "skipped", overflow
-        return "folded", f"{affine.kind}-into-{layer.kind}"
+        return self._replace(program, affine, layer, fold, chain, ctx, f"{affine.kind}-into-{layer.kind}")
 
     # ------------------------------------------------------------------ affine -> layer(x)
 
-    def _fold_before(self, program: Program, affine: Affine) -> _Outcome:
+    def _fold_before(self, program: Program, affine: Affine, ctx: PassContext) -> Rewritten | Skip | None:
         """Fold into the layer reading the affine's output."""
         if len(affine.out.users) != 1:
             return None
@@ -145,46 +126,37 @@ class FoldConvBN(Pass):
         if layer is None or consumer.args[0] is not affine.out:
             return None
         if layer.transposed:
-            return "skipped", "a transposed conv after it sums fewer taps at the border"
+            return Skip("a transposed conv after it sums fewer taps at the border")
         if any(layer.padding):
-            return "skipped", "the conv after it pads its input, so the border would change"
+            return Skip("the conv after it pads its input, so the border would change")
         channel = layer.channel_dim
         if affine.dim is not None and affine.dim != channel:
-            return "skipped", f"{affine.kind} scales dim {affine.dim}, the {layer.kind} reads channels on dim {channel}"
+            return Skip(f"{affine.kind} scales dim {affine.dim}, the {layer.kind} reads channels on dim {channel}")
         if (problem := _dtype_problem(affine, layer)) is not None:
-            return "skipped", problem
+            return Skip(problem)
         channels = affine.x.meta["val"].shape[channel]
         coefficients, groups = affine.coefficients, layer.groups
 
         def fold(weight, bias, *params):
             scale, shift = coefficients(weight.new_zeros(channels, dtype=torch.float32), *params)
-            w = weight.float()
-            out, per_group = w.shape[0], channels // groups
-            # weight [out, in/groups, *k]: input channel ci of output o's group g is g * in/groups + ci
-            grouped = w.reshape(groups, out // groups, per_group, -1)
-            w_scaled = grouped * scale.reshape(groups, 1, per_group, 1)
-            b = (grouped * shift.reshape(groups, 1, per_group, 1)).sum((2, 3)).reshape(out)
-            if bias is not None:
-                b = b + bias.float()
-            return w_scaled.reshape(w.shape).to(weight.dtype), b.to(weight.dtype)
+            w, b = fold_input_affine(weight, bias, scale, shift, groups=groups)
+            return w.to(weight.dtype), b.to(weight.dtype)
 
-        if overflow := self._replace(program, affine, layer, fold, [], layer_input=affine.x):
-            return "skipped", overflow
-        return "folded", f"{affine.kind}-into-following-{layer.kind}"
+        return self._replace(program, affine, layer, fold, [], ctx, f"{affine.kind}-into-following-{layer.kind}",
+                             layer_input=affine.x)
 
     # ------------------------------------------------------------------ rewriting
 
     def _replace(self, program: Program, affine: Affine, layer: Layer, fold, chain: list[fx.Node],
-                 layer_input: fx.Node | None = None) -> str | None:
-        """Emit the layer with folded weight and bias in place of the layer, ``chain`` and the affine.
-
-        Returns why not, leaving the graph alone, when the folded weights overflow their dtype.
+                 ctx: PassContext, statistic: str, layer_input: fx.Node | None = None) -> Rewritten | Skip:
+        """Emit the layer with folded weight and bias in place of the layer, ``chain`` and the affine, counted as
+        ``statistic``. Skips, leaving the graph alone, when the folded weights overflow their dtype.
         """
         graph = program.graph
         inputs = [layer.weight, layer.bias, *affine.params]
         root = affine.out if layer_input is None else layer.node  # the later of the two
         emitted = self._emit(program, fold, inputs, root)
-        if isinstance(emitted, str):
+        if isinstance(emitted, Skip):
             return emitted
         weight, bias, created = emitted
         args = layer.args_with(layer.node.args[0] if layer_input is None else layer_input, weight, bias)
@@ -200,10 +172,11 @@ class FoldConvBN(Pass):
         replaced = [layer.node, *chain, *affine.nodes]
         stamp_provenance(created, self.name, replaced)
         replace_subgraph(root, result, replaced + [n for n in inputs if n is not None])
-        return None
+        ctx.count(statistic)
+        return Rewritten(result)
 
     def _emit(self, program: Program, fold, inputs: list[fx.Node | None],
-              root: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | str:
+              root: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | Skip:
         """Nodes for the folded weight and bias (constants, or in tune mode ops on ``inputs``), and all nodes made;
         or why not: folded half-precision weights can overflow (a tiny running variance scales by thousands)
         where the unfolded model's activations did not."""
@@ -217,7 +190,7 @@ class FoldConvBN(Pass):
         with torch.no_grad():
             tensors = fold_present(*values)
         if not all(bool(t.isfinite().all()) for t in tensors):
-            return f"the folded weights overflow {tensors[0].dtype}"
+            return Skip(f"the folded weights overflow {tensors[0].dtype}")
         if self.mode == "tune":
             (weight, bias), created = inline_function(program.graph, fold_present, present, values, root)
             return weight, bias, created

@@ -9,7 +9,8 @@ import torch.fx as fx
 
 from fxopt.ir.edit import read_outside, replace_subgraph
 from fxopt.ir.layers import is_call, is_constant, is_number
-from fxopt.ir.meta import describe_node, dtype_of, propagate_meta, shape_of, stamp_provenance
+from fxopt.ir.meta import describe_node, dtype_of, shape_of, stamp_provenance
+from fxopt.ir.pattern import Pat, RewriteContext, Rewritten, Rule, Skip
 from fxopt.ir.program import Program, attribute_owner
 from fxopt.ir.traits import DIV, MUL, SDPA
 from fxopt.passes.base import Pass, PassContext
@@ -48,13 +49,11 @@ class FuseAttention(Pass):
     name = "fuse-attention"
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
-        changed = False
-        for softmax in [n for n in program.graph.nodes if is_call(n, _SOFTMAX)]:
+        def fuse(rewriter: RewriteContext, softmax: fx.Node) -> Rewritten | Skip:
             found = _match(softmax)
-            if isinstance(found, str):
-                ctx.skip(describe_node(softmax), found)
-                continue
-            with program.graph.inserting_before(found.root):
+            if isinstance(found, Skip):
+                return found
+            with program.graph.inserting_before(found.root):  # the second matmul: Q, K and V are all defined there
                 key = found.key
                 if key is None:  # Kᵀ is not a visible transpose of K: SDPA wants K itself
                     rank = len(shape_of(found.key_t))
@@ -67,11 +66,9 @@ class FuseAttention(Pass):
             ctx.count("attentions-fused")
             ctx.notes.append(f"{describe_node(softmax)}: matmul, scale{', mask' if found.mask is not None else ''}, "
                              f"softmax, matmul -> {fused.name} (scale={found.scale:.6g})")
-            changed = True
-        if changed:
-            program.graph_module.recompile()
-            propagate_meta(program.graph_module)
-        return changed
+            return Rewritten(fused)
+
+        return ctx.rewrite(program, [Rule("softmax-attention", Pat(_SOFTMAX, name="softmax"), fuse)])
 
 
 @dataclass
@@ -86,13 +83,13 @@ class _Attention:
     nodes: list[fx.Node]  # everything the SDPA replaces
 
 
-def _match(softmax: fx.Node) -> _Attention | str:
+def _match(softmax: fx.Node) -> _Attention | Skip:
     """The attention around ``softmax``, or why it is not one."""
     rank = len(shape_of(softmax))
     if rank < 3:
-        return "scores of rank < 3"
+        return Skip("scores of rank < 3")
     if softmax.args[1] not in (-1, rank - 1) or softmax.args[2]:
-        return "softmax over another dimension or into another dtype"
+        return Skip("softmax over another dimension or into another dtype")
     nodes = [softmax]
     scores, mask = softmax.args[0], None
     if is_call(scores, aten.add.Tensor) and scores.kwargs.get("alpha", 1) == 1:
@@ -100,7 +97,7 @@ def _match(softmax: fx.Node) -> _Attention | str:
         left, right = scores.args
         scores, mask = (left, right) if _is_mask(right, softmax) else (right, left)
         if not _is_mask(mask, softmax):
-            return "the scores are a sum, but neither term is a mask of the scores' dtype and rank >= 2"
+            return Skip("the scores are a sum, but neither term is a mask of the scores' dtype and rank >= 2")
     scale = 1.0
     while (factor := _scale_factor(scores)) is not None:
         nodes.append(scores)
@@ -108,31 +105,31 @@ def _match(softmax: fx.Node) -> _Attention | str:
         scores = scores.args[0]
     first = _matmul(scores)
     if first is None:
-        return "the scores are not a batched matmul"
+        return Skip("the scores are not a batched matmul")
     query, key_t, first_nodes = first
     while (factor := _scale_factor(query)) is not None and len(query.users) == 1:
         first_nodes.append(query)
         scale *= factor
         query = query.args[0]
     if len(softmax.users) != 1:
-        return "the attention probabilities are used elsewhere"
+        return Skip("the attention probabilities are used elsewhere")
     root = _consumer(softmax)
     second = _matmul(root) if root is not None else None
     if second is None or second[0] is not softmax:
-        return "the probabilities are not multiplied by a value tensor"
+        return Skip("the probabilities are not multiplied by a value tensor")
     _, value, second_nodes = second
     nodes += first_nodes + second_nodes
     key = key_t.args[0] if is_call(key_t, aten.permute.default) and _swaps_last_two(key_t) else None
     if key is not None and len(key_t.users) == 1:
         nodes.append(key_t)
     if read_outside(nodes, root):
-        return "an intermediate value of the attention is used elsewhere"
+        return Skip("an intermediate value of the attention is used elsewhere")
     batch = shape_of(root)[:-2]
     if not shape_of(query)[:-2] == shape_of(key_t)[:-2] == shape_of(value)[:-2] == batch:
-        return "Q, K and V have different batch dimensions"
+        return Skip("Q, K and V have different batch dimensions")
     dtypes = {dtype_of(query), dtype_of(key_t), dtype_of(value)}
     if dtypes != {dtype_of(softmax)} or not dtype_of(softmax).is_floating_point:
-        return f"Q, K, V and the scores have dtypes {sorted(map(str, dtypes | {dtype_of(softmax)}))}"
+        return Skip(f"Q, K, V and the scores have dtypes {sorted(map(str, dtypes | {dtype_of(softmax)}))}")
     return _Attention(root, query, key, key_t, value, mask, scale, nodes)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.fx as fx
@@ -12,6 +13,7 @@ from fxopt.ir.analysis import node_flops
 from fxopt.ir.edit import add_constant, erase_if_dead, replace_subgraph
 from fxopt.ir.layers import Layer, as_affine, as_layer, is_call
 from fxopt.ir.meta import describe_node, propagate_meta, stamp_provenance
+from fxopt.ir.pattern import Pat, Rewritten, Rule, Skip
 from fxopt.ir.program import Program
 from fxopt.ir.traits import AVG_POOLS
 from fxopt.passes.base import Pass, PassContext, option
@@ -68,22 +70,25 @@ class FuseBlocks(Pass):
         # In this order, each to a fixed point: two convs that are branches of one block merge into
         # one conv rather than into a wider conv and slices, and a chain merges before its first
         # layer joins a parallel group.
-        rules = [rule for rule, on in ((self._merge_branches, self.branches), (self._merge_serial, self.serial),
-                                       (self._merge_parallel, self.parallel)) if on]
+        phases = [
+            (self.branches, Rule("merge-branches", Pat(_ADD, name="node"),
+                                 lambda _, node: self._merge_branches(program, node, ctx))),
+            (self.serial, Rule("merge-serial", Pat.any("node"), lambda _, node: self._merge_serial(program, node, ctx))),
+            # Rooted at each layer: the layers reading the same input as it.
+            (self.parallel, Rule("merge-parallel", Pat.any("node", where=lambda n: as_layer(n) is not None),
+                                 lambda _, node: self._merge_parallel(program, node.args[0], ctx))),
+        ]
         changed = False
-        for rule in rules:
-            while any(rule(program, node, ctx) for node in list(program.graph.nodes) if node.graph is program.graph):
-                changed = True
-        if changed:
-            program.graph_module.recompile()
-            propagate_meta(program.graph_module)
+        for on, rule in phases:
+            if on:
+                changed = ctx.rewrite(program, [rule]) or changed
         return changed
 
     # ------------------------------------------------------------------ branches
 
-    def _merge_branches(self, program: Program, node: fx.Node, ctx: PassContext) -> bool:
+    def _merge_branches(self, program: Program, node: fx.Node, ctx: PassContext) -> Rewritten | Skip | None:
         if not _is_sum(node) or any(_is_sum(u) and len(node.users) == 1 for u in node.users):
-            return False  # not the root of a sum tree
+            return None  # not the root of a sum tree
         terms, adds = _sum_terms(node)
         convs = [layer for layer in map(as_layer, terms) if layer is not None and layer.kind == "conv"]
         # The block input: the one every term reads. A residual connection (a conv of the block's
@@ -91,47 +96,42 @@ class FuseBlocks(Pass):
         anchor = next((c for c in convs if all(t is c.node.args[0] or _branch_input(program, t) is c.node.args[0]
                                                for t in terms)), None)
         if anchor is None:
-            return False
+            return None
         x = anchor.node.args[0]
         where = describe_node(node)
         branches = [_branch(program, t, x) for t in terms]
-        if problem := next((b for b in branches if isinstance(b, str)), None):
-            ctx.skip(where, problem)
-            return False
+        if skip := next((b for b in branches if isinstance(b, Skip)), None):
+            return skip
         if any(len(t.users) > 1 for t in terms if t is not x):
-            ctx.skip(where, "a branch output has other users")
-            return False
+            return Skip("a branch output has other users")
         strides = {b.stride for b in branches}
         if len(strides) > 1:
-            ctx.skip(where, "the branches have different strides")
-            return False
+            return Skip("the branches have different strides")
         merged = _merge_kernels(branches, node.meta["val"], x.meta["val"], strides.pop())
-        if isinstance(merged, str):
-            ctx.skip(where, merged)
-            return False
+        if isinstance(merged, Skip):
+            return merged
         weight, bias, padding, groups = merged
         out = node.meta["val"]
         after = 2 * out.numel() * math.prod(weight.shape[1:])
         before = sum(node_flops(t) for t in terms)
         if after > before:
-            ctx.skip(where, f"one conv would cost {after} FLOPs, the branches {before}")
-            return False
+            return Skip(f"one conv would cost {after} FLOPs, the branches {before}")
         like = program.get_constant(anchor.weight.target)
         dims = len(padding)
         args = (x, None, None, list(branches[0].stride), list(padding), [1] * dims, False, [0] * dims, groups)
         replaced = [n for b in branches for n in b.nodes] + adds
-        self._emit(program, node, aten.convolution.default, args, weight.to(like), bias.to(like), replaced)
+        merged_conv = self._emit(program, node, aten.convolution.default, args, weight.to(like), bias.to(like), replaced)
         ctx.count("branches-merged")
         ctx.notes.append(f"merged {len(terms)} branches into one conv at {where}: FLOPs {before} -> {after}")
-        return True
+        return Rewritten(merged_conv)
 
     # ------------------------------------------------------------------ serial
 
-    def _merge_serial(self, program: Program, node: fx.Node, ctx: PassContext) -> bool:
+    def _merge_serial(self, program: Program, node: fx.Node, ctx: PassContext) -> Rewritten | Skip | None:
         second = as_layer(node)
         first = as_layer(node.args[0]) if second is not None else None
         if first is None or len(first.node.users) != 1 or first.is_linear != second.is_linear:
-            return False
+            return None
         w1, w2 = (program.get_constant(layer.weight.target) for layer in (first, second))
         b1, b2 = (None if layer.bias is None else program.get_constant(layer.bias.target) for layer in (first, second))
         if second.is_linear:
@@ -139,11 +139,8 @@ class FuseBlocks(Pass):
             shape_from = first
         else:
             kind = _serial_conv_kind(first, second, w1, w2, b1)
-            if kind is None:
-                return False
-            if kind not in ("pointwise-first", "pointwise-second"):
-                ctx.skip(describe_node(node), kind)
-                return False
+            if kind is None or isinstance(kind, Skip):
+                return kind
             if kind == "pointwise-first":  # W[o, i, k] = sum_m W2[o, m, k] W1[m, i]
                 weight = torch.einsum("om...,mi->oi...", w2.float(), w1.float().flatten(1))
                 shape_from = second
@@ -156,19 +153,18 @@ class FuseBlocks(Pass):
         rows = out.numel() // out.shape[second.channel_dim]
         after = 2 * rows * weight.shape[0] * math.prod(weight.shape[1:])
         if after >= before:
-            ctx.skip(describe_node(node), f"merging with the layer before would raise FLOPs from {before} to {after}")
-            return False
+            return Skip(f"merging with the layer before would raise FLOPs from {before} to {after}")
         dtype = w2.dtype
         args = shape_from.args_with(first.node.args[0], None, None)
-        self._emit(program, node, node.target, args, weight.to(dtype), None if bias is None else bias.to(dtype),
-                   [first.node, node])
-        ctx.count(f"serial-{second.kind}s-merged")
         ctx.notes.append(f"merged {first.node.name} into {describe_node(node)}: FLOPs {before} -> {after}")
-        return True
+        merged = self._emit(program, node, node.target, args, weight.to(dtype), None if bias is None else bias.to(dtype),
+                            [first.node, node])
+        ctx.count(f"serial-{second.kind}s-merged")
+        return Rewritten(merged)
 
     # ------------------------------------------------------------------ parallel
 
-    def _merge_parallel(self, program: Program, x: fx.Node, ctx: PassContext) -> bool:
+    def _merge_parallel(self, program: Program, x: fx.Node, ctx: PassContext) -> Rewritten | Skip | None:
         groups: dict[tuple, list[Layer]] = {}
         for user in x.users:
             layer = as_layer(user)
@@ -191,14 +187,14 @@ class FuseBlocks(Pass):
                 ctx.skip(describe_node(layers[0].node), f"{len(layers)} parallel layers are {sum(widths)} wide, "
                                                         f"less than min-width={self.min_width}")
                 continue
-            self._emit_parallel(program, x, list(twins.values()), widths)
+            names = ", ".join(layer.node.name for layer in layers)
+            merged = self._emit_parallel(program, x, list(twins.values()), widths)
             ctx.count(f"parallel-{layers[0].kind}s-merged", len(layers))
-            ctx.notes.append(f"merged {', '.join(layer.node.name for layer in layers)} into one "
-                             f"{layers[0].kind} {sum(widths)} wide")
-            return True
-        return False
+            ctx.notes.append(f"merged {names} into one {layers[0].kind} {sum(widths)} wide")
+            return Rewritten(merged)
+        return None
 
-    def _emit_parallel(self, program: Program, x: fx.Node, twins: list[list[Layer]], widths: list[int]) -> None:
+    def _emit_parallel(self, program: Program, x: fx.Node, twins: list[list[Layer]], widths: list[int]) -> fx.Node:
         graph = program.graph
         layers = [copies[0] for copies in twins]
         weights = [program.get_constant(layer.weight.target) for layer in layers]
@@ -231,6 +227,7 @@ class FuseBlocks(Pass):
                     erase_if_dead(node)
         # The slices' shapes are needed by later merges in this pass (they may be a block's input).
         propagate_meta(program.graph_module)
+        return merged
 
     # ------------------------------------------------------------------ rewriting
 
@@ -244,7 +241,7 @@ class FuseBlocks(Pass):
         return nodes[0], nodes[1]
 
     def _emit(self, program: Program, root: fx.Node, target, args: tuple, weight: torch.Tensor,
-              bias: torch.Tensor | None, replaced: list[fx.Node]) -> None:
+              bias: torch.Tensor | None, replaced: list[fx.Node]) -> fx.Node:
         """Replace ``root`` (and the now unused ``replaced`` nodes and their constants) by one layer."""
         weight_node, bias_node = self._constants(program, root, weight, bias)
         with program.graph.inserting_before(root):
@@ -253,6 +250,7 @@ class FuseBlocks(Pass):
         stamp_provenance([n for n in (weight_node, bias_node, layer) if n is not None], self.name, replaced)
         constants = [a for n in replaced for a in n.all_input_nodes if a.op == "get_attr"]
         replace_subgraph(root, layer, replaced + constants)
+        return layer
 
 
 # ---------------------------------------------------------------------- branch analysis
@@ -296,7 +294,7 @@ def _branch_input(program: Program, term: fx.Node) -> fx.Node:
     return affine.x if affine is not None else term
 
 
-def _branch(program: Program, term: fx.Node, x: fx.Node) -> _Branch | str:
+def _branch(program: Program, term: fx.Node, x: fx.Node) -> _Branch | Skip:
     """``term`` (which reads ``x``) as a conv kernel over ``x``, or why it is not one."""
     val = x.meta["val"]
     channels, dims = val.shape[1], val.dim() - 2
@@ -305,21 +303,21 @@ def _branch(program: Program, term: fx.Node, x: fx.Node) -> _Branch | str:
     layer = as_layer(term)
     if layer is not None:
         if layer.is_linear or layer.transposed:
-            return f"branch {term.name} is not a convolution"
+            return Skip(f"branch {term.name} is not a convolution")
         if any(d != 1 for d in layer.dilation):
-            return f"branch {term.name} is dilated"
+            return Skip(f"branch {term.name} is dilated")
         weight = program.get_constant(layer.weight.target).float().cpu()
         bias = None if layer.bias is None else program.get_constant(layer.bias.target).float().cpu()
         return _Branch(weight, bias, layer.groups, layer.padding, layer.stride, [term])
     affine = as_affine(program, term)
     if affine is not None:
         if affine.dim not in (None, 1):
-            return f"branch {term.name} scales dim {affine.dim}, not the channels"
+            return Skip(f"branch {term.name} scales dim {affine.dim}, not the channels")
         scale, shift = affine.evaluate(program, channels, torch.device("cpu"))
         return _depthwise(scale, shift, dims, affine.nodes)
     if is_call(term, *AVG_POOLS):
         return _avg_pool(term, channels, dims)
-    return f"branch {term.name} is not a conv, identity, per-channel affine or average pool of the block input"
+    return Skip(f"branch {term.name} is not a conv, identity, per-channel affine or average pool of the block input")
 
 
 def _depthwise(scale: torch.Tensor, shift: torch.Tensor | None, dims: int, nodes: list[fx.Node]) -> _Branch:
@@ -328,7 +326,7 @@ def _depthwise(scale: torch.Tensor, shift: torch.Tensor | None, dims: int, nodes
     return _Branch(weight, shift, scale.numel(), (0,) * dims, (1,) * dims, nodes)
 
 
-def _avg_pool(node: fx.Node, channels: int, dims: int) -> _Branch | str:
+def _avg_pool(node: fx.Node, channels: int, dims: int) -> _Branch | Skip:
     defaults = [None, None, None, (0,) * dims, False, True, None]  # x, kernel, stride, padding, ceil, include, div
     args = list(node.args) + defaults[len(node.args):]
     kernel, stride, padding, ceil_mode, count_include_pad, divisor = args[1:7]
@@ -339,7 +337,7 @@ def _avg_pool(node: fx.Node, channels: int, dims: int) -> _Branch | str:
     kernel = per_dim(kernel)
     stride, padding = per_dim(stride or kernel), per_dim(padding)
     if ceil_mode or (any(padding) and not count_include_pad) or divisor is not None:
-        return f"average pool {node.name} does not divide every window by its size"
+        return Skip(f"average pool {node.name} does not divide every window by its size")
     weight = torch.full((channels, 1, *kernel), 1 / math.prod(kernel))
     return _Branch(weight, None, channels, padding, stride, [node])
 
@@ -348,14 +346,14 @@ def _merge_kernels(branches: list[_Branch], out: torch.Tensor, x: torch.Tensor, 
     """``(weight, bias, padding, groups)`` of the one conv computing the sum of ``branches``, or why not."""
     channels_in, channels_out = x.shape[1], out.shape[1]
     if any(b.weight.shape[0] != channels_out for b in branches):
-        return "an identity-like branch would change the channel count"
+        return Skip("an identity-like branch would change the channel count")
     groups = math.gcd(*(b.groups for b in branches))
     padding = tuple(max(b.padding[d] for b in branches) for d in range(len(stride)))
     offsets = [tuple(padding[d] - b.padding[d] for d in range(len(stride))) for b in branches]
     kernel = tuple(max(o[d] + b.weight.shape[2 + d] for o, b in zip(offsets, branches)) for d in range(len(stride)))
     size = tuple((x.shape[2 + d] + 2 * padding[d] - kernel[d]) // stride[d] + 1 for d in range(len(stride)))
     if size != tuple(out.shape[2:]):
-        return "the branches' kernels and paddings do not align on one grid"
+        return Skip("the branches' kernels and paddings do not align on one grid")
     weight = torch.zeros(channels_out, channels_in // groups, *kernel)
     bias = torch.zeros(channels_out)
     for branch, offset in zip(branches, offsets):
@@ -382,8 +380,9 @@ def _regroup(weight: torch.Tensor, groups: int, coarser: int, channels_in: int) 
 
 
 def _serial_conv_kind(first: Layer, second: Layer, w1: torch.Tensor, w2: torch.Tensor,
-                      first_bias: torch.Tensor | None) -> str | None:
-    """How two back-to-back convs merge: "pointwise-first" or "pointwise-second"; else why not, or ``None``."""
+                      first_bias: torch.Tensor | None) -> Literal["pointwise-first", "pointwise-second"] | Skip | None:
+    """How two back-to-back convs merge: "pointwise-first" or "pointwise-second"; else :class:`Skip` (why not), or
+    ``None`` (they do not chain that way)."""
     if first.transposed or second.transposed or first.groups != 1 or second.groups != 1:
         return None
 
@@ -394,7 +393,7 @@ def _serial_conv_kind(first: Layer, second: Layer, w1: torch.Tensor, w2: torch.T
         return "pointwise-second"
     if pointwise(first, w1):
         if any(second.padding) and first_bias is not None and bool(first_bias.any()):
-            return "the conv pads the output of a 1x1 conv with a bias (its border would see the bias)"
+            return Skip("the conv pads the output of a 1x1 conv with a bias (its border would see the bias)")
         return "pointwise-first"
     return None
 

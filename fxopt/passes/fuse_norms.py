@@ -8,8 +8,10 @@ import torch
 import torch.fx as fx
 
 from fxopt.ir.edit import add_constant, read_outside, replace_subgraph
-from fxopt.ir.layers import absorb_input_affine, as_layer, is_call, is_constant, is_number
-from fxopt.ir.meta import describe_node, dtype_of, propagate_meta, shape_of, stamp_provenance
+from fxopt.ir.folding import absorb_input_affine
+from fxopt.ir.layers import as_layer, is_call, is_constant, is_number
+from fxopt.ir.meta import dtype_of, shape_of, stamp_provenance
+from fxopt.ir.pattern import Pat, RewriteContext, Rewritten, Rule, Skip
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
 
@@ -51,78 +53,62 @@ class FuseNorms(Pass):
     absorb: bool = option(False, "fold each norm's weight and bias into the linear layers reading it")
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
-        changed = self._fuse(program, ctx)
-        if self.absorb:
-            changed = _absorb_affines(program, ctx, self.name) or changed
-        if changed:
-            program.graph_module.recompile()
-            propagate_meta(program.graph_module)
-        return changed
-
-    def _fuse(self, program: Program, ctx: PassContext) -> bool:
-        changed = False
-        erased: set[fx.Node] = set()
-        for node in list(program.graph.nodes):
-            if node in erased or not is_call(node, _MUL, _DIV):
-                continue
-            found = _match(node)
-            if found is None:
-                continue
-            if isinstance(found, str):
-                ctx.skip(describe_node(node), found)
-                continue
+        def fuse(rewriter: RewriteContext, scaled: fx.Node) -> Rewritten | Skip | None:
+            found = _match(scaled)
+            if found is None or isinstance(found, Skip):
+                return found
             target, root, args, nodes = found
             with program.graph.inserting_before(root):
                 fused = program.graph.call_function(target, args)
             stamp_provenance([fused], self.name, nodes)
             replace_subgraph(root, fused, nodes)
-            erased.update(nodes)  # all of them: the match checked nothing else reads them
-            kind = "rms-norms" if target is aten.rms_norm.default else "layer-norms"
-            ctx.count(f"{kind}-fused")
-            changed = True
+            ctx.count(f"{'rms-norms' if target is aten.rms_norm.default else 'layer-norms'}-fused")
+            return Rewritten(fused)
+
+        def absorb(rewriter: RewriteContext, norm: fx.Node) -> Rewritten | Skip | None:
+            return _absorb_affine(program, norm, ctx, self.name)
+
+        changed = ctx.rewrite(program, [Rule("norm-chain", Pat((_MUL, _DIV), name="scaled"), fuse)])
+        if self.absorb:
+            norms = (aten.rms_norm.default, aten.layer_norm.default)
+            changed = ctx.rewrite(program, [Rule("absorb-norm-affine", Pat(norms, name="norm"), absorb)]) or changed
         return changed
 
 
-def _absorb_affines(program: Program, ctx: PassContext, pass_name: str) -> bool:
-    """Fold each norm's weight and bias into the linears reading it; whether any was."""
-    changed = False
+def _absorb_affine(program: Program, norm: fx.Node, ctx: PassContext, pass_name: str) -> Rewritten | Skip | None:
+    """Fold the norm's weight and bias into the linears reading it."""
     graph = program.graph
-    for norm in list(graph.nodes):
-        if not is_call(norm, aten.rms_norm.default, aten.layer_norm.default):
-            continue
-        affine = [(i, norm.args[i]) for i in ((2,) if norm.target is aten.rms_norm.default else (2, 3))
-                  if len(norm.args) > i and norm.args[i] is not None]
-        if not affine:
-            continue
-        layers = [as_layer(user) for user in norm.users]
-        if not all(is_constant(p) for _, p in affine) or not layers or any(
-                layer is None or not layer.is_linear or layer.node.args[0] is not norm for layer in layers):
-            ctx.skip(describe_node(norm), "its affine stays: not every reader is a linear layer with constant weights")
-            continue
-        width = norm.args[1][-1]  # fused nodes have no metadata yet
-        values = {i: program.get_constant(p.target).double() for i, p in affine}
-        scale, shift = values.get(2, torch.ones(width, dtype=torch.float64)), values.get(3)
-        for layer in layers:
-            weight = program.get_constant(layer.weight.target)
-            bias = program.get_constant(layer.bias.target) if layer.bias is not None else None
-            scaled, new_bias = absorb_input_affine(weight, bias, scale, shift, in_dim=1)
-            constants = [add_constant(program, scaled.to(weight.dtype), f"{layer.weight.target}_absorbed")]
-            if new_bias is not None:
-                constants.append(add_constant(program, new_bias.to(weight.dtype), f"{layer.node.name}_absorbed_bias"))
-            with graph.inserting_before(layer.node):
-                nodes = [graph.get_attr(name) for name in constants]
-            stamp_provenance(nodes, pass_name, [norm, layer.node])
-            layer.node.args = layer.args_with(norm, nodes[0], nodes[1] if len(nodes) > 1 else None)
-        for index, _ in affine:
-            norm.update_arg(index, None)
-        ctx.count("norm-affines-absorbed")
-        changed = True
-    return changed
+    affine = [(i, norm.args[i]) for i in ((2,) if norm.target is aten.rms_norm.default else (2, 3))
+              if len(norm.args) > i and norm.args[i] is not None]
+    if not affine:
+        return None
+    layers = [as_layer(user) for user in norm.users]
+    if not all(is_constant(p) for _, p in affine) or not layers or any(
+            layer is None or not layer.is_linear or layer.node.args[0] is not norm for layer in layers):
+        return Skip("its affine stays: not every reader is a linear layer with constant weights")
+    width = norm.args[1][-1]  # fused nodes have no metadata yet
+    values = {i: program.get_constant(p.target).double() for i, p in affine}
+    scale, shift = values.get(2, torch.ones(width, dtype=torch.float64)), values.get(3)
+    for layer in layers:
+        weight = program.get_constant(layer.weight.target)
+        bias = program.get_constant(layer.bias.target) if layer.bias is not None else None
+        scaled, new_bias = absorb_input_affine(weight, bias, scale, shift, in_dim=1)
+        constants = [add_constant(program, scaled.to(weight.dtype), f"{layer.weight.target}_absorbed")]
+        if new_bias is not None:
+            constants.append(add_constant(program, new_bias.to(weight.dtype), f"{layer.node.name}_absorbed_bias"))
+        with graph.inserting_before(layer.node):
+            nodes = [graph.get_attr(name) for name in constants]
+        stamp_provenance(nodes, pass_name, [norm, layer.node])
+        layer.node.args = layer.args_with(norm, nodes[0], nodes[1] if len(nodes) > 1 else None)
+    for index, _ in affine:
+        norm.update_arg(index, None)
+    ctx.count("norm-affines-absorbed")
+    return Rewritten(norm)
 
 
 def _match(scaled: fx.Node):
     """``(op, root, args, nodes)`` when ``scaled`` divides by a standard deviation; ``None`` when it does not
-    (not a norm at all); a reason when it looks like a norm that cannot be fused."""
+    (not a norm at all); :class:`Skip` with the reason when it looks like a norm that cannot be fused."""
     parts = _inverse_std(scaled)
     if parts is None:
         return None
@@ -133,7 +119,7 @@ def _match(scaled: fx.Node):
         x, mean_nodes = centered
         stat_nodes = _variance(variance, numerator, x, last)
         if stat_nodes is None:
-            return "the denominator is not the variance of the centred input"
+            return Skip("the denominator is not the variance of the centred input")
         stat_nodes += mean_nodes
         target = aten.layer_norm.default
     elif (rms := _mean_of_square(variance, last)) is not None and rms[0] is numerator:
@@ -150,7 +136,7 @@ def _match(scaled: fx.Node):
     if upcast is not None:
         back = _only_user(root)
         if not (is_call(back, _CAST) and back.kwargs.get("dtype") == dtype_of(source) and set(back.kwargs) <= {"dtype"}):
-            return "the float32 statistics are not cast back to the input dtype"
+            return Skip("the float32 statistics are not cast back to the input dtype")
         nodes.append(back)
         root = back
     weight = bias = None
@@ -161,9 +147,9 @@ def _match(scaled: fx.Node):
         bias, root = term, _only_user(root)
         nodes.append(root)
     if read_outside(nodes, root):
-        return "an intermediate value of the normalization is used elsewhere"
+        return Skip("an intermediate value of the normalization is used elsewhere")
     if dtype_of(root) != dtype_of(source):
-        return f"the result is {dtype_of(root)}, the input {dtype_of(source)} (a weight of another dtype)"
+        return Skip(f"the result is {dtype_of(root)}, the input {dtype_of(source)} (a weight of another dtype)")
     shape = [shape_of(source)[-1]]
     if target is aten.rms_norm.default:
         args = (source, shape, weight, eps)

@@ -10,8 +10,9 @@ import torch.fx as fx
 
 from fxopt.ir.dims import result_dim, source_dim
 from fxopt.ir.edit import add_constant, erase_if_dead, replace_node
-from fxopt.ir.layers import absorb_input_affine, as_layer, is_call, is_constant, is_number
-from fxopt.ir.meta import describe_node, propagate_meta, shape_of, stamp_provenance
+from fxopt.ir.folding import absorb_input_affine
+from fxopt.ir.layers import as_layer, is_call, is_constant, is_number
+from fxopt.ir.meta import describe_node, shape_of, stamp_provenance
 from fxopt.ir.program import Program
 from fxopt.ir.traits import VIEWS
 from fxopt.passes.base import Pass, PassContext, option
@@ -95,9 +96,6 @@ class LayerNormToRMSNorm(Pass):
                 _narrow_sizes(stream.values, stream.width)
             ctx.count("layer-norms-converted", len(stream.norms))
             changed = True
-        if changed:
-            program.graph_module.recompile()
-            propagate_meta(program.graph_module)
         return changed
 
     def _recentre_writers(self, program: Program, stream: Stream, ctx: PassContext, keep: int) -> None:

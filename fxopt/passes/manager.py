@@ -16,7 +16,7 @@ import torch.fx as fx
 from fxopt.calibration import Calibration
 from fxopt.errors import FxoptError, PassError, PipelineError, VerificationError
 from fxopt.ir.analysis import count_flops, count_parameters
-from fxopt.ir.meta import describe_node
+from fxopt.ir.meta import describe_node, propagate_meta
 from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.ir.printer import format_program
 from fxopt.ir.program import Program
@@ -42,6 +42,7 @@ class PassRecord:
     max_rel_error: float | None = None
     stats: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    rules: dict[str, str] = field(default_factory=dict)  # rules that fired -> where they are written
 
 
 Progress = Callable[[int, int, str], None]
@@ -150,9 +151,7 @@ class PassManager:
         before = _measure(program)
         start = time.perf_counter()
         try:
-            changed = bool(p.apply(work, ctx))
-            if changed:
-                work.graph_module.recompile()
+            changed = _apply(p, work, ctx)
             verify(work)
         except FxoptError as exc:  # wrapped, not rebuilt: a subclass's constructor may take other arguments
             raise PassError(f"pass '{p.name}' failed: {exc} (passes already run: {', '.join(done) or 'none'})") from exc
@@ -166,7 +165,7 @@ class PassManager:
         record = PassRecord(
             p.name, str(p), seconds, changed,
             (before[0], after[0]), (before[1], after[1]), (before[2], after[2]),
-            stats=dict(ctx.stats), notes=list(ctx.notes),
+            stats=dict(ctx.stats), notes=list(ctx.notes), rules=dict(ctx.rules),
         )
         if "all" in self.print_ir_after or p.name in self.print_ir_after or (changed and "change" in self.print_ir_after):
             self._dump(p, work, "after", selected={"all"})
@@ -222,8 +221,7 @@ class PassManager:
 
     def _apply_quiet(self, p: Pass, program: Program) -> Program:
         work = program.clone()
-        if p.apply(work, self._context(p)):
-            work.graph_module.recompile()
+        _apply(p, work, self._context(p))
         return work
 
     def _dump(self, p: Pass, program: Program, when: str, selected: Iterable[str]) -> None:
@@ -256,6 +254,16 @@ def _node_values(program: Program) -> dict[str, Any]:
     with torch.no_grad():
         Recorder(program.graph_module).run(*program.example_inputs)
     return values
+
+
+def _apply(p: Pass, program: Program, ctx: PassContext) -> bool:
+    """Run one pass; after one that changed the graph, its code is regenerated and its metadata re-propagated here,
+    once, rather than in every pass."""
+    changed = bool(p.apply(program, ctx))
+    if changed:
+        program.graph_module.recompile()
+        propagate_meta(program.graph_module)
+    return changed
 
 
 def _first_divergent_node(before: Program, after: Program, tolerance: Tolerance, pass_name: str) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from fxopt.ir.meta import propagate_meta
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
 from fxopt.quant.observers import ObserverKind
@@ -90,7 +89,6 @@ class Quantize(Pass):
             return False
         before = sum(program.get_constant(t.weight.target).nbytes for t in quantized)
         after = sum(t.nbytes for t in plan.rewrite(program, assignment))
-        propagate_meta(program.graph_module)
         for target in quantized:
             ctx.count(f"{target.kind} layers")
         schemes = "/".join(dict.fromkeys(s for s in assignment.values() if s != "float"))

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.fx as fx
 
-from fxopt.ir.pattern import Pat, RewriteContext, Rule, RuleSet, rewrite
+from fxopt.ir.pattern import Pat, RewriteContext, Rule, RuleSet
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext
 
@@ -95,7 +95,4 @@ class RemoveNoops(Pass):
     name = "remove-noops"
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
-        hits = rewrite(program, NOOP_RULES, self.name)
-        for rule, n in hits.items():
-            ctx.count(rule, n)
-        return bool(hits)
+        return ctx.rewrite(program, NOOP_RULES)

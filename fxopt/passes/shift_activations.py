@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from fxopt.ir.edit import drop_unread_constants
-from fxopt.ir.meta import propagate_meta
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext
 from fxopt.quant.equivalence import calibrated_readers, shift_channels
@@ -39,5 +38,4 @@ class ShiftActivations(Pass):
             ctx.count("shifted activations")
         if readers:
             drop_unread_constants(program)  # the weights it replaced
-            propagate_meta(program.graph_module)
         return bool(readers)

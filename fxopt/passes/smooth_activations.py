@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from fxopt.ir.edit import drop_unread_constants
-from fxopt.ir.meta import describe_node, propagate_meta
+from fxopt.ir.meta import describe_node
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
 from fxopt.quant.equivalence import calibrated_readers, scale_channels
@@ -55,5 +55,4 @@ class SmoothActivations(Pass):
         if not ctx.stats["smoothed activations"]:
             return False
         drop_unread_constants(program)  # the weights it replaced
-        propagate_meta(program.graph_module)
         return True

@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 from fxopt import PassError, capture
-from fxopt.ir import Pat, Rule, RuleSet, match, rewrite, verify
+from fxopt.ir import Pat, Rewritten, Rule, RuleSet, Skip, match, rewrite, verify
 
 aten = torch.ops.aten
 
@@ -68,5 +68,64 @@ def test_rules_that_undo_each_other_are_reported():
     program = _program()
     flip = Rule("flip", Pat(aten.mul.Tensor, Pat.any("x"), 3), lambda ctx, x: ctx.call(aten.mul.Tensor, x, 3))
     with pytest.raises(PassError, match="flip"):
-        rewrite(program, [flip], "test-pass", max_sweeps=3)
+        rewrite(program, [flip], "test-pass", max_rewrites=3)
     assert flip.defined_at.startswith(__file__)
+
+
+def test_skip_reports_why_and_leaves_the_graph_alone():
+    program = _program()
+    text = str(program.graph)
+    heard = []
+    rules = [Rule("refuse", Pat(aten.relu.default), lambda ctx: (ctx.call(aten.neg.default, ctx.root),
+                                                                  Skip("not today"))[1])]
+    assert not rewrite(program, rules, "test-pass", skipped=lambda node, why: heard.append((node.name, why)))
+    assert heard == [("relu", "not today"), ("relu_1", "not today")]
+    assert str(program.graph) == text
+
+
+def test_rules_are_tried_only_on_nodes_of_their_root_op():
+    program = _program()
+    seen = []
+    rules = [Rule("watch", Pat(aten.relu.default, where=lambda n: seen.append(n.target) or False), lambda ctx: None)]
+    rewrite(program, rules, "test-pass")
+    assert seen == [aten.relu.default, aten.relu.default]
+
+
+class Relu4(nn.Module):
+    def forward(self, x):
+        return torch.relu(torch.relu(torch.relu(torch.relu(x))))
+
+
+def test_a_rewrite_revisits_what_it_touched_until_nothing_matches():
+    # relu(relu(a)) -> relu(a), rooted at the outer relu: each rewrite exposes the next pair below the new node.
+    program = capture(Relu4(), (torch.randn(4),))
+    before = program.run_flat()
+    rules = [Rule("relu-relu", Pat(aten.relu.default, Pat(aten.relu.default, Pat.any("x"), single_user=True)),
+                  lambda ctx, x: ctx.call(aten.relu.default, x))]
+    assert rewrite(program, rules, "test-pass") == {"relu-relu": 3}
+    assert [n.target for n in program.graph.nodes if n.op == "call_function"] == [aten.relu.default]
+    torch.testing.assert_close(program.run_flat(), before)
+
+
+def test_a_rule_may_edit_the_graph_itself_and_say_so():
+    program = _program()
+    before = program.run_flat()
+
+    def double_to_scale(ctx, x):  # x + x -> x * 2, replaced by hand
+        with ctx.graph.inserting_before(ctx.root):
+            scaled = ctx.graph.call_function(aten.mul.Tensor, (x, 2))
+        ctx.root.replace_all_uses_with(scaled)
+        ctx.graph.erase_node(ctx.root)
+        return Rewritten(scaled)
+
+    rules = [Rule("add-self", Pat(aten.add.Tensor, Pat.any("x"), Pat.any("x")), double_to_scale)]
+    assert rewrite(program, rules, "test-pass") == {"add-self": 1}
+    verify(program)
+    torch.testing.assert_close(program.run_flat(), before)
+
+
+def test_the_fixpoint_error_names_each_rule_its_place_and_hits():
+    program = _program()
+    flip = Rule("flip", Pat(aten.mul.Tensor, Pat.any("x"), 3), lambda ctx, x: ctx.call(aten.mul.Tensor, x, 3))
+    with pytest.raises(PassError, match=r"flip x4 \(test_pattern\.py:\d+\)"):
+        rewrite(program, [flip], "test-pass", max_rewrites=3)

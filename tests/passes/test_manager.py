@@ -293,3 +293,21 @@ def test_register_pass_makes_a_users_pass_usable_by_name_in_specs_files_and_the_
         register_pass(dataclass(frozen=True)(type("Dce", (Pass,), {"name": "dce"})))
     with pytest.raises(PipelineError, match="kebab-case"):
         register_pass(dataclass(frozen=True)(type("Bad", (Pass,), {"name": "Bad_Name"})))
+
+
+class _ConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_the_report_names_the_rules_that_fired_and_where_they_are_written():
+    import fxopt
+
+    fast = fxopt.optimize(_ConvBN().eval(), (torch.randn(1, 3, 6, 6),), target="torch", pipeline="fold-conv-bn")
+    (record,) = fast.report().passes
+    assert record.stats["fold-affine"] == 1 and record.rules["fold-affine"].startswith("fold_conv_bn.py:")
+    assert f"fold-affine=1 ({record.rules['fold-affine']})" in str(fast.report())

@@ -1,0 +1,57 @@
+"""The weight arithmetic of exact folds: a per-channel affine map ``y * scale + shift`` on a layer's output, or on its
+input, folded into the layer's weight and bias.
+
+Pure functions of tensors, built from torch ops only, so ``fold-conv-bn{mode=tune}`` can also trace them into the
+graph; property tests check each against the layer applied before or after the affine.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["fold_output_affine", "fold_input_affine", "absorb_input_affine"]
+
+
+def fold_output_affine(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor, *,
+                       transposed: bool = False, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(weight, bias)`` of a linear or conv layer whose output, per output channel, is the original's
+    times ``scale`` plus ``shift``. A transposed conv's weight is ``[in, out / groups, *k]``: output channel
+    ``(group, j)`` is dim 1 of that group's block."""
+    w = weight.float()
+    channels = scale.shape[0]
+    if transposed:
+        shape = (groups, 1, channels // groups) + (1,) * (w.dim() - 2)
+        w = (w.reshape(groups, w.shape[0] // groups, *w.shape[1:]) * scale.reshape(shape)).reshape(w.shape)
+    else:
+        w = w * scale.reshape((-1,) + (1,) * (w.dim() - 1))
+    b = shift if bias is None else bias.float() * scale + shift
+    return w, b
+
+
+def fold_input_affine(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor, *,
+                      groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 ``(weight, bias)`` of a linear or (unpadded) conv layer computing on ``x`` what the original computes
+    on ``x * scale + shift`` per input channel. Weight ``[out, in / groups, *k]``: input channel ``ci`` of output
+    ``o``'s group ``g`` is ``g * in / groups + ci``."""
+    w = weight.float()
+    out, per_group = w.shape[0], scale.shape[0] // groups
+    grouped = w.reshape(groups, out // groups, per_group, -1)
+    scaled = grouped * scale.reshape(groups, 1, per_group, 1)
+    b = (grouped * shift.reshape(groups, 1, per_group, 1)).sum((2, 3)).reshape(out)
+    if bias is not None:
+        b = b + bias.float()
+    return scaled.reshape(w.shape), b
+
+
+def absorb_input_affine(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
+                        shift: torch.Tensor | None, in_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Float64 weight and bias of a matmul-like layer reading ``x`` that computes what it computed reading
+    ``x * scale + shift`` (per input feature; ``in_dim`` is the weight's input-feature dim)."""
+    shape = [1] * weight.dim()
+    shape[in_dim] = -1
+    wide = weight.double()
+    new_bias = None if bias is None else bias.double()
+    if shift is not None:
+        moved = (wide * shift.double().reshape(shape)).sum(in_dim)
+        new_bias = moved if new_bias is None else new_bias + moved
+    return wide * scale.double().reshape(shape), new_bias
