@@ -69,12 +69,31 @@ class Case:
 # Timed in this order until the budget is spent: the acceptance pair (BERT-base and ResNet-50, fp16, batch 1)
 # first. Then every zoo model once at float32, for correctness.
 CASES = [
-    Case("bert", "float16"), Case("resnet50", "float16"), Case("gpt2", "float16"),
-    Case("bert"), Case("resnet50"), Case("gpt2"),
-    Case("resnet50", "float16", 32), Case("gpt2", "float16", 8),
-    Case("bert", "bfloat16"), Case("resnet50", "bfloat16"),
-    *(Case(name, timed=False) for name in ("mobilenet_v2", "convnext", "vit", "llama", "resnet-tiny",
-                                           "mobilenet_v2-tiny", "vit-tiny", "bert-tiny", "gpt2-tiny", "llama-tiny")),
+    Case("bert", "float16"),
+    Case("resnet50", "float16"),
+    Case("gpt2", "float16"),
+    Case("bert"),
+    Case("resnet50"),
+    Case("gpt2"),
+    Case("resnet50", "float16", 32),
+    Case("gpt2", "float16", 8),
+    Case("bert", "bfloat16"),
+    Case("resnet50", "bfloat16"),
+    *(
+        Case(name, timed=False)
+        for name in (
+            "mobilenet_v2",
+            "convnext",
+            "vit",
+            "llama",
+            "resnet-tiny",
+            "mobilenet_v2-tiny",
+            "vit-tiny",
+            "bert-tiny",
+            "gpt2-tiny",
+            "llama-tiny",
+        )
+    ),
 ]
 QUICK = [Case("resnet-tiny"), Case("gpt2-tiny"), Case("bert-tiny", "float16", 2)]
 
@@ -121,10 +140,31 @@ def package(carry: Path, cases: list[Case], python: str, dry_run: bool) -> int:
     shutil.rmtree(wheels, ignore_errors=True)
     wheels.mkdir()
     if not same_python:
-        subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
-                        "--python-version", python, "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
-                        "--platform", "manylinux_2_17_x86_64", "--platform", "manylinux2014_x86_64", "-d", str(wheels),
-                        f"apache-tvm-ffi=={_installed_version('apache-tvm-ffi')}"], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "-q",
+                "--no-deps",
+                "--only-binary=:all:",
+                "--python-version",
+                python,
+                "--implementation",
+                "cp",
+                "--platform",
+                "manylinux_2_28_x86_64",
+                "--platform",
+                "manylinux_2_17_x86_64",
+                "--platform",
+                "manylinux2014_x86_64",
+                "-d",
+                str(wheels),
+                f"apache-tvm-ffi=={_installed_version('apache-tvm-ffi')}",
+            ],
+            check=True,
+        )
     exports = carry / "exports"
     shutil.rmtree(exports, ignore_errors=True)
     targets = [GPU_ARCH] + (["cpu"] if dry_run else [])
@@ -161,8 +201,13 @@ def _installed_version(distribution: str) -> str:
 def run(carry: Path, out: Path, budget: float, dry_run: bool, rounds: int) -> int:
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "dry_run": dry_run,
-                     "machine": _machine(), "gpu_tests": None, "cases": []}
+    results: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "dry_run": dry_run,
+        "machine": _machine(),
+        "gpu_tests": None,
+        "cases": [],
+    }
     device = "cpu" if dry_run else "cuda"
     if not dry_run and not torch.cuda.is_available():
         results["error"] = "no CUDA device is visible"
@@ -198,8 +243,11 @@ def _machine() -> dict:
         info["gpu"] = torch.cuda.get_device_name()
         smi = shutil.which("nvidia-smi")
         if smi:
-            query = subprocess.run([smi, "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
-                                   capture_output=True, text=True)
+            query = subprocess.run(
+                [smi, "--query-gpu=driver_version,memory.total", "--format=csv,noheader"],
+                capture_output=True,
+                text=True,
+            )
             info["driver"] = query.stdout.strip()
     try:
         import tvm
@@ -221,8 +269,12 @@ def _gpu_tests(out: Path, dry_run: bool) -> str:
     if dry_run:
         return "not run: dry run"
     log = out / "pytest_gpu.log"
-    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu",
-                           str(ROOT / "tests")], cwd=ROOT, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "gpu", str(ROOT / "tests")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     log.write_text(done.stdout + done.stderr)
     return (done.stdout.strip().splitlines() or ["no output"])[-1]
 
@@ -237,19 +289,24 @@ def _check(carry: Path, entry: dict, device: str, target: str) -> dict:
     case = Case(**entry["case"])
     try:
         program, model, inputs = optimized_program(case)
-        loaded = fxopt.load(carry / entry["exports"][target], device=device,
-                            weights=fxopt.program_weights(program))
+        loaded = fxopt.load(carry / entry["exports"][target], device=device, weights=fxopt.program_weights(program))
         model, inputs = model.to(device), tuple(x.to(device) for x in inputs)
         with torch.no_grad():
             reference = pytree.tree_leaves(model(*inputs))
             outputs = pytree.tree_leaves(loaded(*inputs))
         worst, _, failing = compare_outputs([o.cpu() for o in outputs], [r.cpu() for r in reference], Tolerance())
         verdict = "matches" if failing is None else f"DIFFERS at output {failing}"
-        return {"check": f"{verdict} eager PyTorch (max abs error {worst:.3g})", "loaded": loaded, "model": model,
-                "inputs": inputs}
+        return {
+            "check": f"{verdict} eager PyTorch (max abs error {worst:.3g})",
+            "loaded": loaded,
+            "model": model,
+            "inputs": inputs,
+        }
     except Exception as exc:
-        return {"check": f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
-                "traceback": traceback.format_exc(limit=3)}
+        return {
+            "check": f"FAILED: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+            "traceback": traceback.format_exc(limit=3),
+        }
 
 
 def _time(entry: dict, device: str, rounds: int) -> dict:
@@ -277,23 +334,34 @@ def _time(entry: dict, device: str, rounds: int) -> dict:
 
 def markdown(results: dict) -> str:
     machine = results["machine"]
-    lines = [f"GPU check {results['date']}{' (dry run)' if results['dry_run'] else ''}: "
-             + ", ".join(f"{k} {v}" for k, v in machine.items()), ""]
+    lines = [
+        f"GPU check {results['date']}{' (dry run)' if results['dry_run'] else ''}: "
+        + ", ".join(f"{k} {v}" for k, v in machine.items()),
+        "",
+    ]
     if "error" in results:
         return "\n".join(lines + [f"not run: {results['error']}"]) + "\n"
-    lines += [f"pytest -m gpu: {results['gpu_tests']}", "",
-              "| case | check against eager PyTorch | eager ms | torch.compile | fxopt |", "|---|---|---|---|---|"]
+    lines += [
+        f"pytest -m gpu: {results['gpu_tests']}",
+        "",
+        "| case | check against eager PyTorch | eager ms | torch.compile | fxopt |",
+        "|---|---|---|---|---|",
+    ]
     for entry in results["cases"]:
         timing = entry.get("timing")
         cells = ["", "", ""]
         if isinstance(timing, dict):
             eager = timing["eager"]
-            cells = [f"{eager:.3f}"] + [f"{timing[k] / eager:.2f}x" if k in timing else "-"
-                                        for k in ("torch.compile", "fxopt")]
+            cells = [f"{eager:.3f}"] + [
+                f"{timing[k] / eager:.2f}x" if k in timing else "-" for k in ("torch.compile", "fxopt")
+            ]
         elif timing:
             cells = [timing, "", ""]
-        lines.append(f"| {Case(**entry['case']).name} | {entry.get('check', entry.get('error', ''))} | "
-                     + " | ".join(cells) + " |")
+        lines.append(
+            f"| {Case(**entry['case']).name} | {entry.get('check', entry.get('error', ''))} | "
+            + " | ".join(cells)
+            + " |"
+        )
     return "\n".join(lines + ["", f"{results['seconds']} s in all; ratios are latency relative to eager"]) + "\n"
 
 

@@ -28,7 +28,9 @@ from fxopt.zoo import ZOO
 PIPELINES = {
     "Pre-LN": BUILTIN_PIPELINES["default"],
     "Pre-RMSNorm": BUILTIN_PIPELINES["pre-rmsnorm"],
-    "Pre-CRMSNorm": BUILTIN_PIPELINES["pre-rmsnorm"].replace("layernorm-to-rmsnorm", "layernorm-to-rmsnorm{variant=crms}"),
+    "Pre-CRMSNorm": BUILTIN_PIPELINES["pre-rmsnorm"].replace(
+        "layernorm-to-rmsnorm", "layernorm-to-rmsnorm{variant=crms}"
+    ),
 }
 
 
@@ -37,7 +39,9 @@ def _runners(model: torch.nn.Module, ids: torch.Tensor, compile: bool) -> dict:
     with torch.no_grad():
         want = pytree.tree_leaves(graphs["Pre-LN"](ids))
         for name, graph in list(graphs.items())[1:]:
-            error = max(float((g - w).abs().max() / w.abs().max()) for g, w in zip(pytree.tree_leaves(graph(ids)), want))
+            error = max(
+                float((g - w).abs().max() / w.abs().max()) for g, w in zip(pytree.tree_leaves(graph(ids)), want)
+            )
             print(f"  {name} outputs: max |{name} - Pre-LN| / max|Pre-LN| = {error:.1e}")
     runners = {"eager (transformers)": lambda: model(ids)}
     for name, graph in graphs.items():
@@ -64,8 +68,10 @@ def _norm_runners(rows: int, width: int, compile: bool) -> dict:
 
     runners = {"layer_norm": layer_norm, "rms_norm + bias": rms_norm_and_bias}
     if compile:
-        runners |= {"layer_norm, compiled": torch.compile(layer_norm),
-                    "rms_norm + bias, compiled": torch.compile(rms_norm_and_bias)}
+        runners |= {
+            "layer_norm, compiled": torch.compile(layer_norm),
+            "rms_norm + bias, compiled": torch.compile(rms_norm_and_bias),
+        }
     for runner in runners.values():
         runner()
     return runners

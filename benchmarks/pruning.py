@@ -75,8 +75,14 @@ def attention_heads(model: torch.nn.Module) -> dict[torch.nn.Module, int]:
     heads = {}
     for module in model.modules():
         config = getattr(module, "config", None)
-        names = {"q_proj": "num_attention_heads", "k_proj": "num_key_value_heads", "v_proj": "num_key_value_heads",
-                 "query": "num_attention_heads", "key": "num_attention_heads", "value": "num_attention_heads"}
+        names = {
+            "q_proj": "num_attention_heads",
+            "k_proj": "num_key_value_heads",
+            "v_proj": "num_key_value_heads",
+            "query": "num_attention_heads",
+            "key": "num_attention_heads",
+            "value": "num_attention_heads",
+        }
         for attr, field in names.items():
             layer = getattr(module, attr, None)
             if isinstance(layer, torch.nn.Linear) and config is not None:
@@ -84,24 +90,38 @@ def attention_heads(model: torch.nn.Module) -> dict[torch.nn.Module, int]:
     return heads
 
 
-def torch_pruning_prune(model: torch.nn.Module, inputs: tuple, ratio: float) -> tuple[Callable[[], object], torch.nn.Module]:
+def torch_pruning_prune(
+    model: torch.nn.Module, inputs: tuple, ratio: float
+) -> tuple[Callable[[], object], torch.nn.Module]:
     """Torch-Pruning's MetaPruner with L1 group importance, the channel ratio bisected to the FLOP target."""
     import torch_pruning as tp
 
     example = inputs[0] if len(inputs) == 1 else inputs
     full, _ = tp.utils.count_ops_and_params(model, example)  # its own counter: fast enough to bisect with
     heads = attention_heads(model)
-    outputs = [m for m in model.modules() if isinstance(m, torch.nn.Linear) and
-               m.out_features in (getattr(getattr(model.model, "config", None), "num_labels", -1),
-                                  getattr(getattr(model.model, "config", None), "vocab_size", -1))]
+    outputs = [
+        m
+        for m in model.modules()
+        if isinstance(m, torch.nn.Linear)
+        and m.out_features
+        in (
+            getattr(getattr(model.model, "config", None), "num_labels", -1),
+            getattr(getattr(model.model, "config", None), "vocab_size", -1),
+        )
+    ]
 
     def pruned_at(channel_ratio: float) -> torch.nn.Module:
         work = copy.deepcopy(model)
         mapping = dict(zip(model.modules(), work.modules()))
         pruner = tp.pruner.MetaPruner(
-            work, example, importance=tp.importance.GroupMagnitudeImportance(p=1),
-            pruning_ratio=channel_ratio, ignored_layers=[mapping[m] for m in outputs],
-            num_heads={mapping[m]: h for m, h in heads.items()}, prune_num_heads=bool(heads), prune_head_dims=False,
+            work,
+            example,
+            importance=tp.importance.GroupMagnitudeImportance(p=1),
+            pruning_ratio=channel_ratio,
+            ignored_layers=[mapping[m] for m in outputs],
+            num_heads={mapping[m]: h for m, h in heads.items()},
+            prune_num_heads=bool(heads),
+            prune_head_dims=False,
             head_pruning_ratio=channel_ratio,
         )
         pruner.step()
@@ -159,8 +179,10 @@ def time_limit(seconds: int):
 
 
 def compare(names: list[str], ratios: list[float], rounds: int, limit: int) -> list[str]:
-    rows = ["| model | FLOPs cut asked | tool | prunes | FLOPs | params | rel. output error | eager latency |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| model | FLOPs cut asked | tool | prunes | FLOPs | params | rel. output error | eager latency |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     print("\n".join(rows), flush=True)  # rows follow as each model finishes
     for name in names:
         model, inputs = load(name)
@@ -182,28 +204,39 @@ def compare(names: list[str], ratios: list[float], rounds: int, limit: int) -> l
                         raise RuntimeError(f"output shape changed to {tuple(out.shape)}")
                     small = capture(pruned, inputs) if not hasattr(pruned, "graph_module") else pruned
                     error = relative_rms_error([out], [reference])
-                    results[tool, ratio] = (count_flops(small), count_parameters(small), error, time.perf_counter() - start)
+                    results[tool, ratio] = (
+                        count_flops(small),
+                        count_parameters(small),
+                        error,
+                        time.perf_counter() - start,
+                    )
                     runners[f"{tool} {ratio}"] = run
                 except (Exception, TimeLimit) as exc:  # a pruner failing on a model is a result, not a crash
                     results[tool, ratio] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:90]}"
         latency = measure(runners, rounds)
-        rows.append(f"| {name} | - | original | - | {_si(flops)} | {_si(params)} | 0 | "
-                    f"{latency['original'] * 1e3:.1f} ms |")
+        rows.append(
+            f"| {name} | - | original | - | {_si(flops)} | {_si(params)} | 0 | {latency['original'] * 1e3:.1f} ms |"
+        )
         for (tool, ratio), result in results.items():
             if isinstance(result, str):
                 rows.append(f"| {name} | {ratio:.0%} | {tool} | no: {result} | | | | |")
                 continue
             f, p, error, seconds = result
             speed = latency[f"{tool} {ratio}"] / latency["original"]
-            rows.append(f"| {name} | {ratio:.0%} | {tool} | yes ({seconds:.1f} s) | {_si(f)} (-{1 - f / flops:.0%}) "
-                        f"| {_si(p)} | {error:.3f} | {latency[f'{tool} {ratio}'] * 1e3:.1f} ms ({speed:.2f}x) |")
-        print("\n".join(rows[-1 - len(results):]), flush=True)
+            rows.append(
+                f"| {name} | {ratio:.0%} | {tool} | yes ({seconds:.1f} s) | {_si(f)} (-{1 - f / flops:.0%}) "
+                f"| {_si(p)} | {error:.3f} | {latency[f'{tool} {ratio}'] * 1e3:.1f} ms ({speed:.2f}x) |"
+            )
+        print("\n".join(rows[-1 - len(results) :]), flush=True)
     return rows
 
 
 def _si(n: float) -> str:
-    return next(f"{n / scale:.3g}{unit}" for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""))
-                if n >= scale or scale == 1)
+    return next(
+        f"{n / scale:.3g}{unit}"
+        for scale, unit in ((1e9, "G"), (1e6, "M"), (1e3, "k"), (1, ""))
+        if n >= scale or scale == 1
+    )
 
 
 def minilm(ratios: list[float]) -> list[str]:
@@ -223,15 +256,19 @@ def minilm(ratios: list[float]) -> list[str]:
                 pruned, (record,) = PassManager(spec, verify="off", calibration=calibration).run(program)
                 (out,) = pruned.run_flat(list(inputs))
                 cosine = torch.nn.functional.cosine_similarity(out, reference, dim=-1)
-                rows.append(f"| {ratio:.0%} | {importance} | {compensate} | {cosine.mean():.4f} | {cosine.min():.4f} "
-                            f"| -{1 - record.flops[1] / record.flops[0]:.0%} |")
+                rows.append(
+                    f"| {ratio:.0%} | {importance} | {compensate} | {cosine.mean():.4f} | {cosine.min():.4f} "
+                    f"| -{1 - record.flops[1] / record.flops[0]:.0%} |"
+                )
                 print(rows[-1], flush=True)
     return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("models", nargs="*", help=f"zoo models or bert-classifier (default: {' '.join(DEFAULT_MODELS)})")
+    parser.add_argument(
+        "models", nargs="*", help=f"zoo models or bert-classifier (default: {' '.join(DEFAULT_MODELS)})"
+    )
     parser.add_argument("--ratios", default="0.3,0.5", help="FLOP reductions to ask for (default 0.3,0.5)")
     parser.add_argument("--rounds", type=int, default=10, help="latency rounds (default 10)")
     parser.add_argument("--limit", type=int, default=600, help="seconds each pruning run may take (default 600)")

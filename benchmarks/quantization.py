@@ -37,10 +37,17 @@ from fxopt import PassManager, capture  # noqa: E402
 from fxopt.zoo import SENTENCES, calibration_batches, digits_cnn, minilm_encoder  # noqa: E402
 
 FXOPT_SCHEMES = {
-    "minilm": ["quantize", "smooth-activations,quantize", "quantize{scheme=w8a8-dynamic}", "quantize{scheme=fp8}",
-               "quantize{scheme=w8}", "quantize{scheme=w4}",
-               "awq{weights=asymmetric},quantize{scheme=w4 weights=asymmetric rounding=gptq weight-ranges=search}",
-               "quantize{scheme=mixed mix=[w4,w8] max-error=0.1}", "quantize{scheme=mixed max-error=0.05}"],
+    "minilm": [
+        "quantize",
+        "smooth-activations,quantize",
+        "quantize{scheme=w8a8-dynamic}",
+        "quantize{scheme=fp8}",
+        "quantize{scheme=w8}",
+        "quantize{scheme=w4}",
+        "awq{weights=asymmetric},quantize{scheme=w4 weights=asymmetric rounding=gptq weight-ranges=search}",
+        "quantize{scheme=mixed mix=[w4,w8] max-error=0.1}",
+        "quantize{scheme=mixed max-error=0.05}",
+    ],
     "digits": ["quantize", "quantize{observer=percentile}", "quantize{scheme=fp8}", "quantize{scheme=w8a8-dynamic}"],
 }
 TOOLS = ["fxopt", "fxopt-cpu", "onnxruntime", "torchao"]
@@ -79,7 +86,7 @@ def load_case(name: str) -> Case:
 
         # Calibration: training images, batches of the evaluation size (the model is captured for it).
         size = len(test_images)
-        return Case(name, model, (test_images,), [(train_images[i:i + size],) for i in (0, size)], accuracy)
+        return Case(name, model, (test_images,), [(train_images[i : i + size],) for i in (0, size)], accuracy)
     raise SystemExit(f"unknown model {name!r}: minilm or digits")
 
 
@@ -87,8 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", default=["minilm", "digits"])
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--tools", nargs="*", default=list(TOOLS), choices=TOOLS,
-                        help="fxopt-cpu: the TVM CPU builds (minutes on MiniLM)")
+    parser.add_argument(
+        "--tools",
+        nargs="*",
+        default=list(TOOLS),
+        choices=TOOLS,
+        help="fxopt-cpu: the TVM CPU builds (minutes on MiniLM)",
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of warm blocks")
@@ -101,7 +113,9 @@ def main(argv: list[str] | None = None) -> int:
         print("| tool | method | quality | weights | CPU latency | vs eager float32 |")
         print("|---|---|---|---|---|---|")
         for tool, method, quality, size, runner in rows:
-            timing = f"{latency[runner] * 1e3:.1f} ms | {latency[runner] / eager:.2f}x" if runner in latency else "– | –"
+            timing = (
+                f"{latency[runner] * 1e3:.1f} ms | {latency[runner] / eager:.2f}x" if runner in latency else "– | –"
+            )
             print(f"| {tool} | {method} | {quality} | {size} | {timing} |")
     return 0
 
@@ -110,8 +124,9 @@ def compare(case: Case, tools: list[str]) -> tuple[list[tuple], dict[str, Callab
     """Quality rows ``(tool, method, quality, weights, runner name)`` and the runners to time."""
     rows, runners = [], {}
 
-    def add(tool: str, method: str, build: Callable[[], tuple[Callable[[], torch.Tensor], int]],
-            timed: bool = True) -> None:
+    def add(
+        tool: str, method: str, build: Callable[[], tuple[Callable[[], torch.Tensor], int]], timed: bool = True
+    ) -> None:
         try:
             run, size = build()
             out = run()
@@ -133,8 +148,13 @@ def compare(case: Case, tools: list[str]) -> tuple[list[tuple], dict[str, Callab
         pipeline = f"default,{spec}" if spec else "default"
         for dispatch in ("measure", "tvm"):
             method = (spec or "default (float32)") + (", all in TVM" if dispatch == "tvm" else "")
-            add("fxopt cpu", method, lambda pipeline=pipeline, dispatch=dispatch: _fxopt_built(
-                model, inputs, pipeline, case.calibration, dispatch))
+            add(
+                "fxopt cpu",
+                method,
+                lambda pipeline=pipeline, dispatch=dispatch: _fxopt_built(
+                    model, inputs, pipeline, case.calibration, dispatch
+                ),
+            )
     if "onnxruntime" in tools:
         exported = functools.cache(lambda: export_onnx(model, inputs))  # once for the three; a failure is each's row
         for method in ("float32", "quantize_static QDQ", "quantize_dynamic"):
@@ -154,8 +174,9 @@ def _fxopt_reference(program, spec: str, calibration: list[tuple]):
 def _fxopt_built(model, inputs, pipeline: str, calibration: list[tuple], dispatch: str):
     # dispatch="measure" is what fxopt.optimize gives; "tvm" runs every segment TVM can lower in TVM (untuned
     # kernels except the hand-scheduled int8 linear), to time its integer kernels against its float ones.
-    optimized = fxopt.optimize(model, inputs, target="cpu", pipeline=pipeline, calibration=calibration,
-                               dispatch=dispatch)
+    optimized = fxopt.optimize(
+        model, inputs, target="cpu", pipeline=pipeline, calibration=calibration, dispatch=dispatch
+    )
     optimized(*inputs)
     size = sum(t.nbytes for _, t in optimized.program.constants())
     print(f"fxopt cpu {pipeline} (dispatch={dispatch}): {optimized.report().backend_note}", file=sys.stderr)
@@ -211,10 +232,18 @@ def _ort_quantize(path: Path, calibration: list[tuple], method: str) -> Path:
     # fxopt w8a8's choices: asymmetric uint8 activations per tensor (min/max), symmetric int8 weights per output
     # channel, and only the layers with weights (by default the tool quantizes every op it knows, embeddings, norms
     # and attention included).
-    quantize_static(str(prepared), str(quantized), Batches(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    calibrate_method=CalibrationMethod.MinMax, op_types_to_quantize=WEIGHTED_OPS,
-                    nodes_to_exclude=_activation_matmuls(prepared))
+    quantize_static(
+        str(prepared),
+        str(quantized),
+        Batches(),
+        quant_format=QuantFormat.QDQ,
+        per_channel=True,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        calibrate_method=CalibrationMethod.MinMax,
+        op_types_to_quantize=WEIGHTED_OPS,
+        nodes_to_exclude=_activation_matmuls(prepared),
+    )
     return quantized
 
 
@@ -226,8 +255,9 @@ def _activation_matmuls(path: Path) -> list[str]:
     import onnx
 
     graph = onnx.load(str(path)).graph
-    constants = {i.name for i in graph.initializer} | {o for n in graph.node if n.op_type == "Constant"
-                                                       for o in n.output}
+    constants = {i.name for i in graph.initializer} | {
+        o for n in graph.node if n.op_type == "Constant" for o in n.output
+    }
     return [n.name for n in graph.node if n.op_type == "MatMul" and not constants & set(n.input)]
 
 
@@ -239,9 +269,11 @@ def _torchao(model, inputs, method: str):
         quantize_,
     )
 
-    config = {"Int8DynamicActivationInt8Weight": Int8DynamicActivationInt8WeightConfig,
-              "Int8WeightOnly": Int8WeightOnlyConfig,
-              "Int4WeightOnly": lambda: Int4WeightOnlyConfig(group_size=128)}[method]()
+    config = {
+        "Int8DynamicActivationInt8Weight": Int8DynamicActivationInt8WeightConfig,
+        "Int8WeightOnly": Int8WeightOnlyConfig,
+        "Int4WeightOnly": lambda: Int4WeightOnlyConfig(group_size=128),
+    }[method]()
     quantized = copy.deepcopy(model)
     quantize_(quantized, config)
     size = sum(_storage_bytes(t) for t in quantized.state_dict().values())

@@ -29,8 +29,12 @@ from fxopt.zoo import ZOO
 Runner = Callable[[], object]
 
 
-def make_runners(model: torch.nn.Module, inputs: tuple, target: str, tune: str | None = None,
-                 ) -> tuple[dict[str, Runner], dict[str, str], dict[str, str]]:
+def make_runners(
+    model: torch.nn.Module,
+    inputs: tuple,
+    target: str,
+    tune: str | None = None,
+) -> tuple[dict[str, Runner], dict[str, str], dict[str, str]]:
     """Build every runner; a runner that cannot be built is reported with the reason, not dropped silently.
 
     Returns the runners, the failures and, per fxopt runner, its dispatch note (how many segments run in TVM).
@@ -101,12 +105,17 @@ def measure(runners: dict[str, Runner], rounds: int, block_seconds: float = 0.2)
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=["resnet50"],
-                        help=f"built-in models ({', '.join(ZOO)}) or path/to/file.py:factory")
+    parser.add_argument(
+        "models", nargs="*", default=["resnet50"], help=f"built-in models ({', '.join(ZOO)}) or path/to/file.py:factory"
+    )
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--target", default="cpu")
-    parser.add_argument("--tune", default=None, metavar="BUDGET",
-                        help="also measure fxopt with tuned kernels (trials or a duration, e.g. 2000 or 30m)")
+    parser.add_argument(
+        "--tune",
+        default=None,
+        metavar="BUDGET",
+        help="also measure fxopt with tuned kernels (trials or a duration, e.g. 2000 or 30m)",
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(torch.get_num_threads())

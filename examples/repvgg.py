@@ -35,8 +35,9 @@ class RepVGGBlock(nn.Module):
         super().__init__()
 
         def conv_bn(kernel: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False),
-                                 _trained(nn.BatchNorm2d(cout), generator))
+            return nn.Sequential(
+                nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), _trained(nn.BatchNorm2d(cout), generator)
+            )
 
         self.dense, self.pointwise = conv_bn(3), conv_bn(1)
         self.identity = _trained(nn.BatchNorm2d(cin), generator) if cin == cout and stride == 1 else None
@@ -95,5 +96,7 @@ if __name__ == "__main__":
     print(optimized.report())
     convs = [n for n in optimized.graph_module.graph.nodes if n.target is torch.ops.aten.convolution.default]
     print(f"{len(model.blocks)} RepVGG blocks (two or three branches each) -> {len(convs)} convs")
-    print(f"eager PyTorch: {_median_ms(model, inputs):.2f} ms as trained, "
-          f"{_median_ms(optimized, inputs):.2f} ms re-parameterized (median of 30 calls, this machine)")
+    print(
+        f"eager PyTorch: {_median_ms(model, inputs):.2f} ms as trained, "
+        f"{_median_ms(optimized, inputs):.2f} ms re-parameterized (median of 30 calls, this machine)"
+    )

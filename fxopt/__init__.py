@@ -32,24 +32,27 @@ if TYPE_CHECKING:
     from fxopt.report import Report
     from fxopt.targets import Target, parse_target
 
-__getattr__, __dir__ = lazy_exports(__name__, {
-    "OptimizedModel": "fxopt.api",
-    "optimize": "fxopt.api",
-    "load": "fxopt.codegen.export",
-    "program_weights": "fxopt.codegen.export",
-    "TuneOptions": "fxopt.codegen.tune",
-    "Program": "fxopt.ir",
-    "capture": "fxopt.ir",
-    "Tolerance": "fxopt.ir.numerics",
-    "PASSES": "fxopt.passes",
-    "Pass": "fxopt.passes",
-    "PassManager": "fxopt.passes",
-    "Pipeline": "fxopt.passes",
-    "register_pass": "fxopt.passes",
-    "Report": "fxopt.report",
-    "Target": "fxopt.targets",
-    "parse_target": "fxopt.targets",
-})
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "OptimizedModel": "fxopt.api",
+        "optimize": "fxopt.api",
+        "load": "fxopt.codegen.export",
+        "program_weights": "fxopt.codegen.export",
+        "TuneOptions": "fxopt.codegen.tune",
+        "Program": "fxopt.ir",
+        "capture": "fxopt.ir",
+        "Tolerance": "fxopt.ir.numerics",
+        "PASSES": "fxopt.passes",
+        "Pass": "fxopt.passes",
+        "PassManager": "fxopt.passes",
+        "Pipeline": "fxopt.passes",
+        "register_pass": "fxopt.passes",
+        "Report": "fxopt.report",
+        "Target": "fxopt.targets",
+        "parse_target": "fxopt.targets",
+    },
+)
 
 __all__ = [
     "PASSES",

@@ -107,12 +107,22 @@ def optimize(
     if resolved is None:
         resolved = Pipeline.coerce(target.default_pipeline)
     manager = PassManager(
-        resolved, verify=verify, tolerance=tolerance, print_ir_after=print_ir_after,
-        dump_dir=dump_dir, progress=progress, calibration=calibration,
+        resolved,
+        verify=verify,
+        tolerance=tolerance,
+        print_ir_after=print_ir_after,
+        dump_dir=dump_dir,
+        progress=progress,
+        calibration=calibration,
     )
     manager.check_calibration()  # before minutes of capture and passes
     optimized = OptimizedModel(
-        model, target, manager, dynamic_shapes=dynamic_shapes, strict=strict, tune=TuneOptions.coerce(tune),
+        model,
+        target,
+        manager,
+        dynamic_shapes=dynamic_shapes,
+        strict=strict,
+        tune=TuneOptions.coerce(tune),
         dispatch=dispatch,
     )
     if example_inputs is not None or example_kwargs:
@@ -129,8 +139,17 @@ class OptimizedModel(torch.nn.Module):
     cached per input signature.
     """
 
-    def __init__(self, model, target: Target, manager: PassManager, *, dynamic_shapes=None, strict=False,
-                 tune: TuneOptions | None = None, dispatch: Dispatch = "measure"):
+    def __init__(
+        self,
+        model,
+        target: Target,
+        manager: PassManager,
+        *,
+        dynamic_shapes=None,
+        strict=False,
+        tune: TuneOptions | None = None,
+        dispatch: Dispatch = "measure",
+    ):
         super().__init__()
         # Held outside the Module tree: the original's parameters are not this module's.
         self.__dict__["_model"] = model
@@ -176,7 +195,11 @@ class OptimizedModel(torch.nn.Module):
         optimized, records = self.manager.run(program, reference)
         start = time.perf_counter()
         executable = build(
-            optimized, self.target, dispatch=self._dispatch, tolerance=self.manager.tolerance, tune=self._tune,
+            optimized,
+            self.target,
+            dispatch=self._dispatch,
+            tolerance=self.manager.tolerance,
+            tune=self._tune,
             progress=progress,
         )
         build_seconds = time.perf_counter() - start
@@ -188,20 +211,31 @@ class OptimizedModel(torch.nn.Module):
             # The build must reproduce the optimized graph; after a lossy pass that is not the model itself.
             lossy = any(not p.exact for p in self.manager.pipeline.passes)
             expected = optimized.run_flat() if lossy else reference
-            worst_abs, _, failing = compare_outputs(outputs, expected, self.manager.tolerance,
-                                                    allowance=_flip_allowance(optimized, expected, reference))
+            worst_abs, _, failing = compare_outputs(
+                outputs, expected, self.manager.tolerance, allowance=_flip_allowance(optimized, expected, reference)
+            )
             if failing is not None:
                 raise VerificationError(
                     f"the {executable.backend} build of {program.name} for target '{self.target}' differs from the "
-                    f"{'optimized graph' if lossy else 'model'} at output {failing} (max abs error {worst_abs:.3g}); build with dispatch='torch' to "
+                    f"{'optimized graph' if lossy else 'model'} at output {failing} (max abs error {worst_abs:.3g}); "
+                    f"build with dispatch='torch' to "
                     f"isolate the backend"
                 )
         report = Report(
-            model=program.name, target=str(self.target), backend=executable.backend,
-            backend_note=executable.note, pipeline=str(self.manager.pipeline), verify=self.manager.verify,
-            capture_seconds=capture_seconds, capture_error=capture_error, passes=records,
-            build_seconds=build_seconds, build_error=build_error, segments=executable.segments,
-            fallbacks=executable.fallbacks, tuning=str(executable.tuning) if executable.tuning else "",
+            model=program.name,
+            target=str(self.target),
+            backend=executable.backend,
+            backend_note=executable.note,
+            pipeline=str(self.manager.pipeline),
+            verify=self.manager.verify,
+            capture_seconds=capture_seconds,
+            capture_error=capture_error,
+            passes=records,
+            build_seconds=build_seconds,
+            build_error=build_error,
+            segments=executable.segments,
+            fallbacks=executable.fallbacks,
+            tuning=str(executable.tuning) if executable.tuning else "",
             latency=executable.latency,
         )
         built = (executable, report)
@@ -229,7 +263,8 @@ class OptimizedModel(torch.nn.Module):
         return self._latest()[1]
 
     def kernel_source(self, fmt: str | None = None) -> str:
-        """The kernels the most recent build generated: CUDA C for CUDA targets, LLVM IR or (``fmt="asm"``) assembly for CPU."""
+        """The kernels the most recent build generated: CUDA C for CUDA targets, LLVM IR or (``fmt="asm"``)
+        assembly for CPU."""
         return self._latest()[0].kernel_source(fmt)
 
     def export(self, path: str | Path, weights: bool = True) -> Path:
@@ -275,8 +310,9 @@ def _check_call(model: torch.nn.Module, args: tuple, kwargs: dict) -> None:
     try:
         signature.bind(*args, **kwargs)
     except TypeError as exc:
-        raise InputMismatchError(f"{type(model).__name__}.forward{signature}: {exc} "
-                                 f"({describe_arguments(args, kwargs)})") from None
+        raise InputMismatchError(
+            f"{type(model).__name__}.forward{signature}: {exc} ({describe_arguments(args, kwargs)})"
+        ) from None
 
 
 def _signature(args: tuple, kwargs: dict) -> str:

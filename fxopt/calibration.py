@@ -48,8 +48,9 @@ class Calibration:
     metric: Callable[[list, list], float] | None = None
 
     @staticmethod
-    def coerce(data: object, *, limit: int | None = None, loss: Loss | None = None,
-               base: Path | None = None) -> Calibration | None:
+    def coerce(
+        data: object, *, limit: int | None = None, loss: Loss | None = None, base: Path | None = None
+    ) -> Calibration | None:
         """Accept a :class:`Calibration`, an iterable of batches, a ``.pt`` file of them, or a ``[calibration]`` table.
 
         A ``.pt`` file holds a list of batches, or one tensor whose first
@@ -64,8 +65,10 @@ class Calibration:
         if isinstance(data, Mapping):
             unknown = sorted(set(data) - {"data", "batches"})
             if unknown or "data" not in data:
-                raise PipelineError(f"[calibration] takes 'data' (a .pt file) and optionally 'batches'; "
-                                    f"got {', '.join(sorted(data)) or 'nothing'}")
+                raise PipelineError(
+                    f"[calibration] takes 'data' (a .pt file) and optionally 'batches'; "
+                    f"got {', '.join(sorted(data)) or 'nothing'}"
+                )
             limit = data.get("batches", limit)
             if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
                 raise PipelineError(f"[calibration] batches must be a positive integer, got {limit!r}")
@@ -80,14 +83,16 @@ class Calibration:
                 raise FxoptError(f"cannot read calibration file {source}: {exc.strerror}") from None
             except Exception as exc:  # whatever else the file holds: text, nothing, a truncated or foreign pickle
                 what = "it is empty" if Path(source).stat().st_size == 0 else f"{type(exc).__name__} reading it"
-                raise FxoptError(f"calibration file {source} is not a torch.save'd list of tensor batches "
-                                 f"({what})") from None
+                raise FxoptError(
+                    f"calibration file {source} is not a torch.save'd list of tensor batches ({what})"
+                ) from None
         if isinstance(data, torch.Tensor):
             data = [data]
         if not isinstance(data, Iterable):
-            raise FxoptError(f"calibration data must be an iterable of model inputs or a .pt file, "
-                             f"got {type(data).__name__}")
-        batches = []
+            raise FxoptError(
+                f"calibration data must be an iterable of model inputs or a .pt file, got {type(data).__name__}"
+            )
+        batches: list = []
         for batch in data:
             if limit is not None and len(batches) >= limit:
                 break
@@ -116,9 +121,15 @@ class Calibration:
         args = batch if isinstance(batch, (tuple, list)) else (batch,)
         placeholders = program.placeholders()
         expected = placeholders[0].meta.get("val") if len(placeholders) == 1 else None
-        if (len(args) == 1 and isinstance(args[0], torch.Tensor) and isinstance(expected, torch.Tensor)
-                and args[0].dim() == expected.dim() and isinstance(expected.shape[0], int)
-                and args[0].shape[1:] == expected.shape[1:] and args[0].shape[0] % expected.shape[0] == 0):
+        if (
+            len(args) == 1
+            and isinstance(args[0], torch.Tensor)
+            and isinstance(expected, torch.Tensor)
+            and args[0].dim() == expected.dim()
+            and isinstance(expected.shape[0], int)
+            and args[0].shape[1:] == expected.shape[1:]
+            and args[0].shape[0] % expected.shape[0] == 0
+        ):
             # A stack of samples: batches of the size the model was captured with.
             for chunk in args[0].split(expected.shape[0]):
                 yield (chunk,), {}
@@ -135,8 +146,13 @@ def data_nodes(program: Program) -> set[fx.Node]:
     return found
 
 
-def observe(program: Program, calibration: Calibration, watch: Mapping[fx.Node, Callable[[torch.Tensor], None]],
-            progress: Callable[[str], None] | None = None, what: str = "statistics") -> None:
+def observe(
+    program: Program,
+    calibration: Calibration,
+    watch: Mapping[fx.Node, Callable[[torch.Tensor], None]],
+    progress: Callable[[str], None] | None = None,
+    what: str = "statistics",
+) -> None:
     """Run every calibration batch through ``program``, calling ``watch[node](value)`` as each watched value is made.
 
     After each batch ``progress`` (a pass's ``ctx.progress``) gets "calibration <what>: batch 3/8".
@@ -157,15 +173,20 @@ def observe(program: Program, calibration: Calibration, watch: Mapping[fx.Node, 
                 progress(f"calibration {what}: batch {done}/{len(batches)}")
 
 
-def gradients(program: Program, calibration: Calibration, targets: Iterable[str],
-              accumulate: Callable[[str, torch.Tensor, torch.Tensor], None]) -> None:
+def gradients(
+    program: Program,
+    calibration: Calibration,
+    targets: Iterable[str],
+    accumulate: Callable[[str, torch.Tensor, torch.Tensor], None],
+) -> None:
     """Differentiate the calibration loss on every batch; ``accumulate(target, weight, grad)`` per constant and batch.
 
     Batch norms' running statistics are left out (aten cannot differentiate
     them; they are not weights).
     """
-    statistics = {a.target for n in program.graph.nodes if n.target is BATCH_NORM
-                  for a in n.args[3:5] if isinstance(a, fx.Node)}  # running mean and variance: not differentiable
+    statistics = {
+        a.target for n in program.graph.nodes if n.target is BATCH_NORM for a in n.args[3:5] if isinstance(a, fx.Node)
+    }  # running mean and variance: not differentiable
     targets = {t for t in targets if t not in statistics and program.get_constant(t).is_floating_point()}
     leaves = {t: program.get_constant(t).detach().clone().requires_grad_() for t in targets}
 
@@ -191,4 +212,4 @@ def _output_energy(outputs: object) -> torch.Tensor:
     tensors = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
     if not tensors:
         raise FxoptError("the model has no floating outputs to differentiate; give Calibration(loss=...)")
-    return sum(0.5 * t.float().pow(2).mean() for t in tensors)
+    return torch.stack([0.5 * t.float().pow(2).mean() for t in tensors]).sum()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
 import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from fxopt.errors import FxoptError
@@ -59,44 +61,79 @@ def _parser() -> argparse.ArgumentParser:
     group.add_argument("-p", "--passes", dest="spec", help="pipeline spec, e.g. 'cleanup,fold-constants'")
     group.add_argument("--pipeline", type=Path, help="TOML pipeline file")
     opt.add_argument("--verify", choices=["each", "end", "off"], default=None)
-    opt.add_argument("--print-ir-after", action="append", default=[], metavar="PASS",
-                     help="dump the IR after this pass ('all', 'change'); repeatable")
+    opt.add_argument(
+        "--print-ir-after",
+        action="append",
+        default=[],
+        metavar="PASS",
+        help="dump the IR after this pass ('all', 'change'); repeatable",
+    )
     opt.add_argument("--dump-dir", type=Path, help="write IR dumps to files here")
     _calibration_argument(opt)
-    opt.add_argument("--tune", default=None, metavar="BUDGET",
-                     help="tune kernels first: a trial count (500) or a duration (90s, 10m)")
+    opt.add_argument(
+        "--tune",
+        default=None,
+        metavar="BUDGET",
+        help="tune kernels first: a trial count (500) or a duration (90s, 10m)",
+    )
     _tuning_arguments(opt)
     opt.add_argument("-o", "--output", type=Path, help="write the optimized graph as a torch.export archive (.pt2)")
-    opt.add_argument("--export", type=Path, metavar="DIR",
-                     help="write a deployable TVM library + manifest here (load with fxopt.load)")
-    opt.add_argument("--kernel-source", type=Path, metavar="FILE",
-                     help="write the generated kernels here (CUDA C, or LLVM IR for CPU targets)")
+    opt.add_argument(
+        "--export",
+        type=Path,
+        metavar="DIR",
+        help="write a deployable TVM library + manifest here (load with fxopt.load)",
+    )
+    opt.add_argument(
+        "--kernel-source",
+        type=Path,
+        metavar="FILE",
+        help="write the generated kernels here (CUDA C, or LLVM IR for CPU targets)",
+    )
     opt.add_argument("--json", action="store_true", help="print the report as JSON")
     opt.set_defaults(run=_optimize)
 
     tune = sub.add_parser("tune", help="tune a model's kernels for a target into the persistent database")
     _model_arguments(tune)
     tune.add_argument("--budget", default="200", help="trials (200) or a duration (90s, 10m); default 200")
-    tune.add_argument("--distill", type=Path, metavar="DIR",
-                      help="then write the best record per kernel here, as fxopt ships them "
-                           "(fxopt/codegen/records/<target key>)")
+    tune.add_argument(
+        "--distill",
+        type=Path,
+        metavar="DIR",
+        help="then write the best record per kernel here, as fxopt ships them (fxopt/codegen/records/<target key>)",
+    )
     _tuning_arguments(tune)
     tune.set_defaults(run=_tune)
 
-    prune = _lossy_pass_command(sub, "prune", "prune channels and heads, then optimize; or --explain the groups",
-                                "prune-channels, e.g. 'ratio=0.5 importance=l2 round-to=8'", "pruned")
-    prune.add_argument("--explain", action="store_true",
-                       help="print each channel group (its layers, size, importance) and what would be kept; "
-                            "nothing is built")
+    prune = _lossy_pass_command(
+        sub,
+        "prune",
+        "prune channels and heads, then optimize; or --explain the groups",
+        "prune-channels, e.g. 'ratio=0.5 importance=l2 round-to=8'",
+        "pruned",
+    )
+    prune.add_argument(
+        "--explain",
+        action="store_true",
+        help="print each channel group (its layers, size, importance) and what would be kept; nothing is built",
+    )
     prune.set_defaults(run=_prune)
 
-    quant = _lossy_pass_command(sub, "quantize", "quantize, then optimize; or --report each layer's sensitivity",
-                                "quantize, e.g. 'scheme=w4 rounding=gptq' or 'scheme=mixed max-error=0.02'",
-                                "quantized")
-    quant.add_argument("--report", action="store_true",
-                       help="print each layer's output error when it alone is quantized (and scheme=mixed's "
-                            "choice); nothing is built")
-    quant.add_argument("--plot", type=Path, metavar="FILE.svg", help="with --report: also draw it as a bar chart")
+    quant = _lossy_pass_command(
+        sub,
+        "quantize",
+        "quantize, then optimize; or --report each layer's sensitivity",
+        "quantize, e.g. 'scheme=w4 rounding=gptq' or 'scheme=mixed max-error=0.02'",
+        "quantized",
+    )
+    quant.add_argument(
+        "--report",
+        action="store_true",
+        help="print each layer's output error when it alone is quantized (and scheme=mixed's choice); nothing is built",
+    )
+    quant.add_argument(
+        "--plot", type=Path, metavar="FILE.svg", help="with --report: also draw it as a bar chart (matplotlib)"
+    )
     quant.set_defaults(run=_quantize)
 
     passes = sub.add_parser("passes", help="list every pass with its options and docs")
@@ -113,14 +150,28 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", nargs="?", default=None,
-                        help="path/to/file.py:factory, package.module:factory, or a built-in model name "
-                             "(`fxopt models`); default: the built-in resnet50")
-    parser.add_argument("--example-input", "-i", action="append", default=[], metavar="SHAPE[:DTYPE[:LOW-HIGH]]",
-                        help="one positional input, e.g. 1x3x224x224 or 1x128:int64:0-30522 (repeat for more); "
-                             "built-in models bring their own")
-    parser.add_argument("--target", "-t", default=None,
-                        help="cpu, cuda, cuda:sm_90, aarch64 or torch (default: the pipeline file's, else cpu)")
+    parser.add_argument(
+        "model",
+        nargs="?",
+        default=None,
+        help="path/to/file.py:factory, package.module:factory, or a built-in model name "
+        "(`fxopt models`); default: the built-in resnet50",
+    )
+    parser.add_argument(
+        "--example-input",
+        "-i",
+        action="append",
+        default=[],
+        metavar="SHAPE[:DTYPE[:LOW-HIGH]]",
+        help="one positional input, e.g. 1x3x224x224 or 1x128:int64:0-30522 (repeat for more); "
+        "built-in models bring their own",
+    )
+    parser.add_argument(
+        "--target",
+        "-t",
+        default=None,
+        help="cpu, cuda, cuda:sm_90, aarch64 or torch (default: the pipeline file's, else cpu)",
+    )
     # SUPPRESS: unless given here, the top-level `fxopt --debug COMMAND` stands (a default would overwrite it).
     parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks")
 
@@ -136,15 +187,23 @@ def _lossy_pass_command(sub, command: str, help: str, options: str, written: str
 
 
 def _calibration_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--calibration", type=Path, metavar="FILE.pt",
-                        help="inputs for data-driven passes: a torch.save'd list of batches, or one tensor of "
-                             "samples split into batches of the example input's size (default: a built-in "
-                             "model's own, where it has some)")
+    parser.add_argument(
+        "--calibration",
+        type=Path,
+        metavar="FILE.pt",
+        help="inputs for data-driven passes: a torch.save'd list of batches, or one tensor of "
+        "samples split into batches of the example input's size (default: a built-in "
+        "model's own, where it has some)",
+    )
 
 
 def _tuning_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dispatch", choices=["measure", "tvm", "torch"], default="measure",
-                        help="per segment: TVM where measured faster (default), TVM wherever possible, or PyTorch")
+    parser.add_argument(
+        "--dispatch",
+        choices=["measure", "tvm", "torch"],
+        default="measure",
+        help="per segment: TVM where measured faster (default), TVM wherever possible, or PyTorch",
+    )
     parser.add_argument("--database", type=Path, help="tuning database directory (default: per target, in the cache)")
     parser.add_argument("--rpc", metavar="HOST:PORT", help="measure on remote devices through this RPC tracker")
     parser.add_argument("--device-key", help="the key the remote devices registered with the tracker")
@@ -158,11 +217,11 @@ def _tune_options(args: argparse.Namespace, budget: str | None):
             raise FxoptError("--rpc and --device-key measure tuning trials: add --tune BUDGET")
         return None
     trials, seconds = parse_budget(budget)
-    return TuneOptions(trials=trials, seconds=seconds, database=args.database, rpc=args.rpc,
-                       device_key=args.device_key)
+    return TuneOptions(trials=trials, seconds=seconds, database=args.database, rpc=args.rpc, device_key=args.device_key)
 
 
 # ----------------------------------------------------------------------------- commands
+
 
 def _optimize(args: argparse.Namespace) -> int:
     from rich.console import Console
@@ -173,15 +232,19 @@ def _optimize(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     model, inputs = load_model(args.model or DEFAULT_MODEL, args.example_input)
     pipeline = args.pipeline if args.pipeline is not None else args.spec
-    with console.status("capturing") as status:
-
-        def progress(index: int, total: int, step: str) -> None:
-            status.update(f"[{index + 1}/{total}] {step}" if step != "capture" else "capturing")
-
+    with _progress_bar() as progress:
         result = optimize(
-            model, inputs, target=args.target, pipeline=pipeline, verify=args.verify,
-            print_ir_after=args.print_ir_after, dump_dir=args.dump_dir, progress=progress,
-            tune=_tune_options(args, args.tune), dispatch=args.dispatch, calibration=_calibration(args),
+            model,
+            inputs,
+            target=args.target,
+            pipeline=pipeline,
+            verify=args.verify,
+            print_ir_after=args.print_ir_after,
+            dump_dir=args.dump_dir,
+            progress=progress,
+            tune=_tune_options(args, args.tune),
+            dispatch=args.dispatch,
+            calibration=_calibration(args),
         )
     report = result.report()
     print(json.dumps(report.to_dict(), indent=2, default=str) if args.json else report)
@@ -214,8 +277,9 @@ def _prune(args: argparse.Namespace) -> int:
         print(explain(capture(model, inputs), pruning, Calibration.coerce(_calibration(args))))
         return 0
     target = parse_target(args.target or "cpu")
-    result = optimize(model, inputs, target=target, pipeline=f"{pruning},{target.default_pipeline}",
-                      calibration=_calibration(args))
+    result = optimize(
+        model, inputs, target=target, pipeline=f"{pruning},{target.default_pipeline}", calibration=_calibration(args)
+    )
     print(result.report())
     if args.output:
         print(f"wrote {result.save(args.output)} (load with torch.export.load)")
@@ -223,7 +287,6 @@ def _prune(args: argparse.Namespace) -> int:
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from fxopt.api import optimize
     from fxopt.calibration import Calibration
@@ -241,20 +304,22 @@ def _quantize(args: argparse.Namespace) -> int:
     if args.report and calibration is None:
         raise FxoptError(f"--report runs {args.model or DEFAULT_MODEL} on calibration data: give --calibration FILE.pt")
     model, inputs = load_model(args.model or DEFAULT_MODEL, args.example_input)
-    with Console(stderr=True).status("capturing") as status:
-
-        def progress(detail: str) -> None:
-            status.update(f"{quantize}: {detail}")
-
+    with _progress_bar() as progress:
         if args.report:
             # The layers as quantize meets them in the pipeline: after the target's exact rewrites.
             program, _ = PassManager(target.default_pipeline, verify="off").run(capture(model, inputs))
-            status.update(f"{quantize}: sensitivity")
-            rows, notes = sensitivity(program, quantize, calibration, progress)
+            rows, notes = sensitivity(
+                program, quantize, calibration, lambda detail: progress(0, None, f"{quantize}: {detail}")
+            )
         else:
-            result = optimize(model, inputs, target=target, pipeline=f"{target.default_pipeline},{quantize}",
-                              calibration=calibration,
-                              progress=lambda index, total, step: status.update(f"[{index + 1}/{total}] {step}"))
+            result = optimize(
+                model,
+                inputs,
+                target=target,
+                pipeline=f"{target.default_pipeline},{quantize}",
+                calibration=calibration,
+                progress=progress,
+            )
     if not args.report:
         print(result.report())
         if args.output:
@@ -262,35 +327,54 @@ def _quantize(args: argparse.Namespace) -> int:
         return 0
     print(format_sensitivity(program.name, quantize, rows, notes, len(calibration)))
     if args.plot:
-        args.plot.write_text(_sensitivity_svg(f"{program.name}: {quantize}", rows))
+        _plot_sensitivity(args.plot, f"{program.name}: {quantize}", rows)
         print(f"wrote {args.plot}")
     return 0
 
 
-def _sensitivity_svg(title: str, rows) -> str:
-    """A horizontal bar chart of each layer's sensitivity, most sensitive on top, colored by precision."""
-    from html import escape
+def _plot_sensitivity(path: Path, title: str, rows) -> None:
+    """A horizontal bar chart of each layer's sensitivity, most sensitive on top, coloured by precision (matplotlib,
+    the ``plot`` extra; the format follows the file's suffix: .svg, .png, .pdf)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise FxoptError("--plot needs matplotlib: pip install 'fxopt[plot]'") from None
+    matplotlib.use("Agg")  # files only: no display needed
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    bar_width, row_height, label_width = 360, 16, 330
-    top = max((r.error for r in rows), default=0) or 1
-    colors = {}
-    palette = ["#4477aa", "#ee6677", "#228833", "#ccbb44"]
-    lines = [f'<text x="4" y="16" font-weight="bold">{escape(title)}</text>']
-    for i, row in enumerate(rows):
-        color = colors.setdefault(row.precision, palette[len(colors) % len(palette)])
-        y = 28 + i * row_height
-        width = bar_width * row.error / top
-        lines.append(f'<text x="{label_width - 4}" y="{y + 12}" text-anchor="end">{escape(row.label)}</text>'
-                     f'<rect x="{label_width}" y="{y + 2}" width="{width:.1f}" height="{row_height - 4}" '
-                     f'fill="{color}"><title>{row.error:.4g} ({row.precision})</title></rect>'
-                     f'<text x="{label_width + width + 4:.1f}" y="{y + 12}">{row.error:.3g}</text>')
-    legend_y = 28 + len(rows) * row_height + 14
-    lines += [f'<rect x="{label_width + 90 * i}" y="{legend_y - 10}" width="10" height="10" fill="{color}"/>'
-              f'<text x="{label_width + 90 * i + 14}" y="{legend_y}">{escape(precision)}</text>'
-              for i, (precision, color) in enumerate(colors.items())]
-    width, height = label_width + bar_width + 60, legend_y + 10
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" '
-            f'font-size="11">\n' + "\n".join(lines) + "\n</svg>\n")
+    precisions = list(dict.fromkeys(r.precision for r in rows))
+    colours = dict(zip(precisions, plt.get_cmap("tab10").colors))
+    figure, axes = plt.subplots(figsize=(8, 1 + 0.25 * max(len(rows), 1)))
+    axes.barh([r.label for r in rows], [r.error for r in rows], color=[colours[r.precision] for r in rows])
+    axes.invert_yaxis()  # most sensitive on top
+    axes.set_xlabel("output error with this layer alone quantized")
+    axes.set_title(title, fontsize=10)
+    axes.legend(handles=[Patch(color=colours[p], label=p) for p in precisions], fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+@contextlib.contextmanager
+def _progress_bar() -> Iterator[Callable[[int, int | None, str], None]]:
+    """A progress bar on a terminal's stderr (rich; gone when done): yields ``update(index, total, step)``, the
+    callback ``optimize`` calls for each pass, tuning round and measured segment."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    if not console.is_terminal:  # a log or a pipe: no bar, and no stray newline
+        yield lambda index, total, step: None
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn())
+    with Progress(*columns, TimeElapsedColumn(), console=console, transient=True) as bar:
+        task = bar.add_task("capturing", total=None)
+
+        def update(index: int, total: int | None, step: str) -> None:
+            bar.update(task, description="capturing" if step == "capture" else step, completed=index, total=total)
+
+        yield update
 
 
 def _calibration(args: argparse.Namespace):
@@ -304,16 +388,19 @@ def _calibration(args: argparse.Namespace):
 
 
 def _tune(args: argparse.Namespace) -> int:
-    from rich.console import Console
 
     from fxopt.api import optimize
     from fxopt.zoo import DEFAULT_MODEL
 
     model, inputs = load_model(args.model or DEFAULT_MODEL, args.example_input)
-    with Console(stderr=True).status("capturing") as status:
+    with _progress_bar() as progress:
         result = optimize(
-            model, inputs, target=args.target, tune=_tune_options(args, args.budget), dispatch=args.dispatch,
-            progress=lambda index, total, step: status.update(f"[{index + 1}/{total}] {step}"),
+            model,
+            inputs,
+            target=args.target,
+            tune=_tune_options(args, args.budget),
+            dispatch=args.dispatch,
+            progress=progress,
         )
     report = result.report()
     if not report.tuning:
@@ -321,7 +408,7 @@ def _tune(args: argparse.Namespace) -> int:
         return 0
     print(report.tuning)
     if args.distill:
-        from fxopt.codegen.tune import database_dir, distill_database
+        from fxopt.codegen.tuning_database import database_dir, distill_database
 
         kept = distill_database(database_dir(result.target, args.database), args.distill)
         print(f"distilled the best records of {kept} kernels into {args.distill}")

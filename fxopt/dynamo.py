@@ -33,12 +33,16 @@ def fxopt_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict 
     options = dict(options or {})
     unknown = sorted(set(options) - _OPTIONS)
     if unknown:
-        raise FxoptError(f"torch.compile(backend='fxopt'): unknown option {', '.join(map(repr, unknown))} "
-                         f"(options: {', '.join(sorted(_OPTIONS))})")
+        raise FxoptError(
+            f"torch.compile(backend='fxopt'): unknown option {', '.join(map(repr, unknown))} "
+            f"(options: {', '.join(sorted(_OPTIONS))})"
+        )
     if not all(isinstance(x, torch.Tensor) for x in example_inputs):
         # Dynamo marks a dimension dynamic after it changed between calls: fxopt builds static shapes only.
-        _log.warning("torch.compile(backend='fxopt'): a graph with symbolic sizes runs in PyTorch "
-                     "(compile with dynamic=False to build one per shape)")
+        _log.warning(
+            "torch.compile(backend='fxopt'): a graph with symbolic sizes runs in PyTorch "
+            "(compile with dynamic=False to build one per shape)"
+        )
         return gm.forward
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     weights = {i: (node.name, example_inputs[i]) for i, node in enumerate(placeholders) if _is_weight(node)}

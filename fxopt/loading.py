@@ -9,6 +9,7 @@ import importlib.util
 import re
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -18,7 +19,7 @@ from fxopt.errors import FxoptError, first_line
 __all__ = ["load_model", "parse_input_spec"]
 
 
-def load_model(spec: str, input_specs: list[str] = ()) -> tuple[torch.nn.Module, tuple]:
+def load_model(spec: str, input_specs: Sequence[str] = ()) -> tuple[torch.nn.Module, tuple]:
     """A model and example inputs from a built-in name or ``path/to/file.py:factory`` / ``module:factory``.
 
     The factory returns a model or ``(model, inputs)``; ``input_specs`` (``1x3x224x224``) override the inputs.
@@ -44,7 +45,9 @@ def load_model(spec: str, input_specs: list[str] = ()) -> tuple[torch.nn.Module,
     if input_specs:
         inputs = tuple(parse_input_spec(s) for s in input_specs)
     if inputs is None:
-        raise FxoptError(f"give the inputs of {spec} with --example-input SHAPE (or return (model, inputs) from the factory)")
+        raise FxoptError(
+            f"give the inputs of {spec} with --example-input SHAPE (or return (model, inputs) from the factory)"
+        )
     if not isinstance(model, torch.nn.Module):
         raise FxoptError(f"'{spec}' returned {type(model).__name__}, not a torch.nn.Module")
     return model, inputs if isinstance(inputs, tuple) else (inputs,)
@@ -55,11 +58,13 @@ def _import(path: str):
         file = Path(path)
         if not file.is_file():
             raise FxoptError(f"model file '{path}' does not exist")
-        spec = importlib.util.spec_from_file_location(file.stem, file)
-        module = importlib.util.module_from_spec(spec)
+        module_spec = importlib.util.spec_from_file_location(file.stem, file)
+        if module_spec is None or module_spec.loader is None:
+            raise FxoptError(f"model file '{path}' is not a Python file")
+        module = importlib.util.module_from_spec(module_spec)
         sys.path.insert(0, str(file.parent.resolve()))
         try:
-            spec.loader.exec_module(module)
+            module_spec.loader.exec_module(module)
         except Exception as exc:  # the user's file: a syntax error, a failing import, anything it raises
             raise FxoptError(f"cannot load model file '{path}': {_where(exc, path)}{first_line(exc)}") from exc
         finally:
@@ -86,7 +91,9 @@ def parse_input_spec(text: str) -> torch.Tensor:
     """``1x3x224x224`` -> a random float32 tensor; ``1x128:int64:0-30522`` -> random integers in [0, 30522)."""
     m = _INPUT.match(text.strip())
     if not m:
-        raise FxoptError(f"bad --example-input '{text}': expected SHAPE[:DTYPE[:LOW-HIGH]] like 1x3x224x224 or 1x128:int64:0-1000")
+        raise FxoptError(
+            f"bad --example-input '{text}': expected SHAPE[:DTYPE[:LOW-HIGH]] like 1x3x224x224 or 1x128:int64:0-1000"
+        )
     shape = tuple(int(d) for d in m["shape"].split("x"))
     dtype = getattr(torch, m["dtype"] or "float32", None)
     if not isinstance(dtype, torch.dtype):

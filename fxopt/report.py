@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field
 
 from fxopt.codegen import SegmentRecord
 from fxopt.passes.manager import PassRecord
+from fxopt.tables import format_table
 
 __all__ = ["Report", "human"]
 
@@ -42,9 +43,9 @@ class Report:
     def final_error(self) -> tuple[float, float] | None:
         if self.build_error is not None:
             return self.build_error
-        checked = [r for r in self.passes if r.max_abs_error is not None]
+        checked = [pair for r in self.passes if (pair := _pair(r.max_abs_error, r.max_rel_error)) is not None]
         if checked:
-            return checked[-1].max_abs_error, checked[-1].max_rel_error
+            return checked[-1]
         return self.capture_error
 
     def to_dict(self) -> dict:
@@ -56,51 +57,63 @@ class Report:
         header = ["pass", "time", "changed", "nodes", "params", "FLOPs", "max abs err", "max rel err"]
         rows = [["capture", f"{self.capture_seconds:.2f}s", "", "", "", "", *_errors(self.capture_error)]]
         for r in self.passes:
-            rows.append([
-                r.name, f"{r.seconds:.2f}s", "yes" if r.changed else "no",
-                _change(r.nodes), _change(r.params, human), _change(r.flops, human),
-                *_errors(None if r.max_abs_error is None else (r.max_abs_error, r.max_rel_error)),
-            ])
+            rows.append(
+                [
+                    r.name,
+                    f"{r.seconds:.2f}s",
+                    "yes" if r.changed else "no",
+                    _change(r.nodes),
+                    _change(r.params, human),
+                    _change(r.flops, human),
+                    *_errors(_pair(r.max_abs_error, r.max_rel_error)),
+                ]
+            )
         if self.build_seconds:
-            rows.append([f"build ({self.backend})", f"{self.build_seconds:.2f}s", "", "", "", "",
-                         *_errors(self.build_error)])
+            rows.append(
+                [f"build ({self.backend})", f"{self.build_seconds:.2f}s", "", "", "", "", *_errors(self.build_error)]
+            )
         lines = [
             f"fxopt report: {self.model} -> target {self.target}",
             f"backend: {self.backend} ({self.backend_note})",
             f"pipeline: {self.pipeline or '(empty)'}",
             f"verification: {self.verify}",
             "",
-            *_table(header, rows),
+            *format_table(header, rows),
         ]
         if self.tuning:
             lines += ["", self.tuning]
         if self.latency:
             eager, built = self.latency
-            lines += ["", f"latency on the example inputs: {eager:.3f} ms in PyTorch -> {built:.3f} ms as built "
-                          f"({eager / built:.2f}x; medians of alternating warm blocks)"]
+            lines += [
+                "",
+                f"latency on the example inputs: {eager:.3f} ms in PyTorch -> {built:.3f} ms as built "
+                f"({eager / built:.2f}x; medians of alternating warm blocks)",
+            ]
         if self.segments:
             lines += ["", "segments (measured on the example inputs):"]
-            lines += ["  " + line for line in _table(
-                ["segment", "ops", "runs in", "torch ms", "tvm ms", "why"],
-                [[s.name, _shorten(s.ops, 48), s.backend, _format_ms(s.torch_ms), _format_ms(s.tvm_ms), s.reason]
-                 for s in self.segments],
-            )]
+            lines += [
+                "  " + line
+                for line in format_table(
+                    ["segment", "ops", "runs in", "torch ms", "tvm ms", "why"],
+                    [
+                        [s.name, _shorten(s.ops, 48), s.backend, _format_ms(s.torch_ms), _format_ms(s.tvm_ms), s.reason]
+                        for s in self.segments
+                    ],
+                )
+            ]
         if self.fallbacks:
             lines += ["", "ops left to PyTorch (no TVM lowering):"] + [f"  {f}" for f in self.fallbacks]
         notes = [(r.name, n) for r in self.passes for n in r.notes]
         if any(any(r.stats.values()) for r in self.passes):
             lines += ["", "what each pass did:"]
-            lines += [f"  {r.name}: " + ", ".join(_stat(k, v, r.rules) for k, v in r.stats.items() if v)
-                      for r in self.passes if any(r.stats.values())]
+            lines += [
+                f"  {r.name}: " + ", ".join(_stat(k, v, r.rules) for k, v in r.stats.items() if v)
+                for r in self.passes
+                if any(r.stats.values())
+            ]
         if notes:
             lines += ["", "notes:"] + [f"  {name}: {n}" for name, n in notes]
         return "\n".join(lines)
-
-
-def _table(header: list[str], rows: list[list]) -> list[str]:
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    return lines + ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
 
 
 def _stat(key: str, value: object, rules: dict[str, str]) -> str:
@@ -119,6 +132,10 @@ def _format_ms(value: float | None) -> str:
 def _change(pair: tuple[int, int], fmt=str) -> str:
     before, after = pair
     return fmt(before) if before == after else f"{fmt(before)} -> {fmt(after)}"
+
+
+def _pair(abs_error: float | None, rel_error: float | None) -> tuple[float, float] | None:
+    return None if abs_error is None or rel_error is None else (abs_error, rel_error)
 
 
 def _errors(error: tuple[float, float] | None) -> list[str]:

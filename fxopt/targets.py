@@ -125,8 +125,13 @@ class Target:
             arch = self.resolved().arch
             host = {"kind": "llvm", "mcpu": host_cpu().mcpu, "num-cores": host_cpu().cores}
             return tvm.target.Target(
-                {"kind": "cuda", "arch": arch, "max_threads_per_block": 1024, "max_shared_memory_per_block": 49152,
-                 "thread_warp_size": 32},
+                {
+                    "kind": "cuda",
+                    "arch": arch,
+                    "max_threads_per_block": 1024,
+                    "max_shared_memory_per_block": 49152,
+                    "thread_warp_size": 32,
+                },
                 host=host,
             )
         raise FxoptError(f"target '{self}' runs in PyTorch and has no TVM target")
@@ -157,8 +162,14 @@ TARGETS: dict[str, Target] = {
         Target("torch", "torch", "cpu", "torch"),
         Target("cpu", "llvm", "cpu", "cpu", tuning={"trials_per_kernel": 64, "repeat": 3}),
         Target("cuda", "cuda", "cuda", "cuda", tuning={"trials_per_kernel": 128, "repeat": 10}),
-        Target("aarch64", "llvm", "cpu", "cpu", arch="aarch64-linux-gnu",
-               tuning={"trials_per_kernel": 64, "repeat": 3, "cores": 4}),
+        Target(
+            "aarch64",
+            "llvm",
+            "cpu",
+            "cpu",
+            arch="aarch64-linux-gnu",
+            tuning={"trials_per_kernel": 64, "repeat": 3, "cores": 4},
+        ),
     ]
 }
 

@@ -9,8 +9,14 @@ from collections.abc import Callable
 __all__ = ["time_call"]
 
 
-def time_call(fn: Callable, args: tuple = (), *, sync: Callable[[], None] = lambda: None, budget: float = 0.2,
-              give_up_after: float | None = None) -> float:
+def time_call(
+    fn: Callable,
+    args: tuple = (),
+    *,
+    sync: Callable[[], None] = lambda: None,
+    budget: float = 0.2,
+    give_up_after: float | None = None,
+) -> float:
     """Median seconds per call of ``fn(*args)`` after one warm-up call.
 
     Runs at least 3 and at most 100 times, within about ``budget`` seconds;

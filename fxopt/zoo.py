@@ -18,8 +18,18 @@ import torch
 from fxopt.errors import FxoptError
 from fxopt.log import quiet_loggers
 
-__all__ = ["ZooModel", "ZOO", "DEFAULT_MODEL", "SENTENCES", "CALIBRATION_SENTENCES", "calibration_batches",
-           "SentenceEncoder", "load_zoo_model", "minilm_encoder", "digits_cnn"]
+__all__ = [
+    "ZooModel",
+    "ZOO",
+    "DEFAULT_MODEL",
+    "SENTENCES",
+    "CALIBRATION_SENTENCES",
+    "calibration_batches",
+    "SentenceEncoder",
+    "load_zoo_model",
+    "minilm_encoder",
+    "digits_cnn",
+]
 
 
 @dataclass(frozen=True)
@@ -38,6 +48,7 @@ def _transformers():
     try:
         with quiet_loggers("torchao", "torch.utils._pytree"):
             import transformers
+
             # Building a model imports its quantizers, and with them torchao, which logs the CUDA kernels a CPU
             # build lacks and registers pytree types torch calls deprecated: noise for fxopt's users.
             importlib.import_module("transformers.quantizers.auto")
@@ -101,51 +112,87 @@ def _tokens(vocab: int, seq: int, batch: int = 1) -> Callable[[], tuple]:
 
 
 SENTENCES = [  # held out: what tests and benchmarks compare embeddings on
-    "Solar panels convert sunlight into electricity.", "The children built a sandcastle at the beach.",
-    "Our flight was delayed by two hours.", "The library lends e-books to its members.",
-    "A dog is running through the park.", "Inflation rose faster than economists predicted.",
-    "The recipe calls for two cups of flour.", "Astronomers discovered a distant exoplanet.",
+    "Solar panels convert sunlight into electricity.",
+    "The children built a sandcastle at the beach.",
+    "Our flight was delayed by two hours.",
+    "The library lends e-books to its members.",
+    "A dog is running through the park.",
+    "Inflation rose faster than economists predicted.",
+    "The recipe calls for two cups of flour.",
+    "Astronomers discovered a distant exoplanet.",
 ]
 
 CALIBRATION_SENTENCES = [  # what data-driven passes calibrate on: none of SENTENCES
-    "A man is playing a guitar on stage.", "The stock market fell sharply on Monday.",
-    "Cats often sleep for most of the day.", "She finished the marathon in under four hours.",
-    "The new phone has a larger battery.", "Rain is expected throughout the weekend.",
-    "He cooked pasta with garlic and olive oil.", "The museum opens a new exhibition next month.",
-    "The committee approved the budget after a long debate.", "Two kids are kicking a ball in the street.",
-    "The bridge will be closed for repairs until spring.", "Scientists sequenced the genome of an ancient wheat.",
-    "My grandmother knits scarves for the whole family.", "The train to Berlin leaves at seven fifteen.",
-    "Heavy snow blocked the mountain pass overnight.", "The startup raised forty million dollars in funding.",
-    "A woman is slicing tomatoes in the kitchen.", "The orchestra rehearsed the symphony for weeks.",
-    "Please restart the router if the connection drops.", "Bees are essential for pollinating many crops.",
-    "The court ruled that the contract was invalid.", "He forgot his umbrella and got soaked on the way home.",
-    "The team celebrated their victory in the final minute.", "Antibiotics do not work against viral infections.",
-    "Fresh bread smells wonderful in the morning.", "The software update fixed several security flaws.",
-    "A cyclist rides along the river at sunset.", "Prices for used cars have doubled since last year.",
-    "The professor explained quantum entanglement with a simple analogy.", "They adopted a kitten from the shelter.",
-    "Volcanic ash disrupted air travel across Europe.", "The hotel room had a view of the harbor.",
-    "Regular exercise lowers the risk of heart disease.", "The novel was translated into thirty languages.",
-    "Workers went on strike demanding higher wages.", "A boy is climbing a tall oak tree.",
-    "The database query takes too long on large tables.", "Coral reefs are threatened by warming oceans.",
-    "She painted the fence bright yellow.", "The election results will be announced tonight.",
-    "Add salt to the water before boiling the potatoes.", "The satellite captured images of the hurricane.",
-    "Our neighbors are renovating their kitchen.", "The goalkeeper saved a penalty in extra time.",
-    "Electric cars are becoming cheaper to produce.", "The patient recovered quickly after surgery.",
-    "A group of friends is hiking up a steep trail.", "The company recalled thousands of faulty chargers.",
-    "Learning a new language takes patience and practice.", "The river flooded several villages last spring.",
-    "He plays chess online every evening.", "The central bank kept interest rates unchanged.",
-    "Wolves were reintroduced to the national park.", "The printer is out of ink again.",
-    "A chef is grilling fish over an open flame.", "The documentary follows penguins through a harsh winter.",
-    "The app crashes whenever I upload a photo.", "Farmers are worried about the long drought.",
-    "A little girl is feeding ducks at the pond.", "The senator resigned after the scandal.",
-    "Mount Everest is the highest mountain on Earth.", "The concert was cancelled because of the storm.",
-    "You should back up your files regularly.", "The vaccine trial enrolled ten thousand volunteers.",
+    "A man is playing a guitar on stage.",
+    "The stock market fell sharply on Monday.",
+    "Cats often sleep for most of the day.",
+    "She finished the marathon in under four hours.",
+    "The new phone has a larger battery.",
+    "Rain is expected throughout the weekend.",
+    "He cooked pasta with garlic and olive oil.",
+    "The museum opens a new exhibition next month.",
+    "The committee approved the budget after a long debate.",
+    "Two kids are kicking a ball in the street.",
+    "The bridge will be closed for repairs until spring.",
+    "Scientists sequenced the genome of an ancient wheat.",
+    "My grandmother knits scarves for the whole family.",
+    "The train to Berlin leaves at seven fifteen.",
+    "Heavy snow blocked the mountain pass overnight.",
+    "The startup raised forty million dollars in funding.",
+    "A woman is slicing tomatoes in the kitchen.",
+    "The orchestra rehearsed the symphony for weeks.",
+    "Please restart the router if the connection drops.",
+    "Bees are essential for pollinating many crops.",
+    "The court ruled that the contract was invalid.",
+    "He forgot his umbrella and got soaked on the way home.",
+    "The team celebrated their victory in the final minute.",
+    "Antibiotics do not work against viral infections.",
+    "Fresh bread smells wonderful in the morning.",
+    "The software update fixed several security flaws.",
+    "A cyclist rides along the river at sunset.",
+    "Prices for used cars have doubled since last year.",
+    "The professor explained quantum entanglement with a simple analogy.",
+    "They adopted a kitten from the shelter.",
+    "Volcanic ash disrupted air travel across Europe.",
+    "The hotel room had a view of the harbor.",
+    "Regular exercise lowers the risk of heart disease.",
+    "The novel was translated into thirty languages.",
+    "Workers went on strike demanding higher wages.",
+    "A boy is climbing a tall oak tree.",
+    "The database query takes too long on large tables.",
+    "Coral reefs are threatened by warming oceans.",
+    "She painted the fence bright yellow.",
+    "The election results will be announced tonight.",
+    "Add salt to the water before boiling the potatoes.",
+    "The satellite captured images of the hurricane.",
+    "Our neighbors are renovating their kitchen.",
+    "The goalkeeper saved a penalty in extra time.",
+    "Electric cars are becoming cheaper to produce.",
+    "The patient recovered quickly after surgery.",
+    "A group of friends is hiking up a steep trail.",
+    "The company recalled thousands of faulty chargers.",
+    "Learning a new language takes patience and practice.",
+    "The river flooded several villages last spring.",
+    "He plays chess online every evening.",
+    "The central bank kept interest rates unchanged.",
+    "Wolves were reintroduced to the national park.",
+    "The printer is out of ink again.",
+    "A chef is grilling fish over an open flame.",
+    "The documentary follows penguins through a harsh winter.",
+    "The app crashes whenever I upload a photo.",
+    "Farmers are worried about the long drought.",
+    "A little girl is feeding ducks at the pond.",
+    "The senator resigned after the scandal.",
+    "Mount Everest is the highest mountain on Earth.",
+    "The concert was cancelled because of the storm.",
+    "You should back up your files regularly.",
+    "The vaccine trial enrolled ten thousand volunteers.",
 ]
 
 
 def calibration_batches(tokens: Callable[[list[str]], tuple], size: int = 8) -> list[tuple]:
     """:data:`CALIBRATION_SENTENCES` tokenized in batches of ``size`` (the batch the model was captured with)."""
-    return [tokens(CALIBRATION_SENTENCES[i:i + size]) for i in range(0, len(CALIBRATION_SENTENCES), size)]
+    return [tokens(CALIBRATION_SENTENCES[i : i + size]) for i in range(0, len(CALIBRATION_SENTENCES), size)]
 
 
 def digits_cnn(epochs: int = 8) -> tuple[torch.nn.Module, tuple, tuple]:
@@ -162,8 +209,15 @@ def digits_cnn(epochs: int = 8) -> tuple[torch.nn.Module, tuple, tuple]:
     train, test = order[:1400], order[1400:]
     torch.manual_seed(0)
     model = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(16, 32, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(), torch.nn.Linear(32 * 16, 10))
+        torch.nn.Conv2d(1, 16, 3, padding=1),
+        torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(),
+        torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(16, 32, 3, padding=1),
+        torch.nn.ReLU(),
+        torch.nn.Flatten(),
+        torch.nn.Linear(32 * 16, 10),
+    )
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _epoch in range(epochs):
         for batch in train.split(64):
@@ -200,8 +254,7 @@ def minilm_encoder(max_length: int = 24) -> tuple[SentenceEncoder, Callable[[lis
     encoder = SentenceEncoder(transformers.AutoModel.from_pretrained(path).eval()).eval()
 
     def tokens(sentences: list[str]) -> tuple:
-        batch = tokenizer(sentences, padding="max_length", max_length=max_length, truncation=True,
-                          return_tensors="pt")
+        batch = tokenizer(sentences, padding="max_length", max_length=max_length, truncation=True, return_tensors="pt")
         return batch["input_ids"], batch["attention_mask"]
 
     return encoder, tokens
@@ -218,33 +271,73 @@ ZOO: dict[str, ZooModel] = {
         ZooModel("vit", "ViT-Base/16 image classifier, 1x3x224x224", _seeded(_vit), _image(224)),
         ZooModel("bert", "BERT-base encoder, batch 1, sequence 128", _seeded(_bert), _tokens(30522, 128)),
         ZooModel("gpt2", "GPT-2 small language model, batch 1, sequence 128", _seeded(_gpt2), _tokens(50257, 128)),
-        ZooModel("llama", "8-layer LLaMA with grouped-query attention (8 query, 2 K/V heads), hidden 512, "
-                 "batch 1, sequence 128",
-                 _seeded(lambda: _llama(vocab_size=32000, hidden_size=512, intermediate_size=1376, num_hidden_layers=8,
-                                        num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=512)),
-                 _tokens(32000, 128)),
-        ZooModel("minilm", "all-MiniLM-L6-v2 sentence encoder with its trained weights, 8 sentences of 24 tokens "
-                 "(calibration: 64 others)", lambda: minilm_encoder()[0], lambda: minilm_encoder()[1](SENTENCES),
-                 lambda: calibration_batches(minilm_encoder()[1])),
+        ZooModel(
+            "llama",
+            "8-layer LLaMA with grouped-query attention (8 query, 2 K/V heads), hidden 512, batch 1, sequence 128",
+            _seeded(
+                lambda: _llama(
+                    vocab_size=32000,
+                    hidden_size=512,
+                    intermediate_size=1376,
+                    num_hidden_layers=8,
+                    num_attention_heads=8,
+                    num_key_value_heads=2,
+                    max_position_embeddings=512,
+                )
+            ),
+            _tokens(32000, 128),
+        ),
+        ZooModel(
+            "minilm",
+            "all-MiniLM-L6-v2 sentence encoder with its trained weights, 8 sentences of 24 tokens "
+            "(calibration: 64 others)",
+            lambda: minilm_encoder()[0],
+            lambda: minilm_encoder()[1](SENTENCES),
+            lambda: calibration_batches(minilm_encoder()[1]),
+        ),
         # Small members of the same families, for tests and quick tries.
-        ZooModel("resnet-tiny", "2-stage ResNet, 1x3x32x32",
-                 _seeded(lambda: _resnet(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)),
-                 _image(32)),
-        ZooModel("mobilenet_v2-tiny", "MobileNetV2 at width 0.35, 1x3x64x64",
-                 _seeded(lambda: _mobilenet_v2(depth_multiplier=0.35, image_size=64, num_labels=10)), _image(64)),
-        ZooModel("convnext-tiny", "2-stage ConvNeXt, 1x3x32x32",
-                 _seeded(lambda: _convnext(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=10)), _image(32)),
-        ZooModel("vit-tiny", "2-layer ViT, 1x3x32x32",
-                 _seeded(lambda: _vit(image_size=32, patch_size=8, num_labels=10, **_TINY_TEXT)), _image(32)),
-        ZooModel("bert-tiny", "2-layer BERT, batch 1, sequence 16",
-                 _seeded(lambda: _bert(vocab_size=100, max_position_embeddings=64, **_TINY_TEXT)), _tokens(100, 16)),
-        ZooModel("gpt2-tiny", "2-layer GPT-2, batch 1, sequence 16",
-                 _seeded(lambda: _gpt2(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4)),
-                 _tokens(100, 16)),
-        ZooModel("llama-tiny", "2-layer LLaMA with grouped-query attention, batch 1, sequence 16",
-                 _seeded(lambda: _llama(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2,
-                                        **_TINY_TEXT)),
-                 _tokens(100, 16)),
+        ZooModel(
+            "resnet-tiny",
+            "2-stage ResNet, 1x3x32x32",
+            _seeded(lambda: _resnet(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)),
+            _image(32),
+        ),
+        ZooModel(
+            "mobilenet_v2-tiny",
+            "MobileNetV2 at width 0.35, 1x3x64x64",
+            _seeded(lambda: _mobilenet_v2(depth_multiplier=0.35, image_size=64, num_labels=10)),
+            _image(64),
+        ),
+        ZooModel(
+            "convnext-tiny",
+            "2-stage ConvNeXt, 1x3x32x32",
+            _seeded(lambda: _convnext(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=10)),
+            _image(32),
+        ),
+        ZooModel(
+            "vit-tiny",
+            "2-layer ViT, 1x3x32x32",
+            _seeded(lambda: _vit(image_size=32, patch_size=8, num_labels=10, **_TINY_TEXT)),
+            _image(32),
+        ),
+        ZooModel(
+            "bert-tiny",
+            "2-layer BERT, batch 1, sequence 16",
+            _seeded(lambda: _bert(vocab_size=100, max_position_embeddings=64, **_TINY_TEXT)),
+            _tokens(100, 16),
+        ),
+        ZooModel(
+            "gpt2-tiny",
+            "2-layer GPT-2, batch 1, sequence 16",
+            _seeded(lambda: _gpt2(vocab_size=100, n_positions=64, n_embd=32, n_layer=2, n_head=4)),
+            _tokens(100, 16),
+        ),
+        ZooModel(
+            "llama-tiny",
+            "2-layer LLaMA with grouped-query attention, batch 1, sequence 16",
+            _seeded(lambda: _llama(vocab_size=100, max_position_embeddings=64, num_key_value_heads=2, **_TINY_TEXT)),
+            _tokens(100, 16),
+        ),
     ]
 }
 

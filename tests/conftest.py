@@ -14,12 +14,19 @@ warnings.filterwarnings("ignore", category=FutureWarning)
 # "ci": fast, runs on every submission, new examples each commit (see pytest_configure). "thorough": long runs,
 # HYPOTHESIS_PROFILE=thorough pytest tests/property
 settings.register_profile(
-    "ci", max_examples=12, deadline=None, print_blob=True, database=None,
+    "ci",
+    max_examples=12,
+    deadline=None,
+    print_blob=True,
+    database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],  # no "explain": minutes
 )
 settings.register_profile(
-    "thorough", max_examples=400, deadline=None, print_blob=True,
+    "thorough",
+    max_examples=400,
+    deadline=None,
+    print_blob=True,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
@@ -33,8 +40,9 @@ def pytest_configure(config):
     seed = config.getoption("hypothesis_seed", None) or os.environ.get("HYPOTHESIS_SEED")
     if seed is None:
         try:
-            head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                                  text=True, check=True).stdout
+            head = subprocess.run(
+                ["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True, text=True, check=True
+            ).stdout
             seed = int(head[:8], 16)
         except (OSError, subprocess.CalledProcessError, ValueError):
             import time
@@ -46,8 +54,10 @@ def pytest_configure(config):
 
 def _seed_line(config) -> str:
     seed = config.fxopt_hypothesis_seed
-    return (f"hypothesis profile {os.environ.get('HYPOTHESIS_PROFILE', 'ci')}, seed {seed} "
-            f"(reproduce: HYPOTHESIS_SEED={seed} python -m pytest ...)")
+    return (
+        f"hypothesis profile {os.environ.get('HYPOTHESIS_PROFILE', 'ci')}, seed {seed} "
+        f"(reproduce: HYPOTHESIS_SEED={seed} python -m pytest ...)"
+    )
 
 
 def pytest_report_header(config):
@@ -70,7 +80,7 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def private_tuning_cache(tmp_path_factory, monkeypatch):
     """Every test gets an empty tuning cache: no records from the user's machine, another test, or the package."""
-    import fxopt.codegen.tune
+    import fxopt.codegen.tuning_database
 
     monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path_factory.mktemp("fxopt-cache")))
-    monkeypatch.setattr(fxopt.codegen.tune, "SHIPPED_RECORDS", tmp_path_factory.mktemp("no-shipped-records"))
+    monkeypatch.setattr(fxopt.codegen.tuning_database, "SHIPPED_RECORDS", tmp_path_factory.mktemp("no-shipped-records"))

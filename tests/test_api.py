@@ -91,14 +91,20 @@ def test_calls_with_the_wrong_arguments_are_input_mismatches(tmp_path):
     # export named a raw TreeSpec.
     model, x = torch.nn.Linear(4, 4), torch.randn(2, 4)
     result = optimize(model, (x,), target="cpu", dispatch="tvm")
-    with pytest.raises(InputMismatchError, match=r"Linear.forward\(input: torch.Tensor\).*too many positional "
-                                                 r"arguments \(called with 2 positional arguments\)"):
+    with pytest.raises(
+        InputMismatchError,
+        match=r"Linear.forward\(input: torch.Tensor\).*too many positional "
+        r"arguments \(called with 2 positional arguments\)",
+    ):
         result(x, x)
     with pytest.raises(InputMismatchError, match="missing a required argument: 'input'"):
         result()
     loaded = fxopt.load(result.export(tmp_path / "linear"))
-    with pytest.raises(InputMismatchError, match=r"called with 0 positional arguments and keyword 'x', but it was "
-                                                 r"exported for 1 positional argument \(input_1 float32\[2, 4\]\)"):
+    with pytest.raises(
+        InputMismatchError,
+        match=r"called with 0 positional arguments and keyword 'x', but it was "
+        r"exported for 1 positional argument \(input_1 float32\[2, 4\]\)",
+    ):
         loaded(x=x)
     with pytest.raises(InputMismatchError, match="called with 2 positional arguments, but it was captured with 1"):
         result.program(x, x)

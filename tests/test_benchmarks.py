@@ -41,18 +41,37 @@ def test_gpu_check_dry_run_packages_a_cuda_export_and_runs_it_on_the_tvm_runtime
     # export goes through gpu_check.sh with TVM's runtime only (no compiler), weights rebuilt from the model.
     carry, out = tmp_path / "carry", tmp_path / "out"
     python = ".".join(map(str, sys.version_info[:2]))  # tvm-ffi as installed here: no download
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "package", "--carry", str(carry),
-                    "--only", "gpt2-tiny-float32-b1", "--python", python, "--dry-run"], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "gpu_check.py"),
+            "package",
+            "--carry",
+            str(carry),
+            "--only",
+            "gpt2-tiny-float32-b1",
+            "--python",
+            python,
+            "--dry-run",
+        ],
+        check=True,
+    )
     (case,) = json.loads((carry / "cases.json").read_text())
     assert set(case["exports"]) == {"cuda:sm_90", "cpu"}, case
     cuda = json.loads((carry / case["exports"]["cuda:sm_90"] / "manifest.json").read_text())
     assert "sm_90" in cuda["tvm_target"]
     assert cuda["weights"] and (carry / "tvm-runtime.tar.xz").stat().st_size < 16 * 2**20
 
-    environment = {**os.environ, "FXOPT_CARRY": str(carry), "PATH": f"{pathlib.Path(sys.executable).parent}:"
-                   f"{os.environ['PATH']}"}  # gpu_check.sh runs python3: this one
-    subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run", "--rounds", "1"],
-                   check=True, env=environment)
+    environment = {
+        **os.environ,
+        "FXOPT_CARRY": str(carry),
+        "PATH": f"{pathlib.Path(sys.executable).parent}:{os.environ['PATH']}",
+    }  # gpu_check.sh runs python3: this one
+    subprocess.run(
+        ["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), str(out), "--dry-run", "--rounds", "1"],
+        check=True,
+        env=environment,
+    )
     results = json.loads((out / "gpu_check.json").read_text())
     assert "runtime only" in results["machine"]["tvm"]
     (checked,) = results["cases"]

@@ -73,8 +73,12 @@ def test_gradients_match_autograd_on_the_model():
     p = program()
     batches = [torch.randn(2, 4) for _ in range(2)]
     got = {}
-    gradients(p, Calibration.coerce(batches), [t for t, _ in p.constants()],
-              lambda t, w, g: got.__setitem__(t, got.get(t, 0) + g))
+    gradients(
+        p,
+        Calibration.coerce(batches),
+        [t for t, _ in p.constants()],
+        lambda t, w, g: got.__setitem__(t, got.get(t, 0) + g),
+    )
     model = TwoLayer()
     for x in batches:
         (0.5 * model(x).pow(2).mean()).backward()

@@ -11,8 +11,10 @@ import sys
 import pytest
 
 PACKAGE = pathlib.Path(__file__).resolve().parent.parent / "fxopt"
-MODULES = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
-           for p in PACKAGE.rglob("*.py")}
+MODULES = {
+    ".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+    for p in PACKAGE.rglob("*.py")
+}
 
 
 def module_imports(path: pathlib.Path, typing_too: bool = False) -> set[str]:
@@ -20,8 +22,16 @@ def module_imports(path: pathlib.Path, typing_too: bool = False) -> set[str]:
     under ``if TYPE_CHECKING`` only with ``typing_too``; ``from package import submodule`` counts as the
     submodule."""
     tree = ast.parse(path.read_text())
-    typing_only = set() if typing_too else {id(n) for block in ast.walk(tree) if isinstance(block, ast.If)
-                                            and "TYPE_CHECKING" in ast.unparse(block.test) for n in ast.walk(block)}
+    typing_only = (
+        set()
+        if typing_too
+        else {
+            id(n)
+            for block in ast.walk(tree)
+            if isinstance(block, ast.If) and "TYPE_CHECKING" in ast.unparse(block.test)
+            for n in ast.walk(block)
+        }
+    )
     found = set()
     for node in ast.walk(tree):
         if id(node) in typing_only:
@@ -37,18 +47,24 @@ def module_imports(path: pathlib.Path, typing_too: bool = False) -> set[str]:
 _ABOVE_ALGORITHMS = ("fxopt.codegen", "fxopt.api", "fxopt.cli", "fxopt.dynamo", "fxopt.loading")
 
 
-@pytest.mark.parametrize("layer, forbidden, allowed", [
-    ("ir", ("fxopt.passes", "fxopt.quant", "fxopt.prune", "fxopt.calibration") + _ABOVE_ALGORITHMS, ()),
-    ("quant", ("fxopt.passes", "fxopt.prune") + _ABOVE_ALGORITHMS, ("fxopt.passes.base",)),
-    ("prune", ("fxopt.passes", "fxopt.quant") + _ABOVE_ALGORITHMS, ("fxopt.passes.base",)),
-    ("passes", _ABOVE_ALGORITHMS, ()),
-    ("codegen", ("fxopt.passes", "fxopt.prune", "fxopt.api", "fxopt.cli", "fxopt.dynamo", "fxopt.loading"), ()),
-])
+@pytest.mark.parametrize(
+    "layer, forbidden, allowed",
+    [
+        ("ir", ("fxopt.passes", "fxopt.quant", "fxopt.prune", "fxopt.calibration") + _ABOVE_ALGORITHMS, ()),
+        ("quant", ("fxopt.passes", "fxopt.prune") + _ABOVE_ALGORITHMS, ("fxopt.passes.base",)),
+        ("prune", ("fxopt.passes", "fxopt.quant") + _ABOVE_ALGORITHMS, ("fxopt.passes.base",)),
+        ("passes", _ABOVE_ALGORITHMS, ()),
+        ("codegen", ("fxopt.passes", "fxopt.prune", "fxopt.api", "fxopt.cli", "fxopt.dynamo", "fxopt.loading"), ()),
+    ],
+)
 def test_each_layer_imports_only_the_layers_below_it(layer, forbidden, allowed):
     # Imports for type annotations only may point up (the algorithms name their pass's options class).
-    crossing = {f"{path.relative_to(PACKAGE.parent)} imports {name}"
-                for path in (PACKAGE / layer).rglob("*.py")
-                for name in module_imports(path) if name.startswith(forbidden) and name not in allowed}
+    crossing = {
+        f"{path.relative_to(PACKAGE.parent)} imports {name}"
+        for path in (PACKAGE / layer).rglob("*.py")
+        for name in module_imports(path)
+        if name.startswith(forbidden) and name not in allowed
+    }
     assert not crossing, sorted(crossing)
 
 
@@ -73,7 +89,7 @@ def test_no_import_cycle_among_fxopt_modules():
         state[name] = "open"
         for target in sorted(graph[name]):
             if state.get(target) == "open":
-                cycles.append(stack[stack.index(target):] + [target])
+                cycles.append(stack[stack.index(target) :] + [target])
             elif target not in state:
                 visit(target, stack + [target])
         state[name] = "done"

@@ -26,14 +26,16 @@ from typing import Literal
 
 import torch
 
+from fxopt.codegen import lower_quantized  # noqa: F401  (registers the quantized ops' lowerings)
 from fxopt.codegen.compile import compile_module, kernel_source
 from fxopt.codegen.dispatch import Choice, Timing, choose, device_sync, measure
 from fxopt.codegen.export import export_program
 from fxopt.codegen.lower import LoweringError, lower_graph
 from fxopt.codegen.partition import partition
 from fxopt.codegen.runtime import TVMFunction, load_vm
-from fxopt.codegen.tune import TuningSummary, existing_database
+from fxopt.codegen.tune import TuningSummary
 from fxopt.codegen.tune import tune as run_tuning
+from fxopt.codegen.tuning_database import existing_database
 from fxopt.errors import CodegenError, first_line
 from fxopt.ir.numerics import Tolerance
 from fxopt.ir.program import Program
@@ -109,9 +111,12 @@ def build(
         return Executable(program, target, "torch", "the optimized graph runs in PyTorch", program)
     if target.kind == "cuda" and target.arch is None and not torch.cuda.is_available():
         return Executable(
-            program, target, "torch",
+            program,
+            target,
+            "torch",
             "no CUDA device is visible, so the optimized graph runs in PyTorch on the CPU; name an architecture "
-            "(e.g. 'cuda:sm_90') to build CUDA kernels anyway", program,
+            "(e.g. 'cuda:sm_90') to build CUDA kernels anyway",
+            program,
         )
     target = target.resolved()
     runnable = not target.is_cross
@@ -145,10 +150,20 @@ def build(
 
     if not runnable:
         for segment in part.segments:
-            records.setdefault(segment.name, SegmentRecord(
-                segment.name, segment.summary, "torch", None, None, "built only: target cannot run on this machine"))
-        result = _torch_only(program, target, part, records, f"kernels built for {target.describe()}; this machine "
-                             "cannot run them, so the optimized graph runs in PyTorch here")
+            records.setdefault(
+                segment.name,
+                SegmentRecord(
+                    segment.name, segment.summary, "torch", None, None, "built only: target cannot run on this machine"
+                ),
+            )
+        result = _torch_only(
+            program,
+            target,
+            part,
+            records,
+            f"kernels built for {target.describe()}; this machine "
+            "cannot run them, so the optimized graph runs in PyTorch here",
+        )
         result.relax_executable = executable
         result.tuning = tuning
         return result
@@ -164,8 +179,15 @@ def build(
         key = _timing_key(segment)
         same, timed = timings.get(key, (None, None))
         try:
-            choice, timed = choose(segment.graph_module, kernel, segment.example_inputs, tolerance,
-                                   device=target.device, measure_speed=dispatch == "measure", timed=timed)
+            choice, timed = choose(
+                segment.graph_module,
+                kernel,
+                segment.example_inputs,
+                tolerance,
+                device=target.device,
+                measure_speed=dispatch == "measure",
+                timed=timed,
+            )
         except Exception as exc:  # a segment that cannot be checked or timed runs in PyTorch; the build goes on
             choice = Choice("torch", None, None, f"checking TVM's kernel failed: {first_line(exc)}")
         else:
@@ -178,7 +200,11 @@ def build(
         if choice.backend == "tvm":
             part.graph_module.add_submodule(segment.name, kernel)
         records[segment.name] = SegmentRecord(
-            segment.name, segment.summary, choice.backend, _ms(choice.torch_seconds), _ms(choice.tvm_seconds),
+            segment.name,
+            segment.summary,
+            choice.backend,
+            _ms(choice.torch_seconds),
+            _ms(choice.tvm_seconds),
             choice.reason,
         )
     ordered = [records[s.name] for s in part.segments]
@@ -199,13 +225,20 @@ def build(
             for record in ordered:
                 if record.backend == "tvm":
                     record.backend, record.reason = "torch", record.reason + "; the whole model was not faster"
-            result = _torch_only(program, target, part, records, f"the whole model measured no faster with "
-                                 f"{in_tvm} segments in TVM ({latency[1]:.3g} ms vs {latency[0]:.3g} ms in "
-                                 f"PyTorch), so it runs in PyTorch")
+            result = _torch_only(
+                program,
+                target,
+                part,
+                records,
+                f"the whole model measured no faster with "
+                f"{in_tvm} segments in TVM ({latency[1]:.3g} ms vs {latency[0]:.3g} ms in "
+                f"PyTorch), so it runs in PyTorch",
+            )
             result.relax_executable, result.tuning, result.latency = executable, tuning, latency
             return result
-    return Executable(program, target, backend, note, module, ordered, part.fallback_summary(), executable, tuning,
-                      latency)
+    return Executable(
+        program, target, backend, note, module, ordered, part.fallback_summary(), executable, tuning, latency
+    )
 
 
 def _torch_only(program, target, part, records, note) -> Executable:
@@ -229,8 +262,15 @@ def _timing_key(segment) -> str:
         if node.op == "get_attr":
             value = getattr(segment.graph_module, node.target)
             shape = (tuple(value.shape), value.dtype)
-        lines.append((node.op, str(node.target) if node.op == "call_function" else None, shape,
-                      torch.fx.node.map_aggregate(node.args, spelled), torch.fx.node.map_aggregate(node.kwargs, spelled)))
+        lines.append(
+            (
+                node.op,
+                str(node.target) if node.op == "call_function" else None,
+                shape,
+                torch.fx.node.map_aggregate(node.args, spelled),
+                torch.fx.node.map_aggregate(node.kwargs, spelled),
+            )
+        )
     inputs = [(tuple(a.shape), a.dtype) if isinstance(a, torch.Tensor) else a for a in segment.example_inputs]
     return repr((lines, inputs))
 

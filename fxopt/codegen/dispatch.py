@@ -62,8 +62,15 @@ def device_sync(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device == "cuda" else lambda: None
 
 
-def measure(first: Callable, second: Callable, args: tuple, *, sync: Callable[[], None] = lambda: None,
-            rounds: int = ROUNDS, block_seconds: float = _BLOCK_SECONDS) -> Timing:
+def measure(
+    first: Callable,
+    second: Callable,
+    args: tuple,
+    *,
+    sync: Callable[[], None] = lambda: None,
+    rounds: int = ROUNDS,
+    block_seconds: float = _BLOCK_SECONDS,
+) -> Timing:
     """Time ``first(*args)`` and ``second(*args)`` in ``rounds`` alternating warm blocks.
 
     Alternating blocks, not single calls in turn: what one runner leaves behind (caches, thread pools) slows
@@ -92,8 +99,16 @@ def quantized_outputs(graph_module: torch.fx.GraphModule) -> list[float]:
     return [float(isinstance(o, torch.fx.Node) and o.target is quantize) for o in outputs]
 
 
-def choose(torch_fn: Callable, tvm_fn: Callable, args: tuple, tolerance: Tolerance, *, device: str,
-           measure_speed: bool = True, timed: Timing | None = None) -> tuple[Choice, Timing | None]:
+def choose(
+    torch_fn: Callable,
+    tvm_fn: Callable,
+    args: tuple,
+    tolerance: Tolerance,
+    *,
+    device: str,
+    measure_speed: bool = True,
+    timed: Timing | None = None,
+) -> tuple[Choice, Timing | None]:
     """Check ``tvm_fn`` against ``torch_fn`` on ``args`` and, with ``measure_speed``, keep the faster.
 
     ``timed``: the timing of an identical segment, reused instead of measuring again. Returns the choice and
@@ -114,6 +129,7 @@ def choose(torch_fn: Callable, tvm_fn: Callable, args: tuple, tolerance: Toleran
     if timed.second_is_faster:
         return Choice("tvm", t, v, f"{t / v:.2f}x faster than PyTorch"), timed
     if v < t:
-        return Choice("torch", t, v, f"TVM not faster by the {1 / MARGIN:.2f}x margin in each of "
-                                     f"{timed.rounds} rounds"), timed
+        return Choice(
+            "torch", t, v, f"TVM not faster by the {1 / MARGIN:.2f}x margin in each of {timed.rounds} rounds"
+        ), timed
     return Choice("torch", t, v, "PyTorch is faster"), timed

@@ -43,14 +43,17 @@ __all__ = ["export_program", "program_weights", "load", "LoadedModel", "MANIFEST
 MANIFEST = "manifest.json"
 
 
-def export_program(program: Program, target: Target, path: str | Path, database_dir: Path | None = None,
-                   weights: bool = True) -> Path:
+def export_program(
+    program: Program, target: Target, path: str | Path, database_dir: Path | None = None, weights: bool = True
+) -> Path:
     """Compile all of ``program`` for ``target`` into the directory ``path``, its weights inside the library or
     (``weights=False``) taken as arguments; see the module docstring."""
     fallbacks = unlowerable(program.graph)
     if fallbacks:
-        raise CodegenError("cannot export a TVM library: these ops have no lowering and would need PyTorch: "
-                           + "; ".join(summarize_fallbacks(fallbacks)))
+        raise CodegenError(
+            "cannot export a TVM library: these ops have no lowering and would need PyTorch: "
+            + "; ".join(summarize_fallbacks(fallbacks))
+        )
     if target.kind == "torch":
         raise CodegenError("target 'torch' has no TVM library to export; use OptimizedModel.save() for a .pt2")
     target = target.resolved()
@@ -105,18 +108,24 @@ def _weight_arguments(manifest: dict, weights: dict[str, torch.Tensor] | None, d
             raise CodegenError(f"{manifest['name']}: this export holds its weights; load it without weights=")
         return []
     if weights is None:
-        raise CodegenError(f"{manifest['name']}: this export was written without its weights (weights=False): pass "
-                           f"load(path, weights=program_weights(program)) with the {len(expected)} it takes")
+        raise CodegenError(
+            f"{manifest['name']}: this export was written without its weights (weights=False): pass "
+            f"load(path, weights=program_weights(program)) with the {len(expected)} it takes"
+        )
     missing = [w["name"] for w in expected if w["name"] not in weights]
     if missing:
-        raise CodegenError(f"{manifest['name']}: weights missing: {', '.join(missing[:5])}"
-                           + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+        raise CodegenError(
+            f"{manifest['name']}: weights missing: {', '.join(missing[:5])}"
+            + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        )
     arguments = []
     for spec in expected:
         value = weights[spec["name"]]
         if list(value.shape) != spec["shape"] or tvm_dtype(value.dtype) != spec["dtype"]:
-            raise CodegenError(f"{manifest['name']}: weight '{spec['name']}' must be {spec['dtype']} {spec['shape']}, "
-                               f"got {value.dtype} {list(value.shape)}")
+            raise CodegenError(
+                f"{manifest['name']}: weight '{spec['name']}' must be {spec['dtype']} {spec['shape']}, "
+                f"got {value.dtype} {list(value.shape)}"
+            )
         arguments.append(value.detach().to(device).contiguous())
     return arguments
 
@@ -136,8 +145,10 @@ class LoadedModel:
         flat, spec = pytree.tree_flatten((args, kwargs))
         if spec != self._in_spec:
             expected = ", ".join(f"{i['name']} {i['dtype']}{i['shape']}" for i in self.manifest["inputs"])
-            raise InputMismatchError(f"{self.manifest['name']}: {describe_arguments(args, kwargs)}, but it was "
-                                     f"exported for {describe_structure(self._in_spec)} ({expected})")
+            raise InputMismatchError(
+                f"{self.manifest['name']}: {describe_arguments(args, kwargs)}, but it was "
+                f"exported for {describe_structure(self._in_spec)} ({expected})"
+            )
         for value, expected in zip(flat, self.manifest["inputs"]):
             if list(value.shape) != expected["shape"] or tvm_dtype(value.dtype) != expected["dtype"]:
                 raise InputMismatchError(
@@ -190,7 +201,7 @@ def load(path: str | Path, device: str | None = None, weights: dict[str, torch.T
         raise CodegenError(f"{path} was built for {manifest['target']} but no CUDA device is visible")
     library = tvm.runtime.load_module(str(path / manifest["library"]))
     vm = load_vm(library, device)
-    weights = _weight_arguments(manifest, weights, device)
-    if weights:
-        weights = list(vm["main_transform_params"]([to_tvm(w) for w in weights]))
-    return LoadedModel(path, manifest, TVMFunction(vm, "main", after_inputs=weights), device)
+    arguments = _weight_arguments(manifest, weights, device)
+    if arguments:
+        arguments = list(vm["main_transform_params"]([to_tvm(w) for w in arguments]))
+    return LoadedModel(path, manifest, TVMFunction(vm, "main", after_inputs=arguments), device)

@@ -7,7 +7,8 @@ against the node's ``meta["val"]`` (shape and dtype), so an importer bug shows
 up as a named :class:`LoweringError` and the segment runs in PyTorch instead
 of computing something quietly wrong.
 
-Users extend the table with :func:`register_lowering`.
+Users extend the table with :func:`register_lowering`; the quantized ops' lowerings are in
+:mod:`fxopt.codegen.lower_quantized`.
 """
 
 from __future__ import annotations
@@ -19,15 +20,21 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
-from fxopt.codegen import x86
 from fxopt.errors import CodegenError
 from fxopt.ir.meta import describe_node
 from fxopt.ir.program import attribute_owner
-from fxopt.quant import ops as _quant_ops  # noqa: F401  (registers the fxopt:: quantized ops lowered here)
 from fxopt.targets import Target
 
-__all__ = ["LoweringError", "OVERRIDES", "register_lowering", "lowering_key", "is_lowerable", "lower_graph",
-           "graph_weights", "tvm_dtype"]
+__all__ = [
+    "LoweringError",
+    "OVERRIDES",
+    "register_lowering",
+    "lowering_key",
+    "is_lowerable",
+    "lower_graph",
+    "graph_weights",
+    "tvm_dtype",
+]
 
 aten = torch.ops.aten
 fxopt_ops = torch.ops.fxopt
@@ -93,8 +100,16 @@ def is_lowerable(node: fx.Node) -> str | None:
 
 
 _DTYPES = {
-    torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.int16,
-    torch.int8, torch.uint8, torch.bool,
+    torch.float32,
+    torch.float16,
+    torch.bfloat16,
+    torch.float64,
+    torch.int64,
+    torch.int32,
+    torch.int16,
+    torch.int8,
+    torch.uint8,
+    torch.bool,
 }
 
 
@@ -135,8 +150,11 @@ def _segment_importer():
         def lower(self, gm: fx.GraphModule, name: str, weights_as_params: bool):
             bb = self.block_builder
             params, inputs, nodes = [], {}, []
-            weights = {target: _tensor_var(f"w_{i}", value)
-                       for i, (target, value) in enumerate(graph_weights(gm).items())} if weights_as_params else {}
+            weights = (
+                {target: _tensor_var(f"w_{i}", value) for i, (target, value) in enumerate(graph_weights(gm).items())}
+                if weights_as_params
+                else {}
+            )
             for node in gm.graph.nodes:
                 if node.op == "placeholder":  # translated too: the importer binds it to its variable in inputs
                     var = _tensor_var(node.name, node.meta["val"])
@@ -145,8 +163,11 @@ def _segment_importer():
                     nodes.append(node)
                 elif node.op == "get_attr":
                     # Bound here: the importer's get_attr path expects submodules, not tensors.
-                    self.env[node] = (weights[node.target] if weights_as_params
-                                      else to_relax_constant(getattr(*attribute_owner(gm, node.target))))
+                    self.env[node] = (
+                        weights[node.target]
+                        if weights_as_params
+                        else to_relax_constant(getattr(*attribute_owner(gm, node.target)))
+                    )
                 else:
                     nodes.append(node)
             with bb.function(name, params=params + list(weights.values())):
@@ -188,8 +209,7 @@ def lower_graph(gm: fx.GraphModule, name: str, target: Target | None = None, wei
 
 def graph_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     """The constants a graph reads, by name, in the order ``lower_graph(weights_as_params=True)`` takes them."""
-    return {node.target: getattr(*attribute_owner(gm, node.target))
-            for node in gm.graph.nodes if node.op == "get_attr"}
+    return {node.target: getattr(*attribute_owner(gm, node.target)) for node in gm.graph.nodes if node.op == "get_attr"}
 
 
 def _tensor_var(name: str, value: torch.Tensor):
@@ -203,8 +223,16 @@ def _tensor_var(name: str, value: torch.Tensor):
 # DLight's tensor-core matmul rule takes them), but the importer adds the half-precision bias to the float32 result,
 # which Relax refuses, and returns float32 where PyTorch returns the input's dtype.
 _FLOAT32_ACCUMULATING = {
-    "linear.default": 2, "convolution.default": 2, "conv1d.default": 2, "conv2d.default": 2, "conv3d.default": 2,
-    "addmm.default": 0, "baddbmm.default": 0, "matmul.default": None, "mm.default": None, "bmm.default": None,
+    "linear.default": 2,
+    "convolution.default": 2,
+    "conv1d.default": 2,
+    "conv2d.default": 2,
+    "conv3d.default": 2,
+    "addmm.default": 0,
+    "baddbmm.default": 0,
+    "matmul.default": None,
+    "mm.default": None,
+    "bmm.default": None,
 }
 
 
@@ -335,8 +363,9 @@ def _crms_norm(node: fx.Node, importer) -> object:
     total = bb.emit(relax.op.sum(x, axis=[-1], keepdims=True))
     squares = bb.emit(relax.op.sum(relax.op.multiply(x, x), axis=[-1], keepdims=True))
     width = node.meta["val"].shape[-1] + 1
-    mean_square = relax.op.divide(relax.op.add(squares, relax.op.multiply(total, total)),
-                                  relax.const(float(width), tvm_dtype(compute)))
+    mean_square = relax.op.divide(
+        relax.op.add(squares, relax.op.multiply(total, total)), relax.const(float(width), tvm_dtype(compute))
+    )
     out = bb.emit(relax.op.multiply(x, relax.op.rsqrt(relax.op.add(mean_square, relax.const(eps, tvm_dtype(compute))))))
     return bb.emit(relax.op.astype(out, tvm_dtype(dtype))) if compute != dtype else out
 
@@ -411,185 +440,6 @@ def _amax(node: fx.Node, importer) -> object:
 
     dims = _arg(node, 1, "dim", [])
     axis = list(dims) if dims else None
-    return importer.block_builder.emit(relax.op.max(importer.env[node.args[0]], axis=axis,
-                                                    keepdims=bool(_arg(node, 2, "keepdim", False))))
-
-
-# --- quantized ops (fxopt.quant): integer kernels, float only at the edges ---------------------------------
-
-
-def _int8_only(node: fx.Node) -> None:
-    if any(isinstance(a, fx.Node) and a.meta["val"].dtype == torch.float8_e4m3fn for a in node.args):
-        raise LoweringError(node, "fp8 has no TVM kernels here; fp8 layers run (simulated) in PyTorch")
-
-
-def _float32(arg: fx.Node, importer) -> object:
-    """The lowered value of ``arg`` as float32 (quantized ops compute in float32 whatever the model's dtype)."""
-    from tvm import relax
-
-    value = importer.env[arg]
-    if arg.meta["val"].dtype == torch.float32:
-        return value
-    return importer.block_builder.emit(relax.op.astype(value, "float32"))
-
-
-@register_lowering(fxopt_ops.quantize.default)
-def _quantize(node: fx.Node, importer) -> object:
-    """``clamp(floor(x / scale + 0.5) + zero_point, -128, 127)`` as int8, rounding exactly as the reference does."""
-    from tvm import relax
-
-    if node.args[3] != "int8":
-        raise LoweringError(node, f"{node.args[3]} has no TVM kernels here; it runs in PyTorch")
-    bb = importer.block_builder
-    x, scale, zero_point = _float32(node.args[0], importer), importer.env[node.args[1]], importer.env[node.args[2]]
-    q = bb.emit(relax.op.floor(relax.op.add(relax.op.divide(x, scale), relax.const(0.5, "float32"))))
-    q = bb.emit(relax.op.add(q, relax.op.astype(zero_point, "float32")))
-    return bb.emit(relax.op.astype(relax.op.clip(q, -128, 127), "int8"))
-
-
-def _in_output_dtype(node: fx.Node, bb, y) -> object:
-    """Float32 result ``y`` cast to the node's dtype (float16/bfloat16 models)."""
-    from tvm import relax
-
-    out_dtype = tvm_dtype(node.meta["val"].dtype)
-    return bb.emit(relax.op.astype(y, out_dtype)) if out_dtype != "float32" else y
-
-
-def _dequantize_accumulator(node: fx.Node, importer, acc, channel_shape: list[int]) -> object:
-    """int32 sums → ``out_dtype``: ``acc * (x_scale * w_scale) + bias``, the scales broadcast along ``channel_shape``."""
-    from tvm import relax
-
-    bb = importer.block_builder
-    x_scale, w_scale = importer.env[node.args[1]], importer.env[node.args[4]]
-    if node.args[4].meta["val"].dim():
-        w_scale = bb.emit(relax.op.reshape(w_scale, channel_shape))
-    y = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.op.multiply(x_scale, w_scale)))
-    bias = node.args[5]
-    if bias is not None:
-        y = bb.emit(relax.op.add(y, relax.op.reshape(_float32(bias, importer), channel_shape)))
-    return _in_output_dtype(node, bb, y)
-
-
-@register_lowering(fxopt_ops.linear_q.default)
-def _linear_q(node: fx.Node, importer) -> object:
-    """int8 × int8 → int32 matmul; the activation zero point is subtracted as ``zp * Σ_k w[n, k]`` (a constant).
-
-    On an AVX2 CPU, fxopt's hand-scheduled kernel (:mod:`fxopt.codegen.x86`) with the epilogue inside.
-    """
-    from tvm import relax
-
-    _int8_only(node)
-    weight = _constant(node.args[3])
-    out_features, in_features = node.args[3].meta["val"].shape
-    if x86.has_avx2(importer.target) and weight is not None and out_features % 8 == 0 and in_features % 2 == 0:
-        return _linear_q_avx2(node, importer, weight)
-    bb = importer.block_builder
-    xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]
-    acc = bb.emit(relax.op.matmul(xq, relax.op.permute_dims(wq, [1, 0]), out_dtype="int32"))
-    column_sums = relax.op.sum(relax.op.astype(wq, "int32"), axis=[1])
-    acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(zero_point, column_sums)))
-    return _dequantize_accumulator(node, importer, acc, [-1])
-
-
-def _constant(node: fx.Node) -> torch.Tensor | None:
-    """The tensor a ``get_attr`` node reads, or ``None`` for a computed value."""
-    if node.op != "get_attr":
-        return None
-    return getattr(*attribute_owner(node.graph.owning_module, node.target))
-
-
-def _linear_q_avx2(node: fx.Node, importer, weight: torch.Tensor) -> object:
-    """``linear_q`` as one call of :func:`fxopt.codegen.x86.int8_linear` over the rows of the activation."""
-    from tvm import relax
-
-    bb = importer.block_builder
-    x_meta = node.args[0].meta["val"]
-    rows, (out_features, in_features) = x_meta.numel() // x_meta.shape[-1], weight.shape
-    per_row = node.args[1].meta["val"].numel() > 1 or node.args[2].meta["val"].numel() > 1
-
-    def per_activation(arg: fx.Node, dtype: str):
-        value = relax.op.reshape(importer.env[arg], [-1])
-        if per_row and arg.meta["val"].numel() == 1:
-            value = relax.op.broadcast_to(value, [rows])
-        return bb.emit(relax.op.astype(value, dtype))
-
-    w_scale = node.args[4]
-    per_channel = w_scale.meta["val"].numel() > 1
-    bias = node.args[5]
-    kernel = x86.int8_linear(rows, in_features, out_features, per_row, per_channel)
-    kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
-    args = [
-        bb.emit(relax.op.reshape(importer.env[node.args[0]], [rows, in_features])),
-        to_relax_constant(x86.pack_int8_weight(weight)),
-        to_relax_constant(weight.to(torch.int32).sum(1, dtype=torch.int32)),
-        per_activation(node.args[2], "int32"),
-        per_activation(node.args[1], "float32"),
-        bb.emit(relax.op.astype(relax.op.reshape(importer.env[w_scale], [-1]), "float32")),
-        to_relax_constant(torch.zeros(out_features)) if bias is None else _float32(bias, importer),
-    ]
-    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, out_features], "float32")))
-    y = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
-    return _in_output_dtype(node, bb, y)
-
-
-@register_lowering(fxopt_ops.conv_q.default)
-def _conv_q(node: fx.Node, importer) -> object:
-    """int8 2-D convolution into int32; the zero point's contribution (border-dependent, since padding pads the
-    real 0) is ``zp * conv(ones, w)``, a constant."""
-    from tvm import relax
-
-    _int8_only(node)
-    if node.args[3].meta["val"].dim() != 4:
-        raise LoweringError(node, "only 2-D quantized convolutions have a TVM kernel")
-    bb = importer.block_builder
-    xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]
-    stride, padding, dilation, groups = node.args[6:10]
-
-    def conv(data):
-        return relax.op.nn.conv2d(data, wq, strides=stride, padding=padding, dilation=dilation, groups=groups,
-                                  out_dtype="int32")
-
-    acc = bb.emit(conv(xq))
-    shape = list(node.args[0].meta["val"].shape)
-    ones = to_relax_constant(torch.ones([1, *shape[1:]], dtype=torch.int8))
-    acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(zero_point, conv(ones))))
-    return _dequantize_accumulator(node, importer, acc, [1, -1, 1, 1])
-
-
-@register_lowering(fxopt_ops.linear_wq.default)
-def _linear_wq(node: fx.Node, importer) -> object:
-    """Weight-only ``linear``: one kernel that dequantizes each weight element inside the matmul's reduction.
-
-    The integer weights stay in the library (int8, or two 4-bit values per byte); a separate dequantize op
-    would be folded back into a float weight by ``FoldConstant``, so the dequantization is part of the
-    reduction itself, computed as the reference does: ``(q - zero_point) * scale`` in float32.
-    """
-    from tvm import relax, te, tirx
-
-    bb = importer.block_builder
-    wq, scale, zero_point = (importer.env[a] for a in node.args[1:4])
-    bias, bits = node.args[4], node.args[5]
-    out_features, groups = node.args[2].meta["val"].shape
-    in_features = node.args[0].meta["val"].shape[-1]
-    group_size = in_features // groups
-    rows = bb.emit(relax.op.reshape(_float32(node.args[0], importer), [-1, in_features]))
-
-    def dequantize_matmul(x, wq, scale, zero_point):
-        def weight(n, k):
-            if bits == 4:  # low nibble first (fxopt.quant.formats.pack_int4)
-                nibble = tirx.shift_right(wq[n, k // 2], ((k % 2) * 4).astype("uint8"))
-                q = tirx.bitwise_and(nibble, tirx.const(15, "uint8"))
-            else:
-                q = wq[n, k]
-            group = k // group_size
-            return (q.astype("float32") - zero_point[n, group]) * scale[n, group]
-
-        k = te.reduce_axis((0, in_features), "k")
-        return te.compute((x.shape[0], out_features), lambda i, n: te.sum(x[i, k] * weight(n, k), axis=k),
-                          name="dequantize_matmul")
-
-    y = bb.emit_te(dequantize_matmul, rows, wq, scale, zero_point, primfunc_name_hint=node.name)
-    if bias is not None:
-        y = bb.emit(relax.op.add(y, _float32(bias, importer)))
-    y = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
-    return _in_output_dtype(node, bb, y)
+    return importer.block_builder.emit(
+        relax.op.max(importer.env[node.args[0]], axis=axis, keepdims=bool(_arg(node, 2, "keepdim", False)))
+    )

@@ -33,7 +33,11 @@ __all__ = ["Segment", "Partition", "partition", "unlowerable", "summarize_fallba
 quant_ops = torch.ops.fxopt
 
 HEAVY_OPS = {
-    *CONTRACTIONS, SDPA, quant_ops.linear_q.default, quant_ops.conv_q.default, quant_ops.linear_wq.default,
+    *CONTRACTIONS,
+    SDPA,
+    quant_ops.linear_q.default,
+    quant_ops.conv_q.default,
+    quant_ops.linear_wq.default,
 }
 
 

@@ -40,8 +40,9 @@ def _load_cuda_runtime() -> None:
         return
     torch.cuda.init()  # its CUDA runtime (libcudart) is the one TVM's library links against
     try:
-        base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes("tvm", "tvm_runtime_cuda", "RTLD_LOCAL",
-                                                               extra_lib_paths=libinfo.package_lib_paths())
+        base._LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(
+            "tvm", "tvm_runtime_cuda", "RTLD_LOCAL", extra_lib_paths=libinfo.package_lib_paths()
+        )
     except (OSError, RuntimeError) as exc:
         raise CodegenError(f"TVM's CUDA runtime (libtvm_runtime_cuda.so) does not load: {first_line(exc)}") from None
 
@@ -85,8 +86,9 @@ class TVMFunction(torch.nn.Module):
     ``after_inputs``: TVM tensors passed after every call's arguments (an export's weights).
     """
 
-    def __init__(self, vm, function: str, strides: list[tuple[int, ...] | None] | None = None,
-                 after_inputs: list | None = None):
+    def __init__(
+        self, vm, function: str, strides: list[tuple[int, ...] | None] | None = None, after_inputs: list | None = None
+    ):
         super().__init__()
         self.function = function
         self._vm = vm

@@ -13,8 +13,9 @@ because of the cache. A file lock serializes processes using the same target.
 
 Shipped records (``fxopt/codegen/records/<target key>/``, the best record per
 kernel from the benchmark models' tuning, gzip-compressed; see
-:func:`distill_database`) seed a new database, so those models get tuned
-kernels on the reference CPU from the first run.
+:func:`~fxopt.codegen.tuning_database.distill_database`) seed a new database,
+so those models get tuned kernels on the reference CPU from the first run. The
+database files themselves are :mod:`fxopt.codegen.tuning_database`'s.
 
 Two workarounds for TVM 0.27 live here: builder workers use
 :func:`build_candidate` (MetaSchedule's default imports
@@ -26,15 +27,10 @@ CPU targets.
 from __future__ import annotations
 
 import contextlib
-import gzip
 import importlib
 import importlib.util
-import json
 import logging
-import math
-import os
 import re
-import shutil
 import signal
 import sys
 import threading
@@ -43,18 +39,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fxopt.errors import CodegenError, first_line
+from fxopt.codegen.tuning_database import RECORDS_FILE, checked_database, database_dir, valid_lines
+from fxopt.errors import CodegenError
 from fxopt.log import native_stderr_to_debug
 from fxopt.targets import Target, host_cpu
 
-__all__ = ["TuneOptions", "TuningSummary", "tune", "database_dir", "distill_database", "build_candidate",
-           "parse_budget"]
+__all__ = [
+    "TuneOptions",
+    "TuningSummary",
+    "tune",
+    "build_candidate",
+    "parse_budget",
+]
 
 logger = logging.getLogger(__name__)
 
-_RECORDS = "database_tuning_record.json"
-_WORKLOADS = "database_workload.json"
-SHIPPED_RECORDS = Path(__file__).parent / "records"
 _ROUND = 16  # trials per round: the granularity of budgets and progress reports
 
 
@@ -79,7 +78,8 @@ class TuneOptions:
 
     @classmethod
     def coerce(cls, value) -> TuneOptions | None:
-        """``None``/``False`` → no tuning; ``True`` → defaults; ``200`` or ``"200"`` → trials; ``"90s"``/``"5m"`` → seconds."""
+        """``None``/``False`` → no tuning; ``True`` → defaults; ``200`` or ``"200"`` → trials; ``"90s"``/``"5m"``
+        → seconds."""
         if value is None or value is False:
             return None
         if isinstance(value, TuneOptions):
@@ -131,160 +131,11 @@ class TuningSummary:
     def __str__(self) -> str:
         tuned = sum(k.trials_after > 0 for k in self.kernels)
         count = len(self.kernels)
-        text = (f"tuning: {count} kernel{'s' * (count != 1)}, {tuned} with tuned schedules, {self.new_trials} new trials "
-                f"in {self.seconds:.0f}s; database {self.database_dir}")
+        text = (
+            f"tuning: {count} kernel{'s' * (count != 1)}, {tuned} with tuned schedules, {self.new_trials} new trials "
+            f"in {self.seconds:.0f}s; database {self.database_dir}"
+        )
         return text + (f" ({self.stopped})" if self.stopped else "")
-
-
-def target_key(target: Target) -> str:
-    """The database directory name of a target: what makes tuned schedules transferable."""
-    if target.kind == "cuda":
-        return f"cuda-{target.resolved().arch}"
-    if target.arch:
-        return f"llvm-{target.arch}-{target.tuning['cores']}c"
-    cpu = host_cpu()
-    return f"llvm-{cpu.mcpu}-{cpu.cores}c"
-
-
-def database_dir(target: Target, override: Path | None = None) -> Path:
-    """Where ``target``'s tuning database lives: ``override``, or the target's directory in the cache
-    (created, and seeded from shipped records, on first use)."""
-    if override is not None:
-        path = Path(override)
-        path.mkdir(parents=True, exist_ok=True)
-        return path
-    root = Path(os.environ.get("FXOPT_CACHE_DIR", Path.home() / ".cache" / "fxopt"))
-    path = root / "tuning" / target_key(target)
-    path.mkdir(parents=True, exist_ok=True)
-    shipped = SHIPPED_RECORDS / target_key(target)
-    if shipped.is_dir() and not (path / _RECORDS).exists():
-        for name in (_WORKLOADS, _RECORDS):
-            with gzip.open(shipped / f"{name}.gz", "rb") as source, (path / name).open("wb") as destination:
-                shutil.copyfileobj(source, destination)
-    return path
-
-
-def distill_database(source: Path, destination: Path) -> int:
-    """Write the best record of every tuned kernel in database ``source`` to ``destination``, gzip-compressed.
-
-    This is the form of shipped records: tune the benchmark models for a target,
-    then distill into ``fxopt/codegen/records/<target key>``. Returns the number
-    of kernels kept.
-    """
-    source, destination = Path(source), Path(destination)
-    repair_database(source)
-    workloads = _valid_lines(source / _WORKLOADS, _is_workload)
-    best: dict[int, tuple[float, list]] = {}
-    for line in _valid_lines(source / _RECORDS, lambda entry: _is_record(entry, len(workloads))):
-        workload, record = json.loads(line)
-        seconds = [float(s) for s in record[1] or ()]
-        mean = sum(seconds) / len(seconds) if seconds else math.inf
-        if mean < best.get(workload, (math.inf,))[0]:
-            best[workload] = mean, record
-    destination.mkdir(parents=True, exist_ok=True)
-    kept = sorted(best)
-    with gzip.open(destination / f"{_WORKLOADS}.gz", "wt") as out:
-        out.writelines(f"{workloads[i]}\n" for i in kept)
-    with gzip.open(destination / f"{_RECORDS}.gz", "wt") as out:
-        out.writelines(f"{json.dumps([new, best[old][1]], separators=(',', ':'))}\n" for new, old in enumerate(kept))
-    return len(kept)
-
-
-def existing_database(target: Target) -> Path | None:
-    """The target's database directory if it holds usable tuning records (tuned earlier, or shipped), else ``None``.
-
-    A build never fails because of the cache: an unwritable cache directory or a database TVM cannot read
-    is reported as a warning and the kernels get default schedules.
-    """
-    if target.kind == "cuda" and target.arch is None:
-        return None
-    try:
-        path = database_dir(target)
-    except OSError as exc:
-        logger.warning("fxopt: warning: tuning cache unusable (%s: %s); building with untuned schedules, nothing "
-                       "is cached (set FXOPT_CACHE_DIR to a writable directory)", exc.filename, exc.strerror)
-        return None
-    if not (path / _RECORDS).exists():
-        return None
-    from filelock import FileLock
-
-    with FileLock(str(path / "lock")):
-        return path if checked_database(path) else None
-
-
-def checked_database(path: Path) -> bool:
-    """Repair database ``path`` (see :func:`repair_database`) and check that TVM loads it; one it cannot load
-    is moved aside (``*.broken``) so that later builds and tuning start afresh. Warns naming the files."""
-    from tvm.s_tir import meta_schedule as ms
-
-    dropped = repair_database(path)
-    if dropped:
-        logger.warning("fxopt: warning: tuning database %s: dropped %d malformed line%s", path, dropped,
-                       "s" * (dropped != 1))
-    try:
-        with native_stderr_to_debug("tvm"):
-            ms.database.JSONDatabase(work_dir=str(path))
-    except Exception as exc:  # TVM's parser rejects a line the shape checks let through
-        for name in (_WORKLOADS, _RECORDS):
-            if (path / name).exists():
-                (path / name).replace(path / f"{name}.broken")
-        logger.warning("fxopt: warning: tuning database %s cannot be read (%s); moved aside as *.broken, "
-                       "continuing without it", path, first_line(exc)[:200])
-        return False
-    return True
-
-
-def repair_database(path: Path) -> int:
-    """Drop lines that are not database entries (half-written by a killed process, edited, truncated) and records
-    whose workload is gone. Returns the number of lines dropped."""
-    workloads_file, records_file = path / _WORKLOADS, path / _RECORDS
-    dropped = 0
-    workloads = _valid_lines(workloads_file, _is_workload)
-    dropped += _rewrite_if_changed(workloads_file, workloads)
-    records = _valid_lines(records_file, lambda entry: _is_record(entry, len(workloads)))
-    dropped += _rewrite_if_changed(records_file, records)
-    return dropped
-
-
-def _valid_lines(file: Path, valid: Callable[[object], bool]) -> list[str]:
-    if not file.exists():
-        return []
-    kept = []
-    for line in file.read_text(errors="replace").splitlines():
-        try:
-            entry = json.loads(line)
-        except ValueError:
-            continue
-        if valid(entry):
-            kept.append(line)
-    return kept
-
-
-def _is_workload(entry: object) -> bool:
-    """``[structural hash, module]``, as MetaSchedule's JSONDatabase writes them."""
-    return isinstance(entry, list) and len(entry) == 2 and all(isinstance(e, str) for e in entry)
-
-
-def _is_record(entry: object, workloads: int) -> bool:
-    """``[workload index, [trace, run seconds, target, argument info]]``."""
-    if not (isinstance(entry, list) and len(entry) == 2 and type(entry[0]) is int and 0 <= entry[0] < workloads):
-        return False
-    record = entry[1]
-    return (isinstance(record, list) and len(record) == 4 and isinstance(record[0], list)
-            and (record[1] is None or isinstance(record[1], list) and all(isinstance(s, (int, float)) for s in record[1]))
-            and isinstance(record[2], dict) and isinstance(record[3], list))
-
-
-def _rewrite_if_changed(file: Path, lines: list[str]) -> int:
-    if not file.exists():
-        return 0
-    before = file.read_text(errors="replace").splitlines()
-    if before == lines:
-        return 0
-    tmp = file.with_suffix(".tmp")
-    tmp.write_text("".join(f"{line}\n" for line in lines))
-    tmp.replace(file)
-    return len(before) - len(lines)
 
 
 def build_candidate(mod, target, _params):
@@ -311,14 +162,17 @@ def _register_intrinsics(target: Target) -> None:
         return
     import tvm.s_tir
 
-    package = importlib.util.module_from_spec(importlib.util.find_spec(name))
+    found = importlib.util.find_spec(name)
+    assert found is not None  # tvm.s_tir, imported above, holds it
+    package = importlib.util.module_from_spec(found)
     sys.modules[name] = package
     tvm.s_tir.tensor_intrin = package
     importlib.import_module(f"{name}.{'arm_cpu' if target.arch and 'aarch64' in target.arch else 'x86'}")
 
 
-def tune(mod, target: Target, options: TuneOptions,
-         progress: Callable[[int, int, str], None] | None = None) -> TuningSummary:
+def tune(
+    mod, target: Target, options: TuneOptions, progress: Callable[[int, int, str], None] | None = None
+) -> TuningSummary:
     """Tune the kernels of Relax module ``mod`` for ``target`` into its database (see the module docstring)."""
     import cloudpickle
     import tvm
@@ -339,8 +193,10 @@ def tune(mod, target: Target, options: TuneOptions,
     try:
         path = database_dir(target, options.database)
     except OSError as exc:
-        raise CodegenError(f"cannot tune: the tuning cache {exc.filename} is unusable ({exc.strerror}); set "
-                           f"FXOPT_CACHE_DIR or TuneOptions(database=...) to a writable directory") from None
+        raise CodegenError(
+            f"cannot tune: the tuning cache {exc.filename} is unusable ({exc.strerror}); set "
+            f"FXOPT_CACHE_DIR or TuneOptions(database=...) to a writable directory"
+        ) from None
     per_kernel = options.trials_per_kernel or target.tuning["trials_per_kernel"]
     summary = TuningSummary(path)
     start = time.monotonic()
@@ -354,8 +210,9 @@ def tune(mod, target: Target, options: TuneOptions,
         budget_left = options.trials
         order = sorted(range(len(tasks)), key=lambda i: -tasks[i].weight * _flops(tasks[i]))
         pending = [i for i in order if kernels[i].trials_before < per_kernel]
-        builder = ms.builder.LocalBuilder(f_build=build_candidate, max_workers=max(1, host_cpu().cores),
-                                          initializer=_ignore_interrupts)
+        builder = ms.builder.LocalBuilder(
+            f_build=build_candidate, max_workers=max(1, host_cpu().cores), initializer=_ignore_interrupts
+        )
         runner = _runner(ms, target, options)
         interrupted = _Interrupt()
         try:
@@ -371,8 +228,12 @@ def tune(mod, target: Target, options: TuneOptions,
                     if interrupted:
                         break
                     trials = min(_ROUND, per_kernel - kernel.trials_after, budget_left or _ROUND)
-                    with interrupted.deferred(lambda: progress and progress(
-                            position, len(pending), "stopping after this round (Ctrl-C again: now)")):
+                    with interrupted.deferred(
+                        lambda: (
+                            progress
+                            and progress(position, len(pending), "stopping after this round (Ctrl-C again: now)")
+                        )
+                    ):
                         _tune_round(ms, task, trials, builder, runner, database, path)
                     measured = _trials(database, task)
                     if budget_left is not None:
@@ -383,8 +244,9 @@ def tune(mod, target: Target, options: TuneOptions,
                     kernel.best_us = _best_us(database, task)
                     if progress:
                         best = f"{kernel.best_us:.1f} us" if kernel.best_us else "-"
-                        progress(position, len(pending),
-                                 f"tune {kernel.name}: {measured}/{per_kernel} trials, best {best}")
+                        progress(
+                            position, len(pending), f"tune {kernel.name}: {measured}/{per_kernel} trials, best {best}"
+                        )
                 if summary.stopped or interrupted:
                     break
         except Exception:
@@ -393,7 +255,7 @@ def tune(mod, target: Target, options: TuneOptions,
             # A second Ctrl-C inside TVM's C++ loop comes back as a RuntimeError around the KeyboardInterrupt.
         if interrupted:
             # Every record measured so far is in the database already (MetaSchedule appends as it goes).
-            records = len(_valid_lines(path / _RECORDS, lambda entry: True))
+            records = len(valid_lines(path / RECORDS_FILE, lambda entry: True))
             raise KeyboardInterrupt(f"interrupted: {records} tuning records kept in {path}")
         for task, kernel in zip(tasks, kernels):
             kernel.best_us = kernel.best_us or _best_us(database, task)
@@ -445,13 +307,23 @@ def _tune_round(ms, task, trials: int, builder, runner, database, path: Path) ->
     meta_schedule_logger = logging.getLogger("tvm.s_tir.meta_schedule")
     meta_schedule_logger.setLevel(logging.WARNING)
     context = ms.TuneContext(
-        mod=task.dispatched[0], target=task.target, space_generator="post-order-apply",
-        search_strategy="evolutionary", task_name=task.task_name, logger=meta_schedule_logger,
+        mod=task.dispatched[0],
+        target=task.target,
+        space_generator="post-order-apply",
+        search_strategy="evolutionary",
+        task_name=task.task_name,
+        logger=meta_schedule_logger,
         num_threads=max(1, host_cpu().cores),
     ).clone()
     ms.tune_tasks(
-        tasks=[context], task_weights=[task.weight], work_dir=str(path / "logs"), max_trials_global=trials,
-        num_trials_per_iter=trials, builder=builder, runner=runner, database=database,
+        tasks=[context],
+        task_weights=[task.weight],
+        work_dir=str(path / "logs"),
+        max_trials_global=trials,
+        num_trials_per_iter=trials,
+        builder=builder,
+        runner=runner,
+        database=database,
     )
 
 
@@ -462,10 +334,13 @@ def _runner(ms, target: Target, options: TuneOptions):
         return ms.runner.LocalRunner(evaluator_config=evaluator, timeout_sec=30)
     host, _, port = options.rpc.rpartition(":")
     if not host or not port.isdigit() or not options.device_key:
-        raise CodegenError(f"remote tuning needs rpc='HOST:PORT' and a device_key (got rpc={options.rpc!r}, "
-                           f"device_key={options.device_key!r})")
-    config = ms.runner.RPCConfig(tracker_host=host, tracker_port=int(port), tracker_key=options.device_key,
-                                 session_timeout_sec=60)
+        raise CodegenError(
+            f"remote tuning needs rpc='HOST:PORT' and a device_key (got rpc={options.rpc!r}, "
+            f"device_key={options.device_key!r})"
+        )
+    config = ms.runner.RPCConfig(
+        tracker_host=host, tracker_port=int(port), tracker_key=options.device_key, session_timeout_sec=60
+    )
     return ms.runner.RPCRunner(rpc_config=config, evaluator_config=evaluator)
 
 

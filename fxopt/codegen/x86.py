@@ -47,8 +47,11 @@ def _register_intrinsic() -> str:
     from tvm.script import tirx as T
 
     @T.prim_func(s_tir=True)
-    def description(a: T.Buffer((2,), "int16", offset_factor=1), b: T.Buffer((8, 2), "int16", offset_factor=1),
-                    c: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+    def description(
+        a: T.Buffer((2,), "int16", offset_factor=1),
+        b: T.Buffer((8, 2), "int16", offset_factor=1),
+        c: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
         with T.sblock("root"):
             T.reads(c[0:8], a[0:2], b[0:8, 0:2])
             T.writes(c[0:8])
@@ -59,16 +62,21 @@ def _register_intrinsic() -> str:
                         c[vi] = c[vi] + T.cast(a[vk], "int32") * T.cast(b[vi, vk], "int32")
 
     @T.prim_func(s_tir=True)
-    def implementation(a: T.Buffer((2,), "int16", offset_factor=1), b: T.Buffer((8, 2), "int16", offset_factor=1),
-                       c: T.Buffer((8,), "int32", offset_factor=1, scope="local")) -> None:
+    def implementation(
+        a: T.Buffer((2,), "int16", offset_factor=1),
+        b: T.Buffer((8, 2), "int16", offset_factor=1),
+        c: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
         with T.sblock("root"):
             T.reads(c[0:8], a[0:2], b[0:8, 0:2])
             T.writes(c[0:8])
             pair = T.reinterpret(a.vload([0], "int16x2"), dtype="int32")
             c[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
                 T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
-                T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"), b.vload([0, 0], dtype="int16x16"),
-                dtype="int32x8")
+                T.reinterpret(T.broadcast(pair, 8), dtype="int16x16"),
+                b.vload([0, 0], dtype="int16x16"),
+                dtype="int32x8",
+            )
 
     TensorIntrin.register(_INTRINSIC, description, implementation)
     return _INTRINSIC
@@ -100,17 +108,23 @@ def int8_linear(rows: int, in_features: int, out_features: int, per_row_activati
         (rows, out_features // _LANES, _LANES),
         lambda m, block, lane: te.sum(
             wide[m, pair * 2 + half].astype("int32") * packed[block, pair, lane, half].astype("int32"),
-            axis=[pair, half]),
-        name="acc")
+            axis=[pair, half],
+        ),
+        name="acc",
+    )
 
     def row(m):
         return m if per_row_activation else 0
 
     out = te.compute(
         (rows, out_features),
-        lambda m, n: (acc[m, n // _LANES, n % _LANES] - zero_point[row(m)] * colsum[n]).astype("float32")
-        * (x_scale[row(m)] * w_scale[n if per_channel_weight else 0]) + bias[n],
-        name="out")
+        lambda m, n: (
+            (acc[m, n // _LANES, n % _LANES] - zero_point[row(m)] * colsum[n]).astype("float32")
+            * (x_scale[row(m)] * w_scale[n if per_channel_weight else 0])
+            + bias[n]
+        ),
+        name="out",
+    )
     func = te.create_prim_func([xq, packed, colsum, zero_point, x_scale, w_scale, bias, out])
 
     tile_rows = next(r for r in (4, 2, 1) if rows % r == 0)

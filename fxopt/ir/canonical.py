@@ -33,10 +33,25 @@ PRESERVED_OPS: frozenset[torch._ops.OpOverload] = frozenset(
 # Non-ATen callables export legitimately leaves in a graph: tuple indexing of
 # multi-output ops and arithmetic on symbolic sizes of dynamic dimensions.
 _STRUCTURAL_TARGETS = frozenset(
-    {operator.getitem, operator.add, operator.sub, operator.mul, operator.floordiv,
-     operator.mod, operator.eq, operator.ne, operator.lt, operator.le, operator.gt,
-     operator.ge, torch.sym_int, torch.sym_float, torch.sym_max, torch.sym_min,
-     torch.sym_not}
+    {
+        operator.getitem,
+        operator.add,
+        operator.sub,
+        operator.mul,
+        operator.floordiv,
+        operator.mod,
+        operator.eq,
+        operator.ne,
+        operator.lt,
+        operator.le,
+        operator.gt,
+        operator.ge,
+        torch.sym_int,
+        torch.sym_float,
+        torch.sym_max,
+        torch.sym_min,
+        torch.sym_not,
+    }
 )
 
 

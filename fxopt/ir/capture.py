@@ -163,16 +163,20 @@ def _is_model_code(filename: str) -> bool:
 def _remedy(exc: Exception, strict: bool) -> str:
     message = str(exc)
     if "register a pytree" in message:
-        return ("The model takes or returns an object export cannot flatten; return tensors (or tuples/dicts "
-                "of them), or register the type with torch.utils._pytree.register_pytree_node. For "
-                "transformers models, config.use_cache=False avoids returning cache objects.")
+        return (
+            "The model takes or returns an object export cannot flatten; return tensors (or tuples/dicts "
+            "of them), or register the type with torch.utils._pytree.register_pytree_node. For "
+            "transformers models, config.use_cache=False avoids returning cache objects."
+        )
     if "data-dependent" in message or "GuardOnDataDependent" in type(exc).__name__:
-        return ("The forward branches on tensor values; rewrite the branch with torch.where or "
-                "torch.cond, or move it out of the model.")
+        return (
+            "The forward branches on tensor values; rewrite the branch with torch.where or "
+            "torch.cond, or move it out of the model."
+        )
     if "Constraints violated" in message or "dynamic" in message.lower() and "shape" in message.lower():
-        return ("A dimension marked dynamic was specialized; relax dynamic_shapes for it or "
-                "capture with static shapes.")
+        return "A dimension marked dynamic was specialized; relax dynamic_shapes for it or capture with static shapes."
     if strict:
         return "Try strict=False (non-strict export traces Python the way eager mode runs it)."
-    return ("Check that the example inputs are valid for the model (run it eagerly on them), "
-            "or simplify the failing line.")
+    return (
+        "Check that the example inputs are valid for the model (run it eagerly on them), or simplify the failing line."
+    )

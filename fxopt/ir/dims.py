@@ -83,4 +83,3 @@ def _view_dim(out: list, shape: list, dim: int) -> int | None:
         if size == out[dim] and math.prod(shape[:d]) == before:
             return d
     return None
-

@@ -9,8 +9,17 @@ import torch.fx as fx
 
 from fxopt.ir.program import Program, attribute_owner
 
-__all__ = ["producers", "users", "replace_node", "replace_subgraph", "read_outside", "add_constant", "erase_if_dead",
-           "inline_function", "drop_unread_constants"]
+__all__ = [
+    "producers",
+    "users",
+    "replace_node",
+    "replace_subgraph",
+    "read_outside",
+    "add_constant",
+    "erase_if_dead",
+    "inline_function",
+    "drop_unread_constants",
+]
 
 
 def producers(node: fx.Node) -> list[fx.Node]:
@@ -89,8 +98,9 @@ def drop_unread_constants(program: Program) -> int:
     return len(unread)
 
 
-def inline_function(graph: fx.Graph, fn, inputs: list[fx.Node], values: list[torch.Tensor],
-                    before: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
+def inline_function(
+    graph: fx.Graph, fn, inputs: list[fx.Node], values: list[torch.Tensor], before: fx.Node
+) -> tuple[list[fx.Node], list[fx.Node]]:
     """Trace ``fn`` to canonical ATen ops and insert them before ``before``, reading ``inputs``.
 
     ``values`` are example tensors for ``inputs`` (tracing runs ``fn`` on them

@@ -12,8 +12,15 @@ import torch
 __all__ = ["fold_output_affine", "fold_input_affine", "absorb_input_affine"]
 
 
-def fold_output_affine(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor, *,
-                       transposed: bool = False, groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_output_affine(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    transposed: bool = False,
+    groups: int = 1,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``(weight, bias)`` of a linear or conv layer whose output, per output channel, is the original's
     times ``scale`` plus ``shift``. A transposed conv's weight is ``[in, out / groups, *k]``: output channel
     ``(group, j)`` is dim 1 of that group's block."""
@@ -28,8 +35,9 @@ def fold_output_affine(weight: torch.Tensor, bias: torch.Tensor | None, scale: t
     return w, b
 
 
-def fold_input_affine(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor, *,
-                      groups: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+def fold_input_affine(
+    weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor, *, groups: int = 1
+) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 ``(weight, bias)`` of a linear or (unpadded) conv layer computing on ``x`` what the original computes
     on ``x * scale + shift`` per input channel. Weight ``[out, in / groups, *k]``: input channel ``ci`` of output
     ``o``'s group ``g`` is ``g * in / groups + ci``."""
@@ -43,8 +51,9 @@ def fold_input_affine(weight: torch.Tensor, bias: torch.Tensor | None, scale: to
     return scaled.reshape(w.shape), b
 
 
-def absorb_input_affine(weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor,
-                        shift: torch.Tensor | None, in_dim: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+def absorb_input_affine(
+    weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor, shift: torch.Tensor | None, in_dim: int
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Float64 weight and bias of a matmul-like layer reading ``x`` that computes what it computed reading
     ``x * scale + shift`` (per input feature; ``in_dim`` is the weight's input-feature dim)."""
     shape = [1] * weight.dim()

@@ -15,8 +15,19 @@ from fxopt.ir.meta import module_name
 from fxopt.ir.program import Program
 from fxopt.ir.traits import ADD, BATCH_NORM, DIV, MUL, SUB
 
-__all__ = ["Affine", "Layer", "as_affine", "as_layer", "is_call", "is_constant", "is_number",
-           "layer_matches", "require_matches", "WeightedLayer", "weighted_layers"]
+__all__ = [
+    "Affine",
+    "Layer",
+    "as_affine",
+    "as_layer",
+    "is_call",
+    "is_constant",
+    "is_number",
+    "layer_matches",
+    "require_matches",
+    "WeightedLayer",
+    "weighted_layers",
+]
 
 aten = torch.ops.aten
 
@@ -38,19 +49,19 @@ def is_number(value: object) -> bool:
 
 def layer_matches(node: fx.Node, pattern: str) -> bool:
     """Whether a layer ``node`` matches a user's glob: by module path (``encoder.layer.0.*``), node or weight name."""
-    names = [module_name(node) or node.name, node.name] + [a.target for a in node.all_input_nodes
-                                                            if a.op == "get_attr"]
+    names = [module_name(node) or node.name, node.name] + [a.target for a in node.all_input_nodes if a.op == "get_attr"]
     return any(fnmatch.fnmatchcase(str(n), pattern) for n in names)
 
 
-def require_matches(program: Program, layers: list[fx.Node], patterns: Iterable[tuple[str, str]],
-                    listing: str) -> None:
+def require_matches(program: Program, layers: list[fx.Node], patterns: Iterable[tuple[str, str]], listing: str) -> None:
     """Raise naming the option when one of ``(option, glob)`` matches none of ``layers``: a typo is not a no-op."""
     for option_name, pattern in patterns:
         if not any(layer_matches(node, pattern) for node in layers):
             example = next((module_name(n) for n in layers if module_name(n)), "layer1.0.conv1")
-            raise PassError(f"{option_name} pattern {pattern!r} matches no layer of {program.name}; layers are named "
-                            f"by module path or weight name, e.g. {example!r} ({listing})")
+            raise PassError(
+                f"{option_name} pattern {pattern!r} matches no layer of {program.name}; layers are named "
+                f"by module path or weight name, e.g. {example!r} ({listing})"
+            )
 
 
 @dataclass(frozen=True)
@@ -143,10 +154,15 @@ def weighted_layers(program: Program) -> tuple[list[WeightedLayer], list[tuple[f
             if layer.transposed:
                 refused.append((node, "transposed convolutions are not supported"))
                 continue
-            found.append(WeightedLayer(node, node.args[0], layer.weight, layer.bias,
-                                       "linear" if layer.is_linear else "conv"))
-        elif (is_call(node, aten.addmm.default) and is_constant(node.args[2]) and is_constant(node.args[0])
-              and not node.kwargs):  # GPT-2's Conv1D: bias + x @ W
+            found.append(
+                WeightedLayer(node, node.args[0], layer.weight, layer.bias, "linear" if layer.is_linear else "conv")
+            )
+        elif (
+            is_call(node, aten.addmm.default)
+            and is_constant(node.args[2])
+            and is_constant(node.args[0])
+            and not node.kwargs
+        ):  # GPT-2's Conv1D: bias + x @ W
             found.append(WeightedLayer(node, node.args[1], node.args[2], node.args[0], "addmm"))
     kept = []
     for target in found:
@@ -156,8 +172,6 @@ def weighted_layers(program: Program) -> tuple[list[WeightedLayer], list[tuple[f
         else:
             kept.append(target)
     return kept, refused
-
-
 
 
 @dataclass
@@ -209,8 +223,12 @@ def as_affine(program: Program, node: fx.Node) -> Affine | None:
             c = 1 / c if multiplies else -c
         return (c, zeros) if multiplies else (zeros + 1, c)
 
-    kind = {**dict.fromkeys(MUL, "mul"), **dict.fromkeys(DIV, "div"),
-            **dict.fromkeys(ADD, "add"), **dict.fromkeys(SUB, "sub")}[node.target]
+    kind = {
+        **dict.fromkeys(MUL, "mul"),
+        **dict.fromkeys(DIV, "div"),
+        **dict.fromkeys(ADD, "add"),
+        **dict.fromkeys(SUB, "sub"),
+    }[node.target]
     return Affine(kind, a, node, [node], [param] if param is not None else [], coefficients, dim)
 
 

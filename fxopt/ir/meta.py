@@ -41,8 +41,12 @@ EPILOGUE = "fxopt_epilogue"
 
 def has_symbolic_shapes(graph: fx.Graph) -> bool:
     """Whether any value in ``graph`` has a symbolic (dynamic) dimension."""
-    return any(not isinstance(d, int) for n in graph.nodes
-               if isinstance(n.meta.get("val"), torch.Tensor) for d in n.meta["val"].shape)
+    return any(
+        not isinstance(d, int)
+        for n in graph.nodes
+        if isinstance(n.meta.get("val"), torch.Tensor)
+        for d in n.meta["val"].shape
+    )
 
 
 def shape_of(node: object) -> list:
@@ -77,7 +81,7 @@ def source_location(node: fx.Node) -> str | None:
         line = line.strip()
         if not line.startswith('File "'):
             continue
-        path, _, rest = line[len('File "'):].partition('"')
+        path, _, rest = line[len('File "') :].partition('"')
         if path.startswith(TORCH_DIR):
             continue
         # rest looks like: ", line 12, in forward"
@@ -186,7 +190,16 @@ def tensor_summary(val: object) -> str:
 
 
 _DTYPE_ABBREV = {
-    torch.float32: "f32", torch.float16: "f16", torch.bfloat16: "bf16", torch.float64: "f64",
-    torch.int64: "i64", torch.int32: "i32", torch.int16: "i16", torch.int8: "i8",
-    torch.uint8: "u8", torch.bool: "bool", torch.float8_e4m3fn: "f8e4m3", torch.float8_e5m2: "f8e5m2",
+    torch.float32: "f32",
+    torch.float16: "f16",
+    torch.bfloat16: "bf16",
+    torch.float64: "f64",
+    torch.int64: "i64",
+    torch.int32: "i32",
+    torch.int16: "i16",
+    torch.int8: "i8",
+    torch.uint8: "u8",
+    torch.bool: "bool",
+    torch.float8_e4m3fn: "f8e4m3",
+    torch.float8_e5m2: "f8e5m2",
 }

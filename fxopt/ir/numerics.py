@@ -35,8 +35,9 @@ class Tolerance:
         return self.atol + rtol * scale
 
 
-def compare_outputs(outputs: Sequence, reference: Sequence, tolerance: Tolerance, *,
-                    allowance: Sequence[float] | None = None) -> tuple[float, float, int | None]:
+def compare_outputs(
+    outputs: Sequence, reference: Sequence, tolerance: Tolerance, *, allowance: Sequence[float] | None = None
+) -> tuple[float, float, int | None]:
     """Largest absolute and scale-relative error over all outputs, and the first output index out of bound.
 
     ``allowance``: per output, an absolute error allowed on top of the tolerance's bound (for an integer
@@ -75,9 +76,12 @@ def compare_outputs(outputs: Sequence, reference: Sequence, tolerance: Tolerance
 
 def relative_rms_error(outputs: list, reference: list) -> float:
     """``‖out - ref‖ / ‖ref‖`` over every floating output of every batch: the default error of ``scheme=mixed``."""
-    pairs = [(o, r) for out, ref in zip(outputs, reference)
-             for o, r in zip(pytree.tree_leaves(out), pytree.tree_leaves(ref))
-             if isinstance(r, torch.Tensor) and r.is_floating_point()]
+    pairs = [
+        (o, r)
+        for out, ref in zip(outputs, reference)
+        for o, r in zip(pytree.tree_leaves(out), pytree.tree_leaves(ref))
+        if isinstance(r, torch.Tensor) and r.is_floating_point()
+    ]
     signal = sum(float(r.double().square().sum()) for _, r in pairs)
     noise = sum(float((o.double() - r.double()).square().sum()) for o, r in pairs)
-    return (noise / signal) ** 0.5 if signal > 0 else noise ** 0.5
+    return (noise / signal) ** 0.5 if signal > 0 else noise**0.5

@@ -9,7 +9,8 @@ a rule set over an op-indexed worklist until nothing matches (the way MLIR's
 greedy pattern driver does).
 
 >>> x = Pat.any("x")
->>> drop_relu_relu = Rule("relu-relu", Pat(aten.relu.default, Pat(aten.relu.default, x)), lambda ctx, x: ctx.call(aten.relu.default, x))
+>>> relu_relu = Pat(aten.relu.default, Pat(aten.relu.default, x))
+>>> drop_relu_relu = Rule("relu-relu", relu_relu, lambda ctx, x: ctx.call(aten.relu.default, x))
 """
 
 from __future__ import annotations
@@ -72,8 +73,9 @@ class Pat:
         return Pat("get_attr", name=name)
 
 
-def match(pattern: Pat | object, value: object, captures: dict | None = None,
-          matched: list | None = None) -> dict | None:
+def match(
+    pattern: Pat | object, value: object, captures: dict | None = None, matched: list | None = None
+) -> dict | None:
     """Match ``value`` (an fx node or literal) against ``pattern``; the captures, or ``None``.
 
     ``matched``, if given, collects every node a ``Pat`` with a target matched:
@@ -235,9 +237,15 @@ def _erased(node: fx.Node) -> bool:
     return getattr(node, "_erased", False)
 
 
-def rewrite(program: Program, rules: Iterable[Rule], pass_name: str, *,
-            skipped: Callable[[fx.Node, str], None] | None = None, max_rewrites: int | None = None,
-            propagate: bool = True) -> Counter:
+def rewrite(
+    program: Program,
+    rules: Iterable[Rule],
+    pass_name: str,
+    *,
+    skipped: Callable[[fx.Node, str], None] | None = None,
+    max_rewrites: int | None = None,
+    propagate: bool = True,
+) -> Counter:
     """Apply ``rules`` until none matches: a worklist of nodes, indexed by op, in graph order.
 
     Every ``call_function`` node is visited once; after a rewrite the nodes it
@@ -291,8 +299,10 @@ def rewrite(program: Program, rules: Iterable[Rule], pass_name: str, *,
             fired[rule.name] = rule
             if sum(hits.values()) > limit:
                 counts = ", ".join(f"{name} x{n} ({fired[name].location})" for name, n in hits.most_common())
-                raise PassError(f"pass '{pass_name}': rules still matching after {limit} rewrites: {counts}; "
-                                f"two rules probably undo each other")
+                raise PassError(
+                    f"pass '{pass_name}': rules still matching after {limit} rewrites: {counts}; "
+                    f"two rules probably undo each other"
+                )
             revisit = [*ctx.created, result] if isinstance(result, fx.Node) else list(ctx.created)
             for changed in list(revisit):
                 if not _erased(changed):

@@ -29,8 +29,7 @@ def verify(program: Program, *, check_meta: bool = True) -> None:
     n_inputs = len(program.placeholders())
     if n_inputs != program.in_spec.num_leaves:
         raise VerificationError(
-            f"{program.name}: graph has {n_inputs} inputs but the calling convention has "
-            f"{program.in_spec.num_leaves}"
+            f"{program.name}: graph has {n_inputs} inputs but the calling convention has {program.in_spec.num_leaves}"
         )
     outputs = gm.graph.output_node().args[0]
     if not isinstance(outputs, (tuple, list)) or len(outputs) != program.out_spec.num_leaves:

@@ -19,20 +19,23 @@ if TYPE_CHECKING:
     from fxopt.passes.registry import BUILTIN_PIPELINES, PASSES, register_pass
     from fxopt.passes.spec import parse_pipeline
 
-__getattr__, __dir__ = lazy_exports(__name__, {
-    "Tolerance": "fxopt.ir.numerics",
-    "Option": "fxopt.passes.base",
-    "Pass": "fxopt.passes.base",
-    "PassContext": "fxopt.passes.base",
-    "option": "fxopt.passes.base",
-    "PassManager": "fxopt.passes.manager",
-    "PassRecord": "fxopt.passes.manager",
-    "Pipeline": "fxopt.passes.pipeline",
-    "BUILTIN_PIPELINES": "fxopt.passes.registry",
-    "PASSES": "fxopt.passes.registry",
-    "register_pass": "fxopt.passes.registry",
-    "parse_pipeline": "fxopt.passes.spec",
-})
+__getattr__, __dir__ = lazy_exports(
+    __name__,
+    {
+        "Tolerance": "fxopt.ir.numerics",
+        "Option": "fxopt.passes.base",
+        "Pass": "fxopt.passes.base",
+        "PassContext": "fxopt.passes.base",
+        "option": "fxopt.passes.base",
+        "PassManager": "fxopt.passes.manager",
+        "PassRecord": "fxopt.passes.manager",
+        "Pipeline": "fxopt.passes.pipeline",
+        "BUILTIN_PIPELINES": "fxopt.passes.registry",
+        "PASSES": "fxopt.passes.registry",
+        "register_pass": "fxopt.passes.registry",
+        "parse_pipeline": "fxopt.passes.spec",
+    },
+)
 
 __all__ = [
     "BUILTIN_PIPELINES",

@@ -61,15 +61,21 @@ class AWQ(Pass):
             return
         scheme = quantize.mix[0] if quantize.scheme == "mixed" else quantize.scheme
         if scheme not in ("w4", "w8"):
-            raise PipelineError(f"awq prepares weight-only quantization (w4/w8), but the quantize after it uses "
-                                f"{scheme}; drop awq or quantize with scheme=w4/w8")
+            raise PipelineError(
+                f"awq prepares weight-only quantization (w4/w8), but the quantize after it uses "
+                f"{scheme}; drop awq or quantize with scheme=w4/w8"
+            )
         expected = {"bits": int(scheme[1]), "group-size": quantize.group_size, "weights": quantize.weights}
-        mismatched = [f"{k}={v} (quantize's: {expected[k]})" for k, v in
-                      (("bits", self.bits), ("group-size", self.group_size), ("weights", self.weights))
-                      if v != expected[k]]
+        mismatched = [
+            f"{k}={v} (quantize's: {expected[k]})"
+            for k, v in (("bits", self.bits), ("group-size", self.group_size), ("weights", self.weights))
+            if v != expected[k]
+        ]
         if mismatched:
-            raise PipelineError(f"awq's options do not match the quantize after it: {', '.join(mismatched)}; "
-                                f"give awq the same bits, group-size and weights")
+            raise PipelineError(
+                f"awq's options do not match the quantize after it: {', '.join(mismatched)}; "
+                f"give awq the same bits, group-size and weights"
+            )
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
         readers = linear_readers(program)
@@ -92,16 +98,19 @@ class AWQ(Pass):
                 exponents.append(exponent)
                 scale_channels(program, x, layers, scale, self.name)
                 ctx.count("scaled activations")
-        ctx.notes.append(f"layer output error after quantization: {sum(errors) / len(errors):.0%} of unscaled on average"
-                         + (f"; exponents {min(exponents):.2f}..{max(exponents):.2f}" if exponents else ""))
+        ctx.notes.append(
+            f"layer output error after quantization: {sum(errors) / len(errors):.0%} of unscaled on average"
+            + (f"; exponents {min(exponents):.2f}..{max(exponents):.2f}" if exponents else "")
+        )
         if not exponents:
             return False
         drop_unread_constants(program)  # the weights it replaced
         return True
 
     @torch.no_grad()
-    def _search(self, program: Program, hessian: torch.Tensor, magnitude: torch.Tensor,
-                layers: list[WeightedLayer]) -> tuple[float, torch.Tensor, float]:
+    def _search(
+        self, program: Program, hessian: torch.Tensor, magnitude: torch.Tensor, layers: list[WeightedLayer]
+    ) -> tuple[float, torch.Tensor, float]:
         """``(exponent, scale, output error relative to unscaled)`` of the best exponent on the grid.
 
         The layers compute ``(x / s) Q(W s)ᵀ`` instead of ``x Wᵀ``: their output error is ``dᵀ H d`` per output

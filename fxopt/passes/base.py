@@ -100,8 +100,13 @@ class PassContext:
     def rewrite(self, program: Program, rules: Iterable[Rule]) -> bool:
         """Apply ``rules`` with :func:`fxopt.ir.rewrite`: each rule's hits counted under its name, each
         :class:`~fxopt.ir.Skip` noted against its node. Whether anything changed."""
-        hits = rewrite(program, rules, self.pass_name,
-                       skipped=lambda node, reason: self.skip(describe_node(node), reason), propagate=False)
+        hits = rewrite(
+            program,
+            rules,
+            self.pass_name,
+            skipped=lambda node, reason: self.skip(describe_node(node), reason),
+            propagate=False,
+        )
         located = {rule.name: rule.location for rule in rules}
         for name, n in hits.items():
             self.count(name, n)
@@ -127,8 +132,10 @@ class PassContext:
 
 def missing_calibration(what: str) -> PassError:
     """The error for ``what`` (a pass, or its option) run without calibration data: it says how to give some."""
-    return PassError(f"{what} needs calibration data: optimize(..., calibration=batches), a [calibration] "
-                     f"table in the pipeline file, or --calibration FILE.pt on the command line")
+    return PassError(
+        f"{what} needs calibration data: optimize(..., calibration=batches), a [calibration] "
+        f"table in the pipeline file, or --calibration FILE.pt on the command line"
+    )
 
 
 @dataclass(frozen=True)

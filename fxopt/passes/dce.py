@@ -29,4 +29,3 @@ class DeadCodeElimination(Pass):
         ctx.count("nodes-removed", removed_nodes)
         ctx.count("constants-removed", removed_constants)
         return bool(removed_nodes or removed_constants)
-

@@ -20,6 +20,7 @@ from fxopt.passes.base import Pass, PassContext, option
 
 aten = torch.ops.aten
 
+
 @dataclass(frozen=True)
 class FoldConvBN(Pass):
     """Fold eval-mode BatchNorm, and multiplications/additions by per-channel constants, into convs and linears.
@@ -78,11 +79,16 @@ class FoldConvBN(Pass):
                 return skips[0] if skips else Skip("no conv or linear next to it to fold into")
             return None
 
-        return RuleSet([
-            Rule("batch-statistics", Pat(BATCH_STATISTICS, where=_next_to_a_layer),
-                 lambda _: Skip("BatchNorm normalizes with batch statistics (no running stats)")),
-            Rule("fold-affine", Pat((*MUL, *DIV, *ADD, *SUB, operator.getitem)), fold),
-        ])
+        return RuleSet(
+            [
+                Rule(
+                    "batch-statistics",
+                    Pat(BATCH_STATISTICS, where=_next_to_a_layer),
+                    lambda _: Skip("BatchNorm normalizes with batch statistics (no running stats)"),
+                ),
+                Rule("fold-affine", Pat((*MUL, *DIV, *ADD, *SUB, operator.getitem)), fold),
+            ]
+        )
 
     # ------------------------------------------------------------------ layer(x) -> affine
 
@@ -142,13 +148,23 @@ class FoldConvBN(Pass):
             w, b = fold_input_affine(weight, bias, scale, shift, groups=groups)
             return w.to(weight.dtype), b.to(weight.dtype)
 
-        return self._replace(program, affine, layer, fold, [], ctx, f"{affine.kind}-into-following-{layer.kind}",
-                             layer_input=affine.x)
+        return self._replace(
+            program, affine, layer, fold, [], ctx, f"{affine.kind}-into-following-{layer.kind}", layer_input=affine.x
+        )
 
     # ------------------------------------------------------------------ rewriting
 
-    def _replace(self, program: Program, affine: Affine, layer: Layer, fold, chain: list[fx.Node],
-                 ctx: PassContext, statistic: str, layer_input: fx.Node | None = None) -> Rewritten | Skip:
+    def _replace(
+        self,
+        program: Program,
+        affine: Affine,
+        layer: Layer,
+        fold,
+        chain: list[fx.Node],
+        ctx: PassContext,
+        statistic: str,
+        layer_input: fx.Node | None = None,
+    ) -> Rewritten | Skip:
         """Emit the layer with folded weight and bias in place of the layer, ``chain`` and the affine, counted as
         ``statistic``. Skips, leaving the graph alone, when the folded weights overflow their dtype.
         """
@@ -175,8 +191,9 @@ class FoldConvBN(Pass):
         ctx.count(statistic)
         return Rewritten(result)
 
-    def _emit(self, program: Program, fold, inputs: list[fx.Node | None],
-              root: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | Skip:
+    def _emit(
+        self, program: Program, fold, inputs: list[fx.Node | None], root: fx.Node
+    ) -> tuple[fx.Node, fx.Node, list[fx.Node]] | Skip:
         """Nodes for the folded weight and bias (constants, or in tune mode ops on ``inputs``), and all nodes made;
         or why not: folded half-precision weights can overflow (a tiny running variance scales by thousands)
         where the unfolded model's activations did not."""
@@ -214,4 +231,3 @@ def _dtype_problem(affine: Affine, layer: Layer) -> str | None:
     if out != x or x != layer.node.meta["val"].dtype:
         return f"dtype mismatch ({x} in, {out} out)"
     return None
-

@@ -19,8 +19,13 @@ aten = torch.ops.aten
 
 _SOFTMAX = aten._softmax.default
 # What capture's decomposition of a batched matmul wraps around its ``bmm`` (broadcast, flatten, unflatten).
-_RESHAPES = (aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default,
-             aten.clone.default)
+_RESHAPES = (
+    aten.view.default,
+    aten._unsafe_view.default,
+    aten.reshape.default,
+    aten.expand.default,
+    aten.clone.default,
+)
 
 
 @dataclass(frozen=True)
@@ -64,8 +69,10 @@ class FuseAttention(Pass):
             stamp_provenance([fused] if key is found.key else [key, fused], self.name, found.nodes)
             replace_subgraph(found.root, fused, found.nodes)
             ctx.count("attentions-fused")
-            ctx.notes.append(f"{describe_node(softmax)}: matmul, scale{', mask' if found.mask is not None else ''}, "
-                             f"softmax, matmul -> {fused.name} (scale={found.scale:.6g})")
+            ctx.notes.append(
+                f"{describe_node(softmax)}: matmul, scale{', mask' if found.mask is not None else ''}, "
+                f"softmax, matmul -> {fused.name} (scale={found.scale:.6g})"
+            )
             return Rewritten(fused)
 
         return ctx.rewrite(program, [Rule("softmax-attention", Pat(_SOFTMAX, name="softmax"), fuse)])
@@ -136,9 +143,13 @@ def _match(softmax: fx.Node) -> _Attention | Skip:
 def _is_mask(term: object, softmax: fx.Node) -> bool:
     """An additive mask: a tensor of the scores' dtype and rank from 2 (SDPA's least) to theirs."""
     value = term.meta.get("val") if isinstance(term, fx.Node) else None
-    return (isinstance(value, torch.Tensor) and value.dtype == dtype_of(softmax)
-            and 2 <= value.dim() <= softmax.meta["val"].dim() and _matmul(term) is None
-            and _scale_factor(term) is None)
+    return (
+        isinstance(value, torch.Tensor)
+        and value.dtype == dtype_of(softmax)
+        and 2 <= value.dim() <= softmax.meta["val"].dim()
+        and _matmul(term) is None
+        and _scale_factor(term) is None
+    )
 
 
 def _scale_factor(node: object) -> float | None:

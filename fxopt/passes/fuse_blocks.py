@@ -71,12 +71,25 @@ class FuseBlocks(Pass):
         # one conv rather than into a wider conv and slices, and a chain merges before its first
         # layer joins a parallel group.
         phases = [
-            (self.branches, Rule("merge-branches", Pat(_ADD, name="node"),
-                                 lambda _, node: self._merge_branches(program, node, ctx))),
-            (self.serial, Rule("merge-serial", Pat.any("node"), lambda _, node: self._merge_serial(program, node, ctx))),
+            (
+                self.branches,
+                Rule(
+                    "merge-branches", Pat(_ADD, name="node"), lambda _, node: self._merge_branches(program, node, ctx)
+                ),
+            ),
+            (
+                self.serial,
+                Rule("merge-serial", Pat.any("node"), lambda _, node: self._merge_serial(program, node, ctx)),
+            ),
             # Rooted at each layer: the layers reading the same input as it.
-            (self.parallel, Rule("merge-parallel", Pat.any("node", where=lambda n: as_layer(n) is not None),
-                                 lambda _, node: self._merge_parallel(program, node.args[0], ctx))),
+            (
+                self.parallel,
+                Rule(
+                    "merge-parallel",
+                    Pat.any("node", where=lambda n: as_layer(n) is not None),
+                    lambda _, node: self._merge_parallel(program, node.args[0], ctx),
+                ),
+            ),
         ]
         changed = False
         for on, rule in phases:
@@ -93,8 +106,14 @@ class FuseBlocks(Pass):
         convs = [layer for layer in map(as_layer, terms) if layer is not None and layer.kind == "conv"]
         # The block input: the one every term reads. A residual connection (a conv of the block's
         # last layer plus its input) or a sum of unrelated values has none.
-        anchor = next((c for c in convs if all(t is c.node.args[0] or _branch_input(program, t) is c.node.args[0]
-                                               for t in terms)), None)
+        anchor = next(
+            (
+                c
+                for c in convs
+                if all(t is c.node.args[0] or _branch_input(program, t) is c.node.args[0] for t in terms)
+            ),
+            None,
+        )
         if anchor is None:
             return None
         x = anchor.node.args[0]
@@ -120,7 +139,9 @@ class FuseBlocks(Pass):
         dims = len(padding)
         args = (x, None, None, list(branches[0].stride), list(padding), [1] * dims, False, [0] * dims, groups)
         replaced = [n for b in branches for n in b.nodes] + adds
-        merged_conv = self._emit(program, node, aten.convolution.default, args, weight.to(like), bias.to(like), replaced)
+        merged_conv = self._emit(
+            program, node, aten.convolution.default, args, weight.to(like), bias.to(like), replaced
+        )
         ctx.count("branches-merged")
         ctx.notes.append(f"merged {len(terms)} branches into one conv at {where}: FLOPs {before} -> {after}")
         return Rewritten(merged_conv)
@@ -157,8 +178,15 @@ class FuseBlocks(Pass):
         dtype = w2.dtype
         args = shape_from.args_with(first.node.args[0], None, None)
         ctx.notes.append(f"merged {first.node.name} into {describe_node(node)}: FLOPs {before} -> {after}")
-        merged = self._emit(program, node, node.target, args, weight.to(dtype), None if bias is None else bias.to(dtype),
-                            [first.node, node])
+        merged = self._emit(
+            program,
+            node,
+            node.target,
+            args,
+            weight.to(dtype),
+            None if bias is None else bias.to(dtype),
+            [first.node, node],
+        )
         ctx.count(f"serial-{second.kind}s-merged")
         return Rewritten(merged)
 
@@ -170,8 +198,7 @@ class FuseBlocks(Pass):
             layer = as_layer(user)
             if layer is not None and user.args[0] is x and not layer.transposed and layer.groups == 1:
                 weight = program.get_constant(layer.weight.target)
-                key = (user.target, tuple(weight.shape[1:]), weight.dtype, layer.stride, layer.padding,
-                       layer.dilation)
+                key = (user.target, tuple(weight.shape[1:]), weight.dtype, layer.stride, layer.padding, layer.dilation)
                 groups.setdefault(key, []).append(layer)
         for group in groups.values():
             # Twins (the same weight and bias applied twice) are cse's to merge: stacking them would
@@ -184,8 +211,10 @@ class FuseBlocks(Pass):
             layers = [copies[0] for copies in twins.values()]
             widths = [program.get_constant(layer.weight.target).shape[0] for layer in layers]
             if sum(widths) < self.min_width:
-                ctx.skip(describe_node(layers[0].node), f"{len(layers)} parallel layers are {sum(widths)} wide, "
-                                                        f"less than min-width={self.min_width}")
+                ctx.skip(
+                    describe_node(layers[0].node),
+                    f"{len(layers)} parallel layers are {sum(widths)} wide, less than min-width={self.min_width}",
+                )
                 continue
             names = ", ".join(layer.node.name for layer in layers)
             merged = self._emit_parallel(program, x, list(twins.values()), widths)
@@ -202,15 +231,22 @@ class FuseBlocks(Pass):
         if all(layer.bias is None for layer in layers):
             bias = None
         else:
-            bias = torch.cat([torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if layer.bias is None
-                              else program.get_constant(layer.bias.target) for w, layer in zip(weights, layers)])
+            bias = torch.cat(
+                [
+                    torch.zeros(w.shape[0], dtype=w.dtype, device=w.device)
+                    if layer.bias is None
+                    else program.get_constant(layer.bias.target)
+                    for w, layer in zip(weights, layers)
+                ]
+            )
         order = {n: i for i, n in enumerate(graph.nodes)}
         first = min((layer.node for copies in twins for layer in copies), key=order.__getitem__)
         weight_node, bias_node = self._constants(program, first, weight, bias)
         dim = layers[0].channel_dim
         with graph.inserting_before(first):
-            merged = graph.call_function(first.target, layers[0].args_with(x, weight_node, bias_node),
-                                         dict(first.kwargs))
+            merged = graph.call_function(
+                first.target, layers[0].args_with(x, weight_node, bias_node), dict(first.kwargs)
+            )
             created = [weight_node, merged] + ([bias_node] if bias_node is not None else [])
             start = 0
             for copies, width in zip(twins, widths):
@@ -231,17 +267,29 @@ class FuseBlocks(Pass):
 
     # ------------------------------------------------------------------ rewriting
 
-    def _constants(self, program: Program, before: fx.Node, weight: torch.Tensor,
-                   bias: torch.Tensor | None) -> tuple[fx.Node, fx.Node | None]:
+    def _constants(
+        self, program: Program, before: fx.Node, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[fx.Node, fx.Node | None]:
         nodes = []
         with program.graph.inserting_before(before):
             for tensor, hint in ((weight, "weight"), (bias, "bias")):
-                nodes.append(None if tensor is None else
-                             program.graph.get_attr(add_constant(program, tensor.contiguous(), f"fused_{hint}")))
+                nodes.append(
+                    None
+                    if tensor is None
+                    else program.graph.get_attr(add_constant(program, tensor.contiguous(), f"fused_{hint}"))
+                )
         return nodes[0], nodes[1]
 
-    def _emit(self, program: Program, root: fx.Node, target, args: tuple, weight: torch.Tensor,
-              bias: torch.Tensor | None, replaced: list[fx.Node]) -> fx.Node:
+    def _emit(
+        self,
+        program: Program,
+        root: fx.Node,
+        target,
+        args: tuple,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        replaced: list[fx.Node],
+    ) -> fx.Node:
         """Replace ``root`` (and the now unused ``replaced`` nodes and their constants) by one layer."""
         weight_node, bias_node = self._constants(program, root, weight, bias)
         with program.graph.inserting_before(root):
@@ -269,8 +317,9 @@ class _Branch:
 
 
 def _is_sum(node: object) -> bool:
-    return is_call(node, _ADD) and node.kwargs.get("alpha", 1) == 1 and all(
-        isinstance(a, fx.Node) for a in node.args[:2])
+    return (
+        is_call(node, _ADD) and node.kwargs.get("alpha", 1) == 1 and all(isinstance(a, fx.Node) for a in node.args[:2])
+    )
 
 
 def _sum_terms(root: fx.Node) -> tuple[list[fx.Node], list[fx.Node]]:
@@ -328,7 +377,7 @@ def _depthwise(scale: torch.Tensor, shift: torch.Tensor | None, dims: int, nodes
 
 def _avg_pool(node: fx.Node, channels: int, dims: int) -> _Branch | Skip:
     defaults = [None, None, None, (0,) * dims, False, True, None]  # x, kernel, stride, padding, ceil, include, div
-    args = list(node.args) + defaults[len(node.args):]
+    args = list(node.args) + defaults[len(node.args) :]
     kernel, stride, padding, ceil_mode, count_include_pad, divisor = args[1:7]
 
     def per_dim(values) -> tuple[int, ...]:
@@ -372,15 +421,16 @@ def _regroup(weight: torch.Tensor, groups: int, coarser: int, channels_in: int) 
     for g in range(groups):
         first_in = g * per_group_in % (channels_in // coarser)  # where group g's inputs start in its coarse group
         rows = slice(g * per_group_out, (g + 1) * per_group_out)
-        result[rows, first_in:first_in + per_group_in] = weight[rows]
+        result[rows, first_in : first_in + per_group_in] = weight[rows]
     return result
 
 
 # ---------------------------------------------------------------------- serial analysis
 
 
-def _serial_conv_kind(first: Layer, second: Layer, w1: torch.Tensor, w2: torch.Tensor,
-                      first_bias: torch.Tensor | None) -> Literal["pointwise-first", "pointwise-second"] | Skip | None:
+def _serial_conv_kind(
+    first: Layer, second: Layer, w1: torch.Tensor, w2: torch.Tensor, first_bias: torch.Tensor | None
+) -> Literal["pointwise-first", "pointwise-second"] | Skip | None:
     """How two back-to-back convs merge: "pointwise-first" or "pointwise-second"; else :class:`Skip` (why not), or
     ``None`` (they do not chain that way)."""
     if first.transposed or second.transposed or first.groups != 1 or second.groups != 1:
@@ -398,11 +448,11 @@ def _serial_conv_kind(first: Layer, second: Layer, w1: torch.Tensor, w2: torch.T
     return None
 
 
-def _chained_bias(w2: torch.Tensor, b1: torch.Tensor | None, b2: torch.Tensor | None,
-                  linear: bool) -> torch.Tensor | None:
+def _chained_bias(
+    w2: torch.Tensor, b1: torch.Tensor | None, b2: torch.Tensor | None, linear: bool
+) -> torch.Tensor | None:
     """The bias of layer 2 after layer 1: ``b2 + W2 b1`` (a conv sums W2 over its kernel taps)."""
     if b1 is None:
         return None if b2 is None else b2.float()
     carried = w2 @ b1.float() if linear else torch.einsum("om...,m->o", w2, b1.float())
     return carried if b2 is None else carried + b2.float()
-

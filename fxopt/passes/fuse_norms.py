@@ -78,13 +78,19 @@ class FuseNorms(Pass):
 def _absorb_affine(program: Program, norm: fx.Node, ctx: PassContext, pass_name: str) -> Rewritten | Skip | None:
     """Fold the norm's weight and bias into the linears reading it."""
     graph = program.graph
-    affine = [(i, norm.args[i]) for i in ((2,) if norm.target is aten.rms_norm.default else (2, 3))
-              if len(norm.args) > i and norm.args[i] is not None]
+    affine = [
+        (i, norm.args[i])
+        for i in ((2,) if norm.target is aten.rms_norm.default else (2, 3))
+        if len(norm.args) > i and norm.args[i] is not None
+    ]
     if not affine:
         return None
     layers = [as_layer(user) for user in norm.users]
-    if not all(is_constant(p) for _, p in affine) or not layers or any(
-            layer is None or not layer.is_linear or layer.node.args[0] is not norm for layer in layers):
+    if (
+        not all(is_constant(p) for _, p in affine)
+        or not layers
+        or any(layer is None or not layer.is_linear or layer.node.args[0] is not norm for layer in layers)
+    ):
         return Skip("its affine stays: not every reader is a linear layer with constant weights")
     width = norm.args[1][-1]  # fused nodes have no metadata yet
     values = {i: program.get_constant(p.target).double() for i, p in affine}
@@ -135,7 +141,9 @@ def _match(scaled: fx.Node):
     root = scaled
     if upcast is not None:
         back = _only_user(root)
-        if not (is_call(back, _CAST) and back.kwargs.get("dtype") == dtype_of(source) and set(back.kwargs) <= {"dtype"}):
+        if not (
+            is_call(back, _CAST) and back.kwargs.get("dtype") == dtype_of(source) and set(back.kwargs) <= {"dtype"}
+        ):
             return Skip("the float32 statistics are not cast back to the input dtype")
         nodes.append(back)
         root = back
@@ -179,9 +187,12 @@ def _inverse_std(node: fx.Node):
 
 def _reduces_last(node: object, last: int) -> bool:
     """``mean(t, [-1], keepdim=True)``."""
-    return (is_call(node, _MEAN) and [d % (last + 1) for d in node.args[1]] == [last]
-            and (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
-            and node.kwargs.get("dtype") is None)
+    return (
+        is_call(node, _MEAN)
+        and [d % (last + 1) for d in node.args[1]] == [last]
+        and (node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False))
+        and node.kwargs.get("dtype") is None
+    )
 
 
 def _square_of(node: object) -> fx.Node | None:
@@ -214,9 +225,13 @@ def _variance(variance: object, centered: fx.Node, x: fx.Node, last: int) -> lis
     """The nodes computing ``variance`` as the biased variance of ``x`` over the last dim, or ``None``."""
     if _reduces_last(variance, last) and _square_of(variance.args[0]) is centered:
         return [variance, variance.args[0]]
-    if (is_call(variance, aten.var.correction) and variance.args[0] is x
-            and [d % (last + 1) for d in (variance.args[1] or [])] == [last]
-            and variance.kwargs.get("correction") == 0 and variance.kwargs.get("keepdim")):
+    if (
+        is_call(variance, aten.var.correction)
+        and variance.args[0] is x
+        and [d % (last + 1) for d in (variance.args[1] or [])] == [last]
+        and variance.kwargs.get("correction") == 0
+        and variance.kwargs.get("keepdim")
+    ):
         return [variance]
     return None
 

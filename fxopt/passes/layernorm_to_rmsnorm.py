@@ -21,12 +21,20 @@ aten = torch.ops.aten
 
 _LAYER_NORM = aten.layer_norm.default
 # Ops that move or copy features without mixing them.
-_SHAPE_OPS = (*VIEWS, aten.permute.default, aten.transpose.int, aten.expand.default, aten.slice.Tensor,
-              aten.select.int, aten.clone.default, aten.alias.default)
+_SHAPE_OPS = (
+    *VIEWS,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.expand.default,
+    aten.slice.Tensor,
+    aten.select.int,
+    aten.clone.default,
+    aten.alias.default,
+)
 # Ops that carry stream values into stream values: the mean over the features of the result is zero when it
 # is zero for every stream operand (sums, concatenations along other dims, scaling by a number, shape ops).
-_COMBINERS = (aten.add.Tensor, aten.cat.default, aten.mul.Tensor, aten.div.Tensor, aten._to_copy.default,
-              *_SHAPE_OPS)
+_COMBINERS = (aten.add.Tensor, aten.cat.default, aten.mul.Tensor, aten.div.Tensor, aten._to_copy.default, *_SHAPE_OPS)
+
 
 @dataclass(frozen=True)
 class LayerNormToRMSNorm(Pass):
@@ -75,7 +83,8 @@ class LayerNormToRMSNorm(Pass):
     name = "layernorm-to-rmsnorm"
     before = ("quantize",)  # it rewrites the float weights reading each norm
     variant: Literal["rms", "crms"] = option(
-        "rms", "rms: Pre-RMSNorm, the stream keeps its width; crms: Pre-CRMSNorm, the stream loses one feature")
+        "rms", "rms: Pre-RMSNorm, the stream keeps its width; crms: Pre-CRMSNorm, the stream loses one feature"
+    )
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
         changed = False
@@ -158,8 +167,9 @@ class LayerNormToRMSNorm(Pass):
             ctx.count("norms-absorbed-into-linears")
         else:
             with graph.inserting_before(norm):
-                missing = graph.call_function(aten.neg.default, (
-                    graph.call_function(aten.sum.dim_IntList, (normed, [-1], True)),))
+                missing = graph.call_function(
+                    aten.neg.default, (graph.call_function(aten.sum.dim_IntList, (normed, [-1], True)),)
+                )
                 full = graph.call_function(aten.cat.default, ([normed, missing], -1))
                 created += [missing.args[0], missing, full]
                 if weight is not None:
@@ -231,8 +241,9 @@ def _trace(norm: fx.Node) -> Stream:
                 stream.refuse(problem, root_cause=is_call(node, _LAYER_NORM, aten.rms_norm.default))
         for source in node.all_input_nodes if _combines(node) else ():
             if (source_feature_dim := source_dim(node, dim, source)) is None:
-                stream.refuse(f"{describe_node(node)} splits, merges or broadcasts the features of "
-                              f"{describe_node(source)}")
+                stream.refuse(
+                    f"{describe_node(node)} splits, merges or broadcasts the features of {describe_node(source)}"
+                )
             else:
                 todo.append((source, source_feature_dim))
         if node.op == "get_attr":
@@ -240,8 +251,9 @@ def _trace(norm: fx.Node) -> Stream:
         for user in node.users:
             if _normalizes_last_dim(user) and user.args[0] is node and dim == len(shape_of(node)) - 1:
                 if int(user.args[1][0]) != stream.width:
-                    stream.refuse(f"{describe_node(user)} normalizes {user.args[1][0]} features, "
-                                  f"the stream has {stream.width}")
+                    stream.refuse(
+                        f"{describe_node(user)} normalizes {user.args[1][0]} features, the stream has {stream.width}"
+                    )
                 if user not in stream.norms:
                     stream.norms.append(user)
             elif (forward := _carried(user, node, dim)) is not None:
@@ -249,8 +261,10 @@ def _trace(norm: fx.Node) -> Stream:
             elif user.op == "output":
                 stream.refuse(f"the model returns {describe_node(node)}, a value of the residual stream")
             else:
-                stream.refuse(f"{describe_node(user)} reads the residual stream, and only LayerNorms may "
-                              f"(it would see the stream without its mean)")
+                stream.refuse(
+                    f"{describe_node(user)} reads the residual stream, and only LayerNorms may "
+                    f"(it would see the stream without its mean)"
+                )
     return stream
 
 
@@ -288,26 +302,36 @@ def _writer_problem(writer: fx.Node, dim: int) -> str | None:
         return None
     if is_call(writer, aten.embedding.default) and is_constant(writer.args[0]) and dim == last:
         return None
-    if (is_call(writer, aten.addmm.default) and dim == 1 and all(map(is_constant, writer.args[0::2]))
-            and not writer.kwargs):
+    if (
+        is_call(writer, aten.addmm.default)
+        and dim == 1
+        and all(map(is_constant, writer.args[0::2]))
+        and not writer.kwargs
+    ):
         return None
     layer = as_layer(writer)
     if layer is not None and dim == layer.channel_dim:
         if layer.groups != 1 or layer.transposed:
-            return (f"{describe_node(writer)} writes into the residual stream and is a "
-                    f"{'transposed' if layer.transposed else 'grouped'} convolution: its output channels "
-                    f"cannot be recentred through its weights")
+            return (
+                f"{describe_node(writer)} writes into the residual stream and is a "
+                f"{'transposed' if layer.transposed else 'grouped'} convolution: its output channels "
+                f"cannot be recentred through its weights"
+            )
         return None
     if is_call(writer, _LAYER_NORM, aten.rms_norm.default):
-        return (f"{describe_node(writer)} writes its output into the residual stream: the model normalizes "
-                f"after the residual add (Post-LN, as BERT does), and only Pre-LN models convert exactly")
-    return (f"{describe_node(writer)} writes into the residual stream and is not a linear layer, an embedding "
-            f"or a constant, so its output cannot be recentred")
+        return (
+            f"{describe_node(writer)} writes its output into the residual stream: the model normalizes "
+            f"after the residual add (Post-LN, as BERT does), and only Pre-LN models convert exactly"
+        )
+    return (
+        f"{describe_node(writer)} writes into the residual stream and is not a linear layer, an embedding "
+        f"or a constant, so its output cannot be recentred"
+    )
 
 
 def _layer_norm_args(norm: fx.Node) -> tuple:
     """``(x, normalized_shape, weight, bias, eps)`` of a ``layer_norm`` node, defaults filled in."""
-    return tuple((list(norm.args) + [None, None, 1e-5][len(norm.args) - 2:])[:5])
+    return tuple((list(norm.args) + [None, None, 1e-5][len(norm.args) - 2 :])[:5])
 
 
 def _replace_by_rms_norm(norm: fx.Node, pass_name: str) -> None:
@@ -345,8 +369,13 @@ def _linear_readers(norm: fx.Node) -> tuple[list[fx.Node], list[fx.Node]] | None
                 todo.append(user)
             elif (layer := as_layer(user)) is not None and layer.is_linear and user.args[0] is node:
                 layers.append(user)
-            elif (is_call(user, aten.addmm.default) and user.args[1] is node and not user.kwargs
-                  and is_constant(user.args[0]) and is_constant(user.args[2])):
+            elif (
+                is_call(user, aten.addmm.default)
+                and user.args[1] is node
+                and not user.kwargs
+                and is_constant(user.args[0])
+                and is_constant(user.args[2])
+            ):
                 layers.append(user)
             else:
                 return None

@@ -27,6 +27,7 @@ from fxopt.passes.spec import registered_passes, unknown_name
 
 __all__ = ["PassManager", "PassRecord"]
 
+
 @dataclass
 class PassRecord:
     """What one pass did: the row of the report."""
@@ -128,7 +129,7 @@ class PassManager:
                 record.max_abs_error, record.max_rel_error, _ = compare_outputs(outputs, reference, self.tolerance)
                 reference, program, start = outputs, current, index + 1
             elif self.verify == "each":
-                self._check(record, current, reference, passes[start: index + 1], program)
+                self._check(record, current, reference, passes[start : index + 1], program)
             records.append(record)
         if self.verify == "end" and start < len(passes):
             self._check(records[-1], current, reference, passes[start:], program)
@@ -143,8 +144,9 @@ class PassManager:
             if need is not None:
                 raise missing_calibration(need)
 
-    def _run_one(self, p: Pass, program: Program, done: list[str],
-                 progress: Callable[[str], None] | None = None) -> tuple[Program, PassRecord]:
+    def _run_one(
+        self, p: Pass, program: Program, done: list[str], progress: Callable[[str], None] | None = None
+    ) -> tuple[Program, PassRecord]:
         self._dump(p, program, "before", selected=self.print_ir_before)
         work = program.clone()
         ctx = self._context(p, progress)
@@ -163,25 +165,40 @@ class PassManager:
         seconds = time.perf_counter() - start
         after = _measure(work)
         record = PassRecord(
-            p.name, str(p), seconds, changed,
-            (before[0], after[0]), (before[1], after[1]), (before[2], after[2]),
-            stats=dict(ctx.stats), notes=list(ctx.notes), rules=dict(ctx.rules),
+            p.name,
+            str(p),
+            seconds,
+            changed,
+            (before[0], after[0]),
+            (before[1], after[1]),
+            (before[2], after[2]),
+            stats=dict(ctx.stats),
+            notes=list(ctx.notes),
+            rules=dict(ctx.rules),
         )
-        if "all" in self.print_ir_after or p.name in self.print_ir_after or (changed and "change" in self.print_ir_after):
+        if (
+            "all" in self.print_ir_after
+            or p.name in self.print_ir_after
+            or (changed and "change" in self.print_ir_after)
+        ):
             self._dump(p, work, "after", selected={"all"})
         return (work if changed else program), record
 
     def _context(self, p: Pass, progress: Callable[[str], None] | None = None) -> PassContext:
-        return PassContext(pass_name=p.name, config=self.pipeline.config, calibration=self.calibration,
-                           progress=progress)
+        return PassContext(
+            pass_name=p.name, config=self.pipeline.config, calibration=self.calibration, progress=progress
+        )
 
     def _step_progress(self, index: int, total: int, spec: str) -> Callable[[str], None] | None:
         """Progress within pass ``index``: the manager's callback with the pass's detail after its spec."""
-        if self.progress is None:
+        progress = self.progress
+        if progress is None:
             return None
-        return lambda detail: self.progress(index, total, f"{spec}: {detail}")
+        return lambda detail: progress(index, total, f"{spec}: {detail}")
 
-    def _check(self, record: PassRecord, program: Program, reference: Sequence, run: Sequence[Pass], original: Program) -> None:
+    def _check(
+        self, record: PassRecord, program: Program, reference: Sequence, run: Sequence[Pass], original: Program
+    ) -> None:
         outputs = program.run_flat()
         worst_abs, worst_rel, failing = compare_outputs(outputs, reference, self.tolerance)
         record.max_abs_error, record.max_rel_error = worst_abs, worst_rel

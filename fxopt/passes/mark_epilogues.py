@@ -16,8 +16,11 @@ from fxopt.passes.base import Pass, PassContext
 aten = torch.ops.aten
 
 ANCHORS = {
-    aten.convolution.default: "conv", aten.linear.default: "linear", aten.mm.default: "matmul",
-    aten.bmm.default: "matmul", aten.addmm.default: "matmul",
+    aten.convolution.default: "conv",
+    aten.linear.default: "linear",
+    aten.mm.default: "matmul",
+    aten.bmm.default: "matmul",
+    aten.addmm.default: "matmul",
 }
 _CONSTANT_OPS = {aten.add.Tensor: "bias", aten.mul.Tensor: "scale"}
 
@@ -90,5 +93,6 @@ def _role(user: fx.Node, value: fx.Node, has_residual: bool) -> str | None:
 
 def _same_shape(a: fx.Node, b: fx.Node) -> bool:
     va, vb = a.meta.get("val"), b.meta.get("val")
-    return isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape \
-        and va.dtype == vb.dtype
+    return (
+        isinstance(va, torch.Tensor) and isinstance(vb, torch.Tensor) and va.shape == vb.shape and va.dtype == vb.dtype
+    )

@@ -50,12 +50,17 @@ class Pipeline:
     def to_toml(self) -> str:
         """The pipeline as a TOML file, every pass option filled in: :meth:`load` reads the same pipeline back."""
         lines = [f"passes = {_toml_value([str(p) for p in self.passes])}"]
-        tables = {"target": {"name": self.target} if self.target else {}, "verify": {}, "instrument": {}}
+        tables: dict[str, dict[str, object]] = {
+            "target": {"name": self.target} if self.target else {},
+            "verify": {},
+            "instrument": {},
+        }
         if self.verify is not None:
             tables["verify"]["mode"] = self.verify
         if self.tolerance is not None:
-            tables["verify"].update({"rtol": self.tolerance.rtol, "atol": self.tolerance.atol,
-                                     "half-rtol": self.tolerance.half_rtol})
+            tables["verify"].update(
+                {"rtol": self.tolerance.rtol, "atol": self.tolerance.atol, "half-rtol": self.tolerance.half_rtol}
+            )
         if self.print_ir_after:
             tables["instrument"]["print-ir-after"] = list(self.print_ir_after)
         for name, table in {**tables, **self.config}.items():
@@ -164,6 +169,4 @@ def check_order(passes: Sequence[Pass]) -> None:
         for later in p.before:
             if later in names[:i]:
                 raise PipelineError(f"pass '{p.name}' must run before '{later}', but '{later}' comes first")
-        p.check_later(passes[i + 1:])
-
-
+        p.check_later(passes[i + 1 :])

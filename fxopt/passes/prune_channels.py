@@ -64,14 +64,16 @@ class PruneChannels(Pass):
     target: Literal["flops", "params", "channels"] = option("flops", "what the ratio is a fraction of")
     importance: Importance = option("l1", "how channels are ranked")
     scope: Literal["uniform", "global", "per-layer-ratios"] = option(
-        "uniform", "same ratio per group, one ranking across groups, or the channel ratios of layer-ratios")
+        "uniform", "same ratio per group, one ranking across groups, or the channel ratios of layer-ratios"
+    )
     round_to: int = option(1, "kept channels per group are a multiple of this (heads excepted)")
     min_channels: int = option(1, "fewest channels (or heads) a group keeps")
     heads: bool = option(True, "remove whole attention heads")
     head_dim: bool = option(False, "shrink every head's dimension")
     ignore: tuple[str, ...] = option((), "layers whose output channels stay (module path or weight name globs)")
     layer_ratios: tuple[str, ...] = option(
-        (), "scope=per-layer-ratios: 'glob:ratio' channel fractions by layer, first match wins, else ratio")
+        (), "scope=per-layer-ratios: 'glob:ratio' channel fractions by layer, first match wins, else ratio"
+    )
     compensate: bool = option(False, "fold a data-free reconstruction of removed channels into the next layers")
     latency: bool = option(False, "snap each group's width to what measures fastest on this machine's CPU")
 
@@ -109,6 +111,8 @@ class PruneChannels(Pass):
         ctx.count("groups-pruned", sum(1 for c in plan.candidates if plan.counts[c.group.space] < c.group.size))
         if self.latency:
             after = model_latency(program)
-            ctx.notes.append(f"latency: the whole model measured {before * 1e3:.3g} ms -> {after * 1e3:.3g} ms "
-                             f"({before / after:.2f}x) in PyTorch on this CPU, example inputs")
+            ctx.notes.append(
+                f"latency: the whole model measured {before * 1e3:.3g} ms -> {after * 1e3:.3g} ms "
+                f"({before / after:.2f}x) in PyTorch on this CPU, example inputs"
+            )
         return True

@@ -49,14 +49,18 @@ class Quantize(Pass):
     group_size: int = option(128, "w8/w4: input weights per scale (0: one scale per output channel)")
     activations: Literal["asymmetric", "symmetric"] = option("asymmetric", "w8a8: static activation zero points")
     weights: Literal["symmetric", "asymmetric"] = option("symmetric", "w8/w4: weight group zero points")
-    rounding: Literal["nearest", "gptq"] = option("nearest", "w8/w4: round to nearest, or GPTQ's error-compensating "
-                                                  "rounding (calibrated)")
-    weight_ranges: Literal["minmax", "search"] = option("minmax", "w8/w4: each group's min/max, or the clipped range "
-                                                        "with the least output error (calibrated)")
-    mix: tuple[Precision, ...] = option(("w8a8", "float"), "scheme=mixed: the precision of most layers, then the "
-                                        "one the most sensitive keep")
-    max_error: float = option(0.05, "scheme=mixed: output error allowed on the calibration data (relative RMS, or "
-                                    "the calibration's metric)")
+    rounding: Literal["nearest", "gptq"] = option(
+        "nearest", "w8/w4: round to nearest, or GPTQ's error-compensating rounding (calibrated)"
+    )
+    weight_ranges: Literal["minmax", "search"] = option(
+        "minmax", "w8/w4: each group's min/max, or the clipped range with the least output error (calibrated)"
+    )
+    mix: tuple[Precision, ...] = option(
+        ("w8a8", "float"), "scheme=mixed: the precision of most layers, then the one the most sensitive keep"
+    )
+    max_error: float = option(
+        0.05, "scheme=mixed: output error allowed on the calibration data (relative RMS, or the calibration's metric)"
+    )
     ignore: tuple[str, ...] = option((), "layers left in float (module path or weight name globs)")
 
     def __post_init__(self):
@@ -65,8 +69,9 @@ class Quantize(Pass):
         if not 0 < self.percentile <= 100:
             raise ValueError(f"percentile must be in (0, 100], got {self.percentile}")
         if self.scheme == "mixed" and (len(self.mix) != 2 or self.mix[0] == "float" or self.mix[0] == self.mix[1]):
-            raise ValueError(f"mix takes two precisions, the low one first (e.g. [w4, w8] or [w8a8, float]); "
-                             f"got {list(self.mix)}")
+            raise ValueError(
+                f"mix takes two precisions, the low one first (e.g. [w4, w8] or [w8a8, float]); got {list(self.mix)}"
+            )
         if self.max_error <= 0:
             raise ValueError(f"max-error must be positive, got {self.max_error}")
 

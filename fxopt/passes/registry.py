@@ -31,7 +31,7 @@ BUILTIN_PIPELINES: dict[str, str] = {
     "default": "remove-noops,fold-constants,fuse-norms,fold-conv-bn,fuse-blocks,fuse-attention,cse,dce,mark-epilogues",
     # Opt-in: exact, and faster where RMSNorm is one kernel (compiled backends), slower in eager PyTorch on CPU.
     "pre-rmsnorm": "remove-noops,fold-constants,fuse-norms,layernorm-to-rmsnorm,fold-conv-bn,fuse-blocks,"
-                   "fuse-attention,cse,dce,mark-epilogues",
+    "fuse-attention,cse,dce,mark-epilogues",
     "torch": "default",
     "cpu": "default",
     "cuda": "default",
@@ -63,11 +63,14 @@ def register_pass(cls: type[Pass]) -> type[Pass]:
         raise PipelineError(f"register_pass takes a Pass subclass that is a dataclass, got {cls!r}")
     name = cls.name
     if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", name):
-        raise PipelineError(f"{cls.__name__}.name must be a kebab-case spec name like 'fold-double-negation', "
-                            f"got {name!r}")
+        raise PipelineError(
+            f"{cls.__name__}.name must be a kebab-case spec name like 'fold-double-negation', got {name!r}"
+        )
     taken = "a named pipeline" if name in BUILTIN_PIPELINES else PASSES.get(name, cls) is not cls and PASSES[name]
     if taken:
-        raise PipelineError(f"cannot register {cls.__name__} as '{name}': the name is taken by "
-                            f"{taken if isinstance(taken, str) else taken.__qualname__}")
+        raise PipelineError(
+            f"cannot register {cls.__name__} as '{name}': the name is taken by "
+            f"{taken if isinstance(taken, str) else taken.__qualname__}"
+        )
     PASSES[name] = cls
     return cls

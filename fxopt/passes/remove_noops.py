@@ -57,24 +57,54 @@ _PRESERVING_FORMATS = (None, torch.preserve_format, torch.contiguous_format)
 
 NOOP_RULES = RuleSet(
     [
-        Rule("copy", Pat((aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default), x,
-                         where=lambda n: n.kwargs.get("memory_format") in _PRESERVING_FORMATS), _forward_input),
-        Rule("to-same-dtype", Pat(aten._to_copy.default, x,
-                                  where=lambda n: n.kwargs.get("memory_format") in _PRESERVING_FORMATS), _forward_input),
-        Rule("same-shape-view", Pat((aten.view.default, aten._unsafe_view.default, aten.reshape.default,
-                                     aten.expand.default), x), _forward_input),
-        Rule("identity-permute", Pat(aten.permute.default, x, Pat.any(where=lambda d: list(d) == sorted(d))),
-             _forward_input),
-        Rule("full-slice", Pat(aten.slice.Tensor, x, where=lambda n: (list(n.args[4:5]) or [1])[0] == 1),
-             _forward_input),
-        Rule("single-cat", Pat(aten.cat.default, Pat.any(where=lambda ts: len(ts) == 1, name="tensors")),
-             lambda ctx, tensors: _forward_input(ctx, tensors[0])),
+        Rule(
+            "copy",
+            Pat(
+                (aten.clone.default, aten.alias.default, aten.detach.default, aten.lift_fresh_copy.default),
+                x,
+                where=lambda n: n.kwargs.get("memory_format") in _PRESERVING_FORMATS,
+            ),
+            _forward_input,
+        ),
+        Rule(
+            "to-same-dtype",
+            Pat(aten._to_copy.default, x, where=lambda n: n.kwargs.get("memory_format") in _PRESERVING_FORMATS),
+            _forward_input,
+        ),
+        Rule(
+            "same-shape-view",
+            Pat((aten.view.default, aten._unsafe_view.default, aten.reshape.default, aten.expand.default), x),
+            _forward_input,
+        ),
+        Rule(
+            "identity-permute",
+            Pat(aten.permute.default, x, Pat.any(where=lambda d: list(d) == sorted(d))),
+            _forward_input,
+        ),
+        Rule(
+            "full-slice", Pat(aten.slice.Tensor, x, where=lambda n: (list(n.args[4:5]) or [1])[0] == 1), _forward_input
+        ),
+        Rule(
+            "single-cat",
+            Pat(aten.cat.default, Pat.any(where=lambda ts: len(ts) == 1, name="tensors")),
+            lambda ctx, tensors: _forward_input(ctx, tensors[0]),
+        ),
         Rule("eval-dropout", Pat(aten.dropout.default, x, Pat.any(), False), _forward_input),
-        Rule("mul-one", Pat((aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar), x,
-                            Pat.any(where=_scalar(1))), _forward_input),
-        Rule("add-zero", Pat((aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar), x,
-                             Pat.any(where=_scalar(0)), where=lambda n: n.kwargs.get("alpha", 1) == 1),
-             _forward_input),
+        Rule(
+            "mul-one",
+            Pat((aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar), x, Pat.any(where=_scalar(1))),
+            _forward_input,
+        ),
+        Rule(
+            "add-zero",
+            Pat(
+                (aten.add.Tensor, aten.add.Scalar, aten.sub.Tensor, aten.sub.Scalar),
+                x,
+                Pat.any(where=_scalar(0)),
+                where=lambda n: n.kwargs.get("alpha", 1) == 1,
+            ),
+            _forward_input,
+        ),
     ]
 )
 

@@ -41,8 +41,7 @@ class SmoothActivations(Pass):
         return self.name
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
-        for x, layers, lo, hi in calibrated_readers(program, lambda: ctx.require_calibration(self.name),
-                                                    ctx.progress):
+        for x, layers, lo, hi in calibrated_readers(program, lambda: ctx.require_calibration(self.name), ctx.progress):
             act = torch.maximum(-lo, hi).double()
             weight = torch.stack([layer.weight_value(program).double().abs().amax(0) for layer in layers]).amax(0)
             if act.shape != weight.shape:

@@ -22,8 +22,15 @@ from typing import Any, Literal
 from fxopt.errors import PipelineError
 from fxopt.passes.base import Pass, format_pass, format_value, type_name
 
-__all__ = ["format_pass", "format_value", "named_pipelines", "parse_pipeline", "registered_passes", "type_name",
-           "unknown_name"]
+__all__ = [
+    "format_pass",
+    "format_value",
+    "named_pipelines",
+    "parse_pipeline",
+    "registered_passes",
+    "type_name",
+    "unknown_name",
+]
 
 
 _TOKEN = re.compile(
@@ -87,7 +94,7 @@ class _Parser:
         self.i += 1
 
     def items(self) -> list[_Item]:
-        items = []
+        items: list[_Item] = []
         if not self.tokens:
             return items
         while True:
@@ -241,5 +248,3 @@ def parse_pipeline(spec: str, _expanding: tuple[str, ...] = ()) -> list[Pass]:
         else:
             raise unknown_name(item.name)
     return passes
-
-

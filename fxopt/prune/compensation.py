@@ -27,15 +27,42 @@ aten = torch.ops.aten
 
 
 # Ops that carry each channel through linearly: a removed channel rebuilt from kept ones stays rebuilt.
-_LINEAR = {aten.add.Tensor, aten.sub.Tensor, aten.view.default, aten.reshape.default, aten._unsafe_view.default,
-           aten.permute.default, aten.transpose.int, aten.t.default, aten.unsqueeze.default, aten.squeeze.dim,
-           aten.squeeze.dims, aten.expand.default, aten.clone.default, aten.alias.default, aten._to_copy.default,
-           aten.contiguous.default, aten.mean.dim, aten.sum.dim_IntList, aten.avg_pool2d.default,
-           aten._adaptive_avg_pool2d.default, aten.dropout.default, operator.getitem}
+_LINEAR = {
+    aten.add.Tensor,
+    aten.sub.Tensor,
+    aten.view.default,
+    aten.reshape.default,
+    aten._unsafe_view.default,
+    aten.permute.default,
+    aten.transpose.int,
+    aten.t.default,
+    aten.unsqueeze.default,
+    aten.squeeze.dim,
+    aten.squeeze.dims,
+    aten.expand.default,
+    aten.clone.default,
+    aten.alias.default,
+    aten._to_copy.default,
+    aten.contiguous.default,
+    aten.mean.dim,
+    aten.sum.dim_IntList,
+    aten.avg_pool2d.default,
+    aten._adaptive_avg_pool2d.default,
+    aten.dropout.default,
+    operator.getitem,
+}
 # Per-channel ops with f(s * x) = s * f(x) for s > 0 (exactly, or nearly for the smooth ones): a removed channel
 # can be rebuilt from one kept channel, scaled, but not from a mix of them.
-_HOMOGENEOUS = {aten.relu.default, aten.leaky_relu.default, aten.max_pool2d_with_indices.default,
-                aten.gelu.default, aten.silu.default, aten.hardswish.default}
+_HOMOGENEOUS = {
+    aten.relu.default,
+    aten.leaky_relu.default,
+    aten.max_pool2d_with_indices.default,
+    aten.gelu.default,
+    aten.silu.default,
+    aten.hardswish.default,
+}
+
+
 def shrink_compensated(plan: PrunePlan, ctx: PassContext) -> None:
     """Shrink with compensation (UDFC-style, data-free), keeping it only where it lowers the output error.
 
@@ -71,19 +98,27 @@ def shrink_compensated(plan: PrunePlan, ctx: PassContext) -> None:
     plain_error = relative_rms_error(plain.run_flat(), reference)
     if error > plain_error:
         program.graph_module = plain.graph_module
-        ctx.notes.append(f"compensation left out: it raised the relative output error on the example inputs "
-                         f"({plain_error:.4g} -> {error:.4g})")
+        ctx.notes.append(
+            f"compensation left out: it raised the relative output error on the example inputs "
+            f"({plain_error:.4g} -> {error:.4g})"
+        )
         return
     ctx.count("groups-compensated", compensated)
     removed = 1 - error / plain_error if plain_error > 0 else 0.0
-    ctx.notes.append(f"compensation: relative output error on the example inputs {plain_error:.4g} -> {error:.4g} "
-                     f"({removed:.0%} of it removed), {compensated} groups compensated")
+    ctx.notes.append(
+        f"compensation: relative output error on the example inputs {plain_error:.4g} -> {error:.4g} "
+        f"({removed:.0%} of it removed), {compensated} groups compensated"
+    )
 
 
 def _same_axis(graph: ChannelGraph, other: ChannelGraph, space: Space) -> Space:
     """``space`` of ``graph`` in ``other``, the analysis of a clone of its program (same constants, same walk)."""
-    target, dim = next((t, d) for t, trees in graph.constant_dims().items() for d, tree in enumerate(trees)
-                       if space in set(graph.leaves(tree)))
+    target, dim = next(
+        (t, d)
+        for t, trees in graph.constant_dims().items()
+        for d, tree in enumerate(trees)
+        if space in set(graph.leaves(tree))
+    )
     index = list(graph.leaves(graph.constant_dims()[target][dim])).index(space)
     return list(other.leaves(other.constant_dims()[target][dim]))[index]
 
@@ -95,8 +130,11 @@ def _compensate(graph: ChannelGraph, group: Group, kept: torch.Tensor, values: d
     program = graph.program
     producers = {m.node for m in group.members if m.role == "out"}
     consumers = {m.node: m.dim for m in group.members if m.role == "in"}
-    touching = [n for n in program.graph.nodes if n.op == "call_function"
-                and any(group.space in set(graph.leaves(t)) for t in _all_dims(graph, n))]
+    touching = [
+        n
+        for n in program.graph.nodes
+        if n.op == "call_function" and any(group.space in set(graph.leaves(t)) for t in _all_dims(graph, n))
+    ]
     carried = set(touching)
     affine: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}  # producer -> (scale, shift) of its batch norm
     homogeneous = False
@@ -160,8 +198,13 @@ def _all_dims(graph: ChannelGraph, node: fx.Node) -> list[Tree]:
     return list(dims or [])
 
 
-def _responses(graph: ChannelGraph, group: Group, producer: fx.Node, values: dict[str, torch.Tensor],
-               affine: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+def _responses(
+    graph: ChannelGraph,
+    group: Group,
+    producer: fx.Node,
+    values: dict[str, torch.Tensor],
+    affine: tuple[torch.Tensor, torch.Tensor] | None,
+) -> torch.Tensor | None:
     """One row per channel: what the producer computes for it (weights, then bias), through the batch norm."""
     program = graph.program
     weight, bias_arg = _weight(producer), WEIGHT_ARGS[producer.target][1]
@@ -172,8 +215,11 @@ def _responses(graph: ChannelGraph, group: Group, producer: fx.Node, values: dic
     w = values.get(weight.target, program.get_constant(weight.target))
     rows = w.detach().double().movedim(dim, 0).reshape(group.size, -1)
     bias = producer.args[bias_arg] if bias_arg is not None and len(producer.args) > bias_arg else None
-    b = (program.get_constant(bias.target).detach().double() if isinstance(bias, fx.Node) and bias.op == "get_attr"
-         else torch.zeros(group.size, dtype=torch.float64))
+    b = (
+        program.get_constant(bias.target).detach().double()
+        if isinstance(bias, fx.Node) and bias.op == "get_attr"
+        else torch.zeros(group.size, dtype=torch.float64)
+    )
     if affine is not None:
         scale, shift = affine
         rows, b = rows * scale[:, None], b * scale + shift

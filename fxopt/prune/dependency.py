@@ -186,8 +186,10 @@ class ChannelGraph(OpRules):
                 if space in found:
                     found[space].roles.add(role)
         weighted = [g for g in found.values() if any(self.program.get_constant(t).dim() >= 2 for t, _ in g.constants)]
-        return ([g for g in weighted if g.space not in pinned],
-                [(g, pinned[g.space]) for g in weighted if g.space in pinned])
+        return (
+            [g for g in weighted if g.space not in pinned],
+            [(g, pinned[g.space]) for g in weighted if g.space in pinned],
+        )
 
     def kept(self, tree: Tree, keep: dict[Space, torch.Tensor]) -> torch.Tensor:
         """Positions of a dim (a sorted index tensor) that survive when each axis in ``keep`` keeps those indices."""
@@ -252,8 +254,9 @@ class ChannelGraph(OpRules):
                 if node.target not in self._constants:
                     # Tied weights (one tensor under two names) are one set of axes.
                     tied = next((t for t in self._constants if self.program.get_constant(t) is value), None)
-                    self._constants[node.target] = (self._constants[tied] if tied else
-                                                    [self.fresh(s) for s in value.shape])
+                    self._constants[node.target] = (
+                        self._constants[tied] if tied else [self.fresh(s) for s in value.shape]
+                    )
                 self.dims[node] = self._constants[node.target]
             return
         if node.op == "output":
@@ -292,8 +295,9 @@ class ChannelGraph(OpRules):
                 self.pin(t, f"{why} ({describe_node(node)})")
         value = node.meta.get("val")
         if isinstance(value, (tuple, list)):
-            self.dims[node] = tuple([self.fresh(s) for s in v.shape] if isinstance(v, torch.Tensor) else []
-                                    for v in value)
+            self.dims[node] = tuple(
+                [self.fresh(s) for s in v.shape] if isinstance(v, torch.Tensor) else [] for v in value
+            )
             for dims in self.dims[node]:
                 for t in dims:
                     self.pin(t, why)
@@ -308,4 +312,3 @@ class ChannelGraph(OpRules):
 def analyze(program: Program) -> ChannelGraph:
     """The channel dependencies of ``program``."""
     return ChannelGraph(program)
-

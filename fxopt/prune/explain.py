@@ -26,8 +26,10 @@ def explain(program: Program, options: PruneChannels, calibration: Calibration |
             kept = plan.counts[c.group.space]
             roles = f" [{', '.join(sorted(c.group.roles))}]" if c.group.roles else ""
             scores = c.importance.float()
-            lines.append(f"  group {i}{roles}: {c.group.size} channels, keep {kept}; importance "
-                         f"min {scores.min():.3g} median {scores.median():.3g} max {scores.max():.3g}")
+            lines.append(
+                f"  group {i}{roles}: {c.group.size} channels, keep {kept}; importance "
+                f"min {scores.min():.3g} median {scores.median():.3g} max {scores.max():.3g}"
+            )
             lines += [f"      {m}" for m in dict.fromkeys(f"{m.role:5} {m.label}" for m in c.group.members)]
     lines += ["notes:"] + [f"  {n}" for n in ctx.notes]
     return "\n".join(lines)

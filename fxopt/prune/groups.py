@@ -93,7 +93,6 @@ class Group:
         """``out: conv 'layer1.conv' | in: linear 'fc' | param: bn ...``-style summary of the members."""
         return ", ".join(dict.fromkeys(f"{m.role} {m.label}" for m in self.members))
 
-
     def summary(self) -> str:
         """``group of 64 (out conv 'layer1.conv', ...)``: its size and members, for notes."""
         return f"group of {self.size} ({self.describe()})"
@@ -104,5 +103,8 @@ def _short(node: fx.Node) -> str:
     return f"{_OP_NAMES.get(op, op)} '{module_name(node) or node.name}'"
 
 
-_OP_NAMES = {"convolution": "conv", "_native_batch_norm_legit_no_training": "batch_norm",
-             "scaled_dot_product_attention": "attention"}
+_OP_NAMES = {
+    "convolution": "conv",
+    "_native_batch_norm_legit_no_training": "batch_norm",
+    "scaled_dot_product_attention": "attention",
+}

@@ -1,5 +1,5 @@
-"""Channel importance: how much each channel of a group matters, from its weights (L1/L2, normalization scales), first-order
-Taylor saliency, or calibrated activations (CFSP), with a block-level weight for ``scope=global``."""
+"""Channel importance: how much each channel of a group matters, from its weights (L1/L2, normalization scales),
+first-order Taylor saliency, or calibrated activations (CFSP), with a block-level weight for ``scope=global``."""
 
 from __future__ import annotations
 
@@ -46,8 +46,9 @@ class ChannelScores:
             return self._per_channel(group, lambda t: t in self.graph.norm_weights, 1)
         if self.kind == "taylor":
             return self._per_channel(group, lambda t: t in self.saliency, 1, self.saliency.get)
-        weights = self._per_channel(group, lambda t: self.graph.program.get_constant(t).dim() >= 2,
-                                    2 if self.kind == "l2" else 1)
+        weights = self._per_channel(
+            group, lambda t: self.graph.program.get_constant(t).dim() >= 2, 2 if self.kind == "l2" else 1
+        )
         if self.kind == "activation" and weights is not None and group.space in self.activation:
             # Wanda / CFSP: a channel matters by its weights times the size of what flows through it.
             return weights * self.activation[group.space].sqrt()
@@ -60,8 +61,9 @@ class ChannelScores:
         mean = sum(self.block.values()) / len(self.block)
         return self.block[group.space] / mean if mean > 0 else 1.0
 
-    def _per_channel(self, group: Group, use: Callable[[str], bool], power: int,
-                     tensor: Callable[[str], torch.Tensor] | None = None) -> torch.Tensor | None:
+    def _per_channel(
+        self, group: Group, use: Callable[[str], bool], power: int, tensor: Callable[[str], torch.Tensor] | None = None
+    ) -> torch.Tensor | None:
         """Sum ``|tensor|**power`` of the group's constants over every position that belongs to each channel."""
         scores = torch.zeros(group.size, dtype=torch.float64)
         found = False
@@ -109,8 +111,13 @@ class ChannelScores:
 
         return accumulate
 
-    def _watch_block(self, space: Space, readers: list[fx.Node], data: set[fx.Node],
-                     watch: dict[fx.Node, list[Callable[[torch.Tensor], None]]]) -> None:
+    def _watch_block(
+        self,
+        space: Space,
+        readers: list[fx.Node],
+        data: set[fx.Node],
+        watch: dict[fx.Node, list[Callable[[torch.Tensor], None]]],
+    ) -> None:
         """Measure the residual block around ``readers``: 1 - cos(stream in, stream out), averaged over samples."""
         found = _residual_add(readers, data)
         if found is None:

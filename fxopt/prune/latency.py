@@ -24,8 +24,14 @@ _SNAP_STEPS = (8, 16, 32, 64)
 _NOISE = 0.03  # latencies within 3% are the same: keep the wider one
 
 
-def snap_to_latency(graph: ChannelGraph, candidates: list[Candidate], counts: dict[Space, int], cost: Cost,
-                     ctx: PassContext, restore: bool) -> tuple[dict[Space, int], set[Space]]:
+def snap_to_latency(
+    graph: ChannelGraph,
+    candidates: list[Candidate],
+    counts: dict[Space, int],
+    cost: Cost,
+    ctx: PassContext,
+    restore: bool,
+) -> tuple[dict[Space, int], set[Space]]:
     """Widen each pruned group to the widest width that measures as fast as its planned one.
 
     A group's layers are timed in PyTorch on this machine's CPU (random
@@ -54,9 +60,11 @@ def snap_to_latency(graph: ChannelGraph, candidates: list[Candidate], counts: di
                 whole.add(c.group.space)
             else:
                 widened += 1
-            ctx.notes.append(f"latency: {c.group.describe()}: {kept} -> {best} channels "
-                             f"({timings[kept] * 1e6:.0f} us planned, {timings[best] * 1e6:.0f} us chosen, "
-                             f"{timings[size] * 1e6:.0f} us unpruned)")
+            ctx.notes.append(
+                f"latency: {c.group.describe()}: {kept} -> {best} channels "
+                f"({timings[kept] * 1e6:.0f} us planned, {timings[best] * 1e6:.0f} us chosen, "
+                f"{timings[size] * 1e6:.0f} us unpruned)"
+            )
     ctx.count("groups-widened-for-latency", widened)
     ctx.count("groups-kept-whole-for-latency", len(whole))
     return snapped, whole
@@ -77,8 +85,10 @@ def _time_layers(cost: Cost, layers: list[fx.Node], counts: dict[Space, int]) ->
             return torch.randn(meta.shape, dtype=meta.dtype) if isinstance(meta, torch.Tensor) else meta
         return arg
 
-    calls = [(n.target, tuple(materialize(a) for a in n.args), {k: materialize(v) for k, v in n.kwargs.items()})
-             for n in layers]
+    calls = [
+        (n.target, tuple(materialize(a) for a in n.args), {k: materialize(v) for k, v in n.kwargs.items()})
+        for n in layers
+    ]
 
     def run() -> None:
         for op, args, kwargs in calls:

@@ -89,8 +89,9 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
             ctx.skip(group.summary(), excluded or "no normalization scale in the group")
             continue
         step = 1 if "heads" in group.roles else options.round_to
-        candidates.append(Candidate(group, importance, min(options.min_channels, group.size), step,
-                                     scores.weight(group)))
+        candidates.append(
+            Candidate(group, importance, min(options.min_channels, group.size), step, scores.weight(group))
+        )
     ctx.count("groups", len(candidates))
     cost = Cost(graph, options.target, candidates)
     full = cost({})
@@ -103,8 +104,9 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
             counts, _ = snap_to_latency(graph, rest, counts, cost, ctx, restore=False)
     plan = PrunePlan(graph, candidates, counts)
     asked = "per-layer ratios" if options.layer_ratios else f"asked {options.ratio:.1%}"
-    ctx.notes.append(f"{options.target} reduced by {1 - cost(counts) / full:.1%} ({asked})"
-                     if full > 0 else "nothing to prune")
+    ctx.notes.append(
+        f"{options.target} reduced by {1 - cost(counts) / full:.1%} ({asked})" if full > 0 else "nothing to prune"
+    )
     for c in candidates:
         kept = counts[c.group.space]
         if kept < c.group.size:
@@ -112,16 +114,19 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
     return plan
 
 
-def solve(candidates: list[Candidate], options: PruneChannels, cost: Cost, full: float,
-           ctx: PassContext) -> dict[Space, int]:
+def solve(
+    candidates: list[Candidate], options: PruneChannels, cost: Cost, full: float, ctx: PassContext
+) -> dict[Space, int]:
     """The kept count of each candidate at the smallest pruning level that brings ``cost`` within the budget.
 
     ``scope=per-layer-ratios`` has no budget: each group loses the channel
     fraction given for its layers.
     """
     if options.scope == "per-layer-ratios":
-        return {c.group.space: c.group.size - c.removable(math.floor(_group_ratio(c.group, options) * c.group.size))
-                for c in candidates}
+        return {
+            c.group.space: c.group.size - c.removable(math.floor(_group_ratio(c.group, options) * c.group.size))
+            for c in candidates
+        }
     wanted = schedule(candidates, options.scope)
     budget = full * (1 - options.ratio)
     level = 1.0  # the smallest level that meets the budget, or everything prunable
@@ -135,8 +140,10 @@ def solve(candidates: list[Candidate], options: PruneChannels, cost: Cost, full:
             else:
                 low = middle
     elif options.ratio > 0:
-        ctx.notes.append(f"only {1 - most / full if full > 0 else 0.0:.1%} of the {options.target} can be "
-                         f"removed (asked {options.ratio:.1%}): the rest is pinned or at min-channels")
+        ctx.notes.append(
+            f"only {1 - most / full if full > 0 else 0.0:.1%} of the {options.target} can be "
+            f"removed (asked {options.ratio:.1%}): the rest is pinned or at min-channels"
+        )
     return wanted(level)
 
 
@@ -161,12 +168,12 @@ def _excluded(group: Group, options: PruneChannels) -> str | None:
     return None
 
 
-
 def schedule(candidates: list[Candidate], scope: str) -> Callable[[float], dict[Space, int]]:
     """``wanted(x)``: the kept count of every group at pruning level ``x`` in [0, 1] (monotone in ``x``)."""
     if scope == "uniform":
-        return lambda x: {c.group.space: c.group.size - c.removable(math.floor(x * c.group.size + 1e-9))
-                          for c in candidates}
+        return lambda x: {
+            c.group.space: c.group.size - c.removable(math.floor(x * c.group.size + 1e-9)) for c in candidates
+        }
     normalized = []
     for c in candidates:
         mean = c.importance.mean()
@@ -176,8 +183,10 @@ def schedule(candidates: list[Candidate], scope: str) -> Callable[[float], dict[
 
     def wanted(x: float) -> dict[Space, int]:
         threshold = x * top if x < 1 else math.inf
-        return {c.group.space: c.group.size - c.removable(int(torch.searchsorted(s, threshold)))
-                for c, s in zip(candidates, sorted_scores)}
+        return {
+            c.group.space: c.group.size - c.removable(int(torch.searchsorted(s, threshold)))
+            for c, s in zip(candidates, sorted_scores)
+        }
 
     return wanted
 

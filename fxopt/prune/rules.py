@@ -18,7 +18,7 @@ from fxopt.ir.traits import ALONG_DIM, BATCH_NORM, COPIES, POOLS, REDUCTIONS, SD
 from fxopt.prune.groups import Cat, Prod, Tree
 
 if TYPE_CHECKING:
-    pass
+    from fxopt.prune.dependency import ChannelGraph
 
 __all__ = ["OpRules", "RULES", "WEIGHT_ARGS", "slice_args", "tensor_values"]
 
@@ -34,31 +34,31 @@ WEIGHT_ARGS = {aten.linear.default: (1, 2), aten.convolution.default: (1, 2), at
 class OpRules:
     """The per-op rules of :class:`~fxopt.prune.dependency.ChannelGraph` (a mixin: ``self`` is the graph)."""
 
-    def _broadcast_into(self, out: list[Tree], out_shape: list, arg: object) -> None:
+    def _broadcast_into(self: ChannelGraph, out: list[Tree], out_shape: list, arg: object) -> None:
         shape, trees = shape_of(arg), self.value_dims(arg)
         offset = len(out_shape) - len(shape)
         for d, size in enumerate(shape):
             if d + offset >= 0 and size == out_shape[d + offset]:
                 self.unify(trees[d], out[d + offset])
 
-    def _pointwise(self, node: fx.Node) -> None:
+    def _pointwise(self: ChannelGraph, node: fx.Node) -> None:
         out_shape = shape_of(node)
         out = self._new(node)
         for arg in node.args:
             self._broadcast_into(out, out_shape, arg)
         self.dims[node] = out
 
-    def _same(self, node: fx.Node) -> None:
+    def _same(self: ChannelGraph, node: fx.Node) -> None:
         self.dims[node] = list(self.value_dims(node.args[0])) or self._new(node)
 
-    def _along_dim(self, node: fx.Node) -> None:
+    def _along_dim(self: ChannelGraph, node: fx.Node) -> None:
         """softmax / log-softmax / cumsum: every output channel of the dim depends on the others (a removed
         channel, even an all-zero one, changes the softmax's denominator or the later running sums)."""
         trees = list(self.value_dims(node.args[0]))
         self.pin(trees[node.args[1] % len(trees)], f"{_op_name(node)} runs over these channels ({describe_node(node)})")
         self.dims[node] = trees
 
-    def _reduction(self, node: fx.Node) -> None:
+    def _reduction(self: ChannelGraph, node: fx.Node) -> None:
         x = node.args[0]
         rank = len(shape_of(x))
         reduced = node.args[1] if len(node.args) > 1 else None
@@ -76,10 +76,10 @@ class OpRules:
                 dims.append(self.fresh(1))
         self.dims[node] = dims if len(dims) == len(shape_of(node)) else self._new(node)
 
-    def _view(self, node: fx.Node) -> None:
+    def _view(self: ChannelGraph, node: fx.Node) -> None:
         self.dims[node] = self.reshape(self.value_dims(node.args[0]), shape_of(node.args[0]), shape_of(node))
 
-    def reshape(self, trees: list[Tree], shape: list[int], out_shape: list[int]) -> list[Tree]:
+    def reshape(self: ChannelGraph, trees: list[Tree], shape: list[int], out_shape: list[int]) -> list[Tree]:
         """Trees of a reshape's output: runs of dims with equal element counts are merged or split."""
         out: list[Tree] = [self.fresh(s) for s in out_shape]
         i = j = 0
@@ -104,29 +104,29 @@ class OpRules:
             i, j = i + 1, j + 1
         return out
 
-    def _permute(self, node: fx.Node) -> None:
+    def _permute(self: ChannelGraph, node: fx.Node) -> None:
         trees = self.value_dims(node.args[0])
         self.dims[node] = [trees[d % len(trees)] for d in node.args[1]]
 
-    def _transpose(self, node: fx.Node) -> None:
+    def _transpose(self: ChannelGraph, node: fx.Node) -> None:
         trees = list(self.value_dims(node.args[0]))
         if len(trees) >= 2:
             a, b = (node.args[1] % len(trees), node.args[2] % len(trees)) if len(node.args) > 1 else (0, 1)
             trees[a], trees[b] = trees[b], trees[a]
         self.dims[node] = trees
 
-    def _unsqueeze(self, node: fx.Node) -> None:
+    def _unsqueeze(self: ChannelGraph, node: fx.Node) -> None:
         trees = list(self.value_dims(node.args[0]))
         trees.insert(node.args[1] % (len(trees) + 1), self.fresh(1))
         self.dims[node] = trees
 
-    def _squeeze(self, node: fx.Node) -> None:
+    def _squeeze(self: ChannelGraph, node: fx.Node) -> None:
         trees, shape = self.value_dims(node.args[0]), shape_of(node.args[0])
         dims = node.args[1] if len(node.args) > 1 else list(range(len(shape)))
         dims = {d % len(shape) for d in ([dims] if isinstance(dims, int) else dims)}
         self.dims[node] = [t for d, t in enumerate(trees) if not (d in dims and shape[d] == 1)]
 
-    def _expand(self, node: fx.Node) -> None:
+    def _expand(self: ChannelGraph, node: fx.Node) -> None:
         out_shape, shape, trees = shape_of(node), shape_of(node.args[0]), self.value_dims(node.args[0])
         offset = len(out_shape) - len(shape)
         self.dims[node] = [
@@ -134,7 +134,7 @@ class OpRules:
             for d, size in enumerate(out_shape)
         ]
 
-    def _cat(self, node: fx.Node) -> None:
+    def _cat(self: ChannelGraph, node: fx.Node) -> None:
         tensors = [t for t in node.args[0] if shape_of(t)]
         rank = len(shape_of(node))
         dim = (node.args[1] if len(node.args) > 1 else 0) % rank
@@ -146,15 +146,15 @@ class OpRules:
         out[dim] = Cat(tuple(self.value_dims(t)[dim] for t in tensors))
         self.dims[node] = out
 
-    def _split(self, node: fx.Node) -> None:
+    def _split(self: ChannelGraph, node: fx.Node) -> None:
         x = node.args[0]
         trees, shape = self.value_dims(x), shape_of(x)
         dim = (node.args[2] if len(node.args) > 2 else 0) % len(shape)
         pieces = [self.fresh(_value_shape(v)[dim]) for v in node.meta["val"]]
         self.unify(trees[dim], Cat(tuple(pieces)))
-        self.dims[node] = tuple([*trees[:dim], piece, *trees[dim + 1:]] for piece in pieces)
+        self.dims[node] = tuple([*trees[:dim], piece, *trees[dim + 1 :]] for piece in pieces)
 
-    def _slice(self, node: fx.Node) -> None:
+    def _slice(self: ChannelGraph, node: fx.Node) -> None:
         x = node.args[0]
         trees, shape = list(self.value_dims(x)), shape_of(x)
         dim, start, end, step = slice_args(node)
@@ -170,20 +170,20 @@ class OpRules:
                 out[dim] = middle
         self.dims[node] = out
 
-    def _select(self, node: fx.Node) -> None:
+    def _select(self: ChannelGraph, node: fx.Node) -> None:
         trees = list(self.value_dims(node.args[0]))
         dim = node.args[1] % len(trees)
         self.pin(trees[dim], f"an index is selected ({describe_node(node)})")
-        self.dims[node] = trees[:dim] + trees[dim + 1:]
+        self.dims[node] = trees[:dim] + trees[dim + 1 :]
 
-    def _embedding(self, node: fx.Node) -> None:
+    def _embedding(self: ChannelGraph, node: fx.Node) -> None:
         weight, indices = node.args[:2]
         w = self.value_dims(weight)
         self.pin(w[0], "embedding rows are looked up by index")
         self.dims[node] = list(self.value_dims(indices)) + [w[1]]
         self._member(w[1], node, 1, "out")
 
-    def _linear(self, node: fx.Node) -> None:
+    def _linear(self: ChannelGraph, node: fx.Node) -> None:
         x, w = node.args[:2]
         bias = node.args[2] if len(node.args) > 2 else None
         xs, ws = self.value_dims(x), self.value_dims(w)
@@ -194,7 +194,7 @@ class OpRules:
         self._member(ws[0], node, 0, "out")
         self._member(ws[1], node, 1, "in")
 
-    def _addmm(self, node: fx.Node) -> None:
+    def _addmm(self: ChannelGraph, node: fx.Node) -> None:
         bias, a, b = node.args[:3]
         at, bt = self.value_dims(a), self.value_dims(b)
         self.unify(at[1], bt[0])
@@ -204,7 +204,7 @@ class OpRules:
         self._member(bt[1], node, 1, "out")
         self._member(bt[0], node, 0, "in")
 
-    def _mm(self, node: fx.Node) -> None:
+    def _mm(self: ChannelGraph, node: fx.Node) -> None:
         a, b = node.args[:2]
         at, bt = self.value_dims(a), self.value_dims(b)
         for x, y in zip(at[:-2], bt[:-2]):
@@ -212,7 +212,7 @@ class OpRules:
         self.unify(at[-1], bt[-2])
         self.dims[node] = list(at[:-1]) + [bt[-1]]
 
-    def _convolution(self, node: fx.Node) -> None:
+    def _convolution(self: ChannelGraph, node: fx.Node) -> None:
         x, w, bias = node.args[:3]
         transposed, groups = bool(node.args[6]), int(node.args[8])
         xs, ws = self.value_dims(x), self.value_dims(w)
@@ -245,7 +245,7 @@ class OpRules:
         self._member(ws[1 if transposed else 0], node, 0, "out")
         self._member(ws[0 if transposed else 1], node, 1, "in")
 
-    def _spatial(self, node: fx.Node) -> None:
+    def _spatial(self: ChannelGraph, node: fx.Node) -> None:
         """Pools and resizes: batch and channels pass through, spatial dims are new."""
         xs = self.value_dims(node.args[0])
         for t in xs[2:]:
@@ -260,7 +260,7 @@ class OpRules:
             results.append(dims)
         self.dims[node] = tuple(results) if isinstance(value, (tuple, list)) else results[0]
 
-    def _pad(self, node: fx.Node) -> None:
+    def _pad(self: ChannelGraph, node: fx.Node) -> None:
         x, pad = node.args[:2]
         trees = list(self.value_dims(x))
         for k in range(len(pad) // 2):
@@ -271,7 +271,7 @@ class OpRules:
                 self.pin(trees[d], "padded dimension")
         self.dims[node] = trees
 
-    def _norm(self, node: fx.Node) -> None:
+    def _norm(self: ChannelGraph, node: fx.Node) -> None:
         """layer_norm(x, shape, w, b) / rms_norm(x, shape, w): the affine indexes the normalized dims."""
         x, normalized = node.args[:2]
         params = node.args[2:4] if node.target is aten.layer_norm.default else node.args[2:3]
@@ -280,12 +280,12 @@ class OpRules:
             self.norm_weights.add(node.args[2].target)
         for p in params:
             if isinstance(p, fx.Node):
-                for a, b in zip(self.value_dims(p), xs[len(xs) - len(normalized):]):
+                for a, b in zip(self.value_dims(p), xs[len(xs) - len(normalized) :]):
                     self.unify(a, b)
                 self._member(self.value_dims(p)[-1], node, 0, "param")
         self.dims[node] = list(xs)
 
-    def _group_norm(self, node: fx.Node) -> None:
+    def _group_norm(self: ChannelGraph, node: fx.Node) -> None:
         x, groups, weight, bias = node.args[:4]
         xs = self.value_dims(x)
         channels = shape_of(x)[1]
@@ -300,7 +300,7 @@ class OpRules:
                 self._member(xs[1], node, 0, "param")
         self.dims[node] = list(xs)
 
-    def _batch_norm(self, node: fx.Node) -> None:
+    def _batch_norm(self: ChannelGraph, node: fx.Node) -> None:
         x = node.args[0]
         xs = self.value_dims(x)
         if isinstance(node.args[1], fx.Node):
@@ -312,7 +312,7 @@ class OpRules:
         extra = [[self.fresh(s) for s in v.shape] for v in node.meta["val"][1:]]
         self.dims[node] = (list(xs), *extra)
 
-    def _sdpa(self, node: fx.Node) -> None:
+    def _sdpa(self: ChannelGraph, node: fx.Node) -> None:
         q, k, v = node.args[:3]
         if node.kwargs.get("enable_gqa"):
             self._opaque(node, "grouped-query SDPA (enable_gqa)")
@@ -337,7 +337,6 @@ class OpRules:
         self._roles.append((qs[-1], "head-dim"))
         self._roles.append((vs[-1], "head-dim"))
         self.dims[node] = out
-
 
 
 def _op_name(node: fx.Node) -> str:

@@ -67,14 +67,15 @@ def _new_sizes(args: list, old: list[int], new: list[int]) -> list:
     return [n if o != n and a != -1 else a for a, o, n in zip(args, old, new)]
 
 
-def _rewrite_sizes(graph: ChannelGraph, node: fx.Node, keep: dict[Space, torch.Tensor],
-                   expected: dict[fx.Node, list[int]]) -> None:
+def _rewrite_sizes(
+    graph: ChannelGraph, node: fx.Node, keep: dict[Space, torch.Tensor], expected: dict[fx.Node, list[int]]
+) -> None:
     target, args = node.target, list(node.args)
     if target in VIEWS or target is aten.expand.default:
         args[1] = _new_sizes(list(args[1]), shape_of(node), expected[node])
     elif target in (aten.layer_norm.default, aten.rms_norm.default):
         rank = len(args[1])
-        args[1] = expected[args[0]][len(expected[args[0]]) - rank:]
+        args[1] = expected[args[0]][len(expected[args[0]]) - rank :]
     elif target is aten.convolution.default and node in graph.group_counts:
         args[8] = len(graph.kept(graph.group_counts[node], keep))
     elif target is aten.group_norm.default:

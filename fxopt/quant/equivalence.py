@@ -23,8 +23,14 @@ from fxopt.ir.layers import WeightedLayer, is_call, is_constant, weighted_layers
 from fxopt.ir.meta import stamp_provenance
 from fxopt.ir.program import Program
 
-__all__ = ["linear_readers", "calibrated_readers", "channel_statistics", "input_moments", "scale_channels",
-           "shift_channels"]
+__all__ = [
+    "linear_readers",
+    "calibrated_readers",
+    "channel_statistics",
+    "input_moments",
+    "scale_channels",
+    "shift_channels",
+]
 
 aten = torch.ops.aten
 
@@ -47,8 +53,9 @@ def linear_readers(program: Program) -> dict[fx.Node, list[WeightedLayer]]:
     return readers
 
 
-def calibrated_readers(program: Program, calibration: Callable[[], Calibration],
-                       progress: Callable[[str], None] | None = None):
+def calibrated_readers(
+    program: Program, calibration: Callable[[], Calibration], progress: Callable[[str], None] | None = None
+):
     """``(activation, reading layers, per-channel min, per-channel max)`` for every activation linear layers read;
     ``calibration()`` is asked for the data only when there is one."""
     readers = linear_readers(program)
@@ -58,8 +65,9 @@ def calibrated_readers(program: Program, calibration: Callable[[], Calibration],
     return [(x, layers, *stats[x]) for x, layers in readers.items()]
 
 
-def channel_statistics(program: Program, calibration: Calibration, nodes: Iterable[fx.Node],
-                       progress: Callable[[str], None] | None = None) -> dict[fx.Node, tuple[torch.Tensor, ...]]:
+def channel_statistics(
+    program: Program, calibration: Calibration, nodes: Iterable[fx.Node], progress: Callable[[str], None] | None = None
+) -> dict[fx.Node, tuple[torch.Tensor, ...]]:
     """Per-channel (last dim) ``(min, max)`` of each activation over the calibration data."""
     stats: dict[fx.Node, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -77,8 +85,9 @@ def channel_statistics(program: Program, calibration: Calibration, nodes: Iterab
     return stats
 
 
-def input_moments(program: Program, calibration: Calibration, nodes: Iterable[fx.Node],
-                  progress: Callable[[str], None] | None = None) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
+def input_moments(
+    program: Program, calibration: Calibration, nodes: Iterable[fx.Node], progress: Callable[[str], None] | None = None
+) -> dict[fx.Node, tuple[torch.Tensor, torch.Tensor]]:
     """``(E[x xᵀ], E|x|)`` over the calibration data of each activation (features along the last dim).
 
     The second moment says how much each direction of a layer's input is
@@ -99,17 +108,26 @@ def input_moments(program: Program, calibration: Calibration, nodes: Iterable[fx
     return {n: (square / max(rows, 1), absolute / max(rows, 1)) for n, (square, absolute, rows) in sums.items()}
 
 
-def scale_channels(program: Program, x: fx.Node, readers: list[WeightedLayer], scale: torch.Tensor,
-                   pass_name: str) -> None:
+def scale_channels(
+    program: Program, x: fx.Node, readers: list[WeightedLayer], scale: torch.Tensor, pass_name: str
+) -> None:
     """Readers read ``x / scale`` (per last-dim channel) and multiply their weight columns by ``scale``."""
     for layer in readers:
         _set_weight(program, layer, layer.weight_value(program).double() * scale.double(), pass_name)
-    _change_input(program, x, readers, pass_name, aten.mul.Tensor, 1 / scale.double(),
-                  lambda w, b: (w.double() / scale.double(), None if b is None else b.double() / scale.double()))
+    _change_input(
+        program,
+        x,
+        readers,
+        pass_name,
+        aten.mul.Tensor,
+        1 / scale.double(),
+        lambda w, b: (w.double() / scale.double(), None if b is None else b.double() / scale.double()),
+    )
 
 
-def shift_channels(program: Program, x: fx.Node, readers: list[WeightedLayer], delta: torch.Tensor,
-                   pass_name: str) -> None:
+def shift_channels(
+    program: Program, x: fx.Node, readers: list[WeightedLayer], delta: torch.Tensor, pass_name: str
+) -> None:
     """Readers read ``x - delta`` (per last-dim channel) and add ``W @ delta`` to their biases."""
     for layer in readers:
         weight = layer.weight_value(program).double()
@@ -117,16 +135,28 @@ def shift_channels(program: Program, x: fx.Node, readers: list[WeightedLayer], d
         if layer.bias is not None:
             bias = bias + program.get_constant(layer.bias.target).double()
         _set_bias(program, layer, bias, pass_name)
-    _change_input(program, x, readers, pass_name, aten.sub.Tensor, delta.double(),
-                  lambda w, b: (w, -delta.double() if b is None else b.double() - delta.double()))
+    _change_input(
+        program,
+        x,
+        readers,
+        pass_name,
+        aten.sub.Tensor,
+        delta.double(),
+        lambda w, b: (w, -delta.double() if b is None else b.double() - delta.double()),
+    )
 
 
-def _change_input(program: Program, x: fx.Node, readers: list[WeightedLayer], pass_name: str, op, operand,
-                  fold: Callable) -> None:
+def _change_input(
+    program: Program, x: fx.Node, readers: list[WeightedLayer], pass_name: str, op, operand, fold: Callable
+) -> None:
     """Make ``readers`` read ``op(x, operand)``: folded into ``x``'s LayerNorm when nothing else reads it."""
     dtype = x.meta["val"].dtype
-    if (is_call(x, aten.layer_norm.default) and len(x.args) >= 3 and is_constant(x.args[2])
-            and set(x.users) == {layer.node for layer in readers}):
+    if (
+        is_call(x, aten.layer_norm.default)
+        and len(x.args) >= 3
+        and is_constant(x.args[2])
+        and set(x.users) == {layer.node for layer in readers}
+    ):
         weight_node = x.args[2]
         bias_node = x.args[3] if len(x.args) > 3 else None
         if bias_node is None or is_constant(bias_node):
@@ -137,7 +167,8 @@ def _change_input(program: Program, x: fx.Node, readers: list[WeightedLayer], pa
             with program.graph.inserting_before(x):
                 if new_weight is not weight:  # a shift leaves the norm's weight as it is
                     args[2] = program.graph.get_attr(
-                        add_constant(program, new_weight.to(weight.dtype), f"{pass_name}_w"))
+                        add_constant(program, new_weight.to(weight.dtype), f"{pass_name}_w")
+                    )
                 if new_bias is not None:
                     args[3] = program.graph.get_attr(add_constant(program, new_bias.to(weight.dtype), f"{pass_name}_b"))
             x.args = tuple(args)
@@ -175,8 +206,9 @@ def _set_bias(program: Program, layer: WeightedLayer, bias: torch.Tensor, pass_n
     layer.node.args = tuple(args)
 
 
-def _replace_constant(program: Program, layer: WeightedLayer, old: fx.Node, tensor: torch.Tensor,
-                      pass_name: str) -> None:
+def _replace_constant(
+    program: Program, layer: WeightedLayer, old: fx.Node, tensor: torch.Tensor, pass_name: str
+) -> None:
     with program.graph.inserting_before(layer.node):
         new = program.graph.get_attr(add_constant(program, tensor, f"{pass_name}_{old.target}"))
     stamp_provenance([new], pass_name, [old])

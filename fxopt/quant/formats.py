@@ -24,8 +24,20 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Format", "FORMATS", "INT8", "INT4", "FP8", "quantize_tensor", "fake_quantize", "affine_params",
-           "dequantize_groups", "dequantize_grouped", "pack_int4", "unpack_int4"]
+__all__ = [
+    "Format",
+    "FORMATS",
+    "INT8",
+    "INT4",
+    "FP8",
+    "quantize_tensor",
+    "fake_quantize",
+    "affine_params",
+    "dequantize_groups",
+    "dequantize_grouped",
+    "pack_int4",
+    "unpack_int4",
+]
 
 
 @dataclass(frozen=True)
@@ -67,7 +79,9 @@ def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor
     return (q - zero_point if zero_point is not None else q) * scale
 
 
-def affine_params(lo: torch.Tensor, hi: torch.Tensor, fmt: Format, symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def affine_params(
+    lo: torch.Tensor, hi: torch.Tensor, fmt: Format, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(scale, zero_point)`` mapping the range ``[lo, hi]`` onto ``fmt`` (elementwise over the range tensors).
 
     The range is widened to include 0 so that zero is exact (padding, ReLU
@@ -91,7 +105,8 @@ def dequantize_grouped(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.T
 
 
 def dequantize_groups(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-    """float32 ``[out, in]`` weight from unpacked group-quantized integers (see :func:`fxopt.quant.weights.group_params`)."""
+    """float32 ``[out, in]`` weight from unpacked group-quantized integers (see
+    :func:`fxopt.quant.weights.group_params`)."""
     out_features, in_features = q.shape
     grouped = q.reshape(out_features, scale.shape[1], -1)
     return dequantize_grouped(grouped, scale, zero_point).reshape(out_features, in_features)

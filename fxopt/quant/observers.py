@@ -34,9 +34,17 @@ BINS = 2048
 _ENTROPY_LEVELS = 128  # TensorRT's: the positive half of int8
 
 
-def calibrate_ranges(program: Program, calibration: Calibration, nodes: Iterable[fx.Node], observer: ObserverKind,
-                     fmt: Format, *, symmetric: bool, percentile: float = 99.99,
-                     progress: Callable[[str], None] | None = None) -> dict[fx.Node, tuple[float, float]]:
+def calibrate_ranges(
+    program: Program,
+    calibration: Calibration,
+    nodes: Iterable[fx.Node],
+    observer: ObserverKind,
+    fmt: Format,
+    *,
+    symmetric: bool,
+    percentile: float = 99.99,
+    progress: Callable[[str], None] | None = None,
+) -> dict[fx.Node, tuple[float, float]]:
     """The ``(lo, hi)`` range to quantize each of ``nodes`` over, by ``observer`` on ``calibration``."""
     nodes = list(nodes)
     lo = {n: float("inf") for n in nodes}
@@ -93,7 +101,9 @@ def _percentile(counts: torch.Tensor, lo: float, hi: float, percentile: float) -
     cumulative = counts.cumsum(0) / counts.sum()
     tail = 1 - percentile / 100
     low = centers[int(torch.searchsorted(cumulative, torch.tensor(tail, dtype=torch.float64)))]
-    high = centers[min(int(torch.searchsorted(cumulative, torch.tensor(1 - tail, dtype=torch.float64))), len(counts) - 1)]
+    high = centers[
+        min(int(torch.searchsorted(cumulative, torch.tensor(1 - tail, dtype=torch.float64))), len(counts) - 1)
+    ]
     return min(float(low), 0.0) if lo < 0 else lo, max(float(high), 0.0) if hi > 0 else hi
 
 
@@ -119,11 +129,15 @@ def _entropy_threshold(counts: torch.Tensor, amax: float) -> float:
         if reference.sum() == 0:
             continue
         # Merge the kept bins into the available levels, then spread each level evenly over its non-empty bins.
-        expanded = torch.cat([
-            torch.where(present, chunk.sum() / max(int(present.sum()), 1), torch.zeros_like(chunk))
-            for chunk, present in zip(torch.tensor_split(counts[:stop], _ENTROPY_LEVELS),
-                                      torch.tensor_split(reference > 0, _ENTROPY_LEVELS))
-        ])
+        expanded = torch.cat(
+            [
+                torch.where(present, chunk.sum() / max(int(present.sum()), 1), torch.zeros_like(chunk))
+                for chunk, present in zip(
+                    torch.tensor_split(counts[:stop], _ENTROPY_LEVELS),
+                    torch.tensor_split(reference > 0, _ENTROPY_LEVELS),
+                )
+            ]
+        )
         p = reference / reference.sum()
         q = expanded.clamp_min(1e-8 * float(expanded.sum()) + 1e-30)  # smoothed: no empty level where p has mass
         q = q / q.sum()

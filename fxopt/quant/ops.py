@@ -55,13 +55,22 @@ def _accumulate(xq: torch.Tensor, x_zero_point: torch.Tensor, wq: torch.Tensor, 
     if step >= channels:
         return layer(x, w).double()
     channel_dim = x.dim() - 1 if w.dim() == 2 else 1
-    return sum(layer(x.narrow(channel_dim, start, min(step, channels - start)),
-                     w[:, start:start + step]).double() for start in range(0, channels, step))
+    return sum(
+        layer(x.narrow(channel_dim, start, min(step, channels - start)), w[:, start : start + step]).double()
+        for start in range(0, channels, step)
+    )
 
 
 @torch.library.custom_op("fxopt::linear_q", mutates_args=())
-def linear_q(xq: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor, wq: torch.Tensor,
-             w_scale: torch.Tensor, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def linear_q(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero_point: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """``linear`` of quantized activations and weights (int8 × int8 → int32, or fp8 × fp8 → float32), dequantized.
 
     ``x_scale`` is per tensor (static) or ``[..., 1]`` per token (dynamic);
@@ -77,17 +86,28 @@ def _linear_q_fake(xq, x_scale, x_zero_point, wq, w_scale, bias, out_dtype):
 
 
 @torch.library.custom_op("fxopt::conv_q", mutates_args=())
-def conv_q(xq: torch.Tensor, x_scale: torch.Tensor, x_zero_point: torch.Tensor, wq: torch.Tensor,
-           w_scale: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int],
-           dilation: list[int], groups: int, out_dtype: torch.dtype) -> torch.Tensor:
+def conv_q(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero_point: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
     """``convolution`` of quantized activations and weights, like :func:`linear_q`; per-tensor ``x_scale``,
     ``w_scale`` per tensor or ``[out]``. Padding pads with the real value 0 (the zero point)."""
     conv = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[wq.dim() - 2]
     if groups > 1 and xq.dtype == torch.int8:  # chunks of input channels would cut across groups: float64
         acc = conv(xq.double() - x_zero_point.double(), wq.double(), None, stride, padding, dilation, groups)
     else:
-        acc = _accumulate(xq, x_zero_point, wq, lambda x, w: conv(x, w, None, stride, padding, dilation, groups),
-                          wq[0].numel())
+        acc = _accumulate(
+            xq, x_zero_point, wq, lambda x, w: conv(x, w, None, stride, padding, dilation, groups), wq[0].numel()
+        )
     channel = (-1,) + (1,) * (wq.dim() - 2)
     y = acc.float() * (x_scale * w_scale).reshape(channel if w_scale.dim() else ())
     if bias is not None:
@@ -105,8 +125,14 @@ def _conv_q_fake(xq, x_scale, x_zero_point, wq, w_scale, bias, stride, padding, 
 
 
 @torch.library.custom_op("fxopt::linear_wq", mutates_args=())
-def linear_wq(x: torch.Tensor, wq: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-              bias: torch.Tensor | None, bits: int) -> torch.Tensor:
+def linear_wq(
+    x: torch.Tensor,
+    wq: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor,
+    bias: torch.Tensor | None,
+    bits: int,
+) -> torch.Tensor:
     """Weight-only quantized ``linear``: float ``x``, group-wise ``bits``-bit weights dequantized in the matmul.
 
     ``wq`` is ``[out, in]`` int8 (8 bits) or ``[out, in / 2]`` packed uint8 (4 bits);

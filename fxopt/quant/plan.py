@@ -22,6 +22,7 @@ from fxopt.passes.base import PassContext
 from fxopt.quant.equivalence import input_moments
 from fxopt.quant.observers import calibrate_ranges
 from fxopt.quant.rewrite import LINEAR_ONLY, STATIC, WEIGHT_ONLY, Rewriter
+from fxopt.tables import format_table
 
 if TYPE_CHECKING:
     from fxopt.passes.quantize import Quantize
@@ -37,8 +38,12 @@ def candidates(program: Program, options: Quantize, ctx: PassContext) -> list[We
     targets, refused = weighted_layers(program)
     for node, why in refused:
         ctx.skip(describe_node(node), why)
-    require_matches(program, [t.node for t in targets], [("ignore", p) for p in options.ignore],
-                    "`fxopt quantize --report` lists them")
+    require_matches(
+        program,
+        [t.node for t in targets],
+        [("ignore", p) for p in options.ignore],
+        "`fxopt quantize --report` lists them",
+    )
     chosen = []
     schemes = options.mix if options.scheme == "mixed" else (options.scheme,)
     for target in targets:
@@ -48,6 +53,7 @@ def candidates(program: Program, options: Quantize, ctx: PassContext) -> list[We
         else:
             chosen.append(target)
     return chosen
+
 
 def _refusal(program: Program, options: Quantize, target: WeightedLayer, scheme: str) -> str | None:
     if any(layer_matches(target.node, p) for p in options.ignore):
@@ -64,7 +70,6 @@ def _refusal(program: Program, options: Quantize, target: WeightedLayer, scheme:
     return None
 
 
-
 @dataclass(frozen=True)
 class LayerSensitivity:
     """How much the model's output moves when only one layer is quantized."""
@@ -76,8 +81,9 @@ class LayerSensitivity:
     precision: str  # what scheme=mixed gives it (the scheme itself otherwise)
 
 
-def sensitivity(program: Program, options: Quantize, calibration: Calibration,
-                progress: Callable[[str], None] | None = None) -> tuple[list[LayerSensitivity], list[str]]:
+def sensitivity(
+    program: Program, options: Quantize, calibration: Calibration, progress: Callable[[str], None] | None = None
+) -> tuple[list[LayerSensitivity], list[str]]:
     """Per-layer sensitivity (the output error on ``calibration`` with only that layer quantized, at ``options``'
     scheme, or ``mix``'s low precision), most sensitive first, and the pass's notes (layers it leaves alone,
     ``scheme=mixed``'s choice)."""
@@ -87,12 +93,17 @@ def sensitivity(program: Program, options: Quantize, calibration: Calibration,
         return [], ctx.notes
     _, assignment, errors = choose(options, program, ctx, chosen, rank=True)
     ranked = sorted(chosen, key=lambda t: -errors[t.node.name])
-    return [LayerSensitivity(t.label, t.kind, tuple(t.weight_value(program).shape), errors[t.node.name],
-                             assignment[t.node.name]) for t in ranked], ctx.notes
+    return [
+        LayerSensitivity(
+            t.label, t.kind, tuple(t.weight_value(program).shape), errors[t.node.name], assignment[t.node.name]
+        )
+        for t in ranked
+    ], ctx.notes
 
 
-def choose(options: Quantize, program: Program, ctx: PassContext, chosen: list[WeightedLayer],
-            rank: bool) -> tuple[QuantPlan, dict[str, str], dict[str, float]]:
+def choose(
+    options: Quantize, program: Program, ctx: PassContext, chosen: list[WeightedLayer], rank: bool
+) -> tuple[QuantPlan, dict[str, str], dict[str, float]]:
     """The plan, the scheme of each layer (by node name), and, with ``rank`` or ``scheme=mixed``, each layer's
     sensitivity."""
     schemes = options.mix if options.scheme == "mixed" else (options.scheme,)
@@ -103,24 +114,37 @@ def choose(options: Quantize, program: Program, ctx: PassContext, chosen: list[W
     low, high = options.mix
     assignment, error = plan.mixed(sorted(chosen, key=lambda t: -errors[t.node.name]))
     kept = sum(scheme == high for scheme in assignment.values())
-    ctx.notes.append(f"mixed: the {kept} most sensitive of {len(chosen)} layers at {high}, the rest at {low}; "
-                     f"output error {error:.3g} (max-error {options.max_error})")
+    ctx.notes.append(
+        f"mixed: the {kept} most sensitive of {len(chosen)} layers at {high}, the rest at {low}; "
+        f"output error {error:.3g} (max-error {options.max_error})"
+    )
     return plan, assignment, errors
 
 
-def format_sensitivity(model: str, options: Quantize, rows: list[LayerSensitivity], notes: list[str],
-                       batches: int) -> str:
+def format_sensitivity(
+    model: str, options: Quantize, rows: list[LayerSensitivity], notes: list[str], batches: int
+) -> str:
     """The per-layer table of :func:`sensitivity` (``fxopt quantize --report``), with a bar per layer."""
     top = max((r.error for r in rows), default=0) or 1
-    width = max((len(r.label) for r in rows), default=5)
-    lines = [f"{model}: {options}",
-             f"output error with one layer quantized at a time, on {batches} calibration batches, most sensitive first",
-             f"{'#':>3}  {'layer':<{width}}  {'kind':<6}  {'weight':<11}  {'error':>9}  {'precision':<12}"]
-    for i, row in enumerate(rows, 1):
-        shape = "x".join(map(str, row.shape))
-        lines.append(f"{i:>3}  {row.label:<{width}}  {row.kind:<6}  {shape:<11}  {row.error:>9.3g}  "
-                     f"{row.precision:<12}  {'#' * max(1, round(24 * row.error / top))}")
-    if not rows:
+    lines = [
+        f"{model}: {options}",
+        f"output error with one layer quantized at a time, on {batches} calibration batches, most sensitive first",
+    ]
+    if rows:
+        table = [
+            [
+                i,
+                row.label,
+                row.kind,
+                "x".join(map(str, row.shape)),
+                f"{row.error:.3g}",
+                row.precision,
+                "#" * max(1, round(24 * row.error / top)),
+            ]
+            for i, row in enumerate(rows, 1)
+        ]
+        lines += format_table(["#", "layer", "kind", "weight", "error", "precision", ""], table, right=["#", "error"])
+    else:
         lines.append("  no layer to quantize")
     return "\n".join(lines + (["notes:"] + [f"  {n}" for n in notes] if notes else []))
 
@@ -130,16 +154,23 @@ class QuantPlan:
     clone of the program can use them), quantized weights cached per layer and scheme, and the trial runs that
     measure an assignment of schemes to layers."""
 
-    def __init__(self, options: Quantize, program: Program, ctx: PassContext, chosen: list[WeightedLayer],
-                 schemes: tuple[str, ...]):
+    def __init__(
+        self,
+        options: Quantize,
+        program: Program,
+        ctx: PassContext,
+        chosen: list[WeightedLayer],
+        schemes: tuple[str, ...],
+    ):
         self.options, self.program, self.ctx, self.chosen = options, program, ctx, chosen
         self.schemes = tuple(s for s in schemes if s != "float")
         self.ranges: dict[str, dict[str, tuple[float, float]]] = {}  # format name -> activation -> range
         self.hessians: dict[str, torch.Tensor] = {}
         self.weights: dict[tuple[str, str], tuple] = {}
         xs = dict.fromkeys(t.x for t in chosen)
-        if any(s in WEIGHT_ONLY for s in self.schemes) and (options.rounding == "gptq"
-                                                             or options.weight_ranges == "search"):
+        if any(s in WEIGHT_ONLY for s in self.schemes) and (
+            options.rounding == "gptq" or options.weight_ranges == "search"
+        ):
             needs = "rounding=gptq" if options.rounding == "gptq" else "weight-ranges=search"
             calibration = ctx.require_calibration(f"quantize{{{needs}}}")
             moments = input_moments(program, calibration, xs, ctx.progress)
@@ -148,9 +179,16 @@ class QuantPlan:
             fmt = STATIC.get(scheme)
             if fmt is not None and fmt.name not in self.ranges:
                 calibration = ctx.require_calibration(f"quantize{{scheme={scheme}}}")
-                ranges = calibrate_ranges(program, calibration, xs, options.observer, fmt,
-                                          symmetric=options.activations == "symmetric",
-                                          percentile=options.percentile, progress=ctx.progress)
+                ranges = calibrate_ranges(
+                    program,
+                    calibration,
+                    xs,
+                    options.observer,
+                    fmt,
+                    symmetric=options.activations == "symmetric",
+                    percentile=options.percentile,
+                    progress=ctx.progress,
+                )
                 self.ranges[fmt.name] = {x.name: r for x, r in ranges.items()}
 
     def rewrite(self, program: Program, assignment: dict[str, str]) -> list[torch.Tensor]:
@@ -182,8 +220,9 @@ class QuantPlan:
         try:
             return float(value)
         except (TypeError, ValueError, RuntimeError):
-            raise PassError(f"quantize: the calibration metric must return a number (lower is better), got "
-                            f"{type(value).__name__}") from None
+            raise PassError(
+                f"quantize: the calibration metric must return a number (lower is better), got {type(value).__name__}"
+            ) from None
 
     def sensitivities(self) -> dict[str, float]:
         """Each chosen layer's output error quantized alone at the first scheme."""
@@ -228,5 +267,7 @@ class QuantPlan:
 
     def _outputs(self, program: Program) -> list:
         with torch.no_grad():
-            return [pytree.tree_unflatten(list(program.graph_module(*flat)), program.out_spec)
-                    for flat in self.calibration.flat_batches(program)]
+            return [
+                pytree.tree_unflatten(list(program.graph_module(*flat)), program.out_spec)
+                for flat in self.calibration.flat_batches(program)
+            ]

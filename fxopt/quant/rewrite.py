@@ -56,17 +56,31 @@ class Rewriter:
             if scheme in WEIGHT_ONLY:
                 stored, scale, zero_point = weights
                 x = self.replaced.get(target.x, target.x)
-                new = self.graph.call_function(fxopt_ops.linear_wq.default, (
-                    x, self.constant(stored, f"{hint}_q{scheme}"), self.constant(scale, f"{hint}_scale"),
-                    self.constant(zero_point, f"{hint}_zero_point"), bias, 4 if scheme == "w4" else 8))
+                new = self.graph.call_function(
+                    fxopt_ops.linear_wq.default,
+                    (
+                        x,
+                        self.constant(stored, f"{hint}_q{scheme}"),
+                        self.constant(scale, f"{hint}_scale"),
+                        self.constant(zero_point, f"{hint}_zero_point"),
+                        bias,
+                        4 if scheme == "w4" else 8,
+                    ),
+                )
             else:
                 wq, w_scale = weights
-                quantized = (*self._activation(target, scheme), self.constant(wq, f"{hint}_q"),
-                             self.constant(w_scale, f"{hint}_scale"), bias)
+                quantized = (
+                    *self._activation(target, scheme),
+                    self.constant(wq, f"{hint}_q"),
+                    self.constant(w_scale, f"{hint}_scale"),
+                    bias,
+                )
                 if target.kind == "conv":
                     stride, padding, dilation, _transposed, _out_pad, groups = target.node.args[3:9]
-                    new = self.graph.call_function(fxopt_ops.conv_q.default, (
-                        *quantized, list(stride), list(padding), list(dilation), groups, dtype))
+                    new = self.graph.call_function(
+                        fxopt_ops.conv_q.default,
+                        (*quantized, list(stride), list(padding), list(dilation), groups, dtype),
+                    )
                 else:
                     new = self.graph.call_function(fxopt_ops.linear_q.default, (*quantized, dtype))
         stamp_provenance([new], self.options.name, [target.node])
@@ -88,8 +102,9 @@ class Rewriter:
         symmetric = self.options.weights == "symmetric"
         hessian = self.plan.hessians.get(target.x.name)
         if self.options.rounding == "gptq":
-            q, scale, zero_point = gptq_groups(weight, hessian, group, fmt, symmetric,
-                                               self.options.weight_ranges == "search")
+            q, scale, zero_point = gptq_groups(
+                weight, hessian, group, fmt, symmetric, self.options.weight_ranges == "search"
+            )
         else:
             q, scale, zero_point = group_params(weight, group, fmt, symmetric, hessian)
         return pack_int4(q) if fmt is INT4 else q, scale, zero_point
@@ -112,8 +127,9 @@ class Rewriter:
         else:
             fmt = STATIC[scheme]
             lo, hi = self.plan.ranges[fmt.name][original.name]
-            scale_value, zero_value = affine_params(torch.tensor(lo), torch.tensor(hi), fmt,
-                                                    symmetric=self.options.activations == "symmetric")
+            scale_value, zero_value = affine_params(
+                torch.tensor(lo), torch.tensor(hi), fmt, symmetric=self.options.activations == "symmetric"
+            )
             scale = self.constant(scale_value, f"{hint}_scale")
             zero_point = self.constant(zero_value, f"{hint}_zero_point")
         xq = self.graph.call_function(fxopt_ops.quantize.default, (x, scale, zero_point, fmt.name))

@@ -10,8 +10,14 @@ from fxopt.quant.formats import INT4, Format, affine_params, dequantize_grouped,
 __all__ = ["group_params", "gptq_groups"]
 
 
-def group_params(weight: torch.Tensor, group_size: int, fmt: Format, symmetric: bool,
-                 hessian: torch.Tensor | None = None, grid: int = 20) -> tuple[torch.Tensor, ...]:
+def group_params(
+    weight: torch.Tensor,
+    group_size: int,
+    fmt: Format,
+    symmetric: bool,
+    hessian: torch.Tensor | None = None,
+    grid: int = 20,
+) -> tuple[torch.Tensor, ...]:
     """Quantize a ``[out, in]`` weight in groups of ``group_size`` inputs: ``(q, scale, zero_point)``.
 
     ``q`` is ``[out, in]`` integers (unpacked), ``scale`` and ``zero_point``
@@ -34,7 +40,9 @@ def group_params(weight: torch.Tensor, group_size: int, fmt: Format, symmetric: 
         blocks = blocks.permute(2, 0, 1)  # [groups, group_size, group_size]: each group's inputs with each other
 
         def output_error(params: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-            d = groups - dequantize_grouped(quantize_tensor(groups, params[0][..., None], params[1][..., None], fmt), *params)
+            d = groups - dequantize_grouped(
+                quantize_tensor(groups, params[0][..., None], params[1][..., None], fmt), *params
+            )
             return torch.einsum("ogi,gij,ogj->og", d, blocks, d)
 
         best = output_error((scale, zero_point))  # the min/max range: shrink 1
@@ -58,9 +66,15 @@ def _group_range_params(lo: torch.Tensor, hi: torch.Tensor, fmt: Format, symmetr
     return scale, zero_point.float()
 
 
-
-def gptq_groups(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, fmt: Format, symmetric: bool,
-                search_ranges: bool = False, damping: float = 0.1) -> tuple[torch.Tensor, ...]:
+def gptq_groups(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    fmt: Format,
+    symmetric: bool,
+    search_ranges: bool = False,
+    damping: float = 0.1,
+) -> tuple[torch.Tensor, ...]:
     """:func:`group_params` with GPTQ's rounding (Frantar et al. 2023): columns are quantized in order, and each
     one's rounding error is spread over the columns not yet quantized, weighted by the inverse Hessian
     ``hessian = E[x xᵀ]`` of the layer's inputs, so the layer's output error, not the weight error, is minimized.
@@ -92,13 +106,14 @@ def gptq_groups(weight: torch.Tensor, hessian: torch.Tensor, group_size: int, fm
         for i in range(start, end):
             g = i // group_size
             if i % group_size == 0:
-                block = None if blocks is None else blocks[i:i + group_size, i:i + group_size]
-                _, group_scale, group_zero_point = group_params(w[:, i:i + group_size], group_size, fmt, symmetric,
-                                                                block)
+                block = None if blocks is None else blocks[i : i + group_size, i : i + group_size]
+                _, group_scale, group_zero_point = group_params(
+                    w[:, i : i + group_size], group_size, fmt, symmetric, block
+                )
                 scale[:, g], zero_point[:, g] = group_scale[:, 0], group_zero_point[:, 0]
             q[:, i] = quantize_tensor(w[:, i], scale[:, g], zero_point[:, g], fmt).int()
             error = (w[:, i] - (q[:, i] - zero_point[:, g]).double() * scale[:, g].double()) / inverse[i, i]
-            w[:, i + 1:end] -= error[:, None] * inverse[i, i + 1:end][None, :]
+            w[:, i + 1 : end] -= error[:, None] * inverse[i, i + 1 : end][None, :]
             errors[:, i - start] = error
         w[:, end:] -= errors @ inverse[start:end, end:]
     return q.to(torch.int32 if fmt is INT4 else fmt.dtype), scale, zero_point

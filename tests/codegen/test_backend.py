@@ -29,7 +29,9 @@ def reference(model, args):
         return model.eval()(*args)
 
 
-@pytest.mark.parametrize("name", ["resnet-tiny", "mobilenet_v2-tiny", "bert-tiny", "gpt2-tiny", "vit-tiny", "llama-tiny"])
+@pytest.mark.parametrize(
+    "name", ["resnet-tiny", "mobilenet_v2-tiny", "bert-tiny", "gpt2-tiny", "vit-tiny", "llama-tiny"]
+)
 def test_zoo_models_run_in_tvm_and_match_pytorch(name):
     model, args = load_zoo_model(name)
     optimized = fxopt.optimize(model, args, target="cpu", dispatch="tvm")
@@ -99,9 +101,12 @@ def test_an_export_without_weights_takes_them_at_load_and_runs_on_the_tvm_runtim
 
     # Where the GPU check runs: TVM's runtime library only, no compiler (benchmarks/gpu_check.py).
     torch.save({"weights": weights, "args": args}, tmp_path / "inputs.pt")
-    script = (f"import torch, tvm, fxopt; assert tvm.base._RUNTIME_ONLY; saved = torch.load({str(tmp_path / 'inputs.pt')!r}); "
-              f"out = fxopt.load({str(path)!r}, weights=saved['weights'])(*saved['args']); "
-              f"torch.save(out.logits, {str(tmp_path / 'out.pt')!r})")
+    script = (
+        "import torch, tvm, fxopt; assert tvm.base._RUNTIME_ONLY; "
+        f"saved = torch.load({str(tmp_path / 'inputs.pt')!r}); "
+        f"out = fxopt.load({str(path)!r}, weights=saved['weights'])(*saved['args']); "
+        f"torch.save(out.logits, {str(tmp_path / 'out.pt')!r})"
+    )
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "TVM_USE_RUNTIME_LIB": "1"})
     assert_close(torch.load(tmp_path / "out.pt"), reference(model, args).logits)
 
@@ -121,8 +126,9 @@ def test_load_names_a_missing_manifest(tmp_path):
         fxopt.load(tmp_path)
 
 
-@pytest.mark.parametrize("name", ["resnet-tiny", "mobilenet_v2-tiny", "vit-tiny", "bert-tiny", "gpt2-tiny",
-                                  "llama-tiny"])
+@pytest.mark.parametrize(
+    "name", ["resnet-tiny", "mobilenet_v2-tiny", "vit-tiny", "bert-tiny", "gpt2-tiny", "llama-tiny"]
+)
 def test_cuda_kernels_are_generated_without_a_gpu(name):
     model, args = load_zoo_model(name)
     optimized = fxopt.optimize(model, args, target="cuda:sm_90")
@@ -153,8 +159,9 @@ def test_cuda_target_runs_on_the_gpu(name, tmp_path):
     assert pytree.tree_leaves(out)[0].device.type == "cuda"
     assert_close(pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, out), reference(model, args))
     loaded = fxopt.load(optimized.export(tmp_path / name))
-    assert_close(pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, loaded(*args)),
-                 reference(model, args))
+    assert_close(
+        pytree.tree_map(lambda t: t.cpu() if isinstance(t, torch.Tensor) else t, loaded(*args)), reference(model, args)
+    )
 
 
 def test_a_tvm_segment_hands_on_pytorch_strides(monkeypatch):
@@ -184,9 +191,11 @@ def test_cpu_kernels_run_on_every_core_the_process_may_use():
     import subprocess
     import sys
 
-    script = ("import torch, tvm, fxopt\n"
-              "fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target='cpu', pipeline=[])\n"
-              "print(tvm.get_global_func('runtime.NumThreads')())")
+    script = (
+        "import torch, tvm, fxopt\n"
+        "fxopt.optimize(torch.nn.Linear(8, 8), (torch.randn(2, 8),), target='cpu', pipeline=[])\n"
+        "print(tvm.get_global_func('runtime.NumThreads')())"
+    )
     env = {k: v for k, v in os.environ.items() if k != "TVM_NUM_THREADS"}
     threads = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert int(threads.stdout.split()[-1]) == fxopt.targets.host_cpu().cores
@@ -233,12 +242,15 @@ def _scripted_time_call(monkeypatch, seconds):
     monkeypatch.setattr(dispatch, "time_call", lambda fn, args, **kwargs: next(script))
 
 
-@pytest.mark.parametrize("seconds, faster", [
-    ([1.0, 0.5, 1.0, 0.5, 1.0, 0.5], True),
-    ([1.0, 0.5, 1.0, 1.2, 1.0, 0.5], False),  # one round lost: noise, not a win
-    ([1.0, 0.95, 1.0, 0.95, 1.0, 0.95], False),  # within the margin
-    ([1.0, 4.0], False),  # far slower in the first round: not timed again
-])
+@pytest.mark.parametrize(
+    "seconds, faster",
+    [
+        ([1.0, 0.5, 1.0, 0.5, 1.0, 0.5], True),
+        ([1.0, 0.5, 1.0, 1.2, 1.0, 0.5], False),  # one round lost: noise, not a win
+        ([1.0, 0.95, 1.0, 0.95, 1.0, 0.95], False),  # within the margin
+        ([1.0, 4.0], False),  # far slower in the first round: not timed again
+    ],
+)
 def test_tvm_is_chosen_only_when_it_wins_every_round_by_the_margin(monkeypatch, seconds, faster):
     from fxopt.codegen.dispatch import measure
 
@@ -288,8 +300,11 @@ def test_a_mix_that_is_slower_as_a_whole_runs_in_pytorch(monkeypatch):
     from fxopt.ir.program import Program
 
     def whole_model_slower(fn, args, **kwargs):
-        return 2e-3 if isinstance(fn, Program) and fn.graph_module.graph.find_nodes(op="call_module") else \
-            _tvm_twice_as_fast(fn, args)
+        return (
+            2e-3
+            if isinstance(fn, Program) and fn.graph_module.graph.find_nodes(op="call_module")
+            else _tvm_twice_as_fast(fn, args)
+        )
 
     monkeypatch.setattr(dispatch, "time_call", whole_model_slower)
     model, x = _TwinBlocks(), torch.randn(4, 16)
@@ -318,8 +333,11 @@ def _tvm_outputs_scaled(monkeypatch, factor):
     from fxopt.codegen.runtime import TVMFunction
 
     real = TVMFunction.forward
-    monkeypatch.setattr(TVMFunction, "forward", lambda self, *args: tuple(
-        o * factor if o.is_floating_point() else o for o in real(self, *args)))
+    monkeypatch.setattr(
+        TVMFunction,
+        "forward",
+        lambda self, *args: tuple(o * factor if o.is_floating_point() else o for o in real(self, *args)),
+    )
 
 
 def test_a_quantized_build_is_held_to_what_quantization_moved(monkeypatch):
@@ -356,7 +374,8 @@ def test_quantized_segment_outputs_may_round_one_step_apart():
     for segment in partition(quantized).segments:
         (outputs,) = segment.graph_module.graph.output_node().args
         assert quantized_outputs(segment.graph_module) == [
-            float(o.target is torch.ops.fxopt.quantize.default) for o in outputs]
+            float(o.target is torch.ops.fxopt.quantize.default) for o in outputs
+        ]
     assert any(1.0 in quantized_outputs(s.graph_module) for s in partition(quantized).segments)
     q = torch.tensor([3, -7], dtype=torch.int8)
     assert compare_outputs([q + 1], [q], Tolerance(), allowance=[1.0])[2] is None

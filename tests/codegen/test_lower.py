@@ -41,9 +41,19 @@ def assert_matches_torch(fn, *inputs):
 
 
 def test_every_override_is_tested_here():
-    tested = {"aten::amax", "fxopt::crms_norm", "aten::cumsum", "aten::rms_norm", "aten::scaled_dot_product_attention",
-              "fxopt::quantize", "fxopt::linear_q", "fxopt::conv_q", "fxopt::linear_wq", "aten::gelu",
-              "aten::layer_norm"}
+    tested = {
+        "aten::amax",
+        "fxopt::crms_norm",
+        "aten::cumsum",
+        "aten::rms_norm",
+        "aten::scaled_dot_product_attention",
+        "fxopt::quantize",
+        "fxopt::linear_q",
+        "fxopt::conv_q",
+        "fxopt::linear_wq",
+        "aten::gelu",
+        "aten::layer_norm",
+    }
     assert {op.name() for op in OVERRIDES} == tested
 
 
@@ -130,9 +140,14 @@ real_int8_linear = x86.int8_linear
 
 
 @pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled int8 kernel is for AVX2 CPUs")
-@pytest.mark.parametrize("spec, rows, bias", [("quantize", (2, 4), True),
-                                              ("quantize{activations=symmetric}", (5,), False),
-                                              ("quantize{scheme=w8a8-dynamic}", (3, 2), True)])
+@pytest.mark.parametrize(
+    "spec, rows, bias",
+    [
+        ("quantize", (2, 4), True),
+        ("quantize{activations=symmetric}", (5,), False),
+        ("quantize{scheme=w8a8-dynamic}", (3, 2), True),
+    ],
+)
 def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias, monkeypatch):
     # Which instruction LLVM picks for the intrinsic depends on the host (vpmaddwd on AVX2, vpdpwssd with
     # AVX-512 VNNI): what is tested is that both layers took the hand-scheduled kernel, and that it is exact.
@@ -199,8 +214,14 @@ def relax_constants(mod) -> set[tuple[tuple[int, ...], str]]:
     return found
 
 
-@pytest.mark.parametrize("spec", ["quantize{scheme=w8 group-size=0}", "quantize{scheme=w4 group-size=16}",
-                                  "quantize{scheme=w4 group-size=16 weights=asymmetric}"])
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "quantize{scheme=w8 group-size=0}",
+        "quantize{scheme=w4 group-size=16}",
+        "quantize{scheme=w4 group-size=16 weights=asymmetric}",
+    ],
+)
 def test_weight_only_layers_dequantize_inside_one_matmul_kernel(spec):
     import tvm
 
@@ -220,13 +241,18 @@ def test_weight_only_layers_dequantize_inside_one_matmul_kernel(spec):
     packed = 2 if "w4" in spec else 1
     weight_shapes = {(48, 64 // packed), (32, 48 // packed)}
     assert {c for c in relax_constants(fused) if c[0] in weight_shapes} == {
-        (shape, "uint8" if packed == 2 else "int8") for shape in weight_shapes}
+        (shape, "uint8" if packed == 2 else "int8") for shape in weight_shapes
+    }
 
 
-@pytest.mark.parametrize("net, shape, spec, weight_type", [
-    (Int8MLP(True), (2, 4, 24), "quantize", r"(signed char|int8_t)"),
-    (QuantizedNet(), (2, 3, 9, 9), "quantize{scheme=w8a8-dynamic}", r"(signed char|int8_t)"),
-    (WeightOnlyNet(), (2, 5, 64), "quantize{scheme=w4 group-size=16}", r"(unsigned char|uint8_t|uchar)")])
+@pytest.mark.parametrize(
+    "net, shape, spec, weight_type",
+    [
+        (Int8MLP(True), (2, 4, 24), "quantize", r"(signed char|int8_t)"),
+        (QuantizedNet(), (2, 3, 9, 9), "quantize{scheme=w8a8-dynamic}", r"(signed char|int8_t)"),
+        (WeightOnlyNet(), (2, 5, 64), "quantize{scheme=w4 group-size=16}", r"(unsigned char|uint8_t|uchar)"),
+    ],
+)
 def test_quantized_graphs_build_cuda_kernels_reading_integer_buffers(net, shape, spec, weight_type):
     import re
 
@@ -263,8 +289,11 @@ def test_a_wrong_lowering_is_caught_and_runs_in_pytorch(monkeypatch):
     """An override that gives the wrong dtype is refused by the type check; the segment stays correct."""
     from tvm import relax
 
-    monkeypatch.setitem(OVERRIDES, torch.ops.aten.cumsum.default,
-                        lambda node, imp: imp.block_builder.emit(relax.op.cumsum(imp.env[node.args[0]], axis=1)))
+    monkeypatch.setitem(
+        OVERRIDES,
+        torch.ops.aten.cumsum.default,
+        lambda node, imp: imp.block_builder.emit(relax.op.cumsum(imp.env[node.args[0]], axis=1)),
+    )
     program, executable = tvm_build(lambda t: torch.cumsum(t, 1) + 1, torch.rand(2, 7) > 0.5)
     (segment,) = executable.segments
     assert segment.backend == "torch"
@@ -276,8 +305,11 @@ def test_numerically_wrong_kernels_are_not_dispatched(monkeypatch):
     """A lowering with the right type but wrong values is caught by the per-segment check."""
     from tvm import relax
 
-    monkeypatch.setitem(OVERRIDES, torch.ops.aten.cumsum.default, lambda node, imp: imp.block_builder.emit(
-        relax.op.cumsum(imp.env[node.args[0]], axis=0)))
+    monkeypatch.setitem(
+        OVERRIDES,
+        torch.ops.aten.cumsum.default,
+        lambda node, imp: imp.block_builder.emit(relax.op.cumsum(imp.env[node.args[0]], axis=0)),
+    )
     program, executable = tvm_build(lambda t: torch.cumsum(t, 1) * 2, torch.randn(3, 7))
     (segment,) = executable.segments
     assert segment.backend == "torch" and "differs" in segment.reason
@@ -308,8 +340,11 @@ def test_register_lowering_extends_the_table(monkeypatch):
         from tvm import relax
 
         x = importer.env[node.args[0]]
-        return importer.block_builder.emit(relax.op.nn.rms_norm(x, relax.const([1.0] * 4, "float32"), axes=[-1],
-                                                                epsilon=torch.finfo(torch.float32).eps))
+        return importer.block_builder.emit(
+            relax.op.nn.rms_norm(
+                x, relax.const([1.0] * 4, "float32"), axes=[-1], epsilon=torch.finfo(torch.float32).eps
+            )
+        )
 
     assert is_lowerable(node) is None
     executable = build(program, CPU, dispatch="tvm")
@@ -321,8 +356,9 @@ def test_half_precision_matmuls_and_convolutions_lower_and_accumulate_in_float32
     # TVM's importer gives these ops float32 results and then added a half-precision bias to them, which Relax
     # refused: every half-precision linear, conv and addmm ran in PyTorch.
     g = torch.Generator().manual_seed(0)
-    conv_w, conv_b, w, b, mm_w, mm_b = (torch.randn(*s, generator=g).to(dtype)
-                                        for s in [(8, 3, 3, 3), (8,), (16, 8), (16,), (16, 4), (4,)])
+    conv_w, conv_b, w, b, mm_w, mm_b = (
+        torch.randn(*s, generator=g).to(dtype) for s in [(8, 3, 3, 3), (8,), (16, 8), (16,), (16, 4), (4,)]
+    )
 
     def layers(x):
         h = F.linear(F.conv2d(x, conv_w, conv_b, padding=1).mean((2, 3)), w, b)

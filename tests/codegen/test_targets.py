@@ -13,7 +13,9 @@ def test_targets_parse_from_short_strings():
         assert target.default_pipeline  # every target names its default pipeline
 
 
-@pytest.mark.parametrize("spec, message", [("cdua", "did you mean 'cuda'"), ("cpu:sm_90", "only cuda"), ("cuda:90", "only cuda")])
+@pytest.mark.parametrize(
+    "spec, message", [("cdua", "did you mean 'cuda'"), ("cpu:sm_90", "only cuda"), ("cuda:90", "only cuda")]
+)
 def test_bad_targets(spec, message):
     with pytest.raises(FxoptError, match=message):
         parse_target(spec)

@@ -17,15 +17,10 @@ import torch
 
 import fxopt
 import fxopt.codegen.tune as tune_module
+import fxopt.codegen.tuning_database as tuning_database
 from fxopt import CodegenError
-from fxopt.codegen.tune import (
-    TuneOptions,
-    database_dir,
-    distill_database,
-    parse_budget,
-    repair_database,
-    target_key,
-)
+from fxopt.codegen.tune import TuneOptions, parse_budget
+from fxopt.codegen.tuning_database import database_dir, distill_database, repair_database, target_key
 from fxopt.targets import parse_target
 
 
@@ -82,11 +77,12 @@ def test_distilled_records_keep_the_best_per_kernel_and_seed_new_databases(tmp_p
     source.mkdir()
     (source / "database_workload.json").write_text('["1", "a"]\n["2", "b"]\n["3", "c"]\n')
     (source / "database_tuning_record.json").write_text(
-        '[0, [["slow"], [3.0, 3.0], {}, []]]\n[0, [["fast"], [1.0, 2.0], {}, []]]\n[2, [["only"], [5.0], {}, []]]\n')
+        '[0, [["slow"], [3.0, 3.0], {}, []]]\n[0, [["fast"], [1.0, 2.0], {}, []]]\n[2, [["only"], [5.0], {}, []]]\n'
+    )
     target = parse_target("cpu")
     shipped = tmp_path / "records"
     assert distill_database(source, shipped / target_key(target)) == 2  # workload "b" has no record
-    monkeypatch.setattr(tune_module, "SHIPPED_RECORDS", shipped)
+    monkeypatch.setattr(tuning_database, "SHIPPED_RECORDS", shipped)
     seeded = database_dir(target)  # a fresh cache (see conftest): seeded from the shipped records
     assert seeded != source and (seeded / "database_workload.json").read_text() == '["1", "a"]\n["3", "c"]\n'
     records = [json.loads(line) for line in (seeded / "database_tuning_record.json").read_text().splitlines()]
@@ -114,7 +110,8 @@ RECORD = '[0, [[[], []], [0.001], {"kind": "llvm"}, []]]'
 def test_repair_drops_half_written_and_malformed_lines(tmp_path):
     (tmp_path / "database_workload.json").write_text('["1", "a"]\n{"not": "a workload"}\n["2"]\n')
     (tmp_path / "database_tuning_record.json").write_text(
-        f'{RECORD}\n[3, {{"y": 2}}]\n[0, [1, 2]]\n{{"x": 1}}\ngarbage\n[0, {{"tru')
+        f'{RECORD}\n[3, {{"y": 2}}]\n[0, [1, 2]]\n{{"x": 1}}\ngarbage\n[0, {{"tru'
+    )
     # the half-written, garbage and wrong-shape lines, and the record of a missing workload
     assert repair_database(tmp_path) == 7
     assert (tmp_path / "database_workload.json").read_text() == '["1", "a"]\n'
@@ -135,12 +132,15 @@ def _seeded_with(tmp_path, monkeypatch, **bad_lines):
     return path
 
 
-@pytest.mark.parametrize("bad_lines", [
-    {"tuning_record": '[0, [[[["GetSBlock", [], ["T_'},  # truncated
-    {"tuning_record": "\x00\x7fgarbage\n"},
-    {"tuning_record": '[0, [1, 2, 3]]\n'},  # valid JSON, wrong shape: TVM raised InternalError on it
-    {"workload": '["123"]\n'},
-])
+@pytest.mark.parametrize(
+    "bad_lines",
+    [
+        {"tuning_record": '[0, [[[["GetSBlock", [], ["T_'},  # truncated
+        {"tuning_record": "\x00\x7fgarbage\n"},
+        {"tuning_record": "[0, [1, 2, 3]]\n"},  # valid JSON, wrong shape: TVM raised InternalError on it
+        {"workload": '["123"]\n'},
+    ],
+)
 def test_a_damaged_database_never_fails_a_build(tmp_path, monkeypatch, caplog, bad_lines):
     # An untuned build that opened it failed with "TVM failed to build ... Unexpected token", and tuning raised.
     path = _seeded_with(tmp_path, monkeypatch, **bad_lines)
@@ -225,9 +225,22 @@ def loopback_tracker(tmp_path):
     log = (tmp_path / "server.log").open("w")
     # Each in a session of its own, stopped as a group: the server's popen workers outlived a kill of the server.
     processes = [
-        subprocess.Popen([sys.executable, "-m", "tvm.exec.rpc_tracker", "--host", "127.0.0.1", "--port", str(port),
-                          "--port-end", str(port + 1)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True),
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tvm.exec.rpc_tracker",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--port-end",
+                str(port + 1),
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        ),
     ]
     try:
         deadline = time.monotonic() + 60
@@ -238,10 +251,28 @@ def loopback_tracker(tmp_path):
             except Exception:  # not listening yet
                 assert time.monotonic() < deadline, "the RPC tracker did not start"
                 time.sleep(0.5)
-        processes.append(subprocess.Popen(
-            [sys.executable, "-m", "tvm.exec.rpc_server", "--tracker", f"127.0.0.1:{port}", "--key", "loopback",
-             "--host", "127.0.0.1", "--port", str(server_port), "--port-end", str(server_port + 1)],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+        processes.append(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "tvm.exec.rpc_server",
+                    "--tracker",
+                    f"127.0.0.1:{port}",
+                    "--key",
+                    "loopback",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(server_port),
+                    "--port-end",
+                    str(server_port + 1),
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
         while "loopback" not in tracker.text_summary():
             assert time.monotonic() < deadline, "the RPC server did not register with the tracker"
             time.sleep(0.5)

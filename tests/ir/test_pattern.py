@@ -24,7 +24,9 @@ def _node(program, target):
 def test_match_captures_by_name_and_packets_match_any_overload():
     program = _program()
     outer = _node(program, aten.mul.Tensor).args[0]
-    captures = match(Pat(aten.relu.default, Pat(aten.relu, Pat(aten.add, Pat.any("x"), Pat.any("x")), name="inner")), outer)
+    captures = match(
+        Pat(aten.relu.default, Pat(aten.relu, Pat(aten.add, Pat.any("x"), Pat.any("x")), name="inner")), outer
+    )
     assert captures is not None
     assert captures["inner"].target is aten.relu.default
     assert captures["x"].op == "placeholder"  # the same name bound twice: both operands are x
@@ -43,8 +45,15 @@ def test_match_fails_on_wrong_op_literal_or_binding():
 
 def test_rule_rewrites_stamp_provenance_and_keep_the_graph_valid():
     program = _program()
-    rules = RuleSet([Rule("relu-relu", Pat(aten.relu.default, Pat(aten.relu.default, Pat.any("x"), single_user=True)),
-                          lambda ctx, x: ctx.call(aten.relu.default, x))])
+    rules = RuleSet(
+        [
+            Rule(
+                "relu-relu",
+                Pat(aten.relu.default, Pat(aten.relu.default, Pat.any("x"), single_user=True)),
+                lambda ctx, x: ctx.call(aten.relu.default, x),
+            )
+        ]
+    )
     before = program.run_flat()
     hits = rewrite(program, rules + RuleSet(), "test-pass")
     assert hits == {"relu-relu": 1}
@@ -76,8 +85,9 @@ def test_skip_reports_why_and_leaves_the_graph_alone():
     program = _program()
     text = str(program.graph)
     heard = []
-    rules = [Rule("refuse", Pat(aten.relu.default), lambda ctx: (ctx.call(aten.neg.default, ctx.root),
-                                                                  Skip("not today"))[1])]
+    rules = [
+        Rule("refuse", Pat(aten.relu.default), lambda ctx: (ctx.call(aten.neg.default, ctx.root), Skip("not today"))[1])
+    ]
     assert not rewrite(program, rules, "test-pass", skipped=lambda node, why: heard.append((node.name, why)))
     assert heard == [("relu", "not today"), ("relu_1", "not today")]
     assert str(program.graph) == text
@@ -100,8 +110,13 @@ def test_a_rewrite_revisits_what_it_touched_until_nothing_matches():
     # relu(relu(a)) -> relu(a), rooted at the outer relu: each rewrite exposes the next pair below the new node.
     program = capture(Relu4(), (torch.randn(4),))
     before = program.run_flat()
-    rules = [Rule("relu-relu", Pat(aten.relu.default, Pat(aten.relu.default, Pat.any("x"), single_user=True)),
-                  lambda ctx, x: ctx.call(aten.relu.default, x))]
+    rules = [
+        Rule(
+            "relu-relu",
+            Pat(aten.relu.default, Pat(aten.relu.default, Pat.any("x"), single_user=True)),
+            lambda ctx, x: ctx.call(aten.relu.default, x),
+        )
+    ]
     assert rewrite(program, rules, "test-pass") == {"relu-relu": 3}
     assert [n.target for n in program.graph.nodes if n.op == "call_function"] == [aten.relu.default]
     torch.testing.assert_close(program.run_flat(), before)

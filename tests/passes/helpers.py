@@ -54,5 +54,12 @@ def run_calibrated(model, spec):
     return program, result, record
 
 
-__all__ = ["PASSES", "run_pass", "run_calibrated", "ops", "assert_same_outputs", "NormFeedingLinears",
-           "NormReluFeedingLinears"]
+__all__ = [
+    "PASSES",
+    "run_pass",
+    "run_calibrated",
+    "ops",
+    "assert_same_outputs",
+    "NormFeedingLinears",
+    "NormReluFeedingLinears",
+]

@@ -1,4 +1,5 @@
-"""awq: activation-aware channel scaling before weight-only quantization (exactness: tests/property/test_quantize.py)."""
+"""awq: activation-aware channel scaling before weight-only quantization (exactness:
+tests/property/test_quantize.py)."""
 
 import pytest
 import torch
@@ -51,12 +52,15 @@ def test_awq_skips_layers_that_do_not_group_and_checks_its_options():
         PassManager("awq{bits=3}")
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("awq,quantize{scheme=w8}", r"bits=4 \(quantize's: 8\)"),
-    ("awq{group-size=64},quantize{scheme=w4}", r"group-size=64 \(quantize's: 128\)"),
-    ("awq,quantize{scheme=w4 weights=asymmetric}", r"weights=symmetric \(quantize's: asymmetric\)"),
-    ("awq,quantize", "awq prepares weight-only quantization .* uses w8a8"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("awq,quantize{scheme=w8}", r"bits=4 \(quantize's: 8\)"),
+        ("awq{group-size=64},quantize{scheme=w4}", r"group-size=64 \(quantize's: 128\)"),
+        ("awq,quantize{scheme=w4 weights=asymmetric}", r"weights=symmetric \(quantize's: asymmetric\)"),
+        ("awq,quantize", "awq prepares weight-only quantization .* uses w8a8"),
+    ],
+)
 def test_awq_must_match_the_quantize_after_it(spec, message):
     # The scales are searched for the rounding quantize will do; a mismatch searched for another one.
     with pytest.raises(PipelineError, match=message):

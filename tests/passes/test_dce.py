@@ -28,7 +28,9 @@ def test_dead_nodes_and_their_constants_go_inputs_stay():
     program.graph_module.recompile()
     after, (record,) = PassManager("dce").run(program, reference=program.run_flat())
     assert ops(after) == [aten.linear.default]
-    names = {name for name, _ in after.graph_module.named_parameters()} | {n for n, _ in after.graph_module.named_buffers()}
+    names = {name for name, _ in after.graph_module.named_parameters()} | {
+        n for n, _ in after.graph_module.named_buffers()
+    }
     assert not any("unused" in n for n in names)
     assert len(after.placeholders()) == 2  # the calling convention is kept
     assert record.stats["constants-removed"] == 2

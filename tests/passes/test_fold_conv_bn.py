@@ -33,8 +33,7 @@ CONVS = {
     "depthwise": (lambda: nn.Conv2d(4, 4, 3, groups=4, bias=False), lambda c: nn.BatchNorm2d(c), (2, 4, 9, 9)),
     "transposed1d": (lambda: nn.ConvTranspose1d(4, 6, 3, stride=2), nn.BatchNorm1d, (2, 4, 9)),
     "transposed2d": (lambda: nn.ConvTranspose2d(4, 6, 3, groups=2, bias=False), nn.BatchNorm2d, (2, 4, 5, 5)),
-    "transposed3d": (lambda: nn.ConvTranspose3d(4, 6, 2, stride=2, output_padding=1), nn.BatchNorm3d,
-                     (1, 4, 3, 3, 3)),
+    "transposed3d": (lambda: nn.ConvTranspose3d(4, 6, 2, stride=2, output_padding=1), nn.BatchNorm3d, (1, 4, 3, 3, 3)),
 }
 
 

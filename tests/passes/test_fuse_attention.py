@@ -31,8 +31,12 @@ class Attention(nn.Module):
             scores = (q / self.scale) @ kt
         else:
             scores = q @ kt
-            scores = {"div": lambda s: s / math.sqrt(q.shape[-1]), "mul": lambda s: s * 0.25,
-                      "buffer": lambda s: s / self.scale, "none": lambda s: s}[self.scaling](scores)
+            scores = {
+                "div": lambda s: s / math.sqrt(q.shape[-1]),
+                "mul": lambda s: s * 0.25,
+                "buffer": lambda s: s / self.scale,
+                "none": lambda s: s,
+            }[self.scaling](scores)
         if self.use_mask:
             scores = scores + mask
         return torch.softmax(scores, dim=-1) @ v
@@ -49,7 +53,13 @@ def test_spelled_out_attention_becomes_one_sdpa(scaling, mask):
     _, after, record = run_pass(model, INPUTS, "fuse-attention,dce")
     assert ops(after).count(SDPA) == 1 and SOFTMAX not in ops(after) and BMM not in ops(after)
     sdpa = next(n for n in after.graph.nodes if n.target is SDPA)
-    expected = {"div": 1 / math.sqrt(8), "mul": 0.25, "buffer": 1 / math.sqrt(8), "none": 1.0, "query": 1 / math.sqrt(8)}
+    expected = {
+        "div": 1 / math.sqrt(8),
+        "mul": 0.25,
+        "buffer": 1 / math.sqrt(8),
+        "none": 1.0,
+        "query": 1 / math.sqrt(8),
+    }
     assert sdpa.kwargs["scale"] == pytest.approx(expected[scaling])
     assert (len(sdpa.args) == 4) == mask
     assert record.stats["attentions-fused"] == 1 and "softmax, matmul ->" in record.notes[0]
@@ -96,12 +106,15 @@ class OtherDim(Attention):
 VECTOR_MASK = (INPUTS[0], torch.randn(5))
 
 
-@pytest.mark.parametrize("model, inputs, reason", [
-    (Leaky(), INPUTS, "used elsewhere"),
-    (MaskedFill(), INPUTS, "not a batched matmul"),
-    (OtherDim(), INPUTS, "another dimension"),
-    (Attention(), VECTOR_MASK, "rank >= 2"),
-])
+@pytest.mark.parametrize(
+    "model, inputs, reason",
+    [
+        (Leaky(), INPUTS, "used elsewhere"),
+        (MaskedFill(), INPUTS, "not a batched matmul"),
+        (OtherDim(), INPUTS, "another dimension"),
+        (Attention(), VECTOR_MASK, "rank >= 2"),
+    ],
+)
 def test_what_is_not_an_sdpa_is_left_alone_with_a_reason(model, inputs, reason):
     before, after, record = run_pass(model.eval(), inputs, "fuse-attention")
     assert not record.changed and ops(after) == ops(before)

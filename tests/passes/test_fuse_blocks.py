@@ -11,8 +11,9 @@ CONV, LINEAR, SLICE = aten.convolution.default, aten.linear.default, aten.slice.
 
 
 def conv_bn(cin, cout, kernel, padding, groups=1, stride=1):
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False),
-                         randomized(nn.BatchNorm2d(cout)))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False), randomized(nn.BatchNorm2d(cout))
+    )
 
 
 class RepVGGBlock(nn.Module):
@@ -151,12 +152,15 @@ class ExpandThenReduce(nn.Module):
         return self.layers(x)
 
 
-@pytest.mark.parametrize("bias, padding, order, merges", [
-    (False, 1, "pointwise-first", True),
-    (True, 0, "pointwise-first", True),
-    (True, 1, "pointwise-first", False),  # the padded border would see the 1x1 conv's bias
-    (True, 1, "pointwise-second", True),
-])
+@pytest.mark.parametrize(
+    "bias, padding, order, merges",
+    [
+        (False, 1, "pointwise-first", True),
+        (True, 0, "pointwise-first", True),
+        (True, 1, "pointwise-first", False),  # the padded border would see the 1x1 conv's bias
+        (True, 1, "pointwise-second", True),
+    ],
+)
 def test_a_1x1_conv_merges_with_its_neighbour_when_exact(bias, padding, order, merges):
     torch.manual_seed(0)
     model = ExpandThenReduce(bias, padding, order).eval()

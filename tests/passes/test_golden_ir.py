@@ -80,7 +80,11 @@ class PreLN(nn.Module):
 
 
 GOLDEN = [
-    pytest.param("remove-noops", Noops(), (torch.randn(2, 4),), """
+    pytest.param(
+        "remove-noops",
+        Noops(),
+        (torch.randn(2, 4),),
+        """
 program Noops:
   %x : f32[2,4] = input
   %clone : f32[2,4] = aten.clone(%x)
@@ -89,13 +93,20 @@ program Noops:
   %view : f32[2,4] = aten.view(%add, [2, 4])
   %relu : f32[2,4] = aten.relu(%view)
   return (%relu)
-""", """
+""",
+        """
 program Noops:
   %x : f32[2,4] = input
   %relu : f32[2,4] = aten.relu(%x)
   return (%relu)
-""", id="remove-noops"),
-    pytest.param("fold-constants", Constants(), (torch.randn(2, 4),), """
+""",
+        id="remove-noops",
+    ),
+    pytest.param(
+        "fold-constants",
+        Constants(),
+        (torch.randn(2, 4),),
+        """
 program Constants:
   %w : f32[4] = constant w
   %x : f32[2,4] = input
@@ -103,29 +114,43 @@ program Constants:
   %add : f32[4] = aten.add.Tensor(%mul, 1)
   %mul_1 : f32[2,4] = aten.mul.Tensor(%x, %add)
   return (%mul_1)
-""", """
+""",
+        """
 program Constants:
   %w : f32[4] = constant w
   %x : f32[2,4] = input
   %folded_add : f32[4] = constant folded_add [fold-constants]
   %mul_1 : f32[2,4] = aten.mul.Tensor(%x, %folded_add)
   return (%mul_1)
-""", id="fold-constants"),
-    pytest.param("cse", Common(), (torch.randn(2, 4),), """
+""",
+        id="fold-constants",
+    ),
+    pytest.param(
+        "cse",
+        Common(),
+        (torch.randn(2, 4),),
+        """
 program Common:
   %x : f32[2,4] = input
   %sigmoid : f32[2,4] = aten.sigmoid(%x)
   %sigmoid_1 : f32[2,4] = aten.sigmoid(%x)
   %add : f32[2,4] = aten.add.Tensor(%sigmoid, %sigmoid_1)
   return (%add)
-""", """
+""",
+        """
 program Common:
   %x : f32[2,4] = input
   %sigmoid : f32[2,4] = aten.sigmoid(%x)
   %add : f32[2,4] = aten.add.Tensor(%sigmoid, %sigmoid)
   return (%add)
-""", id="cse"),
-    pytest.param("fuse-norms", Norm(), (torch.randn(2, 8),), """
+""",
+        id="cse",
+    ),
+    pytest.param(
+        "fuse-norms",
+        Norm(),
+        (torch.randn(2, 8),),
+        """
 program Norm:
   %weight : f32[8] = constant weight
   %x : f32[2,8] = input
@@ -136,14 +161,21 @@ program Norm:
   %mul : f32[2,8] = aten.mul.Tensor(%x, %rsqrt)
   %mul_1 : f32[2,8] = aten.mul.Tensor(%mul, %weight)
   return (%mul_1)
-""", """
+""",
+        """
 program Norm:
   %weight : f32[8] = constant weight
   %x : f32[2,8] = input
   %rms_norm_default : f32[2,8] = aten.rms_norm(%x, [8], %weight, 1e-06) [fuse-norms]
   return (%rms_norm_default)
-""", id="fuse-norms"),
-    pytest.param("fold-conv-bn", ConvBN(), (torch.randn(1, 3, 6, 6),), """
+""",
+        id="fuse-norms",
+    ),
+    pytest.param(
+        "fold-conv-bn",
+        ConvBN(),
+        (torch.randn(1, 3, 6, 6),),
+        """
 program ConvBN:
   %conv_weight : f32[4,3,3,3] = constant conv.weight
   %conv_bias : f32[4] = constant conv.bias
@@ -157,7 +189,8 @@ program ConvBN:
   %getitem : f32[1,4,4,4] = getitem(%_native_batch_norm_legit_no_training, 0)
   %relu : f32[1,4,4,4] = aten.relu(%getitem)
   return (%relu)
-""", """
+""",
+        """
 program ConvBN:
   %x : f32[1,3,6,6] = input
   %folded_weight : f32[4,3,3,3] = constant folded_weight [fold-conv-bn]
@@ -165,8 +198,14 @@ program ConvBN:
   %convolution_default : f32[1,4,4,4] = aten.convolution(%x, %folded_weight, %folded_bias, [1, 1], [0, 0], [1, 1], False, [0, 0], 1) [fold-conv-bn]
   %relu : f32[1,4,4,4] = aten.relu(%convolution_default)
   return (%relu)
-""", id="fold-conv-bn"),
-    pytest.param("fuse-blocks", Parallel(), (torch.randn(2, 8),), """
+""",
+        id="fold-conv-bn",
+    ),
+    pytest.param(
+        "fuse-blocks",
+        Parallel(),
+        (torch.randn(2, 8),),
+        """
 program Parallel:
   %q_weight : f32[4,8] = constant q.weight
   %q_bias : f32[4] = constant q.bias
@@ -177,7 +216,8 @@ program Parallel:
   %linear_1 : f32[2,4] = aten.linear(%x, %k_weight, %k_bias)
   %mul : f32[2,4] = aten.mul.Tensor(%linear, %linear_1)
   return (%mul)
-""", """
+""",
+        """
 program Parallel:
   %x : f32[2,8] = input
   %fused_weight : f32[8,8] = constant fused_weight [fuse-blocks]
@@ -187,8 +227,14 @@ program Parallel:
   %slice_tensor_1 : f32[2,4] = aten.slice.Tensor(%linear_default, 1, 4, 8) [fuse-blocks]
   %mul : f32[2,4] = aten.mul.Tensor(%slice_tensor, %slice_tensor_1)
   return (%mul)
-""", id="fuse-blocks"),
-    pytest.param("fuse-attention", Attention(), (*(torch.randn(1, 2, 4, 8) for _ in range(3)),), """
+""",
+        id="fuse-blocks",
+    ),
+    pytest.param(
+        "fuse-attention",
+        Attention(),
+        (*(torch.randn(1, 2, 4, 8) for _ in range(3)),),
+        """
 program Attention:
   %q : f32[1,2,4,8] = input
   %k : f32[1,2,4,8] = input
@@ -209,15 +255,22 @@ program Attention:
   %bmm_1 : f32[2,4,8] = aten.bmm(%view_3, %view_4)
   %view_5 : f32[1,2,4,8] = aten.view(%bmm_1, [1, 2, 4, 8])
   return (%view_5)
-""", """
+""",
+        """
 program Attention:
   %q : f32[1,2,4,8] = input
   %k : f32[1,2,4,8] = input
   %v : f32[1,2,4,8] = input
   %scaled_dot_product_attention_default : f32[1,2,4,8] = aten.scaled_dot_product_attention(%q, %k, %v, scale=0.5) [fuse-attention]
   return (%scaled_dot_product_attention_default)
-""", id="fuse-attention"),
-    pytest.param("layernorm-to-rmsnorm", PreLN(), (torch.randn(2, 4),), """
+""",
+        id="fuse-attention",
+    ),
+    pytest.param(
+        "layernorm-to-rmsnorm",
+        PreLN(),
+        (torch.randn(2, 4),),
+        """
 program PreLN:
   %embed_weight : f32[8,4] = constant embed.weight
   %embed_bias : f32[8] = constant embed.bias
@@ -237,7 +290,8 @@ program PreLN:
   %layer_norm_1 : f32[2,8] = aten.layer_norm(%add, [8], %ln2_weight, %ln2_bias, 1e-05, False)
   %linear_2 : f32[2,2] = aten.linear(%layer_norm_1, %head_weight, %head_bias)
   return (%linear_2)
-""", """
+""",
+        """
 program PreLN:
   %embed_weight_centred : f32[8,4] = constant embed_weight_centred [layernorm-to-rmsnorm]
   %embed_bias_centred : f32[8] = constant embed_bias_centred [layernorm-to-rmsnorm]
@@ -259,7 +313,9 @@ program PreLN:
   %add_tensor_1 : f32[2,8] = aten.add.Tensor(%rms_norm_default_1, %ln2_bias) [layernorm-to-rmsnorm]
   %linear_2 : f32[2,2] = aten.linear(%add_tensor_1, %head_weight, %head_bias)
   return (%linear_2)
-""", id="layernorm-to-rmsnorm"),
+""",
+        id="layernorm-to-rmsnorm",
+    ),
 ]
 
 
@@ -279,8 +335,11 @@ def test_dce_removes_what_nothing_reads():
         program.graph.call_function(torch.ops.aten.exp.default, (x,))
     program.graph_module.recompile()
     rewritten, _ = PassManager("dce", verify="each").run(program)
-    assert format_program(rewritten, locations=False) == """
+    assert (
+        format_program(rewritten, locations=False)
+        == """
 program Dead:
   %x : f32[2,4] = input
   %relu : f32[2,4] = aten.relu(%x)
   return (%relu)""".strip("\n")
+    )

@@ -27,10 +27,22 @@ FLAWS = {
 
 
 class PreLNTransformer(nn.Module):
-    """A GPT-style Pre-LN decoder over token ids, with the options the conversion must handle, and flaws it must refuse."""
+    """A GPT-style Pre-LN decoder over token ids, with the options the conversion must handle, and flaws it must
+    refuse."""
 
-    def __init__(self, vocab=50, width=16, depth=2, heads=2, bias=True, norm_affine=True, tied=False,
-                 positions="learned", max_len=32, flaw=None):
+    def __init__(
+        self,
+        vocab=50,
+        width=16,
+        depth=2,
+        heads=2,
+        bias=True,
+        norm_affine=True,
+        tied=False,
+        positions="learned",
+        max_len=32,
+        flaw=None,
+    ):
         super().__init__()
         self.heads, self.positions, self.tied, self.flaw = heads, positions, tied, flaw
         self.embed = nn.Embedding(vocab, width)
@@ -38,14 +50,19 @@ class PreLNTransformer(nn.Module):
             self.position = nn.Embedding(max_len, width)
         elif positions == "sinusoidal":
             self.register_buffer("table", _sinusoids(max_len, width))
-        self.blocks = nn.ModuleList(nn.ModuleDict({
-            "ln1": nn.LayerNorm(width, elementwise_affine=norm_affine, bias=bias),
-            "qkv": nn.Linear(width, 3 * width, bias=bias),
-            "out": nn.Linear(width, width, bias=bias),
-            "ln2": nn.LayerNorm(width, elementwise_affine=norm_affine, bias=bias),
-            "up": nn.Linear(width, 2 * width, bias=bias),
-            "down": nn.Linear(2 * width, width, bias=bias),
-        }) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "ln1": nn.LayerNorm(width, elementwise_affine=norm_affine, bias=bias),
+                    "qkv": nn.Linear(width, 3 * width, bias=bias),
+                    "out": nn.Linear(width, width, bias=bias),
+                    "ln2": nn.LayerNorm(width, elementwise_affine=norm_affine, bias=bias),
+                    "up": nn.Linear(width, 2 * width, bias=bias),
+                    "down": nn.Linear(2 * width, width, bias=bias),
+                }
+            )
+            for _ in range(depth)
+        )
         self.final = nn.LayerNorm(width, elementwise_affine=norm_affine, bias=bias)
         self.head = None if tied else nn.Linear(width, vocab, bias=False)
         for p in self.parameters():  # weights far from zero-mean, so a missed recentring shows
@@ -119,11 +136,17 @@ def test_crms_norm_is_the_rms_norm_of_the_whole_zero_mean_vector():
 
 
 # Every option value in both variants; hypothesis draws the other combinations.
-@pytest.mark.parametrize("variant, positions, tied, bias, norm_affine", [
-    ("rms", "learned", False, True, True), ("rms", "sinusoidal", True, False, True),
-    ("rms", "none", True, True, False), ("crms", "learned", True, True, True),
-    ("crms", "sinusoidal", False, True, False), ("crms", "none", False, False, True),
-])
+@pytest.mark.parametrize(
+    "variant, positions, tied, bias, norm_affine",
+    [
+        ("rms", "learned", False, True, True),
+        ("rms", "sinusoidal", True, False, True),
+        ("rms", "none", True, True, False),
+        ("crms", "learned", True, True, True),
+        ("crms", "sinusoidal", False, True, False),
+        ("crms", "none", False, False, True),
+    ],
+)
 def test_pre_ln_transformer_converts_exactly(variant, positions, tied, bias, norm_affine):
     torch.manual_seed(0)
     model = PreLNTransformer(positions=positions, tied=tied, bias=bias, norm_affine=norm_affine).eval()

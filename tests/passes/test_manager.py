@@ -111,7 +111,7 @@ def test_canonical_text_round_trips_with_defaults(registry):
 
 @given(
     ratio=st.floats(allow_nan=False, allow_infinity=False),
-    count=st.integers(-10**6, 10**6),
+    count=st.integers(-(10**6), 10**6),
     flag=st.booleans(),
     mode=st.sampled_from(["l1", "l2"]),
     ignore=st.lists(st.text(min_size=1, max_size=6).filter(lambda s: "\x00" not in s), max_size=3),
@@ -129,7 +129,13 @@ def test_round_trip_over_option_values(ratio, count, flag, mode, ignore, label):
 
 def test_named_pipelines_expand_wherever_a_pass_name_is():
     assert str(Pipeline.parse("cpu")) == str(Pipeline.parse(BUILTIN_PIPELINES["default"]))
-    assert [p.name for p in Pipeline.parse("dce,cleanup").passes] == ["dce", "remove-noops", "fold-constants", "cse", "dce"]
+    assert [p.name for p in Pipeline.parse("dce,cleanup").passes] == [
+        "dce",
+        "remove-noops",
+        "fold-constants",
+        "cse",
+        "dce",
+    ]
 
 
 @pytest.mark.parametrize(
@@ -283,9 +289,23 @@ def test_register_pass_makes_a_users_pass_usable_by_name_in_specs_files_and_the_
         assert records[0].stats == {"rewritten": 1}, pipeline
         assert not any(n.target is torch.ops.aten.neg.default for n in optimized.graph.nodes)
 
-    done = subprocess.run([sys.executable, "-m", "fxopt.cli", "optimize", f"{EXAMPLES / 'custom_pass.py'}:Model",
-                           "-i", "4", "-p", "fold-double-negation,dce", "--target", "torch"],
-                          capture_output=True, text=True)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "fxopt.cli",
+            "optimize",
+            f"{EXAMPLES / 'custom_pass.py'}:Model",
+            "-i",
+            "4",
+            "-p",
+            "fold-double-negation,dce",
+            "--target",
+            "torch",
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert done.returncode == 0, done.stderr
     assert "fold-double-negation" in done.stdout and "rewritten=1" in done.stdout, done.stdout
 

@@ -67,11 +67,14 @@ def test_an_add_of_two_anchors_joins_the_later_one():
     assert dict(record.stats) == {"conv+residual+relu": 1}
 
 
-@pytest.mark.parametrize("name, expected", [
-    ("resnet-tiny", {"conv+relu": 5, "conv+residual+relu": 2}),
-    ("mobilenet_v2-tiny", {"conv+hardtanh": 35, "conv+residual": 10}),
-    ("bert-tiny", {"linear+residual": 4, "linear+gelu": 2, "linear+tanh": 1}),
-])
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("resnet-tiny", {"conv+relu": 5, "conv+residual+relu": 2}),
+        ("mobilenet_v2-tiny", {"conv+hardtanh": 35, "conv+residual": 10}),
+        ("bert-tiny", {"linear+residual": 4, "linear+gelu": 2, "linear+tanh": 1}),
+    ],
+)
 def test_default_pipeline_marks_the_epilogues_of_real_models(name, expected):
     model, inputs = load_zoo_model(name)
     _, records = PassManager("default", verify="off").run(capture(model, inputs))

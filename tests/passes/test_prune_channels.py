@@ -10,11 +10,20 @@ from fxopt.ir.program import attribute_owner
 from fxopt.prune.dependency import analyze
 from tests.property.generators import PrunableNet
 
-CNN = [("residual", {}), ("depthwise", {"mult": 2}), ("concat", {"a": 6, "b": 4}),
-       ("grouped", {"groups": 2, "per_group": 6}), ("expand", {"out": 16})]
+CNN = [
+    ("residual", {}),
+    ("depthwise", {"mult": 2}),
+    ("concat", {"a": 6, "b": 4}),
+    ("grouped", {"groups": 2, "per_group": 6}),
+    ("expand", {"out": 16}),
+]
 GQA = {"heads": 4, "kv_heads": 2, "head_dim": 4, "bias": True}
-TRANSFORMER = [("attention", GQA), ("gated-mlp", {"hidden": 32}), ("attention", {**GQA, "kv_heads": 4}),
-               ("mlp", {"hidden": 32})]
+TRANSFORMER = [
+    ("attention", GQA),
+    ("gated-mlp", {"hidden": 32}),
+    ("attention", {**GQA, "kv_heads": 4}),
+    ("mlp", {"hidden": 32}),
+]
 
 
 def cnn(flatten=True):
@@ -35,8 +44,12 @@ def weight(program, module_path):
     """The weight a layer of the original model has in ``program`` (wherever the pass registered its new copy)."""
     for node in program.graph.nodes:
         stack = node.meta.get("nn_module_stack")
-        if node.op == "call_function" and stack and list(stack.values())[-1][0] == module_path and \
-                node.target in (torch.ops.aten.convolution.default, torch.ops.aten.linear.default):
+        if (
+            node.op == "call_function"
+            and stack
+            and list(stack.values())[-1][0] == module_path
+            and node.target in (torch.ops.aten.convolution.default, torch.ops.aten.linear.default)
+        ):
             return program.get_constant(node.args[1].target)
     raise KeyError(module_path)
 
@@ -108,8 +121,14 @@ def test_attention_heads_go_whole_and_gqa_stays_grouped():
 
 
 def test_zero_head_dims_are_removed_exactly_and_the_attention_scale_is_kept():
-    model = PrunableNet("transformer", 8, [("attention", {"heads": 2, "kv_heads": 2, "head_dim": 4, "bias": False})],
-                        False, False, seed=1).eval()
+    model = PrunableNet(
+        "transformer",
+        8,
+        [("attention", {"heads": 2, "kv_heads": 2, "head_dim": 4, "bias": False})],
+        False,
+        False,
+        seed=1,
+    ).eval()
     program = capture(model, (model.example_input(),))
     graph = analyze(program)
     groups, _ = graph.groups()
@@ -143,8 +162,11 @@ def test_bn_scale_ranks_by_the_batchnorm_scale():
         model.layers.stem[1].weight[[1, 5]] = 1e-4  # two channels the stem's BatchNorm nearly switches off
     _, pruned, record = prune(model, "prune-channels{ratio=0.2 target=channels importance=bn-scale}")
     assert weight(pruned, "layers.stem.0").shape[0] < 8
-    kept_gamma = [pruned.get_constant(n.args[1].target) for n in pruned.graph.nodes
-                  if n.target is torch.ops.aten._native_batch_norm_legit_no_training.default][0]
+    kept_gamma = [
+        pruned.get_constant(n.args[1].target)
+        for n in pruned.graph.nodes
+        if n.target is torch.ops.aten._native_batch_norm_legit_no_training.default
+    ][0]
     assert (kept_gamma > 1e-3).all()
     assert any("no normalization scale" in n for n in record.notes)  # groups without a norm are left alone
 
@@ -168,8 +190,9 @@ def test_exact_passes_after_pruning_are_verified_against_the_pruned_model():
     model = cnn()
     program, pruned, record = prune(model, "prune-channels{ratio=0.3},default", verify="each")
     assert record.max_abs_error > 0  # the lossy pass reports the error it introduced
-    optimized = fxopt.optimize(model, model.example_input(), target="torch",
-                               pipeline="prune-channels{ratio=0.3},default")
+    optimized = fxopt.optimize(
+        model, model.example_input(), target="torch", pipeline="prune-channels{ratio=0.3},default"
+    )
     rows = {r.name: r for r in optimized.report().passes}
     assert rows["prune-channels"].max_abs_error > 1e-3 and rows["fold-conv-bn"].changed
 
@@ -202,8 +225,11 @@ class TiedMLP(nn.Module):
 def test_tied_weights_stay_tied():
     model = TiedMLP().eval()
     program = capture(model, (torch.randn(2, 8),))
-    readers = [n.name for n in program.graph.nodes
-               if n.target is torch.ops.aten.linear.default and n.args[1].target == "down.weight"]
+    readers = [
+        n.name
+        for n in program.graph.nodes
+        if n.target is torch.ops.aten.linear.default and n.args[1].target == "down.weight"
+    ]
     pruned, (record,) = PassManager("prune-channels{ratio=0.5 target=channels}", verify="off").run(program)
     weights = {n.args[1].target for n in pruned.graph.nodes if n.name in readers}
     assert len(readers) == 2 and record.changed and len(weights) == 1
@@ -273,8 +299,9 @@ class Duplicates(nn.Module):
                 # bn(conv1)[copy] == scale * bn(conv1)[source]: a weaker twin that L1 ranks last.
                 ratio = scale * torch.sqrt(self.bn.running_var[copy] / self.bn.running_var[source])
                 self.conv1.weight[copy] = ratio * self.conv1.weight[source]
-                self.conv1.bias[copy] = ratio * (self.conv1.bias[source] - self.bn.running_mean[source]) + \
-                    self.bn.running_mean[copy]
+                self.conv1.bias[copy] = (
+                    ratio * (self.conv1.bias[source] - self.bn.running_mean[source]) + self.bn.running_mean[copy]
+                )
                 self.conv2.weight[:, copy] *= 0.1
 
     def forward(self, x):
@@ -362,15 +389,18 @@ class _Coupled(nn.Module):
         return self.fc2(self.coupling(self.fc1(x)))
 
 
-@pytest.mark.parametrize("coupling, reason", [
-    (lambda h: torch.softmax(h, -1), "softmax runs over these channels"),
-    (lambda h: torch.log_softmax(h, -1), "log_softmax runs over these channels"),
-    (lambda h: torch.cumsum(h, -1), "cumsum runs over these channels"),
-    (lambda h: h - h.mean(-1, keepdim=True), "mean runs over these channels"),
-    (lambda h: h - h.sum(-1, keepdim=True), "sum runs over these channels"),
-    (lambda h: h / h.var(-1, keepdim=True), "var runs over these channels"),
-    (lambda h: h - h.amax(-1, keepdim=True), "amax runs over these channels"),
-])
+@pytest.mark.parametrize(
+    "coupling, reason",
+    [
+        (lambda h: torch.softmax(h, -1), "softmax runs over these channels"),
+        (lambda h: torch.log_softmax(h, -1), "log_softmax runs over these channels"),
+        (lambda h: torch.cumsum(h, -1), "cumsum runs over these channels"),
+        (lambda h: h - h.mean(-1, keepdim=True), "mean runs over these channels"),
+        (lambda h: h - h.sum(-1, keepdim=True), "sum runs over these channels"),
+        (lambda h: h / h.var(-1, keepdim=True), "var runs over these channels"),
+        (lambda h: h - h.amax(-1, keepdim=True), "amax runs over these channels"),
+    ],
+)
 def test_channels_an_op_runs_over_are_pinned(coupling, reason):
     # Removing 4 all-zero features changed these outputs by up to 0.06: softmax's denominator lost exp(0) terms.
     model = _Coupled(coupling).eval()

@@ -39,13 +39,16 @@ def quantize(model, spec, calibration=None):
     return program, quantized, records[-1]
 
 
-@pytest.mark.parametrize("scheme, layer_op, weight_dtype, bound", [
-    ("w8a8", fxopt_ops.linear_q.default, torch.int8, 0.05),
-    ("w8a8-dynamic", fxopt_ops.linear_q.default, torch.int8, 0.05),
-    ("w8", fxopt_ops.linear_wq.default, torch.int8, 0.01),
-    ("w4", fxopt_ops.linear_wq.default, torch.uint8, 0.15),
-    ("fp8", fxopt_ops.linear_q.default, torch.float8_e4m3fn, 0.1),
-])
+@pytest.mark.parametrize(
+    "scheme, layer_op, weight_dtype, bound",
+    [
+        ("w8a8", fxopt_ops.linear_q.default, torch.int8, 0.05),
+        ("w8a8-dynamic", fxopt_ops.linear_q.default, torch.int8, 0.05),
+        ("w8", fxopt_ops.linear_wq.default, torch.int8, 0.01),
+        ("w4", fxopt_ops.linear_wq.default, torch.uint8, 0.15),
+        ("fp8", fxopt_ops.linear_q.default, torch.float8_e4m3fn, 0.1),
+    ],
+)
 def test_each_scheme_replaces_the_layers_by_quantized_ops(scheme, layer_op, weight_dtype, bound):
     model = Net()
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -58,7 +61,9 @@ def test_each_scheme_replaces_the_layers_by_quantized_ops(scheme, layer_op, weig
         assert any("quantizes linear layers only" in note for note in record.notes)
     stored = [t for _, t in quantized.constants() if t.dtype == weight_dtype]
     assert sum(t.numel() for t in stored) >= (128 * 64 + 64 * 10) // (2 if scheme == "w4" else 1)
-    assert not any(t.shape == (64, 128) and t.dtype == torch.float32 for _, t in quantized.constants())  # float ones gone
+    assert not any(
+        t.shape == (64, 128) and t.dtype == torch.float32 for _, t in quantized.constants()
+    )  # float ones gone
     (out,), (reference,) = quantized.run_flat(), program.run_flat()
     assert (out - reference).abs().max() < bound * reference.abs().max()
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # the user's model is untouched
@@ -66,7 +71,9 @@ def test_each_scheme_replaces_the_layers_by_quantized_ops(scheme, layer_op, weig
 
 
 def test_static_schemes_need_calibration_and_say_how_to_give_it():
-    with pytest.raises(PassError, match=r"quantize\{scheme=w8a8\} needs calibration data: optimize\(\.\.\., calibration"):
+    with pytest.raises(
+        PassError, match=r"quantize\{scheme=w8a8\} needs calibration data: optimize\(\.\.\., calibration"
+    ):
         quantize(Net(), "quantize")
     quantize(Net(), "quantize{scheme=w8}")  # weight-only needs none, unless it searches with the data
     with pytest.raises(PassError, match=r"quantize\{weight-ranges=search\} needs calibration data"):
@@ -94,12 +101,15 @@ def test_bad_options_and_order_are_errors():
         PassManager("quantize,fold-conv-bn")
 
 
-@pytest.mark.parametrize("spec, message", [
-    ("quantize{scheme=w8 group-size=-1}", "group-size must be 0"),
-    ("quantize{percentile=500}", r"percentile must be in \(0, 100\]"),
-    ("quantize{max-error=-1}", "max-error must be positive"),
-    ("quantize{scheme=mixed mix=[float,w8]}", "mix takes two precisions, the low one first"),
-])
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("quantize{scheme=w8 group-size=-1}", "group-size must be 0"),
+        ("quantize{percentile=500}", r"percentile must be in \(0, 100\]"),
+        ("quantize{max-error=-1}", "max-error must be positive"),
+        ("quantize{scheme=mixed mix=[float,w8]}", "mix takes two precisions, the low one first"),
+    ],
+)
 def test_options_are_checked_when_the_pipeline_is_parsed(spec, message):
     # They were checked only when the pass ran: `quantize{group-size=-1 percentile=500 max-error=-1}` parsed.
     with pytest.raises(PipelineError, match=message):
@@ -109,8 +119,12 @@ def test_options_are_checked_when_the_pipeline_is_parsed(spec, message):
 def test_calibration_progress_is_reported():
     seen = []
     program = capture(Net(), (batches(1)[0],))
-    PassManager("quantize{observer=entropy}", verify="off", calibration=batches(3),
-                progress=lambda i, n, step: seen.append(step)).run(program)
+    PassManager(
+        "quantize{observer=entropy}",
+        verify="off",
+        calibration=batches(3),
+        progress=lambda i, n, step: seen.append(step),
+    ).run(program)
     assert "quantize{" in seen[0] and any(s.endswith("calibration ranges: batch 3/3") for s in seen)
     assert any(s.endswith("calibration histograms: batch 2/3") for s in seen)
 
@@ -126,8 +140,10 @@ def test_observers_clip_outliers_that_minmax_keeps():
     (node,) = [n for n in program.graph.nodes if n.op == "placeholder"]
     from fxopt.calibration import Calibration
 
-    ranges = {kind: calibrate_ranges(program, Calibration((values,)), [node], kind, INT8, symmetric=True)[node]
-              for kind in ("minmax", "percentile", "mse", "entropy")}
+    ranges = {
+        kind: calibrate_ranges(program, Calibration((values,)), [node], kind, INT8, symmetric=True)[node]
+        for kind in ("minmax", "percentile", "mse", "entropy")
+    }
     assert ranges["minmax"] == (float(values.min()), 60.0)
     for kind in ("percentile", "entropy"):
         assert 2.0 < ranges[kind][1] < 30, (kind, ranges[kind])
@@ -230,8 +246,9 @@ def test_mixed_to_float_and_a_user_metric():
         changed = sum(int((o[0].argmax(-1) != r[0].argmax(-1)).sum()) for o, r in zip(outputs, reference))
         return changed / sum(len(r[0]) for r in reference) + 1.0  # never within the bound below
 
-    _, result, record = quantize(Net(), "quantize{scheme=mixed max-error=0.5}", Calibration(tuple(data),
-                                                                                             metric=disagreement))
+    _, result, record = quantize(
+        Net(), "quantize{scheme=mixed max-error=0.5}", Calibration(tuple(data), metric=disagreement)
+    )
     assert calls and set(calls) == {len(data)}
     assert fxopt_ops.linear_q.default not in ops(result) and fxopt_ops.conv_q.default not in ops(result)
     assert not record.changed  # every layer kept in float: the bound is met only there
@@ -264,18 +281,24 @@ def minilm():
     return capture(encoder, inputs), calibration_batches(tokens), inputs
 
 
-@pytest.mark.parametrize("spec, goal", [
-    ("quantize", 0.99),
-    ("shift-activations,quantize{activations=symmetric}", 0.985),  # 0.991
-    ("smooth-activations,quantize", 0.99),
-    ("quantize{scheme=w8a8-dynamic}", 0.995),
-    ("quantize{scheme=fp8}", 0.995),
-    ("quantize{scheme=w8}", 0.999),
-    # The calibrated 4-bit searches take half a minute each: `pytest -m slow` runs them.
-    pytest.param("quantize{scheme=w4 rounding=gptq weights=asymmetric}", 0.98, marks=pytest.mark.slow),
-    pytest.param("awq{weights=asymmetric},quantize{scheme=w4 weights=asymmetric weight-ranges=search}", 0.975,
-                 marks=pytest.mark.slow),
-])
+@pytest.mark.parametrize(
+    "spec, goal",
+    [
+        ("quantize", 0.99),
+        ("shift-activations,quantize{activations=symmetric}", 0.985),  # 0.991
+        ("smooth-activations,quantize", 0.99),
+        ("quantize{scheme=w8a8-dynamic}", 0.995),
+        ("quantize{scheme=fp8}", 0.995),
+        ("quantize{scheme=w8}", 0.999),
+        # The calibrated 4-bit searches take half a minute each: `pytest -m slow` runs them.
+        pytest.param("quantize{scheme=w4 rounding=gptq weights=asymmetric}", 0.98, marks=pytest.mark.slow),
+        pytest.param(
+            "awq{weights=asymmetric},quantize{scheme=w4 weights=asymmetric weight-ranges=search}",
+            0.975,
+            marks=pytest.mark.slow,
+        ),
+    ],
+)
 def test_minilm_sentence_embeddings_keep_their_direction(minilm, spec, goal):
     program, calibration, inputs = minilm
     quantized, _ = PassManager(spec, verify="off", calibration=calibration).run(program)
@@ -289,8 +312,9 @@ def test_digits_cnn_loses_at_most_one_point_of_accuracy_at_w8a8():
 
     model, (train_images, _), (test_images, test_labels) = digits_cnn()
     program = capture(model, (test_images,))
-    quantized, _ = PassManager("fold-conv-bn,quantize", verify="off",
-                               calibration=[train_images[:len(test_images)]]).run(program)
+    quantized, _ = PassManager(
+        "fold-conv-bn,quantize", verify="off", calibration=[train_images[: len(test_images)]]
+    ).run(program)
     accuracy = lambda p: float((p.run_flat([test_images])[0].argmax(1) == test_labels).float().mean())  # noqa: E731
     float_accuracy = accuracy(program)
     assert float_accuracy > 0.9  # trained

@@ -13,13 +13,17 @@ def test_the_scale_folds_into_the_layer_norm():
     # The replaced weights are gone, not carried along.
     assert sorted(t.numel() for _, t in result.constants()) == sorted(t.numel() for _, t in program.constants())
     assert len(dict(result.graph_module.named_parameters()) | dict(result.graph_module.named_buffers())) == len(
-        list(result.constants()))
+        list(result.constants())
+    )
 
 
 def test_activation_ranges_even_out_and_weights_take_the_difference():
     program, result, _ = run_calibrated(NormReluFeedingLinears(), "smooth-activations{alpha=1}")
-    (mul,) = [n for n in result.graph.nodes
-              if n.target is torch.ops.aten.mul.Tensor and n.args[0].target is torch.ops.aten.relu.default]
+    (mul,) = [
+        n
+        for n in result.graph.nodes
+        if n.target is torch.ops.aten.mul.Tensor and n.args[0].target is torch.ops.aten.relu.default
+    ]
     from fxopt.calibration import Calibration, observe
 
     seen = []

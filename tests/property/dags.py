@@ -32,9 +32,32 @@ BINARY = ["add", "mul", "sub", "maximum"]
 ALONG = ["softmax", "log_softmax", "cumsum"]
 REDUCE = ["mean", "sum", "var", "amax"]
 # (op kind, how often it is drawn)
-KINDS = (UNARY + BINARY + ALONG + REDUCE + ["linear"] * 3 + ["conv", "matmul", "sdpa", "layer_norm", "group_norm",
-         "rms_norm", "batch_norm", "cat", "split", "slice", "pad", "pool", "where", "masked_fill", "reshape",
-         "permute", "unsqueeze"])
+KINDS = (
+    UNARY
+    + BINARY
+    + ALONG
+    + REDUCE
+    + ["linear"] * 3
+    + [
+        "conv",
+        "matmul",
+        "sdpa",
+        "layer_norm",
+        "group_norm",
+        "rms_norm",
+        "batch_norm",
+        "cat",
+        "split",
+        "slice",
+        "pad",
+        "pool",
+        "where",
+        "masked_fill",
+        "reshape",
+        "permute",
+        "unsqueeze",
+    ]
+)
 
 
 @dataclass
@@ -57,8 +80,10 @@ class DagSpec:
     def describe(self) -> str:
         """One line per step, for a failing example's report."""
         lines = [f"dtype {self.dtype}, inputs {self.inputs}, tokens {self.tokens}"]
-        lines += [f"v{n}: {s.kind}{s.params or ''} of {['v%d' % r for r in s.reads]} -> {list(s.shapes)}"
-                  for n, s in zip(_value_numbers(self), self.steps)]
+        lines += [
+            f"v{n}: {s.kind}{s.params or ''} of {['v%d' % r for r in s.reads]} -> {list(s.shapes)}"
+            for n, s in zip(_value_numbers(self), self.steps)
+        ]
         return "\n".join(lines + [f"outputs {['v%d' % o for o in self.outputs]}"])
 
 
@@ -71,8 +96,9 @@ def _value_numbers(spec: DagSpec) -> list[int]:
 
 
 @st.composite
-def dag_specs(draw, max_steps: int = 10, dtypes: tuple[torch.dtype, ...] = (torch.float32,),
-              kinds: tuple[str, ...] = tuple(KINDS)) -> DagSpec:
+def dag_specs(
+    draw, max_steps: int = 10, dtypes: tuple[torch.dtype, ...] = (torch.float32,), kinds: tuple[str, ...] = tuple(KINDS)
+) -> DagSpec:
     """A random valid model DAG whose steps are drawn from ``kinds`` (repeat a kind to draw it more often)."""
     batch = draw(st.sampled_from([1, 2, 3]))
     rank = draw(st.sampled_from([2, 3, 4]))
@@ -93,8 +119,9 @@ def dag_specs(draw, max_steps: int = 10, dtypes: tuple[torch.dtype, ...] = (torc
     outputs = unread or [len(values) - 1]
     if draw(st.booleans()):
         outputs.append(draw(st.integers(0, len(values) - 1)))
-    return DagSpec(shapes, tokens, steps, sorted(set(outputs)), draw(st.sampled_from(dtypes)),
-                   draw(st.integers(0, 2**16)))
+    return DagSpec(
+        shapes, tokens, steps, sorted(set(outputs)), draw(st.sampled_from(dtypes)), draw(st.integers(0, 2**16))
+    )
 
 
 def _step(draw, values: list[tuple[int, ...]], kinds: tuple[str, ...]) -> Step | None:
@@ -115,7 +142,7 @@ def _step(draw, values: list[tuple[int, ...]], kinds: tuple[str, ...]) -> Step |
         return Step(kind, (i,), {"dim": axis}, (shape,))
     if kind in REDUCE:
         keep = draw(st.booleans()) or rank == 1
-        out = tuple(1 if d == axis else s for d, s in enumerate(shape)) if keep else shape[:axis] + shape[axis + 1:]
+        out = tuple(1 if d == axis else s for d, s in enumerate(shape)) if keep else shape[:axis] + shape[axis + 1 :]
         if kind == "var" and shape[axis] < 2:
             return None
         return Step(kind, (i,), {"dim": axis, "keepdim": keep}, (out,))
@@ -145,8 +172,11 @@ def _step(draw, values: list[tuple[int, ...]], kinds: tuple[str, ...]) -> Step |
     if kind == "batch_norm" and rank >= 2 and shape[0] > 0:
         return Step(kind, (i,), {}, (shape,))
     if kind == "cat":
-        partners = [j for j, s in enumerate(values) if len(s) == rank
-                    and all(a == b for d, (a, b) in enumerate(zip(s, shape)) if d != axis)]
+        partners = [
+            j
+            for j, s in enumerate(values)
+            if len(s) == rank and all(a == b for d, (a, b) in enumerate(zip(s, shape)) if d != axis)
+        ]
         j = draw(st.sampled_from(partners))
         out = tuple(s + values[j][axis] if d == axis else s for d, s in enumerate(shape))
         return Step(kind, (i, j), {"dim": axis}, (out,))
@@ -157,8 +187,12 @@ def _step(draw, values: list[tuple[int, ...]], kinds: tuple[str, ...]) -> Step |
     if kind == "slice" and shape[axis] >= 2:
         start = draw(st.integers(0, shape[axis] - 1))
         end = draw(st.integers(start + 1, shape[axis]))
-        return Step(kind, (i,), {"dim": axis, "start": start, "end": end},
-                    (tuple(end - start if d == axis else s for d, s in enumerate(shape)),))
+        return Step(
+            kind,
+            (i,),
+            {"dim": axis, "start": start, "end": end},
+            (tuple(end - start if d == axis else s for d, s in enumerate(shape)),),
+        )
     if kind == "pad":
         left, right = draw(st.integers(0, 2)), draw(st.integers(0, 2))
         return Step(kind, (i,), {"pad": (left, right)}, (shape[:-1] + (shape[-1] + left + right,),))
@@ -167,12 +201,12 @@ def _step(draw, values: list[tuple[int, ...]], kinds: tuple[str, ...]) -> Step |
         return Step(kind, (i,), {"max": draw(st.booleans())}, (out,))
     if kind == "reshape" and rank >= 2:  # merge two neighbouring dims
         d = draw(st.integers(0, rank - 2))
-        return Step(kind, (i,), {"dim": d}, (shape[:d] + (shape[d] * shape[d + 1],) + shape[d + 2:],))
+        return Step(kind, (i,), {"dim": d}, (shape[:d] + (shape[d] * shape[d + 1],) + shape[d + 2 :],))
     if kind == "permute" and rank >= 2:
         order = tuple(draw(st.permutations(range(1, rank))))  # the batch stays first
         return Step(kind, (i,), {"order": (0, *order)}, ((shape[0], *(shape[d] for d in order)),))
     if kind == "unsqueeze" and rank < 4:
-        return Step(kind, (i,), {"dim": axis + 1}, (shape[:axis + 1] + (1,) + shape[axis + 1:],))
+        return Step(kind, (i,), {"dim": axis + 1}, (shape[: axis + 1] + (1,) + shape[axis + 1 :],))
     return None
 
 
@@ -216,8 +250,9 @@ class DagModel(nn.Module):
                 seq = shape[2]
                 keep = torch.rand(seq, seq, generator=generator) > 0.3
                 keep |= torch.eye(seq, dtype=torch.bool)  # every query attends to something
-                self.register_buffer(f"{name}_mask", keep if step.params["mask"] == "bool" else
-                                     torch.where(keep, 0.0, -1e4))
+                self.register_buffer(
+                    f"{name}_mask", keep if step.params["mask"] == "bool" else torch.where(keep, 0.0, -1e4)
+                )
         for parameter in self.parameters():  # away from 0 and 1 so that folded and fused weights differ visibly
             with torch.no_grad():
                 parameter.mul_(1.5).add_(0.1)
@@ -277,7 +312,7 @@ class DagModel(nn.Module):
             return F.max_pool2d(x, 2) if p["max"] else F.avg_pool2d(x, 2)
         if kind == "reshape":
             d = p["dim"]
-            return x.reshape(*x.shape[:d], x.shape[d] * x.shape[d + 1], *x.shape[d + 2:])
+            return x.reshape(*x.shape[:d], x.shape[d] * x.shape[d + 1], *x.shape[d + 2 :])
         if kind == "permute":
             return x.permute(*p["order"])
         if kind == "unsqueeze":
@@ -300,11 +335,10 @@ def _shape_of(spec: DagSpec, value: int) -> tuple[int, ...]:
 
 
 @st.composite
-def random_dags(draw, max_steps: int = 10, dtypes: tuple[torch.dtype, ...] = (torch.float32,),
-                kinds: tuple[str, ...] = tuple(KINDS)):
+def random_dags(
+    draw, max_steps: int = 10, dtypes: tuple[torch.dtype, ...] = (torch.float32,), kinds: tuple[str, ...] = tuple(KINDS)
+):
     """``(model, inputs)`` of a random valid DAG; the spec is ``model.spec`` (``model.spec.describe()``)."""
     spec = draw(dag_specs(max_steps, dtypes, kinds))
     model = DagModel(spec).eval()
     return model, model.example_inputs()
-
-

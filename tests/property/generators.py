@@ -31,7 +31,9 @@ class RandomModel(nn.Module):
         for i, (op, p) in enumerate(cnn):
             if op == "conv":
                 groups = math.gcd(c, p["out"]) if p["grouped"] else 1
-                self.layers[f"c{i}"] = nn.Conv2d(c, p["out"], p["k"], padding=p["k"] // 2, groups=groups, bias=p["bias"])
+                self.layers[f"c{i}"] = nn.Conv2d(
+                    c, p["out"], p["k"], padding=p["k"] // 2, groups=groups, bias=p["bias"]
+                )
                 c = p["out"]
             elif op == "bn":
                 bn = nn.BatchNorm2d(c)
@@ -177,15 +179,17 @@ class PrunableNet(nn.Module):
         for i, (block, p) in enumerate(blocks):
             name = f"b{i}"
             if block == "residual":
-                self.layers[name] = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), _bn(c), nn.ReLU(),
-                                                  nn.Conv2d(c, c, 1), _bn(c))
+                self.layers[name] = nn.Sequential(
+                    nn.Conv2d(c, c, 3, padding=1, bias=False), _bn(c), nn.ReLU(), nn.Conv2d(c, c, 1), _bn(c)
+                )
             elif block == "concat":
                 self.layers[name + "a"] = nn.Conv2d(c, p["a"], 1)
                 self.layers[name + "b"] = nn.Conv2d(c, p["b"], 3, padding=1)
                 c = p["a"] + p["b"]
             elif block == "depthwise":
-                self.layers[name] = nn.Sequential(nn.Conv2d(c, c * p["mult"], 3, padding=1, groups=c),
-                                                  _bn(c * p["mult"]), nn.ReLU())
+                self.layers[name] = nn.Sequential(
+                    nn.Conv2d(c, c * p["mult"], 3, padding=1, groups=c), _bn(c * p["mult"]), nn.ReLU()
+                )
                 c *= p["mult"]
             elif block == "grouped":
                 groups = p["groups"] if c % p["groups"] == 0 else 1
@@ -265,13 +269,26 @@ def _prune_block(kinds: list[str]):
     def params(block):
         if block == "attention":
             return st.sampled_from([(1, 1), (2, 1), (2, 2), (4, 2), (4, 1), (3, 3)]).flatmap(
-                lambda h: st.fixed_dictionaries({"heads": st.just(h[0]), "kv_heads": st.just(h[1]),
-                                                 "head_dim": st.sampled_from([2, 4]), "bias": st.booleans()}))
-        return st.fixed_dictionaries({
-            "a": st.integers(1, 6), "b": st.integers(1, 6), "mult": st.sampled_from([1, 2]),
-            "groups": st.sampled_from([2, 3]), "per_group": st.integers(1, 4), "out": st.integers(2, 12),
-            "hidden": st.integers(2, 16),
-        })
+                lambda h: st.fixed_dictionaries(
+                    {
+                        "heads": st.just(h[0]),
+                        "kv_heads": st.just(h[1]),
+                        "head_dim": st.sampled_from([2, 4]),
+                        "bias": st.booleans(),
+                    }
+                )
+            )
+        return st.fixed_dictionaries(
+            {
+                "a": st.integers(1, 6),
+                "b": st.integers(1, 6),
+                "mult": st.sampled_from([1, 2]),
+                "groups": st.sampled_from([2, 3]),
+                "per_group": st.integers(1, 4),
+                "out": st.integers(2, 12),
+                "hidden": st.integers(2, 16),
+            }
+        )
 
     return st.sampled_from(kinds).flatmap(lambda b: st.tuples(st.just(b), params(b)))
 
@@ -280,8 +297,15 @@ def _prune_block(kinds: list[str]):
 def prunable_models(draw, max_blocks: int = 4) -> PrunableNet:
     """A random :class:`PrunableNet`: a CNN or a transformer, residuals, concats, grouped convs, GQA, gated MLPs."""
     kind = draw(st.sampled_from(["cnn", "transformer"]))
-    blocks = draw(st.lists(_prune_block(PRUNE_CNN_BLOCKS if kind == "cnn" else PRUNE_SEQ_BLOCKS),
-                           min_size=1, max_size=max_blocks))
+    blocks = draw(
+        st.lists(_prune_block(PRUNE_CNN_BLOCKS if kind == "cnn" else PRUNE_SEQ_BLOCKS), min_size=1, max_size=max_blocks)
+    )
     width = draw(st.integers(2, 8))
-    return PrunableNet(kind, width, blocks, draw(st.booleans()), kind == "transformer" and draw(st.booleans()),
-                       draw(st.integers(0, 2**16))).eval()
+    return PrunableNet(
+        kind,
+        width,
+        blocks,
+        draw(st.booleans()),
+        kind == "transformer" and draw(st.booleans()),
+        draw(st.integers(0, 2**16)),
+    ).eval()

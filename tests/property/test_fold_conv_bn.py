@@ -47,11 +47,28 @@ def conv_bn_blocks(draw):
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     if transposed:
-        conv = _TRANSPOSED[dims](cin, cout, kernel, stride=stride, padding=padding, dilation=dilation,
-                                 groups=groups, bias=draw(st.booleans()), output_padding=output_padding)
+        conv = _TRANSPOSED[dims](
+            cin,
+            cout,
+            kernel,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=draw(st.booleans()),
+            output_padding=output_padding,
+        )
     else:
-        conv = _CONV[dims](cin, cout, kernel, stride=stride, padding=padding, dilation=dilation, groups=groups,
-                           bias=draw(st.booleans()))
+        conv = _CONV[dims](
+            cin,
+            cout,
+            kernel,
+            stride=stride,
+            padding=padding,
+            dilation=dilation,
+            groups=groups,
+            bias=draw(st.booleans()),
+        )
     layers = [_random_norm(_NORM[dims](cin), draw)] if norm_before else []
     layers += [conv, _random_norm(_NORM[dims](cout), draw)]
     model = nn.Sequential(*layers).eval()
@@ -65,8 +82,9 @@ def _random_norm(norm: nn.Module, draw) -> nn.Module:
     c = norm.num_features
     norm.running_mean.copy_(torch.tensor(draw(st.lists(st.floats(-2, 2), min_size=c, max_size=c))))
     # Tiny variances make large scales: the hard case for float rounding.
-    norm.running_var.copy_(torch.tensor(draw(st.lists(st.sampled_from([1e-6, 1e-3, 0.1, 1.0, 4.0]),
-                                                      min_size=c, max_size=c))))
+    norm.running_var.copy_(
+        torch.tensor(draw(st.lists(st.sampled_from([1e-6, 1e-3, 0.1, 1.0, 4.0]), min_size=c, max_size=c)))
+    )
     norm.weight.data.copy_(torch.tensor(draw(st.lists(st.floats(-2, 2), min_size=c, max_size=c))))
     norm.bias.data.copy_(torch.tensor(draw(st.lists(st.floats(-1, 1), min_size=c, max_size=c))))
     return norm

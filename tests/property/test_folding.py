@@ -48,8 +48,10 @@ def _per_channel(values: torch.Tensor, dim: int, rank: int) -> torch.Tensor:
 def test_an_affine_after_the_layer_folds_into_its_weight_and_bias(layer, seed):
     apply, x, w, b, _, c_out, groups, transposed, channel = layer
     gen = torch.Generator().manual_seed(seed)
-    scale, shift = torch.randn(c_out, generator=gen, dtype=torch.float64), torch.randn(c_out, generator=gen,
-                                                                                       dtype=torch.float64)
+    scale, shift = (
+        torch.randn(c_out, generator=gen, dtype=torch.float64),
+        torch.randn(c_out, generator=gen, dtype=torch.float64),
+    )
     y = apply(x, w, b)
     expected = y * _per_channel(scale, channel, y.dim()) + _per_channel(shift, channel, y.dim())
     folded_w, folded_b = fold_output_affine(w.double(), b, scale, shift, transposed=transposed, groups=groups)
@@ -60,8 +62,10 @@ def test_an_affine_after_the_layer_folds_into_its_weight_and_bias(layer, seed):
 def test_an_affine_before_an_unpadded_layer_folds_into_its_weight_and_bias(layer, seed):
     apply, x, w, b, c_in, _, groups, _, channel = layer
     gen = torch.Generator().manual_seed(seed)
-    scale, shift = torch.randn(c_in, generator=gen, dtype=torch.float64), torch.randn(c_in, generator=gen,
-                                                                                      dtype=torch.float64)
+    scale, shift = (
+        torch.randn(c_in, generator=gen, dtype=torch.float64),
+        torch.randn(c_in, generator=gen, dtype=torch.float64),
+    )
     expected = apply(x * _per_channel(scale, channel, x.dim()) + _per_channel(shift, channel, x.dim()), w, b)
     folded_w, folded_b = fold_input_affine(w, b, scale, shift, groups=groups)
     torch.testing.assert_close(apply(x, folded_w.double(), folded_b.double()), expected, rtol=1e-5, atol=1e-5)
@@ -74,7 +78,10 @@ def test_a_feature_affine_is_absorbed_by_the_linear_reading_it(seed, c_in, c_out
     bias = torch.randn(c_out, generator=gen) if with_bias else None
     scale = torch.randn(c_in, generator=gen)
     shift = torch.randn(c_in, generator=gen) if with_shift else None
-    expected = F.linear(x * scale.double() + (0 if shift is None else shift.double()), w.double(),
-                        None if bias is None else bias.double())
+    expected = F.linear(
+        x * scale.double() + (0 if shift is None else shift.double()),
+        w.double(),
+        None if bias is None else bias.double(),
+    )
     new_w, new_b = absorb_input_affine(w, bias, scale, shift, in_dim=1)
     torch.testing.assert_close(F.linear(x, new_w, new_b), expected)

@@ -28,11 +28,11 @@ class Attention(nn.Module):
         n, t, _ = x.shape
         q, k, v = self.qkv(x).view(n, t, 3, self.heads, self.head_dim).permute(2, 0, 3, 1, 4)
         if self.scaling == "query":
-            scores = (q * self.head_dim ** -0.5) @ k.transpose(-1, -2)
+            scores = (q * self.head_dim**-0.5) @ k.transpose(-1, -2)
         elif self.scaling == "div":
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
         else:
-            scores = q @ k.transpose(-1, -2) * self.head_dim ** -0.5
+            scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5
         if mask is not None:
             scores = scores + mask
         return torch.softmax(scores, dim=-1) @ v

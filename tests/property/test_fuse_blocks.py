@@ -41,8 +41,11 @@ class Branches(nn.Module):
             else:
                 kernel = {"square": (k, k), "row": (1, k), "column": (k, 1)}[kind]
                 padding = tuple(size // 2 for size in kernel)
-                self.branches.append(nn.Sequential(
-                    nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False), _norm(cout, var)))
+                self.branches.append(
+                    nn.Sequential(
+                        nn.Conv2d(cin, cout, kernel, stride, padding, groups=groups, bias=False), _norm(cout, var)
+                    )
+                )
 
     def forward(self, x):
         out = self.branches[0](x)
@@ -68,10 +71,20 @@ def branch_blocks(draw):
     cout = cin if same_width else groups * draw(st.integers(1, 3))
     stride = draw(st.sampled_from([1, 2]))
     kinds = ["square", "row", "column"] + (["identity", "norm", "pool"] if cout == cin else [])
-    branches = draw(st.lists(st.tuples(
-        st.sampled_from(kinds),
-        st.tuples(st.sampled_from([1, 3, 5]), st.sampled_from([g for g in (1, groups) if cin % g == 0]),
-                  st.sampled_from([1e-5, 0.1, 1.0, 3.0]))), min_size=2, max_size=4))
+    branches = draw(
+        st.lists(
+            st.tuples(
+                st.sampled_from(kinds),
+                st.tuples(
+                    st.sampled_from([1, 3, 5]),
+                    st.sampled_from([g for g in (1, groups) if cin % g == 0]),
+                    st.sampled_from([1e-5, 0.1, 1.0, 3.0]),
+                ),
+            ),
+            min_size=2,
+            max_size=4,
+        )
+    )
     # An identity-like branch keeps the input's size only at stride 1.
     if stride == 2 and any(kind in ("identity", "norm") for kind, _ in branches):
         stride = 1
@@ -119,8 +132,12 @@ class Projections(nn.Module):
         return [p(x) for p in self.parallel] + [self.chain(x)]
 
 
-@given(st.integers(2, 12), st.lists(st.tuples(st.integers(1, 12), st.booleans()), min_size=1, max_size=4),
-       st.integers(1, 24), st.integers(0, 2**16))
+@given(
+    st.integers(2, 12),
+    st.lists(st.tuples(st.integers(1, 12), st.booleans()), min_size=1, max_size=4),
+    st.integers(1, 24),
+    st.integers(0, 2**16),
+)
 def test_random_projections_merge_and_match(width, outs, hidden, seed):
     torch.manual_seed(seed)
     model = Projections(width, [o for o, _ in outs], [b for _, b in outs], hidden).eval()

@@ -19,8 +19,12 @@ def norms(draw):
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     if draw(st.booleans()):
-        model = RMSNorm(width, upcast=draw(st.booleans()), weight=draw(st.booleans()),
-                        spelling=draw(st.sampled_from(["rsqrt", "sqrt", "square"])))
+        model = RMSNorm(
+            width,
+            upcast=draw(st.booleans()),
+            weight=draw(st.booleans()),
+            spelling=draw(st.sampled_from(["rsqrt", "sqrt", "square"])),
+        )
         op = aten.rms_norm.default
     else:
         model = LayerNorm(width, affine=draw(st.booleans()), use_var=draw(st.booleans()))

@@ -1,4 +1,5 @@
-"""``layernorm-to-rmsnorm`` (both variants) on random Pre-LN transformers, and on ones with a flaw that makes it inexact.
+"""``layernorm-to-rmsnorm`` (both variants) on random Pre-LN transformers, and on ones with a flaw that makes it
+inexact.
 
 Bound (float32): max |converted - exact| <= 2 * max |original - exact| + 1e-5 * max |exact|, where exact is the
 model run in float64: the conversion adds no more than the original's own rounding (a LayerNorm of a narrow stream
@@ -22,9 +23,15 @@ def transformers(draw, flaws=(None,)):
     seed = draw(st.integers(0, 2**16))
     torch.manual_seed(seed)
     model = PreLNTransformer(
-        vocab=vocab, width=width, heads=heads, depth=draw(st.integers(1, 3)), bias=draw(st.booleans()),
-        norm_affine=draw(st.booleans()), tied=draw(st.booleans()),
-        positions=draw(st.sampled_from(["learned", "sinusoidal", "none"])), max_len=seq,
+        vocab=vocab,
+        width=width,
+        heads=heads,
+        depth=draw(st.integers(1, 3)),
+        bias=draw(st.booleans()),
+        norm_affine=draw(st.booleans()),
+        tied=draw(st.booleans()),
+        positions=draw(st.sampled_from(["learned", "sinusoidal", "none"])),
+        max_len=seq,
         flaw=draw(st.sampled_from(flaws)),
     ).eval()
     ids = torch.randint(0, vocab, (draw(st.integers(1, 2)), seq), generator=torch.Generator().manual_seed(seed))

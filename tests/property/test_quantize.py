@@ -42,8 +42,14 @@ def test_fp8_error_is_within_e4m3_rounding(seed, n, spread):
     assert (error <= torch.maximum(x.abs() * 2**-4, scale * 2**-10) * (1 + 1e-5)).all()
 
 
-@given(st.integers(0, 2**16), st.integers(1, 6), st.sampled_from([2, 4, 8, 32]), st.integers(1, 4),
-       st.sampled_from([INT8, INT4]), st.booleans())
+@given(
+    st.integers(0, 2**16),
+    st.integers(1, 6),
+    st.sampled_from([2, 4, 8, 32]),
+    st.integers(1, 4),
+    st.sampled_from([INT8, INT4]),
+    st.booleans(),
+)
 def test_group_quantization_error_is_at_most_half_a_step_per_group(seed, out, group, groups, fmt, symmetric):
     weight = _tensor(seed, (out, group * groups), 1.0)
     q, scale, zero_point = group_params(weight, group, fmt, symmetric)
@@ -54,29 +60,54 @@ def test_group_quantization_error_is_at_most_half_a_step_per_group(seed, out, gr
         assert torch.equal(unpack_int4(pack_int4(q)).int(), q.int())
 
 
-@given(st.integers(0, 2**16), st.integers(1, 5), st.integers(1, 70), st.integers(1, 9), st.integers(-128, 127),
-       st.booleans())
+@given(
+    st.integers(0, 2**16),
+    st.integers(1, 5),
+    st.integers(1, 70),
+    st.integers(1, 9),
+    st.integers(-128, 127),
+    st.booleans(),
+)
 def test_int8_linear_is_exact_on_integers(seed, rows, in_features, out_features, zero_point, with_bias):
     generator = torch.Generator().manual_seed(seed)
     xq = torch.randint(-128, 128, (rows, in_features), generator=generator, dtype=torch.int8)
     wq = torch.randint(-127, 128, (out_features, in_features), generator=generator, dtype=torch.int8)
     bias = torch.randint(-1000, 1000, (out_features,), generator=generator).float() if with_bias else None
     one = torch.ones(())
-    out = fxopt_ops.linear_q(xq, one, torch.tensor(zero_point, dtype=torch.int32), wq, torch.ones(out_features),
-                             bias, torch.float32)
+    out = fxopt_ops.linear_q(
+        xq, one, torch.tensor(zero_point, dtype=torch.int32), wq, torch.ones(out_features), bias, torch.float32
+    )
     expected = F.linear(xq.double() - zero_point, wq.double(), None if bias is None else bias.double())
     assert torch.equal(out.double(), expected)  # |sums| < 2^24: exact in float32 too
 
 
-@given(st.integers(0, 2**16), st.integers(1, 3), st.integers(1, 4), st.integers(3, 7), st.integers(1, 3),
-       st.integers(0, 1), st.integers(-128, 127))
+@given(
+    st.integers(0, 2**16),
+    st.integers(1, 3),
+    st.integers(1, 4),
+    st.integers(3, 7),
+    st.integers(1, 3),
+    st.integers(0, 1),
+    st.integers(-128, 127),
+)
 def test_int8_conv_is_exact_on_integers(seed, in_groups, out_per_group, size, kernel, padding, zero_point):
     generator = torch.Generator().manual_seed(seed)
     groups = in_groups
     xq = torch.randint(-128, 128, (1, 2 * groups, size, size), generator=generator, dtype=torch.int8)
     wq = torch.randint(-127, 128, (out_per_group * groups, 2, kernel, kernel), generator=generator, dtype=torch.int8)
-    out = fxopt_ops.conv_q(xq, torch.ones(()), torch.tensor(zero_point, dtype=torch.int32), wq,
-                           torch.ones(wq.shape[0]), None, [1, 1], [padding] * 2, [1, 1], groups, torch.float32)
+    out = fxopt_ops.conv_q(
+        xq,
+        torch.ones(()),
+        torch.tensor(zero_point, dtype=torch.int32),
+        wq,
+        torch.ones(wq.shape[0]),
+        None,
+        [1, 1],
+        [padding] * 2,
+        [1, 1],
+        groups,
+        torch.float32,
+    )
     # Padding pads the real value 0, which is the zero point in the quantized domain.
     expected = F.conv2d(xq.double() - zero_point, wq.double(), None, 1, padding, 1, groups)
     assert torch.equal(out.double(), expected)
@@ -106,14 +137,34 @@ def test_fp8_grouped_conv_sums_in_float32(seed, groups):
     generator = torch.Generator().manual_seed(seed)
     xq = (torch.randn(1, 16 * groups, 6, 6, generator=generator) * 40).to(torch.float8_e4m3fn)
     wq = (torch.randn(4 * groups, 16, 3, 3, generator=generator) * 40).to(torch.float8_e4m3fn)
-    out = fxopt_ops.conv_q(xq, torch.ones(()), torch.zeros((), dtype=torch.int32), wq, torch.ones(()), None,
-                           [1, 1], [1, 1], [1, 1], groups, torch.float32)
+    out = fxopt_ops.conv_q(
+        xq,
+        torch.ones(()),
+        torch.zeros((), dtype=torch.int32),
+        wq,
+        torch.ones(()),
+        None,
+        [1, 1],
+        [1, 1],
+        [1, 1],
+        groups,
+        torch.float32,
+    )
     assert torch.equal(out, F.conv2d(xq.float(), wq.float(), None, 1, 1, 1, groups))
 
 
-@given(prunable_models(), st.sampled_from(["shift-activations", "smooth-activations",
-                                           "shift-activations,smooth-activations{alpha=0.8}", "awq{group-size=0}",
-                                           "awq{bits=8 group-size=2 weights=asymmetric grid=4}"]))
+@given(
+    prunable_models(),
+    st.sampled_from(
+        [
+            "shift-activations",
+            "smooth-activations",
+            "shift-activations,smooth-activations{alpha=0.8}",
+            "awq{group-size=0}",
+            "awq{bits=8 group-size=2 weights=asymmetric grid=4}",
+        ]
+    ),
+)
 def test_activation_transformations_are_exact(model, spec):
     program = capture(model, (model.example_input(),))
     calibration = [model.example_input() * 3]  # ranges from other data than the check: exactness cannot depend on it
@@ -121,8 +172,12 @@ def test_activation_transformations_are_exact(model, spec):
 
 
 @settings(max_examples=max(4, settings().max_examples // 2))  # tests/property/test_random_dags.py draws more
-@given(prunable_models(), st.sampled_from(["w8a8", "w8a8-dynamic", "w8", "w4", "fp8", "mixed"]),
-       st.sampled_from(["minmax", "percentile", "mse", "entropy"]), st.sampled_from([0, 2, 4]))
+@given(
+    prunable_models(),
+    st.sampled_from(["w8a8", "w8a8-dynamic", "w8", "w4", "fp8", "mixed"]),
+    st.sampled_from(["minmax", "percentile", "mse", "entropy"]),
+    st.sampled_from([0, 2, 4]),
+)
 def test_quantize_yields_a_valid_graph(model, scheme, observer, group_size):
     program = capture(model, (model.example_input(),))
     spec = f"quantize{{scheme={scheme} observer={observer} group-size={group_size}}}"

@@ -95,8 +95,9 @@ def test_pruning_random_dags_is_valid_and_removing_zero_channels_is_exact(case, 
     if not zeroed:
         return
     exact = program.run_flat()  # with the zeroed weights
-    spec = PruneChannels(ratio=(zeroed - 0.5) / sum(g.size for g in groups), target="channels", scope="global",
-                         head_dim=True)  # every group the analysis found is a candidate
+    spec = PruneChannels(
+        ratio=(zeroed - 0.5) / sum(g.size for g in groups), target="channels", scope="global", head_dim=True
+    )  # every group the analysis found is a candidate
     pruned, (record,) = PassManager([spec], verify="off").run(program)
     assert record.stats.get("channels-removed", 0) >= zeroed
     _within_bound(pruned.run_flat(), exact, "prune-channels of all-zero channels")
@@ -116,9 +117,12 @@ def _node_values(program) -> dict:
 
 
 @settings(max_examples=max(200, settings().max_examples))
-@given(random_dags(kinds=(*KINDS, *["linear"] * 20, *["conv"] * 6)),
-       st.sampled_from(["w8a8", "w8a8-dynamic", "w8", "w4", "fp8"]), st.sampled_from([0, 2]),
-       st.sampled_from(["symmetric", "asymmetric"]))
+@given(
+    random_dags(kinds=(*KINDS, *["linear"] * 20, *["conv"] * 6)),
+    st.sampled_from(["w8a8", "w8a8-dynamic", "w8", "w4", "fp8"]),
+    st.sampled_from([0, 2]),
+    st.sampled_from(["symmetric", "asymmetric"]),
+)
 def test_quantizing_random_dags_keeps_every_layer_within_its_analytic_bound(case, scheme, group_size, weights):
     model, inputs = case
     note(model.spec.describe())
@@ -131,8 +135,11 @@ def test_quantizing_random_dags_keeps_every_layer_within_its_analytic_bound(case
     event(f"quantized layers: {min(_check_layer_bounds(program, quantized), 3)}+")
 
 
-_QUANTIZED_LAYERS = (torch.ops.fxopt.linear_q.default, torch.ops.fxopt.conv_q.default,
-                     torch.ops.fxopt.linear_wq.default)
+_QUANTIZED_LAYERS = (
+    torch.ops.fxopt.linear_q.default,
+    torch.ops.fxopt.conv_q.default,
+    torch.ops.fxopt.linear_wq.default,
+)
 
 
 def _check_layer_bounds(program, quantized) -> int:
@@ -189,7 +196,8 @@ def _check_layer_bounds(program, quantized) -> int:
         worst = int((error - moved - rounding).argmax())
         assert (error <= moved + rounding).all(), (
             f"{origin}: output moved {error.flatten()[worst]:.3g}, more than the bound "
-            f"{(moved + rounding).flatten()[worst]:.3g}")
+            f"{(moved + rounding).flatten()[worst]:.3g}"
+        )
         checked += 1
     return checked
 

@@ -1,0 +1,198 @@
+"""Lowerings of fxopt's quantized ops (:mod:`fxopt.quant.ops`) to Relax: integer kernels, float only at the edges.
+
+int8 ``linear_q`` becomes one hand-scheduled AVX2 kernel (:mod:`fxopt.codegen.x86`) where the target has it, else
+Relax's integer matmul; ``conv_q`` an int32-accumulating conv; ``linear_wq`` a dequantize fused into the matmul.
+Registered in :data:`fxopt.codegen.lower.OVERRIDES` when :mod:`fxopt.codegen` is imported.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+
+from fxopt.codegen import x86
+from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
+from fxopt.ir.program import attribute_owner
+from fxopt.quant import ops as _quant_ops  # noqa: F401  (registers the fxopt:: quantized ops lowered here)
+
+fxopt_ops = torch.ops.fxopt
+
+
+def _int8_only(node: fx.Node) -> None:
+    if any(isinstance(a, fx.Node) and a.meta["val"].dtype == torch.float8_e4m3fn for a in node.args):
+        raise LoweringError(node, "fp8 has no TVM kernels here; fp8 layers run (simulated) in PyTorch")
+
+
+def _float32(arg: fx.Node, importer) -> object:
+    """The lowered value of ``arg`` as float32 (quantized ops compute in float32 whatever the model's dtype)."""
+    from tvm import relax
+
+    value = importer.env[arg]
+    if arg.meta["val"].dtype == torch.float32:
+        return value
+    return importer.block_builder.emit(relax.op.astype(value, "float32"))
+
+
+@register_lowering(fxopt_ops.quantize.default)
+def _quantize(node: fx.Node, importer) -> object:
+    """``clamp(floor(x / scale + 0.5) + zero_point, -128, 127)`` as int8, rounding exactly as the reference does."""
+    from tvm import relax
+
+    if node.args[3] != "int8":
+        raise LoweringError(node, f"{node.args[3]} has no TVM kernels here; it runs in PyTorch")
+    bb = importer.block_builder
+    x, scale, zero_point = _float32(node.args[0], importer), importer.env[node.args[1]], importer.env[node.args[2]]
+    q = bb.emit(relax.op.floor(relax.op.add(relax.op.divide(x, scale), relax.const(0.5, "float32"))))
+    q = bb.emit(relax.op.add(q, relax.op.astype(zero_point, "float32")))
+    return bb.emit(relax.op.astype(relax.op.clip(q, -128, 127), "int8"))
+
+
+def _in_output_dtype(node: fx.Node, bb, y) -> object:
+    """Float32 result ``y`` cast to the node's dtype (float16/bfloat16 models)."""
+    from tvm import relax
+
+    out_dtype = tvm_dtype(node.meta["val"].dtype)
+    return bb.emit(relax.op.astype(y, out_dtype)) if out_dtype != "float32" else y
+
+
+def _dequantize_accumulator(node: fx.Node, importer, acc, channel_shape: list[int]) -> object:
+    """int32 sums → ``out_dtype``: ``acc * (x_scale * w_scale) + bias``, the scales broadcast along
+    ``channel_shape``."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x_scale, w_scale = importer.env[node.args[1]], importer.env[node.args[4]]
+    if node.args[4].meta["val"].dim():
+        w_scale = bb.emit(relax.op.reshape(w_scale, channel_shape))
+    y = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.op.multiply(x_scale, w_scale)))
+    bias = node.args[5]
+    if bias is not None:
+        y = bb.emit(relax.op.add(y, relax.op.reshape(_float32(bias, importer), channel_shape)))
+    return _in_output_dtype(node, bb, y)
+
+
+@register_lowering(fxopt_ops.linear_q.default)
+def _linear_q(node: fx.Node, importer) -> object:
+    """int8 × int8 → int32 matmul; the activation zero point is subtracted as ``zp * Σ_k w[n, k]`` (a constant).
+
+    On an AVX2 CPU, fxopt's hand-scheduled kernel (:mod:`fxopt.codegen.x86`) with the epilogue inside.
+    """
+    from tvm import relax
+
+    _int8_only(node)
+    weight = _constant(node.args[3])
+    out_features, in_features = node.args[3].meta["val"].shape
+    if x86.has_avx2(importer.target) and weight is not None and out_features % 8 == 0 and in_features % 2 == 0:
+        return _linear_q_avx2(node, importer, weight)
+    bb = importer.block_builder
+    xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]
+    acc = bb.emit(relax.op.matmul(xq, relax.op.permute_dims(wq, [1, 0]), out_dtype="int32"))
+    column_sums = relax.op.sum(relax.op.astype(wq, "int32"), axis=[1])
+    acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(zero_point, column_sums)))
+    return _dequantize_accumulator(node, importer, acc, [-1])
+
+
+def _constant(node: fx.Node) -> torch.Tensor | None:
+    """The tensor a ``get_attr`` node reads, or ``None`` for a computed value."""
+    if node.op != "get_attr":
+        return None
+    return getattr(*attribute_owner(node.graph.owning_module, node.target))
+
+
+def _linear_q_avx2(node: fx.Node, importer, weight: torch.Tensor) -> object:
+    """``linear_q`` as one call of :func:`fxopt.codegen.x86.int8_linear` over the rows of the activation."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x_meta = node.args[0].meta["val"]
+    rows, (out_features, in_features) = x_meta.numel() // x_meta.shape[-1], weight.shape
+    per_row = node.args[1].meta["val"].numel() > 1 or node.args[2].meta["val"].numel() > 1
+
+    def per_activation(arg: fx.Node, dtype: str):
+        value = relax.op.reshape(importer.env[arg], [-1])
+        if per_row and arg.meta["val"].numel() == 1:
+            value = relax.op.broadcast_to(value, [rows])
+        return bb.emit(relax.op.astype(value, dtype))
+
+    w_scale = node.args[4]
+    per_channel = w_scale.meta["val"].numel() > 1
+    bias = node.args[5]
+    kernel = x86.int8_linear(rows, in_features, out_features, per_row, per_channel)
+    kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
+    args = [
+        bb.emit(relax.op.reshape(importer.env[node.args[0]], [rows, in_features])),
+        to_relax_constant(x86.pack_int8_weight(weight)),
+        to_relax_constant(weight.to(torch.int32).sum(1, dtype=torch.int32)),
+        per_activation(node.args[2], "int32"),
+        per_activation(node.args[1], "float32"),
+        bb.emit(relax.op.astype(relax.op.reshape(importer.env[w_scale], [-1]), "float32")),
+        to_relax_constant(torch.zeros(out_features)) if bias is None else _float32(bias, importer),
+    ]
+    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, out_features], "float32")))
+    y = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
+    return _in_output_dtype(node, bb, y)
+
+
+@register_lowering(fxopt_ops.conv_q.default)
+def _conv_q(node: fx.Node, importer) -> object:
+    """int8 2-D convolution into int32; the zero point's contribution (border-dependent, since padding pads the
+    real 0) is ``zp * conv(ones, w)``, a constant."""
+    from tvm import relax
+
+    _int8_only(node)
+    if node.args[3].meta["val"].dim() != 4:
+        raise LoweringError(node, "only 2-D quantized convolutions have a TVM kernel")
+    bb = importer.block_builder
+    xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]
+    stride, padding, dilation, groups = node.args[6:10]
+
+    def conv(data):
+        return relax.op.nn.conv2d(
+            data, wq, strides=stride, padding=padding, dilation=dilation, groups=groups, out_dtype="int32"
+        )
+
+    acc = bb.emit(conv(xq))
+    shape = list(node.args[0].meta["val"].shape)
+    ones = to_relax_constant(torch.ones([1, *shape[1:]], dtype=torch.int8))
+    acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(zero_point, conv(ones))))
+    return _dequantize_accumulator(node, importer, acc, [1, -1, 1, 1])
+
+
+@register_lowering(fxopt_ops.linear_wq.default)
+def _linear_wq(node: fx.Node, importer) -> object:
+    """Weight-only ``linear``: one kernel that dequantizes each weight element inside the matmul's reduction.
+
+    The integer weights stay in the library (int8, or two 4-bit values per byte); a separate dequantize op
+    would be folded back into a float weight by ``FoldConstant``, so the dequantization is part of the
+    reduction itself, computed as the reference does: ``(q - zero_point) * scale`` in float32.
+    """
+    from tvm import relax, te, tirx
+
+    bb = importer.block_builder
+    wq, scale, zero_point = (importer.env[a] for a in node.args[1:4])
+    bias, bits = node.args[4], node.args[5]
+    out_features, groups = node.args[2].meta["val"].shape
+    in_features = node.args[0].meta["val"].shape[-1]
+    group_size = in_features // groups
+    rows = bb.emit(relax.op.reshape(_float32(node.args[0], importer), [-1, in_features]))
+
+    def dequantize_matmul(x, wq, scale, zero_point):
+        def weight(n, k):
+            if bits == 4:  # low nibble first (fxopt.quant.formats.pack_int4)
+                nibble = tirx.shift_right(wq[n, k // 2], ((k % 2) * 4).astype("uint8"))
+                q = tirx.bitwise_and(nibble, tirx.const(15, "uint8"))
+            else:
+                q = wq[n, k]
+            group = k // group_size
+            return (q.astype("float32") - zero_point[n, group]) * scale[n, group]
+
+        k = te.reduce_axis((0, in_features), "k")
+        return te.compute(
+            (x.shape[0], out_features), lambda i, n: te.sum(x[i, k] * weight(n, k), axis=k), name="dequantize_matmul"
+        )
+
+    y = bb.emit_te(dequantize_matmul, rows, wq, scale, zero_point, primfunc_name_hint=node.name)
+    if bias is not None:
+        y = bb.emit(relax.op.add(y, _float32(bias, importer)))
+    y = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
+    return _in_output_dtype(node, bb, y)
