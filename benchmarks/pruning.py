@@ -25,18 +25,14 @@ import sys
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
+from run import measure  # benchmarks/run.py, beside this script (sys.path[0])
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
-
-from run import measure  # noqa: E402  (benchmarks/run.py: warm blocks per runner, rounds, medians)
-
-from fxopt import PassManager, capture  # noqa: E402
-from fxopt.ir import count_flops, count_parameters  # noqa: E402
-from fxopt.ir.numerics import relative_rms_error  # noqa: E402
-from fxopt.zoo import SENTENCES, ZOO, calibration_batches, load_zoo_model, minilm_encoder  # noqa: E402
+from fxopt import PassManager, capture
+from fxopt.ir import count_flops, count_parameters
+from fxopt.ir.numerics import relative_rms_error
+from fxopt.zoo import SENTENCES, ZOO, calibration_batches, load_zoo_model, minilm_encoder
 
 DEFAULT_MODELS = ["resnet50", "mobilenet_v2", "vit", "bert-classifier", "llama"]
 

@@ -27,14 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from run import export_onnx, measure  # benchmarks/run.py, beside this script (sys.path[0])
 
-sys.path[:0] = [str(Path(__file__).resolve().parent.parent), str(Path(__file__).resolve().parent)]
-
-from run import export_onnx, measure  # noqa: E402  (benchmarks/run.py)
-
-import fxopt  # noqa: E402
-from fxopt import PassManager, capture  # noqa: E402
-from fxopt.zoo import SENTENCES, calibration_batches, digits_cnn, minilm_encoder  # noqa: E402
+import fxopt
+from fxopt import PassManager, capture
+from fxopt.zoo import SENTENCES, calibration_batches, digits_cnn, minilm_encoder
 
 FXOPT_SCHEMES = {
     "minilm": [

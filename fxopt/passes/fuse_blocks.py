@@ -11,6 +11,7 @@ import torch.fx as fx
 
 from fxopt.ir.analysis import node_flops
 from fxopt.ir.edit import add_constant, erase_if_dead, replace_subgraph
+from fxopt.ir.folding import compose_layers
 from fxopt.ir.layers import Layer, as_affine, as_layer, is_call
 from fxopt.ir.meta import describe_node, propagate_meta, stamp_provenance
 from fxopt.ir.pattern import Pat, Rewritten, Rule, Skip
@@ -156,19 +157,13 @@ class FuseBlocks(Pass):
         w1, w2 = (program.get_constant(layer.weight.target) for layer in (first, second))
         b1, b2 = (None if layer.bias is None else program.get_constant(layer.bias.target) for layer in (first, second))
         if second.is_linear:
-            weight = w2.float() @ w1.float()
-            shape_from = first
+            kind, shape_from = "linear", first
         else:
             kind = _serial_conv_kind(first, second, w1, w2, b1)
             if kind is None or isinstance(kind, Skip):
                 return kind
-            if kind == "pointwise-first":  # W[o, i, k] = sum_m W2[o, m, k] W1[m, i]
-                weight = torch.einsum("om...,mi->oi...", w2.float(), w1.float().flatten(1))
-                shape_from = second
-            else:  # pointwise second: W[o, i, k] = sum_m W2[o, m] W1[m, i, k]
-                weight = torch.einsum("om,mi...->oi...", w2.float().flatten(1), w1.float())
-                shape_from = first
-        bias = _chained_bias(w2.float(), b1, b2, second.is_linear)
+            shape_from = second if kind == "pointwise-first" else first
+        weight, bias = compose_layers(w1, b1, w2, b2, kind)
         before = node_flops(first.node) + node_flops(second.node)
         out = node.meta["val"]
         rows = out.numel() // out.shape[second.channel_dim]
@@ -446,13 +441,3 @@ def _serial_conv_kind(
             return Skip("the conv pads the output of a 1x1 conv with a bias (its border would see the bias)")
         return "pointwise-first"
     return None
-
-
-def _chained_bias(
-    w2: torch.Tensor, b1: torch.Tensor | None, b2: torch.Tensor | None, linear: bool
-) -> torch.Tensor | None:
-    """The bias of layer 2 after layer 1: ``b2 + W2 b1`` (a conv sums W2 over its kernel taps)."""
-    if b1 is None:
-        return None if b2 is None else b2.float()
-    carried = w2 @ b1.float() if linear else torch.einsum("om...,m->o", w2, b1.float())
-    return carried if b2 is None else carried + b2.float()

@@ -1,4 +1,4 @@
-"""The fold arithmetic (``fxopt.ir.folding``) against the layer and the affine applied one after the other, in
+"""The fold arithmetic (``fxopt.ir.folding``) against the layers and affines applied one after the other, in
 float64 so that equality is exact up to summation order: convs of 1 to 3 spatial dims, grouped, depthwise and
 transposed, linears, with and without bias."""
 
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fxopt.ir.folding import absorb_input_affine, fold_input_affine, fold_output_affine
+from fxopt.ir.folding import absorb_input_affine, compose_layers, fold_input_affine, fold_output_affine
 
 CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 CONV_T = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}
@@ -85,3 +85,35 @@ def test_a_feature_affine_is_absorbed_by_the_linear_reading_it(seed, c_in, c_out
     )
     new_w, new_b = absorb_input_affine(w, bias, scale, shift, in_dim=1)
     torch.testing.assert_close(F.linear(x, new_w, new_b), expected)
+
+
+@given(
+    st.integers(0, 2**16),
+    st.sampled_from(["linear", "pointwise-first", "pointwise-second"]),
+    st.integers(1, 2),
+    st.integers(1, 3),
+    st.booleans(),
+    st.booleans(),
+)
+def test_two_layers_in_a_row_compose_into_one(seed, kind, dims, kernel, bias1, bias2):
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    c_in, c_mid, c_out = 3, 4, 5
+    b1, b2 = (randn(c_mid) if bias1 else None), (randn(c_out) if bias2 else None)
+    if kind == "linear":
+        x, w1, w2 = randn(2, c_in), randn(c_mid, c_in), randn(c_out, c_mid)
+        expected = F.linear(F.linear(x, w1, b1), w2, b2)
+        weight, bias = compose_layers(w1, b1, w2, b2, kind)
+        got = F.linear(x, weight.double(), None if bias is None else bias.double())
+    else:
+        conv = CONV[dims]
+        x = randn(2, c_in, *[6] * dims)
+        k1, k2 = (1, kernel) if kind == "pointwise-first" else (kernel, 1)
+        w1, w2 = randn(c_mid, c_in, *[k1] * dims), randn(c_out, c_mid, *[k2] * dims)
+        expected = conv(conv(x, w1, b1), w2, b2)
+        weight, bias = compose_layers(w1, b1, w2, b2, kind)
+        got = conv(x, weight.double(), None if bias is None else bias.double())
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
