@@ -12,8 +12,15 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 
-def test_pruning_benchmark_compares_both_pruners(capsys):
-    pruning = runpy.run_path(str(ROOT / "benchmarks" / "pruning.py"))
+def run_script(name: str, monkeypatch) -> dict:
+    """A benchmark script's globals, imported as `python benchmarks/NAME.py` would: its folder on sys.path (for
+    benchmarks/run.py)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    return runpy.run_path(str(ROOT / "benchmarks" / name))
+
+
+def test_pruning_benchmark_compares_both_pruners(capsys, monkeypatch):
+    pruning = run_script("pruning.py", monkeypatch)
     assert pruning["main"](["resnet-tiny", "--ratios", "0.3", "--rounds", "1", "--limit", "120"]) == 0
     rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| resnet-tiny | 30%")]
     assert {r.split("|")[3].strip() for r in rows} == {"fxopt", "Torch-Pruning"}
@@ -24,9 +31,9 @@ def test_pruning_benchmark_compares_both_pruners(capsys):
         assert reduction >= 0.3 - 0.01, row  # and meet the FLOP target
 
 
-def test_quantization_benchmark_compares_fxopt_with_onnxruntime(capsys):
+def test_quantization_benchmark_compares_fxopt_with_onnxruntime(capsys, monkeypatch):
     pytest.importorskip("sklearn.datasets")
-    quantization = runpy.run_path(str(ROOT / "benchmarks" / "quantization.py"))
+    quantization = run_script("quantization.py", monkeypatch)
     assert quantization["main"](["digits", "--rounds", "1", "--tools", "fxopt", "onnxruntime"]) == 0
     rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
     table = {(tool.strip(), method.strip()): [c.strip() for c in rest] for tool, method, *rest in rows[1:]}

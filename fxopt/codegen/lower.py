@@ -20,6 +20,7 @@ from collections.abc import Callable
 import torch
 import torch.fx as fx
 
+from fxopt.codegen import x86
 from fxopt.errors import CodegenError
 from fxopt.ir.meta import describe_node
 from fxopt.ir.program import attribute_owner
@@ -302,6 +303,40 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     if len(node.args) > index:
         return node.args[index]
     return node.kwargs.get(name, default)
+
+
+@register_lowering(aten.linear.default)
+def _linear(node: fx.Node, importer) -> object:
+    """``linear`` of float32 values by a constant weight on an AVX2 CPU: one call of
+    :func:`fxopt.codegen.x86.dense_f32` over the activation's rows, the weight packed into panels by Relax ops
+    that the build folds into a constant (or lifts into an export's weight transform). Anything else as TVM lowers
+    it."""
+    from tvm import relax
+
+    x, weight = node.args[0], node.args[1]
+    bias = node.args[2] if len(node.args) > 2 else None
+    values = [a.meta["val"] for a in (x, weight, bias) if isinstance(a, fx.Node)]
+    out_features, in_features = weight.meta["val"].shape
+    if not (
+        x86.has_avx2(importer.target)
+        and weight.op == "get_attr"
+        and all(v.dtype == torch.float32 for v in values)
+        and out_features % x86.DENSE_PANEL == 0
+    ):
+        return importer._linear(node)
+    bb = importer.block_builder
+    rows = x.meta["val"].numel() // in_features
+    panels = relax.op.reshape(importer.env[weight], [out_features // x86.DENSE_PANEL, x86.DENSE_PANEL, in_features])
+    packed = bb.emit(relax.op.permute_dims(panels, [0, 2, 1]))
+    kernel = x86.dense_f32(rows, in_features, out_features)
+    kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
+    args = [
+        bb.emit(relax.op.reshape(importer.env[x], [rows, in_features])),
+        packed,
+        to_relax_constant(torch.zeros(out_features)) if bias is None else importer.env[bias],
+    ]
+    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, out_features], "float32")))
+    return bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
 
 
 @register_lowering(aten.cumsum.default)

@@ -13,6 +13,13 @@ are sign-extended once per call: widening inside the tiles cost 40%). Measured h
 faster than PyTorch's MKL float GEMM, and it is exact. A tile (4 rows x 16 outputs)
 keeps its 8 accumulators in registers; the epilogue (zero-point correction, scales, bias) runs on the tile
 while it is hot, so the int32 result never reaches memory.
+
+**float32 linear on AVX2** (:func:`dense_f32`). The weight is packed at build time into panels of 16 output
+channels (``[N/16, K, 16]``); a tile of 6 rows x 16 columns keeps its 12 accumulators in ymm registers, with the
+panel's two weight vectors and one broadcast activation, one FMA per accumulator per step of K; tiles run on
+both cores, panels outermost so a panel stays in cache while the rows stream past it; the bias is added on the
+tile. Measured here (2-core Zen 3, BERT-base's 128x768x{768,3072}, 128x3072x768, 1x768x3072; 2 threads,
+``benchmarks/gemm.py``) it runs 1.3-2.3x faster than PyTorch's MKL, about 150 GFLOP/s.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ import torch
 
 from fxopt.targets import Target, host_cpu
 
-__all__ = ["has_avx2", "pack_int8_weight", "int8_linear"]
+__all__ = ["has_avx2", "pack_int8_weight", "int8_linear", "DENSE_PANEL", "pack_dense_weight", "dense_f32"]
 
 _INTRINSIC = "fxopt_avx2_dot_8x2_i16"
 _LANES = 8  # int32 lanes of a 256-bit register: output channels per intrinsic call
@@ -151,4 +158,61 @@ def int8_linear(rows: int, in_features: int, out_features: int, per_row_activati
     widen_rows, widen_columns = sch.get_loops(widen)
     sch.parallel(widen_rows)
     sch.vectorize(widen_columns)
+    return sch.mod["main"].with_attr({"tir.is_scheduled": True, "op_pattern": 8})  # 8: opaque, never fused
+
+
+#: fp32 GEMM on AVX2 (16 ymm registers): a tile of rows x 16 columns (two 8-float vectors) keeps its accumulators,
+#: the panel's two weight vectors and one broadcast activation in registers. Vectors are whole ymm registers: a
+#: 24-wide vector is legal TIR, but LLVM splits it lane by lane.
+DENSE_PANEL = 16
+_DENSE_LANES = 8
+
+
+def pack_dense_weight(weight: torch.Tensor) -> torch.Tensor:
+    """``[N, K]`` float32 → ``[N/16, K, 16]``: each panel's 16 output channels side by side along K, so the
+    micro-kernel reads one contiguous 64-byte row of the panel per step of K."""
+    out_features, in_features = weight.shape
+    return weight.float().reshape(out_features // DENSE_PANEL, DENSE_PANEL, in_features).permute(0, 2, 1).contiguous()
+
+
+def dense_f32(rows: int, in_features: int, out_features: int):
+    """The scheduled PrimFunc ``out[m, n] = sum_k x[m, k] * w[n, k] + bias[n]`` (``linear``), float32.
+
+    Parameters, in order: ``x`` ``[rows, in]``; the packed weight (:func:`pack_dense_weight`); ``bias``
+    ``[out]``; the result ``[rows, out]``. Needs ``out_features`` a multiple of :data:`DENSE_PANEL`.
+    """
+    from tvm import s_tir, te
+
+    panels = out_features // DENSE_PANEL
+    x = te.placeholder((rows, in_features), "float32", name="x")
+    packed = te.placeholder((panels, in_features, DENSE_PANEL), "float32", name="packed")
+    bias = te.placeholder((out_features,), "float32", name="bias")
+    k = te.reduce_axis((0, in_features), "k")
+    acc = te.compute(
+        (rows, panels, DENSE_PANEL),
+        lambda m, panel, lane: te.sum(x[m, k] * packed[panel, k, lane], axis=k),
+        name="acc",
+    )
+    out = te.compute((rows, out_features), lambda m, n: acc[m, n // DENSE_PANEL, n % DENSE_PANEL] + bias[n], name="out")
+    func = te.create_prim_func([x, packed, bias, out])
+
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("acc")
+    m, panel, lane, k_loop = sch.get_loops(block)
+    tile_rows = min(6, rows)  # 12 accumulators of 16 registers; a partial last tile is predicated
+    m_outer, m_inner = sch.split(m, [None, tile_rows])
+    vector, lane_inner = sch.split(lane, [None, _DENSE_LANES])
+    # Panels outermost: one panel (K x 16 floats) stays in L1/L2 while every row tile streams past it.
+    sch.reorder(panel, m_outer, k_loop, m_inner, vector, lane_inner)
+    tile = sch.fuse(panel, m_outer)
+    epilogue = sch.get_sblock("out")
+    sch.reverse_compute_at(epilogue, tile)
+    sch.set_scope(block, 0, "local")
+    sch.parallel(tile)
+    sch.unroll(m_inner)
+    sch.unroll(vector)
+    sch.vectorize(lane_inner)
+    init = sch.decompose_reduction(block, k_loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.vectorize(sch.get_loops(epilogue)[-1])
     return sch.mod["main"].with_attr({"tir.is_scheduled": True, "op_pattern": 8})  # 8: opaque, never fused

@@ -3,9 +3,13 @@
 Bound: fxopt's default Tolerance (1e-5 + 1e-4 * max|reference|, float32); integer results must match exactly.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fxopt import capture
 from fxopt.codegen import build, x86
@@ -52,6 +56,7 @@ def test_every_override_is_tested_here():
         "fxopt::conv_q",
         "fxopt::linear_wq",
         "aten::gelu",
+        "aten::linear",
         "aten::layer_norm",
     }
     assert {op.name() for op in OVERRIDES} == tested
@@ -162,6 +167,43 @@ def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias
     assert [k[1:3] for k in kernels] == [(24, 48), (48, 16)]  # (in, out) features of up and down
     worst, _, failing = compare_outputs(executable.module.run_flat(), quantized.run_flat(), Tolerance())
     assert failing is None, f"max abs error {worst}"
+
+
+real_dense_f32 = x86.dense_f32
+
+
+@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
+@settings(max_examples=12, deadline=None)
+@given(
+    st.lists(st.integers(1, 7), min_size=1, max_size=3),
+    st.integers(1, 70),
+    st.sampled_from([16, 32, 48]),
+    st.booleans(),
+    st.integers(0, 2**16),
+)
+def test_float_linear_on_avx2_is_the_hand_scheduled_gemm(rows, in_features, out_features, bias, seed):
+    # Any leading dims (flattened into rows, a partial last row tile), any K, output panels of 16.
+    kernels = []
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(in_features, out_features, bias=bias)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(x86, "dense_f32", lambda *args: kernels.append(args) or real_dense_f32(*args))
+        program, executable = tvm_build(lambda x: layer(x), torch.randn(*rows, in_features))
+    assert executable.backend == "tvm" and kernels == [(math.prod(rows), in_features, out_features)]
+    worst, _, failing = compare_outputs(executable.module.run_flat(), program.run_flat(), Tolerance())
+    assert failing is None, f"max abs error {worst}"
+
+
+@pytest.mark.parametrize("shape", ["panel", "computed weight"])
+def test_linear_the_gemm_does_not_take_is_lowered_as_tvm_does(shape, monkeypatch):
+    kernels = []
+    monkeypatch.setattr(x86, "dense_f32", lambda *args: kernels.append(args) or real_dense_f32(*args))
+    if shape == "panel":  # 20 outputs: not whole panels of 16
+        layer = torch.nn.Linear(8, 20)
+        assert_matches_torch(lambda x: layer(x), torch.randn(3, 8))
+    else:
+        assert_matches_torch(lambda x, w: F.linear(x, w * 2), torch.randn(3, 8), torch.randn(16, 8))
+    assert kernels == []
 
 
 def test_a_reduction_over_unit_loops_is_not_scheduled_as_elementwise():
