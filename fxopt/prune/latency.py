@@ -52,8 +52,11 @@ def snap_to_latency(
             continue
         widths = sorted({kept, size} | {w for s in _SNAP_STEPS if (w := -(-kept // s) * s) < size and w % c.step == 0})
         timings = {w: _time_layers(cost, layers, {**snapped, c.group.space: w}) for w in widths}
-        fastest = min(timings.values())
-        best = max(w for w, t in timings.items() if t <= fastest * (1 + _NOISE) and (restore or w < size))
+        # Without restore the unpruned width is not a choice, so it does not set the pace either: when it alone
+        # measured fastest, nothing else was within the noise of it and there was no width to pick.
+        allowed = {w: t for w, t in timings.items() if restore or w < size}
+        fastest = min(allowed.values())
+        best = max(w for w, t in allowed.items() if t <= fastest * (1 + _NOISE))
         if best != kept:
             snapped[c.group.space] = best
             if best == size:
