@@ -100,6 +100,7 @@ class PassContext:
     def rewrite(self, program: Program, rules: Iterable[Rule]) -> bool:
         """Apply ``rules`` with :func:`fxopt.ir.rewrite`: each rule's hits counted under its name, each
         :class:`~fxopt.ir.Skip` noted against its node. Whether anything changed."""
+        rules = tuple(rules)  # read twice: by the driver, then for the fired rules' locations
         hits = rewrite(
             program,
             rules,
