@@ -11,36 +11,15 @@ units x vector lanes x 2 FLOP x the clock: sysfs's maximum, else /proc/cpuinfo's
 import argparse
 import os
 import sys
-from pathlib import Path
 
 import torch
-from run import measure  # benchmarks/run.py, beside this script (sys.path[0])
+from run import fma_peak, measure  # benchmarks/run.py, beside this script (sys.path[0])
 
 from fxopt.codegen import x86
 from fxopt.codegen.runtime import to_tvm
 from fxopt.targets import host_cpu, parse_target
 
 SHAPES = [(128, 768, 768), (128, 768, 3072), (128, 3072, 768), (1, 768, 3072)]
-
-
-def clock_hz() -> float | None:
-    """The CPU's maximum clock from sysfs, else the clock /proc/cpuinfo reports (virtual machines often show
-    only that), else None."""
-    try:
-        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) * 1e3
-    except (OSError, ValueError):
-        pass
-    try:
-        mhz = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("cpu MHz"))
-        return float(mhz.split(":")[1]) * 1e6
-    except (OSError, StopIteration, ValueError):
-        return None
-
-
-def fma_peak(threads: int) -> float | None:
-    """FLOP/s of ``threads`` cores: 2 FMA units x float32 lanes x 2 FLOP per cycle each, at :func:`clock_hz`."""
-    hertz = clock_hz()
-    return None if hertz is None else threads * 2 * (host_cpu().vector_bits // 32) * 2 * hertz
 
 
 def kernel_runner(rows: int, in_features: int, out_features: int, x, weight, bias):

@@ -1,8 +1,9 @@
-"""Side-by-side latency: PyTorch eager, torch.compile, ONNX Runtime and fxopt, in one process.
+"""Side-by-side latency: PyTorch eager, torch.compile, ONNX Runtime, OpenVINO and fxopt, in one process.
 
 Each round times every runner in turn in a warm block of calls (so machine
 noise hits every runner alike, and no runner pays for the one before it); the
-table reports medians over rounds and ratios to eager.
+table reports medians over rounds, ratios to eager, and GFLOP/s (the model's
+FLOPs, counted by PyTorch's flop counter, per second) beside the CPU's FMA peak.
 
     python benchmarks/run.py resnet50 bert --rounds 30 --target cpu
     python benchmarks/run.py resnet-tiny --rounds 5      # a quick smoke run
@@ -11,6 +12,7 @@ table reports medians over rounds and ratios to eager.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -23,6 +25,7 @@ import torch.utils._pytree as pytree
 
 import fxopt
 from fxopt.loading import load_model
+from fxopt.targets import host_cpu
 from fxopt.timing import time_call
 from fxopt.zoo import ZOO
 
@@ -62,7 +65,9 @@ def make_runners(
 
     add("eager", lambda: lambda: model(*inputs))
     add("torch.compile", lambda: (lambda compiled: lambda: compiled(*inputs))(torch.compile(model)))
+    add("torch.compile(freezing)", lambda: _compiled_frozen(model, inputs))
     add("onnxruntime", lambda: _onnxruntime(model, inputs))
+    add("openvino", lambda: _openvino(model, inputs))
     # The optimized graph run by PyTorch: what the passes alone (BatchNorm folding, ...) change.
     add("fxopt(torch)", lambda: fxopt_runner("fxopt(torch)", "torch", None))
     for budget in (None, tune) if tune else (None,):
@@ -85,6 +90,54 @@ def _onnxruntime(model: torch.nn.Module, inputs: tuple) -> Runner:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = {i.name: t.numpy() for i, t in zip(session.get_inputs(), pytree.tree_leaves(inputs))}
     return lambda: session.run(None, feed)
+
+
+def _compiled_frozen(model: torch.nn.Module, inputs: tuple) -> Runner:
+    """Inductor with ``freezing``: weights folded in as constants, the layout-optimized inference mode."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(model)
+    with inductor_config.patch(freezing=True), torch.no_grad():
+        compiled(*inputs)  # compiles here, frozen
+    return lambda: compiled(*inputs)
+
+
+def _openvino(model: torch.nn.Module, inputs: tuple) -> Runner:
+    import openvino as ov
+
+    compiled = ov.compile_model(ov.convert_model(model, example_input=inputs), "CPU")
+    request = compiled.create_infer_request()
+    feed = [t.numpy() for t in pytree.tree_leaves(inputs)]
+    return lambda: request.infer(feed)
+
+
+def clock_hz() -> float | None:
+    """The CPU's maximum clock from sysfs, else the clock /proc/cpuinfo reports (virtual machines often show
+    only that), else None."""
+    try:
+        return int(Path("/sys/devices/system/cpu/cpu0/cpufreq/cpuinfo_max_freq").read_text()) * 1e3
+    except (OSError, ValueError):
+        pass
+    try:
+        mhz = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("cpu MHz"))
+        return float(mhz.split(":")[1]) * 1e6
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def fma_peak(threads: int) -> float | None:
+    """FLOP/s of ``threads`` cores: 2 FMA units x float32 lanes x 2 FLOP per cycle each, at :func:`clock_hz`."""
+    hertz = clock_hz()
+    return None if hertz is None else threads * 2 * (host_cpu().vector_bits // 32) * 2 * hertz
+
+
+def model_flops(model: torch.nn.Module, inputs: tuple) -> int:
+    """FLOPs of one call, as PyTorch's flop counter counts them (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(*inputs)
+    return counter.get_total_flops()
 
 
 def measure(runners: dict[str, Runner], rounds: int, block_seconds: float = 0.2) -> dict[str, float]:
@@ -119,20 +172,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     torch.set_num_threads(torch.get_num_threads())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of warm blocks")
+    peak = fma_peak(len(os.sched_getaffinity(0)))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of warm blocks; "
+        f"CPU {host_cpu()}, FMA peak " + (f"{peak / 1e9:.0f} GFLOP/s" if peak else "unknown")
+    )
     for name in args.models:
         try:
             model, inputs = load_model(name)
         except fxopt.FxoptError as exc:
             parser.error(str(exc))
+        flops = model_flops(model, inputs)
         runners, failures, notes = make_runners(model, inputs, args.target, args.tune)
         medians = measure(runners, args.rounds)
         eager = medians.get("eager")
-        print(f"\n{name}")
-        print(f"  {'runner':<28} {'median ms':>10} {'/ eager':>8}")
+        print(f"\n{name} ({flops / 1e9:.2f} GFLOP per call)")
+        print(f"  {'runner':<28} {'median ms':>10} {'/ eager':>8} {'GFLOP/s':>8}")
         for runner, seconds in medians.items():
             ratio = f"{seconds / eager:.2f}x" if eager else "-"
-            print(f"  {runner:<28} {seconds * 1e3:>10.2f} {ratio:>8}")
+            print(f"  {runner:<28} {seconds * 1e3:>10.2f} {ratio:>8} {flops / seconds / 1e9:>8.1f}")
         for runner, reason in failures.items():
             print(f"  {runner:<28} failed: {reason}")
         for runner, note in notes.items():

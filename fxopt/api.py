@@ -249,6 +249,11 @@ class OptimizedModel(torch.nn.Module):
         return self._last
 
     @property
+    def executable(self) -> Executable:
+        """The most recent build: what runs (``executable.module``), its segments and kernels."""
+        return self._latest()[0]
+
+    @property
     def graph_module(self) -> torch.fx.GraphModule:
         """The optimized ATen-level graph of the most recent build."""
         return self._latest()[0].program.graph_module

@@ -85,3 +85,16 @@ def test_gpu_check_dry_run_packages_a_cuda_export_and_runs_it_on_the_tvm_runtime
     assert checked["check"].startswith("matches eager PyTorch"), checked
     assert set(checked["timing"]) == {"eager", "torch.compile", "fxopt"}
     assert "| gpt2-tiny-float32-b1 | matches" in (out / "gpu_check.md").read_text()
+
+
+def test_latency_benchmark_times_every_peer_in_one_run(capsys, monkeypatch):
+    run = run_script("run.py", monkeypatch)
+    assert run["main"](["bert-tiny", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "failed" not in out, out
+    rows = {
+        line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ") and "ms" not in line
+    }
+    for runner in ["eager", "torch.compile", "torch.compile(freezing)", "onnxruntime", "openvino", "fxopt(cpu)"]:
+        milliseconds, ratio, gflops = rows[runner]
+        assert float(milliseconds) > 0 and ratio.endswith("x") and float(gflops) > 0, (runner, rows[runner])

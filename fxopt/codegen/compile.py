@@ -62,8 +62,8 @@ def relax_pipeline(target: Target, database_dir: Path | None):
 
 
 def cpu_injective():
-    """DLight rule for elementwise and data-movement kernels on CPUs: producers inlined into the output, its loops
-    fused, split into a parallel loop over cores and a vectorized inner loop of one register's lanes."""
+    """DLight rule for elementwise and data-movement kernels on CPUs: producers inlined into the outputs, each
+    output's loops fused, split into a parallel loop over cores and a vectorized inner loop of one register's lanes."""
     from tvm import s_tir, tirx
     from tvm.s_tir import dlight as dl
     from tvm.target.codegen import llvm_get_vector_width
@@ -78,22 +78,22 @@ def cpu_injective():
         # init would be inlined away: computed wrongly before this check (tests/property/test_equivalence.py).
         if blocks is None or not all(b.is_injective() and sch.get(b.block_rv).init is None for b in blocks):
             return None
+        # What is left after inlining writes the outputs (a split writes several), each in its own loop nest.
         blocks = dl.try_inline(sch, blocks)
-        if len(blocks) != 1:
-            return None
-        loops = sch.get_loops(blocks[0].block_rv)
-        if not loops:
-            return None
-        fused = sch.fuse(*loops)
-        extent = sch.get(fused).extent
-        write = sch.get(blocks[0].block_rv).writes[0].source
-        lanes = max(2, max(llvm_get_vector_width(target), 128) // write.dtype.bits)
-        if isinstance(extent, tirx.IntImm) and extent.value % lanes == 0 and extent.value > lanes:
-            outer, inner = sch.split(fused, [None, lanes])
-            sch.parallel(outer)
-            sch.vectorize(inner)
-        else:
-            sch.parallel(fused)
+        for block in blocks:
+            loops = sch.get_loops(block.block_rv)
+            if not loops:
+                return None
+            fused = sch.fuse(*loops)
+            extent = sch.get(fused).extent
+            write = sch.get(block.block_rv).writes[0].source
+            lanes = max(2, max(llvm_get_vector_width(target), 128) // write.dtype.bits)
+            if isinstance(extent, tirx.IntImm) and extent.value % lanes == 0 and extent.value > lanes:
+                outer, inner = sch.split(fused, [None, lanes])
+                sch.parallel(outer)
+                sch.vectorize(inner)
+            else:
+                sch.parallel(fused)
         return sch
 
     return injective

@@ -407,7 +407,8 @@ def _crms_norm(node: fx.Node, importer) -> object:
 
 @register_lowering(aten.scaled_dot_product_attention.default)
 def _sdpa(node: fx.Node, importer) -> object:
-    """Spelled out as matmul-softmax-matmul.
+    """Float32 4-D attention on an AVX2 CPU: one :func:`fxopt.codegen.x86.attention_f32` kernel, the masks (bool,
+    additive, causal) turned into one additive mask first. Anything else spelled out as matmul-softmax-matmul.
 
     TVM's own rule rejects boolean masks (every ``transformers`` model passes
     one), ignores ``scale`` and ``enable_gqa``; this one handles all three and
@@ -429,13 +430,30 @@ def _sdpa(node: fx.Node, importer) -> object:
         k = bb.emit(relax.op.repeat(k, repeats, axis=-3))
         v = bb.emit(relax.op.repeat(v, repeats, axis=-3))
     scale = 1.0 / math.sqrt(q_val.shape[-1]) if scale is None else scale
+    length, source = q_val.shape[-2], k_val.shape[-2]
+    neg_inf = relax.const(float("-inf"), dtype)
+    float32 = all(a.meta["val"].dtype == torch.float32 for a in node.args[:3])
+    if x86.has_avx2(importer.target) and q_val.dim() == 4 and float32:
+        bias = None
+        if mask is not None:
+            m = importer.env[mask]
+            bias = bb.emit(relax.op.where(m, relax.const(0.0), neg_inf)) if mask.meta["val"].dtype == torch.bool else m
+        if is_causal:
+            causal = to_relax_constant(torch.full((length, source), float("-inf")).triu(1))
+            bias = causal if bias is None else bb.emit(relax.op.add(bias, causal))
+        mask_shape = [1, 1, *(mask.meta["val"].shape if mask is not None else ())][-4:]
+        bias_shape = [q_val.shape[0] if mask_shape[0] > 1 else 1, q_val.shape[1] if mask_shape[1] > 1 else 1]
+        bias_shape += [length, source]
+        bias = to_relax_constant(torch.zeros(bias_shape)) if bias is None else bias
+        bias = bb.emit(relax.op.broadcast_to(bias, bias_shape))
+        kernel = x86.attention_f32(*q_val.shape[:3], source, q_val.shape[3], tuple(bias_shape), scale)
+        kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
+        return bb.emit(relax.call_tir(kernel, [q, k, v, bias], relax.TensorType(list(q_val.shape), "float32")))
     axes = list(range(k_val.dim()))
     axes[-1], axes[-2] = axes[-2], axes[-1]
     scores = bb.emit(relax.op.matmul(q, bb.emit(relax.op.permute_dims(k, axes))))
     scores = bb.emit(relax.op.multiply(scores, relax.const(scale, dtype)))
-    neg_inf = relax.const(float("-inf"), dtype)
     if is_causal:
-        length, source = q_val.shape[-2], k_val.shape[-2]
         causal = torch.ones(length, source, dtype=torch.bool).tril()
         scores = bb.emit(relax.op.where(to_relax_constant(causal), scores, neg_inf))
     if mask is not None:

@@ -83,6 +83,7 @@ class TVMFunction(torch.nn.Module):
     graph, or None. TVM returns contiguous tensors; where PyTorch's differ
     (attention's output is a transpose of a contiguous buffer), the output is
     laid out like PyTorch's, because ops after it (``view``) may depend on it.
+    Outputs only TVM reads need no layout (``strides[i] = None``): the next kernel takes them contiguous.
     ``after_inputs``: TVM tensors passed after every call's arguments (an export's weights).
     """
 
@@ -93,14 +94,14 @@ class TVMFunction(torch.nn.Module):
         self.function = function
         self._vm = vm
         self._call = vm[function]
-        self._strides = strides
+        self.strides = strides
         self._after_inputs = after_inputs or []
 
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = tuple(torch.from_dlpack(o) for o in self._call(*[to_tvm(a) for a in args], *self._after_inputs))
-        if self._strides is None:
+        if self.strides is None:
             return outputs
-        return tuple(_laid_out(o, s) for o, s in zip(outputs, self._strides))
+        return tuple(_laid_out(o, s) for o, s in zip(outputs, self.strides))
 
     def extra_repr(self) -> str:
         return f"function={self.function!r}"

@@ -20,6 +20,14 @@ panel's two weight vectors and one broadcast activation, one FMA per accumulator
 both cores, panels outermost so a panel stays in cache while the rows stream past it; the bias is added on the
 tile. Measured here (2-core Zen 3, BERT-base's 128x768x{768,3072}, 128x3072x768, 1x768x3072; 2 threads,
 ``benchmarks/gemm.py``) it runs 1.3-2.3x faster than PyTorch's MKL, about 150 GFLOP/s.
+
+**float32 attention on AVX2** (:func:`attention_f32`). TVM's generic lowering of ``scaled_dot_product_attention``
+(two batched matmuls and a softmax, each a naive loop nest) took 36 ms on one BERT-base layer's heads, 50x
+PyTorch. This kernel computes a tile of query rows start to end on one core: the scores of the tile against every
+key (a rows x 16 register tile over K transposed once per call, so keys run along vector lanes), the additive
+mask, the row maximum, ``exp`` as a polynomial (LLVM makes ``expf`` a scalar libm call), the row sums and the
+probabilities times V (the same register tile), so the scores never leave L1. Measured here (2-core Zen 3, BERT's
+12 heads x 128 x 64) it runs at PyTorch's speed, 0.5 ms.
 """
 
 from __future__ import annotations
@@ -30,7 +38,15 @@ import torch
 
 from fxopt.targets import Target, host_cpu
 
-__all__ = ["has_avx2", "pack_int8_weight", "int8_linear", "DENSE_PANEL", "pack_dense_weight", "dense_f32"]
+__all__ = [
+    "has_avx2",
+    "pack_int8_weight",
+    "int8_linear",
+    "DENSE_PANEL",
+    "pack_dense_weight",
+    "dense_f32",
+    "attention_f32",
+]
 
 _INTRINSIC = "fxopt_avx2_dot_8x2_i16"
 _LANES = 8  # int32 lanes of a 256-bit register: output channels per intrinsic call
@@ -216,3 +232,97 @@ def dense_f32(rows: int, in_features: int, out_features: int):
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(epilogue)[-1])
     return sch.mod["main"].with_attr({"tir.is_scheduled": True, "op_pattern": 8})  # 8: opaque, never fused
+
+
+def attention_f32(batch: int, heads: int, length: int, source: int, dim: int, bias_shape: tuple, scale: float):
+    """The scheduled PrimFunc ``out = softmax(q @ k.T * scale + bias) @ v`` per batch and head, float32.
+
+    Parameters, in order: ``q`` ``[batch, heads, length, dim]``; ``k`` and ``v`` ``[batch, heads, source, dim]``;
+    the additive mask ``bias`` ``[1 or batch, 1 or heads, length, source]`` (``-inf`` where a key is masked out);
+    the result ``[batch, heads, length, dim]``. A row whose keys are all masked out gives zeros, as in PyTorch.
+    """
+    import tvm
+    from tvm import s_tir, te, topi
+
+    q = te.placeholder((batch, heads, length, dim), "float32", name="q")
+    k = te.placeholder((batch, heads, source, dim), "float32", name="k")
+    v = te.placeholder((batch, heads, source, dim), "float32", name="v")
+    bias = te.placeholder(bias_shape, "float32", name="bias")
+    per_batch, per_head = bias_shape[0] > 1, bias_shape[1] > 1
+    keys = te.compute((batch, heads, dim, source), lambda b, h, c, t: k[b, h, t, c], name="keys")
+    c = te.reduce_axis((0, dim), "c")
+    dot = te.compute(
+        (batch, heads, length, source),
+        lambda b, h, i, t: te.sum(q[b, h, i, c] * keys[b, h, c, t], axis=c),
+        name="dot",
+    )
+    scores = te.compute(
+        dot.shape,
+        lambda b, h, i, t: dot[b, h, i, t] * scale + bias[b if per_batch else 0, h if per_head else 0, i, t],
+        name="scores",
+    )
+    # The maximum starts at -inf (te.max's identity is the lowest finite float): a fully masked row stays -inf.
+    maximum = te.comm_reducer(lambda x, y: te.max(x, y), lambda dtype: tvm.tirx.const(float("-inf"), dtype))
+    t = te.reduce_axis((0, source), "t")
+    top = te.compute((batch, heads, length), lambda b, h, i: maximum(scores[b, h, i, t], axis=t), name="top")
+    shifted = te.compute(dot.shape, lambda b, h, i, t: scores[b, h, i, t] - top[b, h, i], name="shifted")
+    weights = topi.fast_exp(shifted)
+    t = te.reduce_axis((0, source), "t")
+    total = te.compute((batch, heads, length), lambda b, h, i: te.sum(weights[b, h, i, t], axis=t), name="total")
+    t = te.reduce_axis((0, source), "t")
+    mixed = te.compute(q.shape, lambda b, h, i, c: te.sum(weights[b, h, i, t] * v[b, h, t, c], axis=t), name="mixed")
+    out = te.compute(
+        q.shape,
+        lambda b, h, i, c: te.if_then_else(
+            top[b, h, i] == float("-inf"), tvm.tirx.const(0.0, "float32"), mixed[b, h, i, c] / total[b, h, i]
+        ),
+        name="out",
+    )
+    sch = s_tir.Schedule(te.create_prim_func([q, k, v, bias, out]))
+
+    transpose = sch.get_sblock("keys")
+    *outer, keys_inner = sch.get_loops(transpose)
+    sch.parallel(sch.fuse(*outer))
+    sch.vectorize(keys_inner)
+
+    # One tile of query rows per task; its output in panels of 16 columns.
+    rows = min(6, length)
+    b, h, i, column = sch.get_loops(sch.get_sblock("out"))
+    row_tile, row = sch.split(i, [None, rows])
+    panel, lane = sch.split(column, [None, DENSE_PANEL])
+    sch.reorder(row_tile, panel, row, lane)
+    tile = sch.fuse(b, h, row_tile)
+    sch.parallel(tile)
+    sch.vectorize(lane)
+    _register_tile(sch, sch.get_sblock("mixed"), panel)
+    for name in ("total", "T_fast_exp", "shifted", "top", "scores"):
+        block = sch.get_sblock(name)
+        sch.compute_at(block, tile, preserve_unit_loops=True)
+        sch.set_scope(block, 0, "local")
+    sch.compute_inline(sch.get_sblock("shifted"))
+    sch.vectorize(sch.get_loops(sch.get_sblock("T_fast_exp"))[-1])
+    # The scores in panels of 16 keys, each the register tile of q against the transposed keys.
+    scores_block = sch.get_sblock("scores")
+    tile_row, key = sch.get_loops(scores_block)[-2:]
+    key_panel, key_lane = sch.split(key, [None, DENSE_PANEL])
+    sch.reorder(key_panel, tile_row, key_lane)
+    sch.vectorize(key_lane)
+    _register_tile(sch, sch.get_sblock("dot"), key_panel)
+    return sch.mod["main"].with_attr({"tir.is_scheduled": True, "op_pattern": 8})  # 8: opaque, never fused
+
+
+def _register_tile(sch, block, loop) -> None:
+    """Compute reduction ``block`` under ``loop`` as a rows x 16 tile of accumulators held in ymm registers: the
+    reduction outermost, rows and the two 8-lane vectors unrolled inside it."""
+    sch.compute_at(block, loop, preserve_unit_loops=True)  # the loops below are then always rows, columns, reduction
+    sch.set_scope(block, 0, "local")
+    loops = sch.get_loops(block)
+    depth = next(n for n, enclosing in enumerate(loops, 1) if sch.get(enclosing).same_as(sch.get(loop)))
+    *tile_loops, reduction = loops[depth:]
+    vector, lane = sch.split(tile_loops[-1], [None, _DENSE_LANES])
+    sch.reorder(reduction, *tile_loops[:-1], vector, lane)
+    for unrolled in (*tile_loops[:-1], vector):
+        sch.unroll(unrolled)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(block, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])

@@ -381,3 +381,95 @@ def test_quantized_segment_outputs_may_round_one_step_apart():
     assert compare_outputs([q + 1], [q], Tolerance(), allowance=[1.0])[2] is None
     assert compare_outputs([q + 2], [q], Tolerance(), allowance=[1.0])[2] == 0
     assert compare_outputs([q + 1], [q], Tolerance())[2] == 0
+
+
+class _Unlowerable(torch.nn.Module):
+    """Two TVM runs around an op TVM has no lowering for (erfinv), which PyTorch runs."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = (torch.nn.Linear(16, 16) for _ in range(3))
+
+    def forward(self, x):
+        x = self.b(torch.relu(self.a(x)))
+        return self.c(torch.special.erfinv(torch.tanh(x) * 0.5))
+
+
+def _segment_calls(optimized):
+    from fxopt.codegen.runtime import TVMFunction
+
+    module = optimized.executable.module.graph_module
+    return [
+        n.target
+        for n in module.graph.nodes
+        if n.op == "call_module" and isinstance(module.get_submodule(n.target), TVMFunction)
+    ]
+
+
+@pytest.mark.parametrize("name", ["bert-tiny", "gpt2-tiny"])
+def test_consecutive_tvm_segments_run_as_one_vm_call(name, monkeypatch):
+    from fxopt.codegen.runtime import TVMFunction
+
+    model, args = load_zoo_model(name)
+    optimized = fxopt.optimize(model, args, target="cpu", dispatch="tvm")
+    assert _segment_calls(optimized) == ["chain_0"] and len(optimized.report().segments) > 2
+    assert "as one call (1 call)" in optimized.report().backend_note
+    calls = []
+    real = TVMFunction.forward
+    monkeypatch.setattr(TVMFunction, "forward", lambda self, *a: calls.append(self.function) or real(self, *a))
+    assert_close(optimized(*args), reference(model, args))
+    assert calls == ["chain_0"]
+
+
+def test_an_op_pytorch_runs_ends_a_chain():
+    model, x = _Unlowerable(), torch.randn(4, 16)
+    optimized = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm", pipeline=[])
+    assert _segment_calls(optimized) == ["chain_0", "segment_2"]  # a, b as one call; erfinv; then c
+    assert_close(optimized(x), reference(model, (x,)))
+
+
+@pytest.mark.parametrize("chained_faster", [True, False])
+def test_measured_dispatch_chains_the_segments_only_when_the_whole_model_is_faster(monkeypatch, chained_faster):
+    # Each segment alone is slower in TVM; as one call the whole model is faster, or not.
+    import fxopt.codegen.dispatch as dispatch
+    from fxopt.ir.program import Program
+
+    def timer(fn, args, **kwargs):
+        calls = (
+            [n.target for n in fn.graph_module.graph.nodes if n.op == "call_module"] if isinstance(fn, Program) else []
+        )
+        if any(str(t).startswith("chain_") for t in calls):
+            return 0.5e-3 if chained_faster else 1.5e-3
+        return 1e-3 if not calls else 2e-3
+
+    monkeypatch.setattr(dispatch, "time_call", timer)
+    model, x = _TwinBlocks(), torch.randn(4, 16)
+    optimized = fxopt.optimize(model, (x,), target="cpu", pipeline=[])
+    report = optimized.report()
+    if chained_faster:
+        assert _segment_calls(optimized) == ["chain_0"] and report.latency == (1.0, 0.5)
+        assert all(s.backend == "tvm" and "in TVM with its neighbours" in s.reason for s in report.segments)
+    else:
+        assert report.backend == "torch" and _segment_calls(optimized) == []
+    assert_close(optimized(x), reference(model, (x,)))
+
+
+def test_outputs_only_tvm_reads_are_not_laid_out_for_pytorch(monkeypatch):
+    # GPT-2's Q/K/V leave their segment as permuted views; attention in TVM takes them contiguous, so laying them
+    # out for PyTorch first would be a PyTorch copy between two TVM calls. Segments called one by one here.
+    import fxopt.codegen
+
+    monkeypatch.setattr(fxopt.codegen, "find_chains", lambda parent, segments: [])
+    model, args = load_zoo_model("gpt2-tiny")
+    optimized = fxopt.optimize(model, args, target="cpu", dispatch="tvm")
+    parent = optimized.executable.module.graph_module
+    read_by_tvm_only = [
+        (parent.get_submodule(call.target).strides[item.args[1]], item.meta["val"])
+        for call in parent.graph.find_nodes(op="call_module")
+        for item in call.users
+        if all(user.op == "call_module" for user in item.users)
+    ]
+    assert any(not value.is_contiguous() for _, value in read_by_tvm_only)  # permuted views among them
+    assert all(strides is None for strides, _ in read_by_tvm_only)
+    assert_close(optimized(*args), reference(model, args))

@@ -194,6 +194,39 @@ def test_float_linear_on_avx2_is_the_hand_scheduled_gemm(rows, in_features, out_
     assert failing is None, f"max abs error {worst}"
 
 
+real_attention_f32 = x86.attention_f32
+
+
+@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled attention is for AVX2 CPUs")
+@settings(max_examples=10, deadline=None)
+@given(
+    st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 13), st.integers(1, 19), st.integers(1, 40)),
+    st.sampled_from(["none", "bool", "float", "causal", "causal+bool"]),
+    st.sampled_from([(1, 1), (2, 1), (2, 3), (0, 0)]),  # the mask's own batch and head dims (0: a 2-D mask)
+    st.integers(0, 2**16),
+)
+def test_float_attention_on_avx2_is_the_hand_scheduled_kernel(shape, mask_kind, mask_dims, seed):
+    # Tiles of 6 query rows and 16 columns: partial tiles, one row (decoding), keys fewer than a panel; masked-out
+    # rows (all keys masked) give zeros as in PyTorch.
+    batch, heads, length, source, dim = shape
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, dim, generator=generator)
+    k, v = (torch.randn(batch, heads, source, dim, generator=generator) for _ in range(2))
+    mask_shape = [min(d, n) for d, n in zip(mask_dims, (batch, heads)) if d] + [length, source]
+    kwargs = {"scale": 0.3, "is_causal": mask_kind.startswith("causal")}
+    if "bool" in mask_kind:
+        kwargs["attn_mask"] = torch.rand(mask_shape, generator=generator) > 0.3
+    elif mask_kind == "float":
+        kwargs["attn_mask"] = torch.randn(mask_shape, generator=generator)
+    kernels = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(x86, "attention_f32", lambda *args: kernels.append(args) or real_attention_f32(*args))
+        program, executable = tvm_build(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, **kwargs), q, k, v)
+    assert executable.backend == "tvm" and [args[:5] for args in kernels] == [(batch, heads, length, source, dim)]
+    worst, _, failing = compare_outputs(executable.module.run_flat(), program.run_flat(), Tolerance())
+    assert failing is None, f"max abs error {worst}"
+
+
 @pytest.mark.parametrize("shape", ["panel", "computed weight"])
 def test_linear_the_gemm_does_not_take_is_lowered_as_tvm_does(shape, monkeypatch):
     kernels = []
@@ -214,6 +247,14 @@ def test_a_reduction_over_unit_loops_is_not_scheduled_as_elementwise():
 
 def test_elementwise_kernels_get_parallel_vector_schedules_on_cpu():
     program, executable = tvm_build(lambda x: torch.relu(x * 2 + 1), torch.randn(64, 256))
+    source = executable.kernel_source("ll")
+    assert "__tvm_parallel_lambda" in source and ("<8 x float>" in source or "<16 x float>" in source)
+
+
+def test_kernels_writing_several_outputs_get_parallel_vector_schedules_on_cpu():
+    # A split (BERT's fused Q/K/V projection into three heads) is one kernel with an output per part: left
+    # unscheduled it ran as one thread of scalar loops.
+    program, executable = tvm_build(lambda x: (x * 2).split(64, -1), torch.randn(64, 192))
     source = executable.kernel_source("ll")
     assert "__tvm_parallel_lambda" in source and ("<8 x float>" in source or "<16 x float>" in source)
 
