@@ -54,7 +54,8 @@ def relax_pipeline(target: Target, database_dir: Path | None):
                 rules = (dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction())
                 passes.append(dl.ApplyDefaultSchedule(*map(_declining_on_error, rules), dl.gpu.Fallback()))
             else:
-                passes.append(dl.ApplyDefaultSchedule(*map(_declining_on_error, (dl.cpu.Reduction(), cpu_injective()))))
+                rules = (_lane_sums_vectorized(dl.cpu.Reduction()), cpu_injective())
+                passes.append(dl.ApplyDefaultSchedule(*map(_declining_on_error, rules)))
             passes += backend.dataflow_lower_passes(tvm_target) + backend.finalize_passes(tvm_target)
             return tvm.transform.Sequential(passes)(mod)
 
@@ -97,6 +98,35 @@ def cpu_injective():
         return sch
 
     return injective
+
+
+#: Suffix of the blocks that sum a row in interleaved partial sums, one per vector lane (fxopt.codegen.lower's
+#: layer norm): their lane loop goes innermost and is vectorized.
+LANE_SUMS = "_lanes"
+
+
+def _lane_sums_vectorized(rule):
+    """DLight's CPU reduction rule, then each partial-sums block's lane loop moved inside its reduction loops and
+    vectorized: the sums advance together in one register (DLight leaves the lanes outermost, one serial chain
+    of adds after another)."""
+    from tvm import s_tir, tirx
+    from tvm.s_tir import dlight as dl
+
+    @dl.ScheduleRule.from_callable(f"lane-sums-{type(rule).__name__}")
+    def vectorized(func, target, tunable):
+        blocks = dl.normalize_prim_func(s_tir.Schedule(func)) if isinstance(func, tirx.PrimFunc) else None
+        sch = rule.apply(func, target, tunable)
+        if sch is None or isinstance(sch, list) or blocks is None:
+            return sch
+        for name in [b.name for b in blocks if b.name.endswith(LANE_SUMS)]:
+            block = sch.get_sblock(name)
+            *_, lane, chunk, chunk_inner = sch.get_loops(block)
+            sch.reorder(chunk, chunk_inner, lane)
+            sch.vectorize(lane)
+            sch.set_scope(block, 0, "local")  # one row's sums: a register, not a store and reload per step
+        return sch
+
+    return vectorized
 
 
 def _declining_on_error(rule):

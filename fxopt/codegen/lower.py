@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.codegen import x86
+from fxopt.codegen.compile import LANE_SUMS
 from fxopt.errors import CodegenError
 from fxopt.ir.meta import describe_node
 from fxopt.ir.program import attribute_owner
@@ -139,6 +140,7 @@ def _segment_importer():
         def __init__(self, target: Target | None):
             super().__init__()
             self.target = target
+            self.applied_activations: set[fx.Node] = set()  # activations a kernel before them applied on its tile
             self.block_builder = relax.BlockBuilder()
             for op, fn in OVERRIDES.items():
                 self.convert_map[op.__name__] = (lambda f: lambda node: f(node, self))(fn)
@@ -307,28 +309,58 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 
 @register_lowering(aten.linear.default)
 def _linear(node: fx.Node, importer) -> object:
-    """``linear`` of float32 values by a constant weight on an AVX2 CPU: one call of
-    :func:`fxopt.codegen.x86.dense_f32` over the activation's rows, the weight packed into panels by Relax ops
-    that the build folds into a constant (or lifts into an export's weight transform). Anything else as TVM lowers
-    it."""
+    """``linear`` of float32 values by a constant weight on an AVX2 CPU: :func:`_dense`. Anything else as TVM
+    lowers it."""
     from tvm import relax
 
     x, weight = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else None
-    values = [a.meta["val"] for a in (x, weight, bias) if isinstance(a, fx.Node)]
-    out_features, in_features = weight.meta["val"].shape
-    if not (
-        x86.has_avx2(importer.target)
-        and weight.op == "get_attr"
-        and all(v.dtype == torch.float32 for v in values)
-        and out_features % x86.DENSE_PANEL == 0
-    ):
+    if not _dense_applies(importer, x, weight, bias):
         return importer._linear(node)
+    return _dense(node, importer, x, importer.env[weight], bias, relax)
+
+
+@register_lowering(aten.addmm.default)
+def _addmm(node: fx.Node, importer) -> object:
+    """``addmm(bias, x, weight)`` with a constant ``[in, out]`` weight and a ``[out]`` bias (GPT-2's ``Conv1D``),
+    float32 on an AVX2 CPU: :func:`_dense` of the weight transposed. Anything else as TVM lowers it."""
+    from tvm import relax
+
+    bias, x, weight = node.args[:3]
+    plain = node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
+    if not (
+        plain
+        and isinstance(bias, fx.Node)
+        and bias.meta["val"].dim() == 1
+        and _dense_applies(importer, x, weight, bias)
+    ):
+        return importer._addmm(node)
+    return _dense(node, importer, x, relax.op.permute_dims(importer.env[weight], [1, 0]), bias, relax)
+
+
+def _dense_applies(importer, x, weight, bias) -> bool:
+    values = [a.meta["val"] for a in (x, weight, bias) if isinstance(a, fx.Node)]
+    return x86.has_avx2(importer.target) and weight.op == "get_attr" and all(v.dtype == torch.float32 for v in values)
+
+
+def _dense(node: fx.Node, importer, x: fx.Node, weight, bias: fx.Node | None, relax) -> object:
+    """One call of :func:`fxopt.codegen.x86.dense_f32` over ``x``'s rows by ``weight`` (a Relax ``[out, in]``
+    expression), packed into panels by Relax ops that the build folds into a constant (or lifts into an export's
+    weight transform); output channels short of a whole panel are zero-padded there. An exact GELU that is the
+    result's only reader is applied on the tile (:func:`_gelu` then passes the value on)."""
     bb = importer.block_builder
+    out_features = node.meta["val"].shape[-1]
+    in_features = x.meta["val"].shape[-1]
     rows = x.meta["val"].numel() // in_features
-    panels = relax.op.reshape(importer.env[weight], [out_features // x86.DENSE_PANEL, x86.DENSE_PANEL, in_features])
-    packed = bb.emit(relax.op.permute_dims(panels, [0, 2, 1]))
-    kernel = x86.dense_f32(rows, in_features, out_features)
+    panels = -(-out_features // x86.DENSE_PANEL)
+    padded = relax.op.nn.pad(weight, [0, panels * x86.DENSE_PANEL - out_features, 0, 0])
+    packed = bb.emit(relax.op.permute_dims(relax.op.reshape(padded, [panels, x86.DENSE_PANEL, in_features]), [0, 2, 1]))
+    activation = None
+    (reader,) = node.users if len(node.users) == 1 else (None,)
+    if reader is not None and reader.target is aten.gelu.default and _arg(reader, 1, "approximate", "none") == "none":
+        activation = "gelu"
+        importer.applied_activations.add(reader)
+    kernel = x86.dense_f32(rows, in_features, out_features, activation)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     args = [
         bb.emit(relax.op.reshape(importer.env[x], [rows, in_features])),
@@ -381,7 +413,45 @@ def _layer_norm(node: fx.Node, importer) -> object:
     beta = importer.env[bias] if bias is not None else to_relax_constant(torch.zeros(shape, dtype=dtype))
     axes = list(range(-len(shape), 0))
     eps = _arg(node, 4, "eps", 1e-5)
+    on_cpu = importer.target is not None and importer.target.kind == "llvm"
+    if on_cpu and dtype == torch.float32 and len(shape) == 1 and shape[0] % _LANES == 0:
+        return importer.block_builder.emit_te(_layer_norm_in_lanes, x, gamma, beta, eps, primfunc_name_hint=node.name)
     return importer.block_builder.emit(relax.op.nn.layer_norm(x, gamma, beta, axes=axes, epsilon=eps))
+
+
+#: Partial sums a CPU row reduction keeps apart (one 256-bit register of float32).
+_LANES = 8
+
+
+def _layer_norm_in_lanes(x, gamma, beta, eps: float):
+    """Layer norm over the last axis with each row's sums taken in :data:`_LANES` interleaved partial sums.
+
+    TOPI's one running sum per row is a chain of dependent adds (its latency, not the adds, sets the speed):
+    5x slower than PyTorch on BERT's 128 x 768. Eight independent sums, added at the end, run at the adds'
+    throughput; the two-pass variance is kept (no cancellation).
+    """
+    from tvm import te
+
+    *rows, width = (int(d) for d in x.shape)
+    chunks = width // _LANES
+
+    def lane_sums(value, name):
+        chunk = te.reduce_axis((0, chunks), f"{name}_chunk")
+        partial = te.compute(
+            (*rows, _LANES),
+            lambda *i: te.sum(value(*i[:-1], chunk * _LANES + i[-1]), axis=chunk),
+            name=name + LANE_SUMS,
+        )
+        lane = te.reduce_axis((0, _LANES), f"{name}_lane")
+        total = te.compute(tuple(rows), lambda *i: te.sum(partial(*i, lane), axis=lane), name=f"{name}_sum")
+        return te.compute(tuple(rows), lambda *i: total(*i) / width, name=name)
+
+    mean = lane_sums(lambda *i: x(*i), "mean")
+    variance = lane_sums(lambda *i: (x(*i) - mean(*i[:-1])) * (x(*i) - mean(*i[:-1])), "variance")
+    scale = te.compute(tuple(rows), lambda *i: te.rsqrt(variance(*i) + eps), name="inverse_deviation")
+    return te.compute(
+        x.shape, lambda *i: (x(*i) - mean(*i[:-1])) * scale(*i[:-1]) * gamma(i[-1]) + beta(i[-1]), name="layer_norm"
+    )
 
 
 @register_lowering(fxopt_ops.crms_norm.default)
@@ -475,6 +545,8 @@ def _gelu(node: fx.Node, importer) -> object:
 
     bb = importer.block_builder
     x = importer.env[node.args[0]]
+    if node in importer.applied_activations:  # the GEMM before it applied it (_linear)
+        return x
     if _arg(node, 1, "approximate", "none") == "tanh":
         return bb.emit(relax.op.nn.gelu_tanh(x))
     on_cpu = importer.target is not None and importer.target.kind == "llvm"
@@ -484,6 +556,47 @@ def _gelu(node: fx.Node, importer) -> object:
     erf = bb.emit_te(topi.fast_erf, scaled, primfunc_name_hint=f"{node.name}_erf")
     half = relax.op.multiply(x, relax.const(0.5, "float32"))
     return bb.emit(relax.op.multiply(half, relax.op.add(erf, relax.const(1.0, "float32"))))
+
+
+def _cpu_float32(node: fx.Node, importer) -> bool:
+    """Whether ``node`` computes float32 for a CPU target, where LLVM makes ``expf``/``tanhf``/``powf`` of a vector
+    one scalar libm call per element (GPT-2's tanh-GELU ran 2x slower than PyTorch that way)."""
+    on_cpu = importer.target is not None and importer.target.kind == "llvm"
+    return on_cpu and node.meta["val"].dtype == torch.float32
+
+
+def _fast_on_cpu(op: str, fast: str) -> Lowering:
+    """Relax's ``op``, or on CPUs (float32) TOPI's ``fast`` form of it."""
+
+    def lower(node: fx.Node, importer) -> object:
+        from tvm import relax, topi
+
+        x = importer.env[node.args[0]]
+        if not _cpu_float32(node, importer):
+            return importer.block_builder.emit(getattr(relax.op, op)(x))
+        return importer.block_builder.emit_te(getattr(topi, fast), x, primfunc_name_hint=node.name)
+
+    return lower
+
+
+# TOPI's polynomial exp and rational tanh, checked against PyTorch like every lowering.
+register_lowering(aten.exp.default)(_fast_on_cpu("exp", "fast_exp"))
+register_lowering(aten.tanh.default)(_fast_on_cpu("tanh", "fast_tanh"))
+
+
+@register_lowering(aten.pow.Tensor_Scalar)
+def _pow(node: fx.Node, importer) -> object:
+    """``x ** n`` for a small whole ``n`` as ``n - 1`` multiplications (GPT-2's ``x ** 3``), else ``power``."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x, exponent = importer.env[node.args[0]], node.args[1]
+    if not (isinstance(exponent, (int, float)) and float(exponent).is_integer() and 1 <= exponent <= 4):
+        return bb.emit(relax.op.power(x, relax.const(exponent, tvm_dtype(node.meta["val"].dtype))))
+    result = x
+    for _ in range(int(exponent) - 1):
+        result = bb.emit(relax.op.multiply(result, x))
+    return result
 
 
 @register_lowering(aten.amax.default)

@@ -189,7 +189,12 @@ def tune(
     tvm_target = target.tvm()
     with tvm_target:
         fused = tvm.transform.Sequential(fusion_passes())(mod)
-    tasks = ms.relax_integration.extract_tasks(fused, tvm_target)
+    # fxopt's hand-scheduled kernels (fxopt.codegen.x86) have no search space: MetaSchedule failed to sample them.
+    tasks = [
+        task
+        for task in ms.relax_integration.extract_tasks(fused, tvm_target)
+        if not task.dispatched[0]["main"].attrs.get("tir.is_scheduled", False)
+    ]
     try:
         path = database_dir(target, options.database)
     except OSError as exc:

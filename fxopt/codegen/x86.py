@@ -15,11 +15,12 @@ keeps its 8 accumulators in registers; the epilogue (zero-point correction, scal
 while it is hot, so the int32 result never reaches memory.
 
 **float32 linear on AVX2** (:func:`dense_f32`). The weight is packed at build time into panels of 16 output
-channels (``[N/16, K, 16]``); a tile of 6 rows x 16 columns keeps its 12 accumulators in ymm registers, with the
-panel's two weight vectors and one broadcast activation, one FMA per accumulator per step of K; tiles run on
-both cores, panels outermost so a panel stays in cache while the rows stream past it; the bias is added on the
-tile. Measured here (2-core Zen 3, BERT-base's 128x768x{768,3072}, 128x3072x768, 1x768x3072; 2 threads,
-``benchmarks/gemm.py``) it runs 1.3-2.3x faster than PyTorch's MKL, about 150 GFLOP/s.
+channels (``[N/16, K, 16]``, the last panel zero-padded); a tile of 6 rows x 16 columns keeps its 12 accumulators
+in ymm registers, with the panel's two weight vectors and one broadcast activation, one FMA per accumulator per
+step of K; tiles run on both cores, panels outermost so a panel stays in cache while the rows stream past it;
+the bias, and a GELU after the linear, are applied on the tile. Measured here (2-core Zen 3, BERT-base's
+128x768x{768,3072}, 128x3072x768, 1x768x3072; 2 threads, ``benchmarks/gemm.py``) it runs 1.3-2.3x faster than
+PyTorch's MKL, about 150 GFLOP/s.
 
 **float32 attention on AVX2** (:func:`attention_f32`). TVM's generic lowering of ``scaled_dot_product_attention``
 (two batched matmuls and a softmax, each a naive loop nest) took 36 ms on one BERT-base layer's heads, 50x
@@ -33,6 +34,7 @@ probabilities times V (the same register tile), so the scores never leave L1. Me
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -161,7 +163,7 @@ def int8_linear(rows: int, in_features: int, out_features: int, per_row_activati
     sch.reorder(block_outer, m_outer, pair_loop, m_inner, block_inner, lane, half_loop)
     tile = sch.fuse(block_outer, m_outer)
     epilogue = sch.get_sblock("out")
-    sch.reverse_compute_at(epilogue, tile)
+    sch.reverse_compute_at(epilogue, tile, preserve_unit_loops=True)  # its last loop, the columns, vectorized
     sch.set_scope(block, 0, "local")
     sch.parallel(tile)
     init = sch.decompose_reduction(block, pair_loop)
@@ -185,21 +187,25 @@ _DENSE_LANES = 8
 
 
 def pack_dense_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``[N, K]`` float32 → ``[N/16, K, 16]``: each panel's 16 output channels side by side along K, so the
-    micro-kernel reads one contiguous 64-byte row of the panel per step of K."""
+    """``[N, K]`` float32 → ``[ceil(N/16), K, 16]``: each panel's 16 output channels side by side along K (the
+    last panel zero-padded), so the micro-kernel reads one contiguous 64-byte row of the panel per step of K."""
     out_features, in_features = weight.shape
-    return weight.float().reshape(out_features // DENSE_PANEL, DENSE_PANEL, in_features).permute(0, 2, 1).contiguous()
+    panels = -(-out_features // DENSE_PANEL)
+    padded = torch.nn.functional.pad(weight.float(), (0, 0, 0, panels * DENSE_PANEL - out_features))
+    return padded.reshape(panels, DENSE_PANEL, in_features).permute(0, 2, 1).contiguous()
 
 
-def dense_f32(rows: int, in_features: int, out_features: int):
-    """The scheduled PrimFunc ``out[m, n] = sum_k x[m, k] * w[n, k] + bias[n]`` (``linear``), float32.
+def dense_f32(rows: int, in_features: int, out_features: int, activation: str | None = None):
+    """The scheduled PrimFunc ``out[m, n] = act(sum_k x[m, k] * w[n, k] + bias[n])`` (``linear``), float32.
 
-    Parameters, in order: ``x`` ``[rows, in]``; the packed weight (:func:`pack_dense_weight`); ``bias``
-    ``[out]``; the result ``[rows, out]``. Needs ``out_features`` a multiple of :data:`DENSE_PANEL`.
+    Parameters, in order: ``x`` ``[rows, in]``; the packed weight (:func:`pack_dense_weight`: whole panels, the
+    last one zero-padded); ``bias`` ``[out]``; the result ``[rows, out]``.
+    ``activation``: ``None`` or ``"gelu"`` (exact GELU, ``erf`` as TOPI's polynomial ``fast_erf``), applied on
+    the tile while it is in registers instead of a pass of its own over the result.
     """
-    from tvm import s_tir, te
+    from tvm import s_tir, te, topi
 
-    panels = out_features // DENSE_PANEL
+    panels = -(-out_features // DENSE_PANEL)
     x = te.placeholder((rows, in_features), "float32", name="x")
     packed = te.placeholder((panels, in_features, DENSE_PANEL), "float32", name="packed")
     bias = te.placeholder((out_features,), "float32", name="bias")
@@ -209,7 +215,16 @@ def dense_f32(rows: int, in_features: int, out_features: int):
         lambda m, panel, lane: te.sum(x[m, k] * packed[panel, k, lane], axis=k),
         name="acc",
     )
-    out = te.compute((rows, out_features), lambda m, n: acc[m, n // DENSE_PANEL, n % DENSE_PANEL] + bias[n], name="out")
+    linear = te.compute(
+        (rows, out_features), lambda m, n: acc[m, n // DENSE_PANEL, n % DENSE_PANEL] + bias[n], name="linear"
+    )
+    if activation == "gelu":
+        erf = topi.fast_erf(te.compute(linear.shape, lambda m, n: linear[m, n] * math.sqrt(0.5), name="scaled"))
+        out = te.compute(linear.shape, lambda m, n: linear[m, n] * 0.5 * (erf[m, n] + 1.0), name="out")
+    elif activation is None:
+        out = te.compute(linear.shape, lambda m, n: linear[m, n], name="out")
+    else:
+        raise ValueError(f"dense_f32 has no activation {activation!r}: None or 'gelu'")
     func = te.create_prim_func([x, packed, bias, out])
 
     sch = s_tir.Schedule(func)
@@ -221,8 +236,10 @@ def dense_f32(rows: int, in_features: int, out_features: int):
     # Panels outermost: one panel (K x 16 floats) stays in L1/L2 while every row tile streams past it.
     sch.reorder(panel, m_outer, k_loop, m_inner, vector, lane_inner)
     tile = sch.fuse(panel, m_outer)
+    for stage in ("linear", "scaled", "T_fast_erf") if activation == "gelu" else ("linear",):
+        sch.compute_inline(sch.get_sblock(stage))
     epilogue = sch.get_sblock("out")
-    sch.reverse_compute_at(epilogue, tile)
+    sch.reverse_compute_at(epilogue, tile, preserve_unit_loops=True)  # its last loop, the columns, vectorized
     sch.set_scope(block, 0, "local")
     sch.parallel(tile)
     sch.unroll(m_inner)

@@ -3,6 +3,7 @@
 Bound: fxopt's default Tolerance (1e-5 + 1e-4 * max|reference|, float32); integer results must match exactly.
 """
 
+import contextlib
 import math
 
 import pytest
@@ -38,9 +39,21 @@ def tvm_build(fn, *inputs):
 def assert_matches_torch(fn, *inputs):
     program, executable = tvm_build(fn, *inputs)
     assert executable.segments and all(s.backend == "tvm" for s in executable.segments), executable.segments
-    expected = program.run_flat()
-    got = executable.module.run_flat()
-    worst, _, failing = compare_outputs(got, expected, Tolerance())
+    assert_built_matches(program, executable)
+
+
+@contextlib.contextmanager
+def spy_on(kernel: str):
+    """The arguments of every call of ``fxopt.codegen.x86.<kernel>`` made inside the block."""
+    calls = []
+    real = getattr(x86, kernel)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(x86, kernel, lambda *args: calls.append(args) or real(*args))
+        yield calls
+
+
+def assert_built_matches(program, executable):
+    worst, _, failing = compare_outputs(executable.module.run_flat(), program.run_flat(), Tolerance())
     assert failing is None, f"max abs error {worst}"
 
 
@@ -57,7 +70,11 @@ def test_every_override_is_tested_here():
         "fxopt::linear_wq",
         "aten::gelu",
         "aten::linear",
+        "aten::addmm",
         "aten::layer_norm",
+        "aten::tanh",
+        "aten::exp",
+        "aten::pow.Tensor_Scalar",
     }
     assert {op.name() for op in OVERRIDES} == tested
 
@@ -75,10 +92,11 @@ def test_rms_norm(with_weight, eps):
 
 
 @pytest.mark.parametrize("affine", [(True, True), (True, False), (False, False)])
-@pytest.mark.parametrize("shape", [(2, 5, 16), (1, 1)])
+@pytest.mark.parametrize("shape", [(2, 5, 16), (1, 1), (3, 1000), (7,)])
 def test_layer_norm_with_and_without_its_affine(affine, shape):
     # Without a weight TVM's importer raised KeyError: None and the segment ran in PyTorch (found by
-    # tests/property/test_random_dags.py on a LayerNorm(1, elementwise_affine=False)).
+    # tests/property/test_random_dags.py on a LayerNorm(1, elementwise_affine=False)). Widths of whole 8-lane
+    # chunks take the lane-sum kernel on CPUs, the others TOPI's.
     width = shape[-1]
     weight = torch.randn(width) if affine[0] else None
     bias = torch.randn(width) if affine[1] else None
@@ -96,6 +114,27 @@ def test_gelu_has_no_scalar_erf_calls_on_cpu(approximate):
     fn = lambda x: F.gelu(x * 3, approximate=approximate)  # noqa: E731
     assert_matches_torch(fn, torch.randn(4, 64))
     assert "erff" not in tvm_build(fn, torch.randn(4, 64))[1].kernel_source("ll")
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        torch.tanh,
+        torch.exp,
+        lambda x: torch.pow(x, 3),
+        lambda x: 0.5 * x * (1 + torch.tanh(0.79788456 * (x + 0.044715 * torch.pow(x, 3)))),  # GPT-2's GELU
+    ],
+)
+def test_transcendentals_have_no_scalar_libm_calls_on_cpu(fn):
+    x = torch.randn(4, 64) * 3
+    assert_matches_torch(lambda t: fn(t) * 2, x)
+    assembly = tvm_build(lambda t: fn(t) * 2, x)[1].kernel_source("asm")
+    assert not [call for call in ("expf@", "tanhf@", "powf@") if call in assembly]
+
+
+@pytest.mark.parametrize("exponent", [2, 2.5, 0.5, -1])
+def test_powers_other_than_small_whole_ones_are_tvm_power(exponent):
+    assert_matches_torch(lambda x: torch.pow(x, exponent) + 1, torch.rand(3, 8) + 0.5)
 
 
 @pytest.mark.parametrize("dims, keepdim", [([-1], True), ([1, 2], False)])
@@ -126,8 +165,7 @@ def test_int8_quantized_graphs_lower_to_integer_kernels_with_the_reference_resul
     assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
     source = executable.kernel_source("ll")
     assert "mul nsw <" in source and " i8>" in source  # vectorized integer arithmetic on int8 data
-    worst, _, failing = compare_outputs(executable.module.run_flat(), quantized.run_flat(), Tolerance())
-    assert failing is None, f"max abs error {worst}"
+    assert_built_matches(quantized, executable)
 
 
 class Int8MLP(torch.nn.Module):
@@ -141,9 +179,6 @@ class Int8MLP(torch.nn.Module):
         return self.down(torch.relu(self.up(x)) - 0.1)
 
 
-real_int8_linear = x86.int8_linear
-
-
 @pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled int8 kernel is for AVX2 CPUs")
 @pytest.mark.parametrize(
     "spec, rows, bias",
@@ -153,23 +188,18 @@ real_int8_linear = x86.int8_linear
         ("quantize{scheme=w8a8-dynamic}", (3, 2), True),
     ],
 )
-def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias, monkeypatch):
+def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias):
     # Which instruction LLVM picks for the intrinsic depends on the host (vpmaddwd on AVX2, vpdpwssd with
     # AVX-512 VNNI): what is tested is that both layers took the hand-scheduled kernel, and that it is exact.
     from fxopt import PassManager
 
-    kernels = []
-    monkeypatch.setattr(x86, "int8_linear", lambda *args: kernels.append(args) or real_int8_linear(*args))
     x = torch.randn(*rows, 24)
     quantized, _ = PassManager(spec, verify="off", calibration=[x]).run(capture(Int8MLP(bias), (x,)))
-    executable = build(quantized, CPU, dispatch="tvm")
+    with spy_on("int8_linear") as kernels:
+        executable = build(quantized, CPU, dispatch="tvm")
     assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
     assert [k[1:3] for k in kernels] == [(24, 48), (48, 16)]  # (in, out) features of up and down
-    worst, _, failing = compare_outputs(executable.module.run_flat(), quantized.run_flat(), Tolerance())
-    assert failing is None, f"max abs error {worst}"
-
-
-real_dense_f32 = x86.dense_f32
+    assert_built_matches(quantized, executable)
 
 
 @pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
@@ -177,24 +207,27 @@ real_dense_f32 = x86.dense_f32
 @given(
     st.lists(st.integers(1, 7), min_size=1, max_size=3),
     st.integers(1, 70),
-    st.sampled_from([16, 32, 48]),
+    st.integers(1, 50),
     st.booleans(),
+    st.sampled_from(["none", "gelu", "gelu read twice", "gelu-tanh"]),
     st.integers(0, 2**16),
 )
-def test_float_linear_on_avx2_is_the_hand_scheduled_gemm(rows, in_features, out_features, bias, seed):
-    # Any leading dims (flattened into rows, a partial last row tile), any K, output panels of 16.
-    kernels = []
+def test_float_linear_on_avx2_is_the_hand_scheduled_gemm(rows, in_features, out_features, bias, after, seed):
+    # Any leading dims (flattened into rows, a partial last row tile), any K, any outputs (a partial last panel of
+    # 16); an exact GELU that alone reads the result is applied on the tile, anything else after the kernel.
     torch.manual_seed(seed)
     layer = torch.nn.Linear(in_features, out_features, bias=bias)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(x86, "dense_f32", lambda *args: kernels.append(args) or real_dense_f32(*args))
-        program, executable = tvm_build(lambda x: layer(x), torch.randn(*rows, in_features))
-    assert executable.backend == "tvm" and kernels == [(math.prod(rows), in_features, out_features)]
-    worst, _, failing = compare_outputs(executable.module.run_flat(), program.run_flat(), Tolerance())
-    assert failing is None, f"max abs error {worst}"
-
-
-real_attention_f32 = x86.attention_f32
+    follow = {
+        "none": lambda y: y,
+        "gelu": F.gelu,
+        "gelu read twice": lambda y: F.gelu(y) + y,
+        "gelu-tanh": lambda y: F.gelu(y, approximate="tanh"),
+    }[after]
+    with spy_on("dense_f32") as kernels:
+        program, executable = tvm_build(lambda x: follow(layer(x)), torch.randn(*rows, in_features))
+    activation = "gelu" if after == "gelu" else None
+    assert executable.backend == "tvm" and kernels == [(math.prod(rows), in_features, out_features, activation)]
+    assert_built_matches(program, executable)
 
 
 @pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled attention is for AVX2 CPUs")
@@ -218,24 +251,36 @@ def test_float_attention_on_avx2_is_the_hand_scheduled_kernel(shape, mask_kind, 
         kwargs["attn_mask"] = torch.rand(mask_shape, generator=generator) > 0.3
     elif mask_kind == "float":
         kwargs["attn_mask"] = torch.randn(mask_shape, generator=generator)
-    kernels = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(x86, "attention_f32", lambda *args: kernels.append(args) or real_attention_f32(*args))
+    with spy_on("attention_f32") as kernels:
         program, executable = tvm_build(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, **kwargs), q, k, v)
     assert executable.backend == "tvm" and [args[:5] for args in kernels] == [(batch, heads, length, source, dim)]
-    worst, _, failing = compare_outputs(executable.module.run_flat(), program.run_flat(), Tolerance())
-    assert failing is None, f"max abs error {worst}"
+    assert_built_matches(program, executable)
 
 
-@pytest.mark.parametrize("shape", ["panel", "computed weight"])
-def test_linear_the_gemm_does_not_take_is_lowered_as_tvm_does(shape, monkeypatch):
-    kernels = []
-    monkeypatch.setattr(x86, "dense_f32", lambda *args: kernels.append(args) or real_dense_f32(*args))
-    if shape == "panel":  # 20 outputs: not whole panels of 16
-        layer = torch.nn.Linear(8, 20)
-        assert_matches_torch(lambda x: layer(x), torch.randn(3, 8))
-    else:
-        assert_matches_torch(lambda x, w: F.linear(x, w * 2), torch.randn(3, 8), torch.randn(16, 8))
+@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
+@pytest.mark.parametrize("shape", [(5, 24, 40), (1, 7, 3)])
+def test_addmm_by_a_constant_weight_is_the_hand_scheduled_gemm(shape):
+    # GPT-2's Conv1D: addmm(bias, x, weight) with the weight [in, out].
+    rows, in_features, out_features = shape
+    weight, bias = torch.randn(in_features, out_features), torch.randn(out_features)
+    with spy_on("dense_f32") as kernels:
+        assert_matches_torch(lambda x: torch.addmm(bias, x, weight), torch.randn(rows, in_features))
+    assert kernels == [(rows, in_features, out_features, None)]
+
+
+CONSTANT = torch.randn(16, 16)
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        pytest.param(lambda x, w: F.linear(x, w * 2), id="computed weight"),
+        pytest.param(lambda x, w: torch.addmm(x[0], x, CONSTANT, beta=0.5), id="scaled addmm"),
+    ],
+)
+def test_matmuls_the_gemm_does_not_take_are_lowered_as_tvm_does(fn):
+    with spy_on("dense_f32") as kernels:
+        assert_matches_torch(fn, torch.randn(16, 16), torch.randn(16, 16))
     assert kernels == []
 
 
@@ -316,8 +361,7 @@ def test_weight_only_layers_dequantize_inside_one_matmul_kernel(spec):
     quantized, _ = PassManager(spec, verify="off", calibration=[x]).run(capture(WeightOnlyNet(), (x,)))
     executable = build(quantized, CPU, dispatch="tvm")
     assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
-    worst, _, failing = compare_outputs(executable.module.run_flat(), quantized.run_flat(), Tolerance())
-    assert failing is None, f"max abs error {worst}"
+    assert_built_matches(quantized, executable)
     # After constant folding the kernels still read integer weights: no float weight was materialized.
     with tvm.target.Target({"kind": "llvm"}):
         fused = tvm.transform.Sequential(fusion_passes())(lower_graph(quantized.graph_module, "main"))
@@ -406,8 +450,7 @@ def test_ops_without_lowering_run_in_pytorch_and_are_named():
     assert any("erfinv" in line for line in executable.fallbacks)
     assert executable.backend == "tvm+torch"
     assert [s.backend for s in executable.segments] == ["tvm", "tvm"]  # tanh*0.5 before, relu*2 after
-    worst, _, failing = compare_outputs(executable.module.run_flat(), program.run_flat(), Tolerance())
-    assert failing is None, worst
+    assert_built_matches(program, executable)
 
 
 def test_register_lowering_extends_the_table(monkeypatch):
