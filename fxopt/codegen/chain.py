@@ -21,7 +21,8 @@ from typing import cast
 import torch
 import torch.fx as fx
 
-from fxopt.codegen.lower import tvm_dtype
+from fxopt.codegen.lower import tensor_var
+from fxopt.ir.program import attribute_owner
 
 __all__ = ["Chain", "find_chains", "lower_chain", "chained_parent"]
 
@@ -74,10 +75,7 @@ def lower_chain(chain: Chain, module) -> None:
     from tvm import relax
 
     bb = relax.BlockBuilder()
-    params = {
-        node: relax.Var(node.name, relax.TensorType(list(node.meta["val"].shape), tvm_dtype(node.meta["val"].dtype)))
-        for node in chain.inputs
-    }
+    params = {node: tensor_var(node.name, node.meta["val"]) for node in chain.inputs}
     values = dict(params)
     with bb.function(chain.name, params=list(params.values())):
         for call in chain.calls:
@@ -112,8 +110,7 @@ def chained_parent(parent: fx.GraphModule, kernels: dict[str, torch.nn.Module], 
     root = {}
     for node in graph.nodes:
         if node.op == "call_module":
-            root[node.target] = kernels.get(node.target) or parent.get_submodule(node.target)
+            root[node.target] = kernels[node.target] if node.target in kernels else parent.get_submodule(node.target)
         elif node.op == "get_attr":
-            owner, _, name = node.target.rpartition(".")
-            root[node.target] = getattr(parent.get_submodule(owner) if owner else parent, name)
+            root[node.target] = getattr(*attribute_owner(parent, node.target))
     return fx.GraphModule(root, graph, class_name=type(parent).__name__)

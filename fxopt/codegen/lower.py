@@ -35,6 +35,7 @@ __all__ = [
     "is_lowerable",
     "lower_graph",
     "graph_weights",
+    "tensor_var",
     "tvm_dtype",
 ]
 
@@ -154,13 +155,13 @@ def _segment_importer():
             bb = self.block_builder
             params, inputs, nodes = [], {}, []
             weights = (
-                {target: _tensor_var(f"w_{i}", value) for i, (target, value) in enumerate(graph_weights(gm).items())}
+                {target: tensor_var(f"w_{i}", value) for i, (target, value) in enumerate(graph_weights(gm).items())}
                 if weights_as_params
                 else {}
             )
             for node in gm.graph.nodes:
                 if node.op == "placeholder":  # translated too: the importer binds it to its variable in inputs
-                    var = _tensor_var(node.name, node.meta["val"])
+                    var = tensor_var(node.name, node.meta["val"])
                     params.append(var)
                     inputs[node.name] = var
                     nodes.append(node)
@@ -215,7 +216,8 @@ def graph_weights(gm: fx.GraphModule) -> dict[str, torch.Tensor]:
     return {node.target: getattr(*attribute_owner(gm, node.target)) for node in gm.graph.nodes if node.op == "get_attr"}
 
 
-def _tensor_var(name: str, value: torch.Tensor):
+def tensor_var(name: str, value: torch.Tensor):
+    """A Relax variable typed like ``value`` (shape and dtype)."""
     from tvm import relax
 
     return relax.Var(name, relax.TensorType([int(d) for d in value.shape], tvm_dtype(value.dtype)))
@@ -307,17 +309,22 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
     return node.kwargs.get(name, default)
 
 
+def _cpu_float32(node: fx.Node, importer) -> bool:
+    """Whether ``node`` computes float32 for a CPU target: where fxopt's CPU forms apply (LLVM makes ``expf``/
+    ``tanhf``/``erff`` of a vector one scalar libm call per element; row sums want vector lanes)."""
+    on_cpu = importer.target is not None and importer.target.kind == "llvm"
+    return on_cpu and node.meta["val"].dtype == torch.float32
+
+
 @register_lowering(aten.linear.default)
 def _linear(node: fx.Node, importer) -> object:
     """``linear`` of float32 values by a constant weight on an AVX2 CPU: :func:`_dense`. Anything else as TVM
     lowers it."""
-    from tvm import relax
-
     x, weight = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else None
     if not _dense_applies(importer, x, weight, bias):
         return importer._linear(node)
-    return _dense(node, importer, x, importer.env[weight], bias, relax)
+    return _dense(node, importer, x, importer.env[weight], bias)
 
 
 @register_lowering(aten.addmm.default)
@@ -335,7 +342,7 @@ def _addmm(node: fx.Node, importer) -> object:
         and _dense_applies(importer, x, weight, bias)
     ):
         return importer._addmm(node)
-    return _dense(node, importer, x, relax.op.permute_dims(importer.env[weight], [1, 0]), bias, relax)
+    return _dense(node, importer, x, relax.op.permute_dims(importer.env[weight], [1, 0]), bias)
 
 
 def _dense_applies(importer, x, weight, bias) -> bool:
@@ -343,11 +350,13 @@ def _dense_applies(importer, x, weight, bias) -> bool:
     return x86.has_avx2(importer.target) and weight.op == "get_attr" and all(v.dtype == torch.float32 for v in values)
 
 
-def _dense(node: fx.Node, importer, x: fx.Node, weight, bias: fx.Node | None, relax) -> object:
+def _dense(node: fx.Node, importer, x: fx.Node, weight, bias: fx.Node | None) -> object:
     """One call of :func:`fxopt.codegen.x86.dense_f32` over ``x``'s rows by ``weight`` (a Relax ``[out, in]``
     expression), packed into panels by Relax ops that the build folds into a constant (or lifts into an export's
     weight transform); output channels short of a whole panel are zero-padded there. An exact GELU that is the
     result's only reader is applied on the tile (:func:`_gelu` then passes the value on)."""
+    from tvm import relax
+
     bb = importer.block_builder
     out_features = node.meta["val"].shape[-1]
     in_features = x.meta["val"].shape[-1]
@@ -413,8 +422,7 @@ def _layer_norm(node: fx.Node, importer) -> object:
     beta = importer.env[bias] if bias is not None else to_relax_constant(torch.zeros(shape, dtype=dtype))
     axes = list(range(-len(shape), 0))
     eps = _arg(node, 4, "eps", 1e-5)
-    on_cpu = importer.target is not None and importer.target.kind == "llvm"
-    if on_cpu and dtype == torch.float32 and len(shape) == 1 and shape[0] % _LANES == 0:
+    if _cpu_float32(node, importer) and len(shape) == 1 and shape[0] % _LANES == 0:
         return importer.block_builder.emit_te(_layer_norm_in_lanes, x, gamma, beta, eps, primfunc_name_hint=node.name)
     return importer.block_builder.emit(relax.op.nn.layer_norm(x, gamma, beta, axes=axes, epsilon=eps))
 
@@ -446,7 +454,7 @@ def _layer_norm_in_lanes(x, gamma, beta, eps: float):
         total = te.compute(tuple(rows), lambda *i: te.sum(partial(*i, lane), axis=lane), name=f"{name}_sum")
         return te.compute(tuple(rows), lambda *i: total(*i) / width, name=name)
 
-    mean = lane_sums(lambda *i: x(*i), "mean")
+    mean = lane_sums(x, "mean")
     variance = lane_sums(lambda *i: (x(*i) - mean(*i[:-1])) * (x(*i) - mean(*i[:-1])), "variance")
     scale = te.compute(tuple(rows), lambda *i: te.rsqrt(variance(*i) + eps), name="inverse_deviation")
     return te.compute(
@@ -545,24 +553,16 @@ def _gelu(node: fx.Node, importer) -> object:
 
     bb = importer.block_builder
     x = importer.env[node.args[0]]
-    if node in importer.applied_activations:  # the GEMM before it applied it (_linear)
+    if node in importer.applied_activations:  # the GEMM before it applied it (_dense)
         return x
     if _arg(node, 1, "approximate", "none") == "tanh":
         return bb.emit(relax.op.nn.gelu_tanh(x))
-    on_cpu = importer.target is not None and importer.target.kind == "llvm"
-    if not on_cpu or node.meta["val"].dtype != torch.float32:
+    if not _cpu_float32(node, importer):
         return bb.emit(relax.op.nn.gelu(x))
     scaled = bb.emit(relax.op.multiply(x, relax.const(math.sqrt(0.5), "float32")))
     erf = bb.emit_te(topi.fast_erf, scaled, primfunc_name_hint=f"{node.name}_erf")
     half = relax.op.multiply(x, relax.const(0.5, "float32"))
     return bb.emit(relax.op.multiply(half, relax.op.add(erf, relax.const(1.0, "float32"))))
-
-
-def _cpu_float32(node: fx.Node, importer) -> bool:
-    """Whether ``node`` computes float32 for a CPU target, where LLVM makes ``expf``/``tanhf``/``powf`` of a vector
-    one scalar libm call per element (GPT-2's tanh-GELU ran 2x slower than PyTorch that way)."""
-    on_cpu = importer.target is not None and importer.target.kind == "llvm"
-    return on_cpu and node.meta["val"].dtype == torch.float32
 
 
 def _fast_on_cpu(op: str, fast: str) -> Lowering:

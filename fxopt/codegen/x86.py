@@ -184,6 +184,8 @@ def int8_linear(rows: int, in_features: int, out_features: int, per_row_activati
 #: 24-wide vector is legal TIR, but LLVM splits it lane by lane.
 DENSE_PANEL = 16
 _DENSE_LANES = 8
+#: Rows of a register tile: 6 x 16 columns is 12 accumulators of the 16 ymm registers.
+_TILE_ROWS = 6
 
 
 def pack_dense_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -230,7 +232,7 @@ def dense_f32(rows: int, in_features: int, out_features: int, activation: str | 
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("acc")
     m, panel, lane, k_loop = sch.get_loops(block)
-    tile_rows = min(6, rows)  # 12 accumulators of 16 registers; a partial last tile is predicated
+    tile_rows = min(_TILE_ROWS, rows)  # a partial last tile is predicated
     m_outer, m_inner = sch.split(m, [None, tile_rows])
     vector, lane_inner = sch.split(lane, [None, _DENSE_LANES])
     # Panels outermost: one panel (K x 16 floats) stays in L1/L2 while every row tile streams past it.
@@ -303,7 +305,7 @@ def attention_f32(batch: int, heads: int, length: int, source: int, dim: int, bi
     sch.vectorize(keys_inner)
 
     # One tile of query rows per task; its output in panels of 16 columns.
-    rows = min(6, length)
+    rows = min(_TILE_ROWS, length)
     b, h, i, column = sch.get_loops(sch.get_sblock("out"))
     row_tile, row = sch.split(i, [None, rows])
     panel, lane = sch.split(column, [None, DENSE_PANEL])
