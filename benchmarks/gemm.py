@@ -4,8 +4,8 @@
 128-token sequence, 1 row for decoding) the kernel fxopt emits for a ``linear`` with a constant weight on
 this CPU (:func:`fxopt.codegen.x86.dense_f32`, the weight packed once) and PyTorch's (MKL), both with the same
 thread count, timed in warm blocks (:func:`run.measure`: rounds of a block of calls per runner, medians). Prints
-milliseconds, GFLOP/s, the ratio (>1: fxopt faster) and fxopt's share of the cores' FMA peak (threads x 2 FMA
-units x vector lanes x 2 FLOP x the clock: sysfs's maximum, else /proc/cpuinfo's).
+milliseconds, GFLOP/s, the ratio (>1: fxopt faster) and fxopt's share of the cores' FMA peak (measured:
+:func:`run.fma_peak`).
 """
 
 import argparse
@@ -25,11 +25,13 @@ SHAPES = [(128, 768, 768), (128, 768, 3072), (128, 3072, 768), (1, 768, 3072)]
 def kernel_runner(rows: int, in_features: int, out_features: int, x, weight, bias):
     import tvm
 
+    tile = x86.dense_tile()
     library = tvm.compile(
-        tvm.IRModule({"main": x86.dense_f32(rows, in_features, out_features)}), target=parse_target("cpu").tvm()
+        tvm.IRModule({"main": x86.dense_f32(rows, in_features, out_features, tile=tile)}),
+        target=parse_target("cpu").tvm(),
     )
     out = torch.empty(rows, out_features)
-    args = [to_tvm(x), to_tvm(x86.pack_dense_weight(weight)), to_tvm(bias), to_tvm(out)]
+    args = [to_tvm(x), to_tvm(x86.pack_dense_weight(weight, tile.panel)), to_tvm(bias), to_tvm(out)]
     function = library["main"]
     torch.testing.assert_close(
         function(*args) or out, torch.nn.functional.linear(x, weight, bias), rtol=1e-4, atol=1e-3
@@ -50,10 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
     torch.set_num_threads(args.threads)
     peak = fma_peak(args.threads)
-    print(
-        f"CPU: {host_cpu()}; {args.threads} threads; FMA peak "
-        + (f"{peak / 1e9:.0f} GFLOP/s" if peak else "unknown (no clock in sysfs)")
-    )
+    print(f"CPU: {host_cpu()}; {args.threads} threads; FMA peak {peak / 1e9:.0f} GFLOP/s (measured)")
     print(
         f"{'M x K x N':<16} {'torch ms':>9} {'fxopt ms':>9} {'torch GF/s':>10} {'fxopt GF/s':>10} "
         f"{'fxopt/torch':>11} {'of peak':>8}"
@@ -68,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         seconds = measure(runners, args.rounds)
         flop = 2 * rows * in_features * out_features
-        share = f"{flop / seconds['fxopt'] / peak:.0%}" if peak else "-"
+        share = f"{flop / seconds['fxopt'] / peak:.0%}"
         print(
             f"{f'{rows}x{in_features}x{out_features}':<16} {seconds['torch'] * 1e3:>9.3f} "
             f"{seconds['fxopt'] * 1e3:>9.3f} {flop / seconds['torch'] / 1e9:>10.1f} "

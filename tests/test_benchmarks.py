@@ -3,11 +3,14 @@
 import json
 import os
 import pathlib
+import re
 import runpy
 import subprocess
 import sys
 
 import pytest
+
+from fxopt.targets import host_cpu
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -92,6 +95,11 @@ def test_latency_benchmark_times_every_peer_in_one_run(capsys, monkeypatch):
     assert run["main"](["bert-tiny", "--rounds", "1"]) == 0
     out = capsys.readouterr().out
     assert "failed" not in out, out
+    # The measured FMA peak is real work: no more than 2 FMA units per core at 6 GHz (a kernel LLVM folded away
+    # would report thousands of GFLOP/s).
+    peak = float(re.search(r"FMA peak (\d+) GFLOP/s", out).group(1))
+    lanes = host_cpu().vector_bits // 32
+    assert 0 < peak <= len(os.sched_getaffinity(0)) * 2 * lanes * 2 * 6, out
     rows = {
         line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ") and "ms" not in line
     }

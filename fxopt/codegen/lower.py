@@ -361,15 +361,16 @@ def _dense(node: fx.Node, importer, x: fx.Node, weight, bias: fx.Node | None) ->
     out_features = node.meta["val"].shape[-1]
     in_features = x.meta["val"].shape[-1]
     rows = x.meta["val"].numel() // in_features
-    panels = -(-out_features // x86.DENSE_PANEL)
-    padded = relax.op.nn.pad(weight, [0, panels * x86.DENSE_PANEL - out_features, 0, 0])
-    packed = bb.emit(relax.op.permute_dims(relax.op.reshape(padded, [panels, x86.DENSE_PANEL, in_features]), [0, 2, 1]))
+    tile = x86.dense_tile()
+    panels = -(-out_features // tile.panel)
+    padded = relax.op.nn.pad(weight, [0, panels * tile.panel - out_features, 0, 0])
+    packed = bb.emit(relax.op.permute_dims(relax.op.reshape(padded, [panels, tile.panel, in_features]), [0, 2, 1]))
     activation = None
     (reader,) = node.users if len(node.users) == 1 else (None,)
     if reader is not None and reader.target is aten.gelu.default and _arg(reader, 1, "approximate", "none") == "none":
         activation = "gelu"
         importer.applied_activations.add(reader)
-    kernel = x86.dense_f32(rows, in_features, out_features, activation)
+    kernel = x86.dense_f32(rows, in_features, out_features, activation, tile)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     args = [
         bb.emit(relax.op.reshape(importer.env[x], [rows, in_features])),

@@ -14,13 +14,14 @@ faster than PyTorch's MKL float GEMM, and it is exact. A tile (4 rows x 16 outpu
 keeps its 8 accumulators in registers; the epilogue (zero-point correction, scales, bias) runs on the tile
 while it is hot, so the int32 result never reaches memory.
 
-**float32 linear on AVX2** (:func:`dense_f32`). The weight is packed at build time into panels of 16 output
-channels (``[N/16, K, 16]``, the last panel zero-padded); a tile of 6 rows x 16 columns keeps its 12 accumulators
-in ymm registers, with the panel's two weight vectors and one broadcast activation, one FMA per accumulator per
-step of K; tiles run on both cores, panels outermost so a panel stays in cache while the rows stream past it;
-the bias, and a GELU after the linear, are applied on the tile. Measured here (2-core Zen 3, BERT-base's
-128x768x{768,3072}, 128x3072x768, 1x768x3072; 2 threads, ``benchmarks/gemm.py``) it runs 1.3-2.3x faster than
-PyTorch's MKL, about 150 GFLOP/s.
+**float32 linear on AVX2 and AVX-512** (:func:`dense_f32`). The weight is packed at build time into panels of
+output channels (``[N/panel, K, panel]``, the last panel zero-padded); a register tile (:class:`DenseTile`, chosen
+per ISA by :func:`dense_tile`: 4 rows x 3 ymm vectors on AVX2, 8 x 3 zmm on AVX-512) keeps its accumulators in
+registers beside the panel's weight vectors and one broadcast activation, one FMA per accumulator per step of K;
+tiles run on every core, panels outermost so a panel stays in cache while the rows stream past it; the bias, and
+a GELU after the linear, are applied on the tile. Measured here (2-core Zen 3, BERT-base's 128x768x{768,3072},
+128x3072x768; 2 threads, ``benchmarks/gemm.py``) it runs 1.2-1.4x faster than PyTorch's MKL, 83-90% of the cores'
+measured FMA peak.
 
 **float32 attention on AVX2** (:func:`attention_f32`). TVM's generic lowering of ``scaled_dot_product_attention``
 (two batched matmuls and a softmax, each a naive loop nest) took 36 ms on one BERT-base layer's heads, 50x
@@ -35,6 +36,7 @@ from __future__ import annotations
 
 import functools
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -44,7 +46,10 @@ __all__ = [
     "has_avx2",
     "pack_int8_weight",
     "int8_linear",
-    "DENSE_PANEL",
+    "DenseTile",
+    "AVX2_TILE",
+    "AVX512_TILE",
+    "dense_tile",
     "pack_dense_weight",
     "dense_f32",
     "attention_f32",
@@ -179,47 +184,75 @@ def int8_linear(rows: int, in_features: int, out_features: int, per_row_activati
     return sch.mod["main"].with_attr({"tir.is_scheduled": True, "op_pattern": 8})  # 8: opaque, never fused
 
 
-#: fp32 GEMM on AVX2 (16 ymm registers): a tile of rows x 16 columns (two 8-float vectors) keeps its accumulators,
-#: the panel's two weight vectors and one broadcast activation in registers. Vectors are whole ymm registers: a
-#: 24-wide vector is legal TIR, but LLVM splits it lane by lane.
-DENSE_PANEL = 16
-_DENSE_LANES = 8
-#: Rows of a register tile: 6 x 16 columns is 12 accumulators of the 16 ymm registers.
-_TILE_ROWS = 6
+@dataclass(frozen=True)
+class DenseTile:
+    """The float32 GEMM's register tile: ``rows`` x ``vectors`` accumulators of ``lanes`` floats each, with the
+    panel's ``vectors`` weight vectors and one broadcast activation beside them in registers."""
+
+    rows: int
+    vectors: int
+    lanes: int
+
+    @property
+    def panel(self) -> int:
+        """Output channels per packed weight panel: one register tile's columns."""
+        return self.vectors * self.lanes
 
 
-def pack_dense_weight(weight: torch.Tensor) -> torch.Tensor:
-    """``[N, K]`` float32 → ``[ceil(N/16), K, 16]``: each panel's 16 output channels side by side along K (the
-    last panel zero-padded), so the micro-kernel reads one contiguous 64-byte row of the panel per step of K."""
+#: AVX2 (16 ymm): 4 x 3 vectors is 12 accumulators + 3 weight vectors + 1 broadcast, 7 loads per 12 FMAs.
+#: Measured here (2-core Zen 3, BERT's shapes, 2 threads): 4 x 3 155-185 GFLOP/s, BLIS's 6 x 2 145-160, 2 x 6
+#: 125-140, 3 x 4 and 5 x 2 about 70 (their partial last row tile of 128 rows costs half the speed).
+AVX2_TILE = DenseTile(rows=4, vectors=3, lanes=8)
+#: AVX-512 (32 zmm): 8 x 3 is 24 accumulators + 3 + 1, the same shape at twice the registers (11 loads per 24
+#: FMAs). Not measured on an AVX-512 host yet: built, not run, where the host has no AVX-512.
+AVX512_TILE = DenseTile(rows=8, vectors=3, lanes=16)
+
+
+#: The attention kernel's tiles of scores and of P·V: 6 query rows x 16 keys or columns in ymm registers (a
+#: 4 x 24 tile would leave most of a 128-key row's last panel empty).
+_ATTENTION_TILE = DenseTile(rows=6, vectors=2, lanes=8)
+
+
+def dense_tile() -> DenseTile:
+    """The register tile for this host's widest vectors."""
+    return AVX512_TILE if host_cpu().vector_bits >= 512 else AVX2_TILE
+
+
+def pack_dense_weight(weight: torch.Tensor, panel: int) -> torch.Tensor:
+    """``[N, K]`` float32 → ``[ceil(N/panel), K, panel]``: each panel's output channels side by side along K (the
+    last panel zero-padded), so the micro-kernel reads one contiguous row of the panel per step of K."""
     out_features, in_features = weight.shape
-    panels = -(-out_features // DENSE_PANEL)
-    padded = torch.nn.functional.pad(weight.float(), (0, 0, 0, panels * DENSE_PANEL - out_features))
-    return padded.reshape(panels, DENSE_PANEL, in_features).permute(0, 2, 1).contiguous()
+    panels = -(-out_features // panel)
+    padded = torch.nn.functional.pad(weight.float(), (0, 0, 0, panels * panel - out_features))
+    return padded.reshape(panels, panel, in_features).permute(0, 2, 1).contiguous()
 
 
-def dense_f32(rows: int, in_features: int, out_features: int, activation: str | None = None):
+def dense_f32(
+    rows: int, in_features: int, out_features: int, activation: str | None = None, tile: DenseTile | None = None
+):
     """The scheduled PrimFunc ``out[m, n] = act(sum_k x[m, k] * w[n, k] + bias[n])`` (``linear``), float32.
 
-    Parameters, in order: ``x`` ``[rows, in]``; the packed weight (:func:`pack_dense_weight`: whole panels, the
-    last one zero-padded); ``bias`` ``[out]``; the result ``[rows, out]``.
+    Parameters, in order: ``x`` ``[rows, in]``; the packed weight (:func:`pack_dense_weight` by ``tile.panel``:
+    whole panels, the last one zero-padded); ``bias`` ``[out]``; the result ``[rows, out]``.
     ``activation``: ``None`` or ``"gelu"`` (exact GELU, ``erf`` as TOPI's polynomial ``fast_erf``), applied on
     the tile while it is in registers instead of a pass of its own over the result.
+    ``tile``: the register tile, by default this host's (:func:`dense_tile`).
     """
     from tvm import s_tir, te, topi
 
-    panels = -(-out_features // DENSE_PANEL)
+    tile = tile or dense_tile()
+    width = tile.panel
+    panels = -(-out_features // width)
     x = te.placeholder((rows, in_features), "float32", name="x")
-    packed = te.placeholder((panels, in_features, DENSE_PANEL), "float32", name="packed")
+    packed = te.placeholder((panels, in_features, width), "float32", name="packed")
     bias = te.placeholder((out_features,), "float32", name="bias")
     k = te.reduce_axis((0, in_features), "k")
     acc = te.compute(
-        (rows, panels, DENSE_PANEL),
+        (rows, panels, width),
         lambda m, panel, lane: te.sum(x[m, k] * packed[panel, k, lane], axis=k),
         name="acc",
     )
-    linear = te.compute(
-        (rows, out_features), lambda m, n: acc[m, n // DENSE_PANEL, n % DENSE_PANEL] + bias[n], name="linear"
-    )
+    linear = te.compute((rows, out_features), lambda m, n: acc[m, n // width, n % width] + bias[n], name="linear")
     if activation == "gelu":
         erf = topi.fast_erf(te.compute(linear.shape, lambda m, n: linear[m, n] * math.sqrt(0.5), name="scaled"))
         out = te.compute(linear.shape, lambda m, n: linear[m, n] * 0.5 * (erf[m, n] + 1.0), name="out")
@@ -232,18 +265,17 @@ def dense_f32(rows: int, in_features: int, out_features: int, activation: str | 
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("acc")
     m, panel, lane, k_loop = sch.get_loops(block)
-    tile_rows = min(_TILE_ROWS, rows)  # a partial last tile is predicated
-    m_outer, m_inner = sch.split(m, [None, tile_rows])
-    vector, lane_inner = sch.split(lane, [None, _DENSE_LANES])
-    # Panels outermost: one panel (K x 16 floats) stays in L1/L2 while every row tile streams past it.
+    m_outer, m_inner = sch.split(m, [None, min(tile.rows, rows)])  # a partial last tile is predicated
+    vector, lane_inner = sch.split(lane, [None, tile.lanes])
+    # Panels outermost: one panel (K x width floats) stays in L1/L2 while every row tile streams past it.
     sch.reorder(panel, m_outer, k_loop, m_inner, vector, lane_inner)
-    tile = sch.fuse(panel, m_outer)
+    fused = sch.fuse(panel, m_outer)
     for stage in ("linear", "scaled", "T_fast_erf") if activation == "gelu" else ("linear",):
         sch.compute_inline(sch.get_sblock(stage))
     epilogue = sch.get_sblock("out")
-    sch.reverse_compute_at(epilogue, tile, preserve_unit_loops=True)  # its last loop, the columns, vectorized
+    sch.reverse_compute_at(epilogue, fused, preserve_unit_loops=True)  # its last loop, the columns, vectorized
     sch.set_scope(block, 0, "local")
-    sch.parallel(tile)
+    sch.parallel(fused)
     sch.unroll(m_inner)
     sch.unroll(vector)
     sch.vectorize(lane_inner)
@@ -305,10 +337,10 @@ def attention_f32(batch: int, heads: int, length: int, source: int, dim: int, bi
     sch.vectorize(keys_inner)
 
     # One tile of query rows per task; its output in panels of 16 columns.
-    rows = min(_TILE_ROWS, length)
+    rows = min(_ATTENTION_TILE.rows, length)
     b, h, i, column = sch.get_loops(sch.get_sblock("out"))
     row_tile, row = sch.split(i, [None, rows])
-    panel, lane = sch.split(column, [None, DENSE_PANEL])
+    panel, lane = sch.split(column, [None, _ATTENTION_TILE.panel])
     sch.reorder(row_tile, panel, row, lane)
     tile = sch.fuse(b, h, row_tile)
     sch.parallel(tile)
@@ -323,7 +355,7 @@ def attention_f32(batch: int, heads: int, length: int, source: int, dim: int, bi
     # The scores in panels of 16 keys, each the register tile of q against the transposed keys.
     scores_block = sch.get_sblock("scores")
     tile_row, key = sch.get_loops(scores_block)[-2:]
-    key_panel, key_lane = sch.split(key, [None, DENSE_PANEL])
+    key_panel, key_lane = sch.split(key, [None, _ATTENTION_TILE.panel])
     sch.reorder(key_panel, tile_row, key_lane)
     sch.vectorize(key_lane)
     _register_tile(sch, sch.get_sblock("dot"), key_panel)
@@ -338,7 +370,7 @@ def _register_tile(sch, block, loop) -> None:
     loops = sch.get_loops(block)
     depth = next(n for n, enclosing in enumerate(loops, 1) if sch.get(enclosing).same_as(sch.get(loop)))
     *tile_loops, reduction = loops[depth:]
-    vector, lane = sch.split(tile_loops[-1], [None, _DENSE_LANES])
+    vector, lane = sch.split(tile_loops[-1], [None, _ATTENTION_TILE.lanes])
     sch.reorder(reduction, *tile_loops[:-1], vector, lane)
     for unrolled in (*tile_loops[:-1], vector):
         sch.unroll(unrolled)

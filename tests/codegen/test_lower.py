@@ -20,6 +20,7 @@ from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.targets import parse_target
 
 CPU = parse_target("cpu")
+TILE = x86.dense_tile()  # the GEMM's register tile for this host's vectors
 
 
 class Fn(torch.nn.Module):
@@ -213,8 +214,8 @@ def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias
     st.integers(0, 2**16),
 )
 def test_float_linear_on_avx2_is_the_hand_scheduled_gemm(rows, in_features, out_features, bias, after, seed):
-    # Any leading dims (flattened into rows, a partial last row tile), any K, any outputs (a partial last panel of
-    # 16); an exact GELU that alone reads the result is applied on the tile, anything else after the kernel.
+    # Any leading dims (flattened into rows, a partial last row tile), any K, any outputs (a partial last panel);
+    # an exact GELU that alone reads the result is applied on the tile, anything else after the kernel.
     torch.manual_seed(seed)
     layer = torch.nn.Linear(in_features, out_features, bias=bias)
     follow = {
@@ -226,7 +227,7 @@ def test_float_linear_on_avx2_is_the_hand_scheduled_gemm(rows, in_features, out_
     with spy_on("dense_f32") as kernels:
         program, executable = tvm_build(lambda x: follow(layer(x)), torch.randn(*rows, in_features))
     activation = "gelu" if after == "gelu" else None
-    assert executable.backend == "tvm" and kernels == [(math.prod(rows), in_features, out_features, activation)]
+    assert executable.backend == "tvm" and kernels == [(math.prod(rows), in_features, out_features, activation, TILE)]
     assert_built_matches(program, executable)
 
 
@@ -265,7 +266,7 @@ def test_addmm_by_a_constant_weight_is_the_hand_scheduled_gemm(shape):
     weight, bias = torch.randn(in_features, out_features), torch.randn(out_features)
     with spy_on("dense_f32") as kernels:
         assert_matches_torch(lambda x: torch.addmm(bias, x, weight), torch.randn(rows, in_features))
-    assert kernels == [(rows, in_features, out_features, None)]
+    assert kernels == [(rows, in_features, out_features, None, TILE)]
 
 
 CONSTANT = torch.randn(16, 16)

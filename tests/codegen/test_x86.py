@@ -1,0 +1,45 @@
+"""The float32 GEMM's register tile per ISA: run and compared with PyTorch where the host has the ISA, built for
+a CPU that has it elsewhere (its code must then use that ISA's registers)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fxopt.codegen import x86
+from fxopt.codegen.runtime import to_tvm
+from fxopt.targets import host_cpu, parse_target
+
+# (tile, the CPU flag it needs, an LLVM CPU that has it, the registers its vectors live in)
+ISAS = [
+    pytest.param(x86.AVX2_TILE, "avx2", "znver3", "%ymm", id="avx2"),
+    pytest.param(x86.AVX512_TILE, "avx512f", "znver4", "%zmm", id="avx512"),
+]
+
+
+@pytest.mark.parametrize("tile, flag, mcpu, registers", ISAS)
+@pytest.mark.parametrize(
+    "shape, activation",
+    [((13, 37, 53), None), ((13, 37, 53), "gelu"), ((1, 64, 100), None)],  # partial tiles and panels; one row
+)
+def test_dense_tile_matches_pytorch_or_builds_for_its_isa(tile, flag, mcpu, registers, shape, activation):
+    import tvm
+
+    rows, in_features, out_features = shape
+    kernel = tvm.IRModule({"main": x86.dense_f32(rows, in_features, out_features, activation, tile)})
+    if flag not in host_cpu().features:
+        library = tvm.compile(kernel, target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+        assert registers in library.mod.inspect_source("asm")
+        return
+    x, weight, bias = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+    out = torch.empty(rows, out_features)
+    library = tvm.compile(kernel, target=parse_target("cpu").tvm())
+    library["main"](to_tvm(x), to_tvm(x86.pack_dense_weight(weight, tile.panel)), to_tvm(bias), to_tvm(out))
+    expected = F.linear(x, weight, bias)
+    torch.testing.assert_close(out, F.gelu(expected) if activation else expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not x86.has_avx2(parse_target("cpu")), reason="the float32 GEMM tiles are for x86 CPUs with AVX2")
+def test_the_host_gets_the_tile_of_its_widest_vectors():
+    tile = x86.dense_tile()
+    assert tile.lanes * 32 == min(host_cpu().vector_bits, 512)
+    assert tile.panel == tile.vectors * tile.lanes
