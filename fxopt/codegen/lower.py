@@ -22,6 +22,7 @@ import torch.fx as fx
 
 from fxopt.codegen import x86
 from fxopt.codegen.compile import LANE_SUMS
+from fxopt.codegen.epilogue import find_epilogue
 from fxopt.errors import CodegenError
 from fxopt.ir.meta import describe_node
 from fxopt.ir.program import attribute_owner
@@ -141,7 +142,8 @@ def _segment_importer():
         def __init__(self, target: Target | None):
             super().__init__()
             self.target = target
-            self.applied_activations: set[fx.Node] = set()  # activations a kernel before them applied on its tile
+            # Ops a GEMM before them computed on its tile (epilogue.py): the exit's value, None inside the run.
+            self.absorbed: dict[fx.Node, object] = {}
             self.block_builder = relax.BlockBuilder()
             for op, fn in OVERRIDES.items():
                 self.convert_map[op.__name__] = (lambda f: lambda node: f(node, self))(fn)
@@ -149,7 +151,10 @@ def _segment_importer():
                 if key in self.convert_map:
                     self.convert_map[key] = _half_accumulating_in_float32(self.convert_map[key], bias_index, self)
             for key, fn in list(self.convert_map.items()):
-                self.convert_map[key] = _checked(fn)
+                self.convert_map[key] = self._unless_absorbed(_checked(fn))
+
+        def _unless_absorbed(self, convert: Callable) -> Callable:
+            return lambda node: self.absorbed[node] if node in self.absorbed else convert(node)
 
         def lower(self, gm: fx.GraphModule, name: str, weights_as_params: bool):
             bb = self.block_builder
@@ -165,6 +170,7 @@ def _segment_importer():
                     params.append(var)
                     inputs[node.name] = var
                     nodes.append(node)
+                    self.env[node] = var  # now too: a GEMM's epilogue may read an input placed after the GEMM
                 elif node.op == "get_attr":
                     # Bound here: the importer's get_attr path expects submodules, not tensors.
                     self.env[node] = (
@@ -353,8 +359,9 @@ def _dense_applies(importer, x, weight, bias) -> bool:
 def _dense(node: fx.Node, importer, x: fx.Node, weight, bias: fx.Node | None) -> object:
     """One call of :func:`fxopt.codegen.x86.dense_f32` over ``x``'s rows by ``weight`` (a Relax ``[out, in]``
     expression), packed into panels by Relax ops that the build folds into a constant (or lifts into an export's
-    weight transform); output channels short of a whole panel are zero-padded there. An exact GELU that is the
-    result's only reader is applied on the tile (:func:`_gelu` then passes the value on)."""
+    weight transform); output channels short of a whole panel are zero-padded there. The elementwise ops after
+    it that the kernel can apply on its tile (:func:`fxopt.codegen.epilogue.find_epilogue`) are computed there:
+    the kernel's result is bound to the run's last op and nothing to the ops inside it (``importer.absorbed``)."""
     from tvm import relax
 
     bb = importer.block_builder
@@ -365,20 +372,22 @@ def _dense(node: fx.Node, importer, x: fx.Node, weight, bias: fx.Node | None) ->
     panels = -(-out_features // tile.panel)
     padded = relax.op.nn.pad(weight, [0, panels * tile.panel - out_features, 0, 0])
     packed = bb.emit(relax.op.permute_dims(relax.op.reshape(padded, [panels, tile.panel, in_features]), [0, 2, 1]))
-    activation = None
-    (reader,) = node.users if len(node.users) == 1 else (None,)
-    if reader is not None and reader.target is aten.gelu.default and _arg(reader, 1, "approximate", "none") == "none":
-        activation = "gelu"
-        importer.applied_activations.add(reader)
-    kernel = x86.dense_f32(rows, in_features, out_features, activation, tile)
+    epilogue = find_epilogue(node, lambda value: value in importer.env)
+    kernel = x86.dense_f32(rows, in_features, out_features, epilogue, tile)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     args = [
         bb.emit(relax.op.reshape(importer.env[x], [rows, in_features])),
         packed,
         to_relax_constant(torch.zeros(out_features)) if bias is None else importer.env[bias],
     ]
+    for operand, shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
+        args.append(bb.emit(relax.op.reshape(importer.env[operand], list(shape))))
     y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, out_features], "float32")))
-    return bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
+    if epilogue is None:
+        return bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
+    importer.absorbed.update({inner: None for inner in epilogue.nodes[:-1]})
+    importer.absorbed[epilogue.exit] = bb.emit(relax.op.reshape(y, [*epilogue.exit.meta["val"].shape]))
+    return bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))  # read by none but the run: left unused
 
 
 @register_lowering(aten.cumsum.default)
@@ -554,8 +563,6 @@ def _gelu(node: fx.Node, importer) -> object:
 
     bb = importer.block_builder
     x = importer.env[node.args[0]]
-    if node in importer.applied_activations:  # the GEMM before it applied it (_dense)
-        return x
     if _arg(node, 1, "approximate", "none") == "tanh":
         return bb.emit(relax.op.nn.gelu_tanh(x))
     if not _cpu_float32(node, importer):

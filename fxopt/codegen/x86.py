@@ -18,10 +18,10 @@ while it is hot, so the int32 result never reaches memory.
 output channels (``[N/panel, K, panel]``, the last panel zero-padded); a register tile (:class:`DenseTile`, chosen
 per ISA by :func:`dense_tile`: 4 rows x 3 ymm vectors on AVX2, 8 x 3 zmm on AVX-512) keeps its accumulators in
 registers beside the panel's weight vectors and one broadcast activation, one FMA per accumulator per step of K;
-tiles run on every core, panels outermost so a panel stays in cache while the rows stream past it; the bias, and
-a GELU after the linear, are applied on the tile. Measured here (2-core Zen 3, BERT-base's 128x768x{768,3072},
-128x3072x768; 2 threads, ``benchmarks/gemm.py``) it runs 1.2-1.4x faster than PyTorch's MKL, 83-90% of the cores'
-measured FMA peak.
+tiles run on every core, panels outermost so a panel stays in cache while the rows stream past it; the bias and
+the elementwise ops after the GEMM (a GELU, a residual add: :mod:`fxopt.codegen.epilogue`) are applied on the
+tile. Measured here (2-core Zen 3, BERT-base's 128x768x{768,3072}, 128x3072x768; 2 threads,
+``benchmarks/gemm.py``) it runs 1.2-1.4x faster than PyTorch's MKL, 83-90% of the cores' measured FMA peak.
 
 **float32 attention on AVX2** (:func:`attention_f32`). TVM's generic lowering of ``scaled_dot_product_attention``
 (two batched matmuls and a softmax, each a naive loop nest) took 36 ms on one BERT-base layer's heads, 50x
@@ -35,7 +35,6 @@ probabilities times V (the same register tile), so the scores never leave L1. Me
 from __future__ import annotations
 
 import functools
-import math
 from dataclasses import dataclass
 
 import torch
@@ -227,18 +226,17 @@ def pack_dense_weight(weight: torch.Tensor, panel: int) -> torch.Tensor:
     return padded.reshape(panels, panel, in_features).permute(0, 2, 1).contiguous()
 
 
-def dense_f32(
-    rows: int, in_features: int, out_features: int, activation: str | None = None, tile: DenseTile | None = None
-):
+def dense_f32(rows: int, in_features: int, out_features: int, epilogue=None, tile: DenseTile | None = None):
     """The scheduled PrimFunc ``out[m, n] = act(sum_k x[m, k] * w[n, k] + bias[n])`` (``linear``), float32.
 
     Parameters, in order: ``x`` ``[rows, in]``; the packed weight (:func:`pack_dense_weight` by ``tile.panel``:
-    whole panels, the last one zero-padded); ``bias`` ``[out]``; the result ``[rows, out]``.
-    ``activation``: ``None`` or ``"gelu"`` (exact GELU, ``erf`` as TOPI's polynomial ``fast_erf``), applied on
-    the tile while it is in registers instead of a pass of its own over the result.
+    whole panels, the last one zero-padded); ``bias`` ``[out]``; the epilogue's operands; the result
+    ``[rows, out]``. ``epilogue``: elementwise ops applied on the tile while it is in registers instead of passes
+    of their own over the result (:class:`fxopt.codegen.epilogue.Epilogue`: its ``operand_shapes``, and called
+    with the TE result and operand placeholders it gives the TE value to write).
     ``tile``: the register tile, by default this host's (:func:`dense_tile`).
     """
-    from tvm import s_tir, te, topi
+    from tvm import s_tir, te
 
     tile = tile or dense_tile()
     width = tile.panel
@@ -253,14 +251,11 @@ def dense_f32(
         name="acc",
     )
     linear = te.compute((rows, out_features), lambda m, n: acc[m, n // width, n % width] + bias[n], name="linear")
-    if activation == "gelu":
-        erf = topi.fast_erf(te.compute(linear.shape, lambda m, n: linear[m, n] * math.sqrt(0.5), name="scaled"))
-        out = te.compute(linear.shape, lambda m, n: linear[m, n] * 0.5 * (erf[m, n] + 1.0), name="out")
-    elif activation is None:
-        out = te.compute(linear.shape, lambda m, n: linear[m, n], name="out")
-    else:
-        raise ValueError(f"dense_f32 has no activation {activation!r}: None or 'gelu'")
-    func = te.create_prim_func([x, packed, bias, out])
+    shapes = epilogue.operand_shapes if epilogue else []
+    operands = [te.placeholder(shape, "float32", name=f"operand_{i}") for i, shape in enumerate(shapes)]
+    result = epilogue(linear, operands) if epilogue else linear
+    out = te.compute(linear.shape, lambda m, n: result[m, n], name="out")
+    func = te.create_prim_func([x, packed, bias, *operands, out])
 
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("acc")
@@ -270,8 +265,9 @@ def dense_f32(
     # Panels outermost: one panel (K x width floats) stays in L1/L2 while every row tile streams past it.
     sch.reorder(panel, m_outer, k_loop, m_inner, vector, lane_inner)
     fused = sch.fuse(panel, m_outer)
-    for stage in ("linear", "scaled", "T_fast_erf") if activation == "gelu" else ("linear",):
-        sch.compute_inline(sch.get_sblock(stage))
+    for stage in sch.get_child_blocks(sch.get_sblock("root")):  # the bias and the epilogue, into the tile
+        if sch.get(stage).name_hint not in ("acc", "out"):
+            sch.compute_inline(stage)
     epilogue = sch.get_sblock("out")
     sch.reverse_compute_at(epilogue, fused, preserve_unit_loops=True)  # its last loop, the columns, vectorized
     sch.set_scope(block, 0, "local")

@@ -203,32 +203,71 @@ def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias
     assert_built_matches(quantized, executable)
 
 
+def gemm_calls(kernels) -> list[tuple]:
+    """``dense_f32`` calls as (rows, in, out, the epilogue's ops, tile)."""
+    return [(rows, k, n, epilogue.ops if epilogue else (), tile) for rows, k, n, epilogue, tile in kernels]
+
+
+def new_gelu(y):  # GPT-2's NewGELUActivation, spelled out in seven ops
+    return 0.5 * y * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * torch.pow(y, 3.0))))
+
+
+# A GEMM's tail and the ops its kernel computes on the tile: ``tail(y, o)`` of the GEMM's result ``y`` and
+# ``o = before(r)``, computed before the GEMM from an input ``r`` of ``y``'s shape.
+TAILS = {
+    "none": (None, lambda y, o: y, ()),
+    "gelu": (None, lambda y, o: F.gelu(y), ("gelu",)),
+    "gelu-tanh": (None, lambda y, o: F.gelu(y, approximate="tanh"), ("gelu",)),
+    "gpt-2 gelu": (None, lambda y, o: new_gelu(y), ("mul", "pow", "mul", "add", "mul", "tanh", "add", "mul")),
+    "gelu read twice": (None, lambda y, o: F.gelu(y) + y, ("gelu", "add")),
+    "residual, scale, relu": (None, lambda y, o: torch.relu((y + o) * 0.5), ("add", "mul", "relu")),
+    # Export spells SiLU as x * sigmoid(x).
+    "silu by a column vector": (lambda r: r.flatten(0, -2)[0], lambda y, o: F.silu(y) * o, ("sigmoid", "mul", "mul")),
+    "sigmoid minus one value": (lambda r: r.flatten()[:1], lambda y, o: torch.sigmoid(y) - o, ("sigmoid", "sub")),
+    "result read outside the tail": (None, lambda y, o: (torch.relu(y), y), ()),
+    "tail read outside": (None, lambda y, o: (lambda t: (t * 2, t))(torch.relu(y)), ("relu",)),
+    "result read by two tails": (None, lambda y, o: (torch.relu(y) * 2, torch.tanh(y)), ()),
+    "operand after the gemm": (None, lambda y, o: y + torch.exp(o), ()),
+    "integer division": (None, lambda y, o: torch.div(y, o, rounding_mode="floor"), ()),
+}
+
+
+def build_gemm_with_tail(tail: str, rows: list[int], in_features: int, out_features: int, bias: bool = True):
+    layer = torch.nn.Linear(in_features, out_features, bias=bias)
+    before, fn, _ = TAILS[tail]
+    with spy_on("dense_f32") as kernels:
+        program, executable = tvm_build(
+            lambda x, r: (lambda o: fn(layer(x), o))(before(r) if before else r),
+            torch.randn(*rows, in_features),
+            torch.randn(*rows, out_features),
+        )
+    assert executable.backend == "tvm"
+    assert_built_matches(program, executable)
+    return gemm_calls(kernels)
+
+
 @pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
-@settings(max_examples=12, deadline=None)
+@pytest.mark.parametrize("tail", TAILS)
+def test_elementwise_ops_after_the_gemm_are_computed_on_its_tile(tail):
+    assert build_gemm_with_tail(tail, [2, 3], 20, 37) == [(6, 20, 37, TAILS[tail][2], TILE)]
+
+
+@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
+@settings(max_examples=16, deadline=None)
 @given(
     st.lists(st.integers(1, 7), min_size=1, max_size=3),
     st.integers(1, 70),
     st.integers(1, 50),
     st.booleans(),
-    st.sampled_from(["none", "gelu", "gelu read twice", "gelu-tanh"]),
+    st.sampled_from(sorted(TAILS)),
     st.integers(0, 2**16),
 )
-def test_float_linear_on_avx2_is_the_hand_scheduled_gemm(rows, in_features, out_features, bias, after, seed):
-    # Any leading dims (flattened into rows, a partial last row tile), any K, any outputs (a partial last panel);
-    # an exact GELU that alone reads the result is applied on the tile, anything else after the kernel.
+def test_float_linear_on_avx2_is_the_hand_scheduled_gemm(rows, in_features, out_features, bias, tail, seed):
+    # Any leading dims (flattened into rows, a partial last row tile), any K, any outputs (a partial last panel),
+    # with or without a tail.
     torch.manual_seed(seed)
-    layer = torch.nn.Linear(in_features, out_features, bias=bias)
-    follow = {
-        "none": lambda y: y,
-        "gelu": F.gelu,
-        "gelu read twice": lambda y: F.gelu(y) + y,
-        "gelu-tanh": lambda y: F.gelu(y, approximate="tanh"),
-    }[after]
-    with spy_on("dense_f32") as kernels:
-        program, executable = tvm_build(lambda x: follow(layer(x)), torch.randn(*rows, in_features))
-    activation = "gelu" if after == "gelu" else None
-    assert executable.backend == "tvm" and kernels == [(math.prod(rows), in_features, out_features, activation, TILE)]
-    assert_built_matches(program, executable)
+    calls = build_gemm_with_tail(tail, rows, in_features, out_features, bias)
+    assert calls == [(math.prod(rows), in_features, out_features, TAILS[tail][2], TILE)]
 
 
 @pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled attention is for AVX2 CPUs")
@@ -266,7 +305,7 @@ def test_addmm_by_a_constant_weight_is_the_hand_scheduled_gemm(shape):
     weight, bias = torch.randn(in_features, out_features), torch.randn(out_features)
     with spy_on("dense_f32") as kernels:
         assert_matches_torch(lambda x: torch.addmm(bias, x, weight), torch.randn(rows, in_features))
-    assert kernels == [(rows, in_features, out_features, None, TILE)]
+    assert gemm_calls(kernels) == [(rows, in_features, out_features, (), TILE)]
 
 
 CONSTANT = torch.randn(16, 16)
