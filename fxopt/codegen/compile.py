@@ -24,6 +24,7 @@ def fusion_passes():
     from tvm import relax
 
     return [
+        relax.transform.DeadCodeElimination(),  # copies a hand kernel reads through (codegen/layout.py), unread
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(),

@@ -24,11 +24,12 @@ import torch
 import torch.fx as fx
 from torch._ops import OpOverload
 
+from fxopt.codegen.layout import RESHAPES
+
 __all__ = ["Epilogue", "find_epilogue"]
 
 aten = torch.ops.aten
 
-_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
 _MAX_OPS = 16  # a GEMM's tail, not the rest of the graph
 
 
@@ -138,7 +139,7 @@ class Epilogue:
     @property
     def ops(self) -> tuple[str, ...]:
         """The run's op names, views left out (``("gelu",)``, ``("add",)``)."""
-        return tuple(cast(OpOverload, n.target).overloadpacket.__name__ for n in self.nodes if n.target not in _VIEWS)
+        return tuple(cast(OpOverload, n.target).overloadpacket.__name__ for n in self.nodes if n.target not in RESHAPES)
 
     def __call__(self, result, operands: list) -> object:
         """The exit as a TE tensor, given the GEMM's ``result`` (bias added) and the ``operands`` as TE tensors."""
@@ -150,7 +151,7 @@ class Epilogue:
             return values[arg] if isinstance(arg, fx.Node) else tvm.tirx.const(float(arg), "float32")
 
         for node in self.nodes:
-            if node.target in _VIEWS:
+            if node.target in RESHAPES:
                 values[node] = value(node.args[0])
             else:
                 values[node] = _stage(node)(*(value(a) for a in _inputs(node)))
@@ -182,10 +183,10 @@ def find_epilogue(gemm: fx.Node, lowered: Callable[[fx.Node], bool]) -> Epilogue
             and value.dtype == torch.float32
             and value.numel() == size
             and value.shape[-1] == width
-            and (node.target in _VIEWS or (node.target in _ELEMENTWISE and _plain(node)))
+            and (node.target in RESHAPES or (node.target in _ELEMENTWISE and _plain(node)))
         ):
             return False
-        if node.target in _VIEWS:
+        if node.target in RESHAPES:
             return node.args[0] in members
         found = {}
         for arg in _inputs(node):
@@ -212,7 +213,7 @@ def find_epilogue(gemm: fx.Node, lowered: Callable[[fx.Node], bool]) -> Epilogue
         inside = {gemm, *run[:end]}
         if all(user in inside for member in [gemm, *run[: end - 1]] for user in member.users):
             nodes = run[:end]
-            if all(n.target in _VIEWS for n in nodes):
+            if all(n.target in RESHAPES for n in nodes):
                 return None
             operands = list(dict.fromkeys(a for n in nodes for a in n.args if isinstance(a, fx.Node) and a in shapes))
             return Epilogue(gemm, nodes, operands, [shapes[a] for a in operands])

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 from collections.abc import Callable
 
 import torch
@@ -23,6 +24,7 @@ import torch.fx as fx
 from fxopt.codegen import x86
 from fxopt.codegen.compile import LANE_SUMS
 from fxopt.codegen.epilogue import find_epilogue
+from fxopt.codegen.layout import read_through
 from fxopt.errors import CodegenError
 from fxopt.ir.meta import describe_node
 from fxopt.ir.program import attribute_owner
@@ -351,6 +353,20 @@ def _addmm(node: fx.Node, importer) -> object:
     return _dense(node, importer, x, relax.op.permute_dims(importer.env[weight], [1, 0]), bias)
 
 
+@register_lowering(aten.mm.default)
+@register_lowering(aten.matmul.default)
+def _matmul(node: fx.Node, importer) -> object:
+    """``x @ weight`` with a constant 2-D ``[in, out]`` weight (any leading dims of ``x``), float32 on an AVX2 CPU:
+    :func:`_dense` of the weight transposed. Anything else as TVM lowers it (matmul by MetaSchedule)."""
+    from tvm import relax
+
+    x, weight = node.args[:2]
+    if not (weight.meta["val"].dim() == 2 and _dense_applies(importer, x, weight, None)):
+        matmul = functools.partial(relax.op.linear_algebra.matmul, out_dtype="float32")
+        return importer._binary_op(matmul, operator.matmul)(node)
+    return _dense(node, importer, x, relax.op.permute_dims(importer.env[weight], [1, 0]), None)
+
+
 def _dense_applies(importer, x, weight, bias) -> bool:
     values = [a.meta["val"] for a in (x, weight, bias) if isinstance(a, fx.Node)]
     return x86.has_avx2(importer.target) and weight.op == "get_attr" and all(v.dtype == torch.float32 for v in values)
@@ -513,6 +529,7 @@ def _sdpa(node: fx.Node, importer) -> object:
     scale = node.kwargs.get("scale")
     q_val, k_val = node.args[0].meta["val"], node.args[1].meta["val"]
     dtype = tvm_dtype(q_val.dtype)
+    repeats = 0
     if node.kwargs.get("enable_gqa") and q_val.shape[-3] != k_val.shape[-3]:
         repeats = q_val.shape[-3] // k_val.shape[-3]
         k = bb.emit(relax.op.repeat(k, repeats, axis=-3))
@@ -534,9 +551,24 @@ def _sdpa(node: fx.Node, importer) -> object:
         bias_shape += [length, source]
         bias = to_relax_constant(torch.zeros(bias_shape)) if bias is None else bias
         bias = bb.emit(relax.op.broadcast_to(bias, bias_shape))
-        kernel = x86.attention_f32(*q_val.shape[:3], source, q_val.shape[3], tuple(bias_shape), scale)
+        # Q, K and V read where their chains of views, splits and permutes start (a fused projection's result),
+        # so the chains' copies go unread and are dropped; not where K and V were repeated for GQA above.
+        gathers = [read_through(a) for a in node.args[:3]]
+        gathers = [g if g.source is not g.node and not (repeats and i) else None for i, g in enumerate(gathers)]
+        q, k, v = (importer.env[g.source] if g else value for g, value in zip(gathers, (q, k, v)))
+        # Written heads inside when all that reads it is the transpose merging the heads: that is then free.
+        (reader,) = node.users if len(node.users) == 1 else (None,)
+        merge = reader is not None and _swaps_heads_and_rows(reader)
+        shape = [q_val.shape[i] for i in ((0, 2, 1, 3) if merge else range(4))]
+        kernel = x86.attention_f32(
+            *q_val.shape[:3], source, q_val.shape[3], tuple(bias_shape), scale, tuple(gathers), merge
+        )
         kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
-        return bb.emit(relax.call_tir(kernel, [q, k, v, bias], relax.TensorType(list(q_val.shape), "float32")))
+        out = bb.emit(relax.call_tir(kernel, [q, k, v, bias], relax.TensorType(shape, "float32")))
+        if not merge:
+            return out
+        importer.absorbed[reader] = out
+        return bb.emit(relax.op.permute_dims(out, [0, 2, 1, 3]))  # read by none but the transpose: left unused
     axes = list(range(k_val.dim()))
     axes[-1], axes[-2] = axes[-2], axes[-1]
     scores = bb.emit(relax.op.matmul(q, bb.emit(relax.op.permute_dims(k, axes))))
@@ -552,6 +584,13 @@ def _sdpa(node: fx.Node, importer) -> object:
             scores = bb.emit(relax.op.add(scores, m))
     probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
     return bb.emit(relax.op.matmul(probs, v))
+
+
+def _swaps_heads_and_rows(node: fx.Node) -> bool:
+    """``node`` is ``transpose(x, 1, 2)`` or ``permute(x, [0, 2, 1, 3])`` of a 4-D ``x``."""
+    if node.target is aten.transpose.int:
+        return sorted(d % 4 for d in node.args[1:3]) == [1, 2]
+    return node.target is aten.permute.default and [d % 4 for d in node.args[1]] == [0, 2, 1, 3]
 
 
 @register_lowering(aten.gelu.default)

@@ -3,9 +3,9 @@
 A *segment* is a run of consecutive lowerable nodes (in topological order,
 so every run is convex and can be cut out without creating a cycle) holding
 at most one heavy op (convolution, matmul, attention) with the cheap ops
-around it, and never splits an epilogue group (``mark-epilogues``): a group
-whose nodes the graph interleaves with other ops is first moved together, so
-TVM's fusion emits it as one kernel. Keeping heavy ops apart lets the
+around it (layout ops between two heavy ops go with an attention whose kernel reads through them), and never
+splits an epilogue group (``mark-epilogues``): a group whose nodes the graph interleaves with other ops is first
+moved together, so TVM's fusion emits it as one kernel. Keeping heavy ops apart lets the
 dispatcher decide per kernel: an untuned convolution stays in PyTorch while the fused elementwise chain
 after it, or a tuned matmul, runs in TVM. Ops without a lowering stay in the
 parent graph and run in PyTorch; :attr:`Partition.fallbacks` names each one.
@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.fx as fx
 
+from fxopt.codegen.layout import read_through
 from fxopt.codegen.lower import is_lowerable
 from fxopt.ir.meta import describe_node, epilogue_group
 from fxopt.ir.program import Program, attribute_owner
@@ -99,7 +100,8 @@ def partition(program: Program) -> Partition:
             current = _close(current, runs)
             continue
         if node.target in HEAVY_OPS and any(n.target in HEAVY_OPS for n in current):
-            current = _close(current, runs)
+            lead = _read_through_lead(current, node)
+            current = _close(current[: len(current) - len(lead)], runs) + lead
         current.append(node)
     _close(current, runs)
 
@@ -131,6 +133,18 @@ def _gather_epilogue_groups(graph: fx.Graph) -> None:
         last = nodes[-1]
         for node in nodes[:-1]:
             last.prepend(node)
+
+
+def _read_through_lead(run: list[fx.Node], heavy: fx.Node) -> list[fx.Node]:
+    """The end of ``run`` that only lays out ``heavy``'s inputs, when ``heavy`` is attention: its kernel reads
+    through layout chains (:mod:`fxopt.codegen.layout`) within its segment, so the chains join that segment."""
+    if heavy.target is not SDPA:
+        return []
+    chains = {node for arg in heavy.all_input_nodes for node in read_through(arg).chain}
+    start = len(run)
+    while start and run[start - 1] in chains and epilogue_group(run[start - 1]) is None:
+        start -= 1
+    return run[start:]
 
 
 def _close(run: list[fx.Node], runs: list[list[fx.Node]]) -> list[fx.Node]:

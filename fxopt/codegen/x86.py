@@ -281,19 +281,40 @@ def dense_f32(rows: int, in_features: int, out_features: int, epilogue=None, til
     return sch.mod["main"].with_attr({"tir.is_scheduled": True, "op_pattern": 8})  # 8: opaque, never fused
 
 
-def attention_f32(batch: int, heads: int, length: int, source: int, dim: int, bias_shape: tuple, scale: float):
+def attention_f32(
+    batch: int,
+    heads: int,
+    length: int,
+    source: int,
+    dim: int,
+    bias_shape: tuple,
+    scale: float,
+    gathers: tuple = (None, None, None),
+    heads_inside: bool = False,
+):
     """The scheduled PrimFunc ``out = softmax(q @ k.T * scale + bias) @ v`` per batch and head, float32.
 
     Parameters, in order: ``q`` ``[batch, heads, length, dim]``; ``k`` and ``v`` ``[batch, heads, source, dim]``;
     the additive mask ``bias`` ``[1 or batch, 1 or heads, length, source]`` (``-inf`` where a key is masked out);
     the result ``[batch, heads, length, dim]``. A row whose keys are all masked out gives zeros, as in PyTorch.
+    ``gathers``: for q, k and v, None or where the kernel reads it from instead
+    (:class:`fxopt.codegen.layout.Gather`: the parameter is then a tensor of its ``shape``, read through its
+    ``index`` map). ``heads_inside``: the result laid out ``[batch, length, heads, dim]`` instead, as the
+    transpose after attention that merges the heads wants it (which then costs nothing).
     """
     import tvm
     from tvm import s_tir, te, topi
 
-    q = te.placeholder((batch, heads, length, dim), "float32", name="q")
-    k = te.placeholder((batch, heads, source, dim), "float32", name="k")
-    v = te.placeholder((batch, heads, source, dim), "float32", name="v")
+    def read(name: str, rows: int, gather):
+        """The kernel's parameter for ``name`` and the tensor the kernel reads as it."""
+        shape = (batch, heads, rows, dim)
+        if gather is None:
+            placeholder = te.placeholder(shape, "float32", name=name)
+            return placeholder, placeholder
+        placeholder = te.placeholder(gather.shape, "float32", name=f"{name}_source")
+        return placeholder, te.compute(shape, lambda *i: placeholder[tuple(gather.index(list(i)))], name=name)
+
+    (q_in, q), (k_in, k), (v_in, v) = (read(*args) for args in zip("qkv", (length, source, source), gathers))
     bias = te.placeholder(bias_shape, "float32", name="bias")
     per_batch, per_head = bias_shape[0] > 1, bias_shape[1] > 1
     keys = te.compute((batch, heads, dim, source), lambda b, h, c, t: k[b, h, t, c], name="keys")
@@ -325,7 +346,12 @@ def attention_f32(batch: int, heads: int, length: int, source: int, dim: int, bi
         ),
         name="out",
     )
-    sch = s_tir.Schedule(te.create_prim_func([q, k, v, bias, out]))
+    sch = s_tir.Schedule(te.create_prim_func([q_in, k_in, v_in, bias, out]))
+    for name, gather in zip("qkv", gathers):
+        if gather is not None:
+            sch.compute_inline(sch.get_sblock(name))
+    if heads_inside:
+        sch.transform_layout(sch.get_sblock("out"), ("write", 0), lambda b, h, i, c: (b, i, h, c))
 
     transpose = sch.get_sblock("keys")
     *outer, keys_inner = sch.get_loops(transpose)

@@ -72,6 +72,8 @@ def test_every_override_is_tested_here():
         "aten::gelu",
         "aten::linear",
         "aten::addmm",
+        "aten::mm",
+        "aten::matmul",
         "aten::layer_norm",
         "aten::tanh",
         "aten::exp",
@@ -297,6 +299,37 @@ def test_float_attention_on_avx2_is_the_hand_scheduled_kernel(shape, mask_kind, 
     assert_built_matches(program, executable)
 
 
+@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled attention is for AVX2 CPUs")
+@pytest.mark.parametrize("parts", ["split", "slices"])
+def test_attention_reads_q_k_v_where_their_layout_chains_start(parts):
+    # GPT-2 splits its fused projection, fxopt's fuse-projections slices it; both then view and transpose each
+    # part per head, and transpose the result back. The kernel reads the projection itself and writes the heads
+    # merged: the copies the chains made are not built.
+    heads, dim, length = 3, 8, 10
+    projection = torch.nn.Linear(24, 3 * heads * dim)
+
+    def attention(x):
+        qkv = projection(x)
+        if parts == "split":
+            pieces = qkv.split(heads * dim, dim=-1)
+        else:
+            pieces = [qkv[..., i * heads * dim : (i + 1) * heads * dim] for i in range(3)]
+        q, k, v = (piece.view(1, length, heads, dim).transpose(1, 2) for piece in pieces)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return out.transpose(1, 2).reshape(1, length, heads * dim)
+
+    with spy_on("attention_f32") as kernels:
+        program, executable = tvm_build(attention, torch.randn(1, length, 24))
+    assert executable.backend == "tvm"
+    ((*_, gathers, heads_inside),) = kernels
+    assert heads_inside
+    # One source, the projection's result (the segment's input: the linear is a segment of its own).
+    assert len({g.source for g in gathers}) == 1 and gathers[0].shape == (1, length, 3 * heads * dim)
+    assert_built_matches(program, executable)
+    kernels_built = [line for line in executable.kernel_source("ll").splitlines() if line.startswith("define")]
+    assert not [line for line in kernels_built if any(op in line for op in ("split", "slice", "transpose"))]
+
+
 @pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
 @pytest.mark.parametrize("shape", [(5, 24, 40), (1, 7, 3)])
 def test_addmm_by_a_constant_weight_is_the_hand_scheduled_gemm(shape):
@@ -308,6 +341,15 @@ def test_addmm_by_a_constant_weight_is_the_hand_scheduled_gemm(shape):
     assert gemm_calls(kernels) == [(rows, in_features, out_features, (), TILE)]
 
 
+@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
+@pytest.mark.parametrize("x_shape", [(5, 24), (2, 3, 24), (24,)])
+def test_a_matmul_by_a_constant_matrix_is_the_hand_scheduled_gemm(x_shape):
+    weight = torch.randn(24, 40)
+    with spy_on("dense_f32") as kernels:
+        assert_matches_torch(lambda x: torch.relu(x @ weight), torch.randn(x_shape))
+    assert gemm_calls(kernels) == [(math.prod(x_shape[:-1]), 24, 40, ("relu",), TILE)]
+
+
 CONSTANT = torch.randn(16, 16)
 
 
@@ -316,6 +358,8 @@ CONSTANT = torch.randn(16, 16)
     [
         pytest.param(lambda x, w: F.linear(x, w * 2), id="computed weight"),
         pytest.param(lambda x, w: torch.addmm(x[0], x, CONSTANT, beta=0.5), id="scaled addmm"),
+        pytest.param(lambda x, w: x @ w, id="matmul of two inputs"),
+        pytest.param(lambda x, w: CONSTANT @ x, id="constant on the left"),
     ],
 )
 def test_matmuls_the_gemm_does_not_take_are_lowered_as_tvm_does(fn):
