@@ -25,6 +25,7 @@ def fusion_passes():
 
     return [
         relax.transform.DeadCodeElimination(),  # copies a hand kernel reads through (codegen/layout.py), unread
+        deduplicate_kernels(),
         relax.backend.DispatchSampling(),
         relax.backend.DispatchSortScan(),
         relax.transform.LegalizeOps(),
@@ -33,6 +34,42 @@ def fusion_passes():
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
     ]
+
+
+def deduplicate_kernels():
+    """Module pass: kernels equal but for their names compiled once. Hand-scheduled kernels are named after their
+    nodes, so each of a transformer's identical layers brought its own copy of each (BERT-base: 12 of every GEMM
+    and attention kernel, each unrolled, compiled by LLVM one by one); calls of a copy go to the first."""
+    import tvm
+    import tvm_ffi
+    from tvm import relax, tirx
+
+    @tvm.transform.module_pass(opt_level=0, name="fxopt_deduplicate_kernels")
+    def deduplicate(mod, _ctx):
+        first: dict = {}
+        same = {}
+        for var, func in mod.functions_items():
+            if isinstance(func, tirx.PrimFunc):
+                key = tvm_ffi.StructuralKey(func.without_attr("global_symbol"))
+                same[var] = first.setdefault(key, var)
+        same = {copy: kept for copy, kept in same.items() if not copy.same_as(kept)}
+        if not same:
+            return mod
+
+        @relax.expr_functor.mutator
+        class Redirect(relax.PyExprMutator):
+            def visit_global_var_(self, var):
+                return same.get(var, var)
+
+        functions = {}
+        for var, func in mod.functions_items():
+            if isinstance(func, relax.Function):
+                functions[var] = Redirect(mod).visit_expr(func)
+            elif var not in same:
+                functions[var] = func
+        return tvm.IRModule(functions, attrs=mod.attrs, global_infos=mod.global_infos)
+
+    return deduplicate
 
 
 def relax_pipeline(target: Target, database_dir: Path | None):

@@ -15,7 +15,9 @@ import torch.utils._pytree as pytree
 
 import fxopt
 from fxopt import CodegenError, InputMismatchError
+from fxopt.codegen.x86 import has_avx2
 from fxopt.ir.numerics import Tolerance, compare_outputs
+from fxopt.targets import parse_target
 from fxopt.zoo import load_zoo_model
 
 
@@ -456,12 +458,21 @@ def test_measured_dispatch_chains_the_segments_only_when_the_whole_model_is_fast
 
 
 def test_outputs_only_tvm_reads_are_not_laid_out_for_pytorch(monkeypatch):
-    # GPT-2's Q/K/V leave their segment as permuted views; attention in TVM takes them contiguous, so laying them
-    # out for PyTorch first would be a PyTorch copy between two TVM calls. Segments called one by one here.
+    # A GEMM's result leaves its segment transposed, a view, and only the next GEMM's segment reads it: TVM takes
+    # it contiguous, so laying it out for PyTorch first would be a PyTorch copy between two TVM calls. Segments
+    # called one by one here.
     import fxopt.codegen
 
+    class TransposedBetweenGemms(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.weight = torch.nn.Linear(16, 24), torch.nn.Parameter(torch.randn(8, 12))
+
+        def forward(self, x):
+            return self.first(x).transpose(0, 1) @ self.weight
+
     monkeypatch.setattr(fxopt.codegen, "find_chains", lambda parent, segments: [])
-    model, args = load_zoo_model("gpt2-tiny")
+    model, args = TransposedBetweenGemms(), (torch.randn(8, 16),)
     optimized = fxopt.optimize(model, args, target="cpu", dispatch="tvm")
     parent = optimized.executable.module.graph_module
     read_by_tvm_only = [
@@ -470,6 +481,26 @@ def test_outputs_only_tvm_reads_are_not_laid_out_for_pytorch(monkeypatch):
         for item in call.users
         if all(user.op == "call_module" for user in item.users)
     ]
-    assert any(not value.is_contiguous() for _, value in read_by_tvm_only)  # permuted views among them
+    assert any(not value.is_contiguous() for _, value in read_by_tvm_only)  # the transposed view among them
     assert all(strides is None for strides, _ in read_by_tvm_only)
     assert_close(optimized(*args), reference(model, args))
+
+
+@pytest.mark.skipif(not has_avx2(parse_target("cpu")), reason="the hand-scheduled GEMM is for AVX2 CPUs")
+def test_kernels_equal_but_for_their_names_are_compiled_once():
+    # Two layers of one shape: the hand GEMM of each is named after its node, the library holds one of them.
+    class TwoLayers(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second = torch.nn.Linear(32, 32), torch.nn.Linear(32, 32)
+
+        def forward(self, x):
+            return self.second(torch.relu(self.first(x))).relu()
+
+    model, x = TwoLayers(), torch.randn(8, 32)
+    optimized = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm")
+    source = optimized.kernel_source("ll").splitlines()
+    functions = [line.split("@")[1].split("(")[0] for line in source if line.startswith("define")]
+    gemms = [name for name in functions if "linear" in name]
+    assert gemms and not [name for name in gemms if "linear_1" in name], functions
+    torch.testing.assert_close(optimized(x), model(x))

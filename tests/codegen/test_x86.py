@@ -16,26 +16,40 @@ ISAS = [
 ]
 
 
+class ScaledRelu:
+    """An epilogue with an operand: ``relu(result) * scale`` with one scale per output column."""
+
+    def __init__(self, columns: int):
+        self.operand_shapes = [(columns,)]
+
+    def __call__(self, result, operands):
+        from tvm import topi
+
+        return topi.multiply(topi.nn.relu(result), operands[0])
+
+
 @pytest.mark.parametrize("tile, flag, mcpu, registers", ISAS)
 @pytest.mark.parametrize(
-    "shape, activation",
-    [((13, 37, 53), None), ((13, 37, 53), "gelu"), ((1, 64, 100), None)],  # partial tiles and panels; one row
+    "shape, with_epilogue",
+    [((13, 37, 53), False), ((13, 37, 53), True), ((1, 64, 100), False)],  # partial tiles and panels; one row
 )
-def test_dense_tile_matches_pytorch_or_builds_for_its_isa(tile, flag, mcpu, registers, shape, activation):
+def test_dense_tile_matches_pytorch_or_builds_for_its_isa(tile, flag, mcpu, registers, shape, with_epilogue):
     import tvm
 
     rows, in_features, out_features = shape
-    kernel = tvm.IRModule({"main": x86.dense_f32(rows, in_features, out_features, activation, tile)})
+    epilogue = ScaledRelu(out_features) if with_epilogue else None
+    kernel = tvm.IRModule({"main": x86.dense_f32(rows, in_features, out_features, epilogue, tile)})
     if flag not in host_cpu().features:
         library = tvm.compile(kernel, target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
         assert registers in library.mod.inspect_source("asm")
         return
     x, weight, bias = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
-    out = torch.empty(rows, out_features)
+    scale, out = torch.randn(out_features), torch.empty(rows, out_features)
     library = tvm.compile(kernel, target=parse_target("cpu").tvm())
-    library["main"](to_tvm(x), to_tvm(x86.pack_dense_weight(weight, tile.panel)), to_tvm(bias), to_tvm(out))
+    args = [x, x86.pack_dense_weight(weight, tile.panel), bias, *([scale] if epilogue else []), out]
+    library["main"](*map(to_tvm, args))
     expected = F.linear(x, weight, bias)
-    torch.testing.assert_close(out, F.gelu(expected) if activation else expected, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, torch.relu(expected) * scale if epilogue else expected, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.skipif(not x86.has_avx2(parse_target("cpu")), reason="the float32 GEMM tiles are for x86 CPUs with AVX2")
