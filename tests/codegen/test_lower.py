@@ -254,6 +254,49 @@ def test_elementwise_ops_after_the_gemm_are_computed_on_its_tile(tail):
     assert build_gemm_with_tail(tail, [2, 3], 20, 37) == [(6, 20, 37, TAILS[tail][2], TILE)]
 
 
+# One step of a random tail: what it does to the running value ``v`` (reading the GEMM's result ``y``, a whole
+# tensor ``r``, a column vector ``c`` and a one-element tensor ``s``, all computed before the GEMM), and the ops
+# export spells it as.
+TAIL_STEPS = {
+    "add whole": (lambda v, y, r, c, s: v + r, ("add",)),
+    "times column": (lambda v, y, r, c, s: v * c, ("mul",)),
+    "minus one value": (lambda v, y, r, c, s: v - s, ("sub",)),
+    "divide by a number": (lambda v, y, r, c, s: v / 3.0, ("div",)),
+    "add the result again": (lambda v, y, r, c, s: v + y, ("add",)),
+    "relu": (lambda v, y, r, c, s: torch.relu(v), ("relu",)),
+    "tanh": (lambda v, y, r, c, s: torch.tanh(v), ("tanh",)),
+    "sigmoid": (lambda v, y, r, c, s: torch.sigmoid(v), ("sigmoid",)),
+    "silu": (lambda v, y, r, c, s: F.silu(v), ("sigmoid", "mul")),
+    "gelu": (lambda v, y, r, c, s: F.gelu(v), ("gelu",)),
+    "gelu-tanh": (lambda v, y, r, c, s: F.gelu(v, approximate="tanh"), ("gelu",)),
+    "square": (lambda v, y, r, c, s: torch.pow(v, 2), ("pow",)),
+    "negate": (lambda v, y, r, c, s: -v, ("neg",)),
+    "view": (lambda v, y, r, c, s: v.reshape(-1, v.shape[-1]).view(v.shape), ()),
+}
+
+
+@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
+@settings(max_examples=8, deadline=None)
+@given(st.lists(st.sampled_from(sorted(TAIL_STEPS)), min_size=1, max_size=6), st.integers(0, 2**16))
+def test_random_elementwise_tails_are_computed_on_the_tile_and_match_pytorch(steps, seed):
+    torch.manual_seed(seed)
+    layer = torch.nn.Linear(12, 20)
+
+    def model(x, r):
+        c, s = r[0, 0], r.flatten()[:1]  # a column vector and one value, both before the GEMM
+        y = value = layer(x)
+        for step in steps:
+            value = TAIL_STEPS[step][0](value, y, r, c, s)
+        return value
+
+    with spy_on("dense_f32") as kernels:
+        program, executable = tvm_build(model, torch.randn(2, 3, 12), torch.randn(2, 3, 20))
+    assert executable.backend == "tvm"
+    assert_built_matches(program, executable)
+    ops = tuple(op for step in steps for op in TAIL_STEPS[step][1])
+    assert gemm_calls(kernels) == [(6, 12, 20, ops, TILE)]
+
+
 @pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
 @settings(max_examples=16, deadline=None)
 @given(
