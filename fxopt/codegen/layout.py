@@ -18,6 +18,8 @@ from typing import Any, cast
 import torch
 import torch.fx as fx
 
+from fxopt.ir.traits import VIEWS
+
 __all__ = ["Gather", "read_through", "RESHAPES"]
 
 aten = torch.ops.aten
@@ -25,9 +27,7 @@ aten = torch.ops.aten
 Index = list  # one index expression (TE/TIR or int) per dimension
 #: Ops that keep the elements' order: reshapes, whatever the new shape.
 RESHAPES = {
-    aten.view.default,
-    aten.reshape.default,
-    aten._unsafe_view.default,
+    *VIEWS,
     aten.unsqueeze.default,
     aten.squeeze.default,
     aten.squeeze.dim,
