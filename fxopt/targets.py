@@ -15,6 +15,7 @@ import functools
 import os
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Literal
 
 from fxopt.errors import FxoptError
@@ -30,6 +31,8 @@ class HostCPU:
     cores: int
     vector_bits: int
     features: tuple[str, ...]
+    #: One core's L2 cache (the OS's word; 256 KiB, the smallest of current x86 cores, where it says nothing).
+    l2_bytes: int = 256 * 1024
 
     def __str__(self) -> str:
         return f"{self.mcpu}, {self.cores} cores, {self.vector_bits}-bit vectors"
@@ -40,17 +43,40 @@ _VECTOR_FEATURES = (("avx512f", 512), ("avx2", 256), ("avx", 256), ("neon", 128)
 
 @functools.cache
 def host_cpu() -> HostCPU:
-    """Detect the host CPU (cached): LLVM's CPU name, the cores this process may use, the widest vector unit."""
+    """Detect the host CPU (cached): LLVM's CPU name, the cores this process may use, the widest vector unit,
+    the L2 cache."""
     from tvm.target import codegen  # TVM's compiler library: LLVM's name for this CPU
 
     flags = _cpu_flags()
     vector_bits = next((bits for name, bits in _VECTOR_FEATURES if name in flags), 128)
-    return HostCPU(str(codegen.llvm_get_system_cpu()), usable_cores(), vector_bits, tuple(sorted(flags)))
+    return HostCPU(
+        str(codegen.llvm_get_system_cpu()),
+        usable_cores(),
+        vector_bits,
+        tuple(sorted(flags)),
+        _cache_bytes(level=2) or HostCPU.l2_bytes,
+    )
 
 
 def usable_cores() -> int:
     """The cores this process may run on (its affinity mask, else the machine's)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _cache_bytes(level: int, caches: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """The size of CPU 0's data (or unified) cache of ``level`` as Linux's sysfs gives it, or None."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    for index in sorted(caches.glob("index*")):
+        try:
+            if int((index / "level").read_text()) != level or (index / "type").read_text().strip() == "Instruction":
+                continue
+            size = (index / "size").read_text().strip()
+        except (OSError, ValueError):
+            continue
+        match = re.fullmatch(r"(\d+)([KMG]?)", size)
+        if match:
+            return int(match.group(1)) * units.get(match.group(2), 1)
+    return None
 
 
 def _cpu_flags() -> set[str]:

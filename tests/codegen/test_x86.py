@@ -1,6 +1,8 @@
 """The float32 GEMM's register tile per ISA: run and compared with PyTorch where the host has the ISA, built for
 a CPU that has it elsewhere (its code must then use that ISA's registers)."""
 
+import dataclasses
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,8 @@ class ScaledRelu:
 @pytest.mark.parametrize("tile, flag, mcpu, registers", ISAS)
 @pytest.mark.parametrize(
     "shape, with_epilogue",
-    [((13, 37, 53), False), ((13, 37, 53), True), ((1, 64, 100), False)],  # partial tiles and panels; one row
+    # partial tiles and panels; several groups of panels per task, the last one partial; one row
+    [((13, 37, 53), False), ((13, 37, 53), True), ((13, 37, 173), True), ((1, 64, 100), False)],
 )
 def test_dense_tile_matches_pytorch_or_builds_for_its_isa(tile, flag, mcpu, registers, shape, with_epilogue):
     import tvm
@@ -57,3 +60,15 @@ def test_the_host_gets_the_tile_of_its_widest_vectors():
     tile = x86.dense_tile()
     assert tile.lanes * 32 == min(host_cpu().vector_bits, 512)
     assert tile.panel == tile.vectors * tile.lanes
+
+
+@pytest.mark.parametrize("l2_bytes", [256 << 10, 512 << 10, 1 << 20, 2 << 20])
+@pytest.mark.parametrize("tile", [x86.AVX2_TILE, x86.AVX512_TILE], ids=["avx2", "avx512"])
+def test_a_task_runs_as_many_panels_as_half_the_l2_holds(monkeypatch, l2_bytes, tile):
+    monkeypatch.setattr(x86, "host_cpu", lambda: dataclasses.replace(host_cpu(), l2_bytes=l2_bytes))
+    for in_features in (16, 384, 768, 1024, 3072, 4096, 16384):
+        panels = x86.panels_per_task(in_features, tile)
+        panel_bytes = in_features * tile.panel * 4
+        assert 1 <= panels <= 3
+        assert panels == 1 or panels * panel_bytes <= l2_bytes // 2  # the group fits
+        assert panels == 3 or (panels + 1) * panel_bytes > l2_bytes // 2  # and is no smaller than it must be
