@@ -12,20 +12,14 @@ from fxopt.ir.layers import is_call, is_constant, is_number
 from fxopt.ir.meta import describe_node, dtype_of, shape_of, stamp_provenance
 from fxopt.ir.pattern import Pat, RewriteContext, Rewritten, Rule, Skip
 from fxopt.ir.program import Program, attribute_owner
-from fxopt.ir.traits import DIV, MUL, SDPA
+from fxopt.ir.traits import DIV, MUL, SDPA, VIEWS
 from fxopt.passes.base import Pass, PassContext
 
 aten = torch.ops.aten
 
 _SOFTMAX = aten._softmax.default
 # What capture's decomposition of a batched matmul wraps around its ``bmm`` (broadcast, flatten, unflatten).
-_RESHAPES = (
-    aten.view.default,
-    aten._unsafe_view.default,
-    aten.reshape.default,
-    aten.expand.default,
-    aten.clone.default,
-)
+_RESHAPES = (*VIEWS, aten.expand.default, aten.clone.default)
 
 
 @dataclass(frozen=True)
@@ -34,21 +28,31 @@ class FuseAttention(Pass):
 
     Eager attention implementations (``transformers``' ``eager`` attention,
     hand-written blocks) reach the graph as two batched matmuls around a
-    scale, an optional additive mask and a softmax over the last dimension;
-    PyTorch runs that as five kernels and materializes the score matrix,
-    while SDPA is one fused kernel in PyTorch and one attention lowering in
-    the backend. Matched: scale factors (a number or a one-element constant,
-    multiplied or divided, on the scores or on Q), an additive float mask of
-    any broadcastable shape of rank 2 or more after the scaling, Kᵀ given as a transpose of K
-    (or any other tensor, which is then transposed), Q/K/V of equal batch
-    dimensions and rank at least 3. Not matched (note in the report): a mask
-    applied with ``where``/``masked_fill``, a softmax in another dtype, any
-    intermediate value used elsewhere.
+    scale, masks and a softmax over the last dimension; PyTorch runs that as
+    five kernels and materializes the score matrix, while SDPA is one fused
+    kernel in PyTorch and one attention lowering in the backend. Matched,
+    between the first matmul and the softmax, in any order and number:
+    reshapes (Falcon and BLOOM scale and mask the flattened ``[batch * heads,
+    L, S]`` scores); scale factors (a number or a one-element constant,
+    multiplied or divided, on the scores, on Q or on Kᵀ); additive float
+    masks of rank 2 or more (padding and causal masks, ALiBi, T5's relative
+    position bias: their sum becomes SDPA's mask, each scaled by the factors
+    applied after it); ``where``/``masked_fill`` with ``-inf`` or a fill of
+    at most -1e30 (GPT-Neo's causal mask, DeBERTa's padding mask: then
+    ``s + where(c, 0, fill)``, which rounds to the same value for any score
+    below 1e30 in magnitude). Kᵀ given as a transpose of K (or any other
+    tensor, which is then transposed); Q/K/V of equal batch dimensions and
+    rank at least 3. Not matched (note in the report): a fill that is not
+    that negative, a softmax in another dtype, any intermediate value used
+    elsewhere. A row whose every key is masked out with ``-inf`` is NaN in
+    the softmax and zeros in SDPA (PyTorch's convention, kept by fxopt's
+    kernels); with a finite fill both give the softmax of equal scores.
 
     Exact up to float rounding: SDPA computes the same function, its kernel
-    sums in another order (about 1e-6 relative in float32). Run after
-    ``fuse-blocks`` (which merges the Q/K/V projections) and before ``cse``
-    and ``dce``.
+    sums in another order (about 1e-6 relative in float32), and several
+    masks are added together before the scores. Run after ``fold-constants``
+    (which makes computed scale tensors constants), ``fuse-blocks`` (which
+    merges the Q/K/V projections), and before ``cse`` and ``dce``.
     """
 
     name = "fuse-attention"
@@ -58,20 +62,37 @@ class FuseAttention(Pass):
             found = _match(softmax)
             if isinstance(found, Skip):
                 return found
-            with program.graph.inserting_before(found.root):  # the second matmul: Q, K and V are all defined there
+            graph = program.graph
+            with graph.inserting_before(found.root):  # the second matmul: Q, K, V and the masks are defined there
+                created = []
                 key = found.key
                 if key is None:  # Kᵀ is not a visible transpose of K: SDPA wants K itself
                     rank = len(shape_of(found.key_t))
                     dims = list(range(rank - 2)) + [rank - 1, rank - 2]
-                    key = program.graph.call_function(aten.permute.default, (found.key_t, dims))
-                args = (found.query, key, found.value) + ((found.mask,) if found.mask is not None else ())
-                fused = program.graph.call_function(SDPA, args, {"scale": found.scale})
-            stamp_provenance([fused] if key is found.key else [key, fused], self.name, found.nodes)
-            replace_subgraph(found.root, fused, found.nodes)
+                    key = graph.call_function(aten.permute.default, (found.key_t, dims))
+                    created.append(key)
+                mask = None
+                for term in found.masks:
+                    value = term.build(graph, shape_of(softmax), created)
+                    mask = value if mask is None else graph.call_function(aten.add.Tensor, (mask, value))
+                    created.append(mask)
+                args = (found.query, key, found.value) + ((mask,) if mask is not None else ())
+                fused = graph.call_function(SDPA, args, {"scale": found.scale})
+                result = fused
+                if any(is_call(user, aten.view.default) for user in found.root.users):
+                    # SDPA may return its result transposed in memory (PyTorch's CPU kernel does for batches
+                    # over 1); a view of it (Falcon's flatten) needs the matmul's contiguous layout.
+                    result = graph.call_function(
+                        aten.clone.default, (fused,), {"memory_format": torch.contiguous_format}
+                    )
+                    created.append(result)
+            stamp_provenance([*dict.fromkeys(created), fused], self.name, found.nodes)
+            replace_subgraph(found.root, result, found.nodes)
             ctx.count("attentions-fused")
+            masks = "".join(f", {term.kind}" for term in found.masks)
             ctx.notes.append(
-                f"{describe_node(softmax)}: matmul, scale{', mask' if found.mask is not None else ''}, "
-                f"softmax, matmul -> {fused.name} (scale={found.scale:.6g})"
+                f"{describe_node(softmax)}: matmul, scale{masks}, softmax, matmul -> {fused.name} "
+                f"(scale={found.scale:.6g})"
             )
             return Rewritten(fused)
 
@@ -79,15 +100,62 @@ class FuseAttention(Pass):
 
 
 @dataclass
+class _Mask:
+    """One additive term of the scores: ``term`` (a ``where``'s condition when ``fill`` is set: then
+    ``where(term, 0, fill)``, or ``where(term, fill, 0)`` when ``fill_where_true``) times ``factor`` (the scale
+    factors applied after it), added to scores of shape ``shape`` and ``dtype`` (the flattened
+    ``[batch * heads, L, S]`` for BLOOM's ALiBi)."""
+
+    term: fx.Node
+    factor: float
+    shape: list
+    dtype: torch.dtype
+    fill: float | None = None
+    fill_where_true: bool = False
+
+    @property
+    def kind(self) -> str:
+        return "mask" if self.fill is None else "where-mask"
+
+    def build(self, graph: fx.Graph, scores: list, created: list[fx.Node]) -> fx.Node:
+        """The term as a mask of SDPA's scores (of shape ``scores``); its new nodes are appended to ``created``."""
+
+        def call(target, *args, **kwargs) -> fx.Node:
+            created.append(graph.call_function(target, args, kwargs))
+            return created[-1]
+
+        value = self.term
+        if self.fill is not None:
+            fill, zero = (call(aten.scalar_tensor.default, x, dtype=self.dtype) for x in (self.fill, 0.0))
+            value = call(aten.where.self, value, *((fill, zero) if self.fill_where_true else (zero, fill)))
+        if self.factor != 1.0:
+            value = call(aten.mul.Tensor, value, self.factor)
+        if self.shape != scores:  # added to the flattened scores: the same elements in SDPA's shape
+            rank = len(shape_of(self.term))
+            leading = self.shape[: len(self.shape) - 2]
+            if rank == len(self.shape) and shape_of(self.term)[:-2] == leading:  # every batch dim: regrouped
+                value = call(aten.reshape.default, value, scores[:-2] + shape_of(self.term)[-2:])
+            else:
+                value = call(aten.expand.default, value, self.shape)
+                value = call(aten.view.default, call(aten.clone.default, value), scores)
+        return value
+
+
+@dataclass
 class _Attention:
     root: fx.Node  # the output of the second matmul, replaced by the SDPA
     query: fx.Node
     key: fx.Node | None  # None when only Kᵀ is in the graph
-    key_t: fx.Node
+    key_t: fx.Node | None  # None when Kᵀ is only the transpose of a flattened K (BLOOM, DeBERTa)
     value: fx.Node
-    mask: fx.Node | None
+    masks: list[_Mask]
     scale: float
     nodes: list[fx.Node]  # everything the SDPA replaces
+
+
+#: A fill at most this negative is absorbed by any score below 1e30 in magnitude (float32's, bfloat16's):
+#: ``s + fill`` rounds to ``fill``, so ``where(c, s, fill)`` equals ``s + where(c, 0, fill)``.
+_ABSORBING_FILL = -1e30
 
 
 def _match(softmax: fx.Node) -> _Attention | Skip:
@@ -98,73 +166,131 @@ def _match(softmax: fx.Node) -> _Attention | Skip:
     if softmax.args[1] not in (-1, rank - 1) or softmax.args[2]:
         return Skip("softmax over another dimension or into another dtype")
     nodes = [softmax]
-    scores, mask = softmax.args[0], None
-    if is_call(scores, aten.add.Tensor) and scores.kwargs.get("alpha", 1) == 1:
-        nodes.append(scores)
-        left, right = scores.args
-        scores, mask = (left, right) if _is_mask(right, softmax) else (right, left)
-        if not _is_mask(mask, softmax):
-            return Skip("the scores are a sum, but neither term is a mask of the scores' dtype and rank >= 2")
+    masks: list[_Mask] = []
     scale = 1.0
-    while (factor := _scale_factor(scores)) is not None:
+    scores = softmax.args[0]
+    # Down from the softmax to the first matmul: reshapes, scale factors and masks, in any order.
+    while isinstance(scores, fx.Node) and len(scores.users) == 1 and not is_call(scores, aten.bmm.default):
+        if is_call(scores, *VIEWS):
+            inner = scores.args[0]
+        elif (factor := _scale_factor(scores)) is not None:
+            scale *= factor
+            inner = scores.args[0]
+        elif isinstance(found := _mask_term(scores, scale), tuple):
+            inner, mask = found
+            masks.append(mask)
+        elif isinstance(found, Skip):
+            return found
+        else:
+            break
         nodes.append(scores)
-        scale *= factor
-        scores = scores.args[0]
-    first = _matmul(scores)
+        scores = inner
+    first = _matmul(scores, shape_of(softmax))
     if first is None:
         return Skip("the scores are not a batched matmul")
-    query, key_t, first_nodes = first
-    while (factor := _scale_factor(query)) is not None and len(query.users) == 1:
+    scale *= first.factor
+    query, key_t, key, first_nodes = first.a, first.b, first.b_transposed, first.nodes
+    while (factor := _scale_factor(query)) is not None and len(query.users) == 1:  # BART scales Q first
         first_nodes.append(query)
         scale *= factor
         query = query.args[0]
     if len(softmax.users) != 1:
         return Skip("the attention probabilities are used elsewhere")
     root = _consumer(softmax)
-    second = _matmul(root) if root is not None else None
-    if second is None or second[0] is not softmax:
+    second = _matmul(root, shape_of(root)) if root is not None else None
+    if second is None or second.a is not softmax or second.b is None or second.factor != 1.0:
         return Skip("the probabilities are not multiplied by a value tensor")
-    _, value, second_nodes = second
-    nodes += first_nodes + second_nodes
-    key = key_t.args[0] if is_call(key_t, aten.permute.default) and _swaps_last_two(key_t) else None
-    if key is not None and len(key_t.users) == 1:
-        nodes.append(key_t)
+    value = second.b
+    nodes += first_nodes + second.nodes
+    if key_t is not None and is_call(key_t, aten.permute.default) and _swaps_last_two(key_t):
+        key = key_t.args[0]
+        if len(key_t.users) == 1:
+            nodes.append(key_t)
     if read_outside(nodes, root):
         return Skip("an intermediate value of the attention is used elsewhere")
     batch = shape_of(root)[:-2]
-    if not shape_of(query)[:-2] == shape_of(key_t)[:-2] == shape_of(value)[:-2] == batch:
+    keys = key_t if key_t is not None else key
+    if not shape_of(query)[:-2] == shape_of(keys)[:-2] == shape_of(value)[:-2] == batch:
         return Skip("Q, K and V have different batch dimensions")
-    dtypes = {dtype_of(query), dtype_of(key_t), dtype_of(value)}
+    dtypes = {dtype_of(query), dtype_of(keys), dtype_of(value)}
     if dtypes != {dtype_of(softmax)} or not dtype_of(softmax).is_floating_point:
         return Skip(f"Q, K, V and the scores have dtypes {sorted(map(str, dtypes | {dtype_of(softmax)}))}")
-    return _Attention(root, query, key, key_t, value, mask, scale, nodes)
+    return _Attention(root, query, key, key_t, value, masks, scale, nodes)
 
 
-def _is_mask(term: object, softmax: fx.Node) -> bool:
-    """An additive mask: a tensor of the scores' dtype and rank from 2 (SDPA's least) to theirs."""
+def _mask_term(node: fx.Node, scale: float) -> tuple[fx.Node, _Mask] | Skip | None:
+    """``(the scores inside, the mask)`` when ``node`` adds a mask to scores, a Skip when it is a mask SDPA
+    cannot take, None when it is something else. ``scale``: the factors applied to ``node``'s result."""
+    shape = shape_of(node)
+    if is_call(node, aten.add.Tensor) and node.kwargs.get("alpha", 1) == 1:
+        left, right = node.args
+        scores, term = (right, left) if _reaches_matmul(right) else (left, right)
+        if not _is_mask(term, node):
+            return Skip("the scores are a sum, but neither term is a mask of the scores' dtype and rank >= 2")
+        return scores, _Mask(term, scale, shape, dtype_of(node))
+    if is_call(node, aten.where.self):  # also masked_fill, which capture decomposes into it
+        condition, *values = node.args
+        fills = [_fill_value(v) for v in values]
+        if dtype_of(condition) != torch.bool or not 2 <= len(shape_of(condition)) <= len(shape):
+            return Skip("a where over the scores whose condition is not a boolean mask of rank >= 2")
+        if fills[0] is not None and fills[1] is None and isinstance(values[1], fx.Node):
+            return values[1], _Mask(condition, scale, shape, dtype_of(node), fills[0], fill_where_true=True)
+        if fills[1] is not None and fills[0] is None and isinstance(values[0], fx.Node):
+            return values[0], _Mask(condition, scale, shape, dtype_of(node), fills[1])
+        return Skip(f"a where over the scores whose fill is not -inf or at most {_ABSORBING_FILL:g}")
+    return None
+
+
+def _fill_value(value: object) -> float | None:
+    """The number a ``where`` fills in, when it is one absorbing any score (see ``_ABSORBING_FILL``)."""
+    number = _number(value)
+    return number if number is not None and number <= _ABSORBING_FILL else None
+
+
+def _number(value: object) -> float | None:
+    """``value`` as a number: a literal, a one-element tensor made in forward (``torch.full([], x)``,
+    ``torch.tensor(x)``, which export lifts and clones) or a one-element constant; else None."""
+    if is_call(value, aten.full.default) and shape_of(value) == [] or is_call(value, aten.scalar_tensor.default):
+        value = value.args[-1]
+    if is_call(value, aten.clone.default):
+        value = value.args[0]
+    if is_constant(value):
+        tensor = value.meta.get("val")
+        if not isinstance(tensor, torch.Tensor) or tensor.numel() != 1:
+            return None
+        value = float(getattr(*attribute_owner(value.graph.owning_module, value.target)))
+    return float(value) if is_number(value) else None
+
+
+def _is_mask(term: object, scores: fx.Node) -> bool:
+    """An additive mask: a tensor of the scores' dtype and rank from 2 (SDPA's least) to theirs, not computed
+    from a matmul's product through the ops that lead from the scores to the softmax."""
     value = term.meta.get("val") if isinstance(term, fx.Node) else None
     return (
         isinstance(value, torch.Tensor)
-        and value.dtype == dtype_of(softmax)
-        and 2 <= value.dim() <= softmax.meta["val"].dim()
-        and _matmul(term) is None
-        and _scale_factor(term) is None
+        and value.dtype == dtype_of(scores)
+        and 2 <= value.dim() <= scores.meta["val"].dim()
+        and not _reaches_matmul(term)
     )
+
+
+def _reaches_matmul(node: object, depth: int = 8) -> bool:
+    """Whether ``node`` is a ``bmm``'s product through at most ``depth`` reshapes, scalings, sums and wheres."""
+    if is_call(node, aten.bmm.default):
+        return True
+    if depth == 0 or not is_call(node, *VIEWS, *MUL, *DIV, aten.add.Tensor, aten.where.self):
+        return False
+    return any(_reaches_matmul(arg, depth - 1) for arg in node.args)
 
 
 def _scale_factor(node: object) -> float | None:
     """The number ``node`` multiplies its first argument by, when it is a scaling by a constant."""
     if not is_call(node, *MUL, *DIV):
         return None
-    factor = node.args[1]
-    if is_constant(factor):
-        value = factor.meta.get("val")
-        if not isinstance(value, torch.Tensor) or value.numel() != 1:
-            return None
-        factor = float(getattr(*attribute_owner(factor.graph.owning_module, factor.target)))
-    if not is_number(factor) or factor == 0:
+    factor = _number(node.args[1])
+    if not factor:
         return None
-    return float(factor) if node.target in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / float(factor)
+    return factor if node.target in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / factor
 
 
 def _consumer(node: fx.Node) -> fx.Node | None:
@@ -182,25 +308,54 @@ def _consumer(node: fx.Node) -> fx.Node | None:
 def _unflattened(bmm: fx.Node) -> fx.Node:
     if len(bmm.users) == 1:
         (user,) = bmm.users
-        if is_call(user, aten.view.default, aten._unsafe_view.default, aten.reshape.default):
+        if is_call(user, *VIEWS):
             return user
     return bmm
 
 
-def _matmul(out: object):
-    """``(a, b, nodes)`` when ``out`` is ``a @ b`` for ``a``, ``b`` of ``out``'s rank, as capture spells it."""
+@dataclass
+class _Product:
+    """``a @ b * factor``, as :func:`_matmul` finds it."""
+
+    a: fx.Node
+    b: fx.Node | None  # None when the graph has only ``b_transposed``
+    b_transposed: fx.Node | None  # bᵀ, when b is the transpose of a flattened bᵀ (BLOOM's and DeBERTa's Kᵀ)
+    factor: float  # scale factors on the flattened operands
+    nodes: list[fx.Node]
+
+
+def _matmul(out: object, shape: list) -> _Product | None:
+    """``out`` (a ``bmm`` or reshapes of one) as a product of operands of rank ``len(shape)``, ``shape`` being
+    the product's, as capture spells it."""
     if not isinstance(out, fx.Node):
         return None
-    bmm = out.args[0] if is_call(out, aten.view.default, aten._unsafe_view.default, aten.reshape.default) else out
-    if not is_call(bmm, aten.bmm.default) or (bmm is not out and len(bmm.users) != 1):
+    nodes = []
+    bmm = out
+    while is_call(bmm, *VIEWS):
+        nodes.append(bmm)
+        bmm = bmm.args[0]
+        if len(bmm.users) != 1:
+            return None
+    if not is_call(bmm, aten.bmm.default) or shape_of(bmm)[-2:] != shape[-2:]:
         return None
-    shape = shape_of(out)
-    a_flat, b_flat = shape_of(bmm.args[0]), shape_of(bmm.args[1])
-    a, a_nodes = _unflatten_operand(bmm.args[0], shape[:-2] + [shape[-2], a_flat[-1]])
-    b, b_nodes = _unflatten_operand(bmm.args[1], shape[:-2] + [b_flat[-2], shape[-1]])
-    if a is None or b is None:
+    nodes.append(bmm)
+    factor = 1.0
+    flat = list(bmm.args)
+    for i in range(2):
+        while (f := _scale_factor(flat[i])) is not None and len(flat[i].users) == 1:
+            nodes.append(flat[i])
+            factor *= f
+            flat[i] = flat[i].args[0]
+    inner = shape_of(bmm.args[0])[-1]
+    a, a_nodes = _unflatten_operand(flat[0], shape[:-2] + [shape[-2], inner])
+    b, b_nodes = _unflatten_operand(flat[1], shape[:-2] + [inner, shape[-1]])
+    b_transposed = None
+    if b is None and is_call(flat[1], aten.permute.default) and _swaps_last_two(flat[1]) and len(flat[1].users) == 1:
+        b_transposed, b_nodes = _unflatten_operand(flat[1].args[0], shape[:-2] + [shape[-1], inner])
+        b_nodes.append(flat[1])
+    if a is None or (b is None and b_transposed is None):
         return None
-    return a, b, list(dict.fromkeys([out, bmm] + a_nodes + b_nodes))
+    return _Product(a, b, b_transposed, factor, list(dict.fromkeys(nodes + a_nodes + b_nodes)))
 
 
 def _unflatten_operand(node: fx.Node, logical: list):
