@@ -22,7 +22,8 @@ tiles run on every core, groups of panels outermost so their weights stay in L2 
 (:func:`panels_per_task`: as many as fit in half of the host's L2); the bias and
 the elementwise ops after the GEMM (a GELU, a residual add: :mod:`fxopt.codegen.epilogue`) are applied on the
 tile. Measured here (2-core Zen 3, BERT-base's 128x768x{768,3072}, 128x3072x768; 2 threads,
-``benchmarks/gemm.py``) it runs 1.2-1.4x faster than PyTorch's MKL, 83-90% of the cores' measured FMA peak.
+``benchmarks/gemm.py``) it runs 1.2-1.4x faster than PyTorch's MKL, 78-93% of the cores' measured FMA peak
+(depending on what else shares the machine).
 
 **float32 attention on AVX2** (:func:`attention_f32`). TVM's generic lowering of ``scaled_dot_product_attention``
 (two batched matmuls and a softmax, each a naive loop nest) took 36 ms on one BERT-base layer's heads, 50x

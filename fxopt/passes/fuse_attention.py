@@ -94,7 +94,7 @@ class FuseAttention(Pass):
                 f"{describe_node(softmax)}: matmul, scale{masks}, softmax, matmul -> {fused.name} "
                 f"(scale={found.scale:.6g})"
             )
-            return Rewritten(fused)
+            return Rewritten(result)
 
         return ctx.rewrite(program, [Rule("softmax-attention", Pat(_SOFTMAX, name="softmax"), fuse)])
 
