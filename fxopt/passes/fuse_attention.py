@@ -359,11 +359,16 @@ def _matmul(out: object, shape: list) -> _Product | None:
 
 
 def _unflatten_operand(node: fx.Node, logical: list):
-    """The earliest tensor of shape ``logical`` that ``node`` reshapes with nothing else reading the steps."""
+    """The earliest tensor of shape ``logical`` that ``node`` reshapes, and the reshapes in between that the SDPA
+    replaces: up to the first one something else reads too (DeBERTa's flattened Q, read by its relative-position
+    products as well), which stays with the ones before it."""
     chain: list[fx.Node] = []
+    replaced = True
     best = (node, []) if shape_of(node) == logical else (None, [])
-    while is_call(node, *_RESHAPES) and len(node.users) == 1:
-        chain.append(node)
+    while is_call(node, *_RESHAPES):
+        replaced = replaced and len(node.users) == 1
+        if replaced:
+            chain.append(node)
         node = node.args[0]
         if shape_of(node) == logical:
             best = (node, list(chain))

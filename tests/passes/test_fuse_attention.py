@@ -215,6 +215,22 @@ def _tiny_transformers():
                 vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
             ),
         ),
+        # As DeBERTa-v2/v3 checkpoints are: the relative-position terms (products of Q and of K with position
+        # embeddings) add to the scores: a mask computed from Q, whose flattened form they read too.
+        "deberta-v2-relative": (
+            hf.DebertaV2Model,
+            hf.DebertaV2Config(
+                vocab_size=99,
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=64,
+                relative_attention=True,
+                pos_att_type=["p2c", "c2p"],
+                max_relative_positions=16,
+                position_buckets=8,
+            ),
+        ),
         # A causal mask applied with where, the fill a tensor made in forward, plus the padding mask.
         "gpt-neo": (
             hf.GPTNeoModel,
@@ -244,7 +260,9 @@ def _tiny_transformers():
     }
 
 
-@pytest.mark.parametrize("name", ["distilbert", "deberta-v2", "gpt-neo", "bloom", "falcon", "falcon-alibi", "t5"])
+@pytest.mark.parametrize(
+    "name", ["distilbert", "deberta-v2", "deberta-v2-relative", "gpt-neo", "bloom", "falcon", "falcon-alibi", "t5"]
+)
 def test_more_transformers_eager_attentions_become_sdpa_with_padding(name):
     model_class, config = _tiny_transformers()[name]
     config.use_cache = False
