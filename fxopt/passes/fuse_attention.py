@@ -72,10 +72,13 @@ class FuseAttention(Pass):
                     key = graph.call_function(aten.permute.default, (found.key_t, dims))
                     created.append(key)
                 mask = None
-                for term in found.masks:
+                for term in found.masks:  # a mask the model computed is read as it is, not stamped as ours
                     value = term.build(graph, shape_of(softmax), created)
-                    mask = value if mask is None else graph.call_function(aten.add.Tensor, (mask, value))
-                    created.append(mask)
+                    if mask is None:
+                        mask = value
+                    else:
+                        mask = graph.call_function(aten.add.Tensor, (mask, value))
+                        created.append(mask)
                 args = (found.query, key, found.value) + ((mask,) if mask is not None else ())
                 fused = graph.call_function(SDPA, args, {"scale": found.scale})
                 result = fused
@@ -86,7 +89,7 @@ class FuseAttention(Pass):
                         aten.clone.default, (fused,), {"memory_format": torch.contiguous_format}
                     )
                     created.append(result)
-            stamp_provenance([*dict.fromkeys(created), fused], self.name, found.nodes)
+            stamp_provenance([*created, fused], self.name, found.nodes)
             replace_subgraph(found.root, result, found.nodes)
             ctx.count("attentions-fused")
             masks = "".join(f", {term.kind}" for term in found.masks)
@@ -131,10 +134,9 @@ class _Mask:
         if self.factor != 1.0:
             value = call(aten.mul.Tensor, value, self.factor)
         if self.shape != scores:  # added to the flattened scores: the same elements in SDPA's shape
-            rank = len(shape_of(self.term))
-            leading = self.shape[: len(self.shape) - 2]
-            if rank == len(self.shape) and shape_of(self.term)[:-2] == leading:  # every batch dim: regrouped
-                value = call(aten.reshape.default, value, scores[:-2] + shape_of(self.term)[-2:])
+            term = shape_of(self.term)
+            if len(term) == len(self.shape) and term[:-2] == self.shape[:-2]:  # every batch dim: regrouped
+                value = call(aten.reshape.default, value, scores[:-2] + term[-2:])
             else:
                 value = call(aten.expand.default, value, self.shape)
                 value = call(aten.view.default, call(aten.clone.default, value), scores)
@@ -188,12 +190,9 @@ def _match(softmax: fx.Node) -> _Attention | Skip:
     first = _matmul(scores, shape_of(softmax))
     if first is None:
         return Skip("the scores are not a batched matmul")
-    scale *= first.factor
-    query, key_t, key, first_nodes = first.a, first.b, first.b_transposed, first.nodes
-    while (factor := _scale_factor(query)) is not None and len(query.users) == 1:  # BART scales Q first
-        first_nodes.append(query)
-        scale *= factor
-        query = query.args[0]
+    key_t, key, first_nodes = first.b, first.b_transposed, first.nodes
+    query, factor = _unscaled(first.a, first_nodes)  # BART scales Q before the product
+    scale *= first.factor * factor
     if len(softmax.users) != 1:
         return Skip("the attention probabilities are used elsewhere")
     root = _consumer(softmax)
@@ -339,23 +338,29 @@ def _matmul(out: object, shape: list) -> _Product | None:
     if not is_call(bmm, aten.bmm.default) or shape_of(bmm)[-2:] != shape[-2:]:
         return None
     nodes.append(bmm)
-    factor = 1.0
-    flat = list(bmm.args)
-    for i in range(2):
-        while (f := _scale_factor(flat[i])) is not None and len(flat[i].users) == 1:
-            nodes.append(flat[i])
-            factor *= f
-            flat[i] = flat[i].args[0]
+    a_flat, a_factor = _unscaled(bmm.args[0], nodes)
+    b_flat, b_factor = _unscaled(bmm.args[1], nodes)
     inner = shape_of(bmm.args[0])[-1]
-    a, a_nodes = _unflatten_operand(flat[0], shape[:-2] + [shape[-2], inner])
-    b, b_nodes = _unflatten_operand(flat[1], shape[:-2] + [inner, shape[-1]])
+    a, a_nodes = _unflatten_operand(a_flat, shape[:-2] + [shape[-2], inner])
+    b, b_nodes = _unflatten_operand(b_flat, shape[:-2] + [inner, shape[-1]])
     b_transposed = None
-    if b is None and is_call(flat[1], aten.permute.default) and _swaps_last_two(flat[1]) and len(flat[1].users) == 1:
-        b_transposed, b_nodes = _unflatten_operand(flat[1].args[0], shape[:-2] + [shape[-1], inner])
-        b_nodes.append(flat[1])
+    if b is None and is_call(b_flat, aten.permute.default) and _swaps_last_two(b_flat) and len(b_flat.users) == 1:
+        b_transposed, b_nodes = _unflatten_operand(b_flat.args[0], shape[:-2] + [shape[-1], inner])
+        b_nodes.append(b_flat)
     if a is None or (b is None and b_transposed is None):
         return None
-    return _Product(a, b, b_transposed, factor, list(dict.fromkeys(nodes + a_nodes + b_nodes)))
+    return _Product(a, b, b_transposed, a_factor * b_factor, list(dict.fromkeys(nodes + a_nodes + b_nodes)))
+
+
+def _unscaled(node: fx.Node, nodes: list[fx.Node]) -> tuple[fx.Node, float]:
+    """``node`` before the scalings by constants applied to it last (each read by the next alone) and their
+    product; the scalings are appended to ``nodes``."""
+    factor = 1.0
+    while (f := _scale_factor(node)) is not None and len(node.users) == 1:
+        nodes.append(node)
+        factor *= f
+        node = node.args[0]
+    return node, factor
 
 
 def _unflatten_operand(node: fx.Node, logical: list):

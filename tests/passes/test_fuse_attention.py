@@ -62,6 +62,7 @@ def test_spelled_out_attention_becomes_one_sdpa(scaling, mask):
     }
     assert sdpa.kwargs["scale"] == pytest.approx(expected[scaling])
     assert (len(sdpa.args) == 4) == mask
+    assert not mask or "fxopt_provenance" not in sdpa.args[3].meta  # the model's own mask, read as it is
     assert record.stats["attentions-fused"] == 1 and "softmax, matmul ->" in record.notes[0]
     assert_close(after, model, INPUTS)
 
@@ -203,28 +204,20 @@ def _tiny_transformers():
     """Eager-attention spellings of ``transformers`` models, each tiny (2 layers, 4 heads of 8)."""
     import transformers as hf
 
+    deberta = dict(vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     return {
         "distilbert": (
             hf.DistilBertModel,
             hf.DistilBertConfig(vocab_size=99, dim=32, n_layers=2, n_heads=4, hidden_dim=64),
         ),
         # A padding mask applied with where (its -inf stand-in second), the scale on Kᵀ, flattened Q/K.
-        "deberta-v2": (
-            hf.DebertaV2Model,
-            hf.DebertaV2Config(
-                vocab_size=99, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64
-            ),
-        ),
+        "deberta-v2": (hf.DebertaV2Model, hf.DebertaV2Config(**deberta)),
         # As DeBERTa-v2/v3 checkpoints are: the relative-position terms (products of Q and of K with position
         # embeddings) add to the scores: a mask computed from Q, whose flattened form they read too.
         "deberta-v2-relative": (
             hf.DebertaV2Model,
             hf.DebertaV2Config(
-                vocab_size=99,
-                hidden_size=32,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                intermediate_size=64,
+                **deberta,
                 relative_attention=True,
                 pos_att_type=["p2c", "c2p"],
                 max_relative_positions=16,
