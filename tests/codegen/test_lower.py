@@ -318,14 +318,20 @@ def test_float_linear_on_avx2_is_the_hand_scheduled_gemm(rows, in_features, out_
 @pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled attention is for AVX2 CPUs")
 @settings(max_examples=10, deadline=None)
 @given(
-    st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 13), st.integers(1, 19), st.integers(1, 40)),
+    st.tuples(
+        st.integers(1, 2),
+        st.integers(1, 3),
+        st.integers(1, 13),
+        st.one_of(st.integers(1, 19), st.sampled_from([64, 72, 128])),  # from 64 keys, each row's sum in 8 lanes
+        st.integers(1, 40),
+    ),
     st.sampled_from(["none", "bool", "float", "causal", "causal+bool"]),
     st.sampled_from([(1, 1), (2, 1), (2, 3), (0, 0)]),  # the mask's own batch and head dims (0: a 2-D mask)
     st.integers(0, 2**16),
 )
 def test_float_attention_on_avx2_is_the_hand_scheduled_kernel(shape, mask_kind, mask_dims, seed):
-    # Tiles of 6 query rows and 16 columns: partial tiles, one row (decoding), keys fewer than a panel; masked-out
-    # rows (all keys masked) give zeros as in PyTorch.
+    # Tiles of 6 query rows and 16 columns: partial tiles, one row (decoding), keys fewer than a panel; a row
+    # whose keys are all masked out (the first, under a bool mask) gives zeros as in PyTorch.
     batch, heads, length, source, dim = shape
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, length, dim, generator=generator)
@@ -334,6 +340,7 @@ def test_float_attention_on_avx2_is_the_hand_scheduled_kernel(shape, mask_kind, 
     kwargs = {"scale": 0.3, "is_causal": mask_kind.startswith("causal")}
     if "bool" in mask_kind:
         kwargs["attn_mask"] = torch.rand(mask_shape, generator=generator) > 0.3
+        kwargs["attn_mask"][..., 0, :] = False
     elif mask_kind == "float":
         kwargs["attn_mask"] = torch.randn(mask_shape, generator=generator)
     with spy_on("attention_f32") as kernels:
