@@ -34,6 +34,7 @@ from fxopt.codegen.export import export_program
 from fxopt.codegen.lower import LoweringError, lower_graph
 from fxopt.codegen.partition import Segment, partition
 from fxopt.codegen.runtime import TVMFunction, load_vm
+from fxopt.codegen.templates import TemplateChoices
 from fxopt.codegen.tune import TuningSummary
 from fxopt.codegen.tune import tune as run_tuning
 from fxopt.codegen.tuning_database import existing_database
@@ -126,30 +127,20 @@ def build(
     tolerance = tolerance or Tolerance()
 
     part = partition(program)
-    import tvm
-
-    mod, records = tvm.IRModule(), {}
-    for segment in part.segments:
-        try:
-            lowered = lower_graph(segment.graph_module, segment.name, target)
-            clash = {v.name_hint for v in lowered.get_global_vars()} & {v.name_hint for v in mod.get_global_vars()}
-            if clash:
-                raise CodegenError(f"segment {segment.name}: kernel names {sorted(clash)} are taken by another segment")
-            mod.update(lowered)
-        except (LoweringError, CodegenError) as exc:
-            records[segment.name] = SegmentRecord(segment.name, segment.summary, "torch", None, None, str(exc))
+    # Schedules tuned earlier (or shipped) for this target apply without tuning again.
+    database_dir = existing_database(target) if tune is None else None
+    templates = TemplateChoices.load(database_dir)
+    mod, records, chains = _lower_segments(part, target, templates)
     if not mod.functions:
         return _torch_only(program, target, part, records, "nothing in the graph could be lowered to TVM")
-    chains = find_chains(part.graph_module, {s.name for s in part.segments if s.name not in records})
-    for chain in chains:
-        lower_chain(chain, mod)
 
     tuning = None
     if tune is not None:
         tuning = run_tuning(mod, target, tune, progress=progress)
         database_dir = tuning.database_dir
-    else:  # schedules tuned earlier (or shipped) for this target apply without tuning again
-        database_dir = existing_database(target)
+        tuned = TemplateChoices.load(database_dir)
+        if tuned != templates:  # lowered again, with the template parameters tuning measured
+            mod, records, chains = _lower_segments(part, target, tuned)
     executable = compile_module(mod, target, database_dir)
 
     if not runnable:
@@ -273,6 +264,27 @@ def build(
     return Executable(
         program, target, backend, note, module, ordered, part.fallback_summary(), executable, tuning, latency
     )
+
+
+def _lower_segments(part, target: Target, templates: TemplateChoices) -> tuple:
+    """One IRModule of every segment that lowers and of the chains between them (:mod:`.chain`), a record of each
+    segment that does not (it runs in PyTorch), and the chains."""
+    import tvm
+
+    mod, records = tvm.IRModule(), {}
+    for segment in part.segments:
+        try:
+            lowered = lower_graph(segment.graph_module, segment.name, target, templates=templates)
+            clash = {v.name_hint for v in lowered.get_global_vars()} & {v.name_hint for v in mod.get_global_vars()}
+            if clash:
+                raise CodegenError(f"segment {segment.name}: kernel names {sorted(clash)} are taken by another segment")
+            mod.update(lowered)
+        except (LoweringError, CodegenError) as exc:
+            records[segment.name] = SegmentRecord(segment.name, segment.summary, "torch", None, None, str(exc))
+    chains = find_chains(part.graph_module, {s.name for s in part.segments if s.name not in records})
+    for chain in chains if mod.functions else []:
+        lower_chain(chain, mod)
+    return mod, records, chains
 
 
 def _torch_only(program, target, part, records, note) -> Executable:

@@ -33,6 +33,7 @@ from fxopt.codegen.compile import compile_module
 from fxopt.codegen.lower import graph_weights, lower_graph, tvm_dtype
 from fxopt.codegen.partition import summarize_fallbacks, unlowerable
 from fxopt.codegen.runtime import TVMFunction, load_vm, to_tvm
+from fxopt.codegen.templates import TemplateChoices
 from fxopt.errors import CodegenError, InputMismatchError
 from fxopt.ir.program import Program, describe_arguments, describe_structure
 from fxopt.targets import Target, parse_target
@@ -57,7 +58,8 @@ def export_program(
     if target.kind == "torch":
         raise CodegenError("target 'torch' has no TVM library to export; use OptimizedModel.save() for a .pt2")
     target = target.resolved()
-    module = lower_graph(program.graph_module, "main", target, weights_as_params=not weights)
+    templates = TemplateChoices.load(database_dir)
+    module = lower_graph(program.graph_module, "main", target, weights_as_params=not weights, templates=templates)
     if not weights:
         module = _lift_weight_transforms(module, len(program.placeholders()))
     executable = compile_module(module, target, database_dir)

@@ -25,6 +25,7 @@ from fxopt.codegen import x86
 from fxopt.codegen.compile import LANE_SUMS
 from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.layout import read_through
+from fxopt.codegen.templates import TemplateChoices
 from fxopt.errors import CodegenError
 from fxopt.ir.meta import describe_node
 from fxopt.ir.program import attribute_owner
@@ -141,9 +142,10 @@ def _segment_importer():
         matmuls accumulating in float32, and every result checked against PyTorch's shape and dtype. Lowerings
         read ``target`` (``None`` when the module is not for one target) to pick target-specific kernels."""
 
-        def __init__(self, target: Target | None):
+        def __init__(self, target: Target | None, templates: TemplateChoices):
             super().__init__()
             self.target = target
+            self.templates = templates
             # Ops a GEMM before them computed on its tile (epilogue.py): the exit's value, None inside the run.
             self.absorbed: dict[fx.Node, object] = {}
             self.block_builder = relax.BlockBuilder()
@@ -200,7 +202,13 @@ def to_relax_constant(tensor: torch.Tensor):
     return relax.const(tvm.runtime.from_dlpack(tensor.detach().cpu().contiguous().clone()))
 
 
-def lower_graph(gm: fx.GraphModule, name: str, target: Target | None = None, weights_as_params: bool = False):
+def lower_graph(
+    gm: fx.GraphModule,
+    name: str,
+    target: Target | None = None,
+    weights_as_params: bool = False,
+    templates: TemplateChoices | None = None,
+):
     """Lower a flat segment graph (placeholders → tensor ops → output tuple) to an ``IRModule``: Relax function
     ``name`` and the TIR kernels fxopt's lowerings wrote for it (named after their nodes, which the
     segments of one program do not share).
@@ -208,11 +216,12 @@ def lower_graph(gm: fx.GraphModule, name: str, target: Target | None = None, wei
     Placeholders become the function's parameters; ``get_attr`` constants become Relax constants, or with
     ``weights_as_params`` further parameters after the placeholders, in :func:`graph_weights` order (a library
     of kernels alone, whatever the model's size). Lowerings read ``importer.target`` (``target``, or ``None``
-    when the module is not for one target) to pick target-specific kernels. Raises :class:`LoweringError`
-    naming the node that failed.
+    when the module is not for one target) to pick target-specific kernels, and ``templates`` (tuned template
+    parameters; ``None``: the defaults) to schedule them. Raises :class:`LoweringError` naming the node that
+    failed.
     """
     try:
-        return _segment_importer()(target).lower(gm, name, weights_as_params)
+        return _segment_importer()(target, templates or TemplateChoices()).lower(gm, name, weights_as_params)
     except LoweringError:
         raise
     except Exception as exc:  # an importer assertion outside any one op (e.g. the output tuple)
@@ -384,12 +393,13 @@ def _dense(node: fx.Node, importer, x: fx.Node, weight, bias: fx.Node | None) ->
     out_features = node.meta["val"].shape[-1]
     in_features = x.meta["val"].shape[-1]
     rows = x.meta["val"].numel() // in_features
-    tile = x86.dense_tile()
+    schedule = importer.templates.dense_schedule(rows, in_features, out_features)
+    tile = schedule.tile
     panels = -(-out_features // tile.panel)
     padded = relax.op.nn.pad(weight, [0, panels * tile.panel - out_features, 0, 0])
     packed = bb.emit(relax.op.permute_dims(relax.op.reshape(padded, [panels, tile.panel, in_features]), [0, 2, 1]))
     epilogue = find_epilogue(node, lambda value: value in importer.env)
-    kernel = x86.dense_f32(rows, in_features, out_features, epilogue, tile)
+    kernel = x86.dense_f32(rows, in_features, out_features, epilogue, tile, schedule.panels_per_task)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     args = [
         bb.emit(relax.op.reshape(importer.env[x], [rows, in_features])),

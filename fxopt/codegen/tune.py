@@ -1,4 +1,6 @@
-"""MetaSchedule tuning with a persistent, shared, crash-tolerant database per target.
+"""Tuning with a persistent, shared, crash-tolerant database per target: the hand-scheduled GEMMs' parameters
+(:mod:`fxopt.codegen.templates`: every candidate of each GEMM shape timed, the fastest kept), then MetaSchedule
+for the other kernels.
 
 Each target has a database directory (``$FXOPT_CACHE_DIR/tuning/<target key>``,
 default ``~/.cache/fxopt``). Tuning extracts the model's fused kernels, skips
@@ -27,9 +29,11 @@ CPU targets.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib
 import importlib.util
 import logging
+import math
 import re
 import signal
 import sys
@@ -39,6 +43,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fxopt.codegen import x86
+from fxopt.codegen.templates import DenseChoice, TemplateChoices, dense_candidates, template_shapes
 from fxopt.codegen.tuning_database import RECORDS_FILE, checked_database, database_dir, valid_lines
 from fxopt.errors import CodegenError
 from fxopt.log import native_stderr_to_debug
@@ -117,23 +123,27 @@ class KernelTuning:
 
 @dataclass
 class TuningSummary:
-    """What a tuning run did: per kernel, trials before and after and the best latency."""
+    """What a tuning run did: per MetaSchedule kernel and per template kernel shape (:mod:`.templates`; its
+    trials are the candidates timed), trials before and after and the best latency."""
 
     database_dir: Path
     kernels: list[KernelTuning] = field(default_factory=list)
+    templates: list[KernelTuning] = field(default_factory=list)
     seconds: float = 0.0
     stopped: str = ""  # why tuning stopped early, if it did
 
     @property
     def new_trials(self) -> int:
-        return sum(k.trials_after - k.trials_before for k in self.kernels)
+        return sum(k.trials_after - k.trials_before for k in self.kernels + self.templates)
 
     def __str__(self) -> str:
         tuned = sum(k.trials_after > 0 for k in self.kernels)
         count = len(self.kernels)
+        timed = sum(k.trials_after > 0 for k in self.templates)
+        templates = f"{timed} of {len(self.templates)} template kernel shapes timed, " if self.templates else ""
         text = (
-            f"tuning: {count} kernel{'s' * (count != 1)}, {tuned} with tuned schedules, {self.new_trials} new trials "
-            f"in {self.seconds:.0f}s; database {self.database_dir}"
+            f"tuning: {count} kernel{'s' * (count != 1)}, {tuned} with tuned schedules, {templates}"
+            f"{self.new_trials} new trials in {self.seconds:.0f}s; database {self.database_dir}"
         )
         return text + (f" ({self.stopped})" if self.stopped else "")
 
@@ -220,8 +230,37 @@ def tune(
         )
         runner = _runner(ms, target, options)
         interrupted = _Interrupt()
+        # Templates first: a few candidates each, and their GEMMs are most of a transformer's time.
+        choices = TemplateChoices.load(path)
+        shapes = template_shapes(mod)
+        for position, (rows, in_features, out_features) in enumerate(shapes):
+            name = f"dense_f32 {rows}x{in_features}x{out_features}"
+            candidates = dense_candidates(in_features)
+            stored = choices.dense.get((rows, in_features, out_features))
+            template = KernelTuning(name, 0 if stored is None else len(candidates), 0, stored.us if stored else None)
+            template.trials_after = template.trials_before
+            summary.templates.append(template)
+            if stored is not None or summary.stopped or interrupted:
+                continue
+            if budget_left is not None and budget_left < len(candidates):
+                summary.stopped = "trial budget spent"
+            elif options.seconds is not None and time.monotonic() - start >= options.seconds:
+                summary.stopped = "time budget spent"
+            else:
+                with interrupted.deferred(
+                    lambda: progress and progress(position, len(shapes), "stopping after this kernel")
+                ):
+                    fastest = _fastest_candidate(
+                        ms, (rows, in_features, out_features), candidates, tvm_target, builder, runner
+                    )
+                choices.dense[rows, in_features, out_features] = fastest
+                choices.save(path)
+                template.trials_after, template.best_us = len(candidates), fastest.us
+                budget_left = None if budget_left is None else budget_left - len(candidates)
+                if progress:
+                    progress(position, len(shapes), f"tune {name}: {fastest}, {fastest.us:.1f} us")
         try:
-            for position, i in enumerate(pending):
+            for position, i in enumerate(pending if not (summary.stopped or interrupted) else []):
                 task, kernel = tasks[i], kernels[i]
                 while kernel.trials_after < per_kernel:
                     if budget_left is not None and budget_left <= 0:
@@ -303,6 +342,36 @@ def _ignore_interrupts() -> None:
     """In builder workers: Ctrl-C reaches the whole process group, and each worker printed a traceback of its
     own; the tuning process stops them and says what was kept."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _fastest_candidate(ms, shape: tuple[int, int, int], candidates, tvm_target, builder, runner) -> DenseChoice:
+    """The fastest of a GEMM shape's template ``candidates``, built and timed by MetaSchedule's builder and runner
+    (locally or on the RPC device), on random inputs. Two rounds over all of them, each candidate's fastest
+    repeat: a neighbour's burst of work slows one round of one candidate, and does not pick the winner."""
+    import tvm
+
+    kernels = [x86.dense_f32(*shape, None, c.tile, c.panels_per_task) for c in candidates]
+    built = builder.build([ms.builder.BuilderInput(tvm.IRModule({"main": k}), tvm_target) for k in kernels])
+    for result, candidate in zip(built, candidates):
+        if result.error_msg:
+            raise CodegenError(f"template candidate {candidate} does not build: {_last_line(result.error_msg)}")
+    inputs = [
+        ms.runner.RunnerInput(result.artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(kernel))
+        for result, kernel in zip(built, kernels)
+    ]
+    seconds = [math.inf] * len(candidates)
+    for i, future in enumerate(runner.run(inputs * 2)):
+        result, candidate = future.result(), i % len(candidates)
+        if result.error_msg:
+            raise CodegenError(f"template candidate {candidates[candidate]} failed: {_last_line(result.error_msg)}")
+        seconds[candidate] = min(seconds[candidate], *(float(s) for s in result.run_secs))
+    fastest = min(range(len(candidates)), key=seconds.__getitem__)
+    return dataclasses.replace(candidates[fastest], us=seconds[fastest] * 1e6)
+
+
+def _last_line(message: str) -> str:
+    """What MetaSchedule's builder or runner says went wrong: its message is a traceback ending with the error."""
+    return message.strip().splitlines()[-1]
 
 
 def _tune_round(ms, task, trials: int, builder, runner, database, path: Path) -> None:

@@ -31,6 +31,7 @@ __all__ = [
     "valid_lines",
     "RECORDS_FILE",
     "WORKLOADS_FILE",
+    "TEMPLATES_FILE",
     "SHIPPED_RECORDS",
 ]
 
@@ -38,6 +39,7 @@ logger = logging.getLogger("fxopt.codegen.tune")
 
 RECORDS_FILE = "database_tuning_record.json"
 WORKLOADS_FILE = "database_workload.json"
+TEMPLATES_FILE = "templates.json"  # fxopt's template parameters (fxopt.codegen.templates), beside MetaSchedule's
 SHIPPED_RECORDS = Path(__file__).parent / "records"
 
 
@@ -66,11 +68,14 @@ def database_dir(target: Target, override: Path | None = None) -> Path:
         for name in (WORKLOADS_FILE, RECORDS_FILE):
             with gzip.open(shipped / f"{name}.gz", "rb") as source, (path / name).open("wb") as destination:
                 shutil.copyfileobj(source, destination)
+        if (shipped / TEMPLATES_FILE).exists() and not (path / TEMPLATES_FILE).exists():
+            shutil.copyfile(shipped / TEMPLATES_FILE, path / TEMPLATES_FILE)
     return path
 
 
 def distill_database(source: Path, destination: Path) -> int:
-    """Write the best record of every tuned kernel in database ``source`` to ``destination``, gzip-compressed.
+    """Write the best record of every tuned kernel in database ``source`` to ``destination``, gzip-compressed,
+    and its template parameters (already one per kernel shape) as they are.
 
     This is the form of shipped records: tune the benchmark models for a target,
     then distill into ``fxopt/codegen/records/<target key>``. Returns the number
@@ -87,6 +92,8 @@ def distill_database(source: Path, destination: Path) -> int:
         if mean < best.get(workload, (math.inf,))[0]:
             best[workload] = mean, record
     destination.mkdir(parents=True, exist_ok=True)
+    if (source / TEMPLATES_FILE).exists():
+        shutil.copyfile(source / TEMPLATES_FILE, destination / TEMPLATES_FILE)
     kept = sorted(best)
     with gzip.open(destination / f"{WORKLOADS_FILE}.gz", "wt") as out:
         out.writelines(f"{workloads[i]}\n" for i in kept)
@@ -96,7 +103,8 @@ def distill_database(source: Path, destination: Path) -> int:
 
 
 def existing_database(target: Target) -> Path | None:
-    """The target's database directory if it holds usable tuning records (tuned earlier, or shipped), else ``None``.
+    """The target's database directory if it holds usable tuning records or template parameters (tuned earlier, or
+    shipped), else ``None``.
 
     A build never fails because of the cache: an unwritable cache directory or a database TVM cannot read
     is reported as a warning and the kernels get default schedules.
@@ -114,7 +122,7 @@ def existing_database(target: Target) -> Path | None:
         )
         return None
     if not (path / RECORDS_FILE).exists():
-        return None
+        return path if (path / TEMPLATES_FILE).exists() else None
     from filelock import FileLock
 
     with FileLock(str(path / "lock")):

@@ -52,7 +52,9 @@ __all__ = [
     "AVX2_TILE",
     "AVX512_TILE",
     "dense_tile",
-    "panels_per_task",
+    "default_panels_per_task",
+    "DENSE_TILES",
+    "TEMPLATE_ATTR",
     "pack_dense_weight",
     "dense_f32",
     "attention_f32",
@@ -187,6 +189,11 @@ def int8_linear(rows: int, in_features: int, out_features: int, per_row_activati
     return sch.mod["main"].with_attr({"tir.is_scheduled": True, "op_pattern": 8})  # 8: opaque, never fused
 
 
+#: The PrimFunc attribute naming a template kernel and its shape (``"dense_f32 128x768x3072"``): what tuning
+#: times candidates of (:mod:`fxopt.codegen.templates`).
+TEMPLATE_ATTR = "fxopt_template"
+
+
 @dataclass(frozen=True)
 class DenseTile:
     """The float32 GEMM's register tile: ``rows`` x ``vectors`` accumulators of ``lanes`` floats each, with the
@@ -211,6 +218,15 @@ AVX2_TILE = DenseTile(rows=4, vectors=3, lanes=8)
 AVX512_TILE = DenseTile(rows=8, vectors=3, lanes=16)
 
 
+#: The tiles tuning times per GEMM shape (:mod:`fxopt.codegen.templates`), by lanes: those whose accumulators,
+#: weight vectors and broadcast fill the registers. AVX2: 5 x 2 and 3 x 4 lose on 128 rows (a partial last row
+#: tile) and win on others (192 rows: MiniLM's 8 x 24 tokens).
+DENSE_TILES = {
+    8: (AVX2_TILE, DenseTile(6, 2, 8), DenseTile(5, 2, 8), DenseTile(3, 4, 8), DenseTile(2, 6, 8)),
+    16: (AVX512_TILE, DenseTile(6, 4, 16), DenseTile(4, 6, 16), DenseTile(12, 2, 16)),
+}
+
+
 #: The attention kernel's tiles of scores and of P·V: 6 query rows x 16 keys or columns in ymm registers (a
 #: 4 x 24 tile would leave most of a 128-key row's last panel empty).
 _ATTENTION_TILE = DenseTile(rows=6, vectors=2, lanes=8)
@@ -221,7 +237,7 @@ def dense_tile() -> DenseTile:
     return AVX512_TILE if host_cpu().vector_bits >= 512 else AVX2_TILE
 
 
-def panels_per_task(in_features: int, tile: DenseTile) -> int:
+def default_panels_per_task(in_features: int, tile: DenseTile) -> int:
     """How many weight panels one task of the GEMM runs its row tile over: as many as fit in half of a core's L2
     (the other half holds the activations), at most 3. Measured here (2-core Zen 3, 512 KiB L2, K=768: three
     74 KiB panels): GPT-2's LM head (128x768x50257) 8-10% faster than one panel per task, 128x768x3072 4-5%,
@@ -239,7 +255,14 @@ def pack_dense_weight(weight: torch.Tensor, panel: int) -> torch.Tensor:
     return padded.reshape(panels, panel, in_features).permute(0, 2, 1).contiguous()
 
 
-def dense_f32(rows: int, in_features: int, out_features: int, epilogue=None, tile: DenseTile | None = None):
+def dense_f32(
+    rows: int,
+    in_features: int,
+    out_features: int,
+    epilogue=None,
+    tile: DenseTile | None = None,
+    panels_per_task: int | None = None,
+):
     """The scheduled PrimFunc ``out[m, n] = act(sum_k x[m, k] * w[n, k] + bias[n])`` (``linear``), float32.
 
     Parameters, in order: ``x`` ``[rows, in]``; the packed weight (:func:`pack_dense_weight` by ``tile.panel``:
@@ -247,7 +270,8 @@ def dense_f32(rows: int, in_features: int, out_features: int, epilogue=None, til
     ``[rows, out]``. ``epilogue``: elementwise ops applied on the tile while it is in registers instead of passes
     of their own over the result (:class:`fxopt.codegen.epilogue.Epilogue`: its ``operand_shapes``, and called
     with the TE result and operand placeholders it gives the TE value to write).
-    ``tile``: the register tile, by default this host's (:func:`dense_tile`).
+    ``tile``: the register tile, by default this host's (:func:`dense_tile`). ``panels_per_task``: how many weight
+    panels one task runs its row tile over, by default :func:`default_panels_per_task`'s.
     """
     from tvm import s_tir, te
 
@@ -278,7 +302,7 @@ def dense_f32(rows: int, in_features: int, out_features: int, epilogue=None, til
     # Groups of panels outermost: their weights (K x width floats each) stay in L2 while every row tile streams
     # past them, and each task runs its row tile over the group's panels in turn (the tile's activations stay in
     # L1, its output rows are written group-wide). A partial last group is predicated.
-    group, panel = sch.split(panel, [None, panels_per_task(in_features, tile)])
+    group, panel = sch.split(panel, [None, panels_per_task or default_panels_per_task(in_features, tile)])
     sch.reorder(group, m_outer, panel, k_loop, m_inner, vector, lane_inner)
     fused = sch.fuse(group, m_outer)
     for stage in sch.get_child_blocks(sch.get_sblock("root")):  # the bias and the epilogue, into the tile
@@ -294,7 +318,13 @@ def dense_f32(rows: int, in_features: int, out_features: int, epilogue=None, til
     init = sch.decompose_reduction(block, k_loop)
     sch.vectorize(sch.get_loops(init)[-1])
     sch.vectorize(sch.get_loops(epilogue)[-1])
-    return sch.mod["main"].with_attr({"tir.is_scheduled": True, "op_pattern": 8})  # 8: opaque, never fused
+    return sch.mod["main"].with_attrs(
+        {
+            "tir.is_scheduled": True,
+            "op_pattern": 8,  # opaque, never fused
+            TEMPLATE_ATTR: f"dense_f32 {rows}x{in_features}x{out_features}",
+        }
+    )
 
 
 def attention_f32(

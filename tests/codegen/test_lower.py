@@ -206,8 +206,10 @@ def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias
 
 
 def gemm_calls(kernels) -> list[tuple]:
-    """``dense_f32`` calls as (rows, in, out, the epilogue's ops, tile)."""
-    return [(rows, k, n, epilogue.ops if epilogue else (), tile) for rows, k, n, epilogue, tile in kernels]
+    """``dense_f32`` calls as (rows, in, out, the epilogue's ops, tile); untuned, so each with the default
+    panels per task."""
+    assert all(panels == x86.default_panels_per_task(k, tile) for _, k, _, _, tile, panels in kernels)
+    return [(rows, k, n, epilogue.ops if epilogue else (), tile) for rows, k, n, epilogue, tile, _ in kernels]
 
 
 def new_gelu(y):  # GPT-2's NewGELUActivation, spelled out in seven ops

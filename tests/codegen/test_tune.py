@@ -1,5 +1,6 @@
 """MetaSchedule tuning: budgets, the persistent database, reuse, and surviving a killed run."""
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -19,6 +20,8 @@ import fxopt
 import fxopt.codegen.tune as tune_module
 import fxopt.codegen.tuning_database as tuning_database
 from fxopt import CodegenError
+from fxopt.codegen import x86
+from fxopt.codegen.templates import dense_candidates
 from fxopt.codegen.tune import TuneOptions, parse_budget
 from fxopt.codegen.tuning_database import database_dir, distill_database, repair_database, target_key
 from fxopt.targets import parse_target
@@ -76,6 +79,8 @@ def test_distilled_records_keep_the_best_per_kernel_and_seed_new_databases(tmp_p
     (source / "database_tuning_record.json").write_text(
         '[0, [["slow"], [3.0, 3.0], {}, []]]\n[0, [["fast"], [1.0, 2.0], {}, []]]\n[2, [["only"], [5.0], {}, []]]\n'
     )
+    templates = '{"dense_f32": {"128x768x768": {"rows": 6, "vectors": 2, "lanes": 8, "panels_per_task": 2, "us": 9}}}'
+    (source / "templates.json").write_text(templates)
     target = parse_target("cpu")
     shipped = tmp_path / "records"
     assert distill_database(source, shipped / target_key(target)) == 2  # workload "b" has no record
@@ -84,6 +89,7 @@ def test_distilled_records_keep_the_best_per_kernel_and_seed_new_databases(tmp_p
     assert seeded != source and (seeded / "database_workload.json").read_text() == '["1", "a"]\n["3", "c"]\n'
     records = [json.loads(line) for line in (seeded / "database_tuning_record.json").read_text().splitlines()]
     assert records == [[0, [["fast"], [1.0, 2.0], {}, []]], [1, [["only"], [5.0], {}, []]]]
+    assert (seeded / "templates.json").read_text() == templates  # the GEMMs' parameters as they are
 
 
 PACKAGED_RECORDS = sorted((Path(tune_module.__file__).parent / "records").glob("*"))
@@ -300,11 +306,22 @@ def _processes_in_groups(groups: set[int]) -> list[int]:
         time.sleep(0.2)
 
 
-def test_remote_tuning_measures_on_the_device_behind_the_tracker(loopback_tracker, tmp_path):
+def test_remote_tuning_measures_on_the_device_behind_the_tracker(loopback_tracker, tmp_path, monkeypatch):
     address, server_log = loopback_tracker
     options = TuneOptions(trials=16, trials_per_kernel=16, database=tmp_path / "db", rpc=address, device_key="loopback")
     optimized = fxopt.optimize(Tiny(), ARGS, target="cpu", tune=options)
     summary = optimized._latest()[0].tuning
     assert 0 < summary.new_trials <= 16 and summary.kernels[0].best_us is not None
-    assert "load_module" in server_log.read_text()  # the candidates really ran on the server
+    loaded = server_log.read_text().count("load_module")
+    assert loaded > 0  # the candidates really ran on the server
     torch.testing.assert_close(optimized(*ARGS), Tiny.forward(optimized._model, *ARGS))
+
+    if not x86.has_avx2(parse_target("cpu")):
+        return
+    # The hand GEMM's candidates too (two of them, twice each).
+    monkeypatch.setattr(tune_module, "dense_candidates", lambda k: dense_candidates(k)[:2])
+    linear = torch.nn.Linear(64, 40).eval()
+    options = dataclasses.replace(options, trials=2)
+    summary = fxopt.optimize(linear, ARGS[:1], target="cpu", tune=options)._latest()[0].tuning
+    assert [(k.trials_after, k.best_us > 0) for k in summary.templates] == [(2, True)]
+    assert server_log.read_text().count("load_module") >= loaded + 4

@@ -67,7 +67,7 @@ def test_the_host_gets_the_tile_of_its_widest_vectors():
 def test_a_task_runs_as_many_panels_as_half_the_l2_holds(monkeypatch, l2_bytes, tile):
     monkeypatch.setattr(x86, "host_cpu", lambda: dataclasses.replace(host_cpu(), l2_bytes=l2_bytes))
     for in_features in (16, 384, 768, 1024, 3072, 4096, 16384):
-        panels = x86.panels_per_task(in_features, tile)
+        panels = x86.default_panels_per_task(in_features, tile)
         panel_bytes = in_features * tile.panel * 4
         assert 1 <= panels <= 3
         assert panels == 1 or panels * panel_bytes <= l2_bytes // 2  # the group fits

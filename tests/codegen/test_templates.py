@@ -1,0 +1,183 @@
+"""Template tuning (fxopt.codegen.templates): every candidate computes the GEMM, tuning times each shape once and
+keeps the fastest, builds use what it stored, and a file that is not ours never fails a build."""
+
+import contextlib
+import dataclasses
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import fxopt
+import fxopt.codegen.tune as tune_module
+from fxopt import CodegenError
+from fxopt.codegen import x86
+from fxopt.codegen.runtime import to_tvm
+from fxopt.codegen.templates import DenseChoice, TemplateChoices, dense_candidates
+from fxopt.codegen.tune import TuneOptions
+from fxopt.codegen.tuning_database import database_dir
+from fxopt.targets import host_cpu, parse_target
+
+CPU = parse_target("cpu")
+needs_avx2 = pytest.mark.skipif(not x86.has_avx2(CPU), reason="the float32 GEMM template is for x86 CPUs with AVX2")
+
+
+@pytest.mark.parametrize(
+    "lanes, flag, mcpu, registers", [(8, "avx2", "znver3", "%ymm"), (16, "avx512f", "znver4", "%zmm")]
+)
+def test_every_candidate_tile_matches_pytorch_or_builds_for_its_isa(lanes, flag, mcpu, registers):
+    import tvm
+
+    # Partial row tiles and panels; with 3 panels per task a partial last group.
+    rows, in_features, out_features = 13, 37, 173
+    candidates = [(tile, panels) for tile in x86.DENSE_TILES[lanes] for panels in (1, 3)]
+    kernels = {
+        f"c{i}": x86.dense_f32(rows, in_features, out_features, None, tile, panels).with_attr("global_symbol", f"c{i}")
+        for i, (tile, panels) in enumerate(candidates)
+    }
+    if flag not in host_cpu().features:
+        library = tvm.compile(tvm.IRModule(kernels), target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+        assert registers in library.mod.inspect_source("asm")
+        return
+    library = tvm.compile(tvm.IRModule(kernels), target=CPU.tvm())
+    x, weight, bias = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+    expected = torch.nn.functional.linear(x, weight, bias)
+    for name, (tile, panels) in zip(kernels, candidates):
+        out = torch.full((rows, out_features), float("nan"))
+        library[name](*map(to_tvm, (x, x86.pack_dense_weight(weight, tile.panel), bias, out)))
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, msg=f"{tile}, {panels} panels per task")
+
+
+@needs_avx2
+def test_candidates_are_this_isas_tiles_with_the_panel_groups_the_l2_holds():
+    tile_count = len(x86.DENSE_TILES[x86.dense_tile().lanes])
+    assert len(dense_candidates(16)) == 3 * tile_count  # small panels: groups of 1, 2 and 3
+    for in_features in (768, 3072, 50000):
+        for choice in dense_candidates(in_features):
+            assert choice.tile in x86.DENSE_TILES[x86.dense_tile().lanes]
+            panel_bytes = in_features * choice.tile.panel * 4
+            assert choice.panels_per_task == 1 or choice.panels_per_task * panel_bytes <= host_cpu().l2_bytes
+    assert {c.panels_per_task for c in dense_candidates(50000)} == {1}
+
+
+class FakeFuture:
+    def __init__(self, run_secs, error_msg=None):
+        self.outcome = SimpleNamespace(run_secs=run_secs, error_msg=error_msg)
+
+    def result(self):
+        return self.outcome
+
+
+def test_the_fastest_candidate_is_kept_by_its_fastest_repeat_over_both_rounds():
+    from tvm.s_tir import meta_schedule as ms
+
+    candidates = [DenseChoice(x86.AVX2_TILE, 1), DenseChoice(x86.DenseTile(6, 2, 8), 2), DenseChoice(x86.AVX2_TILE, 3)]
+    builder = SimpleNamespace(build=lambda inputs: [SimpleNamespace(artifact_path="a", error_msg=None)] * len(inputs))
+    # Two rounds of three: the second candidate is slowest in round one (a neighbour's burst) and fastest in two.
+    seconds = iter([[3e-3, 4e-3], [9e-3], [2.5e-3, 2.6e-3], [3e-3], [1e-3, 5e-3], [2.6e-3]])
+    runner = SimpleNamespace(run=lambda inputs: [FakeFuture(next(seconds)) for _ in inputs])
+    best = tune_module._fastest_candidate(ms, (8, 16, 48), candidates, CPU.tvm(), builder, runner)
+    assert best == DenseChoice(x86.DenseTile(6, 2, 8), 2, pytest.approx(1e3))
+
+    runner = SimpleNamespace(
+        run=lambda inputs: [
+            FakeFuture(None, "Traceback (most recent call last):\n  ...\nRuntimeError: timed out\n") for _ in inputs
+        ]
+    )
+    with pytest.raises(
+        CodegenError, match=r"template candidate 4x3 tile, 1 panels per task failed: RuntimeError: timed out$"
+    ):
+        tune_module._fastest_candidate(ms, (8, 16, 48), candidates, CPU.tvm(), builder, runner)
+
+
+class TwoLinears(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = torch.nn.Linear(40, 56), torch.nn.Linear(56, 24)
+
+    def forward(self, x):
+        return self.down(torch.relu(self.up(x)))  # the ReLU keeps fuse-blocks from merging the two
+
+
+@contextlib.contextmanager
+def dense_calls():
+    """``(rows, in, out, tile, panels per task)`` of every ``dense_f32`` built inside the block."""
+    calls, real = [], x86.dense_f32
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(x86, "dense_f32", lambda *a: calls.append((*a[:3], *a[4:])) or real(*a))
+        yield calls
+
+
+@needs_avx2
+def test_tuning_times_each_gemm_shape_once_and_builds_use_its_choice(monkeypatch):
+    model, x = TwoLinears().eval(), torch.randn(12, 40)
+    shapes = [(12, 40, 56), (12, 56, 24)]
+    monkeypatch.setattr(tune_module, "dense_candidates", lambda k: dense_candidates(k)[:3])  # 3 of 15: seconds
+    trials = sum(len(tune_module.dense_candidates(k)) for _, k, _ in shapes)  # the templates', none for MetaSchedule
+
+    # A budget smaller than a shape's candidates times none of them.
+    short = fxopt.optimize(model, (x,), target="cpu", tune=TuneOptions(trials=2))._latest()[0].tuning
+    assert [k.trials_after for k in short.templates] == [0, 0] and short.stopped == "trial budget spent"
+
+    progress: list[str] = []
+    tuned = fxopt.optimize(
+        model, (x,), target="cpu", tune=TuneOptions(trials=trials), progress=lambda i, n, s: progress.append(s)
+    )
+    summary = tuned._latest()[0].tuning
+    assert sorted(k.name for k in summary.templates) == ["dense_f32 12x40x56", "dense_f32 12x56x24"]
+    assert summary.new_trials == trials and all(k.best_us > 0 for k in summary.templates)
+    assert "2 of 2 template kernel shapes timed" in str(summary)
+    assert sum(s.startswith("tune dense_f32 12x") and " panels per task, " in s for s in progress) == 2
+    stored = TemplateChoices.load(database_dir(CPU)).dense
+    assert sorted(stored) == sorted(shapes)
+    for (_, in_features, _), choice in stored.items():
+        assert dataclasses.replace(choice, us=None) in tune_module.dense_candidates(in_features)
+    torch.testing.assert_close(tuned(x), model(x), rtol=1e-4, atol=1e-4)
+
+    with dense_calls() as calls:  # a later build, untuned, reads the choices
+        again = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm")
+    assert sorted(calls) == sorted((*shape, stored[shape].tile, stored[shape].panels_per_task) for shape in shapes)
+    torch.testing.assert_close(again(x), model(x), rtol=1e-4, atol=1e-4)
+    retuned = fxopt.optimize(model, (x,), target="cpu", tune=TuneOptions(trials=2))._latest()[0].tuning
+    assert [k.trials_after - k.trials_before for k in retuned.templates] == [0, 0]  # timed once
+
+
+def write_templates(entries: dict) -> None:
+    (database_dir(CPU) / "templates.json").write_text(json.dumps({"dense_f32": entries}))
+
+
+@needs_avx2
+def test_a_stored_choice_other_than_the_default_computes_the_same():
+    model, x = TwoLinears().eval(), torch.randn(12, 40)
+    lanes = x86.dense_tile().lanes
+    write_templates(
+        {"12x40x56": {"rows": 2, "vectors": 6, "lanes": lanes, "panels_per_task": 1, "us": 5.0}}  # panels of 48
+    )
+    with dense_calls() as calls:
+        built = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm")
+    assert (12, 40, 56, x86.DenseTile(2, 6, lanes), 1) in calls
+    assert (12, 56, 24, x86.dense_tile(), x86.default_panels_per_task(56, x86.dense_tile())) in calls  # untuned
+    assert built.report().backend == "tvm"
+    torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_avx2
+@pytest.mark.parametrize(
+    "text",
+    ["{not json", '{"dense_f32": {"12x40": {"rows": 2}}}', '{"dense_f32": {"12x40x56": {"rows": "two"}}}', "[]"],
+)
+def test_a_template_file_that_is_not_ours_never_fails_a_build(text, caplog):
+    (database_dir(CPU) / "templates.json").write_text(text)
+    model, x = TwoLinears().eval(), torch.randn(12, 40)
+    with dense_calls() as calls:
+        built = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm")
+    assert {call[3] for call in calls} == {x86.dense_tile()}
+    assert "is not a template database" in caplog.text and "templates.json" in caplog.text
+    torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_choices_for_other_vectors_are_skipped():
+    other = 24 - x86.dense_tile().lanes  # 16 on an AVX2 host, 8 on an AVX-512 one
+    write_templates({"12x40x56": {"rows": 4, "vectors": 3, "lanes": other, "panels_per_task": 1, "us": 5.0}})
+    assert TemplateChoices.load(database_dir(CPU)).dense == {}
