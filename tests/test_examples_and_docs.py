@@ -5,7 +5,7 @@ import runpy
 
 import pytest
 
-import fxopt.passes
+import fxopt.passes.registry  # the module itself: fxopt.passes loads it lazily
 from fxopt import Pipeline
 from fxopt.cli import passes_markdown
 

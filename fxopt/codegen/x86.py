@@ -19,9 +19,10 @@ output channels (``[N/panel, K, panel]``, the last panel zero-padded); a registe
 per ISA by :func:`dense_tile`: 4 rows x 3 ymm vectors on AVX2, 8 x 3 zmm on AVX-512) keeps its accumulators in
 registers beside the panel's weight vectors and one broadcast activation, one FMA per accumulator per step of K;
 tiles run on every core, groups of panels outermost so their weights stay in L2 while the rows stream past them
-(:func:`panels_per_task`: as many as fit in half of the host's L2); the bias and
-the elementwise ops after the GEMM (a GELU, a residual add: :mod:`fxopt.codegen.epilogue`) are applied on the
-tile. Measured here (2-core Zen 3, BERT-base's 128x768x{768,3072}, 128x3072x768; 2 threads,
+(:func:`default_panels_per_task`: as many as fit in half of the host's L2); the bias and the elementwise ops after
+the GEMM (a GELU, a residual add: :mod:`fxopt.codegen.epilogue`) are applied on the tile. Tuning times the other
+tiles (:data:`DENSE_TILES`) and panel groups per GEMM shape (:mod:`fxopt.codegen.templates`). Measured here
+(2-core Zen 3, BERT-base's 128x768x{768,3072}, 128x3072x768; 2 threads,
 ``benchmarks/gemm.py``) it runs 1.2-1.4x faster than PyTorch's MKL, 78-93% of the cores' measured FMA peak
 (depending on what else shares the machine).
 
