@@ -16,6 +16,7 @@ import os
 import statistics
 import sys
 import tempfile
+import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -58,10 +59,14 @@ def make_runners(
             failures[name] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
 
     def fxopt_runner(name: str, target: str, budget: str | None) -> Runner:
+        start = time.perf_counter()
         optimized = fxopt.optimize(model, inputs, target=target, tune=budget)
+        seconds = time.perf_counter() - start
         optimized(*inputs)
         report = optimized.report()
-        notes[name] = report.backend_note + (f"; {report.tuning}" if report.tuning else "")
+        notes[name] = f"optimize() took {seconds:.0f} s; {report.backend_note}" + (
+            f"; {report.tuning}" if report.tuning else ""
+        )
         return lambda: optimized(*inputs)
 
     add("eager", lambda: lambda: model(*inputs))

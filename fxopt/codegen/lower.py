@@ -335,8 +335,8 @@ def _cpu_float32(node: fx.Node, importer) -> bool:
 
 @register_lowering(aten.linear.default)
 def _linear(node: fx.Node, importer) -> object:
-    """``linear`` of float32 values by a constant weight on an AVX2 CPU: :func:`_dense`. Anything else as TVM
-    lowers it."""
+    """``linear`` of float32 values by a constant weight on an AVX2 or AArch64 CPU: :func:`_dense`. Anything else
+    as TVM lowers it."""
     x, weight = node.args[0], node.args[1]
     bias = node.args[2] if len(node.args) > 2 else None
     if not _dense_applies(importer, x, weight, bias):
@@ -347,7 +347,7 @@ def _linear(node: fx.Node, importer) -> object:
 @register_lowering(aten.addmm.default)
 def _addmm(node: fx.Node, importer) -> object:
     """``addmm(bias, x, weight)`` with a constant ``[in, out]`` weight and a ``[out]`` bias (GPT-2's ``Conv1D``),
-    float32 on an AVX2 CPU: :func:`_dense` of the weight transposed. Anything else as TVM lowers it."""
+    float32 on an AVX2 or AArch64 CPU: :func:`_dense` of the weight transposed. Anything else as TVM lowers it."""
     from tvm import relax
 
     bias, x, weight = node.args[:3]
@@ -365,8 +365,8 @@ def _addmm(node: fx.Node, importer) -> object:
 @register_lowering(aten.mm.default)
 @register_lowering(aten.matmul.default)
 def _matmul(node: fx.Node, importer) -> object:
-    """``x @ weight`` with a constant 2-D ``[in, out]`` weight (any leading dims of ``x``), float32 on an AVX2 CPU:
-    :func:`_dense` of the weight transposed. Anything else as TVM lowers it (matmul by MetaSchedule)."""
+    """``x @ weight`` with a constant 2-D ``[in, out]`` weight (any leading dims of ``x``), float32 on an AVX2 or
+    AArch64 CPU: :func:`_dense` of the weight transposed. Anything else as TVM lowers it (matmul by MetaSchedule)."""
     from tvm import relax
 
     x, weight = node.args[:2]
@@ -378,7 +378,8 @@ def _matmul(node: fx.Node, importer) -> object:
 
 def _dense_applies(importer, x, weight, bias) -> bool:
     values = [a.meta["val"] for a in (x, weight, bias) if isinstance(a, fx.Node)]
-    return x86.has_avx2(importer.target) and weight.op == "get_attr" and all(v.dtype == torch.float32 for v in values)
+    float32 = all(v.dtype == torch.float32 for v in values)
+    return x86.has_dense_f32(importer.target) and weight.op == "get_attr" and float32
 
 
 def _dense(node: fx.Node, importer, x: fx.Node, weight, bias: fx.Node | None) -> object:
@@ -393,7 +394,7 @@ def _dense(node: fx.Node, importer, x: fx.Node, weight, bias: fx.Node | None) ->
     out_features = node.meta["val"].shape[-1]
     in_features = x.meta["val"].shape[-1]
     rows = x.meta["val"].numel() // in_features
-    schedule = importer.templates.dense_schedule(rows, in_features, out_features)
+    schedule = importer.templates.dense_schedule(rows, in_features, out_features, importer.target)
     tile = schedule.tile
     panels = -(-out_features // tile.panel)
     padded = relax.op.nn.pad(weight, [0, panels * tile.panel - out_features, 0, 0])

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from fxopt.codegen import x86
 from fxopt.codegen.tuning_database import TEMPLATES_FILE
-from fxopt.targets import host_cpu
+from fxopt.targets import Target
 
 __all__ = [
     "TemplateChoices",
@@ -50,28 +50,28 @@ class TemplateChoices:
 
     dense: dict[tuple[int, int, int], DenseChoice] = field(default_factory=dict)
 
-    def dense_schedule(self, rows: int, in_features: int, out_features: int) -> DenseChoice:
+    def dense_schedule(self, rows: int, in_features: int, out_features: int, target: Target | None) -> DenseChoice:
+        """The GEMM's schedule on ``target``: the tuned one, unless it is for other vectors (a database copied
+        from another machine), else the default."""
+        tile = x86.dense_tile(target)
         tuned = self.dense.get((rows, in_features, out_features))
-        if tuned is not None:
+        if tuned is not None and tuned.tile.lanes == tile.lanes:
             return tuned
-        tile = x86.dense_tile()
-        return DenseChoice(tile, x86.default_panels_per_task(in_features, tile))
+        return DenseChoice(tile, x86.default_panels_per_task(in_features, tile, x86.l2_bytes(target)))
 
     @classmethod
     def load(cls, database_dir: Path | None) -> TemplateChoices:
-        """The choices stored in ``database_dir`` (none when it is ``None`` or holds no file). Entries for another
-        vector width (a database copied from a machine with other vectors) are skipped."""
+        """The choices stored in ``database_dir`` (none when it is ``None`` or holds no file)."""
         file = Path(database_dir) / TEMPLATES_FILE if database_dir is not None else None
         if file is None or not file.exists():
             return cls()
-        lanes = x86.dense_tile().lanes
         try:
             entries = json.loads(file.read_text())["dense_f32"]
             dense = {}
             for shape, entry in entries.items():
                 rows, in_features, out_features = (int(n) for n in shape.split("x"))
                 tile = x86.DenseTile(int(entry["rows"]), int(entry["vectors"]), int(entry["lanes"]))
-                if tile.lanes == lanes and min(tile.rows, tile.vectors, entry["panels_per_task"]) >= 1:
+                if min(tile.rows, tile.vectors, tile.lanes, entry["panels_per_task"]) >= 1:
                     choice = DenseChoice(tile, int(entry["panels_per_task"]), float(entry["us"]))
                     dense[rows, in_features, out_features] = choice
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
@@ -95,11 +95,12 @@ class TemplateChoices:
         temporary.replace(Path(database_dir) / TEMPLATES_FILE)  # whole or not at all, should the process die
 
 
-def dense_candidates(in_features: int) -> list[DenseChoice]:
-    """The schedules tuning times for a GEMM with ``in_features``: every tile of this ISA's candidates
-    (:data:`fxopt.codegen.x86.DENSE_TILES`) with 1 to 3 weight panels per task, as many as fit in a core's L2."""
-    tiles = x86.DENSE_TILES[x86.dense_tile().lanes]
-    l2_bytes = host_cpu().l2_bytes
+def dense_candidates(in_features: int, target: Target | None) -> list[DenseChoice]:
+    """The schedules tuning times for a GEMM with ``in_features`` on ``target``: every tile of its ISA's
+    candidates (:data:`fxopt.codegen.x86.DENSE_TILES`) with 1 to 3 weight panels per task, as many as fit in a
+    core's L2."""
+    tiles = x86.DENSE_TILES[x86.dense_tile(target).lanes]
+    l2_bytes = x86.l2_bytes(target)
     return [
         DenseChoice(tile, panels)
         for tile in tiles

@@ -235,7 +235,7 @@ def tune(
         shapes = template_shapes(mod)
         for position, (rows, in_features, out_features) in enumerate(shapes):
             name = f"dense_f32 {rows}x{in_features}x{out_features}"
-            candidates = dense_candidates(in_features)
+            candidates = dense_candidates(in_features, target)
             stored = choices.dense.get((rows, in_features, out_features))
             template = KernelTuning(name, 0 if stored is None else len(candidates), 0, stored.us if stored else None)
             template.trials_after = template.trials_before
@@ -347,25 +347,36 @@ def _ignore_interrupts() -> None:
 def _fastest_candidate(ms, shape: tuple[int, int, int], candidates, tvm_target, builder, runner) -> DenseChoice:
     """The fastest of a GEMM shape's template ``candidates``, built and timed by MetaSchedule's builder and runner
     (locally or on the RPC device), on random inputs. Two rounds over all of them, each candidate's fastest
-    repeat: a neighbour's burst of work slows one round of one candidate, and does not pick the winner."""
+    repeat: a neighbour's burst of work slows one round of one candidate, and does not pick the winner. A
+    candidate that fails to build or run (a timeout on a busy device) is left out with a warning; tuning fails
+    only when none ran."""
     import tvm
 
     kernels = [x86.dense_f32(*shape, None, c.tile, c.panels_per_task) for c in candidates]
     built = builder.build([ms.builder.BuilderInput(tvm.IRModule({"main": k}), tvm_target) for k in kernels])
-    for result, candidate in zip(built, candidates):
-        if result.error_msg:
-            raise CodegenError(f"template candidate {candidate} does not build: {_last_line(result.error_msg)}")
+    failures = {i: f"does not build: {_last_line(b.error_msg)}" for i, b in enumerate(built) if b.error_msg}
+    ran = [i for i in range(len(candidates)) if i not in failures]
     inputs = [
-        ms.runner.RunnerInput(result.artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(kernel))
-        for result, kernel in zip(built, kernels)
+        ms.runner.RunnerInput(built[i].artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(kernels[i]))
+        for i in ran
     ]
     seconds = [math.inf] * len(candidates)
-    for i, future in enumerate(runner.run(inputs * 2)):
-        result, candidate = future.result(), i % len(candidates)
+    for i, future in zip(ran * 2, runner.run(inputs * 2) if inputs else []):
+        result = future.result()
         if result.error_msg:
-            raise CodegenError(f"template candidate {candidates[candidate]} failed: {_last_line(result.error_msg)}")
-        seconds[candidate] = min(seconds[candidate], *(float(s) for s in result.run_secs))
+            failures.setdefault(i, f"failed: {_last_line(result.error_msg)}")
+        else:
+            seconds[i] = min(seconds[i], *(float(s) for s in result.run_secs))
+    for i, failure in sorted(failures.items()):
+        logger.warning(
+            "fxopt: warning: dense_f32 %s, candidate %s %s", "x".join(map(str, shape)), candidates[i], failure
+        )
     fastest = min(range(len(candidates)), key=seconds.__getitem__)
+    if seconds[fastest] == math.inf:
+        i, failure = min(failures.items())
+        raise CodegenError(
+            f"tuning dense_f32 {'x'.join(map(str, shape))}: no candidate ran ({candidates[i]} {failure})"
+        )
     return dataclasses.replace(candidates[fastest], us=seconds[fastest] * 1e6)
 
 

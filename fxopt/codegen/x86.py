@@ -1,4 +1,5 @@
-"""Hand-scheduled x86 kernels, for what TVM's generic schedules and tensor intrinsics leave slow.
+"""Hand-scheduled CPU kernels (x86; the float32 GEMM also NEON), for what TVM's generic schedules and tensor
+intrinsics leave slow.
 
 **int8 linear on AVX2** (:func:`int8_linear`). TVM's x86 int8 intrinsics need
 VNNI or AVX-512; on an AVX2 CPU an untuned int8 matmul runs as scalar-ish
@@ -14,10 +15,11 @@ faster than PyTorch's MKL float GEMM, and it is exact. A tile (4 rows x 16 outpu
 keeps its 8 accumulators in registers; the epilogue (zero-point correction, scales, bias) runs on the tile
 while it is hot, so the int32 result never reaches memory.
 
-**float32 linear on AVX2 and AVX-512** (:func:`dense_f32`). The weight is packed at build time into panels of
-output channels (``[N/panel, K, panel]``, the last panel zero-padded); a register tile (:class:`DenseTile`, chosen
-per ISA by :func:`dense_tile`: 4 rows x 3 ymm vectors on AVX2, 8 x 3 zmm on AVX-512) keeps its accumulators in
-registers beside the panel's weight vectors and one broadcast activation, one FMA per accumulator per step of K;
+**float32 linear on AVX2, AVX-512 and AArch64 NEON** (:func:`dense_f32`; NEON in cross builds, not run here).
+The weight is packed at build time into panels of output channels (``[N/panel, K, panel]``, the last panel
+zero-padded); a register tile (:class:`DenseTile`, chosen per ISA by :func:`dense_tile`: 4 rows x 3 ymm vectors
+on AVX2, 8 x 3 zmm on AVX-512, 8 x 3 q registers on NEON) keeps its accumulators in registers beside the
+panel's weight vectors and one broadcast activation, one FMA per accumulator per step of K;
 tiles run on every core, groups of panels outermost so their weights stay in L2 while the rows stream past them
 (:func:`default_panels_per_task`: as many as fit in half of the host's L2); the bias and the elementwise ops after
 the GEMM (a GELU, a residual add: :mod:`fxopt.codegen.epilogue`) are applied on the tile. Tuning times the other
@@ -53,6 +55,9 @@ __all__ = [
     "AVX2_TILE",
     "AVX512_TILE",
     "dense_tile",
+    "has_dense_f32",
+    "l2_bytes",
+    "NEON_TILE",
     "default_panels_per_task",
     "DENSE_TILES",
     "TEMPLATE_ATTR",
@@ -217,15 +222,23 @@ AVX2_TILE = DenseTile(rows=4, vectors=3, lanes=8)
 #: AVX-512 (32 zmm): 8 x 3 is 24 accumulators + 3 + 1, the same shape at twice the registers (11 loads per 24
 #: FMAs). Not measured on an AVX-512 host yet: built, not run, where the host has no AVX-512.
 AVX512_TILE = DenseTile(rows=8, vectors=3, lanes=16)
+#: AArch64 NEON (32 128-bit v registers): 8 x 3 vectors of 4 is 24 accumulators + 3 + 1, BLIS's 8 x 12 ARMv8
+#: SGEMM tile. Cross-built only (no ARM host here): the template is the same, LLVM emits ``fmla`` on ``v`` registers.
+NEON_TILE = DenseTile(rows=8, vectors=3, lanes=4)
 
 
 #: The tiles tuning times per GEMM shape (:mod:`fxopt.codegen.templates`), by lanes: those whose accumulators,
 #: weight vectors and broadcast fill the registers. AVX2: 5 x 2 and 3 x 4 lose on 128 rows (a partial last row
 #: tile) and win on others (192 rows: MiniLM's 8 x 24 tokens).
 DENSE_TILES = {
+    4: (NEON_TILE, DenseTile(6, 4, 4), DenseTile(4, 6, 4), DenseTile(12, 2, 4)),
     8: (AVX2_TILE, DenseTile(6, 2, 8), DenseTile(5, 2, 8), DenseTile(3, 4, 8), DenseTile(2, 6, 8)),
     16: (AVX512_TILE, DenseTile(6, 4, 16), DenseTile(4, 6, 16), DenseTile(12, 2, 16)),
 }
+
+#: The L2 of a core of a CPU this machine cross-builds for, which it cannot read: a common size (Cortex-A76/A78,
+#: Neoverse N1: 256-512 KiB), so the default groups of panels fit.
+CROSS_L2_BYTES = 256 << 10
 
 
 #: The attention kernel's tiles of scores and of P·V: 6 query rows x 16 keys or columns in ymm registers (a
@@ -233,18 +246,36 @@ DENSE_TILES = {
 _ATTENTION_TILE = DenseTile(rows=6, vectors=2, lanes=8)
 
 
-def dense_tile() -> DenseTile:
-    """The register tile for this host's widest vectors."""
+def has_dense_f32(target: Target | None) -> bool:
+    """Whether the float32 GEMM template builds for ``target``: this machine's CPU with AVX2, or an AArch64 CPU
+    (NEON, cross-built)."""
+    return has_avx2(target) or _is_aarch64(target)
+
+
+def dense_tile(target: Target | None = None) -> DenseTile:
+    """The register tile for the widest vectors of ``target``'s CPU (this host's unless it is a cross target)."""
+    if _is_aarch64(target):
+        return NEON_TILE
     return AVX512_TILE if host_cpu().vector_bits >= 512 else AVX2_TILE
 
 
-def default_panels_per_task(in_features: int, tile: DenseTile) -> int:
+def l2_bytes(target: Target | None = None) -> int:
+    """A core's L2 on ``target``'s CPU: this host's, or :data:`CROSS_L2_BYTES` for a cross target."""
+    return CROSS_L2_BYTES if target is not None and target.arch is not None else host_cpu().l2_bytes
+
+
+def _is_aarch64(target: Target | None) -> bool:
+    return target is not None and target.kind == "llvm" and (target.arch or "").startswith("aarch64")
+
+
+def default_panels_per_task(in_features: int, tile: DenseTile, l2: int | None = None) -> int:
     """How many weight panels one task of the GEMM runs its row tile over: as many as fit in half of a core's L2
     (the other half holds the activations), at most 3. Measured here (2-core Zen 3, 512 KiB L2, K=768: three
     74 KiB panels): GPT-2's LM head (128x768x50257) 8-10% faster than one panel per task, 128x768x3072 4-5%,
-    768x768 3%, 768x2304 the same; at K=3072 (295 KiB panels) two per task were 2-4% slower."""
+    768x768 3%, 768x2304 the same; at K=3072 (295 KiB panels) two per task were 2-4% slower. ``l2``: the L2's
+    bytes, by default this host's."""
     panel_bytes = in_features * tile.panel * 4
-    return max(1, min(3, host_cpu().l2_bytes // 2 // panel_bytes))
+    return max(1, min(3, (l2 or host_cpu().l2_bytes) // 2 // panel_bytes))
 
 
 def pack_dense_weight(weight: torch.Tensor, panel: int) -> torch.Tensor:

@@ -319,7 +319,7 @@ def test_remote_tuning_measures_on_the_device_behind_the_tracker(loopback_tracke
     if not x86.has_avx2(parse_target("cpu")):
         return
     # The hand GEMM's candidates too (two of them, twice each).
-    monkeypatch.setattr(tune_module, "dense_candidates", lambda k: dense_candidates(k)[:2])
+    monkeypatch.setattr(tune_module, "dense_candidates", lambda k, t: dense_candidates(k, t)[:2])
     linear = torch.nn.Linear(64, 40).eval()
     options = dataclasses.replace(options, trials=2)
     summary = fxopt.optimize(linear, ARGS[:1], target="cpu", tune=options)._latest()[0].tuning
