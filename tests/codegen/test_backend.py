@@ -49,8 +49,12 @@ def test_measured_dispatch_reports_both_timings_and_never_picks_the_slower():
     report = optimized.report()
     for segment in report.segments:
         assert segment.torch_ms > 0 and segment.tvm_ms > 0
-        if segment.backend == "tvm":
-            assert segment.tvm_ms < segment.torch_ms
+        if segment.backend == "tvm" and segment.tvm_ms >= segment.torch_ms:
+            # Slower alone, in TVM only as part of one VM call with its neighbours that measured faster as a whole.
+            assert "with its neighbours" in segment.reason, segment
+    if report.backend != "torch":
+        eager, built = report.latency
+        assert built < eager  # the whole model, as built, against all of it in PyTorch
     text = str(report)
     assert "segments (measured on the example inputs)" in text and "torch ms" in text
     assert_close(optimized(*args), reference(model, args))
