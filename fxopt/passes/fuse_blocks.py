@@ -13,7 +13,7 @@ from fxopt.ir.analysis import node_flops
 from fxopt.ir.edit import add_constant, erase_if_dead, replace_subgraph
 from fxopt.ir.folding import compose_layers
 from fxopt.ir.layers import Layer, as_affine, as_layer, is_call
-from fxopt.ir.meta import describe_node, propagate_meta, stamp_provenance
+from fxopt.ir.meta import describe_node, propagate_meta_to, stamp_provenance
 from fxopt.ir.pattern import Pat, Rewritten, Rule, Skip
 from fxopt.ir.program import Program
 from fxopt.ir.traits import AVG_POOLS
@@ -257,7 +257,7 @@ class FuseBlocks(Pass):
                 if node is not None:
                     erase_if_dead(node)
         # The slices' shapes are needed by later merges in this pass (they may be a block's input).
-        propagate_meta(program.graph_module)
+        propagate_meta_to(program.graph_module, created)
         return merged
 
     # ------------------------------------------------------------------ rewriting

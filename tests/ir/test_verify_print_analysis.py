@@ -4,6 +4,7 @@ import torch.nn as nn
 
 from fxopt import VerificationError, capture
 from fxopt.ir import count_flops, count_parameters, format_program, to_networkx, verify
+from fxopt.ir.meta import propagate_meta, propagate_meta_to
 
 aten = torch.ops.aten
 
@@ -67,3 +68,22 @@ def test_verifier_rejects_missing_constants():
     node.target = "no_such_weight"
     with pytest.raises(VerificationError, match="no_such_weight"):
         verify(program)
+
+
+def test_metadata_of_new_nodes_alone_is_what_the_whole_graph_would_give():
+    program = _program()
+    graph = program.graph
+    mean = next(n for n in graph.nodes if n.target is aten.mean.dim)
+    weight = next(n for n in graph.nodes if n.op == "get_attr" and "fc" in n.target and "weight" in n.target)
+    with graph.inserting_after(mean):  # new nodes given out of order, one reading a constant
+        doubled = graph.call_function(aten.mul.Tensor, (mean, 2.0))
+    with graph.inserting_after(doubled):
+        projected = graph.call_function(aten.permute.default, (weight, [1, 0]))
+    with graph.inserting_after(projected):
+        product = graph.call_function(aten.mm.default, (doubled, projected))
+    propagate_meta_to(program.graph_module, [product, doubled, projected])
+    alone = {n: n.meta["val"] for n in (doubled, projected, product)}
+    propagate_meta(program.graph_module)
+    for node, val in alone.items():
+        assert (val.shape, val.dtype) == (node.meta["val"].shape, node.meta["val"].dtype) == (val.shape, torch.float32)
+    assert alone[product].shape == (2, 5)
