@@ -16,15 +16,17 @@ def time_call(
     sync: Callable[[], None] = lambda: None,
     budget: float = 0.2,
     give_up_after: float | None = None,
+    warm_up: bool = True,
 ) -> float:
-    """Median seconds per call of ``fn(*args)`` after one warm-up call.
+    """Median seconds per call of ``fn(*args)`` after one warm-up call (``warm_up``).
 
     Runs at least 3 and at most 100 times, within about ``budget`` seconds;
     returns after a single timed run when that run exceeds ``give_up_after``.
     ``sync`` waits for the device (``torch.cuda.synchronize``) around each run.
     """
-    fn(*args)
-    sync()
+    if warm_up:
+        fn(*args)
+        sync()
     times: list[float] = []
     while len(times) < 3 or (sum(times) < budget and len(times) < 100):
         start = time.perf_counter()

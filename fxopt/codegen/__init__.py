@@ -19,6 +19,7 @@ Codegen never rewrites the optimized program: partitioning works on a copy.
 from __future__ import annotations
 
 import copy
+import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +30,7 @@ import torch
 from fxopt.codegen import lower_quantized  # noqa: F401  (registers the quantized ops' lowerings)
 from fxopt.codegen.chain import chained_parent, find_chains, lower_chain
 from fxopt.codegen.compile import compile_module, kernel_source
-from fxopt.codegen.dispatch import Choice, Timing, choose, device_sync, measure
+from fxopt.codegen.dispatch import Choice, Timing, choose, device_sync, measure_runners
 from fxopt.codegen.export import export_program
 from fxopt.codegen.lower import LoweringError, lower_graph
 from fxopt.codegen.partition import Segment, partition
@@ -215,16 +216,25 @@ def build(
         kernels.update({c.name: TVMFunction(vm, c.name, _item_strides(c.outputs)) for c in chains})
         chained = chained_parent(part.graph_module, kernels, chains)
         _lay_out_only_for_pytorch(chained)
-        if dispatch == "measure":
-            with torch.no_grad():
-                timing = measure(
-                    _as_program(program, part.graph_module),
-                    _as_program(program, chained),
-                    program.example_inputs,
-                    sync=device_sync(target.device),
-                )
-            if not timing.second_is_faster:
-                chained = None
+    # The whole model, every plan timed in the same rounds: all in PyTorch (the baseline), per segment as
+    # dispatched (when any segment runs in TVM; else it is the baseline again), chained.
+    plans = {"torch": program}
+    if any(r.backend == "tvm" for r in ordered):
+        plans["segments"] = _as_program(program, part.graph_module)
+    if chained is not None:
+        plans["chained"] = _as_program(program, chained)
+    timed: dict[str, list[float]] = {}
+    if dispatch == "measure" and len(plans) > 1:
+        with torch.no_grad():
+            samples = measure_runners(list(plans.values()), program.example_inputs, sync=device_sync(target.device))
+        timed = dict(zip(plans, samples))
+        # The faster of the TVM plans that beat PyTorch by the margin in every round (between two TVM plans
+        # neither is the safe default); none: the whole-model check below keeps PyTorch.
+        faster = [
+            p for p in ("chained", "segments") if p in timed and Timing.of(timed["torch"], timed[p]).second_is_faster
+        ]
+        if min(faster, key=lambda p: statistics.median(timed[p]), default=None) != "chained":
+            chained = None
     if chained is not None:
         part.graph_module = chained
         for record in ordered:
@@ -242,9 +252,8 @@ def build(
     latency = None
     if dispatch == "measure" and in_tvm:
         # Per-segment wins need not add up (segment boundaries cost copies and layout changes): the whole
-        # model is measured the same way, and the all-PyTorch plan kept unless the mix is faster.
-        with torch.no_grad():
-            whole = measure(program, module, program.example_inputs, sync=device_sync(target.device))
+        # model as built is compared with the all-PyTorch plan, which is kept unless the mix is faster.
+        whole = Timing.of(timed["torch"], timed["chained" if chained is not None else "segments"])
         latency = (whole.first_seconds * 1e3, whole.second_seconds * 1e3)
         if not whole.second_is_faster:
             for record in ordered:

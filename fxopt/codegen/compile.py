@@ -10,8 +10,10 @@ a kernel as one thread of scalar loops).
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
+from fxopt.codegen.tuning_database import RECORDS_FILE, load_database
 from fxopt.errors import CodegenError, first_line
 from fxopt.log import native_stderr_to_debug
 from fxopt.targets import Target
@@ -78,14 +80,17 @@ def relax_pipeline(target: Target, database_dir: Path | None):
 
     backend = relax.backend.cuda.pipeline if target.kind == "cuda" else relax.backend.cpu_generic.pipeline
     tvm_target = target.tvm()
-    apply_database = database_dir is not None and (Path(database_dir) / "database_tuning_record.json").exists()
+    records = database_dir is not None and (Path(database_dir) / RECORDS_FILE).exists()
+    # Applied from the scope (the database the build's check parsed already), not parsed again from its files.
+    database = load_database(Path(database_dir)) if records and database_dir is not None else None
 
     @tvm.transform.module_pass(opt_level=0, name="fxopt_pipeline")
     def pipeline(mod, _ctx):
-        with tvm_target:  # some passes read the target from the context when constructed
+        # The target: some passes read it from the context when constructed.
+        with tvm_target, database if database is not None else contextlib.nullcontext():
             passes = fusion_passes()
-            if apply_database:
-                passes.append(relax.transform.MetaScheduleApplyDatabase(str(database_dir)))
+            if database is not None:
+                passes.append(relax.transform.MetaScheduleApplyDatabase())
             from tvm.s_tir import dlight as dl
 
             if target.kind == "cuda":

@@ -16,7 +16,7 @@ timed again, so measuring a large model costs seconds, not minutes.
 from __future__ import annotations
 
 import statistics
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,7 +24,17 @@ import torch
 from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.timing import time_call
 
-__all__ = ["MARGIN", "ROUNDS", "Choice", "Timing", "choose", "device_sync", "measure", "quantized_outputs"]
+__all__ = [
+    "MARGIN",
+    "ROUNDS",
+    "Choice",
+    "Timing",
+    "choose",
+    "device_sync",
+    "measure",
+    "measure_runners",
+    "quantized_outputs",
+]
 
 #: TVM must beat PyTorch by this factor to be chosen: below it, timing noise decides.
 MARGIN = 0.9
@@ -52,6 +62,13 @@ class Timing:
     second_wins: int
     rounds: int
 
+    @classmethod
+    def of(cls, first: Sequence[float], second: Sequence[float]) -> Timing:
+        """From two runners' block times of one :func:`measure_runners` (a runner dropped after the first round
+        has one: the rounds both ran count)."""
+        wins = sum(b < a for a, b in zip(first, second))
+        return cls(statistics.median(first), statistics.median(second), wins, min(len(first), len(second)))
+
     @property
     def second_is_faster(self) -> bool:
         return self.second_wins == self.rounds and self.second_seconds < MARGIN * self.first_seconds
@@ -71,21 +88,45 @@ def measure(
     rounds: int = ROUNDS,
     block_seconds: float = _BLOCK_SECONDS,
 ) -> Timing:
-    """Time ``first(*args)`` and ``second(*args)`` in ``rounds`` alternating warm blocks.
+    """Time ``first(*args)`` and ``second(*args)`` in ``rounds`` alternating warm blocks (:func:`measure_runners`)."""
+    return Timing.of(*measure_runners([first, second], args, sync=sync, rounds=rounds, block_seconds=block_seconds))
+
+
+def measure_runners(
+    runners: Sequence[Callable],
+    args: tuple,
+    *,
+    sync: Callable[[], None] = lambda: None,
+    rounds: int = ROUNDS,
+    block_seconds: float = _BLOCK_SECONDS,
+) -> list[list[float]]:
+    """Each runner's median seconds per call in each of ``rounds`` rounds of warm blocks, one block per runner in
+    turn: several runners timed together cost one block each per round, not a pair of blocks per comparison.
 
     Alternating blocks, not single calls in turn: what one runner leaves behind (caches, thread pools) slows
-    the call right after it. A ``second`` more than 3x slower than ``first`` in the first block ends it there.
+    the call right after it; a block's median of at least 3 calls leaves that one out, so only the first round
+    (first calls allocate) warms up untimed, which for a whole model on 2 cores saves seconds. The first runner
+    is the baseline: a runner more than 3x slower than it in the first round is not timed again.
     """
-    firsts, seconds, wins = [], [], 0
+    samples: list[list[float]] = [[] for _ in runners]
+    timed = range(len(runners))
     for index in range(rounds):
-        a = time_call(first, args, sync=sync, budget=block_seconds)
-        b = time_call(second, args, sync=sync, budget=block_seconds, give_up_after=3 * a)
-        firsts.append(a)
-        seconds.append(b)
-        wins += b < a
-        if index == 0 and b > 3 * a:
-            return Timing(a, b, 0, 1)
-    return Timing(statistics.median(firsts), statistics.median(seconds), wins, rounds)
+        for i in timed:
+            samples[i].append(
+                time_call(
+                    runners[i],
+                    args,
+                    sync=sync,
+                    budget=block_seconds,
+                    give_up_after=3 * samples[0][-1] if i else None,
+                    warm_up=index == 0,
+                )
+            )
+        if index == 0:
+            timed = [i for i in timed if samples[i][0] <= 3 * samples[0][0]]
+            if len(timed) == 1:
+                break
+    return samples
 
 
 def quantized_outputs(graph_module: torch.fx.GraphModule) -> list[float]:

@@ -148,6 +148,8 @@ def _segment_importer():
             self.templates = templates
             # Ops a GEMM before them computed on its tile (epilogue.py): the exit's value, None inside the run.
             self.absorbed: dict[fx.Node, object] = {}
+            # The tensors of get_attr nodes bound as Relax constants (not parameters): lowerings may pre-pack them.
+            self.constants: dict[fx.Node, torch.Tensor] = {}
             self.block_builder = relax.BlockBuilder()
             for op, fn in OVERRIDES.items():
                 self.convert_map[op.__name__] = (lambda f: lambda node: f(node, self))(fn)
@@ -177,11 +179,11 @@ def _segment_importer():
                     self.env[node] = var  # now too: a GEMM's epilogue may read an input placed after the GEMM
                 elif node.op == "get_attr":
                     # Bound here: the importer's get_attr path expects submodules, not tensors.
-                    self.env[node] = (
-                        weights[node.target]
-                        if weights_as_params
-                        else to_relax_constant(getattr(*attribute_owner(gm, node.target)))
-                    )
+                    if weights_as_params:
+                        self.env[node] = weights[node.target]
+                    else:
+                        self.constants[node] = getattr(*attribute_owner(gm, node.target))
+                        self.env[node] = to_relax_constant(self.constants[node])
                 else:
                     nodes.append(node)
             with bb.function(name, params=params + list(weights.values())):
@@ -341,14 +343,13 @@ def _linear(node: fx.Node, importer) -> object:
     bias = node.args[2] if len(node.args) > 2 else None
     if not _dense_applies(importer, x, weight, bias):
         return importer._linear(node)
-    return _dense(node, importer, x, importer.env[weight], bias)
+    return _dense(node, importer, x, weight, bias, transposed=False)
 
 
 @register_lowering(aten.addmm.default)
 def _addmm(node: fx.Node, importer) -> object:
     """``addmm(bias, x, weight)`` with a constant ``[in, out]`` weight and a ``[out]`` bias (GPT-2's ``Conv1D``),
     float32 on an AVX2 or AArch64 CPU: :func:`_dense` of the weight transposed. Anything else as TVM lowers it."""
-    from tvm import relax
 
     bias, x, weight = node.args[:3]
     plain = node.kwargs.get("beta", 1) == 1 and node.kwargs.get("alpha", 1) == 1
@@ -359,7 +360,7 @@ def _addmm(node: fx.Node, importer) -> object:
         and _dense_applies(importer, x, weight, bias)
     ):
         return importer._addmm(node)
-    return _dense(node, importer, x, relax.op.permute_dims(importer.env[weight], [1, 0]), bias)
+    return _dense(node, importer, x, weight, bias, transposed=True)
 
 
 @register_lowering(aten.mm.default)
@@ -373,7 +374,7 @@ def _matmul(node: fx.Node, importer) -> object:
     if not (weight.meta["val"].dim() == 2 and _dense_applies(importer, x, weight, None)):
         matmul = functools.partial(relax.op.linear_algebra.matmul, out_dtype="float32")
         return importer._binary_op(matmul, operator.matmul)(node)
-    return _dense(node, importer, x, relax.op.permute_dims(importer.env[weight], [1, 0]), None)
+    return _dense(node, importer, x, weight, None, transposed=True)
 
 
 def _dense_applies(importer, x, weight, bias) -> bool:
@@ -382,12 +383,14 @@ def _dense_applies(importer, x, weight, bias) -> bool:
     return x86.has_dense_f32(importer.target) and weight.op == "get_attr" and float32
 
 
-def _dense(node: fx.Node, importer, x: fx.Node, weight, bias: fx.Node | None) -> object:
-    """One call of :func:`fxopt.codegen.x86.dense_f32` over ``x``'s rows by ``weight`` (a Relax ``[out, in]``
-    expression), packed into panels by Relax ops that the build folds into a constant (or lifts into an export's
-    weight transform); output channels short of a whole panel are zero-padded there. The elementwise ops after
-    it that the kernel can apply on its tile (:func:`fxopt.codegen.epilogue.find_epilogue`) are computed there:
-    the kernel's result is bound to the run's last op and nothing to the ops inside it (``importer.absorbed``)."""
+def _dense(node: fx.Node, importer, x: fx.Node, weight: fx.Node, bias: fx.Node | None, transposed: bool) -> object:
+    """One call of :func:`fxopt.codegen.x86.dense_f32` over ``x``'s rows by ``weight`` (``[out, in]``, or
+    ``[in, out]`` when ``transposed``), packed into panels (output channels short of a whole panel zero-padded):
+    a constant weight here, by PyTorch (TVM's constant folding compiled and ran the packing ops one by one,
+    8 s of BERT-base's build); a weight parameter by Relax ops, which an export lifts into its weight
+    transform. The elementwise ops after it that the kernel can apply on its tile
+    (:func:`fxopt.codegen.epilogue.find_epilogue`) are computed there: the kernel's result is bound to the run's
+    last op and nothing to the ops inside it (``importer.absorbed``)."""
     from tvm import relax
 
     bb = importer.block_builder
@@ -396,9 +399,14 @@ def _dense(node: fx.Node, importer, x: fx.Node, weight, bias: fx.Node | None) ->
     rows = x.meta["val"].numel() // in_features
     schedule = importer.templates.dense_schedule(rows, in_features, out_features, importer.target)
     tile = schedule.tile
-    panels = -(-out_features // tile.panel)
-    padded = relax.op.nn.pad(weight, [0, panels * tile.panel - out_features, 0, 0])
-    packed = bb.emit(relax.op.permute_dims(relax.op.reshape(padded, [panels, tile.panel, in_features]), [0, 2, 1]))
+    if weight in importer.constants:
+        value = importer.constants[weight]
+        packed = to_relax_constant(x86.pack_dense_weight(value.t() if transposed else value, tile.panel))
+    else:
+        matrix = relax.op.permute_dims(importer.env[weight], [1, 0]) if transposed else importer.env[weight]
+        panels = -(-out_features // tile.panel)
+        padded = relax.op.nn.pad(matrix, [0, panels * tile.panel - out_features, 0, 0])
+        packed = bb.emit(relax.op.permute_dims(relax.op.reshape(padded, [panels, tile.panel, in_features]), [0, 2, 1]))
     epilogue = find_epilogue(node, lambda value: value in importer.env)
     kernel = x86.dense_f32(rows, in_features, out_features, epilogue, tile, schedule.panels_per_task)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
@@ -550,18 +558,20 @@ def _sdpa(node: fx.Node, importer) -> object:
     neg_inf = relax.const(float("-inf"), dtype)
     float32 = all(a.meta["val"].dtype == torch.float32 for a in node.args[:3])
     if x86.has_avx2(importer.target) and q_val.dim() == 4 and float32:
-        bias = None
-        if mask is not None:
-            m = importer.env[mask]
-            bias = bb.emit(relax.op.where(m, relax.const(0.0), neg_inf)) if mask.meta["val"].dtype == torch.bool else m
-        if is_causal:
-            causal = to_relax_constant(torch.full((length, source), float("-inf")).triu(1))
-            bias = causal if bias is None else bb.emit(relax.op.add(bias, causal))
         mask_shape = [1, 1, *(mask.meta["val"].shape if mask is not None else ())][-4:]
         bias_shape = [q_val.shape[0] if mask_shape[0] > 1 else 1, q_val.shape[1] if mask_shape[1] > 1 else 1]
         bias_shape += [length, source]
-        bias = to_relax_constant(torch.zeros(bias_shape)) if bias is None else bias
-        bias = bb.emit(relax.op.broadcast_to(bias, bias_shape))
+        causal = torch.full((length, source), float("-inf")).triu(1) if is_causal else torch.zeros(())
+        if mask is None or mask in importer.constants:
+            # Computed here: TVM's constant folding compiles and runs each op on constants (0.1 s per layer).
+            value = torch.zeros(()) if mask is None else importer.constants[mask]
+            value = torch.where(value, 0.0, float("-inf")) if value.dtype == torch.bool else value
+            bias = to_relax_constant((value + causal).float().expand(bias_shape))
+        else:
+            m = importer.env[mask]
+            bias = bb.emit(relax.op.where(m, relax.const(0.0), neg_inf)) if mask.meta["val"].dtype == torch.bool else m
+            bias = bb.emit(relax.op.add(bias, to_relax_constant(causal))) if is_causal else bias
+            bias = bb.emit(relax.op.broadcast_to(bias, bias_shape))
         # Q, K and V read where their chains of views, splits and permutes start (a fused projection's result),
         # so the chains' copies go unread and are dropped; not where K and V were repeated for GQA above.
         gathers = [read_through(a) for a in node.args[:3]]

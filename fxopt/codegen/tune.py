@@ -45,9 +45,8 @@ from pathlib import Path
 
 from fxopt.codegen import x86
 from fxopt.codegen.templates import DenseChoice, TemplateChoices, dense_candidates, template_shapes
-from fxopt.codegen.tuning_database import RECORDS_FILE, checked_database, database_dir, valid_lines
+from fxopt.codegen.tuning_database import RECORDS_FILE, checked_database, database_dir, load_database, valid_lines
 from fxopt.errors import CodegenError
-from fxopt.log import native_stderr_to_debug
 from fxopt.targets import Target, host_cpu
 
 __all__ = [
@@ -217,8 +216,7 @@ def tune(
     start = time.monotonic()
     with FileLock(str(path / "lock")):
         checked_database(path)
-        with native_stderr_to_debug("tvm"):
-            database = ms.database.JSONDatabase(work_dir=str(path))
+        database = load_database(path)
         kernels = [KernelTuning(t.task_name, _trials(database, t), 0, None) for t in tasks]
         for kernel in kernels:
             kernel.trials_after = kernel.trials_before
@@ -234,7 +232,7 @@ def tune(
         choices = TemplateChoices.load(path)
         shapes = template_shapes(mod)
         for position, (rows, in_features, out_features) in enumerate(shapes):
-            name = f"dense_f32 {rows}x{in_features}x{out_features}"
+            name = x86.dense_template_name(rows, in_features, out_features)
             candidates = dense_candidates(in_features, target)
             stored = choices.dense.get((rows, in_features, out_features))
             template = KernelTuning(name, 0 if stored is None else len(candidates), 0, stored.us if stored else None)
@@ -368,15 +366,11 @@ def _fastest_candidate(ms, shape: tuple[int, int, int], candidates, tvm_target, 
         else:
             seconds[i] = min(seconds[i], *(float(s) for s in result.run_secs))
     for i, failure in sorted(failures.items()):
-        logger.warning(
-            "fxopt: warning: dense_f32 %s, candidate %s %s", "x".join(map(str, shape)), candidates[i], failure
-        )
+        logger.warning("fxopt: warning: %s, candidate %s %s", x86.dense_template_name(*shape), candidates[i], failure)
     fastest = min(range(len(candidates)), key=seconds.__getitem__)
     if seconds[fastest] == math.inf:
         i, failure = min(failures.items())
-        raise CodegenError(
-            f"tuning dense_f32 {'x'.join(map(str, shape))}: no candidate ran ({candidates[i]} {failure})"
-        )
+        raise CodegenError(f"tuning {x86.dense_template_name(*shape)}: no candidate ran ({candidates[i]} {failure})")
     return dataclasses.replace(candidates[fastest], us=seconds[fastest] * 1e6)
 
 

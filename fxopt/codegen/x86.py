@@ -61,6 +61,7 @@ __all__ = [
     "default_panels_per_task",
     "DENSE_TILES",
     "TEMPLATE_ATTR",
+    "dense_template_name",
     "pack_dense_weight",
     "dense_f32",
     "attention_f32",
@@ -198,6 +199,12 @@ def int8_linear(rows: int, in_features: int, out_features: int, per_row_activati
 #: The PrimFunc attribute naming a template kernel and its shape (``"dense_f32 128x768x3072"``): what tuning
 #: times candidates of (:mod:`fxopt.codegen.templates`).
 TEMPLATE_ATTR = "fxopt_template"
+
+
+def dense_template_name(rows: int, in_features: int, out_features: int) -> str:
+    """The float32 GEMM template's name at one shape: its kernel's :data:`TEMPLATE_ATTR`, and what tuning
+    reports."""
+    return f"dense_f32 {rows}x{in_features}x{out_features}"
 
 
 @dataclass(frozen=True)
@@ -354,7 +361,7 @@ def dense_f32(
         {
             "tir.is_scheduled": True,
             "op_pattern": 8,  # opaque, never fused
-            TEMPLATE_ATTR: f"dense_f32 {rows}x{in_features}x{out_features}",
+            TEMPLATE_ATTR: dense_template_name(rows, in_features, out_features),
         }
     )
 

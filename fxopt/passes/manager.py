@@ -16,7 +16,7 @@ import torch.fx as fx
 from fxopt.calibration import Calibration
 from fxopt.errors import FxoptError, PassError, PipelineError, VerificationError
 from fxopt.ir.analysis import count_flops, count_parameters
-from fxopt.ir.meta import describe_node, propagate_meta
+from fxopt.ir.meta import describe_node, graph_state, propagate_meta_since
 from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.ir.printer import format_program
 from fxopt.ir.program import Program
@@ -131,6 +131,12 @@ class PassManager:
             elif self.verify == "each":
                 self._check(record, current, reference, passes[start : index + 1], program)
             records.append(record)
+        changed = [r.name for r in records if r.changed]
+        if changed and self.verify != "each":  # "each" checked it after every pass
+            try:
+                verify(current)  # the metadata the passes' changes updated, against the whole graph's propagation
+            except VerificationError as exc:
+                raise PassError(f"after passes {', '.join(changed)}: {exc} (verify='each' names the pass)") from exc
         if self.verify == "end" and start < len(passes):
             self._check(records[-1], current, reference, passes[start:], program)
         return current, records
@@ -154,7 +160,9 @@ class PassManager:
         start = time.perf_counter()
         try:
             changed = _apply(p, work, ctx)
-            verify(work)
+            if changed:  # an unchanged graph is the input, verified already
+                # The metadata _apply updated is checked against the whole graph's once, at the end, unless "each".
+                verify(work, check_meta=self.verify == "each")
         except FxoptError as exc:  # wrapped, not rebuilt: a subclass's constructor may take other arguments
             raise PassError(f"pass '{p.name}' failed: {exc} (passes already run: {', '.join(done) or 'none'})") from exc
         except Exception as exc:
@@ -274,12 +282,13 @@ def _node_values(program: Program) -> dict[str, Any]:
 
 
 def _apply(p: Pass, program: Program, ctx: PassContext) -> bool:
-    """Run one pass; after one that changed the graph, its code is regenerated and its metadata re-propagated here,
-    once, rather than in every pass."""
+    """Run one pass; after one that changed the graph, its code is regenerated and its metadata re-propagated here
+    (what the change can have affected), once, rather than in every pass."""
+    state = graph_state(program.graph_module)
     changed = bool(p.apply(program, ctx))
     if changed:
         program.graph_module.recompile()
-        propagate_meta(program.graph_module)
+        propagate_meta_since(program.graph_module, state)
     return changed
 
 

@@ -329,11 +329,13 @@ def test_float_linear_on_avx2_is_the_hand_scheduled_gemm(rows, in_features, out_
     ),
     st.sampled_from(["none", "bool", "float", "causal", "causal+bool"]),
     st.sampled_from([(1, 1), (2, 1), (2, 3), (0, 0)]),  # the mask's own batch and head dims (0: a 2-D mask)
+    st.booleans(),
     st.integers(0, 2**16),
 )
-def test_float_attention_on_avx2_is_the_hand_scheduled_kernel(shape, mask_kind, mask_dims, seed):
+def test_float_attention_on_avx2_is_the_hand_scheduled_kernel(shape, mask_kind, mask_dims, mask_is_input, seed):
     # Tiles of 6 query rows and 16 columns: partial tiles, one row (decoding), keys fewer than a panel; a row
-    # whose keys are all masked out (the first, under a bool mask) gives zeros as in PyTorch.
+    # whose keys are all masked out (the first, under a bool mask) gives zeros as in PyTorch. A constant mask
+    # becomes the kernel's bias at lowering, one passed in is turned into it by Relax ops.
     batch, heads, length, source, dim = shape
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, length, dim, generator=generator)
@@ -345,8 +347,13 @@ def test_float_attention_on_avx2_is_the_hand_scheduled_kernel(shape, mask_kind, 
         kwargs["attn_mask"][..., 0, :] = False
     elif mask_kind == "float":
         kwargs["attn_mask"] = torch.randn(mask_shape, generator=generator)
+    mask = kwargs.pop("attn_mask", None) if mask_is_input else None
     with spy_on("attention_f32") as kernels:
-        program, executable = tvm_build(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, **kwargs), q, k, v)
+        if mask is None:
+            program, executable = tvm_build(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, **kwargs), q, k, v)
+        else:
+            attention = lambda a, b, c, m: F.scaled_dot_product_attention(a, b, c, attn_mask=m, **kwargs)  # noqa: E731
+            program, executable = tvm_build(attention, q, k, v, mask)
     assert executable.backend == "tvm" and [args[:5] for args in kernels] == [(batch, heads, length, source, dim)]
     assert_built_matches(program, executable)
 

@@ -5,6 +5,8 @@ import gzip
 import json
 import logging
 import os
+import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -70,6 +72,16 @@ def test_tuning_writes_the_database_and_a_second_run_reuses_it(tmp_path):
     second = fxopt.optimize(Tiny(), ARGS, target="cpu", tune=options)
     assert second._latest()[0].tuning.new_trials == 0  # every kernel already has its trials
     torch.testing.assert_close(second(*ARGS), Tiny.forward(second._model, *ARGS))
+
+    # The records are applied: the kernel is the tuned one, in a build that tunes and in one that does not but
+    # finds them in the target's database (the conftest's cache holds none before they are copied there).
+    def kernels(optimized) -> str:  # LLVM IR, but for the addresses of TVM's objects in its alias metadata
+        return re.sub(r"0x[0-9a-f]+", "0x", optimized.kernel_source())
+
+    untuned = kernels(fxopt.optimize(Tiny(), ARGS, target="cpu", dispatch="tvm"))
+    shutil.copytree(tmp_path, database_dir(parse_target("cpu").resolved()), dirs_exist_ok=True)
+    reused = kernels(fxopt.optimize(Tiny(), ARGS, target="cpu", dispatch="tvm"))
+    assert kernels(first) == kernels(second) == reused != untuned
 
 
 def test_distilled_records_keep_the_best_per_kernel_and_seed_new_databases(tmp_path, monkeypatch):

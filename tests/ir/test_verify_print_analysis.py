@@ -4,7 +4,7 @@ import torch.nn as nn
 
 from fxopt import VerificationError, capture
 from fxopt.ir import count_flops, count_parameters, format_program, to_networkx, verify
-from fxopt.ir.meta import propagate_meta, propagate_meta_to
+from fxopt.ir.meta import graph_state, propagate_meta, propagate_meta_since, propagate_meta_to
 
 aten = torch.ops.aten
 
@@ -87,3 +87,38 @@ def test_metadata_of_new_nodes_alone_is_what_the_whole_graph_would_give():
     for node, val in alone.items():
         assert (val.shape, val.dtype) == (node.meta["val"].shape, node.meta["val"].dtype) == (val.shape, torch.float32)
     assert alone[product].shape == (2, 5)
+
+
+class _Branches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(4))
+
+    def forward(self, x):
+        return (x.relu() * self.scale).sum(1) * 2, x.sigmoid()
+
+
+def test_metadata_after_a_rewrite_is_recomputed_where_it_can_have_changed():
+    program = capture(_Branches(), (torch.randn(3, 4),))
+    gm = program.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    state = graph_state(gm)
+    values = [n for n in gm.graph.nodes if n.op != "output"]
+    before = {n: n.meta["val"] for n in values}
+    total = nodes["sum_1"]
+    total.args = (total.args[0], [0])  # rewired: [3] -> [4], and so the product after it
+    gm.scale = torch.ones(4, dtype=torch.float64)  # the same name, another tensor: the scaling is float64 now
+    propagate_meta_since(gm, state)
+    assert nodes["sigmoid"].meta["val"] is before[nodes["sigmoid"]]  # untouched: kept
+    assert nodes["relu"].meta["val"] is before[nodes["relu"]]
+    assert nodes["mul"].meta["val"].dtype == torch.float64
+    since = {n: (tuple(n.meta["val"].shape), n.meta["val"].dtype) for n in values}
+    propagate_meta(gm)
+    assert since == {n: (tuple(n.meta["val"].shape), n.meta["val"].dtype) for n in values}
+    assert since[nodes["mul_1"]] == ((4,), torch.float64)
+
+    state = graph_state(gm)
+    kept = {n: n.meta["val"] for n in values}
+    gm.graph.erase_node(gm.graph.create_node("call_function", aten.neg.default, (total,)))  # removal alone
+    propagate_meta_since(gm, state)
+    assert all(n.meta["val"] is value for n, value in kept.items())
