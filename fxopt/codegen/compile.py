@@ -80,9 +80,10 @@ def relax_pipeline(target: Target, database_dir: Path | None):
 
     backend = relax.backend.cuda.pipeline if target.kind == "cuda" else relax.backend.cpu_generic.pipeline
     tvm_target = target.tvm()
-    records = database_dir is not None and (Path(database_dir) / RECORDS_FILE).exists()
     # Applied from the scope (the database the build's check parsed already), not parsed again from its files.
-    database = load_database(Path(database_dir)) if records and database_dir is not None else None
+    database = None
+    if database_dir is not None and (Path(database_dir) / RECORDS_FILE).exists():
+        database = load_database(Path(database_dir))
 
     @tvm.transform.module_pass(opt_level=0, name="fxopt_pipeline")
     def pipeline(mod, _ctx):
