@@ -10,7 +10,7 @@ FLOP target.
 
     python benchmarks/pruning.py                                  # ResNet-50, MobileNetV2, ViT, BERT, LLaMA-GQA
     python benchmarks/pruning.py resnet-tiny llama-tiny --rounds 3 # a quick smoke run
-    python benchmarks/pruning.py --minilm                          # MiniLM embeddings: cosine vs ratio
+    python benchmarks/pruning.py --minilm                          # MiniLM embeddings: cosine vs ratio, both tools
 
 Install the peers with ``pip install -e ".[bench]"``.
 """
@@ -235,29 +235,130 @@ def _si(n: float) -> str:
     )
 
 
-def minilm(ratios: list[float]) -> list[str]:
-    """Embedding cosine similarity of pruned MiniLM (real trained weights) against the original."""
+MINILM_FXOPT = [  # (importance, scope, reconstruct)
+    ("l1", "uniform", "false"),
+    ("activation", "global", "false"),
+    ("fisher", "global", "false"),
+    ("fisher", "global", "true"),
+]
+
+
+def minilm(ratios: list[float], sentences: int) -> list[str]:
+    """Embedding cosine similarity of pruned MiniLM (real trained weights) against the original, fxopt and
+    Torch-Pruning given the same calibration sentences and FLOP target."""
     encoder, tokens = minilm_encoder()
-    calibration = calibration_batches(tokens)[:1]  # 8 sentences
+    calibration = calibration_batches(tokens, count=sentences)
     inputs = tokens(SENTENCES)
     with torch.no_grad():
         reference = encoder(*inputs)
     program = capture(encoder, inputs)
-    rows = ["| FLOPs cut | importance | compensate | mean cosine | min cosine | FLOPs |", "|---|---|---|---|---|---|"]
+    full = count_flops(program)
+    rows = [
+        "| FLOPs cut | tool | importance | reconstruct | mean cosine | min cosine | FLOPs | pruning time |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     print("\n".join(rows), flush=True)
+
+    def row(
+        ratio: float, tool: str, importance: str, reconstruct: str, out: torch.Tensor, flops: float, seconds: float
+    ):
+        cosine = torch.nn.functional.cosine_similarity(out, reference, dim=-1)
+        rows.append(
+            f"| {ratio:.0%} | {tool} | {importance} | {reconstruct} | {cosine.mean():.4f} | {cosine.min():.4f} "
+            f"| -{1 - flops / full:.1%} | {seconds:.1f} s |"
+        )
+        print(rows[-1], flush=True)
+
+    start = time.perf_counter()
+    hessian = minilm_hessian(encoder, calibration)
+    hessian_seconds = time.perf_counter() - start  # counted in Torch-Pruning's time, as fxopt's gradients are in its
     for ratio in ratios:
-        for importance in ("l1", "activation"):
-            for compensate in ("false", "true"):
-                spec = f"prune-channels{{ratio={ratio} importance={importance} compensate={compensate}}}"
-                pruned, (record,) = PassManager(spec, verify="off", calibration=calibration).run(program)
-                (out,) = pruned.run_flat(list(inputs))
-                cosine = torch.nn.functional.cosine_similarity(out, reference, dim=-1)
-                rows.append(
-                    f"| {ratio:.0%} | {importance} | {compensate} | {cosine.mean():.4f} | {cosine.min():.4f} "
-                    f"| -{1 - record.flops[1] / record.flops[0]:.0%} |"
-                )
-                print(rows[-1], flush=True)
+        for importance, scope, reconstruct in MINILM_FXOPT:
+            start = time.perf_counter()
+            spec = f"prune-channels{{ratio={ratio} importance={importance} scope={scope} reconstruct={reconstruct}}}"
+            pruned, (record,) = PassManager(spec, verify="off", calibration=calibration).run(program)
+            seconds = time.perf_counter() - start
+            (out,) = pruned.run_flat(list(inputs))
+            row(ratio, "fxopt", f"{importance} ({scope})", reconstruct, out, record.flops[1], seconds)
+        for name, gradients in (("l1 (global)", None), ("hessian (global)", hessian)):
+            start = time.perf_counter()
+            pruned = torch_pruning_encoder(encoder, inputs, ratio, gradients)
+            seconds = time.perf_counter() - start + (hessian_seconds if gradients else 0.0)
+            with torch.no_grad():
+                out = pruned(*inputs)
+            row(ratio, "Torch-Pruning", name, "-", out, count_flops(capture(pruned, inputs)), seconds)
     return rows
+
+
+def minilm_hessian(encoder: torch.nn.Module, calibration: list[tuple], projections: int = 4) -> dict[str, torch.Tensor]:
+    """Torch-Pruning's OBD input: the mean squared per-sample gradient of every parameter, for the loss fxopt's
+    ``importance=fisher`` uses without labels (``v · embedding``, ``v`` random Gaussian, a few per batch)."""
+    generator = torch.Generator().manual_seed(0)
+    squares = {name: torch.zeros_like(p) for name, p in encoder.named_parameters()}
+    count = 0
+    for batch in calibration:
+        for _ in range(projections):
+            out = encoder(*batch)
+            losses = (torch.randn(out.shape, generator=generator) * out).sum(1)
+            for loss in losses:
+                encoder.zero_grad()
+                loss.backward(retain_graph=True)
+                for name, p in encoder.named_parameters():
+                    if p.grad is not None:
+                        squares[name] += p.grad.square()
+                count += 1
+    encoder.zero_grad()
+    return {name: s / count for name, s in squares.items()}
+
+
+def torch_pruning_encoder(
+    encoder: torch.nn.Module, inputs: tuple, ratio: float, hessian: dict[str, torch.Tensor] | None
+) -> torch.nn.Module:
+    """Torch-Pruning's global MetaPruner on the sentence encoder (heads and MLP neurons; the hidden size, which
+    is the embedding's, kept), L1 magnitude or Hessian (OBD) importance, the ratio bisected to the FLOP target."""
+    import torch_pruning as tp
+
+    full, _ = tp.utils.count_ops_and_params(encoder, inputs)
+    heads = attention_heads(encoder)
+    stream = [m for name, m in encoder.named_modules() if name.endswith("output.dense") or name.endswith("embeddings")]
+
+    def pruned_at(channel_ratio: float) -> torch.nn.Module:
+        work = copy.deepcopy(encoder)
+        mapping = dict(zip(encoder.modules(), work.modules()))
+        if hessian is None:
+            importance = tp.importance.GroupMagnitudeImportance(p=1)
+        else:
+            importance = tp.importance.GroupHessianImportance()  # reads each weight's .grad as its Hessian diagonal
+            for name, p in work.named_parameters():
+                p.grad = hessian[name].clone()
+        pruner = tp.pruner.MetaPruner(
+            work,
+            inputs,
+            importance=importance,
+            global_pruning=True,
+            pruning_ratio=channel_ratio,
+            ignored_layers=[mapping[m] for m in stream],
+            num_heads={mapping[m]: h for m, h in heads.items()},
+            prune_num_heads=True,
+            prune_head_dims=False,
+            head_pruning_ratio=channel_ratio,
+        )
+        pruner.step()
+        _sync_head_counts(work, pruner)
+        work.zero_grad(set_to_none=True)
+        return work
+
+    low, high, best = 0.0, 0.95, None
+    for _ in range(7):
+        middle = (low + high) / 2
+        candidate = pruned_at(middle)
+        if tp.utils.count_ops_and_params(candidate, inputs)[0] <= (1 - ratio) * full:
+            best, high = candidate, middle
+        else:
+            low = middle
+    if best is None:
+        raise RuntimeError(f"no channel ratio up to {high:.2f} reaches {ratio:.0%} fewer FLOPs")
+    return best
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -269,12 +370,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10, help="latency rounds (default 10)")
     parser.add_argument("--limit", type=int, default=600, help="seconds each pruning run may take (default 600)")
     parser.add_argument("--minilm", action="store_true", help="the MiniLM cosine table instead")
+    parser.add_argument(
+        "--sentences", type=int, default=192, help="MiniLM: calibration sentences (of fxopt.zoo's 192; default all)"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     ratios = [float(r) for r in args.ratios.split(",")]
     torch.set_num_threads(torch.get_num_threads())
     if args.minilm:
-        minilm(ratios)
+        minilm(ratios, args.sentences)
         return 0
     unknown = [m for m in args.models if m not in ZOO and m != "bert-classifier"]
     if unknown:

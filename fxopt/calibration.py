@@ -18,11 +18,12 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from fxopt.errors import FxoptError, InputMismatchError, PipelineError
+from fxopt.errors import FxoptError, InputMismatchError, PassError, PipelineError
+from fxopt.ir.numerics import relative_rms_error
 from fxopt.ir.program import Program
 from fxopt.ir.traits import BATCH_NORM
 
-__all__ = ["Calibration", "observe", "gradients", "data_nodes"]
+__all__ = ["Calibration", "observe", "gradients", "data_nodes", "model_outputs", "output_error"]
 
 Loss = Callable[[object], torch.Tensor]
 
@@ -135,6 +136,28 @@ class Calibration:
                 yield (chunk,), {}
             return
         yield tuple(args), {}
+
+
+def model_outputs(program: Program, calibration: Calibration, batches: Callable[[int], bool] | None = None) -> list:
+    """The program's outputs on the calibration batches (those whose index ``batches`` picks), one per batch."""
+    with torch.no_grad():
+        return [
+            pytree.tree_unflatten(list(program.graph_module(*flat)), program.out_spec)
+            for index, flat in enumerate(calibration.flat_batches(program))
+            if batches is None or batches(index)
+        ]
+
+
+def output_error(calibration: Calibration, outputs: list, reference: list, what: str) -> float:
+    """How far ``outputs`` are from ``reference`` (both from :func:`model_outputs`): the calibration's metric, else
+    the relative RMS error; ``what`` (the pass asking) is named if the metric returns something else than a number."""
+    value = (calibration.metric or relative_rms_error)(outputs, reference)
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        raise PassError(
+            f"{what}: the calibration metric must return a number (lower is better), got {type(value).__name__}"
+        ) from None
 
 
 def data_nodes(program: Program) -> set[fx.Node]:

@@ -16,6 +16,7 @@ from fxopt.prune.compensation import shrink_compensated
 from fxopt.prune.importance import Importance
 from fxopt.prune.latency import model_latency
 from fxopt.prune.plan import plan_pruning
+from fxopt.prune.reconstruction import layers_to_refit, reconstruct
 from fxopt.prune.shrink import shrink
 
 __all__ = ["PruneChannels"]
@@ -76,6 +77,9 @@ class PruneChannels(Pass):
     )
     compensate: bool = option(False, "fold a data-free reconstruction of removed channels into the next layers")
     latency: bool = option(False, "snap each group's width to what measures fastest on this machine's CPU")
+    reconstruct: bool = option(
+        False, "re-fit the layers reading pruned channels to the unpruned outputs on calibration data"
+    )
 
     def __post_init__(self):
         if not 0 <= self.ratio < 1:
@@ -94,7 +98,9 @@ class PruneChannels(Pass):
                 raise ValueError(f"layer-ratios entry {entry!r} must be 'glob:ratio' with ratio in [0, 1)")
 
     def calibration_need(self) -> str | None:
-        return f"importance={self.importance}" if self.importance in ("taylor", "activation") else None
+        if self.importance in ("taylor", "activation", "fisher"):
+            return f"importance={self.importance}"
+        return "reconstruct=true" if self.reconstruct else None
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
         if self.ratio == 0 and not self.layer_ratios:
@@ -103,10 +109,17 @@ class PruneChannels(Pass):
         if plan is None or not plan.removed:
             return False
         before = model_latency(program) if self.latency else 0.0
+        calibration = ctx.require_calibration("reconstruct=true") if self.reconstruct else None
+        refit = layers_to_refit(plan, ctx) if self.reconstruct else []
+        original = program.clone() if refit else None
         if self.compensate:
             shrink_compensated(plan, ctx)
         else:
             shrink(plan.graph, plan.keep())
+        if refit:
+            fits = reconstruct(program, original, refit, calibration, ctx)
+            ctx.notes.extend(fit.note() for fit in fits)
+            ctx.count("layers-reconstructed", sum(f.applied for f in fits))
         ctx.count("channels-removed", plan.removed)
         ctx.count("groups-pruned", sum(1 for c in plan.candidates if plan.counts[c.group.space] < c.group.size))
         if self.latency:

@@ -15,7 +15,7 @@ from fxopt.ir.traits import BATCH_NORM
 from fxopt.passes.base import PassContext
 from fxopt.prune.dependency import ChannelGraph, analyze
 from fxopt.prune.groups import Group, Leaf, Prod, Space, Tree
-from fxopt.prune.rules import WEIGHT_ARGS
+from fxopt.prune.rules import WEIGHT_ARGS, layer_weight
 from fxopt.prune.shrink import shrink
 
 if TYPE_CHECKING:
@@ -145,13 +145,13 @@ def _compensate(graph: ChannelGraph, group: Group, kept: torch.Tensor, values: d
             if user not in carried and user not in consumers:
                 return f"{describe_node(user)} reads the channels and has no weights to adjust"
         if node in producers:
-            if _weight(node) is None:
+            if layer_weight(node) is None:
                 return f"{describe_node(node)} has no plain weight"
         elif node.target is BATCH_NORM:
             norm = next((as_affine(program, u) for u in node.users if u.args[1] == 0), None)
             if norm is None or norm.x not in producers or norm.x in affine:
                 return "a batch norm that does not directly follow a layer"
-            device = program.get_constant(_weight(norm.x).target).device
+            device = program.get_constant(layer_weight(norm.x).target).device
             scale, shift = norm.evaluate(program, shape_of(norm.x)[1], device)
             affine[norm.x] = (scale.double().cpu(), shift.double().cpu())
         elif node.target in _HOMOGENEOUS:
@@ -159,7 +159,7 @@ def _compensate(graph: ChannelGraph, group: Group, kept: torch.Tensor, values: d
         elif not (node.target in _LINEAR or (node.target is aten.mul.Tensor and not isinstance(node.args[1], fx.Node))):
             return f"{describe_node(node)} is not linear in the channels"
     for node in consumers:
-        weight = _weight(node)
+        weight = layer_weight(node)
         if weight is None or any(u not in consumers for u in weight.users):
             return f"{describe_node(node)} reads the channels without a weight of its own"
         tree = graph.resolve(graph.value_dims(weight)[consumers[node]])
@@ -173,7 +173,7 @@ def _compensate(graph: ChannelGraph, group: Group, kept: torch.Tensor, values: d
     removed[kept] = False
     mix = _reconstruction(features[removed], features[kept], homogeneous)
     for node, dim in consumers.items():
-        target = _weight(node).target
+        target = layer_weight(node).target
         weight = values.get(target, program.get_constant(target)).detach()
         # Channels first along the dim (a flatten of C x H x W reads each channel at H*W positions).
         moved = weight.movedim(dim, -1).double()
@@ -183,12 +183,6 @@ def _compensate(graph: ChannelGraph, group: Group, kept: torch.Tensor, values: d
         adjusted = adjusted.transpose(-1, -2).reshape(*weight.movedim(dim, -1).shape)
         values[target] = adjusted.to(weight.dtype).movedim(-1, dim).contiguous()
     return None
-
-
-def _weight(layer: fx.Node) -> fx.Node | None:
-    """The ``get_attr`` of a linear, conv or addmm's weight, if it reads one directly."""
-    arg = layer.args[WEIGHT_ARGS[layer.target][0]] if layer.target in WEIGHT_ARGS else None
-    return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
 
 def _all_dims(graph: ChannelGraph, node: fx.Node) -> list[Tree]:
@@ -207,7 +201,7 @@ def _responses(
 ) -> torch.Tensor | None:
     """One row per channel: what the producer computes for it (weights, then bias), through the batch norm."""
     program = graph.program
-    weight, bias_arg = _weight(producer), WEIGHT_ARGS[producer.target][1]
+    weight, bias_arg = layer_weight(producer), WEIGHT_ARGS[producer.target][1]
     dim = next(m.dim for m in group.members if m.node is producer and m.role == "out")
     tree = graph.resolve(graph.value_dims(weight)[dim])
     if tree != Leaf(group.space):

@@ -5,20 +5,27 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Literal
 
 import torch
 import torch.fx as fx
+import torch.utils._pytree as pytree
 
 from fxopt.calibration import Calibration, data_nodes, gradients, observe
+from fxopt.errors import FxoptError
 from fxopt.ir.meta import shape_of
 from fxopt.passes.base import PassContext
 from fxopt.prune.dependency import ChannelGraph
 from fxopt.prune.groups import Group, Space
+from fxopt.prune.rules import layer_weight
 
 __all__ = ["Importance", "ChannelScores"]
 
-Importance = Literal["l1", "l2", "bn-scale", "taylor", "activation", "random"]
+Importance = Literal["l1", "l2", "bn-scale", "taylor", "activation", "fisher", "random"]
+
+# Random output projections per calibration batch for the Fisher information of unlabeled data.
+PROJECTIONS = 4
 
 aten = torch.ops.aten
 
@@ -31,12 +38,15 @@ class ChannelScores:
         self.saliency: dict[str, torch.Tensor] = {}  # taylor: sum over batches of |weight * grad|
         self.activation: dict[Space, torch.Tensor] = {}  # activation: squared norm of each channel's input
         self.block: dict[Space, float] = {}  # activation: angular distance the group's residual block moves the stream
+        self.mask_gradients: dict[Space, list[torch.Tensor]] = {}  # fisher: one per batch and projection
         if kind == "taylor":
             calibration = ctx.require_calibration("importance=taylor")
             targets = {t for g in groups for t, _ in g.constants}
             gradients(graph.program, calibration, targets, self._add_saliency)
         elif kind == "activation":
             self._observe_activations(groups, ctx.require_calibration("importance=activation"))
+        elif kind == "fisher":
+            self._fisher(groups, ctx.require_calibration("importance=fisher"))
 
     def __call__(self, group: Group, index: int) -> torch.Tensor | None:
         """One score per channel of the group (higher is more important), or None if the kind does not apply."""
@@ -46,6 +56,9 @@ class ChannelScores:
             return self._per_channel(group, lambda t: t in self.graph.norm_weights, 1)
         if self.kind == "taylor":
             return self._per_channel(group, lambda t: t in self.saliency, 1, self.saliency.get)
+        if self.kind == "fisher":
+            samples = self.samples(group.space)
+            return None if samples is None else samples.square().sum(1)
         weights = self._per_channel(
             group, lambda t: self.graph.program.get_constant(t).dim() >= 2, 2 if self.kind == "l2" else 1
         )
@@ -77,6 +90,49 @@ class ChannelScores:
             valid = coordinates >= 0
             scores.index_add_(0, coordinates[valid], per_position.cpu()[valid])
         return scores if found else None
+
+    def _fisher(self, groups: list[Group], calibration: Calibration) -> None:
+        """Kwon et al.'s diagonal Fisher information of a mask on each channel, read by the layers that consume it.
+
+        A mask ``m`` on the channels a layer reads has gradient ``Σ_o W[o, i] ∂L/∂W[o, i]`` for channel ``i``, so
+        the weights' gradients give it. ``L`` is the calibration's loss; without one, ``v · y`` for random
+        Gaussian ``v`` over the outputs ``y`` (a few per batch), whose squared gradient is on average
+        ``Σ_k (∂y_k/∂m)²``: the curvature of the squared distance to the unpruned outputs, which is 0 at ``m = 1``.
+        """
+        readers: dict[str, list[tuple[Space, int, torch.Tensor]]] = {}
+        for group in groups:
+            for member in group.members:
+                reader = layer_weight(member.node) if member.role == "in" else None
+                if reader is None:
+                    continue
+                tree = self.graph.constant_dims()[reader.target][member.dim]
+                readers.setdefault(reader.target, []).append(
+                    (group.space, member.dim, self.graph.coordinates(tree, group.space))
+                )
+        generator = torch.Generator().manual_seed(0)
+        draws = 1 if calibration.loss else PROJECTIONS
+        for batch in calibration.batches:
+            for _ in range(draws):
+                grads: dict[Space, torch.Tensor] = {}
+
+                def add(target: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
+                    product = (weight * grad).double()
+                    for space, dim, coordinates in readers[target]:
+                        per_position = product.sum([d for d in range(product.dim()) if d != dim]).cpu()
+                        valid = coordinates >= 0
+                        total = grads.setdefault(space, torch.zeros(space.size, dtype=torch.float64))
+                        total.index_add_(0, coordinates[valid], per_position[valid])
+
+                loss = calibration.loss or _projection(generator)
+                gradients(self.graph.program, replace(calibration, batches=(batch,), loss=loss), set(readers), add)
+                for space, grad in grads.items():
+                    self.mask_gradients.setdefault(space, []).append(grad)
+
+    def samples(self, space: Space) -> torch.Tensor | None:
+        """fisher: the mask gradients of the group's channels, one column per batch and projection; the Fisher
+        information matrix is ``samples @ samples.T``."""
+        grads = self.mask_gradients.get(space)
+        return torch.stack(grads, 1) if grads else None
 
     def _add_saliency(self, target: str, weight: torch.Tensor, grad: torch.Tensor) -> None:
         term = (weight * grad).abs().double()
@@ -138,6 +194,49 @@ class ChannelScores:
 
         watch.setdefault(stream, []).append(keep)
         watch.setdefault(add, []).append(compare)
+
+
+def removal_order(samples: dict[Space, torch.Tensor], unit_costs: dict[Space, float]) -> dict[Space, torch.Tensor]:
+    """Each channel's place in a greedy removal order (higher goes later): Kwon et al.'s Fisher mask search with
+    the interactions of the channels removed from one group.
+
+    Removing the set ``S`` of a group's channels costs about ``1_Sᵀ F 1_S`` (``F = samples @ samples.T``, the
+    group's Fisher matrix); each step removes, across groups, the channel whose removal adds the least cost per
+    unit of the target it saves (``unit_costs``).
+    """
+    added = {s: g.square().sum(1) for s, g in samples.items()}  # the cost each channel's removal adds now
+    removed_sum = {s: torch.zeros(g.shape[1], dtype=g.dtype) for s, g in samples.items()}  # Σ_{j∈S} samples[j]
+    order = {s: torch.zeros(len(g), dtype=torch.float64) for s, g in samples.items()}
+    total = sum(len(g) for g in samples.values())
+    best = {s: _cheapest(added[s], unit_costs[s]) for s in samples}
+    for step in range(total):
+        space = min(best, key=lambda s: best[s][0])
+        index = best[space][1]
+        order[space][index] = step
+        # ΔF(S + i) - ΔF(S) = F_ii + 2 Σ_{j∈S} F_ij, kept up to date as S grows.
+        removed_sum[space] += samples[space][index]
+        added[space] = samples[space].square().sum(1) + 2 * samples[space] @ removed_sum[space]
+        added[space][order[space] > 0] = math.inf
+        added[space][index] = math.inf
+        best[space] = _cheapest(added[space], unit_costs[space])
+    return order
+
+
+def _cheapest(added: torch.Tensor, unit_cost: float) -> tuple[float, int]:
+    index = int(added.argmin())
+    return float(added[index]) / unit_cost, index
+
+
+def _projection(generator: torch.Generator) -> Callable[[object], torch.Tensor]:
+    """A loss ``Σ v · y`` over the floating outputs with fresh standard Gaussian ``v``."""
+
+    def loss(outputs: object) -> torch.Tensor:
+        tensors = [t for t in pytree.tree_leaves(outputs) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        if not tensors:
+            raise FxoptError("importance=fisher needs floating outputs, or Calibration(loss=...)")
+        return sum((torch.randn(t.shape, generator=generator).to(t) * t).sum() for t in tensors)
+
+    return loss
 
 
 def _all(callbacks: list[Callable[[torch.Tensor], None]]) -> Callable[[torch.Tensor], None]:

@@ -18,7 +18,7 @@ from fxopt.ir.program import Program
 from fxopt.passes.base import PassContext
 from fxopt.prune.dependency import ChannelGraph, analyze
 from fxopt.prune.groups import Group, Space
-from fxopt.prune.importance import ChannelScores
+from fxopt.prune.importance import ChannelScores, removal_order
 from fxopt.prune.latency import snap_to_latency
 
 if TYPE_CHECKING:
@@ -95,6 +95,13 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
     ctx.count("groups", len(candidates))
     cost = Cost(graph, options.target, candidates)
     full = cost({})
+    if options.importance == "fisher":
+        # Fisher scores are an expected loss change, comparable across groups: channels are ranked by the loss
+        # their removal adds per unit of the target it saves (a head costs far more FLOPs than an MLP neuron).
+        unit_costs = {c.group.space: max(full - cost({c.group.space: c.group.size - 1}), 1e-12) for c in candidates}
+        order = removal_order({c.group.space: scores.samples(c.group.space) for c in candidates}, unit_costs)
+        for c in candidates:
+            c.importance = order[c.group.space]
     counts = solve(candidates, options, cost, full, ctx)
     if options.latency:
         counts, whole = snap_to_latency(graph, candidates, counts, cost, ctx, restore=True)
@@ -127,7 +134,7 @@ def solve(
             c.group.space: c.group.size - c.removable(math.floor(_group_ratio(c.group, options) * c.group.size))
             for c in candidates
         }
-    wanted = schedule(candidates, options.scope)
+    wanted = schedule(candidates, options.scope, normalize=options.importance != "fisher")
     budget = full * (1 - options.ratio)
     level = 1.0  # the smallest level that meets the budget, or everything prunable
     most = cost(wanted(level))
@@ -168,21 +175,26 @@ def _excluded(group: Group, options: PruneChannels) -> str | None:
     return None
 
 
-def schedule(candidates: list[Candidate], scope: str) -> Callable[[float], dict[Space, int]]:
-    """``wanted(x)``: the kept count of every group at pruning level ``x`` in [0, 1] (monotone in ``x``)."""
+def schedule(candidates: list[Candidate], scope: str, normalize: bool = True) -> Callable[[float], dict[Space, int]]:
+    """``wanted(x)``: the kept count of every group at pruning level ``x`` in [0, 1] (monotone in ``x``).
+
+    ``scope=global`` compares scores across groups after dividing each group's by its mean, unless they are
+    comparable as they are (``normalize=False``).
+    """
     if scope == "uniform":
         return lambda x: {
             c.group.space: c.group.size - c.removable(math.floor(x * c.group.size + 1e-9)) for c in candidates
         }
     normalized = []
     for c in candidates:
-        mean = c.importance.mean()
+        mean = c.importance.mean() if normalize else 1.0
         normalized.append(c.importance * (c.weight / mean) if mean > 0 else torch.zeros_like(c.importance))
-    top = max((float(n.max()) for n in normalized), default=0.0) + 1.0
     sorted_scores = [n.sort().values for n in normalized]
+    # Level x removes the channels below the x-quantile of all scores: bisection then works at any score scale.
+    every = torch.cat(sorted_scores).sort().values if sorted_scores else torch.zeros(0, dtype=torch.float64)
 
     def wanted(x: float) -> dict[Space, int]:
-        threshold = x * top if x < 1 else math.inf
+        threshold = float(every[math.floor(x * len(every))]) if x < 1 and len(every) else math.inf
         return {
             c.group.space: c.group.size - c.removable(int(torch.searchsorted(s, threshold)))
             for c, s in zip(candidates, sorted_scores)

@@ -20,7 +20,7 @@ from fxopt.prune.groups import Cat, Prod, Tree
 if TYPE_CHECKING:
     from fxopt.prune.dependency import ChannelGraph
 
-__all__ = ["OpRules", "RULES", "WEIGHT_ARGS", "slice_args", "tensor_values"]
+__all__ = ["OpRules", "RULES", "WEIGHT_ARGS", "layer_weight", "slice_args", "tensor_values"]
 
 aten = torch.ops.aten
 
@@ -29,6 +29,12 @@ _SHAPE_ONLY = (*COPIES, aten.hardswish.default, aten.hardsigmoid.default, aten.d
 
 # Where the weight (and bias) of a layer are among its arguments.
 WEIGHT_ARGS = {aten.linear.default: (1, 2), aten.convolution.default: (1, 2), aten.addmm.default: (2, 0)}
+
+
+def layer_weight(layer: fx.Node) -> fx.Node | None:
+    """The ``get_attr`` of a linear, conv or addmm's weight, if it reads one directly."""
+    arg = layer.args[WEIGHT_ARGS[layer.target][0]] if layer.target in WEIGHT_ARGS else None
+    return arg if isinstance(arg, fx.Node) and arg.op == "get_attr" else None
 
 
 class OpRules:

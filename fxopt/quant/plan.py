@@ -9,14 +9,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-import torch.utils._pytree as pytree
 
-from fxopt.calibration import Calibration
-from fxopt.errors import PassError
+from fxopt.calibration import Calibration, model_outputs, output_error
 from fxopt.ir.edit import drop_unread_constants
 from fxopt.ir.layers import WeightedLayer, layer_matches, require_matches, weighted_layers
 from fxopt.ir.meta import describe_node, has_symbolic_shapes
-from fxopt.ir.numerics import relative_rms_error
 from fxopt.ir.program import Program
 from fxopt.passes.base import PassContext
 from fxopt.quant.equivalence import input_moments
@@ -209,20 +206,13 @@ class QuantPlan:
     @functools.cached_property
     def reference(self) -> list:
         """The float program's outputs on the calibration batches."""
-        return self._outputs(self.program)
+        return model_outputs(self.program, self.calibration)
 
     def error(self, assignment: dict[str, str]) -> float:
         """The output error on the calibration data of the program quantized as ``assignment`` says."""
         trial = self.program.clone()
         self.rewrite(trial, assignment)  # no metadata needed to run it
-        metric = self.calibration.metric or relative_rms_error
-        value = metric(self._outputs(trial), self.reference)
-        try:
-            return float(value)
-        except (TypeError, ValueError, RuntimeError):
-            raise PassError(
-                f"quantize: the calibration metric must return a number (lower is better), got {type(value).__name__}"
-            ) from None
+        return output_error(self.calibration, model_outputs(trial, self.calibration), self.reference, "quantize")
 
     def sensitivities(self) -> dict[str, float]:
         """Each chosen layer's output error quantized alone at the first scheme."""
@@ -264,10 +254,3 @@ class QuantPlan:
             if self.ctx.progress:
                 self.ctx.progress(f"mixed precision search: between {lo} and {hi} layers at {high}")
         return assignment(lo), error(lo)
-
-    def _outputs(self, program: Program) -> list:
-        with torch.no_grad():
-            return [
-                pytree.tree_unflatten(list(program.graph_module(*flat)), program.out_spec)
-                for flat in self.calibration.flat_batches(program)
-            ]

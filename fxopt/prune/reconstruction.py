@@ -1,0 +1,415 @@
+"""Reconstruction after pruning: re-fit each layer that lost input channels so that, on calibration data, its
+output matches the unpruned layer's (Kwon et al. 2022's layer-wise mask tuning, extended to every linear and conv).
+
+Layers are fitted in order along the graph, each on the activations the already re-fitted pruned model feeds
+it, so a fit also corrects what the pruned layers before it changed; a layer read by a residual add aims at
+the add's unpruned value, making up for the stream's error too. Each fit (all weights, or one scale per input
+channel) is damped towards the plainly pruned weights, chosen on held-out calibration batches it is not fitted
+to, and kept only where it lowers both its layer's held-out error and the model's output error on those batches.
+The unpruned layers' outputs on all calibration batches are held in memory while the layers are fitted.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+import torch
+import torch.fx as fx
+
+from fxopt.calibration import Calibration, model_outputs, observe, output_error
+from fxopt.ir.edit import add_constant, drop_unread_constants
+from fxopt.ir.meta import describe_node, module_name, propagate_meta, shape_of
+from fxopt.ir.program import Program
+from fxopt.passes.base import PassContext
+from fxopt.prune.rules import WEIGHT_ARGS
+
+if TYPE_CHECKING:
+    from fxopt.prune.plan import PrunePlan
+
+__all__ = ["LayerFit", "reconstruct", "refittable", "layers_to_refit"]
+
+aten = torch.ops.aten
+
+# Damping tried, as fractions of the mean diagonal of the layer's input Gram matrix.
+DAMPING = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+
+
+@dataclass(frozen=True)
+class LayerFit:
+    """One re-fitted layer: its relative output error against its aim on the calibration rows it was fitted to,
+    before (the pruned weights) and after the fit, and on the held-out rows; ``applied`` if it was kept."""
+
+    layer: str
+    before: float
+    after: float
+    held_before: float
+    held_after: float
+    fit: str  # "weights" or "scales" and the damping chosen
+    applied: bool
+    weights: torch.Tensor = field(repr=False, compare=False)  # the fit: out x (inputs + 1), the bias last
+    model_error: tuple[float, float] | None = None  # held-out output error without and with it, if it was undone
+
+    def note(self) -> str:
+        errors = (
+            f"{self.before:.3g} -> {self.after:.3g} (held out {self.held_before:.3g} -> {self.held_after:.3g}, "
+            f"fitting {self.fit})"
+        )
+        if self.applied:
+            return f"reconstructed {self.layer}: relative output error on the calibration data {errors}"
+        if self.model_error:
+            return (
+                f"left {self.layer} as pruned: its re-fit ({errors}) raised the model's output error on the "
+                f"held-out calibration batches ({self.model_error[0]:.3g} -> {self.model_error[1]:.3g})"
+            )
+        return f"left {self.layer} as pruned: a re-fit did not lower its held-out error ({errors})"
+
+
+def refittable(node: fx.Node) -> str | None:
+    """Why ``node`` cannot be re-fitted by least squares, or None if it can."""
+    if node.target not in WEIGHT_ARGS:
+        return f"{describe_node(node)} is not a linear, addmm or convolution"
+    weight_arg, bias_arg = WEIGHT_ARGS[node.target]
+    weight, bias = node.args[weight_arg], node.args[bias_arg] if len(node.args) > bias_arg else None
+    if not isinstance(weight, fx.Node) or weight.op != "get_attr" or len(weight.users) != 1:
+        return f"{describe_node(node)} does not read a weight of its own"
+    if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr" or len(bias.users) != 1):
+        return f"{describe_node(node)} does not read a bias of its own"
+    if (
+        bias is not None
+        and math.prod(shape_of(bias)) != shape_of(node)[1 if node.target is aten.convolution.default else -1]
+    ):
+        return f"{describe_node(node)} has a bias that is not one value per output"
+    if node.target is aten.convolution.default:
+        stride, padding, dilation, transposed, _, groups = node.args[3:9]
+        if transposed or groups != 1 or len(stride) != 2 or isinstance(padding, str):
+            return f"{describe_node(node)} is not a plain 2-D convolution (transposed, grouped or not 2-D)"
+    shared = [n for n in node.graph.nodes if n.op == "get_attr" and n.target == weight.target]
+    if len(shared) > 1:
+        return f"{describe_node(node)} shares its weight with another layer (tied)"
+    return None
+
+
+def layers_to_refit(plan: PrunePlan, ctx: PassContext) -> dict[str, torch.Tensor]:
+    """The layers that read a pruned group's channels and can be re-fitted (the rest noted): node name -> the
+    indices of the output channels the layer keeps."""
+    names: dict[str, torch.Tensor] = {}
+    for candidate in plan.candidates:
+        if plan.counts[candidate.group.space] == candidate.group.size:
+            continue
+        for member in candidate.group.members:
+            if member.role != "in" or member.node.name in names:
+                continue
+            why = refittable(member.node)
+            if why:
+                ctx.skip(f"reconstructing {member.label}", why)
+            else:
+                names[member.node.name] = kept_outputs(plan, member.node)
+    return names
+
+
+def kept_outputs(plan: PrunePlan, node: fx.Node) -> torch.Tensor:
+    """The output channels of ``node`` (a layer in ``plan``'s program) that pruning keeps."""
+    dim = 1 if node.target is aten.convolution.default else -1
+    return plan.graph.kept(plan.graph.value_dims(node)[dim], plan.keep())
+
+
+def reconstruct(
+    program: Program, original: Program, layers: dict[str, torch.Tensor], calibration: Calibration, ctx: PassContext
+) -> list[LayerFit]:
+    """Re-fit the layers of ``program`` named in ``layers`` (node names, the same in ``original``, the program before
+    pruning) to ``original``'s outputs on ``calibration``, those of the output channels ``layers`` gives; the
+    fits are written as new constants."""
+    nodes = {n.name: n for n in program.graph.nodes}
+    reference_nodes = {n.name: n for n in original.graph.nodes}
+    wanted = [nodes[name] for name in layers]
+    held = _Split.of(len(list(calibration.flat_batches(program))))
+    # A layer whose output a residual add reads aims at the add's unpruned value less the pruned stream: the fit
+    # also makes up for what the layers before it changed in the stream.
+    streams = {node.name: _residual_stream(node) for node in wanted}
+    aims = {name: reference_nodes[add.name if add else name] for name, (add, _) in streams.items()}
+    targets: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
+    observe(
+        original,
+        calibration,
+        _watching([(aims[name], targets[name].append) for name in layers]),
+        ctx.progress,
+        "reconstruction targets",
+    )
+    # Each group of fits is kept only if it lowers the model's output error on the held-out batches: a fit that
+    # helps its own layer can still carry what it learnt of the fitted rows to the layers after it.
+    checked = held.batches is not None
+    reference = model_outputs(original, calibration, held.batches) if checked else []
+    error = output_error(calibration, model_outputs(program, calibration, held.batches), reference, "reconstruct")
+    fits: list[LayerFit] = []
+    for stage in _stages(program, wanted, streams):
+        statistics = [
+            _Statistics(_Layer(n, program), held, targets[n.name], layers[n.name], streams[n.name][1] is not None)
+            for n in stage
+        ]
+        callbacks = [(s.layer.input, s.take_input) for s in statistics]
+        callbacks += [(streams[s.layer.node.name][1], s.take_stream) for s in statistics if s.wants_stream]
+        observe(program, calibration, _watching(callbacks), ctx.progress, "reconstruction")
+        solved = [stats.solve() for stats in statistics]
+        for name in stage:
+            targets.pop(name.name)  # memory: each layer's targets are read once
+        undo = [stats.layer.write(fit.weights) for stats, fit in zip(statistics, solved) if fit.applied]
+        if undo and checked:
+            program.graph_module.recompile()
+            now = output_error(calibration, model_outputs(program, calibration, held.batches), reference, "reconstruct")
+            if now < error:
+                error = now
+            else:
+                for restore in undo:
+                    restore()
+                solved = [replace(f, applied=False, model_error=(error, now)) if f.applied else f for f in solved]
+        fits += solved
+    drop_unread_constants(program)
+    program.graph_module.recompile()
+    propagate_meta(program.graph_module)
+    return fits
+
+
+def _residual_stream(layer: fx.Node) -> tuple[fx.Node, fx.Node] | tuple[None, None]:
+    """``(add, stream)`` if the layer's only reader (through copies) is a residual ``add(layer, stream)``."""
+    value = layer
+    while len(value.users) == 1 and next(iter(value.users)).target in (aten.clone.default, aten.alias.default):
+        value = next(iter(value.users))
+    add = next(iter(value.users)) if len(value.users) == 1 else None
+    if add is None or add.target is not aten.add.Tensor or add.kwargs or len(add.args) != 2:
+        return None, None
+    stream = add.args[1] if add.args[0] is value else add.args[0]
+    if not isinstance(stream, fx.Node) or stream is value or shape_of(stream) != shape_of(layer):
+        return None, None
+    return add, stream
+
+
+@dataclass(frozen=True)
+class _Split:
+    """Which calibration rows check the fits instead of making them: ``batches`` picks whole held-out batches by
+    index (every fourth, at least one); with a lone batch, every fourth of its rows."""
+
+    batches: Callable[[int], bool] | None
+
+    @staticmethod
+    def of(count: int) -> _Split:
+        if count == 1:
+            return _Split(None)
+        chosen = {b for b in range(count) if b % 4 == 3} or {count - 1}
+        return _Split(chosen.__contains__)
+
+    def __call__(self, batch: int, rows: int) -> torch.Tensor | bool:
+        return self.batches(batch) if self.batches else torch.arange(rows) % 4 == 3
+
+
+def _stages(
+    program: Program, layers: list[fx.Node], streams: dict[str, tuple[fx.Node, fx.Node] | tuple[None, None]]
+) -> list[list[fx.Node]]:
+    """``layers`` grouped so that no layer's input (or stream) depends on a layer of its own or a later group."""
+    chosen = set(layers)
+    depth: dict[fx.Node, int] = {}
+    stage_of: dict[fx.Node, int] = {}
+    for node in program.graph.nodes:
+        reads = node.all_input_nodes + ([streams[node.name][1]] if node in chosen and streams[node.name][1] else [])
+        above = max((depth[a] for a in reads), default=0)
+        if node in chosen:
+            stage_of[node] = above
+            above += 1
+        depth[node] = above
+    stages: list[list[fx.Node]] = [[] for _ in range(max(stage_of.values(), default=-1) + 1)]
+    for node in layers:
+        stages[stage_of[node]].append(node)
+    return [s for s in stages if s]
+
+
+def _watching(callbacks: list[tuple[fx.Node, Callable[[torch.Tensor], None]]]) -> dict:
+    """One :func:`observe` callback per node calling each of ``callbacks`` given for it."""
+    by_node: dict[fx.Node, list[Callable[[torch.Tensor], None]]] = {}
+    for node, callback in callbacks:
+        by_node.setdefault(node, []).append(callback)
+
+    def calling(functions: list[Callable[[torch.Tensor], None]]) -> Callable[[torch.Tensor], None]:
+        def call(value: torch.Tensor) -> None:
+            for function in functions:
+                function(value)
+
+        return call
+
+    return {node: calling(functions) for node, functions in by_node.items()}
+
+
+class _Layer:
+    """A linear, addmm or 2-D convolution as a matrix product: rows of its input (im2col for a convolution) times
+    ``weight.T`` plus ``bias``, and the way back to its constants."""
+
+    def __init__(self, node: fx.Node, program: Program):
+        self.node, self.program = node, program
+        weight_arg, bias_arg = WEIGHT_ARGS[node.target]
+        self.input = node.args[1 if node.target is aten.addmm.default else 0]
+        self.weight_node = node.args[weight_arg]
+        self.bias_arg = bias_arg
+        bias = node.args[bias_arg] if len(node.args) > bias_arg else None
+        self.bias_node = bias
+        weight = program.get_constant(self.weight_node.target).detach()
+        self.weight_shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
+        matrix = weight.T if node.target is aten.addmm.default else weight.reshape(weight.shape[0], -1)
+        self.weight = matrix.double().cpu()  # fits are solved on the CPU in float64
+        self.bias = (
+            program.get_constant(bias.target).detach().double().cpu().reshape(-1).expand(self.weight.shape[0])
+            if bias is not None
+            else torch.zeros(self.weight.shape[0], dtype=torch.float64)
+        )
+
+    def rows(self, value: torch.Tensor) -> torch.Tensor:
+        if self.node.target is aten.convolution.default:
+            stride, padding, dilation = self.node.args[3:6]
+            size = self.weight_shape[2:]
+            columns = torch.nn.functional.unfold(value, size, dilation=dilation, padding=padding, stride=stride)
+            return columns.transpose(1, 2).reshape(-1, columns.shape[1]).double().cpu()
+        return value.reshape(-1, value.shape[-1]).double().cpu()
+
+    def outputs(self, value: torch.Tensor) -> torch.Tensor:
+        if self.node.target is aten.convolution.default:
+            return value.flatten(2).transpose(1, 2).reshape(-1, value.shape[1]).double().cpu()
+        return value.reshape(-1, value.shape[-1]).double().cpu()
+
+    def write(self, fitted: torch.Tensor) -> Callable[[], None]:
+        """Read the fitted weight and bias (``fitted``'s last column) from new constants (the old ones may be the
+        user's); returns what puts the old ones back."""
+        graph, node, weight_node, bias_node = self.program.graph, self.node, self.weight_node, self.bias_node
+        weight, bias = fitted[:, :-1], fitted[:, -1]
+        weight = weight.T if node.target is aten.addmm.default else weight.reshape(self.weight_shape)
+        old_weight, old_args = weight_node.target, node.args
+        weight_node.target = add_constant(self.program, weight.to(self.device, self.dtype).contiguous(), old_weight)
+        if bias_node is not None:
+            old_bias = bias_node.target
+            shape = self.program.get_constant(old_bias).shape
+            bias_node.target = add_constant(self.program, bias.to(self.device, self.dtype).reshape(shape), old_bias)
+
+            def restore() -> None:
+                weight_node.target, bias_node.target = old_weight, old_bias
+
+            return restore
+        with graph.inserting_before(node):
+            reader = graph.get_attr(add_constant(self.program, bias.to(self.device, self.dtype), f"{old_weight}_bias"))
+        args = list(node.args) + [None] * (self.bias_arg + 1 - len(node.args))
+        args[self.bias_arg] = reader
+        node.args = tuple(args)
+
+        def restore_without_bias() -> None:
+            weight_node.target, node.args = old_weight, old_args
+            graph.erase_node(reader)
+
+        return restore_without_bias
+
+    @property
+    def name(self) -> str:
+        return f"'{module_name(self.node) or self.node.name}'"
+
+
+@dataclass
+class _Sums:
+    """``XᵀX``, ``XᵀY`` and ``‖Y‖²`` over calibration rows (X with a column of ones for the bias)."""
+
+    gram: torch.Tensor | None = None
+    cross: torch.Tensor | None = None
+    energy: float = 0.0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        if not len(x):
+            return
+        x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        gram, cross = x.T @ x, x.T @ y
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.cross = cross if self.cross is None else self.cross + cross
+        self.energy += float(y.square().sum())
+
+    def error(self, w: torch.Tensor) -> float:
+        """Relative error ``‖X wᵀ - Y‖ / ‖Y‖`` of ``w`` (out x inputs+1), from the sums alone."""
+        if self.gram is None or self.energy == 0:
+            return 0.0
+        squared = float((w @ self.gram * w).sum() - 2 * (w * self.cross.T).sum()) + self.energy
+        return max(squared, 0.0) ** 0.5 / self.energy**0.5
+
+
+@dataclass
+class _Statistics:
+    """The sums of one layer's fit, gathered batch by batch: its input rows, and the aim (its unpruned output, or
+    the residual add's unpruned value less the pruned stream) on its kept output channels."""
+
+    layer: _Layer
+    held: _Split
+    targets: list[torch.Tensor]
+    kept: torch.Tensor
+    wants_stream: bool
+    fit: _Sums = field(default_factory=_Sums)
+    check: _Sums = field(default_factory=_Sums)
+    batch: int = 0
+    rows: torch.Tensor | None = None
+    stream: torch.Tensor | None = None
+
+    def take_input(self, value: torch.Tensor) -> None:
+        self.rows = self.layer.rows(value.detach())
+        self._add()
+
+    def take_stream(self, value: torch.Tensor) -> None:
+        self.stream = self.layer.outputs(value.detach())
+        self._add()
+
+    def _add(self) -> None:
+        if self.rows is None or (self.wants_stream and self.stream is None):
+            return
+        x, y = self.rows, self.layer.outputs(self.targets[self.batch].detach())[:, self.kept]
+        if self.stream is not None:
+            y = y - self.stream
+        held = self.held(self.batch, len(x))
+        if isinstance(held, torch.Tensor):
+            self.fit.add(x[~held], y[~held])
+            self.check.add(x[held], y[held])
+        else:
+            (self.check if held else self.fit).add(x, y)
+        self.batch, self.rows, self.stream = self.batch + 1, None, None
+
+    def solve(self) -> LayerFit:
+        layer = self.layer
+        plain = torch.cat([layer.weight, layer.bias[:, None]], 1)
+        held_before = self.check.error(plain)
+        if self.fit.gram is None or self.check.gram is None:
+            return LayerFit(layer.name, held_before, held_before, held_before, held_before, "none", False, plain)
+        # The held-out rows stay out of the fit: the layers after this one are checked on rows it has not seen.
+        fits = [(f"{kind} {d:g}", solve(self.fit, plain, d)) for kind, solve in _FITS.items() for d in DAMPING]
+        held_after, damping, fitted = min(((self.check.error(w), d, w) for d, w in fits), key=lambda t: t[0])
+        before, after = self.fit.error(plain), self.fit.error(fitted)
+        applied = held_after < held_before and after <= before
+        return LayerFit(layer.name, before, after, held_before, held_after, damping, applied, fitted)
+
+
+def _rescale(sums: _Sums, plain: torch.Tensor, damping: float) -> torch.Tensor:
+    """Kwon et al.'s mask tuning: the pruned weights with one least-squares scale per input channel (and a new
+    bias), damped towards scale 1. Few unknowns, so it holds on data the fit has not seen where a full re-fit
+    of a heavily pruned layer does not."""
+    weight, count = plain[:, :-1], sums.gram[-1, -1]
+    sum_x, sum_y = sums.gram[-1, :-1], sums.cross[-1]
+    gram = sums.gram[:-1, :-1] - torch.outer(sum_x, sum_x) / count
+    cross = sums.cross[:-1] - torch.outer(sum_x, sum_y) / count
+    system = gram * (weight.T @ weight)
+    strength = damping * float(system.diagonal().mean())
+    scale = torch.linalg.solve(
+        system + strength * torch.eye(len(system), dtype=system.dtype),
+        (cross * weight.T).sum(1) + strength,
+    )
+    scaled = weight * scale
+    return torch.cat([scaled, ((sum_y - scaled @ sum_x) / count)[:, None]], 1)
+
+
+def _ridge(sums: _Sums, plain: torch.Tensor, damping: float) -> torch.Tensor:
+    """``argmin_w ‖X wᵀ - Y‖² + λ‖w - plain‖²`` with ``λ = damping * mean(diag(XᵀX))``: pulled towards the pruned
+    weights, so a weak fit changes little."""
+    strength = damping * float(sums.gram.diagonal().mean())
+    system = sums.gram + strength * torch.eye(len(sums.gram), dtype=sums.gram.dtype)
+    return torch.linalg.solve(system, sums.cross + strength * plain.T).T
+
+
+_FITS = {"weights": _ridge, "scales": _rescale}
