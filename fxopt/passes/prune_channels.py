@@ -48,8 +48,16 @@ class PruneChannels(Pass):
     score times the norm of what its consumers read from it, and under
     ``scope=global`` each group is also weighted by how far its residual
     block turns the stream (angular distance of block input and output),
-    so blocks that change little lose more; ``random`` a seeded baseline. Attention heads are removed whole
+    so blocks that change little lose more; ``fisher`` (Kwon et al. 2022, calibration data) the Fisher
+    information of a mask on each channel, compared across groups as it is (``scope=global``), per unit of
+    the target a channel saves, in a greedy order that counts what removing units of one group together
+    costs; ``random`` a seeded baseline. Attention heads are removed whole
     (``heads``; head_dim kept) and head_dim only with ``head-dim=true``.
+
+    ``reconstruct=true`` (calibration data) then re-fits each linear or conv reading pruned channels, layer
+    after layer, so its output matches the unpruned one's on the calibration data (least squares, damped,
+    chosen and checked on held-out batches; see :mod:`fxopt.prune.reconstruction`); each layer's error
+    before and after is in the notes.
 
     Lossy: outputs change by the removed channels' contribution (the report
     gives the error against the unpruned model); channels whose weights are

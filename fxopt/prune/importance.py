@@ -26,6 +26,10 @@ Importance = Literal["l1", "l2", "bn-scale", "taylor", "activation", "fisher", "
 
 # Random output projections per calibration batch for the Fisher information of unlabeled data.
 PROJECTIONS = 4
+# Weight of the interactions (off-diagonal Fisher terms) in the removal order. Estimated from a few dozen gradient
+# samples they are noisy: on MiniLM (96 samples) their full weight cost 2 points of cosine at 30% fewer FLOPs,
+# a quarter matched the diagonal alone at 30% and was 0.4 points better at 50%.
+INTERACTION = 0.25
 
 aten = torch.ops.aten
 
@@ -201,23 +205,22 @@ def removal_order(samples: dict[Space, torch.Tensor], unit_costs: dict[Space, fl
     the interactions of the channels removed from one group.
 
     Removing the set ``S`` of a group's channels costs about ``1_Sᵀ F 1_S`` (``F = samples @ samples.T``, the
-    group's Fisher matrix); each step removes, across groups, the channel whose removal adds the least cost per
-    unit of the target it saves (``unit_costs``).
+    group's Fisher matrix, its off-diagonal terms weighted by :data:`INTERACTION`); each step removes, across
+    groups, the channel whose removal adds the least cost per unit of the target it saves (``unit_costs``).
     """
     added = {s: g.square().sum(1) for s, g in samples.items()}  # the cost each channel's removal adds now
     removed_sum = {s: torch.zeros(g.shape[1], dtype=g.dtype) for s, g in samples.items()}  # Σ_{j∈S} samples[j]
+    removed = {s: torch.zeros(len(g), dtype=torch.bool) for s, g in samples.items()}
     order = {s: torch.zeros(len(g), dtype=torch.float64) for s, g in samples.items()}
-    total = sum(len(g) for g in samples.values())
     best = {s: _cheapest(added[s], unit_costs[s]) for s in samples}
-    for step in range(total):
+    for step in range(sum(len(g) for g in samples.values())):
         space = min(best, key=lambda s: best[s][0])
         index = best[space][1]
-        order[space][index] = step
-        # ΔF(S + i) - ΔF(S) = F_ii + 2 Σ_{j∈S} F_ij, kept up to date as S grows.
+        order[space][index], removed[space][index] = step, True
+        # cost(S + i) - cost(S) = F_ii + 2 Σ_{j∈S} F_ij, kept up to date as S grows.
         removed_sum[space] += samples[space][index]
-        added[space] = samples[space].square().sum(1) + 2 * samples[space] @ removed_sum[space]
-        added[space][order[space] > 0] = math.inf
-        added[space][index] = math.inf
+        added[space] = samples[space].square().sum(1) + 2 * INTERACTION * samples[space] @ removed_sum[space]
+        added[space][removed[space]] = math.inf
         best[space] = _cheapest(added[space], unit_costs[space])
     return order
 

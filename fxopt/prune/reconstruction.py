@@ -394,22 +394,24 @@ def _rescale(sums: _Sums, plain: torch.Tensor, damping: float) -> torch.Tensor:
     sum_x, sum_y = sums.gram[-1, :-1], sums.cross[-1]
     gram = sums.gram[:-1, :-1] - torch.outer(sum_x, sum_x) / count
     cross = sums.cross[:-1] - torch.outer(sum_x, sum_y) / count
-    system = gram * (weight.T @ weight)
-    strength = damping * float(system.diagonal().mean())
-    scale = torch.linalg.solve(
-        system + strength * torch.eye(len(system), dtype=system.dtype),
-        (cross * weight.T).sum(1) + strength,
-    )
-    scaled = weight * scale
+    scale = _damped_solve(gram * (weight.T @ weight), (cross * weight.T).sum(1, keepdim=True), 1.0, damping)
+    scaled = weight * scale.T
     return torch.cat([scaled, ((sum_y - scaled @ sum_x) / count)[:, None]], 1)
 
 
 def _ridge(sums: _Sums, plain: torch.Tensor, damping: float) -> torch.Tensor:
-    """``argmin_w ‖X wᵀ - Y‖² + λ‖w - plain‖²`` with ``λ = damping * mean(diag(XᵀX))``: pulled towards the pruned
-    weights, so a weak fit changes little."""
-    strength = damping * float(sums.gram.diagonal().mean())
-    system = sums.gram + strength * torch.eye(len(sums.gram), dtype=sums.gram.dtype)
-    return torch.linalg.solve(system, sums.cross + strength * plain.T).T
+    """``argmin_w ‖X wᵀ - Y‖² + λ Σ_i G_ii ‖w_i - plain_i‖²`` (``G = XᵀX``, ``λ = damping``): pulled towards the
+    pruned weights, each input's pull scaled by its size, so a weak fit changes little."""
+    return _damped_solve(sums.gram, sums.cross, plain.T, damping).T
+
+
+def _damped_solve(
+    system: torch.Tensor, rhs: torch.Tensor, towards: torch.Tensor | float, damping: float
+) -> torch.Tensor:
+    """``(A + λD) x = b + λD towards`` with ``D = diag(A)`` (floored: an input that is always zero stays put)."""
+    diagonal = system.diagonal()
+    pull = damping * diagonal.clamp_min(1e-12 * float(diagonal.abs().max()) + 1e-300)
+    return torch.linalg.solve(system + torch.diag(pull), rhs + pull[:, None] * towards)
 
 
 _FITS = {"weights": _ridge, "scales": _rescale}

