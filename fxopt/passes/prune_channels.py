@@ -118,13 +118,13 @@ class PruneChannels(Pass):
             return False
         before = model_latency(program) if self.latency else 0.0
         calibration = ctx.require_calibration("reconstruct=true") if self.reconstruct else None
-        refit = layers_to_refit(plan, ctx) if self.reconstruct else []
-        original = program.clone() if refit else None
+        refit = layers_to_refit(plan, ctx) if calibration else {}
+        original = program.clone() if refit else program  # the graph before removal (constants are shared)
         if self.compensate:
             shrink_compensated(plan, ctx)
         else:
             shrink(plan.graph, plan.keep())
-        if refit:
+        if calibration and refit:
             fits = reconstruct(program, original, refit, calibration, ctx)
             ctx.notes.extend(fit.note() for fit in fits)
             ctx.count("layers-reconstructed", sum(f.applied for f in fits))

@@ -96,7 +96,7 @@ class ChannelScores:
         return scores if found else None
 
     def _fisher(self, groups: list[Group], calibration: Calibration) -> None:
-        """Kwon et al.'s diagonal Fisher information of a mask on each channel, read by the layers that consume it.
+        """Kwon et al.'s Fisher information of a mask on each channel, from the layers that read the channels.
 
         A mask ``m`` on the channels a layer reads has gradient ``Σ_o W[o, i] ∂L/∂W[o, i]`` for channel ``i``, so
         the weights' gradients give it. ``L`` is the calibration's loss; without one, ``v · y`` for random

@@ -86,7 +86,7 @@ def plan_pruning(program: Program, options: PruneChannels, ctx: PassContext) -> 
         excluded = excluded_by[group.space]
         importance = None if excluded else scores(group, len(candidates))
         if excluded or importance is None:
-            ctx.skip(group.summary(), excluded or "no normalization scale in the group")
+            ctx.skip(group.summary(), excluded or _unscored(options.importance))
             continue
         step = 1 if "heads" in group.roles else options.round_to
         candidates.append(
@@ -162,6 +162,12 @@ def _group_ratio(group: Group, options: PruneChannels) -> float:
     """The channel fraction of the first layer-ratios pattern matching one of the group's layers, else ``ratio``."""
     layers = [m.node for m in group.members if m.role == "out"]
     return next((r for p, r in _layer_ratios(options) if any(layer_matches(n, p) for n in layers)), options.ratio)
+
+
+def _unscored(importance: str) -> str:
+    if importance == "bn-scale":
+        return "no normalization scale in the group"
+    return f"importance={importance} has no score for it: no layer with a weight of its own reads its channels"
 
 
 def _excluded(group: Group, options: PruneChannels) -> str | None:

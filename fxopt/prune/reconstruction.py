@@ -14,17 +14,18 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.fx as fx
+from torch._ops import OpOverload
 
 from fxopt.calibration import Calibration, model_outputs, observe, output_error
 from fxopt.ir.edit import add_constant, drop_unread_constants
 from fxopt.ir.meta import describe_node, module_name, propagate_meta, shape_of
 from fxopt.ir.program import Program
 from fxopt.passes.base import PassContext
-from fxopt.prune.rules import WEIGHT_ARGS
+from fxopt.prune.rules import WEIGHT_ARGS, layer_weight
 
 if TYPE_CHECKING:
     from fxopt.prune.plan import PrunePlan
@@ -69,27 +70,31 @@ class LayerFit:
 
 def refittable(node: fx.Node) -> str | None:
     """Why ``node`` cannot be re-fitted by least squares, or None if it can."""
-    if node.target not in WEIGHT_ARGS:
-        return f"{describe_node(node)} is not a linear, addmm or convolution"
-    weight_arg, bias_arg = WEIGHT_ARGS[node.target]
-    weight, bias = node.args[weight_arg], node.args[bias_arg] if len(node.args) > bias_arg else None
-    if not isinstance(weight, fx.Node) or weight.op != "get_attr" or len(weight.users) != 1:
-        return f"{describe_node(node)} does not read a weight of its own"
+    weight, bias = layer_weight(node), _bias(node)
+    if weight is None or len(weight.users) != 1:
+        return f"{describe_node(node)} is not a linear, addmm or convolution reading a weight of its own"
     if bias is not None and (not isinstance(bias, fx.Node) or bias.op != "get_attr" or len(bias.users) != 1):
         return f"{describe_node(node)} does not read a bias of its own"
-    if (
-        bias is not None
-        and math.prod(shape_of(bias)) != shape_of(node)[1 if node.target is aten.convolution.default else -1]
-    ):
+    if isinstance(bias, fx.Node) and math.prod(shape_of(bias)) != shape_of(node)[_channel_dim(node)]:
         return f"{describe_node(node)} has a bias that is not one value per output"
     if node.target is aten.convolution.default:
-        stride, padding, dilation, transposed, _, groups = node.args[3:9]
-        if transposed or groups != 1 or len(stride) != 2 or isinstance(padding, str):
+        stride, padding, _, transposed, _, groups = node.args[3:9]
+        if transposed or groups != 1 or not isinstance(stride, (list, tuple)) or len(stride) != 2:
             return f"{describe_node(node)} is not a plain 2-D convolution (transposed, grouped or not 2-D)"
     shared = [n for n in node.graph.nodes if n.op == "get_attr" and n.target == weight.target]
     if len(shared) > 1:
         return f"{describe_node(node)} shares its weight with another layer (tied)"
     return None
+
+
+def _bias(layer: fx.Node) -> object:
+    """The bias argument of a linear, addmm or convolution (None if it has none)."""
+    index = WEIGHT_ARGS[cast(OpOverload, layer.target)][1]
+    return layer.args[index] if len(layer.args) > index else None
+
+
+def _channel_dim(layer: fx.Node) -> int:
+    return 1 if layer.target is aten.convolution.default else -1
 
 
 def layers_to_refit(plan: PrunePlan, ctx: PassContext) -> dict[str, torch.Tensor]:
@@ -112,8 +117,7 @@ def layers_to_refit(plan: PrunePlan, ctx: PassContext) -> dict[str, torch.Tensor
 
 def kept_outputs(plan: PrunePlan, node: fx.Node) -> torch.Tensor:
     """The output channels of ``node`` (a layer in ``plan``'s program) that pruning keeps."""
-    dim = 1 if node.target is aten.convolution.default else -1
-    return plan.graph.kept(plan.graph.value_dims(node)[dim], plan.keep())
+    return plan.graph.kept(plan.graph.value_dims(node)[_channel_dim(node)], plan.keep())
 
 
 def reconstruct(
@@ -128,8 +132,8 @@ def reconstruct(
     held = _Split.of(len(list(calibration.flat_batches(program))))
     # A layer whose output a residual add reads aims at the add's unpruned value less the pruned stream: the fit
     # also makes up for what the layers before it changed in the stream.
-    streams = {node.name: _residual_stream(node) for node in wanted}
-    aims = {name: reference_nodes[add.name if add else name] for name, (add, _) in streams.items()}
+    streams = {node.name: found for node in wanted if (found := _residual_stream(node))}
+    aims = {name: reference_nodes[streams[name][0].name if name in streams else name] for name in layers}
     targets: dict[str, list[torch.Tensor]] = {name: [] for name in layers}
     observe(
         original,
@@ -146,10 +150,11 @@ def reconstruct(
     fits: list[LayerFit] = []
     for stage in _stages(program, wanted, streams):
         statistics = [
-            _Statistics(_Layer(n, program), held, targets[n.name], layers[n.name], streams[n.name][1] is not None)
-            for n in stage
+            _Statistics(_Layer(n, program), held, targets[n.name], layers[n.name], n.name in streams) for n in stage
         ]
-        callbacks = [(s.layer.input, s.take_input) for s in statistics]
+        callbacks: list[tuple[fx.Node, Callable[[torch.Tensor], None]]] = [
+            (s.layer.input, s.take_input) for s in statistics
+        ]
         callbacks += [(streams[s.layer.node.name][1], s.take_stream) for s in statistics if s.wants_stream]
         observe(program, calibration, _watching(callbacks), ctx.progress, "reconstruction")
         solved = [stats.solve() for stats in statistics]
@@ -172,17 +177,17 @@ def reconstruct(
     return fits
 
 
-def _residual_stream(layer: fx.Node) -> tuple[fx.Node, fx.Node] | tuple[None, None]:
+def _residual_stream(layer: fx.Node) -> tuple[fx.Node, fx.Node] | None:
     """``(add, stream)`` if the layer's only reader (through copies) is a residual ``add(layer, stream)``."""
     value = layer
     while len(value.users) == 1 and next(iter(value.users)).target in (aten.clone.default, aten.alias.default):
         value = next(iter(value.users))
     add = next(iter(value.users)) if len(value.users) == 1 else None
     if add is None or add.target is not aten.add.Tensor or add.kwargs or len(add.args) != 2:
-        return None, None
+        return None
     stream = add.args[1] if add.args[0] is value else add.args[0]
     if not isinstance(stream, fx.Node) or stream is value or shape_of(stream) != shape_of(layer):
-        return None, None
+        return None
     return add, stream
 
 
@@ -205,14 +210,14 @@ class _Split:
 
 
 def _stages(
-    program: Program, layers: list[fx.Node], streams: dict[str, tuple[fx.Node, fx.Node] | tuple[None, None]]
+    program: Program, layers: list[fx.Node], streams: dict[str, tuple[fx.Node, fx.Node]]
 ) -> list[list[fx.Node]]:
     """``layers`` grouped so that no layer's input (or stream) depends on a layer of its own or a later group."""
     chosen = set(layers)
     depth: dict[fx.Node, int] = {}
     stage_of: dict[fx.Node, int] = {}
     for node in program.graph.nodes:
-        reads = node.all_input_nodes + ([streams[node.name][1]] if node in chosen and streams[node.name][1] else [])
+        reads = node.all_input_nodes + ([streams[node.name][1]] if node.name in streams else [])
         above = max((depth[a] for a in reads), default=0)
         if node in chosen:
             stage_of[node] = above
@@ -240,32 +245,35 @@ def _watching(callbacks: list[tuple[fx.Node, Callable[[torch.Tensor], None]]]) -
     return {node: calling(functions) for node, functions in by_node.items()}
 
 
+def _is_addmm(layer: fx.Node) -> bool:
+    return layer.target is aten.addmm.default
+
+
 class _Layer:
     """A linear, addmm or 2-D convolution as a matrix product: rows of its input (im2col for a convolution) times
     ``weight.T`` plus ``bias``, and the way back to its constants."""
 
     def __init__(self, node: fx.Node, program: Program):
         self.node, self.program = node, program
-        weight_arg, bias_arg = WEIGHT_ARGS[node.target]
-        self.input = node.args[1 if node.target is aten.addmm.default else 0]
-        self.weight_node = node.args[weight_arg]
-        self.bias_arg = bias_arg
-        bias = node.args[bias_arg] if len(node.args) > bias_arg else None
-        self.bias_node = bias
-        weight = program.get_constant(self.weight_node.target).detach()
+        weight_node, bias_node, source = layer_weight(node), _bias(node), node.args[1 if _is_addmm(node) else 0]
+        assert weight_node is not None and isinstance(source, fx.Node), "refittable() admits only such layers"
+        self.input, self.weight_node = source, weight_node
+        self.bias_node = bias_node if isinstance(bias_node, fx.Node) else None
+        self.bias_arg = WEIGHT_ARGS[cast(OpOverload, node.target)][1]
+        weight = program.get_constant(str(weight_node.target)).detach()
         self.weight_shape, self.dtype, self.device = weight.shape, weight.dtype, weight.device
-        matrix = weight.T if node.target is aten.addmm.default else weight.reshape(weight.shape[0], -1)
+        matrix = weight.T if _is_addmm(node) else weight.reshape(weight.shape[0], -1)
         self.weight = matrix.double().cpu()  # fits are solved on the CPU in float64
         self.bias = (
-            program.get_constant(bias.target).detach().double().cpu().reshape(-1).expand(self.weight.shape[0])
-            if bias is not None
+            program.get_constant(str(self.bias_node.target)).detach().double().cpu().reshape(-1)
+            if self.bias_node is not None
             else torch.zeros(self.weight.shape[0], dtype=torch.float64)
         )
 
     def rows(self, value: torch.Tensor) -> torch.Tensor:
         if self.node.target is aten.convolution.default:
-            stride, padding, dilation = self.node.args[3:6]
-            size = self.weight_shape[2:]
+            stride, padding, dilation = (tuple(cast(list[int], a)) for a in self.node.args[3:6])
+            size = tuple(self.weight_shape[2:])
             columns = torch.nn.functional.unfold(value, size, dilation=dilation, padding=padding, stride=stride)
             return columns.transpose(1, 2).reshape(-1, columns.shape[1]).double().cpu()
         return value.reshape(-1, value.shape[-1]).double().cpu()
@@ -280,16 +288,17 @@ class _Layer:
         user's); returns what puts the old ones back."""
         graph, node, weight_node, bias_node = self.program.graph, self.node, self.weight_node, self.bias_node
         weight, bias = fitted[:, :-1], fitted[:, -1]
-        weight = weight.T if node.target is aten.addmm.default else weight.reshape(self.weight_shape)
-        old_weight, old_args = weight_node.target, node.args
+        weight = weight.T if _is_addmm(node) else weight.reshape(self.weight_shape)
+        old_weight, old_args = str(weight_node.target), node.args
         weight_node.target = add_constant(self.program, weight.to(self.device, self.dtype).contiguous(), old_weight)
         if bias_node is not None:
-            old_bias = bias_node.target
+            old_bias = str(bias_node.target)
             shape = self.program.get_constant(old_bias).shape
             bias_node.target = add_constant(self.program, bias.to(self.device, self.dtype).reshape(shape), old_bias)
 
             def restore() -> None:
-                weight_node.target, bias_node.target = old_weight, old_bias
+                weight_node.target = old_weight
+                bias_node.target = old_bias
 
             return restore
         with graph.inserting_before(node):
@@ -309,26 +318,24 @@ class _Layer:
         return f"'{module_name(self.node) or self.node.name}'"
 
 
-@dataclass
 class _Sums:
     """``XᵀX``, ``XᵀY`` and ``‖Y‖²`` over calibration rows (X with a column of ones for the bias)."""
 
-    gram: torch.Tensor | None = None
-    cross: torch.Tensor | None = None
-    energy: float = 0.0
+    def __init__(self, inputs: int, outputs: int):
+        self.gram = torch.zeros(inputs + 1, inputs + 1, dtype=torch.float64)
+        self.cross = torch.zeros(inputs + 1, outputs, dtype=torch.float64)
+        self.energy, self.rows = 0.0, 0
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        if not len(x):
-            return
         x = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
-        gram, cross = x.T @ x, x.T @ y
-        self.gram = gram if self.gram is None else self.gram + gram
-        self.cross = cross if self.cross is None else self.cross + cross
+        self.gram += x.T @ x
+        self.cross += x.T @ y
         self.energy += float(y.square().sum())
+        self.rows += len(x)
 
     def error(self, w: torch.Tensor) -> float:
         """Relative error ``‖X wᵀ - Y‖ / ‖Y‖`` of ``w`` (out x inputs+1), from the sums alone."""
-        if self.gram is None or self.energy == 0:
+        if self.energy == 0:
             return 0.0
         squared = float((w @ self.gram * w).sum() - 2 * (w * self.cross.T).sum()) + self.energy
         return max(squared, 0.0) ** 0.5 / self.energy**0.5
@@ -344,11 +351,15 @@ class _Statistics:
     targets: list[torch.Tensor]
     kept: torch.Tensor
     wants_stream: bool
-    fit: _Sums = field(default_factory=_Sums)
-    check: _Sums = field(default_factory=_Sums)
+    fit: _Sums = field(init=False)
+    check: _Sums = field(init=False)
     batch: int = 0
     rows: torch.Tensor | None = None
     stream: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        self.fit = _Sums(self.layer.weight.shape[1], len(self.kept))
+        self.check = _Sums(self.layer.weight.shape[1], len(self.kept))
 
     def take_input(self, value: torch.Tensor) -> None:
         self.rows = self.layer.rows(value.detach())
@@ -376,7 +387,7 @@ class _Statistics:
         layer = self.layer
         plain = torch.cat([layer.weight, layer.bias[:, None]], 1)
         held_before = self.check.error(plain)
-        if self.fit.gram is None or self.check.gram is None:
+        if not self.fit.rows or not self.check.rows:
             return LayerFit(layer.name, held_before, held_before, held_before, held_before, "none", False, plain)
         # The held-out rows stay out of the fit: the layers after this one are checked on rows it has not seen.
         fits = [(f"{kind} {d:g}", solve(self.fit, plain, d)) for kind, solve in _FITS.items() for d in DAMPING]
