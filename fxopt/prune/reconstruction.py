@@ -146,7 +146,11 @@ def reconstruct(
     # helps its own layer can still carry what it learnt of the fitted rows to the layers after it.
     checked = held.batches is not None
     reference = model_outputs(original, calibration, held.batches) if checked else []
-    error = output_error(calibration, model_outputs(program, calibration, held.batches), reference, "reconstruct")
+    error = (
+        output_error(calibration, model_outputs(program, calibration, held.batches), reference, "reconstruct")
+        if checked
+        else 0.0
+    )
     fits: list[LayerFit] = []
     for stage in _stages(program, wanted, streams):
         statistics = [
@@ -158,8 +162,8 @@ def reconstruct(
         callbacks += [(streams[s.layer.node.name][1], s.take_stream) for s in statistics if s.wants_stream]
         observe(program, calibration, _watching(callbacks), ctx.progress, "reconstruction")
         solved = [stats.solve() for stats in statistics]
-        for name in stage:
-            targets.pop(name.name)  # memory: each layer's targets are read once
+        for node in stage:
+            targets.pop(node.name)  # memory: each layer's targets are read once
         undo = [stats.layer.write(fit.weights) for stats, fit in zip(statistics, solved) if fit.applied]
         if undo and checked:
             program.graph_module.recompile()

@@ -571,3 +571,18 @@ def test_minilm_keeps_its_embeddings_at_30_percent_fewer_flops():
     (out,), (reference,) = pruned.run_flat(list(inputs)), program.run_flat(list(inputs))
     assert record.flops[1] <= 0.7 * record.flops[0]
     assert torch.nn.functional.cosine_similarity(out, reference, dim=-1).mean() >= 0.95  # 0.956 measured
+
+
+def test_reconstruction_on_a_lone_batch_checks_on_a_quarter_of_its_rows():
+    from fxopt.calibration import Calibration
+    from fxopt.ir.numerics import relative_rms_error
+
+    def metric(outputs, reference):  # a user's metric: outputs and reference come in pairs
+        assert len(outputs) == len(reference)
+        return relative_rms_error(outputs, reference)
+
+    x = torch.randn(400, 16, generator=torch.Generator().manual_seed(0))
+    program = capture(Wide(), (x,))
+    calibration = Calibration((x,), metric=metric)
+    _, (record,) = PassManager("prune-channels{reconstruct=true}", verify="off", calibration=calibration).run(program)
+    assert record.stats["layers-reconstructed"] == 1, record.notes  # 300 rows fitted, 100 checked
