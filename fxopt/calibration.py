@@ -23,7 +23,7 @@ from fxopt.ir.numerics import relative_rms_error
 from fxopt.ir.program import Program
 from fxopt.ir.traits import BATCH_NORM
 
-__all__ = ["Calibration", "observe", "gradients", "data_nodes", "model_outputs", "output_error"]
+__all__ = ["Calibration", "observe", "watching", "gradients", "data_nodes", "model_outputs", "output_error"]
 
 Loss = Callable[[object], torch.Tensor]
 
@@ -194,6 +194,24 @@ def observe(
             Watcher(program.graph_module).run(*flat)
             if progress:
                 progress(f"calibration {what}: batch {done}/{len(batches)}")
+
+
+def watching(
+    callbacks: Iterable[tuple[fx.Node, Callable[[torch.Tensor], None]]],
+) -> dict[fx.Node, Callable[[torch.Tensor], None]]:
+    """An :func:`observe` watch from ``(node, callback)`` pairs: several callbacks on one node are each called."""
+    by_node: dict[fx.Node, list[Callable[[torch.Tensor], None]]] = {}
+    for node, callback in callbacks:
+        by_node.setdefault(node, []).append(callback)
+
+    def calling(functions: list[Callable[[torch.Tensor], None]]) -> Callable[[torch.Tensor], None]:
+        def call(value: torch.Tensor) -> None:
+            for function in functions:
+                function(value)
+
+        return call
+
+    return {node: calling(functions) for node, functions in by_node.items()}
 
 
 def gradients(

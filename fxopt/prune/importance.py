@@ -12,7 +12,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from fxopt.calibration import Calibration, data_nodes, gradients, observe
+from fxopt.calibration import Calibration, data_nodes, gradients, observe, watching
 from fxopt.errors import FxoptError
 from fxopt.ir.meta import shape_of
 from fxopt.passes.base import PassContext
@@ -145,7 +145,7 @@ class ChannelScores:
     def _observe_activations(self, groups: list[Group], calibration: Calibration) -> None:
         program, graph = self.graph.program, self.graph
         data = data_nodes(program)
-        watch: dict[fx.Node, list[Callable[[torch.Tensor], None]]] = {}
+        watch: list[tuple[fx.Node, Callable[[torch.Tensor], None]]] = []
         for group in groups:
             # What the group's consumers read: their activation inputs along the group's channels.
             readers = [m.node for m in group.members if m.role == "in"]
@@ -156,9 +156,9 @@ class ChannelScores:
                 for d, tree in enumerate(graph.value_dims(value)):
                     coordinates = graph.coordinates(tree, group.space)
                     if (coordinates >= 0).any():
-                        watch.setdefault(value, []).append(self._accumulator(group.space, d, coordinates))
+                        watch.append((value, self._accumulator(group.space, d, coordinates)))
             self._watch_block(group.space, readers, data, watch)
-        observe(program, calibration, {n: _all(fns) for n, fns in watch.items()})
+        observe(program, calibration, watching(watch))
 
     def _accumulator(self, space: Space, dim: int, coordinates: torch.Tensor) -> Callable[[torch.Tensor], None]:
         valid = coordinates >= 0
@@ -176,7 +176,7 @@ class ChannelScores:
         space: Space,
         readers: list[fx.Node],
         data: set[fx.Node],
-        watch: dict[fx.Node, list[Callable[[torch.Tensor], None]]],
+        watch: list[tuple[fx.Node, Callable[[torch.Tensor], None]]],
     ) -> None:
         """Measure the residual block around ``readers``: 1 - cos(stream in, stream out), averaged over samples."""
         found = _residual_add(readers, data)
@@ -196,8 +196,7 @@ class ChannelScores:
             angles.extend((torch.arccos(cosine) / math.pi).tolist())
             self.block[space] = sum(angles) / len(angles)
 
-        watch.setdefault(stream, []).append(keep)
-        watch.setdefault(add, []).append(compare)
+        watch += [(stream, keep), (add, compare)]
 
 
 def removal_order(samples: dict[Space, torch.Tensor], unit_costs: dict[Space, float]) -> dict[Space, torch.Tensor]:
@@ -240,14 +239,6 @@ def _projection(generator: torch.Generator) -> Callable[[object], torch.Tensor]:
         return sum((torch.randn(t.shape, generator=generator).to(t) * t).sum() for t in tensors)
 
     return loss
-
-
-def _all(callbacks: list[Callable[[torch.Tensor], None]]) -> Callable[[torch.Tensor], None]:
-    def call(value: torch.Tensor) -> None:
-        for callback in callbacks:
-            callback(value)
-
-    return call
 
 
 def _residual_add(readers: list[fx.Node], data: set[fx.Node], depth: int = 6) -> tuple[fx.Node, fx.Node] | None:

@@ -20,7 +20,7 @@ import torch
 import torch.fx as fx
 from torch._ops import OpOverload
 
-from fxopt.calibration import Calibration, model_outputs, observe, output_error
+from fxopt.calibration import Calibration, model_outputs, observe, output_error, watching
 from fxopt.ir.edit import add_constant, drop_unread_constants
 from fxopt.ir.meta import describe_node, module_name, propagate_meta, shape_of
 from fxopt.ir.program import Program
@@ -34,7 +34,7 @@ __all__ = ["LayerFit", "reconstruct", "refittable", "layers_to_refit"]
 
 aten = torch.ops.aten
 
-# Damping tried, as fractions of the mean diagonal of the layer's input Gram matrix.
+# Damping tried, as fractions of each input's diagonal entry in the layer's Gram matrix (see _damped_solve).
 DAMPING = (1e-6, 1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
@@ -138,7 +138,7 @@ def reconstruct(
     observe(
         original,
         calibration,
-        _watching([(aims[name], targets[name].append) for name in layers]),
+        watching([(aims[name], targets[name].append) for name in layers]),
         ctx.progress,
         "reconstruction targets",
     )
@@ -160,7 +160,7 @@ def reconstruct(
             (s.layer.input, s.take_input) for s in statistics
         ]
         callbacks += [(streams[s.layer.node.name][1], s.take_stream) for s in statistics if s.wants_stream]
-        observe(program, calibration, _watching(callbacks), ctx.progress, "reconstruction")
+        observe(program, calibration, watching(callbacks), ctx.progress, "reconstruction")
         solved = [stats.solve() for stats in statistics]
         for node in stage:
             targets.pop(node.name)  # memory: each layer's targets are read once
@@ -231,22 +231,6 @@ def _stages(
     for node in layers:
         stages[stage_of[node]].append(node)
     return [s for s in stages if s]
-
-
-def _watching(callbacks: list[tuple[fx.Node, Callable[[torch.Tensor], None]]]) -> dict:
-    """One :func:`observe` callback per node calling each of ``callbacks`` given for it."""
-    by_node: dict[fx.Node, list[Callable[[torch.Tensor], None]]] = {}
-    for node, callback in callbacks:
-        by_node.setdefault(node, []).append(callback)
-
-    def calling(functions: list[Callable[[torch.Tensor], None]]) -> Callable[[torch.Tensor], None]:
-        def call(value: torch.Tensor) -> None:
-            for function in functions:
-                function(value)
-
-        return call
-
-    return {node: calling(functions) for node, functions in by_node.items()}
 
 
 def _is_addmm(layer: fx.Node) -> bool:
