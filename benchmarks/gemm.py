@@ -16,6 +16,7 @@ import torch
 from run import fma_peak, measure  # benchmarks/run.py, beside this script (sys.path[0])
 
 from fxopt.codegen import x86
+from fxopt.codegen.isa import Isa
 from fxopt.codegen.runtime import to_tvm
 from fxopt.targets import host_cpu, parse_target
 
@@ -25,9 +26,11 @@ SHAPES = [(128, 768, 768), (128, 768, 3072), (128, 3072, 768), (1, 768, 3072)]
 def kernel_runner(rows: int, in_features: int, out_features: int, x, weight, bias):
     import tvm
 
-    tile = x86.dense_tile()
+    host = Isa.of(parse_target("cpu"))
+    tile = x86.dense_tile(host)
+    panels = x86.default_panels_per_task(in_features, tile, host.l2_bytes)
     library = tvm.compile(
-        tvm.IRModule({"main": x86.dense_f32(rows, in_features, out_features, tile=tile)}),
+        tvm.IRModule({"main": x86.dense_f32(rows, in_features, out_features, tile, panels)}),
         target=parse_target("cpu").tvm(),
     )
     out = torch.empty(rows, out_features)
@@ -44,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="for both (default: all cores)")
     args = parser.parse_args(argv)
-    if not x86.has_avx2(parse_target("cpu")):
+    if not Isa.of(parse_target("cpu")).avx2:
         print("this CPU has no AVX2: the fxopt GEMM kernel is not built here", file=sys.stderr)
         return 1
     # Both runtimes sized alike (TVM reads its thread count once, when its pool starts: one count per process).

@@ -1,11 +1,20 @@
-"""Compilation targets, created from short strings: ``"torch"``, ``"cpu"``, ``"cuda"``, ``"cuda:sm_90"``, ``"aarch64"``.
+"""Compilation targets, created from short strings: ``"torch"``, ``"cpu"``, ``"cpu:avx512"``,
+``"x86_64:sapphirerapids"``, ``"cuda"``, ``"cuda:sm_90"``, ``"aarch64"``.
 
 A :class:`Target` says which backend runs the model, on which PyTorch device,
 with which default pipeline and tuning settings. ``"cpu"`` is the host CPU as
-LLVM detects it (``mcpu``, cores, vector width); ``"cuda"`` takes the
-architecture of the visible GPU, or an explicit one (``"cuda:sm_90"``) to
-build kernels for a GPU this machine does not have; ``"aarch64"`` cross-builds
-for 64-bit Arm Linux (build and export only).
+LLVM detects it (``mcpu``, cores, vector width); ``"cpu:NAME"`` (or
+``"x86_64:NAME"``) builds for the CPU ``NAME`` names instead: an ISA level
+(:data:`ISA_LEVELS`: ``avx2``, ``avx512``) or an LLVM CPU name (``znver4``,
+``sapphirerapids``), from any host; such a build runs here only when this CPU
+has every vector extension that CPU has, and is otherwise built and exported
+only. ``"cuda"`` takes the architecture of the visible GPU, or an explicit one
+(``"cuda:sm_90"``) to build kernels for a GPU this machine does not have;
+``"aarch64"`` cross-builds for 64-bit Arm Linux (build and export only).
+
+This module is the one reader of the host CPU (:func:`host_cpu`);
+:func:`cpu_features` gives any CPU target's features in LLVM's names, which
+:class:`fxopt.codegen.isa.Isa` turns into what kernels are built for.
 """
 
 from __future__ import annotations
@@ -20,12 +29,23 @@ from typing import Any, Literal
 
 from fxopt.errors import FxoptError
 
-__all__ = ["Target", "TARGETS", "HostCPU", "host_cpu", "usable_cores", "parse_target"]
+__all__ = [
+    "Target",
+    "TARGETS",
+    "ISA_LEVELS",
+    "HostCPU",
+    "host_cpu",
+    "cpu_features",
+    "vector_bits",
+    "usable_cores",
+    "parse_target",
+]
 
 
 @dataclass(frozen=True)
 class HostCPU:
-    """What LLVM and the OS say about the CPU this process runs on."""
+    """What LLVM and the OS say about the CPU this process runs on; ``features`` in LLVM's names (``avx512vnni``,
+    ``amx-int8``, ``neon``, ``dotprod``), as the OS reports them (a VM may hide some its CPU model has)."""
 
     mcpu: str
     cores: int
@@ -41,18 +61,22 @@ class HostCPU:
 _VECTOR_FEATURES = (("avx512f", 512), ("avx2", 256), ("avx", 256), ("neon", 128), ("sse2", 128))
 
 
+def vector_bits(features) -> int:
+    """The widest vector registers a CPU with ``features`` (LLVM's names) has."""
+    return next((bits for name, bits in _VECTOR_FEATURES if name in features), 128)
+
+
 @functools.cache
 def host_cpu() -> HostCPU:
     """Detect the host CPU (cached): LLVM's CPU name, the cores this process may use, the widest vector unit,
     the L2 cache."""
     from tvm.target import codegen  # TVM's compiler library: LLVM's name for this CPU
 
-    flags = _cpu_flags()
-    vector_bits = next((bits for name, bits in _VECTOR_FEATURES if name in flags), 128)
+    flags = {_llvm_feature_name(flag) for flag in _cpu_flags()}
     return HostCPU(
         str(codegen.llvm_get_system_cpu()),
         usable_cores(),
-        vector_bits,
+        vector_bits(flags),
         tuple(sorted(flags)),
         _cache_bytes(level=2) or HostCPU.l2_bytes,
     )
@@ -79,6 +103,18 @@ def _cache_bytes(level: int, caches: Path = Path("/sys/devices/system/cpu/cpu0/c
     return None
 
 
+#: /proc/cpuinfo's names that differ from LLVM's beyond underscores (Arm's "asimd" is NEON, "asimddp" its dot
+#: product).
+_CPUINFO_NAMES = {"asimd": "neon", "asimddp": "dotprod", "pni": "sse3", "sse4_1": "sse4.1", "sse4_2": "sse4.2"}
+
+
+def _llvm_feature_name(flag: str) -> str:
+    """A /proc/cpuinfo flag in LLVM's spelling: ``avx512_vnni`` → ``avx512vnni``, ``amx_int8`` → ``amx-int8``."""
+    if flag in _CPUINFO_NAMES:
+        return _CPUINFO_NAMES[flag]
+    return flag.replace("amx_", "amx-").replace("_", "")
+
+
 def _cpu_flags() -> set[str]:
     try:
         with open("/proc/cpuinfo") as f:
@@ -90,6 +126,19 @@ def _cpu_flags() -> set[str]:
     return set()
 
 
+#: ISA levels a CPU target can name (``"cpu:avx512"``), as LLVM's generic x86-64 levels: the vector extensions
+#: every CPU of the level has, tuned for none in particular.
+ISA_LEVELS = {"avx2": "x86-64-v3", "avx512": "x86-64-v4"}
+
+#: The vector extensions a build for a named CPU may use: it runs on this host only if the host has each that
+#: the CPU has (other features, such as AMD's ``sse4a``, LLVM does not use for fxopt's kernels).
+_VECTOR_EXTENSIONS = frozenset(
+    ["avx", "avx2", "fma", "f16c", "avxvnni", "amx-tile", "amx-int8", "amx-bf16", "amx-fp16", "neon", "dotprod"]
+    + ["avx512" + name for name in ("f", "bw", "dq", "vl", "cd", "vnni", "bf16", "fp16", "vbmi", "vbmi2", "ifma")]
+    + ["avx512" + name for name in ("bitalg", "vpopcntdq")]
+)
+
+
 @dataclass(frozen=True)
 class Target:
     """Where the optimized model runs.
@@ -99,8 +148,9 @@ class Target:
     the model's tensors live on. ``default_pipeline`` names the built-in
     pipeline used when the caller gives none. ``arch`` is the CUDA
     architecture (``"sm_90"``) or, for cross CPU targets, the LLVM triple.
-    ``tuning`` holds the target's default tuning settings (trials per kernel,
-    runs per measurement).
+    ``mcpu``: for ``llvm`` targets, the CPU kernels are built for (an LLVM CPU
+    name; ``None``: this host's). ``tuning`` holds the target's default tuning
+    settings (trials per kernel, runs per measurement).
     """
 
     name: str
@@ -109,20 +159,34 @@ class Target:
     default_pipeline: str
     arch: str | None = None
     tuning: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    mcpu: str | None = None
 
     def __str__(self) -> str:
-        return f"{self.name}:{self.arch}" if self.arch and self.kind == "cuda" else self.name
+        if self.arch and self.kind == "cuda":
+            return f"{self.name}:{self.arch}"
+        if self.mcpu is not None:
+            return f"{self.name}:{next((k for k, v in ISA_LEVELS.items() if v == self.mcpu), self.mcpu)}"
+        return self.name
 
     @property
     def is_cross(self) -> bool:
         """Kernels built for this target cannot run on this machine."""
         if self.kind == "llvm":
-            return self.arch is not None
+            if self.arch is not None:
+                return True
+            return bool(self.missing_features())
         if self.kind == "cuda":
             import torch
 
             return not torch.cuda.is_available() or self.arch != _visible_cuda_arch()
         return False
+
+    def missing_features(self) -> list[str]:
+        """The vector extensions this CPU target's kernels may use that the host lacks (none for the host)."""
+        if self.kind != "llvm" or self.mcpu is None:
+            return []
+        host = set(host_cpu().features)
+        return sorted((cpu_features(self) & _VECTOR_EXTENSIONS) - host)
 
     def resolved(self) -> Target:
         """This target with what the host tells filled in (the CUDA arch of the visible GPU)."""
@@ -136,16 +200,23 @@ class Target:
             return replace(self, arch=arch)
         return self
 
+    @property
+    def cores(self) -> int:
+        """The cores kernels are built to run on: a cross target's own count, else this host's."""
+        return int(self.tuning["cores"]) if self.arch is not None else host_cpu().cores
+
     def tvm(self):
         """The ``tvm.target.Target`` for this target (JSON-dict form, as TVM 0.27 requires)."""
         import tvm
 
         if self.kind == "llvm":
             if self.arch is None:
-                cpu = host_cpu()
-                return tvm.target.Target({"kind": "llvm", "mcpu": cpu.mcpu, "num-cores": cpu.cores})
+                llvm = {"kind": "llvm", "mcpu": self.mcpu or host_cpu().mcpu, "num-cores": self.cores}
+                if self.mcpu is not None and not _host_is_x86():  # a named x86 CPU, from an Arm host
+                    llvm["mtriple"] = "x86_64-linux-gnu"
+                return tvm.target.Target(llvm)
             return tvm.target.Target(
-                {"kind": "llvm", "mtriple": self.arch, "mattr": ["+neon"], "num-cores": self.tuning["cores"]}
+                {"kind": "llvm", "mtriple": self.arch, "mattr": ["+neon"], "num-cores": self.cores}
             )
         if self.kind == "cuda":
             arch = self.resolved().arch
@@ -164,11 +235,52 @@ class Target:
 
     def describe(self) -> str:
         """One line for reports: the target and what was detected."""
-        if self.kind == "llvm" and self.arch is None:
+        if self.kind == "llvm" and self.arch is None and self.mcpu is None:
             return f"{self.name} ({host_cpu()})"
+        if self.kind == "llvm" and self.arch is None:
+            missing = self.missing_features()
+            where = f"cross-compiled: this CPU lacks {', '.join(missing)}" if missing else "runs on this CPU"
+            return f"{self} ({self.mcpu}, {where})"
         if self.kind == "llvm":
             return f"{self.name} ({self.arch}, cross-compiled)"
         return str(self)
+
+
+def cpu_features(target: Target) -> frozenset[str]:
+    """The features of ``target``'s CPU in LLVM's names: the host's as the OS reports them, or those LLVM gives
+    the named CPU (``mcpu``), or the cross triple's (``neon`` for aarch64)."""
+    if target.kind != "llvm":
+        raise FxoptError(f"target '{target}' is not a CPU target")
+    if target.arch is None and target.mcpu is None:
+        return frozenset(host_cpu().features)
+    if target.arch is not None:
+        return frozenset({"neon"} if target.arch.startswith("aarch64") else ())
+    return _llvm_cpu_features(target.mcpu)
+
+
+@functools.cache
+def _llvm_cpu_features(mcpu: str) -> frozenset[str]:
+    import tvm
+    from tvm.target import codegen
+
+    llvm = {"kind": "llvm", "mcpu": mcpu, "mtriple": "x86_64-linux-gnu"}
+    return frozenset(str(f) for f in codegen.llvm_get_cpu_features(tvm.target.Target(llvm)))
+
+
+@functools.cache
+def _x86_cpu_names() -> frozenset[str]:
+    """The x86 CPUs LLVM knows (``znver4``, ``sapphirerapids``, ``x86-64-v4``…)."""
+    import tvm
+    from tvm.target import codegen
+
+    target = tvm.target.Target({"kind": "llvm", "mtriple": "x86_64-linux-gnu"})
+    return frozenset(str(name) for name in codegen.llvm_get_cpu_archlist(target))
+
+
+def _host_is_x86() -> bool:
+    import platform
+
+    return platform.machine().lower() in ("x86_64", "amd64")
 
 
 def _visible_cuda_arch() -> str | None:
@@ -205,13 +317,35 @@ def parse_target(spec: str | Target) -> Target:
     if isinstance(spec, Target):
         return spec
     name, _, arch = str(spec).partition(":")
+    if name == "x86_64":  # an x86 CPU by its LLVM name: the same target as cpu:NAME
+        if not arch:
+            raise FxoptError("target 'x86_64' names a CPU, written like x86_64:znver4 or x86_64:sapphirerapids")
+        name = "cpu"
     if name not in TARGETS:
-        close = difflib.get_close_matches(name, list(TARGETS), n=2)
+        close = difflib.get_close_matches(name, [*TARGETS, "x86_64"], n=2)
         hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-        raise FxoptError(f"unknown target '{spec}'{hint} (known: {', '.join(TARGETS)})")
+        raise FxoptError(f"unknown target '{spec}'{hint} (known: {', '.join(TARGETS)}, x86_64:CPU)")
     target = TARGETS[name]
-    if arch:
-        if target.kind != "cuda" or not re.fullmatch(r"sm_\d+a?", arch):
-            raise FxoptError(f"target '{spec}': only cuda takes an architecture, written like cuda:sm_90")
-        target = replace(target, arch=arch)
-    return target
+    if not arch:
+        return target
+    if name == "cpu":
+        return replace(target, mcpu=_cpu_name(spec, arch))
+    if target.kind != "cuda" or not re.fullmatch(r"sm_\d+a?", arch):
+        raise FxoptError(
+            f"target '{spec}': only cuda (cuda:sm_90) and cpu (cpu:avx512, cpu:znver4) take an architecture"
+        )
+    return replace(target, arch=arch)
+
+
+def _cpu_name(spec: str, name: str) -> str:
+    """The LLVM CPU that ``name`` in target ``spec`` means: an ISA level's generic CPU, or an x86 CPU LLVM knows."""
+    if name in ISA_LEVELS:
+        return ISA_LEVELS[name]
+    known = _x86_cpu_names()
+    if name in known:
+        return name
+    close = difflib.get_close_matches(name, [*ISA_LEVELS, *known], n=3)
+    hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise FxoptError(
+        f"target '{spec}': '{name}' is neither an ISA level ({', '.join(ISA_LEVELS)}) nor an x86 CPU LLVM knows{hint}"
+    )

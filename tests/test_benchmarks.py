@@ -118,3 +118,25 @@ def test_latency_benchmark_times_every_peer_in_one_run(capsys, monkeypatch):
     for runner in ["eager", "torch.compile", "torch.compile(freezing)", "onnxruntime", "openvino", "fxopt(cpu)"]:
         milliseconds, ratio, gflops = rows[runner]
         assert float(milliseconds) > 0 and ratio.endswith("x") and float(gflops) > 0, (runner, rows[runner])
+
+
+def test_the_llvm_mca_benchmark_predicts_each_kernels_loops_per_cpu(capsys, monkeypatch):
+    mca = run_script("kernels_mca.py", monkeypatch)
+    if mca["newest_mca"]() is None:
+        pytest.skip("no llvm-mca here (Debian package llvm)")
+    assert mca["main"](["--cpus", "znver3", "sapphirerapids", "--loops", "1"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [(row[0], row[1]) for row in rows] == [
+        (cpu, kernel) for cpu in ("znver3", "sapphirerapids") for kernel in ("gemm", "attention")
+    ]
+    for row in rows:
+        assert row[5] == ("ymm" if row[0] == "znver3" else "zmm")  # each CPU's own vector registers
+        assert 0 < int(row[-1].rstrip("%")) <= 101  # a share of the model's peak
+
+
+def test_the_dispatch_under_load_benchmark_builds_and_compares_plans(capsys, monkeypatch):
+    dispatch = run_script("dispatch_under_load.py", monkeypatch)
+    assert dispatch["main"](["bert-tiny", "--builds", "2"]) == 0
+    out = capsys.readouterr().out
+    assert len(re.findall(r"^build \d: \d+ of \d+ segments in TVM", out, re.M)) == 2
+    assert re.search(r"of 2 builds made the most common per-segment decisions", out)

@@ -19,7 +19,6 @@ Codegen never rewrites the optimized program: partitioning works on a copy.
 from __future__ import annotations
 
 import copy
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +42,7 @@ from fxopt.errors import CodegenError, first_line
 from fxopt.ir.numerics import Tolerance
 from fxopt.ir.program import Program
 from fxopt.targets import Target
+from fxopt.timing import OtherLoad
 
 __all__ = ["Executable", "SegmentRecord", "build", "Dispatch"]
 
@@ -165,6 +165,7 @@ def build(
         return result
 
     vm = load_vm(executable, target.device)
+    load = OtherLoad()  # what else ran while segments and plans were timed: said in the note
     verified: dict[str, Segment] = {}  # segments whose kernels compute PyTorch's values, whichever backend was chosen
     timings: dict[str, tuple[str, Timing]] = {}  # segments computing the same thing on the same shapes
     for i, segment in enumerate(part.segments):
@@ -233,8 +234,9 @@ def build(
         faster = [
             p for p in ("chained", "segments") if p in timed and Timing.of(timed["torch"], timed[p]).second_is_faster
         ]
-        if min(faster, key=lambda p: statistics.median(timed[p]), default=None) != "chained":
+        if min(faster, key=lambda p: min(timed[p]), default=None) != "chained":
             chained = None
+    contention = _contention(load, target) if dispatch == "measure" else ""
     if chained is not None:
         part.graph_module = chained
         for record in ordered:
@@ -248,6 +250,7 @@ def build(
         note += f", consecutive ones as one call ({len(chains)} call{'s' if len(chains) > 1 else ''})"
     if part.fallbacks:
         note += f"; {len(part.fallbacks)} ops have no lowering and run in PyTorch"
+    note += contention
     module = _as_program(program, part.graph_module)
     latency = None
     if dispatch == "measure" and in_tvm:
@@ -266,7 +269,7 @@ def build(
                 records,
                 f"the whole model measured no faster with "
                 f"{in_tvm} segments in TVM ({latency[1]:.3g} ms vs {latency[0]:.3g} ms in "
-                f"PyTorch), so it runs in PyTorch",
+                f"PyTorch), so it runs in PyTorch{contention}",
             )
             result.relax_executable, result.tuning, result.latency = executable, tuning, latency
             return result
@@ -294,6 +297,17 @@ def _lower_segments(part, target: Target, templates: TemplateChoices) -> tuple:
     for chain in chains if mod.functions else []:
         lower_chain(chain, mod)
     return mod, records, chains
+
+
+def _contention(load: OtherLoad, target: Target) -> str:
+    """The note's words when other processes kept a quarter of a core or more busy while timing."""
+    cores = load.cores()
+    if cores is None or cores < 0.25:
+        return ""
+    return (
+        f"; timed while other processes kept {cores:.1f} of {target.cores} cores busy: on a quiet machine the "
+        f"choices may differ"
+    )
 
 
 def _torch_only(program, target, part, records, note) -> Executable:

@@ -4,9 +4,14 @@ For every segment the compiled TVM function is first checked against the
 PyTorch subgraph on the segment's real inputs (recorded from the example
 inputs), then both are timed on those inputs. Timing on a shared, noisy
 machine decides nothing on one sample: each runner is timed in
-:data:`ROUNDS` alternating warm blocks (median of several calls each), and
-TVM is kept only when its median is at least :data:`MARGIN` faster *and* it
-won every round; otherwise PyTorch, the plan that needs no build, stays.
+:data:`ROUNDS` alternating warm blocks (the lower quartile of several calls
+each, :func:`fxopt.timing.time_call`), and TVM is kept only when its best
+block is at least :data:`MARGIN` faster than PyTorch's *and* it won every
+round; when the rounds disagree they are timed once more, and otherwise
+PyTorch, the plan that needs no build, stays. The statistics are the ones a
+busy core does not flip: a thread that waits for the scheduler's next tick
+makes some calls and some blocks whole ticks slower, never faster, so the
+low calls and the best block are the kernel's own time.
 Segments that compute the same thing on the same shapes (the layers of a
 transformer) are timed once and decided alike. A TVM kernel already far
 slower in the first round (an untuned convolution can be 40x slower) is not
@@ -15,7 +20,6 @@ timed again, so measuring a large model costs seconds, not minutes.
 
 from __future__ import annotations
 
-import statistics
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -55,7 +59,7 @@ class Choice:
 
 @dataclass(frozen=True)
 class Timing:
-    """Two runners timed in alternating blocks: medians, and how many blocks the second won."""
+    """Two runners timed in alternating blocks: each one's best block, and how many blocks the second won."""
 
     first_seconds: float
     second_seconds: float
@@ -67,11 +71,16 @@ class Timing:
         """From two runners' block times of one :func:`measure_runners` (a runner dropped after the first round
         has one: the rounds both ran count)."""
         wins = sum(b < a for a, b in zip(first, second))
-        return cls(statistics.median(first), statistics.median(second), wins, min(len(first), len(second)))
+        return cls(min(first), min(second), wins, min(len(first), len(second)))
 
     @property
     def second_is_faster(self) -> bool:
         return self.second_wins == self.rounds and self.second_seconds < MARGIN * self.first_seconds
+
+    @property
+    def rounds_disagree(self) -> bool:
+        """The second runner won some rounds and lost others: noise decided some of them."""
+        return 0 < self.second_wins < self.rounds
 
 
 def device_sync(device: str) -> Callable[[], None]:
@@ -88,8 +97,14 @@ def measure(
     rounds: int = ROUNDS,
     block_seconds: float = _BLOCK_SECONDS,
 ) -> Timing:
-    """Time ``first(*args)`` and ``second(*args)`` in ``rounds`` alternating warm blocks (:func:`measure_runners`)."""
-    return Timing.of(*measure_runners([first, second], args, sync=sync, rounds=rounds, block_seconds=block_seconds))
+    """Time ``first(*args)`` and ``second(*args)`` in ``rounds`` alternating warm blocks (:func:`measure_runners`),
+    and once more when the rounds disagree (the second timing decides)."""
+    timing = Timing.of(*measure_runners([first, second], args, sync=sync, rounds=rounds, block_seconds=block_seconds))
+    if timing.rounds_disagree:
+        timing = Timing.of(
+            *measure_runners([first, second], args, sync=sync, rounds=rounds, block_seconds=block_seconds)
+        )
+    return timing
 
 
 def measure_runners(
@@ -100,12 +115,13 @@ def measure_runners(
     rounds: int = ROUNDS,
     block_seconds: float = _BLOCK_SECONDS,
 ) -> list[list[float]]:
-    """Each runner's median seconds per call in each of ``rounds`` rounds of warm blocks, one block per runner in
-    turn: several runners timed together cost one block each per round, not a pair of blocks per comparison.
+    """Each runner's seconds per call (:func:`~fxopt.timing.time_call`) in each of ``rounds`` rounds of warm
+    blocks, one block per runner in turn: several runners timed together cost one block each per round, not a
+    pair of blocks per comparison.
 
     Alternating blocks, not single calls in turn: what one runner leaves behind (caches, thread pools) slows
-    the call right after it; a block's median of at least 3 calls leaves that one out, so only the first round
-    (first calls allocate) warms up untimed, which for a whole model on 2 cores saves seconds. The first runner
+    the call right after it; a block's lower quartile of at least 3 calls leaves that one out, so only the first
+    round (first calls allocate) warms up untimed, which for a whole model on 2 cores saves seconds. The first runner
     is the baseline: a runner more than 3x slower than it in the first round is not timed again.
     """
     samples: list[list[float]] = [[] for _ in runners]

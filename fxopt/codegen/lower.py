@@ -24,6 +24,7 @@ import torch.fx as fx
 from fxopt.codegen import x86
 from fxopt.codegen.compile import LANE_SUMS
 from fxopt.codegen.epilogue import find_epilogue
+from fxopt.codegen.isa import Isa
 from fxopt.codegen.layout import read_through
 from fxopt.codegen.templates import TemplateChoices
 from fxopt.errors import CodegenError
@@ -140,11 +141,13 @@ def _segment_importer():
     class SegmentImporter(ExportedProgramImporter):
         """Lowers a flat segment graph with fxopt's lowerings in place of TVM's (:data:`OVERRIDES`), half-precision
         matmuls accumulating in float32, and every result checked against PyTorch's shape and dtype. Lowerings
-        read ``target`` (``None`` when the module is not for one target) to pick target-specific kernels."""
+        read ``target`` (``None`` when the module is not for one target) and, for CPU targets, its ``isa`` to pick
+        target-specific kernels."""
 
         def __init__(self, target: Target | None, templates: TemplateChoices):
             super().__init__()
             self.target = target
+            self.isa = Isa.of(target) if target is not None and target.kind == "llvm" else None
             self.templates = templates
             # Ops a GEMM before them computed on its tile (epilogue.py): the exit's value, None inside the run.
             self.absorbed: dict[fx.Node, object] = {}
@@ -331,8 +334,7 @@ def _arg(node: fx.Node, index: int, name: str, default=None):
 def _cpu_float32(node: fx.Node, importer) -> bool:
     """Whether ``node`` computes float32 for a CPU target: where fxopt's CPU forms apply (LLVM makes ``expf``/
     ``tanhf``/``erff`` of a vector one scalar libm call per element; row sums want vector lanes)."""
-    on_cpu = importer.target is not None and importer.target.kind == "llvm"
-    return on_cpu and node.meta["val"].dtype == torch.float32
+    return importer.isa is not None and node.meta["val"].dtype == torch.float32
 
 
 @register_lowering(aten.linear.default)
@@ -380,7 +382,7 @@ def _matmul(node: fx.Node, importer) -> object:
 def _dense_applies(importer, x, weight, bias) -> bool:
     values = [a.meta["val"] for a in (x, weight, bias) if isinstance(a, fx.Node)]
     float32 = all(v.dtype == torch.float32 for v in values)
-    return x86.has_dense_f32(importer.target) and weight.op == "get_attr" and float32
+    return importer.isa is not None and x86.has_dense_f32(importer.isa) and weight.op == "get_attr" and float32
 
 
 def _dense(node: fx.Node, importer, x: fx.Node, weight: fx.Node, bias: fx.Node | None, transposed: bool) -> object:
@@ -397,7 +399,7 @@ def _dense(node: fx.Node, importer, x: fx.Node, weight: fx.Node, bias: fx.Node |
     out_features = node.meta["val"].shape[-1]
     in_features = x.meta["val"].shape[-1]
     rows = x.meta["val"].numel() // in_features
-    schedule = importer.templates.dense_schedule(rows, in_features, out_features, importer.target)
+    schedule = importer.templates.dense_schedule(rows, in_features, out_features, importer.isa)
     tile = schedule.tile
     if weight in importer.constants:
         value = importer.constants[weight]
@@ -408,7 +410,7 @@ def _dense(node: fx.Node, importer, x: fx.Node, weight: fx.Node, bias: fx.Node |
         padded = relax.op.nn.pad(matrix, [0, panels * tile.panel - out_features, 0, 0])
         packed = bb.emit(relax.op.permute_dims(relax.op.reshape(padded, [panels, tile.panel, in_features]), [0, 2, 1]))
     epilogue = find_epilogue(node, lambda value: value in importer.env)
-    kernel = x86.dense_f32(rows, in_features, out_features, epilogue, tile, schedule.panels_per_task)
+    kernel = x86.dense_f32(rows, in_features, out_features, tile, schedule.panels_per_task, epilogue)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     args = [
         bb.emit(relax.op.reshape(importer.env[x], [rows, in_features])),
@@ -467,35 +469,34 @@ def _layer_norm(node: fx.Node, importer) -> object:
     beta = importer.env[bias] if bias is not None else to_relax_constant(torch.zeros(shape, dtype=dtype))
     axes = list(range(-len(shape), 0))
     eps = _arg(node, 4, "eps", 1e-5)
-    if _cpu_float32(node, importer) and len(shape) == 1 and shape[0] % _LANES == 0:
-        return importer.block_builder.emit_te(_layer_norm_in_lanes, x, gamma, beta, eps, primfunc_name_hint=node.name)
+    if _cpu_float32(node, importer) and len(shape) == 1 and shape[0] % importer.isa.lanes() == 0:
+        return importer.block_builder.emit_te(
+            _layer_norm_in_lanes, x, gamma, beta, eps, importer.isa.lanes(), primfunc_name_hint=node.name
+        )
     return importer.block_builder.emit(relax.op.nn.layer_norm(x, gamma, beta, axes=axes, epsilon=eps))
 
 
-#: Partial sums a CPU row reduction keeps apart (one 256-bit register of float32).
-_LANES = 8
-
-
-def _layer_norm_in_lanes(x, gamma, beta, eps: float):
-    """Layer norm over the last axis with each row's sums taken in :data:`_LANES` interleaved partial sums.
+def _layer_norm_in_lanes(x, gamma, beta, eps: float, lanes: int):
+    """Layer norm over the last axis with each row's sums taken in ``lanes`` interleaved partial sums (one vector
+    register's float32 lanes).
 
     TOPI's one running sum per row is a chain of dependent adds (its latency, not the adds, sets the speed):
-    5x slower than PyTorch on BERT's 128 x 768. Eight independent sums, added at the end, run at the adds'
+    5x slower than PyTorch on BERT's 128 x 768. Independent sums, added at the end, run at the adds'
     throughput; the two-pass variance is kept (no cancellation).
     """
     from tvm import te
 
     *rows, width = (int(d) for d in x.shape)
-    chunks = width // _LANES
+    chunks = width // lanes
 
     def lane_sums(value, name):
         chunk = te.reduce_axis((0, chunks), f"{name}_chunk")
         partial = te.compute(
-            (*rows, _LANES),
-            lambda *i: te.sum(value(*i[:-1], chunk * _LANES + i[-1]), axis=chunk),
+            (*rows, lanes),
+            lambda *i: te.sum(value(*i[:-1], chunk * lanes + i[-1]), axis=chunk),
             name=name + LANE_SUMS,
         )
-        lane = te.reduce_axis((0, _LANES), f"{name}_lane")
+        lane = te.reduce_axis((0, lanes), f"{name}_lane")
         total = te.compute(tuple(rows), lambda *i: te.sum(partial(*i, lane), axis=lane), name=f"{name}_sum")
         return te.compute(tuple(rows), lambda *i: total(*i) / width, name=name)
 
@@ -557,7 +558,7 @@ def _sdpa(node: fx.Node, importer) -> object:
     length, source = q_val.shape[-2], k_val.shape[-2]
     neg_inf = relax.const(float("-inf"), dtype)
     float32 = all(a.meta["val"].dtype == torch.float32 for a in node.args[:3])
-    if x86.has_avx2(importer.target) and q_val.dim() == 4 and float32:
+    if importer.isa is not None and importer.isa.avx2 and q_val.dim() == 4 and float32:
         mask_shape = [1, 1, *(mask.meta["val"].shape if mask is not None else ())][-4:]
         bias_shape = [q_val.shape[0] if mask_shape[0] > 1 else 1, q_val.shape[1] if mask_shape[1] > 1 else 1]
         bias_shape += [length, source]
@@ -582,7 +583,7 @@ def _sdpa(node: fx.Node, importer) -> object:
         merge = reader is not None and _swaps_heads_and_rows(reader)
         shape = [q_val.shape[i] for i in ((0, 2, 1, 3) if merge else range(4))]
         kernel = x86.attention_f32(
-            *q_val.shape[:3], source, q_val.shape[3], tuple(bias_shape), scale, tuple(gathers), merge
+            *q_val.shape[:3], source, q_val.shape[3], tuple(bias_shape), scale, importer.isa, tuple(gathers), merge
         )
         kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
         out = bb.emit(relax.call_tir(kernel, [q, k, v, bias], relax.TensorType(shape, "float32")))

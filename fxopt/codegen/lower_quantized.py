@@ -82,7 +82,8 @@ def _linear_q(node: fx.Node, importer) -> object:
     _int8_only(node)
     weight = _constant(node.args[3])
     out_features, in_features = node.args[3].meta["val"].shape
-    if x86.has_avx2(importer.target) and weight is not None and out_features % 8 == 0 and in_features % 2 == 0:
+    avx2 = importer.isa is not None and importer.isa.avx2
+    if avx2 and weight is not None and out_features % 8 == 0 and in_features % 2 == 0:
         return _linear_q_avx2(node, importer, weight)
     bb = importer.block_builder
     xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]

@@ -1,7 +1,8 @@
 """Tuning fxopt's hand-scheduled kernel templates (:mod:`fxopt.codegen.x86`) per kernel shape.
 
 A template has a few parameters and no search space for MetaSchedule: the float32 GEMM's register tile and the
-weight panels each task runs its row tile over. Their analytic defaults (:func:`~fxopt.codegen.x86.dense_tile`,
+weight panels each task runs its row tile over. Their analytic defaults from the target's
+:class:`~fxopt.codegen.isa.Isa` (:func:`~fxopt.codegen.x86.dense_tile`,
 :func:`~fxopt.codegen.x86.default_panels_per_task`) are best on BERT-base's shapes here, but not on every shape
 (measured on a 2-core Zen 3: MiniLM's 192x384x384 1.10-1.14x with 6x2 tiles, decoding's 1x768x3072 1.05x with
 2x6). Tuning (:func:`fxopt.codegen.tune.tune`) times every candidate (:func:`dense_candidates`) of each GEMM
@@ -18,8 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fxopt.codegen import x86
+from fxopt.codegen.isa import Isa
 from fxopt.codegen.tuning_database import TEMPLATES_FILE
-from fxopt.targets import Target
 
 __all__ = [
     "TemplateChoices",
@@ -50,14 +51,14 @@ class TemplateChoices:
 
     dense: dict[tuple[int, int, int], DenseChoice] = field(default_factory=dict)
 
-    def dense_schedule(self, rows: int, in_features: int, out_features: int, target: Target | None) -> DenseChoice:
-        """The GEMM's schedule on ``target``: the tuned one, unless it is for other vectors (a database copied
+    def dense_schedule(self, rows: int, in_features: int, out_features: int, isa: Isa) -> DenseChoice:
+        """The GEMM's schedule on ``isa``: the tuned one, unless it is for other vectors (a database copied
         from another machine), else the default."""
-        tile = x86.dense_tile(target)
+        tile = x86.dense_tile(isa)
         tuned = self.dense.get((rows, in_features, out_features))
         if tuned is not None and tuned.tile.lanes == tile.lanes:
             return tuned
-        return DenseChoice(tile, x86.default_panels_per_task(in_features, tile, x86.l2_bytes(target)))
+        return DenseChoice(tile, x86.default_panels_per_task(in_features, tile, isa.l2_bytes))
 
     @classmethod
     def load(cls, database_dir: Path | None) -> TemplateChoices:
@@ -95,17 +96,15 @@ class TemplateChoices:
         temporary.replace(Path(database_dir) / TEMPLATES_FILE)  # whole or not at all, should the process die
 
 
-def dense_candidates(in_features: int, target: Target | None) -> list[DenseChoice]:
-    """The schedules tuning times for a GEMM with ``in_features`` on ``target``: every tile of its ISA's
-    candidates (:data:`fxopt.codegen.x86.DENSE_TILES`) with 1 to 3 weight panels per task, as many as fit in a
-    core's L2."""
-    tiles = x86.DENSE_TILES[x86.dense_tile(target).lanes]
-    l2_bytes = x86.l2_bytes(target)
+def dense_candidates(in_features: int, isa: Isa) -> list[DenseChoice]:
+    """The schedules tuning times for a GEMM with ``in_features`` on ``isa``: every tile of its candidates
+    (:data:`fxopt.codegen.x86.DENSE_TILES`) with 1 to 3 weight panels per task, as many as fit in a core's L2."""
+    tiles = x86.DENSE_TILES[x86.dense_tile(isa).lanes]
     return [
         DenseChoice(tile, panels)
         for tile in tiles
         for panels in (1, 2, 3)
-        if panels == 1 or panels * in_features * tile.panel * 4 <= l2_bytes
+        if panels == 1 or panels * in_features * tile.panel * 4 <= isa.l2_bytes
     ]
 
 

@@ -44,6 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fxopt.codegen import x86
+from fxopt.codegen.isa import Isa
 from fxopt.codegen.templates import DenseChoice, TemplateChoices, dense_candidates, template_shapes
 from fxopt.codegen.tuning_database import RECORDS_FILE, checked_database, database_dir, load_database, valid_lines
 from fxopt.errors import CodegenError
@@ -233,7 +234,7 @@ def tune(
         shapes = template_shapes(mod)
         for position, (rows, in_features, out_features) in enumerate(shapes):
             name = x86.dense_template_name(rows, in_features, out_features)
-            candidates = dense_candidates(in_features, target)
+            candidates = dense_candidates(in_features, Isa.of(target))
             stored = choices.dense.get((rows, in_features, out_features))
             template = KernelTuning(name, 0 if stored is None else len(candidates), 0, stored.us if stored else None)
             template.trials_after = template.trials_before
@@ -350,7 +351,7 @@ def _fastest_candidate(ms, shape: tuple[int, int, int], candidates, tvm_target, 
     only when none ran."""
     import tvm
 
-    kernels = [x86.dense_f32(*shape, None, c.tile, c.panels_per_task) for c in candidates]
+    kernels = [x86.dense_f32(*shape, c.tile, c.panels_per_task) for c in candidates]
     built = builder.build([ms.builder.BuilderInput(tvm.IRModule({"main": k}), tvm_target) for k in kernels])
     failures = {i: f"does not build: {_last_line(b.error_msg)}" for i, b in enumerate(built) if b.error_msg}
     ran = [i for i in range(len(candidates)) if i not in failures]

@@ -49,9 +49,8 @@ def target_key(target: Target) -> str:
     if target.kind == "cuda":
         return f"cuda-{target.resolved().arch}"
     if target.arch:
-        return f"llvm-{target.arch}-{target.tuning['cores']}c"
-    cpu = host_cpu()
-    return f"llvm-{cpu.mcpu}-{cpu.cores}c"
+        return f"llvm-{target.arch}-{target.cores}c"
+    return f"llvm-{target.mcpu or host_cpu().mcpu}-{target.cores}c"
 
 
 def database_dir(target: Target, override: Path | None = None) -> Path:

@@ -45,10 +45,9 @@ from dataclasses import dataclass
 
 import torch
 
-from fxopt.targets import Target, host_cpu
+from fxopt.codegen.isa import Isa
 
 __all__ = [
-    "has_avx2",
     "pack_int8_weight",
     "int8_linear",
     "DenseTile",
@@ -56,7 +55,6 @@ __all__ = [
     "AVX512_TILE",
     "dense_tile",
     "has_dense_f32",
-    "l2_bytes",
     "NEON_TILE",
     "default_panels_per_task",
     "DENSE_TILES",
@@ -69,11 +67,6 @@ __all__ = [
 
 _INTRINSIC = "fxopt_avx2_dot_8x2_i16"
 _LANES = 8  # int32 lanes of a 256-bit register: output channels per intrinsic call
-
-
-def has_avx2(target: Target | None) -> bool:
-    """Whether ``target`` builds for this machine's CPU and the CPU has AVX2."""
-    return target is not None and target.kind == "llvm" and target.arch is None and "avx2" in host_cpu().features
 
 
 def pack_int8_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -243,46 +236,34 @@ DENSE_TILES = {
     16: (AVX512_TILE, DenseTile(6, 4, 16), DenseTile(4, 6, 16), DenseTile(12, 2, 16)),
 }
 
-#: The L2 of a core of a CPU this machine cross-builds for, which it cannot read: a common size (Cortex-A76/A78,
-#: Neoverse N1: 256-512 KiB), so the default groups of panels fit.
-CROSS_L2_BYTES = 256 << 10
+
+def attention_tile(isa: Isa) -> DenseTile:
+    """The attention kernel's tile of scores and of P·V: 6 query rows x 2 vectors of keys or columns, at
+    ``isa``'s float lanes (ymm on AVX2, zmm on AVX-512; a 4 x 3 tile would leave most of a 128-key row's last
+    panel empty)."""
+    return DenseTile(rows=6, vectors=2, lanes=isa.lanes())
 
 
-#: The attention kernel's tiles of scores and of P·V: 6 query rows x 16 keys or columns in ymm registers (a
-#: 4 x 24 tile would leave most of a 128-key row's last panel empty).
-_ATTENTION_TILE = DenseTile(rows=6, vectors=2, lanes=8)
+def has_dense_f32(isa: Isa) -> bool:
+    """Whether the float32 GEMM template builds for ``isa``: x86 with AVX2 (and FMA), or AArch64 NEON."""
+    return isa.avx2 or isa.neon
 
 
-def has_dense_f32(target: Target | None) -> bool:
-    """Whether the float32 GEMM template builds for ``target``: this machine's CPU with AVX2, or an AArch64 CPU
-    (NEON, cross-built)."""
-    return has_avx2(target) or _is_aarch64(target)
-
-
-def dense_tile(target: Target | None = None) -> DenseTile:
-    """The register tile for the widest vectors of ``target``'s CPU (this host's unless it is a cross target)."""
-    if _is_aarch64(target):
+def dense_tile(isa: Isa) -> DenseTile:
+    """The register tile for ``isa``'s widest vectors."""
+    if isa.neon:
         return NEON_TILE
-    return AVX512_TILE if host_cpu().vector_bits >= 512 else AVX2_TILE
+    return AVX512_TILE if isa.lanes() >= 16 else AVX2_TILE
 
 
-def l2_bytes(target: Target | None = None) -> int:
-    """A core's L2 on ``target``'s CPU: this host's, or :data:`CROSS_L2_BYTES` for a cross target."""
-    return CROSS_L2_BYTES if target is not None and target.arch is not None else host_cpu().l2_bytes
-
-
-def _is_aarch64(target: Target | None) -> bool:
-    return target is not None and target.kind == "llvm" and (target.arch or "").startswith("aarch64")
-
-
-def default_panels_per_task(in_features: int, tile: DenseTile, l2: int | None = None) -> int:
+def default_panels_per_task(in_features: int, tile: DenseTile, l2_bytes: int) -> int:
     """How many weight panels one task of the GEMM runs its row tile over: as many as fit in half of a core's L2
     (the other half holds the activations), at most 3. Measured here (2-core Zen 3, 512 KiB L2, K=768: three
     74 KiB panels): GPT-2's LM head (128x768x50257) 8-10% faster than one panel per task, 128x768x3072 4-5%,
-    768x768 3%, 768x2304 the same; at K=3072 (295 KiB panels) two per task were 2-4% slower. ``l2``: the L2's
-    bytes, by default this host's."""
+    768x768 3%, 768x2304 the same; at K=3072 (295 KiB panels) two per task were 2-4% slower. ``l2_bytes``: a
+    core's L2 (:attr:`Isa.l2_bytes <fxopt.codegen.isa.Isa.l2_bytes>`)."""
     panel_bytes = in_features * tile.panel * 4
-    return max(1, min(3, (l2 or host_cpu().l2_bytes) // 2 // panel_bytes))
+    return max(1, min(3, l2_bytes // 2 // panel_bytes))
 
 
 def pack_dense_weight(weight: torch.Tensor, panel: int) -> torch.Tensor:
@@ -294,14 +275,7 @@ def pack_dense_weight(weight: torch.Tensor, panel: int) -> torch.Tensor:
     return padded.reshape(panels, panel, in_features).permute(0, 2, 1).contiguous()
 
 
-def dense_f32(
-    rows: int,
-    in_features: int,
-    out_features: int,
-    epilogue=None,
-    tile: DenseTile | None = None,
-    panels_per_task: int | None = None,
-):
+def dense_f32(rows: int, in_features: int, out_features: int, tile: DenseTile, panels_per_task: int, epilogue=None):
     """The scheduled PrimFunc ``out[m, n] = act(sum_k x[m, k] * w[n, k] + bias[n])`` (``linear``), float32.
 
     Parameters, in order: ``x`` ``[rows, in]``; the packed weight (:func:`pack_dense_weight` by ``tile.panel``:
@@ -309,12 +283,11 @@ def dense_f32(
     ``[rows, out]``. ``epilogue``: elementwise ops applied on the tile while it is in registers instead of passes
     of their own over the result (:class:`fxopt.codegen.epilogue.Epilogue`: its ``operand_shapes``, and called
     with the TE result and operand placeholders it gives the TE value to write).
-    ``tile``: the register tile, by default this host's (:func:`dense_tile`). ``panels_per_task``: how many weight
-    panels one task runs its row tile over, by default :func:`default_panels_per_task`'s.
+    ``tile``: the register tile (:func:`dense_tile` for an ISA). ``panels_per_task``: how many weight panels one
+    task runs its row tile over (:func:`default_panels_per_task`).
     """
     from tvm import s_tir, te
 
-    tile = tile or dense_tile()
     width = tile.panel
     panels = -(-out_features // width)
     x = te.placeholder((rows, in_features), "float32", name="x")
@@ -341,7 +314,7 @@ def dense_f32(
     # Groups of panels outermost: their weights (K x width floats each) stay in L2 while every row tile streams
     # past them, and each task runs its row tile over the group's panels in turn (the tile's activations stay in
     # L1, its output rows are written group-wide). A partial last group is predicated.
-    group, panel = sch.split(panel, [None, panels_per_task or default_panels_per_task(in_features, tile)])
+    group, panel = sch.split(panel, [None, panels_per_task])
     sch.reorder(group, m_outer, panel, k_loop, m_inner, vector, lane_inner)
     fused = sch.fuse(group, m_outer)
     for stage in sch.get_child_blocks(sch.get_sblock("root")):  # the bias and the epilogue, into the tile
@@ -374,10 +347,12 @@ def attention_f32(
     dim: int,
     bias_shape: tuple,
     scale: float,
+    isa: Isa,
     gathers: tuple = (None, None, None),
     heads_inside: bool = False,
 ):
-    """The scheduled PrimFunc ``out = softmax(q @ k.T * scale + bias) @ v`` per batch and head, float32.
+    """The scheduled PrimFunc ``out = softmax(q @ k.T * scale + bias) @ v`` per batch and head, float32, its
+    tiles at ``isa``'s vector lanes (:func:`attention_tile`).
 
     Parameters, in order: ``q`` ``[batch, heads, length, dim]``; ``k`` and ``v`` ``[batch, heads, source, dim]``;
     the additive mask ``bias`` ``[1 or batch, 1 or heads, length, source]`` (``-inf`` where a key is masked out);
@@ -416,8 +391,27 @@ def attention_f32(
     )
     # The maximum starts at -inf (te.max's identity is the lowest finite float): a fully masked row stays -inf.
     maximum = te.comm_reducer(lambda x, y: te.max(x, y), lambda dtype: tvm.tirx.const(float("-inf"), dtype))
-    t = te.reduce_axis((0, source), "t")
-    top = te.compute((batch, heads, length), lambda b, h, i: maximum(scores[b, h, i, t], axis=t), name="top")
+    tile_shape = attention_tile(isa)
+    lanes = tile_shape.lanes
+    # Each row's max and sum in one vector's lanes, combined at the end, not a serial chain of `source` dependent
+    # ops (a max is 4 cycles on Intel). Measured on AVX2 (12 heads x 128 x 64): the lane sums 1.09-1.11x the kernel
+    # at 128 keys, 1.04x at 64, 0.96-0.99x at 24. Whole vectors only: compute_at drops the predicate of a partial one.
+    in_lanes = source % lanes == 0 and source >= 64
+    if in_lanes:
+        # Written out in two stages: TVM's rfactor rejects the custom -inf reducer.
+        chunk = te.reduce_axis((0, source // lanes), "chunk")
+        top_lanes = te.compute(
+            (batch, heads, length, lanes),
+            lambda b, h, i, lane: maximum(scores[b, h, i, chunk * lanes + lane], axis=chunk),
+            name="top_lanes",
+        )
+        lane = te.reduce_axis((0, lanes), "lane")
+        top = te.compute(
+            (batch, heads, length), lambda b, h, i: maximum(top_lanes[b, h, i, lane], axis=lane), name="top"
+        )
+    else:
+        t = te.reduce_axis((0, source), "t")
+        top = te.compute((batch, heads, length), lambda b, h, i: maximum(scores[b, h, i, t], axis=t), name="top")
     shifted = te.compute(dot.shape, lambda b, h, i, t: scores[b, h, i, t] - top[b, h, i], name="shifted")
     weights = topi.fast_exp(shifted)
     t = te.reduce_axis((0, source), "t")
@@ -443,55 +437,63 @@ def attention_f32(
     sch.parallel(sch.fuse(*outer))
     sch.vectorize(keys_inner)
 
-    # One tile of query rows per task; its output in panels of 16 columns.
-    rows = min(_ATTENTION_TILE.rows, length)
+    # One tile of query rows per task; its output in panels of the tile's columns.
+    rows = min(tile_shape.rows, length)
     b, h, i, column = sch.get_loops(sch.get_sblock("out"))
     row_tile, row = sch.split(i, [None, rows])
-    panel, lane = sch.split(column, [None, _ATTENTION_TILE.panel])
+    panel, lane = sch.split(column, [None, tile_shape.panel])
     sch.reorder(row_tile, panel, row, lane)
     tile = sch.fuse(b, h, row_tile)
     sch.parallel(tile)
     sch.vectorize(lane)
-    _register_tile(sch, sch.get_sblock("mixed"), panel)
-    # Each row's sum in 8 vector lanes added up at the end, not one serial chain of `source` dependent adds.
-    # Measured (12 heads x 128 x 64): 128 keys 1.09-1.11x the kernel, 64 keys 1.04x, 24 keys 0.96-0.99x. Whole
-    # vectors only: compute_at drops the predicate of a partial one.
-    lanes = _ATTENTION_TILE.lanes
-    partial_sums = source % lanes == 0 and source >= 64
-    if partial_sums:
+    _register_tile(sch, sch.get_sblock("mixed"), panel, lanes)
+    if in_lanes:
         *_, key = sch.get_loops(sch.get_sblock("total"))
         sch.rfactor(sch.split(key, [None, lanes])[1], factor_axis=3)
-    for name in ("total", *(["total_rf"] if partial_sums else []), "T_fast_exp", "shifted", "top", "scores"):
+    for name in ("total", "total_rf", "T_fast_exp", "shifted", "top", "top_lanes", "scores"):
+        if name.endswith(("_rf", "_lanes")) and not in_lanes:
+            continue
         block = sch.get_sblock(name)
         sch.compute_at(block, tile, preserve_unit_loops=True)
         sch.set_scope(block, 0, "local")
     sch.compute_inline(sch.get_sblock("shifted"))
-    if partial_sums:
-        block = sch.get_sblock("total_rf")
-        lane, _, _, row, key = sch.get_loops(block)[-5:]
-        sch.reorder(row, key, lane)
-        sch.vectorize(lane)
-        sch.vectorize(sch.get_loops(sch.decompose_reduction(block, key))[-1])
+    if in_lanes:
+        for name in ("total_rf", "top_lanes"):  # each lane's running value in one register, the lanes innermost
+            block = sch.get_sblock(name)
+            row, lane, key = _lane_loops(sch, block)
+            sch.reorder(row, key, lane)
+            sch.vectorize(lane)
+            sch.vectorize(sch.get_loops(sch.decompose_reduction(block, key))[-1])
     sch.vectorize(sch.get_loops(sch.get_sblock("T_fast_exp"))[-1])
-    # The scores in panels of 16 keys, each the register tile of q against the transposed keys.
+    # The scores in panels of keys, each the register tile of q against the transposed keys.
     scores_block = sch.get_sblock("scores")
     tile_row, key = sch.get_loops(scores_block)[-2:]
-    key_panel, key_lane = sch.split(key, [None, _ATTENTION_TILE.panel])
+    key_panel, key_lane = sch.split(key, [None, tile_shape.panel])
     sch.reorder(key_panel, tile_row, key_lane)
     sch.vectorize(key_lane)
-    _register_tile(sch, sch.get_sblock("dot"), key_panel)
+    _register_tile(sch, sch.get_sblock("dot"), key_panel, lanes)
     return sch.mod["main"].with_attr({"tir.is_scheduled": True, "op_pattern": 8})  # 8: opaque, never fused
 
 
-def _register_tile(sch, block, loop) -> None:
-    """Compute reduction ``block`` under ``loop`` as a rows x 16 tile of accumulators held in ymm registers: the
-    reduction outermost, rows and the two 8-lane vectors unrolled inside it."""
+def _lane_loops(sch, block) -> tuple:
+    """A row-in-lanes block's loops under the tile: the row, the lane and the reduction over chunks of the row
+    (rfactor puts its lane loop first)."""
+    loops = sch.get_loops(block)
+    if sch.get(block).name_hint.endswith("_rf"):
+        lane, *_, row, key = loops[-5:]
+        return row, lane, key
+    return tuple(loops[-3:])
+
+
+def _register_tile(sch, block, loop, lanes: int) -> None:
+    """Compute reduction ``block`` under ``loop`` as a tile of accumulators held in vector registers of
+    ``lanes``: the reduction outermost, rows and vectors unrolled inside it."""
     sch.compute_at(block, loop, preserve_unit_loops=True)  # the loops below are then always rows, columns, reduction
     sch.set_scope(block, 0, "local")
     loops = sch.get_loops(block)
     depth = next(n for n, enclosing in enumerate(loops, 1) if sch.get(enclosing).same_as(sch.get(loop)))
     *tile_loops, reduction = loops[depth:]
-    vector, lane = sch.split(tile_loops[-1], [None, _ATTENTION_TILE.lanes])
+    vector, lane = sch.split(tile_loops[-1], [None, lanes])
     sch.reorder(reduction, *tile_loops[:-1], vector, lane)
     for unrolled in (*tile_loops[:-1], vector):
         sch.unroll(unrolled)

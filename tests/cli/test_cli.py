@@ -7,8 +7,10 @@ import torch
 
 from fxopt.cli import main
 from fxopt.codegen import x86
+from fxopt.codegen.isa import Isa
 from fxopt.codegen.templates import DenseChoice, TemplateChoices
 from fxopt.loading import parse_input_spec
+from fxopt.targets import parse_target
 
 MODEL_FILE = """
 import torch.nn as nn
@@ -360,9 +362,12 @@ def test_ctrl_c_during_tune_says_what_was_kept(model_file, tmp_path):
     database = tmp_path / "db"
     records = database / "database_tuning_record.json"
     # The model's GEMM (64x8x8) already timed: Ctrl-C comes during MetaSchedule's rounds, as soon as it can.
-    tile = x86.dense_tile()
+    host = Isa.of(parse_target("cpu"))
+    tile = x86.dense_tile(host)
     database.mkdir()
-    TemplateChoices({(64, 8, 8): DenseChoice(tile, x86.default_panels_per_task(8, tile), 1.0)}).save(database)
+    TemplateChoices({(64, 8, 8): DenseChoice(tile, x86.default_panels_per_task(8, tile, host.l2_bytes), 1.0)}).save(
+        database
+    )
     process = subprocess.Popen(
         [
             sys.executable,

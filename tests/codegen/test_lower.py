@@ -14,13 +14,14 @@ from hypothesis import strategies as st
 
 from fxopt import capture
 from fxopt.codegen import build, x86
+from fxopt.codegen.isa import Isa
 from fxopt.codegen.lower import OVERRIDES, is_lowerable, register_lowering
-from fxopt.codegen.x86 import has_avx2
 from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.targets import parse_target
 
 CPU = parse_target("cpu")
-TILE = x86.dense_tile()  # the GEMM's register tile for this host's vectors
+HOST = Isa.of(CPU)
+TILE = x86.dense_tile(HOST)  # the GEMM's register tile for this host's vectors
 
 
 class Fn(torch.nn.Module):
@@ -182,7 +183,7 @@ class Int8MLP(torch.nn.Module):
         return self.down(torch.relu(self.up(x)) - 0.1)
 
 
-@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled int8 kernel is for AVX2 CPUs")
+@pytest.mark.skipif(not HOST.avx2, reason="the hand-scheduled int8 kernel is for AVX2 CPUs")
 @pytest.mark.parametrize(
     "spec, rows, bias",
     [
@@ -208,8 +209,8 @@ def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias
 def gemm_calls(kernels) -> list[tuple]:
     """``dense_f32`` calls as (rows, in, out, the epilogue's ops, tile); untuned, so each with the default
     panels per task."""
-    assert all(panels == x86.default_panels_per_task(k, tile) for _, k, _, _, tile, panels in kernels)
-    return [(rows, k, n, epilogue.ops if epilogue else (), tile) for rows, k, n, epilogue, tile, _ in kernels]
+    assert all(panels == x86.default_panels_per_task(k, tile, HOST.l2_bytes) for _, k, _, tile, panels, _ in kernels)
+    return [(rows, k, n, epilogue.ops if epilogue else (), tile) for rows, k, n, tile, _, epilogue in kernels]
 
 
 def new_gelu(y):  # GPT-2's NewGELUActivation, spelled out in seven ops
@@ -250,7 +251,7 @@ def build_gemm_with_tail(tail: str, rows: list[int], in_features: int, out_featu
     return gemm_calls(kernels)
 
 
-@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
+@pytest.mark.skipif(not HOST.avx2, reason="the hand-scheduled float GEMM is for AVX2 CPUs")
 @pytest.mark.parametrize("tail", TAILS)
 def test_elementwise_ops_after_the_gemm_are_computed_on_its_tile(tail):
     assert build_gemm_with_tail(tail, [2, 3], 20, 37) == [(6, 20, 37, TAILS[tail][2], TILE)]
@@ -277,7 +278,7 @@ TAIL_STEPS = {
 }
 
 
-@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
+@pytest.mark.skipif(not HOST.avx2, reason="the hand-scheduled float GEMM is for AVX2 CPUs")
 @settings(max_examples=8, deadline=None)
 @given(st.lists(st.sampled_from(sorted(TAIL_STEPS)), min_size=1, max_size=6), st.integers(0, 2**16))
 def test_random_elementwise_tails_are_computed_on_the_tile_and_match_pytorch(steps, seed):
@@ -299,7 +300,7 @@ def test_random_elementwise_tails_are_computed_on_the_tile_and_match_pytorch(ste
     assert gemm_calls(kernels) == [(6, 12, 20, ops, TILE)]
 
 
-@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
+@pytest.mark.skipif(not HOST.avx2, reason="the hand-scheduled float GEMM is for AVX2 CPUs")
 @settings(max_examples=16, deadline=None)
 @given(
     st.lists(st.integers(1, 7), min_size=1, max_size=3),
@@ -317,7 +318,7 @@ def test_float_linear_on_avx2_is_the_hand_scheduled_gemm(rows, in_features, out_
     assert calls == [(math.prod(rows), in_features, out_features, TAILS[tail][2], TILE)]
 
 
-@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled attention is for AVX2 CPUs")
+@pytest.mark.skipif(not HOST.avx2, reason="the hand-scheduled attention is for AVX2 CPUs")
 @settings(max_examples=10, deadline=None)
 @given(
     st.tuples(
@@ -358,7 +359,7 @@ def test_float_attention_on_avx2_is_the_hand_scheduled_kernel(shape, mask_kind, 
     assert_built_matches(program, executable)
 
 
-@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled attention is for AVX2 CPUs")
+@pytest.mark.skipif(not HOST.avx2, reason="the hand-scheduled attention is for AVX2 CPUs")
 @pytest.mark.parametrize("parts", ["split", "slices"])
 def test_attention_reads_q_k_v_where_their_layout_chains_start(parts):
     # GPT-2 splits its fused projection, fxopt's fuse-projections slices it; both then view and transpose each
@@ -389,7 +390,7 @@ def test_attention_reads_q_k_v_where_their_layout_chains_start(parts):
     assert not [line for line in kernels_built if any(op in line for op in ("split", "slice", "transpose"))]
 
 
-@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
+@pytest.mark.skipif(not HOST.avx2, reason="the hand-scheduled float GEMM is for AVX2 CPUs")
 @pytest.mark.parametrize("shape", [(5, 24, 40), (1, 7, 3)])
 def test_addmm_by_a_constant_weight_is_the_hand_scheduled_gemm(shape):
     # GPT-2's Conv1D: addmm(bias, x, weight) with the weight [in, out].
@@ -400,7 +401,7 @@ def test_addmm_by_a_constant_weight_is_the_hand_scheduled_gemm(shape):
     assert gemm_calls(kernels) == [(rows, in_features, out_features, (), TILE)]
 
 
-@pytest.mark.skipif(not has_avx2(CPU), reason="the hand-scheduled float GEMM is for AVX2 CPUs")
+@pytest.mark.skipif(not HOST.avx2, reason="the hand-scheduled float GEMM is for AVX2 CPUs")
 @pytest.mark.parametrize("x_shape", [(5, 24), (2, 3, 24), (24,)])
 def test_a_matmul_by_a_constant_matrix_is_the_hand_scheduled_gemm(x_shape):
     weight = torch.randn(24, 40)

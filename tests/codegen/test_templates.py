@@ -14,6 +14,7 @@ import fxopt
 import fxopt.codegen.tune as tune_module
 from fxopt import CodegenError
 from fxopt.codegen import x86
+from fxopt.codegen.isa import Isa
 from fxopt.codegen.runtime import to_tvm
 from fxopt.codegen.templates import DenseChoice, TemplateChoices, dense_candidates
 from fxopt.codegen.tune import TuneOptions
@@ -21,7 +22,8 @@ from fxopt.codegen.tuning_database import database_dir
 from fxopt.targets import host_cpu, parse_target
 
 CPU = parse_target("cpu")
-needs_avx2 = pytest.mark.skipif(not x86.has_avx2(CPU), reason="the float32 GEMM template is for x86 CPUs with AVX2")
+HOST = Isa.of(CPU)
+needs_avx2 = pytest.mark.skipif(not HOST.avx2, reason="the float32 GEMM template is for x86 CPUs with AVX2")
 
 
 @pytest.mark.parametrize(
@@ -40,7 +42,7 @@ def test_every_candidate_tile_matches_pytorch_or_builds_for_its_isa(lanes, flag,
     rows, in_features, out_features = 13, 37, 173
     candidates = [(tile, panels) for tile in x86.DENSE_TILES[lanes] for panels in (1, 3)]
     kernels = {
-        f"c{i}": x86.dense_f32(rows, in_features, out_features, None, tile, panels).with_attr("global_symbol", f"c{i}")
+        f"c{i}": x86.dense_f32(rows, in_features, out_features, tile, panels).with_attr("global_symbol", f"c{i}")
         for i, (tile, panels) in enumerate(candidates)
     }
     if flag not in host_cpu().features:
@@ -58,16 +60,17 @@ def test_every_candidate_tile_matches_pytorch_or_builds_for_its_isa(lanes, flag,
 
 @pytest.mark.parametrize("target", [CPU, parse_target("aarch64")], ids=["host", "aarch64"])
 def test_candidates_are_the_isas_tiles_with_the_panel_groups_the_l2_holds(target):
-    if target is CPU and not x86.has_avx2(CPU):
+    if target is CPU and not HOST.avx2:
         pytest.skip("the float32 GEMM template is for x86 CPUs with AVX2 here")
-    tiles = x86.DENSE_TILES[x86.dense_tile(target).lanes]
-    assert len(dense_candidates(16, target)) == 3 * len(tiles)  # small panels: groups of 1, 2 and 3
+    isa = Isa.of(target)
+    tiles = x86.DENSE_TILES[x86.dense_tile(isa).lanes]
+    assert len(dense_candidates(16, isa)) == 3 * len(tiles)  # small panels: groups of 1, 2 and 3
     for in_features in (768, 2048, 3072, 50000):
-        candidates = dense_candidates(in_features, target)
+        candidates = dense_candidates(in_features, isa)
         assert {c.tile for c in candidates} == set(tiles)
         for tile in tiles:
             panel_bytes = in_features * tile.panel * 4
-            fit = min(3, max(1, x86.l2_bytes(target) // panel_bytes))  # groups of 1 to 3, as the L2 holds
+            fit = min(3, max(1, isa.l2_bytes // panel_bytes))  # groups of 1 to 3, as the L2 holds
             assert sorted(c.panels_per_task for c in candidates if c.tile == tile) == list(range(1, fit + 1))
 
 
@@ -119,7 +122,7 @@ def dense_calls():
     """``(rows, in, out, tile, panels per task)`` of every ``dense_f32`` built inside the block."""
     calls, real = [], x86.dense_f32
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(x86, "dense_f32", lambda *a: calls.append((*a[:3], *a[4:])) or real(*a))
+        patch.setattr(x86, "dense_f32", lambda *a: calls.append(a[:5]) or real(*a))
         yield calls
 
 
@@ -128,7 +131,7 @@ def test_tuning_times_each_gemm_shape_once_and_builds_use_its_choice(monkeypatch
     model, x = TwoLinears().eval(), torch.randn(12, 40)
     shapes = [(12, 40, 56), (12, 56, 24)]
     monkeypatch.setattr(tune_module, "dense_candidates", lambda k, t: dense_candidates(k, t)[:3])  # 3 of 15: seconds
-    trials = sum(len(tune_module.dense_candidates(k, CPU)) for _, k, _ in shapes)  # none for MetaSchedule
+    trials = sum(len(tune_module.dense_candidates(k, HOST)) for _, k, _ in shapes)  # none for MetaSchedule
 
     # A budget smaller than a shape's candidates times none of them.
     short = fxopt.optimize(model, (x,), target="cpu", tune=TuneOptions(trials=2))._latest()[0].tuning
@@ -146,7 +149,7 @@ def test_tuning_times_each_gemm_shape_once_and_builds_use_its_choice(monkeypatch
     stored = TemplateChoices.load(database_dir(CPU)).dense
     assert sorted(stored) == sorted(shapes)
     for (_, in_features, _), choice in stored.items():
-        assert dataclasses.replace(choice, us=None) in tune_module.dense_candidates(in_features, CPU)
+        assert dataclasses.replace(choice, us=None) in tune_module.dense_candidates(in_features, HOST)
     torch.testing.assert_close(tuned(x), model(x), rtol=1e-4, atol=1e-4)
 
     with dense_calls() as calls:  # a later build, untuned, reads the choices
@@ -164,14 +167,20 @@ def write_templates(entries: dict) -> None:
 @needs_avx2
 def test_a_stored_choice_other_than_the_default_computes_the_same():
     model, x = TwoLinears().eval(), torch.randn(12, 40)
-    lanes = x86.dense_tile().lanes
+    lanes = x86.dense_tile(HOST).lanes
     write_templates(
         {"12x40x56": {"rows": 2, "vectors": 6, "lanes": lanes, "panels_per_task": 1, "us": 5.0}}  # panels of 48
     )
     with dense_calls() as calls:
         built = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm")
     assert (12, 40, 56, x86.DenseTile(2, 6, lanes), 1) in calls
-    assert (12, 56, 24, x86.dense_tile(), x86.default_panels_per_task(56, x86.dense_tile())) in calls  # untuned
+    assert (
+        12,
+        56,
+        24,
+        x86.dense_tile(HOST),
+        x86.default_panels_per_task(56, x86.dense_tile(HOST), HOST.l2_bytes),
+    ) in calls  # untuned
     assert built.report().backend == "tvm"
     torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-4)
 
@@ -186,27 +195,42 @@ def test_a_template_file_that_is_not_ours_never_fails_a_build(text, caplog):
     model, x = TwoLinears().eval(), torch.randn(12, 40)
     with dense_calls() as calls:
         built = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm")
-    assert {call[3] for call in calls} == {x86.dense_tile()}
+    assert {call[3] for call in calls} == {x86.dense_tile(HOST)}
     assert "is not a template database" in caplog.text and "templates.json" in caplog.text
     torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_choices_for_other_vectors_are_not_used():
-    other = 24 - x86.dense_tile().lanes  # 16 on an AVX2 host, 8 on an AVX-512 one
+    other = 24 - x86.dense_tile(HOST).lanes  # 16 on an AVX2 host, 8 on an AVX-512 one
     write_templates({"12x40x56": {"rows": 4, "vectors": 3, "lanes": other, "panels_per_task": 1, "us": 5.0}})
     choices = TemplateChoices.load(database_dir(CPU))
     assert choices.dense[12, 40, 56].tile.lanes == other  # kept in the file
-    default = DenseChoice(x86.dense_tile(), x86.default_panels_per_task(40, x86.dense_tile()))
-    assert choices.dense_schedule(12, 40, 56, CPU) == default
+    default = DenseChoice(x86.dense_tile(HOST), x86.default_panels_per_task(40, x86.dense_tile(HOST), HOST.l2_bytes))
+    assert choices.dense_schedule(12, 40, 56, HOST) == default
 
 
 def test_an_aarch64_build_gets_the_gemm_with_neon_tiles():
     model, x = TwoLinears().eval(), torch.randn(12, 40)
     with dense_calls() as calls:
         built = fxopt.optimize(model, (x,), target="aarch64")  # cross-built: it runs in PyTorch here
-    l2 = x86.CROSS_L2_BYTES
+    l2 = Isa.named("aarch64").l2_bytes
     assert sorted(calls) == [
         (12, 40, 56, x86.NEON_TILE, x86.default_panels_per_task(40, x86.NEON_TILE, l2)),
         (12, 56, 24, x86.NEON_TILE, x86.default_panels_per_task(56, x86.NEON_TILE, l2)),
     ]
     assert re.search(r"fmla\s+v\d+\.4s", built.kernel_source("asm"))
+
+
+def test_an_avx512_build_gets_the_gemm_with_zmm_tiles_on_any_host():
+    model, x = TwoLinears().eval(), torch.randn(12, 40)
+    isa = Isa.named("cpu:avx512")
+    with dense_calls() as calls:
+        built = fxopt.optimize(model, (x,), target="cpu:avx512", dispatch="tvm")
+    assert sorted(calls) == [
+        (12, 40, 56, x86.AVX512_TILE, x86.default_panels_per_task(40, x86.AVX512_TILE, isa.l2_bytes)),
+        (12, 56, 24, x86.AVX512_TILE, x86.default_panels_per_task(56, x86.AVX512_TILE, isa.l2_bytes)),
+    ]
+    assert re.search(r"vfmadd\w+ps\s.*zmm", built.kernel_source("asm"))
+    report = built.report()
+    assert report.backend == ("torch" if parse_target("cpu:avx512").is_cross else "tvm")
+    torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-4)

@@ -22,7 +22,7 @@ import fxopt
 import fxopt.codegen.tune as tune_module
 import fxopt.codegen.tuning_database as tuning_database
 from fxopt import CodegenError
-from fxopt.codegen import x86
+from fxopt.codegen.isa import Isa
 from fxopt.codegen.templates import dense_candidates
 from fxopt.codegen.tune import TuneOptions, parse_budget
 from fxopt.codegen.tuning_database import database_dir, distill_database, repair_database, target_key
@@ -328,7 +328,7 @@ def test_remote_tuning_measures_on_the_device_behind_the_tracker(loopback_tracke
     assert loaded > 0  # the candidates really ran on the server
     torch.testing.assert_close(optimized(*ARGS), Tiny.forward(optimized._model, *ARGS))
 
-    if not x86.has_avx2(parse_target("cpu")):
+    if not Isa.of(parse_target("cpu")).avx2:
         return
     # The hand GEMM's candidates too (two of them, twice each).
     monkeypatch.setattr(tune_module, "dense_candidates", lambda k, t: dense_candidates(k, t)[:2])

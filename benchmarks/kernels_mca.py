@@ -1,0 +1,148 @@
+"""Static speed of the hand kernels' innermost loops per CPU, from ``llvm-mca``: for the ISAs a host lacks.
+
+``python benchmarks/kernels_mca.py [--cpus sapphirerapids znver4 znver3] [--mca llvm-mca-19]``: each kernel family
+(:mod:`fxopt.codegen.x86`: the float32 GEMM on BERT's 128x768x3072, attention on BERT's 12 heads x 128 x 64) is
+built for each CPU (``x86_64:CPU``: its ISA's tiles and lanes, cross-compiled where this host lacks the ISA); the
+loops of its assembly that hold its FMAs (a label, a body, a jump back to the label) go to ``llvm-mca -mcpu=CPU``,
+which predicts their cycles per iteration on that CPU's pipeline model. Printed per loop: its FMAs and their
+width, the predicted FLOP per cycle, and that as a share of the model's own FMA peak (its prediction for
+independent FMAs of the same width, beside the CPU's real peak, :data:`PEAK_FLOP_PER_CYCLE`: LLVM's models differ
+from the chips and between versions; LLVM 19 gives Sapphire Rapids one 512-bit FMA per cycle, it has two, and
+LLVM 14 gives Zen 3 one 256-bit FMA per cycle, it has two).
+A prediction is of the loop alone with its data in L1: what packing, blocking and the loops around it cost is not
+in it (``benchmarks/gemm.py`` measures the host's kernel whole). LLVM 14's ``llvm-mca`` knows no Zen 4: the newest
+``llvm-mca-NN`` on the PATH is used (Debian: ``apt-get install llvm-19``).
+"""
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+
+from fxopt.codegen import x86
+from fxopt.codegen.isa import Isa
+from fxopt.targets import parse_target
+
+#: float32 FLOP per cycle of one core at its FMA peak: FMA units x lanes x 2. Zen 4 runs a 512-bit FMA as two
+#: 256-bit halves (2 x 8 x 2); Zen 5 and Intel's server cores have two 512-bit FMA units.
+PEAK_FLOP_PER_CYCLE = {
+    "skylake-avx512": 64,
+    "icelake-server": 64,
+    "sapphirerapids": 64,
+    "emeraldrapids": 64,
+    "znver5": 64,
+    "znver4": 32,
+    "znver3": 32,
+}
+_LANES = {"zmm": 16, "ymm": 8, "xmm": 4}
+_FMA = re.compile(r"\s+vfn?m(add|sub)\w*ps\s.*%(zmm|ymm|xmm)\d+\s*$")
+
+
+def kernels(isa: Isa) -> dict:
+    """The kernels measured, by name, scheduled for ``isa``."""
+    tile = x86.dense_tile(isa)
+    return {
+        "gemm 128x768x3072": x86.dense_f32(128, 768, 3072, tile, x86.default_panels_per_task(768, tile, isa.l2_bytes)),
+        "attention 12x128x128x64": x86.attention_f32(1, 12, 128, 128, 64, (1, 1, 128, 128), 0.125, isa),
+    }
+
+
+def fma_loops(asm: str) -> list[list[str]]:
+    """The single-block loops of ``asm`` that hold FMAs, most FMAs first: each loop's instructions."""
+    loops, label, body = [], None, []
+    for line in asm.splitlines():
+        start = re.match(r"^(\.LBB\w+):", line)
+        if start:
+            label, body = start.group(1), []
+            continue
+        if label is None or not line.startswith("\t") or line.lstrip().startswith((".", "#")):
+            continue
+        body.append(line)
+        jump = re.match(r"\s+j\w+\s+(\.LBB\w+)", line)
+        if jump:
+            if jump.group(1) == label and any(_FMA.match(op) for op in body):
+                loops.append(body)
+            label = None
+    return sorted(loops, key=lambda loop: -sum(bool(_FMA.match(op)) for op in loop))
+
+
+def predict(loop: list[str], mcpu: str, mca: str) -> float:
+    """``llvm-mca``'s cycles per iteration of ``loop`` on ``mcpu``."""
+    result = subprocess.run(
+        [mca, "-mtriple=x86_64-unknown-linux-gnu", f"-mcpu={mcpu}", "-iterations=200"],
+        input="\n".join(loop) + "\n",
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    iterations = int(re.search(r"Iterations:\s+(\d+)", result.stdout).group(1))
+    cycles = int(re.search(r"Total Cycles:\s+(\d+)", result.stdout).group(1))
+    return cycles / iterations
+
+
+def model_peak(width: str, mcpu: str, mca: str) -> float:
+    """The FLOP per cycle ``llvm-mca``'s model of ``mcpu`` gives independent FMAs on ``width`` registers."""
+    fmas = [f"vfmadd231ps %{width}30, %{width}31, %{width}{i}" for i in range(24)]
+    return 24 * 2 * _LANES[width] / predict(fmas, mcpu, mca)
+
+
+def newest_mca() -> str | None:
+    """The newest ``llvm-mca-NN`` on the PATH, else ``llvm-mca``."""
+    versions = []
+    for n in range(30, 13, -1):
+        if shutil.which(f"llvm-mca-{n}"):
+            versions.append(f"llvm-mca-{n}")
+    return versions[0] if versions else shutil.which("llvm-mca")
+
+
+def known_cpus(mca: str) -> set[str]:
+    listing = subprocess.run([mca, "-mtriple=x86_64", "-mcpu=help"], capture_output=True, text=True).stderr
+    listing += subprocess.run([mca, "-mtriple=x86_64", "-mcpu=help"], capture_output=True, text=True).stdout
+    return set(re.findall(r"^\s+(\S+)\s+- Select", listing, re.M))
+
+
+def main(argv: list[str] | None = None) -> int:
+    import tvm
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpus", nargs="+", default=["sapphirerapids", "znver4", "znver3"])
+    parser.add_argument("--mca", default=None, help="the llvm-mca to run (default: the newest on the PATH)")
+    parser.add_argument("--loops", type=int, default=2, help="loops per kernel, most FMAs first")
+    args = parser.parse_args(argv)
+    mca = args.mca or newest_mca()
+    if mca is None:
+        print("no llvm-mca on the PATH (Debian: apt-get install llvm-19)", file=sys.stderr)
+        return 1
+    known = known_cpus(mca)
+    version = subprocess.run([mca, "--version"], capture_output=True, text=True).stdout
+    llvm = re.search(r"LLVM version (\S+)", version)
+    print(f"{mca}: LLVM {llvm.group(1) if llvm else '?'}")
+    print(
+        f"{'CPU':<15} {'kernel':<24} {'loop':>4} {'FMAs':>9} {'cycles':>7} {'FLOP/cycle':>10} "
+        f"{'model peak':>10} {'CPU peak':>8} {'of model peak':>13}"
+    )
+    for cpu in args.cpus:
+        if cpu not in known:
+            print(f"{cpu:<15} (this llvm-mca has no model of {cpu}; a newer LLVM has)")
+            continue
+        target = parse_target(f"x86_64:{cpu}")
+        isa = Isa.of(target)
+        for name, kernel in kernels(isa).items():
+            asm = tvm.compile(tvm.IRModule({"main": kernel}), target=target.tvm()).mod.inspect_source("asm")
+            for number, loop in enumerate(fma_loops(asm)[: args.loops], 1):
+                fmas = [_FMA.match(op) for op in loop]
+                widths = {match.group(2) for match in fmas if match}
+                flops = sum(2 * _LANES[match.group(2)] for match in fmas if match)
+                cycles = predict(loop, cpu, mca)
+                peak = model_peak(max(widths, key=_LANES.__getitem__), cpu, mca)
+                count = f"{sum(bool(m) for m in fmas)} {'/'.join(sorted(widths))}"
+                print(
+                    f"{cpu:<15} {name:<24} {number:>4} {count:>9} {cycles:>7.1f} {flops / cycles:>10.1f} "
+                    f"{peak:>10.0f} {PEAK_FLOP_PER_CYCLE.get(cpu, '?'):>8} {flops / cycles / peak:>13.0%}"
+                )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
