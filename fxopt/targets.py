@@ -330,10 +330,10 @@ def parse_target(spec: str | Target) -> Target:
         return target
     if name == "cpu":
         return replace(target, mcpu=_cpu_name(spec, arch))
-    if target.kind != "cuda" or not re.fullmatch(r"sm_\d+a?", arch):
-        raise FxoptError(
-            f"target '{spec}': only cuda (cuda:sm_90) and cpu (cpu:avx512, cpu:znver4) take an architecture"
-        )
+    if target.kind != "cuda":
+        raise FxoptError(f"target '{spec}': only cuda and cpu take an architecture (cuda:sm_90, cpu:avx512)")
+    if not re.fullmatch(r"sm_\d+a?", arch):
+        raise FxoptError(f"target '{spec}': a CUDA architecture is written like cuda:sm_90")
     return replace(target, arch=arch)
 
 

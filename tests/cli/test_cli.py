@@ -63,7 +63,7 @@ def test_builtin_model_and_pipeline_file(tmp_path, capsys):
         (["optimize", "resnet5"], "unknown built-in model 'resnet5'; did you mean resnet50"),
         (["optimize", "nope.py:make", "-i", "2x8"], "model file 'nope.py' does not exist"),
         (["optimize", "bert-tiny", "-p", "dse"], "unknown pass or pipeline 'dse'; did you mean 'dce'"),
-        (["optimize", "bert-tiny", "--target", "cuda:90"], "only cuda takes an architecture"),
+        (["optimize", "bert-tiny", "--target", "cuda:90"], "a CUDA architecture is written like cuda:sm_90"),
         (["optimize", "resnet-tiny", "-i", "1x3x32"], "cannot capture"),
         (["pipeline", "--dump", "fold-constants{max-new-elements=x}"], "expects an integer"),
     ],

@@ -16,7 +16,12 @@ def test_targets_parse_from_short_strings():
 
 
 @pytest.mark.parametrize(
-    "spec, message", [("cdua", "did you mean 'cuda'"), ("aarch64:sm_90", "only cuda"), ("cuda:90", "only cuda")]
+    "spec, message",
+    [
+        ("cdua", "did you mean 'cuda'"),
+        ("aarch64:sm_90", "only cuda and cpu take"),
+        ("cuda:90", "written like cuda:sm_90"),
+    ],
 )
 def test_bad_targets(spec, message):
     with pytest.raises(FxoptError, match=message):
