@@ -89,17 +89,14 @@ def model_peak(width: str, mcpu: str, mca: str) -> float:
 
 def newest_mca() -> str | None:
     """The newest ``llvm-mca-NN`` on the PATH, else ``llvm-mca``."""
-    versions = []
-    for n in range(30, 13, -1):
-        if shutil.which(f"llvm-mca-{n}"):
-            versions.append(f"llvm-mca-{n}")
-    return versions[0] if versions else shutil.which("llvm-mca")
+    versioned = (shutil.which(f"llvm-mca-{n}") for n in range(30, 13, -1))
+    return next((path for path in versioned if path), None) or shutil.which("llvm-mca")
 
 
 def known_cpus(mca: str) -> set[str]:
-    listing = subprocess.run([mca, "-mtriple=x86_64", "-mcpu=help"], capture_output=True, text=True).stderr
-    listing += subprocess.run([mca, "-mtriple=x86_64", "-mcpu=help"], capture_output=True, text=True).stdout
-    return set(re.findall(r"^\s+(\S+)\s+- Select", listing, re.M))
+    """The CPUs ``mca`` has a model of (its ``-mcpu=help`` listing, which LLVM prints on either stream)."""
+    listing = subprocess.run([mca, "-mtriple=x86_64", "-mcpu=help"], capture_output=True, text=True)
+    return set(re.findall(r"^\s+(\S+)\s+- Select", listing.stdout + listing.stderr, re.M))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -99,12 +99,12 @@ def measure(
 ) -> Timing:
     """Time ``first(*args)`` and ``second(*args)`` in ``rounds`` alternating warm blocks (:func:`measure_runners`),
     and once more when the rounds disagree (the second timing decides)."""
-    timing = Timing.of(*measure_runners([first, second], args, sync=sync, rounds=rounds, block_seconds=block_seconds))
-    if timing.rounds_disagree:
-        timing = Timing.of(
-            *measure_runners([first, second], args, sync=sync, rounds=rounds, block_seconds=block_seconds)
-        )
-    return timing
+
+    def timed() -> Timing:
+        return Timing.of(*measure_runners([first, second], args, sync=sync, rounds=rounds, block_seconds=block_seconds))
+
+    timing = timed()
+    return timed() if timing.rounds_disagree else timing
 
 
 def measure_runners(
