@@ -4,7 +4,10 @@ After a GEMM the graph often holds a few elementwise ops on its result: a GELU (
 spelled out in seven ops), ReLU, SiLU, a residual add, a scale. Run as kernels of their own, each reads and
 writes the whole result once more. :func:`find_epilogue` finds the longest such run that the GEMM kernel can
 compute instead, while the tile is still in registers; :class:`Epilogue` writes it in TE for the kernel
-(:func:`fxopt.codegen.x86.dense_f32`), which inlines it into the tile.
+(:func:`fxopt.codegen.x86.dense_f32`), which inlines it into the tile, but for the values the run reads more
+than once (:data:`KEPT`): those it computes once per tile into registers. Inlined, a value read twice is
+computed twice, and a run of such ops (GELU, then tanh, then SiLU: each reads its input several times) grew
+its expression exponentially; one such GEMM took TVM over ten minutes to compile.
 
 A run qualifies when its ops are elementwise float32 ops of the GEMM's result shape (views that keep the last
 dimension are transparent), only the run reads its values except its last op (the *exit*, the one value the
@@ -16,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -26,11 +30,15 @@ from torch._ops import OpOverload
 
 from fxopt.codegen.layout import RESHAPES
 
-__all__ = ["Epilogue", "find_epilogue"]
+__all__ = ["Epilogue", "find_epilogue", "KEPT"]
 
 aten = torch.ops.aten
 
 _MAX_OPS = 16  # a GEMM's tail, not the rest of the graph
+
+#: The name prefix of the stages holding a value the run reads more than once: the kernel computes them once
+#: per tile instead of inlining them into each reader.
+KEPT = "epilogue_kept"
 
 
 def _sigmoid(x):
@@ -93,6 +101,23 @@ _ELEMENTWISE = {
 }
 
 
+#: Ops whose TE form reads its input several times (polynomial exp, tanh and erf; x * sigmoid(x); powers).
+_READS_INPUT_AGAIN = {
+    aten.tanh.default,
+    aten.sigmoid.default,
+    aten.silu.default,
+    aten.gelu.default,
+    aten.pow.Tensor_Scalar,
+}
+
+
+def _kept(value, name: str):
+    """``value`` (a TE tensor) as a stage of its own, which the kernel computes once per tile (:data:`KEPT`)."""
+    from tvm import te
+
+    return te.compute(value.shape, lambda *i: value(*i), name=name)
+
+
 def _stage(node: fx.Node) -> Callable:
     """``node``'s op over its value arguments (:func:`_inputs`) in TE."""
     if node.target is aten.gelu.default:
@@ -146,6 +171,7 @@ class Epilogue:
         import tvm
 
         values: dict[fx.Node, object] = {self.gemm: result, **dict(zip(self.operands, operands))}
+        reads = self._reads()
 
         def value(arg):
             return values[arg] if isinstance(arg, fx.Node) else tvm.tirx.const(float(arg), "float32")
@@ -153,9 +179,26 @@ class Epilogue:
         for node in self.nodes:
             if node.target in RESHAPES:
                 values[node] = value(node.args[0])
-            else:
-                values[node] = _stage(node)(*(value(a) for a in _inputs(node)))
+                continue
+            values[node] = _stage(node)(*(value(a) for a in _inputs(node)))
+            if reads[node] > 1:
+                values[node] = _kept(values[node], f"{KEPT}_{node.name}")
         return values[self.exit]
+
+    def _reads(self) -> Counter[fx.Node]:
+        """How often the run reads each of its ops' values (through views; an op that reads its input several
+        times counts twice)."""
+        origin: dict[fx.Node, fx.Node] = {}
+        reads: Counter[fx.Node] = Counter()
+        for node in self.nodes:
+            if node.target in RESHAPES:
+                source = cast(fx.Node, node.args[0])  # a view of a member of the run
+                origin[node] = origin.get(source, source)
+                continue
+            for arg in _inputs(node):
+                if isinstance(arg, fx.Node):
+                    reads[origin.get(arg, arg)] += 2 if node.target in _READS_INPUT_AGAIN else 1
+        return reads
 
 
 def find_epilogue(gemm: fx.Node, lowered: Callable[[fx.Node], bool]) -> Epilogue | None:

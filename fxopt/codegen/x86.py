@@ -45,6 +45,7 @@ from dataclasses import dataclass
 
 import torch
 
+from fxopt.codegen.epilogue import KEPT
 from fxopt.codegen.isa import Isa
 
 __all__ = [
@@ -317,9 +318,17 @@ def dense_f32(rows: int, in_features: int, out_features: int, tile: DenseTile, p
     group, panel = sch.split(panel, [None, panels_per_task])
     sch.reorder(group, m_outer, panel, k_loop, m_inner, vector, lane_inner)
     fused = sch.fuse(group, m_outer)
+    kept = []  # values the epilogue reads more than once: computed once per tile, in registers
     for stage in sch.get_child_blocks(sch.get_sblock("root")):  # the bias and the epilogue, into the tile
-        if sch.get(stage).name_hint not in ("acc", "out"):
+        name = sch.get(stage).name_hint
+        if name.startswith(KEPT):
+            kept.append(stage)
+        elif name not in ("acc", "out"):
             sch.compute_inline(stage)
+    for stage in kept:  # in order: each reads the ones before it
+        sch.reverse_compute_at(stage, panel, preserve_unit_loops=True)
+        sch.set_scope(stage, 0, "local")
+        sch.vectorize(sch.get_loops(stage)[-1])
     epilogue = sch.get_sblock("out")
     sch.reverse_compute_at(epilogue, panel, preserve_unit_loops=True)  # its last loop, the columns, vectorized
     sch.set_scope(block, 0, "local")
