@@ -1,12 +1,11 @@
 """The float32 GEMM kernel alone against ``torch.nn.functional.linear`` on BERT-base's shapes.
 
-``python benchmarks/gemm.py [--rounds 10] [--threads N]``: for each shape (M x K x N: 128 rows for a
-128-token sequence, 1 row for decoding) the kernel fxopt emits for a ``linear`` with a constant weight on
-this CPU (:func:`fxopt.codegen.x86.dense_f32`, the weight packed once) and PyTorch's (MKL), both with the same
-thread count, timed in warm blocks (:func:`run.measure`: rounds of a block of calls per runner, medians). Prints
-milliseconds, GFLOP/s, the ratio (>1: fxopt faster) and fxopt's share of the cores' FMA peak (measured:
-:func:`run.fma_peak`).
-"""
+``python benchmarks/gemm.py [--rounds 10] [--threads N]``: for each shape (M x K x N: 128 rows for a 128-token
+sequence, 1 row for decoding) the kernel fxopt emits for a ``linear`` with a constant weight on this CPU
+(:mod:`fxopt.codegen.kernels.gemm_f32` with its default config, the weight packed once) and PyTorch's (MKL), both
+with the same thread count, timed in warm blocks (:func:`run.measure`: rounds of a block of calls per runner,
+medians). Prints milliseconds, GFLOP/s, the ratio (>1: fxopt faster) and fxopt's share of the cores' FMA peak
+(measured: :func:`run.fma_peak`)."""
 
 import argparse
 import os
@@ -15,8 +14,8 @@ import sys
 import torch
 from run import fma_peak, measure  # benchmarks/run.py, beside this script (sys.path[0])
 
-from fxopt.codegen import x86
 from fxopt.codegen.isa import Isa
+from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.codegen.runtime import to_tvm
 from fxopt.targets import host_cpu, parse_target
 
@@ -26,15 +25,11 @@ SHAPES = [(128, 768, 768), (128, 768, 3072), (128, 3072, 768), (1, 768, 3072)]
 def kernel_runner(rows: int, in_features: int, out_features: int, x, weight, bias):
     import tvm
 
-    host = Isa.of(parse_target("cpu"))
-    tile = x86.dense_tile(host)
-    panels = x86.default_panels_per_task(in_features, tile, host.l2_bytes)
-    library = tvm.compile(
-        tvm.IRModule({"main": x86.dense_f32(rows, in_features, out_features, tile, panels)}),
-        target=parse_target("cpu").tvm(),
-    )
+    workload = (rows, in_features, out_features)
+    config = GEMM_F32.default(workload, Isa.of(parse_target("cpu")))
+    library = tvm.compile(tvm.IRModule({"main": GEMM_F32.build(workload, config)}), target=parse_target("cpu").tvm())
     out = torch.empty(rows, out_features)
-    args = [to_tvm(x), to_tvm(x86.pack_dense_weight(weight, tile.panel)), to_tvm(bias), to_tvm(out)]
+    args = [to_tvm(x), to_tvm(GEMM_F32.pack(weight, config)), to_tvm(bias), to_tvm(out)]
     function = library["main"]
     torch.testing.assert_close(
         function(*args) or out, torch.nn.functional.linear(x, weight, bias), rtol=1e-4, atol=1e-3

@@ -1,18 +1,17 @@
 """Static speed of the hand kernels' innermost loops per CPU, from ``llvm-mca``: for the ISAs a host lacks.
 
 ``python benchmarks/kernels_mca.py [--cpus sapphirerapids znver4 znver3] [--mca llvm-mca-19]``: each kernel family
-(:mod:`fxopt.codegen.x86`: the float32 GEMM on BERT's 128x768x3072, attention on BERT's 12 heads x 128 x 64) is
-built for each CPU (``x86_64:CPU``: its ISA's tiles and lanes, cross-compiled where this host lacks the ISA); the
-loops of its assembly that hold its FMAs (a label, a body, a jump back to the label) go to ``llvm-mca -mcpu=CPU``,
-which predicts their cycles per iteration on that CPU's pipeline model. Printed per loop: its FMAs and their
-width, the predicted FLOP per cycle, and that as a share of the model's own FMA peak (its prediction for
-independent FMAs of the same width, beside the CPU's real peak, :data:`PEAK_FLOP_PER_CYCLE`: LLVM's models differ
-from the chips and between versions; LLVM 19 gives Sapphire Rapids one 512-bit FMA per cycle, it has two, and
-LLVM 14 gives Zen 3 one 256-bit FMA per cycle, it has two).
-A prediction is of the loop alone with its data in L1: what packing, blocking and the loops around it cost is not
-in it (``benchmarks/gemm.py`` measures the host's kernel whole). LLVM 14's ``llvm-mca`` knows no Zen 4: the newest
-``llvm-mca-NN`` on the PATH is used (Debian: ``apt-get install llvm-19``).
-"""
+(:mod:`fxopt.codegen.kernels`: the float32 GEMM on BERT's 128x768x3072, attention on BERT's 12 heads x 128 x 64) is
+built with its default config for each CPU (``x86_64:CPU``: its ISA's tiles and lanes, cross-compiled where this
+host lacks the ISA); the loops of its assembly that hold its FMAs (a label, a body, a jump back to the label) go to
+``llvm-mca -mcpu=CPU``, which predicts their cycles per iteration on that CPU's pipeline model. Printed per loop:
+its FMAs and their width, the predicted FLOP per cycle, and that as a share of the model's own FMA peak (its
+prediction for independent FMAs of the same width, beside the CPU's real peak, :data:`PEAK_FLOP_PER_CYCLE`: LLVM's
+models differ from the chips and between versions; LLVM 19 gives Sapphire Rapids one 512-bit FMA per cycle, it has
+two, and LLVM 14 gives Zen 3 one 256-bit FMA per cycle, it has two). A prediction is of the loop alone with its data
+in L1: what packing, blocking and the loops around it cost is not in it (``benchmarks/gemm.py`` measures the host's
+kernel whole). LLVM 14's ``llvm-mca`` knows no Zen 4: the newest ``llvm-mca-NN`` on the PATH is used (Debian: ``apt-
+get install llvm-19``)."""
 
 import argparse
 import re
@@ -20,8 +19,9 @@ import shutil
 import subprocess
 import sys
 
-from fxopt.codegen import x86
 from fxopt.codegen.isa import Isa
+from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
+from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.targets import parse_target
 
 #: float32 FLOP per cycle of one core at its FMA peak: FMA units x lanes x 2. Zen 4 runs a 512-bit FMA as two
@@ -41,11 +41,8 @@ _FMA = re.compile(r"\s+vfn?m(add|sub)\w*ps\s.*%(zmm|ymm|xmm)\d+\s*$")
 
 def kernels(isa: Isa) -> dict:
     """The kernels measured, by name, scheduled for ``isa``."""
-    tile = x86.dense_tile(isa)
-    return {
-        "gemm 128x768x3072": x86.dense_f32(128, 768, 3072, tile, x86.default_panels_per_task(768, tile, isa.l2_bytes)),
-        "attention 12x128x128x64": x86.attention_f32(1, 12, 128, 128, 64, (1, 1, 128, 128), 0.125, isa),
-    }
+    measured = [(GEMM_F32, (128, 768, 3072)), (ATTENTION_F32, (1, 12, 128, 128, 64))]
+    return {family.kernel_name(w): family.build(w, family.default(w, isa)) for family, w in measured}
 
 
 def fma_loops(asm: str) -> list[list[str]]:

@@ -127,7 +127,7 @@ def test_the_llvm_mca_benchmark_predicts_each_kernels_loops_per_cpu(capsys, monk
     assert mca["main"](["--cpus", "znver3", "sapphirerapids", "--loops", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(row[0], row[1]) for row in rows] == [
-        (cpu, kernel) for cpu in ("znver3", "sapphirerapids") for kernel in ("gemm", "attention")
+        (cpu, kernel) for cpu in ("znver3", "sapphirerapids") for kernel in ("gemm_f32", "attention_f32")
     ]
     for row in rows:
         assert row[5] == ("ymm" if row[0] == "znver3" else "zmm")  # each CPU's own vector registers

@@ -22,11 +22,12 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 
-from fxopt.codegen import lower_quantized  # noqa: F401  (registers the quantized ops' lowerings)
+# Imported for the lowerings they register.
+from fxopt.codegen import lower_contractions, lower_elementwise, lower_quantized  # noqa: F401
 from fxopt.codegen.chain import chained_parent, find_chains, lower_chain
 from fxopt.codegen.compile import compile_module, kernel_source
 from fxopt.codegen.dispatch import Choice, Timing, choose, device_sync, measure_runners
@@ -175,25 +176,25 @@ def build(
             progress(i, len(part.segments), f"measure {segment.name}")
         kernel = TVMFunction(vm, segment.name, _output_strides(segment.graph_module))
         key = _timing_key(segment)
-        same, timed = timings.get(key, (None, None))
+        same, reused = timings.get(key, (None, None))
         try:
-            choice, timed = choose(
+            choice, timing = choose(
                 segment.graph_module,
                 kernel,
                 segment.example_inputs,
                 tolerance,
                 device=target.device,
                 measure_speed=dispatch == "measure",
-                timed=timed,
+                timed=reused,
             )
         except Exception as exc:  # a segment that cannot be checked or timed runs in PyTorch; the build goes on
             choice = Choice("torch", None, None, f"checking TVM's kernel failed: {first_line(exc)}")
         else:
-            if timed is not None:
-                timings.setdefault(key, (segment.name, timed))
+            if timing is not None:
+                timings.setdefault(key, (segment.name, timing))
                 if same is not None:
                     choice.reason += f" (timed as {same})"
-            if choice.backend == "tvm" or timed is not None:
+            if choice.backend == "tvm" or timing is not None:
                 verified[segment.name] = segment
         if dispatch == "torch" and choice.backend == "tvm":
             choice.backend, choice.reason = "torch", "PyTorch requested (dispatch='torch')"
@@ -215,7 +216,7 @@ def build(
         # The other plan: every verified segment in TVM, each chain one VM call (no PyTorch between its calls).
         kernels = {name: TVMFunction(vm, name, _output_strides(s.graph_module)) for name, s in verified.items()}
         kernels.update({c.name: TVMFunction(vm, c.name, _item_strides(c.outputs)) for c in chains})
-        chained = chained_parent(part.graph_module, kernels, chains)
+        chained = chained_parent(part.graph_module, dict(kernels), chains)
         _lay_out_only_for_pytorch(chained)
     # The whole model, every plan timed in the same rounds: all in PyTorch (the baseline), per segment as
     # dispatched (when any segment runs in TVM; else it is the baseline again), chained.
@@ -354,7 +355,7 @@ def _item_strides(items: list[torch.fx.Node]) -> list[tuple[int, ...] | None]:
     for item in items:
         meta = item.meta.get("val") if isinstance(item, torch.fx.Node) else None
         static = isinstance(meta, torch.Tensor) and all(isinstance(s, int) for s in meta.stride())
-        strides.append(tuple(meta.stride()) if static else None)
+        strides.append(tuple(meta.stride()) if static and meta is not None else None)
     return strides
 
 
@@ -375,7 +376,7 @@ def _lay_out_only_for_pytorch(parent: torch.fx.GraphModule) -> None:
 def _output_strides(graph_module: torch.fx.GraphModule) -> list[tuple[int, ...] | None]:
     """The strides PyTorch gives each output of a segment (None where unknown or symbolic)."""
     (outputs,) = graph_module.graph.output_node().args
-    return _item_strides(list(outputs))
+    return _item_strides(list(cast(tuple[torch.fx.Node, ...], outputs)))
 
 
 def _ms(seconds: float | None) -> float | None:

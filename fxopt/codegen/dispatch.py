@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 
@@ -125,7 +126,7 @@ def measure_runners(
     is the baseline: a runner more than 3x slower than it in the first round is not timed again.
     """
     samples: list[list[float]] = [[] for _ in runners]
-    timed = range(len(runners))
+    timed = list(range(len(runners)))
     for index in range(rounds):
         for i in timed:
             samples[i].append(
@@ -153,11 +154,11 @@ def quantized_outputs(graph_module: torch.fx.GraphModule) -> list[float]:
     """
     (outputs,) = graph_module.graph.output_node().args
     quantize = torch.ops.fxopt.quantize.default
-    return [float(isinstance(o, torch.fx.Node) and o.target is quantize) for o in outputs]
+    return [float(isinstance(o, torch.fx.Node) and o.target is quantize) for o in cast(tuple, outputs)]
 
 
 def choose(
-    torch_fn: Callable,
+    torch_fn: torch.fx.GraphModule,
     tvm_fn: Callable,
     args: tuple,
     tolerance: Tolerance,

@@ -4,7 +4,7 @@ After a GEMM the graph often holds a few elementwise ops on its result: a GELU (
 spelled out in seven ops), ReLU, SiLU, a residual add, a scale. Run as kernels of their own, each reads and
 writes the whole result once more. :func:`find_epilogue` finds the longest such run that the GEMM kernel can
 compute instead, while the tile is still in registers; :class:`Epilogue` writes it in TE for the kernel
-(:func:`fxopt.codegen.x86.dense_f32`), which inlines it into the tile, but for the values the run reads more
+(:mod:`fxopt.codegen.kernels.gemm_f32`), which inlines it into the tile, but for the values the run reads more
 than once (:data:`KEPT`): those it computes once per tile into registers. Inlined, a value read twice is
 computed twice, and a run of such ops (GELU, then tanh, then SiLU: each reads its input several times) grew
 its expression exponentially; one such GEMM took TVM over ten minutes to compile.

@@ -1,17 +1,20 @@
 """Lowerings of fxopt's quantized ops (:mod:`fxopt.quant.ops`) to Relax: integer kernels, float only at the edges.
 
-int8 ``linear_q`` becomes one hand-scheduled AVX2 kernel (:mod:`fxopt.codegen.x86`) where the target has it, else
+int8 ``linear_q`` becomes the int8 GEMM family's kernel (:mod:`fxopt.codegen.kernels.gemm_int8`) where it applies, else
 Relax's integer matmul; ``conv_q`` an int32-accumulating conv; ``linear_wq`` a dequantize fused into the matmul.
 Registered in :data:`fxopt.codegen.lower.OVERRIDES` when :mod:`fxopt.codegen` is imported.
 """
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import torch.fx as fx
 
-from fxopt.codegen import x86
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, ScaleShapes
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
+from fxopt.ir.meta import input_node, optional_input_node
 from fxopt.ir.program import attribute_owner
 from fxopt.quant import ops as _quant_ops  # noqa: F401  (registers the fxopt:: quantized ops lowered here)
 
@@ -41,7 +44,8 @@ def _quantize(node: fx.Node, importer) -> object:
     if node.args[3] != "int8":
         raise LoweringError(node, f"{node.args[3]} has no TVM kernels here; it runs in PyTorch")
     bb = importer.block_builder
-    x, scale, zero_point = _float32(node.args[0], importer), importer.env[node.args[1]], importer.env[node.args[2]]
+    x = _float32(input_node(node, 0), importer)
+    scale, zero_point = importer.env[node.args[1]], importer.env[node.args[2]]
     q = bb.emit(relax.op.floor(relax.op.add(relax.op.divide(x, scale), relax.const(0.5, "float32"))))
     q = bb.emit(relax.op.add(q, relax.op.astype(zero_point, "float32")))
     return bb.emit(relax.op.astype(relax.op.clip(q, -128, 127), "int8"))
@@ -62,10 +66,10 @@ def _dequantize_accumulator(node: fx.Node, importer, acc, channel_shape: list[in
 
     bb = importer.block_builder
     x_scale, w_scale = importer.env[node.args[1]], importer.env[node.args[4]]
-    if node.args[4].meta["val"].dim():
+    if input_node(node, 4).meta["val"].dim():
         w_scale = bb.emit(relax.op.reshape(w_scale, channel_shape))
     y = bb.emit(relax.op.multiply(relax.op.astype(acc, "float32"), relax.op.multiply(x_scale, w_scale)))
-    bias = node.args[5]
+    bias = optional_input_node(node, 5)
     if bias is not None:
         y = bb.emit(relax.op.add(y, relax.op.reshape(_float32(bias, importer), channel_shape)))
     return _in_output_dtype(node, bb, y)
@@ -75,16 +79,17 @@ def _dequantize_accumulator(node: fx.Node, importer, acc, channel_shape: list[in
 def _linear_q(node: fx.Node, importer) -> object:
     """int8 × int8 → int32 matmul; the activation zero point is subtracted as ``zp * Σ_k w[n, k]`` (a constant).
 
-    On an AVX2 CPU, fxopt's hand-scheduled kernel (:mod:`fxopt.codegen.x86`) with the epilogue inside.
+    Where the int8 GEMM family applies, its kernel with the epilogue inside.
     """
     from tvm import relax
 
     _int8_only(node)
-    weight = _constant(node.args[3])
-    out_features, in_features = node.args[3].meta["val"].shape
-    avx2 = importer.isa is not None and importer.isa.avx2
-    if avx2 and weight is not None and out_features % 8 == 0 and in_features % 2 == 0:
-        return _linear_q_avx2(node, importer, weight)
+    weight = _constant(input_node(node, 3))
+    out_features, in_features = input_node(node, 3).meta["val"].shape
+    x_meta = input_node(node, 0).meta["val"]
+    workload = (x_meta.numel() // x_meta.shape[-1], in_features, out_features)
+    if importer.isa is not None and weight is not None and GEMM_INT8.applies(workload, importer.isa):
+        return _linear_q_kernel(node, importer, weight, workload)
     bb = importer.block_builder
     xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]
     acc = bb.emit(relax.op.matmul(xq, relax.op.permute_dims(wq, [1, 0]), out_dtype="int32"))
@@ -97,17 +102,16 @@ def _constant(node: fx.Node) -> torch.Tensor | None:
     """The tensor a ``get_attr`` node reads, or ``None`` for a computed value."""
     if node.op != "get_attr":
         return None
-    return getattr(*attribute_owner(node.graph.owning_module, node.target))
+    return getattr(*attribute_owner(cast(fx.GraphModule, node.graph.owning_module), str(node.target)))
 
 
-def _linear_q_avx2(node: fx.Node, importer, weight: torch.Tensor) -> object:
-    """``linear_q`` as one call of :func:`fxopt.codegen.x86.int8_linear` over the rows of the activation."""
+def _linear_q_kernel(node: fx.Node, importer, weight: torch.Tensor, workload: tuple[int, int, int]) -> object:
+    """``linear_q`` as one call of the int8 GEMM family's kernel over the rows of the activation."""
     from tvm import relax
 
     bb = importer.block_builder
-    x_meta = node.args[0].meta["val"]
-    rows, (out_features, in_features) = x_meta.numel() // x_meta.shape[-1], weight.shape
-    per_row = node.args[1].meta["val"].numel() > 1 or node.args[2].meta["val"].numel() > 1
+    rows, in_features, out_features = workload
+    per_row = input_node(node, 1).meta["val"].numel() > 1 or input_node(node, 2).meta["val"].numel() > 1
 
     def per_activation(arg: fx.Node, dtype: str):
         value = relax.op.reshape(importer.env[arg], [-1])
@@ -115,17 +119,18 @@ def _linear_q_avx2(node: fx.Node, importer, weight: torch.Tensor) -> object:
             value = relax.op.broadcast_to(value, [rows])
         return bb.emit(relax.op.astype(value, dtype))
 
-    w_scale = node.args[4]
+    w_scale = input_node(node, 4)
     per_channel = w_scale.meta["val"].numel() > 1
-    bias = node.args[5]
-    kernel = x86.int8_linear(rows, in_features, out_features, per_row, per_channel)
+    bias = optional_input_node(node, 5)
+    config = importer.templates.config(GEMM_INT8, workload, importer.isa)
+    kernel = GEMM_INT8.build(workload, config, ScaleShapes(per_row, per_channel))
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     args = [
         bb.emit(relax.op.reshape(importer.env[node.args[0]], [rows, in_features])),
-        to_relax_constant(x86.pack_int8_weight(weight)),
+        to_relax_constant(GEMM_INT8.pack(weight, config)),
         to_relax_constant(weight.to(torch.int32).sum(1, dtype=torch.int32)),
-        per_activation(node.args[2], "int32"),
-        per_activation(node.args[1], "float32"),
+        per_activation(input_node(node, 2), "int32"),
+        per_activation(input_node(node, 1), "float32"),
         bb.emit(relax.op.astype(relax.op.reshape(importer.env[w_scale], [-1]), "float32")),
         to_relax_constant(torch.zeros(out_features)) if bias is None else _float32(bias, importer),
     ]
@@ -141,7 +146,7 @@ def _conv_q(node: fx.Node, importer) -> object:
     from tvm import relax
 
     _int8_only(node)
-    if node.args[3].meta["val"].dim() != 4:
+    if input_node(node, 3).meta["val"].dim() != 4:
         raise LoweringError(node, "only 2-D quantized convolutions have a TVM kernel")
     bb = importer.block_builder
     xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]
@@ -153,7 +158,7 @@ def _conv_q(node: fx.Node, importer) -> object:
         )
 
     acc = bb.emit(conv(xq))
-    shape = list(node.args[0].meta["val"].shape)
+    shape = list(input_node(node, 0).meta["val"].shape)
     ones = to_relax_constant(torch.ones([1, *shape[1:]], dtype=torch.int8))
     acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(zero_point, conv(ones))))
     return _dequantize_accumulator(node, importer, acc, [1, -1, 1, 1])
@@ -171,11 +176,11 @@ def _linear_wq(node: fx.Node, importer) -> object:
 
     bb = importer.block_builder
     wq, scale, zero_point = (importer.env[a] for a in node.args[1:4])
-    bias, bits = node.args[4], node.args[5]
-    out_features, groups = node.args[2].meta["val"].shape
-    in_features = node.args[0].meta["val"].shape[-1]
+    bias, bits = optional_input_node(node, 4), node.args[5]
+    out_features, groups = input_node(node, 2).meta["val"].shape
+    in_features = input_node(node, 0).meta["val"].shape[-1]
     group_size = in_features // groups
-    rows = bb.emit(relax.op.reshape(_float32(node.args[0], importer), [-1, in_features]))
+    rows = bb.emit(relax.op.reshape(_float32(input_node(node, 0), importer), [-1, in_features]))
 
     def dequantize_matmul(x, wq, scale, zero_point):
         def weight(n, k):

@@ -105,7 +105,7 @@ def partition(program: Program) -> Partition:
         current.append(node)
     _close(current, runs)
 
-    segments = []
+    segments: list[Segment] = []
     for run in runs:
         if all(n.target in DATA_MOVEMENT for n in run):  # nothing to gain in TVM
             continue
@@ -167,7 +167,7 @@ def _extract(parent: fx.GraphModule, run: list[fx.Node], name: str) -> Segment:
         if arg.op == "get_attr":
             # Each segment holds its own reference to the constants it reads, under flat names.
             const_name = f"c{len(constants)}"
-            constants[const_name] = getattr(*attribute_owner(parent, arg.target))
+            constants[const_name] = getattr(*attribute_owner(parent, str(arg.target)))
             env[arg] = graph.get_attr(const_name)
         else:
             inputs.append(arg)

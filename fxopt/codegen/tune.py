@@ -1,6 +1,6 @@
-"""Tuning with a persistent, shared, crash-tolerant database per target: the hand-scheduled GEMMs' parameters
-(:mod:`fxopt.codegen.templates`: every candidate of each GEMM shape timed, the fastest kept), then MetaSchedule
-for the other kernels.
+"""Tuning with a persistent, shared, crash-tolerant database per target: the configs of fxopt's kernel families
+(:mod:`fxopt.codegen.kernels`, stored by :mod:`fxopt.codegen.templates`: every config of each family's space timed
+per workload, the fastest kept), then MetaSchedule for the other kernels.
 
 Each target has a database directory (``$FXOPT_CACHE_DIR/tuning/<target key>``,
 default ``~/.cache/fxopt``). Tuning extracts the model's fused kernels, skips
@@ -29,7 +29,6 @@ CPU targets.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import importlib
 import importlib.util
 import logging
@@ -43,9 +42,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fxopt.codegen import x86
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.templates import DenseChoice, TemplateChoices, dense_candidates, template_shapes
+from fxopt.codegen.kernels import template_workloads
+from fxopt.codegen.kernels.base import KernelFamily, Workload
+from fxopt.codegen.templates import Choice, TemplateChoices
 from fxopt.codegen.tuning_database import RECORDS_FILE, checked_database, database_dir, load_database, valid_lines
 from fxopt.errors import CodegenError
 from fxopt.targets import Target, host_cpu
@@ -140,7 +140,7 @@ class TuningSummary:
         tuned = sum(k.trials_after > 0 for k in self.kernels)
         count = len(self.kernels)
         timed = sum(k.trials_after > 0 for k in self.templates)
-        templates = f"{timed} of {len(self.templates)} template kernel shapes timed, " if self.templates else ""
+        templates = f"{timed} of {len(self.templates)} template kernels timed, " if self.templates else ""
         text = (
             f"tuning: {count} kernel{'s' * (count != 1)}, {tuned} with tuned schedules, {templates}"
             f"{self.new_trials} new trials in {self.seconds:.0f}s; database {self.database_dir}"
@@ -199,7 +199,7 @@ def tune(
     tvm_target = target.tvm()
     with tvm_target:
         fused = tvm.transform.Sequential(fusion_passes())(mod)
-    # fxopt's hand-scheduled kernels (fxopt.codegen.x86) have no search space: MetaSchedule failed to sample them.
+    # fxopt's kernel families (fxopt.codegen.kernels) have their own spaces: MetaSchedule failed to sample them.
     tasks = [
         task
         for task in ms.relax_integration.extract_tasks(fused, tvm_target)
@@ -229,13 +229,14 @@ def tune(
         )
         runner = _runner(ms, target, options)
         interrupted = _Interrupt()
-        # Templates first: a few candidates each, and their GEMMs are most of a transformer's time.
+        # Templates first: a few candidates each, and their GEMMs and attention are most of a transformer's time.
         choices = TemplateChoices.load(path)
-        shapes = template_shapes(mod)
-        for position, (rows, in_features, out_features) in enumerate(shapes):
-            name = x86.dense_template_name(rows, in_features, out_features)
-            candidates = dense_candidates(in_features, Isa.of(target))
-            stored = choices.dense.get((rows, in_features, out_features))
+        isa = Isa.of(target)
+        workloads = template_workloads(mod)
+        for position, (family, workload) in enumerate(workloads):
+            name = family.kernel_name(workload)
+            candidates = family.space(workload, isa)
+            stored = choices.chosen.get((family.name, workload))
             template = KernelTuning(name, 0 if stored is None else len(candidates), 0, stored.us if stored else None)
             template.trials_after = template.trials_before
             summary.templates.append(template)
@@ -247,17 +248,15 @@ def tune(
                 summary.stopped = "time budget spent"
             else:
                 with interrupted.deferred(
-                    lambda: progress and progress(position, len(shapes), "stopping after this kernel")
+                    lambda: progress and progress(position, len(workloads), "stopping after this kernel")
                 ):
-                    fastest = _fastest_candidate(
-                        ms, (rows, in_features, out_features), candidates, tvm_target, builder, runner
-                    )
-                choices.dense[rows, in_features, out_features] = fastest
+                    fastest = _fastest_candidate(ms, family, workload, candidates, tvm_target, builder, runner)
+                choices.chosen[family.name, workload] = fastest
                 choices.save(path)
                 template.trials_after, template.best_us = len(candidates), fastest.us
                 budget_left = None if budget_left is None else budget_left - len(candidates)
                 if progress:
-                    progress(position, len(shapes), f"tune {name}: {fastest}, {fastest.us:.1f} us")
+                    progress(position, len(workloads), f"tune {name}: {fastest.config}, {fastest.us:.1f} us")
         try:
             for position, i in enumerate(pending if not (summary.stopped or interrupted) else []):
                 task, kernel = tasks[i], kernels[i]
@@ -343,15 +342,15 @@ def _ignore_interrupts() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _fastest_candidate(ms, shape: tuple[int, int, int], candidates, tvm_target, builder, runner) -> DenseChoice:
-    """The fastest of a GEMM shape's template ``candidates``, built and timed by MetaSchedule's builder and runner
-    (locally or on the RPC device), on random inputs. Two rounds over all of them, each candidate's fastest
-    repeat: a neighbour's burst of work slows one round of one candidate, and does not pick the winner. A
-    candidate that fails to build or run (a timeout on a busy device) is left out with a warning; tuning fails
-    only when none ran."""
+def _fastest_candidate(ms, family: KernelFamily, workload: Workload, candidates, tvm_target, builder, runner) -> Choice:
+    """The fastest of ``family``'s ``candidates`` (configs) for ``workload``, built and timed by MetaSchedule's
+    builder and runner (locally or on the RPC device), on random inputs. Two rounds over all of them, each
+    candidate's fastest repeat: a neighbour's burst of work slows one round of one candidate, and does not pick the
+    winner. A candidate that fails to build or run (a timeout on a busy device) is left out with a warning; tuning
+    fails only when none ran."""
     import tvm
 
-    kernels = [x86.dense_f32(*shape, c.tile, c.panels_per_task) for c in candidates]
+    kernels = [family.build(workload, config) for config in candidates]
     built = builder.build([ms.builder.BuilderInput(tvm.IRModule({"main": k}), tvm_target) for k in kernels])
     failures = {i: f"does not build: {_last_line(b.error_msg)}" for i, b in enumerate(built) if b.error_msg}
     ran = [i for i in range(len(candidates)) if i not in failures]
@@ -366,13 +365,14 @@ def _fastest_candidate(ms, shape: tuple[int, int, int], candidates, tvm_target, 
             failures.setdefault(i, f"failed: {_last_line(result.error_msg)}")
         else:
             seconds[i] = min(seconds[i], *(float(s) for s in result.run_secs))
+    name = family.kernel_name(workload)
     for i, failure in sorted(failures.items()):
-        logger.warning("fxopt: warning: %s, candidate %s %s", x86.dense_template_name(*shape), candidates[i], failure)
+        logger.warning("fxopt: warning: %s, candidate %s %s", name, candidates[i], failure)
     fastest = min(range(len(candidates)), key=seconds.__getitem__)
     if seconds[fastest] == math.inf:
         i, failure = min(failures.items())
-        raise CodegenError(f"tuning {x86.dense_template_name(*shape)}: no candidate ran ({candidates[i]} {failure})")
-    return dataclasses.replace(candidates[fastest], us=seconds[fastest] * 1e6)
+        raise CodegenError(f"tuning {name}: no candidate ran ({candidates[i]} {failure})")
+    return Choice(candidates[fastest], seconds[fastest] * 1e6)
 
 
 def _last_line(message: str) -> str:

@@ -115,6 +115,19 @@ def module_path(node: fx.Node) -> str | None:
     return f"{path or '<root>'} ({cls_name})"
 
 
+def input_node(node: fx.Node, index: int) -> fx.Node:
+    """``node.args[index]``, a tensor operand: the typed view of an argument that a well-formed graph makes a node."""
+    arg = node.args[index]
+    if not isinstance(arg, fx.Node):
+        raise TypeError(f"{describe_node(node)}: argument {index} is {type(arg).__name__}, not a tensor")
+    return arg
+
+
+def optional_input_node(node: fx.Node, index: int) -> fx.Node | None:
+    """``node.args[index]`` where it may be absent or ``None`` (a bias): the node, else ``None``."""
+    return input_node(node, index) if len(node.args) > index and node.args[index] is not None else None
+
+
 def describe_node(node: fx.Node) -> str:
     """One-line identification of a node for error messages: name, op, module, source line."""
     target = node.target if node.op != "call_function" else _op_name(node.target)

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from fxopt.cli import main
-from fxopt.codegen import x86
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.templates import DenseChoice, TemplateChoices
+from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
+from fxopt.codegen.templates import Choice, TemplateChoices
 from fxopt.loading import parse_input_spec
 from fxopt.targets import parse_target
 
@@ -363,11 +363,8 @@ def test_ctrl_c_during_tune_says_what_was_kept(model_file, tmp_path):
     records = database / "database_tuning_record.json"
     # The model's GEMM (64x8x8) already timed: Ctrl-C comes during MetaSchedule's rounds, as soon as it can.
     host = Isa.of(parse_target("cpu"))
-    tile = x86.dense_tile(host)
     database.mkdir()
-    TemplateChoices({(64, 8, 8): DenseChoice(tile, x86.default_panels_per_task(8, tile, host.l2_bytes), 1.0)}).save(
-        database
-    )
+    TemplateChoices({("gemm_f32", (64, 8, 8)): Choice(GEMM_F32.default((64, 8, 8), host), 1.0)}).save(database)
     process = subprocess.Popen(
         [
             sys.executable,

@@ -14,15 +14,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxopt import capture
-from fxopt.codegen import build, x86
+from fxopt.codegen import build
 from fxopt.codegen.isa import Isa
+from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
+from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, default_tile
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
 from fxopt.codegen.lower import OVERRIDES, is_lowerable, register_lowering
 from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.targets import parse_target
 
 CPU = parse_target("cpu")
 HOST = Isa.of(CPU)
-TILE = x86.dense_tile(HOST)  # the GEMM's register tile for this host's vectors
+TILE = default_tile(HOST)  # the GEMM's register tile for this host's vectors
 
 
 class Fn(torch.nn.Module):
@@ -46,12 +49,12 @@ def assert_matches_torch(fn, *inputs):
 
 
 @contextlib.contextmanager
-def spy_on(kernel: str):
-    """The arguments of every call of ``fxopt.codegen.x86.<kernel>`` made inside the block."""
+def spy_on(family):
+    """``(workload, config, variant)`` of every kernel of ``family`` built inside the block."""
     calls = []
-    real = getattr(x86, kernel)
+    real = family.build
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(x86, kernel, lambda *args: calls.append(args) or real(*args))
+        patch.setattr(family, "build", lambda *args: calls.append((*args, None)[:3]) or real(*args))
         yield calls
 
 
@@ -200,18 +203,18 @@ def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias
 
     x = torch.randn(*rows, 24)
     quantized, _ = PassManager(spec, verify="off", calibration=[x]).run(capture(Int8MLP(bias), (x,)))
-    with spy_on("int8_linear") as kernels:
+    with spy_on(GEMM_INT8) as kernels:
         executable = build(quantized, CPU, dispatch="tvm")
     assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
-    assert [k[1:3] for k in kernels] == [(24, 48), (48, 16)]  # (in, out) features of up and down
+    assert [workload[1:] for workload, *_ in kernels] == [(24, 48), (48, 16)]  # (in, out) features of up and down
     assert_built_matches(quantized, executable)
 
 
 def gemm_calls(kernels) -> list[tuple]:
-    """``dense_f32`` calls as (rows, in, out, the epilogue's ops, tile); untuned, so each with the default
-    panels per task."""
-    assert all(panels == x86.default_panels_per_task(k, tile, HOST.l2_bytes) for _, k, _, tile, panels, _ in kernels)
-    return [(rows, k, n, epilogue.ops if epilogue else (), tile) for rows, k, n, tile, _, epilogue in kernels]
+    """The float32 GEMM's kernels as (rows, in, out, the epilogue's ops, tile); untuned, so each with the default
+    config."""
+    assert all(config == GEMM_F32.default(workload, HOST) for workload, config, _ in kernels)
+    return [(*workload, epilogue.ops if epilogue else (), config.tile) for workload, config, epilogue in kernels]
 
 
 def new_gelu(y):  # GPT-2's NewGELUActivation, spelled out in seven ops
@@ -241,7 +244,7 @@ TAILS = {
 def build_gemm_with_tail(tail: str, rows: list[int], in_features: int, out_features: int, bias: bool = True):
     layer = torch.nn.Linear(in_features, out_features, bias=bias)
     before, fn, _ = TAILS[tail]
-    with spy_on("dense_f32") as kernels:
+    with spy_on(GEMM_F32) as kernels:
         program, executable = tvm_build(
             lambda x, r: (lambda o: fn(layer(x), o))(before(r) if before else r),
             torch.randn(*rows, in_features),
@@ -293,7 +296,7 @@ def test_random_elementwise_tails_are_computed_on_the_tile_and_match_pytorch(ste
             value = TAIL_STEPS[step][0](value, y, r, c, s)
         return value
 
-    with spy_on("dense_f32") as kernels:
+    with spy_on(GEMM_F32) as kernels:
         program, executable = tvm_build(model, torch.randn(2, 3, 12), torch.randn(2, 3, 20))
     assert executable.backend == "tvm"
     assert_built_matches(program, executable)
@@ -316,12 +319,12 @@ def test_a_tail_whose_ops_read_their_input_again_computes_each_such_value_once_p
             value = TAIL_STEPS[step][0](value, y, r, c, s)
         return value
 
-    with spy_on("dense_f32") as kernels:
+    with spy_on(GEMM_F32) as kernels:
         program, executable = tvm_build(model, torch.randn(2, 3, 12), torch.randn(2, 3, 20))
     assert executable.backend == "tvm"
     assert_built_matches(program, executable)
     (args,) = kernels
-    kept = re.findall(r'sblock\("(epilogue_kept_\w+)"', x86.dense_f32(*args).script())
+    kept = re.findall(r'sblock\("(epilogue_kept_\w+)"', GEMM_F32.build(*args).script())
     assert len(kept) == 3  # GELU-tanh's, GELU's and tanh's results; SiLU's is the kernel's output
 
 
@@ -374,13 +377,15 @@ def test_float_attention_on_avx2_is_the_hand_scheduled_kernel(shape, mask_kind, 
     elif mask_kind == "float":
         kwargs["attn_mask"] = torch.randn(mask_shape, generator=generator)
     mask = kwargs.pop("attn_mask", None) if mask_is_input else None
-    with spy_on("attention_f32") as kernels:
+    with spy_on(ATTENTION_F32) as kernels:
         if mask is None:
             program, executable = tvm_build(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, **kwargs), q, k, v)
         else:
             attention = lambda a, b, c, m: F.scaled_dot_product_attention(a, b, c, attn_mask=m, **kwargs)  # noqa: E731
             program, executable = tvm_build(attention, q, k, v, mask)
-    assert executable.backend == "tvm" and [args[:5] for args in kernels] == [(batch, heads, length, source, dim)]
+    assert executable.backend == "tvm" and [workload for workload, *_ in kernels] == [
+        (batch, heads, length, source, dim)
+    ]
     assert_built_matches(program, executable)
 
 
@@ -403,11 +408,12 @@ def test_attention_reads_q_k_v_where_their_layout_chains_start(parts):
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return out.transpose(1, 2).reshape(1, length, heads * dim)
 
-    with spy_on("attention_f32") as kernels:
+    with spy_on(ATTENTION_F32) as kernels:
         program, executable = tvm_build(attention, torch.randn(1, length, 24))
     assert executable.backend == "tvm"
-    ((*_, gathers, heads_inside),) = kernels
-    assert heads_inside
+    ((_, _, inputs),) = kernels
+    gathers = inputs.gathers
+    assert inputs.heads_inside
     # One source, the projection's result (the segment's input: the linear is a segment of its own).
     assert len({g.source for g in gathers}) == 1 and gathers[0].shape == (1, length, 3 * heads * dim)
     assert_built_matches(program, executable)
@@ -421,7 +427,7 @@ def test_addmm_by_a_constant_weight_is_the_hand_scheduled_gemm(shape):
     # GPT-2's Conv1D: addmm(bias, x, weight) with the weight [in, out].
     rows, in_features, out_features = shape
     weight, bias = torch.randn(in_features, out_features), torch.randn(out_features)
-    with spy_on("dense_f32") as kernels:
+    with spy_on(GEMM_F32) as kernels:
         assert_matches_torch(lambda x: torch.addmm(bias, x, weight), torch.randn(rows, in_features))
     assert gemm_calls(kernels) == [(rows, in_features, out_features, (), TILE)]
 
@@ -430,7 +436,7 @@ def test_addmm_by_a_constant_weight_is_the_hand_scheduled_gemm(shape):
 @pytest.mark.parametrize("x_shape", [(5, 24), (2, 3, 24), (24,)])
 def test_a_matmul_by_a_constant_matrix_is_the_hand_scheduled_gemm(x_shape):
     weight = torch.randn(24, 40)
-    with spy_on("dense_f32") as kernels:
+    with spy_on(GEMM_F32) as kernels:
         assert_matches_torch(lambda x: torch.relu(x @ weight), torch.randn(x_shape))
     assert gemm_calls(kernels) == [(math.prod(x_shape[:-1]), 24, 40, ("relu",), TILE)]
 
@@ -448,7 +454,7 @@ CONSTANT = torch.randn(16, 16)
     ],
 )
 def test_matmuls_the_gemm_does_not_take_are_lowered_as_tvm_does(fn):
-    with spy_on("dense_f32") as kernels:
+    with spy_on(GEMM_F32) as kernels:
         assert_matches_torch(fn, torch.randn(16, 16), torch.randn(16, 16))
     assert kernels == []
 

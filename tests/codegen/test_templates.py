@@ -1,8 +1,8 @@
-"""Template tuning (fxopt.codegen.templates): every candidate computes the GEMM, tuning times each shape once and
-keeps the fastest, builds use what it stored, and a file that is not ours never fails a build."""
+"""Tuning the kernel families (fxopt.codegen.templates): every GEMM candidate computes the GEMM, tuning times each
+workload of every family once and keeps the fastest, builds use what it stored, and a file that is not ours never
+fails a build."""
 
 import contextlib
-import dataclasses
 import json
 import re
 from types import SimpleNamespace
@@ -13,10 +13,11 @@ import torch
 import fxopt
 import fxopt.codegen.tune as tune_module
 from fxopt import CodegenError
-from fxopt.codegen import x86
 from fxopt.codegen.isa import Isa
+from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
+from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, TILES, GemmF32Config, default_tile
 from fxopt.codegen.runtime import to_tvm
-from fxopt.codegen.templates import DenseChoice, TemplateChoices, dense_candidates
+from fxopt.codegen.templates import Choice, TemplateChoices
 from fxopt.codegen.tune import TuneOptions
 from fxopt.codegen.tuning_database import database_dir
 from fxopt.targets import host_cpu, parse_target
@@ -40,10 +41,10 @@ def test_every_candidate_tile_matches_pytorch_or_builds_for_its_isa(lanes, flag,
 
     # Partial row tiles and panels; with 3 panels per task a partial last group.
     rows, in_features, out_features = 13, 37, 173
-    candidates = [(tile, panels) for tile in x86.DENSE_TILES[lanes] for panels in (1, 3)]
+    candidates = [GemmF32Config(t.rows, t.vectors, t.lanes, panels) for t in TILES[lanes] for panels in (1, 3)]
     kernels = {
-        f"c{i}": x86.dense_f32(rows, in_features, out_features, tile, panels).with_attr("global_symbol", f"c{i}")
-        for i, (tile, panels) in enumerate(candidates)
+        f"c{i}": GEMM_F32.build((rows, in_features, out_features), config).with_attr("global_symbol", f"c{i}")
+        for i, config in enumerate(candidates)
     }
     if flag not in host_cpu().features:
         library = tvm.compile(tvm.IRModule(kernels), target=tvm.target.Target({"kind": "llvm", **llvm}))
@@ -52,10 +53,10 @@ def test_every_candidate_tile_matches_pytorch_or_builds_for_its_isa(lanes, flag,
     library = tvm.compile(tvm.IRModule(kernels), target=CPU.tvm())
     x, weight, bias = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
     expected = torch.nn.functional.linear(x, weight, bias)
-    for name, (tile, panels) in zip(kernels, candidates):
+    for name, config in zip(kernels, candidates):
         out = torch.full((rows, out_features), float("nan"))
-        library[name](*map(to_tvm, (x, x86.pack_dense_weight(weight, tile.panel), bias, out)))
-        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, msg=f"{tile}, {panels} panels per task")
+        library[name](*map(to_tvm, (x, GEMM_F32.pack(weight, config), bias, out)))
+        torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4, msg=str(config))
 
 
 @pytest.mark.parametrize("target", [CPU, parse_target("aarch64")], ids=["host", "aarch64"])
@@ -63,10 +64,10 @@ def test_candidates_are_the_isas_tiles_with_the_panel_groups_the_l2_holds(target
     if target is CPU and not HOST.avx2:
         pytest.skip("the float32 GEMM template is for x86 CPUs with AVX2 here")
     isa = Isa.of(target)
-    tiles = x86.DENSE_TILES[x86.dense_tile(isa).lanes]
-    assert len(dense_candidates(16, isa)) == 3 * len(tiles)  # small panels: groups of 1, 2 and 3
+    tiles = TILES[default_tile(isa).lanes]
+    assert len(GEMM_F32.space((8, 16, 8), isa)) == 3 * len(tiles)  # small panels: groups of 1, 2 and 3
     for in_features in (768, 2048, 3072, 50000):
-        candidates = dense_candidates(in_features, isa)
+        candidates = GEMM_F32.space((8, in_features, 8), isa)
         assert {c.tile for c in candidates} == set(tiles)
         for tile in tiles:
             panel_bytes = in_features * tile.panel * 4
@@ -85,13 +86,13 @@ class FakeFuture:
 def test_the_fastest_candidate_is_kept_by_its_fastest_repeat_over_both_rounds(caplog):
     from tvm.s_tir import meta_schedule as ms
 
-    candidates = [DenseChoice(x86.AVX2_TILE, 1), DenseChoice(x86.DenseTile(6, 2, 8), 2), DenseChoice(x86.AVX2_TILE, 3)]
+    candidates = [GemmF32Config(4, 3, 8, 1), GemmF32Config(6, 2, 8, 2), GemmF32Config(4, 3, 8, 3)]
     builder = SimpleNamespace(build=lambda inputs: [SimpleNamespace(artifact_path="a", error_msg=None)] * len(inputs))
     # Two rounds of three: the second candidate is slowest in round one (a neighbour's burst) and fastest in two.
     seconds = iter([[3e-3, 4e-3], [9e-3], [2.5e-3, 2.6e-3], [3e-3], [1e-3, 5e-3], [2.6e-3]])
     runner = SimpleNamespace(run=lambda inputs: [FakeFuture(next(seconds)) for _ in inputs])
-    best = tune_module._fastest_candidate(ms, (8, 16, 48), candidates, CPU.tvm(), builder, runner)
-    assert best == DenseChoice(x86.DenseTile(6, 2, 8), 2, pytest.approx(1e3))
+    best = tune_module._fastest_candidate(ms, GEMM_F32, (8, 16, 48), candidates, CPU.tvm(), builder, runner)
+    assert best == Choice(GemmF32Config(6, 2, 8, 2), pytest.approx(1e3))
 
     # A candidate that fails (a timeout on a busy device) is left out with a warning; none running fails tuning.
     timed_out = "Traceback (most recent call last):\n  ...\nRuntimeError: timed out\n"
@@ -100,12 +101,12 @@ def test_the_fastest_candidate_is_kept_by_its_fastest_repeat_over_both_rounds(ca
         run=lambda inputs: [FakeFuture(None, timed_out) if i % 3 == 1 else FakeFuture(next(seconds)) for i in range(6)]
     )
     with caplog.at_level("WARNING"):
-        best = tune_module._fastest_candidate(ms, (8, 16, 48), candidates, CPU.tvm(), builder, runner)
-    assert best == DenseChoice(x86.AVX2_TILE, 3, pytest.approx(2e3))
-    assert "dense_f32 8x16x48, candidate 6x2 tile, 2 panels per task failed: RuntimeError: timed out" in caplog.text
+        best = tune_module._fastest_candidate(ms, GEMM_F32, (8, 16, 48), candidates, CPU.tvm(), builder, runner)
+    assert best == Choice(GemmF32Config(4, 3, 8, 3), pytest.approx(2e3))
+    assert "gemm_f32 8x16x48, candidate 6x2 tile, 2 panels per task failed: RuntimeError: timed out" in caplog.text
     runner = SimpleNamespace(run=lambda inputs: [FakeFuture(None, timed_out) for _ in inputs])
     with pytest.raises(CodegenError, match=r"no candidate ran \(4x3 tile, 1 panels per task failed: .* timed out\)$"):
-        tune_module._fastest_candidate(ms, (8, 16, 48), candidates, CPU.tvm(), builder, runner)
+        tune_module._fastest_candidate(ms, GEMM_F32, (8, 16, 48), candidates, CPU.tvm(), builder, runner)
 
 
 class TwoLinears(torch.nn.Module):
@@ -119,10 +120,14 @@ class TwoLinears(torch.nn.Module):
 
 @contextlib.contextmanager
 def dense_calls():
-    """``(rows, in, out, tile, panels per task)`` of every ``dense_f32`` built inside the block."""
-    calls, real = [], x86.dense_f32
+    """``(rows, in, out, config)`` of every float32 GEMM built inside the block."""
+    calls, real = [], GEMM_F32.build
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(x86, "dense_f32", lambda *a: calls.append(a[:5]) or real(*a))
+        patch.setattr(
+            GEMM_F32,
+            "build",
+            lambda workload, config, *a: calls.append((*workload, config)) or real(workload, config, *a),
+        )
         yield calls
 
 
@@ -130,8 +135,9 @@ def dense_calls():
 def test_tuning_times_each_gemm_shape_once_and_builds_use_its_choice(monkeypatch):
     model, x = TwoLinears().eval(), torch.randn(12, 40)
     shapes = [(12, 40, 56), (12, 56, 24)]
-    monkeypatch.setattr(tune_module, "dense_candidates", lambda k, t: dense_candidates(k, t)[:3])  # 3 of 15: seconds
-    trials = sum(len(tune_module.dense_candidates(k, HOST)) for _, k, _ in shapes)  # none for MetaSchedule
+    space = GEMM_F32.space
+    monkeypatch.setattr(GEMM_F32, "space", lambda workload, isa: space(workload, isa)[:3])  # 3 of 15: seconds
+    trials = sum(len(GEMM_F32.space(shape, HOST)) for shape in shapes)  # none for MetaSchedule
 
     # A budget smaller than a shape's candidates times none of them.
     short = fxopt.optimize(model, (x,), target="cpu", tune=TuneOptions(trials=2))._latest()[0].tuning
@@ -142,45 +148,38 @@ def test_tuning_times_each_gemm_shape_once_and_builds_use_its_choice(monkeypatch
         model, (x,), target="cpu", tune=TuneOptions(trials=trials), progress=lambda i, n, s: progress.append(s)
     )
     summary = tuned._latest()[0].tuning
-    assert sorted(k.name for k in summary.templates) == ["dense_f32 12x40x56", "dense_f32 12x56x24"]
+    assert sorted(k.name for k in summary.templates) == ["gemm_f32 12x40x56", "gemm_f32 12x56x24"]
     assert summary.new_trials == trials and all(k.best_us > 0 for k in summary.templates)
-    assert "2 of 2 template kernel shapes timed" in str(summary)
-    assert sum(s.startswith("tune dense_f32 12x") and " panels per task, " in s for s in progress) == 2
-    stored = TemplateChoices.load(database_dir(CPU)).dense
+    assert "2 of 2 template kernels timed" in str(summary)
+    assert sum(s.startswith("tune gemm_f32 12x") and " panels per task, " in s for s in progress) == 2
+    stored = {workload: c.config for (_, workload), c in TemplateChoices.load(database_dir(CPU)).chosen.items()}
     assert sorted(stored) == sorted(shapes)
-    for (_, in_features, _), choice in stored.items():
-        assert dataclasses.replace(choice, us=None) in tune_module.dense_candidates(in_features, HOST)
+    assert all(config in GEMM_F32.space(shape, HOST) for shape, config in stored.items())
     torch.testing.assert_close(tuned(x), model(x), rtol=1e-4, atol=1e-4)
 
     with dense_calls() as calls:  # a later build, untuned, reads the choices
         again = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm")
-    assert sorted(calls) == sorted((*shape, stored[shape].tile, stored[shape].panels_per_task) for shape in shapes)
+    assert sorted(calls, key=str) == sorted(((*shape, stored[shape]) for shape in shapes), key=str)
     torch.testing.assert_close(again(x), model(x), rtol=1e-4, atol=1e-4)
     retuned = fxopt.optimize(model, (x,), target="cpu", tune=TuneOptions(trials=2))._latest()[0].tuning
     assert [k.trials_after - k.trials_before for k in retuned.templates] == [0, 0]  # timed once
 
 
 def write_templates(entries: dict) -> None:
-    (database_dir(CPU) / "templates.json").write_text(json.dumps({"dense_f32": entries}))
+    (database_dir(CPU) / "templates.json").write_text(json.dumps({"gemm_f32": entries}))
 
 
 @needs_avx2
 def test_a_stored_choice_other_than_the_default_computes_the_same():
     model, x = TwoLinears().eval(), torch.randn(12, 40)
-    lanes = x86.dense_tile(HOST).lanes
+    lanes = default_tile(HOST).lanes
     write_templates(
         {"12x40x56": {"rows": 2, "vectors": 6, "lanes": lanes, "panels_per_task": 1, "us": 5.0}}  # panels of 48
     )
     with dense_calls() as calls:
         built = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm")
-    assert (12, 40, 56, x86.DenseTile(2, 6, lanes), 1) in calls
-    assert (
-        12,
-        56,
-        24,
-        x86.dense_tile(HOST),
-        x86.default_panels_per_task(56, x86.dense_tile(HOST), HOST.l2_bytes),
-    ) in calls  # untuned
+    assert (12, 40, 56, GemmF32Config(2, 6, lanes, 1)) in calls
+    assert (12, 56, 24, GEMM_F32.default((12, 56, 24), HOST)) in calls  # untuned
     assert built.report().backend == "tvm"
     torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-4)
 
@@ -188,36 +187,36 @@ def test_a_stored_choice_other_than_the_default_computes_the_same():
 @needs_avx2
 @pytest.mark.parametrize(
     "text",
-    ["{not json", '{"dense_f32": {"12x40": {"rows": 2}}}', '{"dense_f32": {"12x40x56": {"rows": "two"}}}', "[]"],
+    ["{not json", '{"gemm_f32": {"12x40": {"rows": 2}}}', '{"gemm_f32": {"12x40x56": {"rows": "two"}}}', "[]"],
 )
 def test_a_template_file_that_is_not_ours_never_fails_a_build(text, caplog):
     (database_dir(CPU) / "templates.json").write_text(text)
     model, x = TwoLinears().eval(), torch.randn(12, 40)
     with dense_calls() as calls:
         built = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm")
-    assert {call[3] for call in calls} == {x86.dense_tile(HOST)}
+    assert {call[3].tile for call in calls} == {default_tile(HOST)}
     assert "is not a template database" in caplog.text and "templates.json" in caplog.text
     torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-4)
 
 
 def test_choices_for_other_vectors_are_not_used():
-    other = 24 - x86.dense_tile(HOST).lanes  # 16 on an AVX2 host, 8 on an AVX-512 one
+    other = 24 - default_tile(HOST).lanes  # 16 on an AVX2 host, 8 on an AVX-512 one
     write_templates({"12x40x56": {"rows": 4, "vectors": 3, "lanes": other, "panels_per_task": 1, "us": 5.0}})
     choices = TemplateChoices.load(database_dir(CPU))
-    assert choices.dense[12, 40, 56].tile.lanes == other  # kept in the file
-    default = DenseChoice(x86.dense_tile(HOST), x86.default_panels_per_task(40, x86.dense_tile(HOST), HOST.l2_bytes))
-    assert choices.dense_schedule(12, 40, 56, HOST) == default
+    assert choices.chosen["gemm_f32", (12, 40, 56)].config.lanes == other  # kept in the file
+    assert choices.config(GEMM_F32, (12, 40, 56), HOST) == GEMM_F32.default((12, 40, 56), HOST)
 
 
 def test_an_aarch64_build_gets_the_gemm_with_neon_tiles():
     model, x = TwoLinears().eval(), torch.randn(12, 40)
     with dense_calls() as calls:
         built = fxopt.optimize(model, (x,), target="aarch64")  # cross-built: it runs in PyTorch here
-    l2 = Isa.named("aarch64").l2_bytes
-    assert sorted(calls) == [
-        (12, 40, 56, x86.NEON_TILE, x86.default_panels_per_task(40, x86.NEON_TILE, l2)),
-        (12, 56, 24, x86.NEON_TILE, x86.default_panels_per_task(56, x86.NEON_TILE, l2)),
+    isa = Isa.named("aarch64")
+    assert sorted(calls, key=str) == [
+        (12, 40, 56, GEMM_F32.default((12, 40, 56), isa)),
+        (12, 56, 24, GEMM_F32.default((12, 56, 24), isa)),
     ]
+    assert {config.lanes for *_, config in calls} == {4}
     assert re.search(r"fmla\s+v\d+\.4s", built.kernel_source("asm"))
 
 
@@ -226,11 +225,35 @@ def test_an_avx512_build_gets_the_gemm_with_zmm_tiles_on_any_host():
     isa = Isa.named("cpu:avx512")
     with dense_calls() as calls:
         built = fxopt.optimize(model, (x,), target="cpu:avx512", dispatch="tvm")
-    assert sorted(calls) == [
-        (12, 40, 56, x86.AVX512_TILE, x86.default_panels_per_task(40, x86.AVX512_TILE, isa.l2_bytes)),
-        (12, 56, 24, x86.AVX512_TILE, x86.default_panels_per_task(56, x86.AVX512_TILE, isa.l2_bytes)),
+    assert sorted(calls, key=str) == [
+        (12, 40, 56, GEMM_F32.default((12, 40, 56), isa)),
+        (12, 56, 24, GEMM_F32.default((12, 56, 24), isa)),
     ]
+    assert {config.lanes for *_, config in calls} == {16}
     assert re.search(r"vfmadd\w+ps\s.*zmm", built.kernel_source("asm"))
     report = built.report()
     assert report.backend == ("torch" if parse_target("cpu:avx512").is_cross else "tvm")
     torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-4)
+
+
+class Attention(torch.nn.Module):
+    def forward(self, q, k, v):
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v)
+
+
+@needs_avx2
+def test_attention_is_tuned_like_the_gemm_and_builds_use_its_choice(monkeypatch):
+    model, inputs = Attention().eval(), tuple(torch.randn(1, 2, 16, 8) for _ in range(3))
+    workload = (1, 2, 16, 16, 8)
+    space = ATTENTION_F32.space(workload, HOST)
+    monkeypatch.setattr(ATTENTION_F32, "space", lambda workload, isa: space[1:3])  # two others than the default
+    tuned = fxopt.optimize(model, inputs, target="cpu", tune=TuneOptions(trials=2))
+    assert [k.name for k in tuned._latest()[0].tuning.templates] == ["attention_f32 1x2x16x16x8"]
+    chosen = TemplateChoices.load(database_dir(CPU)).chosen
+    assert list(chosen) == [("attention_f32", workload)] and chosen["attention_f32", workload].config in space[1:3]
+
+    calls, real = [], ATTENTION_F32.build
+    monkeypatch.setattr(ATTENTION_F32, "build", lambda w, config, *a: calls.append(config) or real(w, config, *a))
+    again = fxopt.optimize(model, inputs, target="cpu", dispatch="tvm")
+    assert calls == [chosen["attention_f32", workload].config]
+    torch.testing.assert_close(again(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)

@@ -23,7 +23,7 @@ import fxopt.codegen.tune as tune_module
 import fxopt.codegen.tuning_database as tuning_database
 from fxopt import CodegenError
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.templates import dense_candidates
+from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.codegen.tune import TuneOptions, parse_budget
 from fxopt.codegen.tuning_database import database_dir, distill_database, repair_database, target_key
 from fxopt.targets import parse_target
@@ -331,7 +331,8 @@ def test_remote_tuning_measures_on_the_device_behind_the_tracker(loopback_tracke
     if not Isa.of(parse_target("cpu")).avx2:
         return
     # The hand GEMM's candidates too (two of them, twice each).
-    monkeypatch.setattr(tune_module, "dense_candidates", lambda k, t: dense_candidates(k, t)[:2])
+    space = GEMM_F32.space
+    monkeypatch.setattr(GEMM_F32, "space", lambda workload, isa: space(workload, isa)[:2])
     linear = torch.nn.Linear(64, 40).eval()
     options = dataclasses.replace(options, trials=2)
     summary = fxopt.optimize(linear, ARGS[:1], target="cpu", tune=options)._latest()[0].tuning

@@ -1,0 +1,36 @@
+"""fxopt's hand-scheduled kernel templates, one family per module (the protocol: :mod:`.base`).
+
+Lowering asks a family whether it :meth:`~.base.KernelFamily.applies` to a node's workload on the target's
+:class:`~fxopt.codegen.isa.Isa` and builds its kernel with the tuned or default config
+(:class:`fxopt.codegen.templates.TemplateChoices`); tuning (:func:`fxopt.codegen.tune.tune`) finds each family's
+kernels in a module by their :data:`~.base.TEMPLATE_ATTR` and times their :meth:`~.base.KernelFamily.space`.
+A new family is one module and one line in :data:`FAMILIES`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
+from fxopt.codegen.kernels.base import TEMPLATE_ATTR, KernelFamily, Workload, parse_workload_key
+from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
+
+__all__ = ["FAMILIES", "template_workloads"]
+
+#: Every kernel family, by name.
+FAMILIES: dict[str, KernelFamily] = {family.name: family for family in (GEMM_F32, GEMM_INT8, ATTENTION_F32)}
+
+
+def template_workloads(mod) -> list[tuple[KernelFamily, Workload]]:
+    """The family and workload of each template kernel in module ``mod`` (once each), the most work first (the
+    product of the workload's dimensions)."""
+    from tvm import tirx
+
+    found = set()
+    for _, func in mod.functions_items():
+        tag = func.attrs.get(TEMPLATE_ATTR) if isinstance(func, tirx.PrimFunc) and func.attrs else None
+        if tag is not None:
+            name, key = str(tag).split()
+            found.add((name, parse_workload_key(key)))
+    return [(FAMILIES[name], workload) for name, workload in sorted(found, key=lambda f: (-math.prod(f[1]), f))]

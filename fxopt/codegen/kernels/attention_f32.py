@@ -1,0 +1,248 @@
+"""float32 attention (``scaled_dot_product_attention``) on x86 with AVX2 or AVX-512.
+
+TVM's generic lowering (two batched matmuls and a softmax, each a naive loop nest) took 36 ms on one BERT-base
+layer's heads, 50x PyTorch. This kernel computes a tile of query rows start to end on one core: the scores of the
+tile against every key (a register tile over K transposed once per call, so keys run along vector lanes), the
+additive mask, the row maximum and sum in vector lanes, ``exp`` as a polynomial (LLVM makes ``expf`` a scalar libm
+call), and the probabilities times V (the same register tile), so the scores never leave L1. Measured here
+(2-core Zen 3, BERT's 12 heads x 128 x 64) it runs 1.4x faster than PyTorch, 0.44 ms. It can read Q, K and V
+through the layout ops that cut them out of a fused projection (:mod:`fxopt.codegen.layout`) and write its result
+with the heads merged.
+
+Workload: ``(batch, heads, length, source, dim)``: queries ``length``, keys ``source``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from fxopt.codegen.intrinsics.x86 import transpose_block
+from fxopt.codegen.isa import Isa
+from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload
+
+__all__ = ["AttentionF32Config", "AttentionInputs", "AttentionF32", "ATTENTION_F32"]
+
+
+@dataclass(frozen=True)
+class AttentionF32Config:
+    """The register tile of scores and of P·V: ``rows`` query rows x ``vectors`` vectors of ``lanes`` keys (or
+    output columns); each task computes one tile of query rows."""
+
+    rows: int
+    vectors: int
+    lanes: int
+
+    @property
+    def tile(self) -> RegisterTile:
+        return RegisterTile(self.rows, self.vectors, self.lanes)
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.vectors} tile"
+
+
+@dataclass(frozen=True)
+class AttentionInputs:
+    """The kernel's variant: the additive mask's shape ``[1 or batch, 1 or heads, length, source]``, the scale,
+    for q, k and v None or where the kernel reads it from instead (:class:`fxopt.codegen.layout.Gather`: the
+    parameter is then a tensor of its ``shape``, read through its ``index`` map), and whether the result is laid
+    out ``[batch, length, heads, dim]`` (as the transpose after attention that merges the heads wants it, which
+    then costs nothing) instead of ``[batch, heads, length, dim]``."""
+
+    bias_shape: tuple
+    scale: float
+    gathers: tuple = (None, None, None)
+    heads_inside: bool = False
+
+
+#: The tiles tuning times (rows, vectors), those that fit the ISA's registers; the first is the default (a 4 x 3
+#: tile would leave most of a 128-key row's last panel empty).
+TILES = ((6, 2), (4, 2), (4, 3), (8, 1), (3, 4), (8, 2), (6, 3), (12, 2))
+
+
+class AttentionF32(KernelFamily[AttentionF32Config]):
+    """``out = softmax(q @ k.T * scale + bias) @ v`` per batch and head, float32."""
+
+    name = "attention_f32"
+    config_type = AttentionF32Config
+
+    def applies(self, workload: Workload, isa: Isa) -> bool:
+        """x86 with AVX2 or AVX-512."""
+        return isa.avx2
+
+    def space(self, workload: Workload, isa: Isa) -> list[AttentionF32Config]:
+        lanes = isa.lanes()
+        return [AttentionF32Config(r, v, lanes) for r, v in TILES if RegisterTile(r, v, lanes).fits(isa)]
+
+    def default(self, workload: Workload, isa: Isa) -> AttentionF32Config:
+        """6 query rows x 2 vectors at ``isa``'s float lanes (ymm on AVX2, zmm on AVX-512)."""
+        rows, vectors = TILES[0]
+        return AttentionF32Config(rows, vectors, isa.lanes())
+
+    def build(self, workload: Workload, config: AttentionF32Config, variant: AttentionInputs | None = None):
+        """Parameters, in order: ``q`` ``[batch, heads, length, dim]``; ``k`` and ``v`` ``[batch, heads, source,
+        dim]``; the additive mask ``bias`` (``-inf`` where a key is masked out); the result. A row whose keys are
+        all masked out gives zeros, as in PyTorch. ``variant``: :class:`AttentionInputs`; ``None``: a
+        ``[1, 1, length, source]`` mask, the scale ``1/sqrt(dim)``, inputs read as they are."""
+        import tvm
+        from tvm import s_tir, te, topi
+
+        batch, heads, length, source, dim = workload
+        inputs = variant or AttentionInputs((1, 1, length, source), 1 / math.sqrt(dim))
+
+        def read(name: str, rows: int, gather):
+            """The kernel's parameter for ``name`` and the tensor the kernel reads as it."""
+            shape = (batch, heads, rows, dim)
+            if gather is None:
+                placeholder = te.placeholder(shape, "float32", name=name)
+                return placeholder, placeholder
+            placeholder = te.placeholder(gather.shape, "float32", name=f"{name}_source")
+            return placeholder, te.compute(shape, lambda *i: placeholder[tuple(gather.index(list(i)))], name=name)
+
+        (q_in, q), (k_in, k), (v_in, v) = (read(*args) for args in zip("qkv", (length, source, source), inputs.gathers))
+        bias = te.placeholder(inputs.bias_shape, "float32", name="bias")
+        per_batch, per_head = inputs.bias_shape[0] > 1, inputs.bias_shape[1] > 1
+        keys = te.compute((batch, heads, dim, source), lambda b, h, c, t: k[b, h, t, c], name="keys")
+        c = te.reduce_axis((0, dim), "c")
+        dot = te.compute(
+            (batch, heads, length, source),
+            lambda b, h, i, t: te.sum(q[b, h, i, c] * keys[b, h, c, t], axis=c),
+            name="dot",
+        )
+        scores = te.compute(
+            dot.shape,
+            lambda b, h, i, t: dot[b, h, i, t] * inputs.scale + bias[b if per_batch else 0, h if per_head else 0, i, t],
+            name="scores",
+        )
+        # The maximum starts at -inf (te.max's identity is the lowest finite float): a fully masked row stays -inf.
+        maximum = te.comm_reducer(lambda x, y: te.max(x, y), lambda dtype: tvm.tirx.const(float("-inf"), dtype))
+        tile_shape = config.tile
+        lanes = tile_shape.lanes
+        # Each row's max and sum in one vector's lanes, combined at the end, not a serial chain of `source`
+        # dependent ops (a max is 4 cycles on Intel). Measured on AVX2 (12 heads x 128 x 64): the lane sums
+        # 1.09-1.11x the kernel at 128 keys, 1.04x at 64, 0.96-0.99x at 24. Whole vectors only: compute_at drops
+        # the predicate of a partial one.
+        in_lanes = source % lanes == 0 and source >= 64
+        if in_lanes:
+            # Written out in two stages: TVM's rfactor rejects the custom -inf reducer.
+            chunk = te.reduce_axis((0, source // lanes), "chunk")
+            top_lanes = te.compute(
+                (batch, heads, length, lanes),
+                lambda b, h, i, lane: maximum(scores[b, h, i, chunk * lanes + lane], axis=chunk),
+                name="top_lanes",
+            )
+            lane = te.reduce_axis((0, lanes), "lane")
+            top = te.compute(
+                (batch, heads, length), lambda b, h, i: maximum(top_lanes[b, h, i, lane], axis=lane), name="top"
+            )
+        else:
+            t = te.reduce_axis((0, source), "t")
+            top = te.compute((batch, heads, length), lambda b, h, i: maximum(scores[b, h, i, t], axis=t), name="top")
+        shifted = te.compute(dot.shape, lambda b, h, i, t: scores[b, h, i, t] - top[b, h, i], name="shifted")
+        weights = topi.fast_exp(shifted)
+        t = te.reduce_axis((0, source), "t")
+        total = te.compute((batch, heads, length), lambda b, h, i: te.sum(weights[b, h, i, t], axis=t), name="total")
+        t = te.reduce_axis((0, source), "t")
+        mixed = te.compute(
+            q.shape, lambda b, h, i, c: te.sum(weights[b, h, i, t] * v[b, h, t, c], axis=t), name="mixed"
+        )
+        out = te.compute(
+            q.shape,
+            lambda b, h, i, c: te.if_then_else(
+                top[b, h, i] == float("-inf"), tvm.tirx.const(0.0, "float32"), mixed[b, h, i, c] / total[b, h, i]
+            ),
+            name="out",
+        )
+        sch = s_tir.Schedule(te.create_prim_func([q_in, k_in, v_in, bias, out]))
+        for name, gather in zip("qkv", inputs.gathers):
+            if gather is not None:
+                sch.compute_inline(sch.get_sblock(name))
+        if inputs.heads_inside:
+            sch.transform_layout(sch.get_sblock("out"), ("write", 0), lambda b, h, i, c: (b, i, h, c))
+
+        transpose = sch.get_sblock("keys")
+        if lanes >= 16 and source % lanes == 0 and dim % lanes == 0:
+            # In blocks of lanes x lanes: K's rows read as whole vectors, transposed in registers. On AVX-512 only:
+            # a column read a float at a time cost ~10% of the kernel on Emerald Rapids, and llvm-mca puts the
+            # register transpose at 0.62 cycles per float there against 0.94 (Zen 4: 0.56 against 0.53); on AVX2
+            # the column reads measured 2% faster on Zen 3 (BERT's 12 heads x 128 x 64, 1 and 2 threads).
+            b, h, c, t = sch.get_loops(transpose)
+            c_outer, c_inner = sch.split(c, [None, lanes])
+            t_outer, _ = sch.split(t, [None, lanes])
+            sch.reorder(c_outer, t_outer, c_inner)
+            sch.parallel(sch.fuse(b, h, c_outer))
+            k_rows = sch.cache_read(transpose, 0, "local")
+            sch.compute_at(k_rows, t_outer)
+            sch.vectorize(sch.get_loops(k_rows)[-1])
+            sch.tensorize(c_inner, transpose_block(lanes))
+        else:
+            *outer, keys_inner = sch.get_loops(transpose)
+            sch.parallel(sch.fuse(*outer))
+            sch.vectorize(keys_inner)
+
+        # One tile of query rows per task; its output in panels of the tile's columns.
+        rows = min(tile_shape.rows, length)
+        b, h, i, column = sch.get_loops(sch.get_sblock("out"))
+        row_tile, row = sch.split(i, [None, rows])
+        panel, lane = sch.split(column, [None, tile_shape.panel])
+        sch.reorder(row_tile, panel, row, lane)
+        tile = sch.fuse(b, h, row_tile)
+        sch.parallel(tile)
+        sch.vectorize(lane)
+        _register_tile(sch, sch.get_sblock("mixed"), panel, lanes)
+        if in_lanes:
+            *_, key = sch.get_loops(sch.get_sblock("total"))
+            sch.rfactor(sch.split(key, [None, lanes])[1], factor_axis=3)
+        for name in ("total", "total_rf", "T_fast_exp", "shifted", "top", "top_lanes", "scores"):
+            if name.endswith(("_rf", "_lanes")) and not in_lanes:
+                continue
+            block = sch.get_sblock(name)
+            sch.compute_at(block, tile, preserve_unit_loops=True)
+            sch.set_scope(block, 0, "local")
+        sch.compute_inline(sch.get_sblock("shifted"))
+        if in_lanes:
+            for name in ("total_rf", "top_lanes"):  # each lane's running value in one register, the lanes innermost
+                block = sch.get_sblock(name)
+                row, lane, key = _lane_loops(sch, block)
+                sch.reorder(row, key, lane)
+                sch.vectorize(lane)
+                sch.vectorize(sch.get_loops(sch.decompose_reduction(block, key))[-1])
+        sch.vectorize(sch.get_loops(sch.get_sblock("T_fast_exp"))[-1])
+        # The scores in panels of keys, each the register tile of q against the transposed keys.
+        scores_block = sch.get_sblock("scores")
+        tile_row, key = sch.get_loops(scores_block)[-2:]
+        key_panel, key_lane = sch.split(key, [None, tile_shape.panel])
+        sch.reorder(key_panel, tile_row, key_lane)
+        sch.vectorize(key_lane)
+        _register_tile(sch, sch.get_sblock("dot"), key_panel, lanes)
+        return self.tagged(sch.mod["main"], workload)
+
+
+def _lane_loops(sch, block) -> tuple:
+    """A row-in-lanes block's loops under the tile: the row, the lane and the reduction over chunks of the row
+    (rfactor puts its lane loop first)."""
+    loops = sch.get_loops(block)
+    if sch.get(block).name_hint.endswith("_rf"):
+        lane, *_, row, key = loops[-5:]
+        return row, lane, key
+    return tuple(loops[-3:])
+
+
+def _register_tile(sch, block, loop, lanes: int) -> None:
+    """Compute reduction ``block`` under ``loop`` as a tile of accumulators held in vector registers of
+    ``lanes``: the reduction outermost, rows and vectors unrolled inside it."""
+    sch.compute_at(block, loop, preserve_unit_loops=True)  # the loops below are then always rows, columns, reduction
+    sch.set_scope(block, 0, "local")
+    loops = sch.get_loops(block)
+    depth = next(n for n, enclosing in enumerate(loops, 1) if sch.get(enclosing).same_as(sch.get(loop)))
+    *tile_loops, reduction = loops[depth:]
+    vector, lane = sch.split(tile_loops[-1], [None, lanes])
+    sch.reorder(reduction, *tile_loops[:-1], vector, lane)
+    for unrolled in (*tile_loops[:-1], vector):
+        sch.unroll(unrolled)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(block, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])
+
+
+ATTENTION_F32 = AttentionF32()

@@ -1,0 +1,112 @@
+"""The kernel family protocol: what every hand-scheduled kernel template declares, so lowering, tuning and the
+tuned-choice database treat them all alike.
+
+A family (one module under :mod:`fxopt.codegen.kernels`) builds one kind of kernel — a float32 GEMM, an int8
+GEMM, attention — for any *workload* (its shape: a tuple of ints, e.g. ``(rows, in_features, out_features)``)
+from a *config* (a frozen dataclass of int knobs: register tile, cache blocks, lanes). It declares
+
+- :meth:`~KernelFamily.applies`: whether it builds a workload for an :class:`~fxopt.codegen.isa.Isa`;
+- :meth:`~KernelFamily.space`: the configs tuning times for a workload on an ISA, and
+  :meth:`~KernelFamily.default`: the analytic choice from the ISA's vector width, registers and caches, used
+  untuned (always one of the space);
+- :meth:`~KernelFamily.build`: the scheduled PrimFunc for a workload, a config and a *variant* — what the call
+  site adds that does not change the schedule (an epilogue, a mask's shape, where the inputs are read from);
+  ``None`` is the plain form tuning times.
+
+Families whose kernels read a constant weight also give ``pack(weight, config)``: the weight re-laid at build time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, ClassVar, Generic, TypeVar
+
+from fxopt.codegen.isa import Isa
+
+__all__ = ["TEMPLATE_ATTR", "Workload", "RegisterTile", "KernelFamily", "workload_key", "parse_workload_key"]
+
+#: The PrimFunc attribute naming a family's kernel and its workload (``"gemm_f32 128x768x3072"``): what tuning
+#: finds in a module and times candidates of.
+TEMPLATE_ATTR = "fxopt_template"
+
+Workload = tuple[int, ...]
+
+Config = TypeVar("Config")
+
+
+def workload_key(workload: Workload) -> str:
+    """``(128, 768, 3072)`` → ``"128x768x3072"``: how a workload is named in kernel attributes and the database."""
+    return "x".join(str(n) for n in workload)
+
+
+def parse_workload_key(key: str) -> Workload:
+    """The inverse of :func:`workload_key`."""
+    return tuple(int(n) for n in key.split("x"))
+
+
+@dataclass(frozen=True)
+class RegisterTile:
+    """A tile of ``rows`` x ``vectors`` accumulators of ``lanes`` floats each, held in vector registers beside the
+    ``vectors`` values of the other operand and one broadcast value (the GEMM's and attention's micro-kernel)."""
+
+    rows: int
+    vectors: int
+    lanes: int
+
+    @property
+    def panel(self) -> int:
+        """Columns one tile computes: ``vectors`` x ``lanes``."""
+        return self.vectors * self.lanes
+
+    def fits(self, isa: Isa) -> bool:
+        """Whether its accumulators, the other operand's vectors and the broadcast fit ``isa``'s registers."""
+        return self.rows * self.vectors + self.vectors + 1 <= isa.vector_registers
+
+
+class KernelFamily(ABC, Generic[Config]):
+    """One kernel template: see the module docstring. Subclasses set :attr:`name` and :attr:`config_type`."""
+
+    #: How the family is named in kernel attributes, tuning reports and the database.
+    name: ClassVar[str]
+    #: Its config: a frozen dataclass whose fields are ints (how the database stores it).
+    config_type: ClassVar[type]
+
+    @abstractmethod
+    def applies(self, workload: Workload, isa: Isa) -> bool:
+        """Whether the family builds ``workload`` for ``isa``."""
+
+    @abstractmethod
+    def space(self, workload: Workload, isa: Isa) -> list[Config]:
+        """The configs tuning times for ``workload`` on ``isa``; :meth:`default` is one of them."""
+
+    @abstractmethod
+    def default(self, workload: Workload, isa: Isa) -> Config:
+        """The config used untuned, derived from ``isa``."""
+
+    @abstractmethod
+    def build(self, workload: Workload, config: Config, variant: Any = None) -> Any:
+        """The scheduled PrimFunc (tagged by :meth:`tagged`)."""
+
+    def kernel_name(self, workload: Workload) -> str:
+        """``"gemm_f32 128x768x3072"``: the kernel's :data:`TEMPLATE_ATTR` and what tuning reports."""
+        return f"{self.name} {workload_key(workload)}"
+
+    def tagged(self, func: Any, workload: Workload) -> Any:
+        """``func`` marked as scheduled (MetaSchedule leaves it alone), opaque to fusion, and named for tuning."""
+        return func.with_attrs(
+            {"tir.is_scheduled": True, "op_pattern": 8, TEMPLATE_ATTR: self.kernel_name(workload)}  # 8: opaque
+        )
+
+    def config_entry(self, config: Config) -> dict[str, int]:
+        """``config`` as the database stores it."""
+        return dataclasses.asdict(config)  # type: ignore[call-overload]
+
+    def config_from(self, entry: dict) -> Config:
+        """The config a database entry holds; raises ``KeyError``, ``TypeError`` or ``ValueError`` for one this
+        module did not write."""
+        values = {f.name: int(entry[f.name]) for f in dataclasses.fields(self.config_type)}
+        if min(values.values()) < 1:
+            raise ValueError(f"{self.name} config {values}: knobs are at least 1")
+        return self.config_type(**values)

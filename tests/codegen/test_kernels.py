@@ -1,0 +1,274 @@
+"""The kernel families per ISA. The family protocol: every family registered, its default one of its space for every
+ISA it applies to, its configs stored and read back. The float32 GEMM's register tile: run and compared with PyTorch
+where the host has the ISA, built for a CPU that has it elsewhere (its code must then use that ISA's registers).
+The attention kernel's schedule for every config of every ISA's space, run on this host (LLVM splits wider
+vectors), and its AVX-512 build's registers. Every int8 GEMM config exact."""
+
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fxopt.codegen.isa import Isa
+from fxopt.codegen.kernels import FAMILIES, template_workloads
+from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionInputs
+from fxopt.codegen.kernels.gemm_f32 import (
+    AVX2_TILE,
+    AVX512_TILE,
+    GEMM_F32,
+    NEON_TILE,
+    GemmF32Config,
+    default_panels_per_task,
+    default_tile,
+)
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, ScaleShapes
+from fxopt.codegen.runtime import to_tvm
+from fxopt.targets import host_cpu, parse_target
+
+CPU = parse_target("cpu")
+
+# (tile, the CPU flag it needs, an LLVM CPU that has it, the registers its vectors live in)
+ISAS = [
+    pytest.param(AVX2_TILE, "avx2", "znver3", "%ymm", id="avx2"),
+    pytest.param(AVX512_TILE, "avx512f", "znver4", "%zmm", id="avx512"),
+]
+
+
+class ScaledRelu:
+    """An epilogue with an operand: ``relu(result) * scale`` with one scale per output column."""
+
+    def __init__(self, columns: int):
+        self.operand_shapes = [(columns,)]
+
+    def __call__(self, result, operands):
+        from tvm import topi
+
+        return topi.multiply(topi.nn.relu(result), operands[0])
+
+
+@pytest.mark.parametrize("tile, flag, mcpu, registers", ISAS)
+@pytest.mark.parametrize(
+    "shape, with_epilogue",
+    # partial tiles and panels; several groups of panels per task, the last one partial; one row
+    [((13, 37, 53), False), ((13, 37, 53), True), ((13, 37, 173), True), ((1, 64, 100), False)],
+)
+def test_dense_tile_matches_pytorch_or_builds_for_its_isa(tile, flag, mcpu, registers, shape, with_epilogue):
+    import tvm
+
+    rows, in_features, out_features = shape
+    epilogue = ScaledRelu(out_features) if with_epilogue else None
+    config = GemmF32Config(tile.rows, tile.vectors, tile.lanes, default_panels_per_task(in_features, tile, 256 << 10))
+    kernel = tvm.IRModule({"main": GEMM_F32.build((rows, in_features, out_features), config, epilogue)})
+    if flag not in host_cpu().features:
+        library = tvm.compile(kernel, target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+        assert registers in library.mod.inspect_source("asm")
+        return
+    x, weight, bias = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
+    scale, out = torch.randn(out_features), torch.empty(rows, out_features)
+    library = tvm.compile(kernel, target=parse_target("cpu").tvm())
+    args = [x, GEMM_F32.pack(weight, config), bias, *([scale] if epilogue else []), out]
+    library["main"](*map(to_tvm, args))
+    expected = F.linear(x, weight, bias)
+    torch.testing.assert_close(out, torch.relu(expected) * scale if epilogue else expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the float32 GEMM tiles are for x86 CPUs with AVX2")
+def test_the_host_gets_the_tile_of_its_widest_vectors():
+    tile = default_tile(Isa.of(CPU))
+    assert tile.lanes * 32 == min(host_cpu().vector_bits, 512)
+    assert tile.panel == tile.vectors * tile.lanes
+
+
+@pytest.mark.parametrize(
+    "spec, tile", [("cpu:avx2", AVX2_TILE), ("x86_64:znver4", AVX512_TILE), ("aarch64", NEON_TILE)]
+)
+def test_a_named_isa_gets_its_tile_whatever_the_host(spec, tile):
+    assert default_tile(Isa.named(spec)) == tile
+
+
+@pytest.mark.parametrize("l2_bytes", [256 << 10, 512 << 10, 1 << 20, 2 << 20])
+@pytest.mark.parametrize("tile", [AVX2_TILE, AVX512_TILE], ids=["avx2", "avx512"])
+def test_a_task_runs_as_many_panels_as_half_the_l2_holds(l2_bytes, tile):
+    for in_features in (16, 384, 768, 1024, 3072, 4096, 16384):
+        panels = default_panels_per_task(in_features, tile, l2_bytes)
+        panel_bytes = in_features * tile.panel * 4
+        assert 1 <= panels <= 3
+        assert panels == 1 or panels * panel_bytes <= l2_bytes // 2  # the group fits
+        assert panels == 3 or (panels + 1) * panel_bytes > l2_bytes // 2  # and is no smaller than it must be
+
+
+# Each ISA's attention schedule, built for this host's CPU: a wider ISA's vectors are split by LLVM, so the
+# schedule's logic (tiles, lanes of each row's max and sum, partial tiles and panels) is checked on every host.
+ATTENTION_ISAS = [pytest.param("cpu:avx2", id="8 lanes"), pytest.param("cpu:avx512", id="16 lanes")]
+
+
+@pytest.mark.parametrize("spec", ATTENTION_ISAS)
+@settings(max_examples=6, deadline=None)
+@given(
+    st.tuples(
+        st.integers(1, 2),
+        st.integers(1, 3),
+        st.integers(1, 13),
+        # Rows in lanes from 64 keys that are whole vectors of the ISA's lanes; fewer or a partial vector: serial.
+        st.one_of(st.integers(1, 19), st.sampled_from([64, 72, 80, 128])),
+        # Dims and keys that are whole vectors: K read in blocks transposed in registers.
+        st.one_of(st.integers(1, 40), st.sampled_from([16, 32, 64])),
+    ),
+    st.sampled_from([(1, 1), (2, 1), (2, 3)]),  # the mask's own batch and head dims
+    st.integers(0, 2**16),
+    st.integers(0, 99),
+)
+def test_every_attention_config_at_every_isas_lanes_matches_pytorch(spec, shape, mask_dims, seed, choice):
+    import tvm
+
+    batch, heads, length, source, dim = shape
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, dim, generator=generator)
+    k, v = (torch.randn(batch, heads, source, dim, generator=generator) for _ in range(2))
+    bias_shape = (min(mask_dims[0], batch), min(mask_dims[1], heads), length, source)
+    bias = torch.randn(bias_shape, generator=generator).masked_fill(
+        torch.rand(bias_shape, generator=generator) > 0.7, float("-inf")
+    )
+    bias[..., 0, :] = float("-inf")  # a row whose every key is masked out: zeros, as PyTorch's SDPA gives
+    workload = shape
+    space = ATTENTION_F32.space(workload, Isa.named(spec))
+    kernel = ATTENTION_F32.build(workload, space[choice % len(space)], AttentionInputs(bias_shape, 0.3))
+    library = tvm.compile(tvm.IRModule({"main": kernel}), target=CPU.tvm())
+    out = torch.full((batch, heads, length, dim), float("nan"))
+    library["main"](*map(to_tvm, (q, k, v, bias, out)))
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3).nan_to_num(0.0)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ATTENTION_ISAS)
+def test_attention_transposes_k_in_registers_on_avx512_where_its_rows_are_whole_vectors(spec):
+    import tvm
+
+    isa = Isa.named(spec)
+    workload = (1, 2, 5, 48, 32)  # keys and dims whole vectors of 8 and of 16 lanes
+    kernel = ATTENTION_F32.build(workload, ATTENTION_F32.default(workload, isa))
+    # The intrinsic's shuffles at 16 lanes, not a loop of single-float reads; AVX2 keeps the loop.
+    assert ("T.Shuffle" in kernel.script()) == (isa.lanes() == 16)
+    q, k, v = (torch.randn(1, 2, n, 32) for n in (5, 48, 48))
+    out = torch.full((1, 2, 5, 32), float("nan"))
+    library = tvm.compile(tvm.IRModule({"main": kernel}), target=CPU.tvm())
+    library["main"](*map(to_tvm, (q, k, v, torch.zeros(1, 1, 5, 48), out)))
+    expected = F.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["x86_64:sapphirerapids", "x86_64:znver4"])
+def test_the_avx512_attention_computes_in_zmm_registers_with_each_row_max_in_lanes(spec):
+    import tvm
+
+    target = parse_target(spec)
+    workload = (1, 12, 128, 128, 64)
+    kernel = ATTENTION_F32.build(workload, ATTENTION_F32.default(workload, Isa.of(target)))
+    asm = tvm.compile(tvm.IRModule({"main": kernel}), target=target.tvm()).mod.inspect_source("asm")
+    fma = [line for line in asm.splitlines() if re.match(r"\s+vfmadd\w+ps\s", line)]
+    assert fma and all("zmm" in line for line in fma)  # scores and P·V: every FMA on 16 lanes
+    # The row max: packed maxima over the row's vectors, no chain of scalar ones.
+    assert not re.search(r"\s+vmaxss\s", asm) and re.search(r"\s+vmaxps\s.*zmm", asm)
+
+
+# --- the family protocol ---------------------------------------------------------------------------------------
+
+FAMILY_ISAS = ["cpu:avx2", "cpu:avx512", "x86_64:sapphirerapids", "x86_64:znver3", "aarch64"]
+WORKLOADS = {
+    "gemm_f32": [(128, 768, 3072), (128, 3072, 768), (1, 64, 100), (13, 37, 53)],
+    "gemm_int8": [(128, 384, 1536), (1, 64, 48), (24, 38, 48), (7, 16, 8)],
+    "attention_f32": [(1, 12, 128, 128, 64), (2, 3, 5, 7, 9)],
+}
+
+
+def test_every_family_is_registered_under_its_name():
+    assert sorted(FAMILIES) == sorted(WORKLOADS)
+    assert all(family.name == name for name, family in FAMILIES.items())
+
+
+@pytest.mark.parametrize("spec", FAMILY_ISAS)
+@pytest.mark.parametrize("name", sorted(WORKLOADS))
+def test_a_familys_default_is_one_of_its_space_and_its_configs_are_stored_as_they_are(name, spec):
+    family, isa = FAMILIES[name], Isa.named(spec)
+    for workload in WORKLOADS[name]:
+        if not family.applies(workload, isa):
+            continue
+        space = family.space(workload, isa)
+        assert family.default(workload, isa) in space and len(set(space)) == len(space)
+        for config in space:
+            assert family.config_from(family.config_entry(config)) == config
+            assert getattr(config, "lanes", isa.lanes()) == isa.lanes()  # the ISA's own vectors
+
+
+def test_which_isas_each_family_applies_to():
+    applies = {
+        spec: {name for name, family in FAMILIES.items() if family.applies(WORKLOADS[name][0], Isa.named(spec))}
+        for spec in FAMILY_ISAS
+    }
+    assert applies["aarch64"] == {"gemm_f32"}  # NEON: the float32 GEMM only, so far
+    assert all(applies[spec] == set(WORKLOADS) for spec in FAMILY_ISAS if spec != "aarch64")
+    assert not GEMM_INT8.applies((4, 15, 48), Isa.named("cpu:avx2"))  # odd input features: no int16 pairs
+
+
+@pytest.mark.parametrize(
+    "entry, error",
+    [
+        ({"rows": 4, "vectors": 3, "lanes": 8}, KeyError),
+        ({"rows": 0, "vectors": 3, "lanes": 8, "panels_per_task": 1}, ValueError),
+    ],
+)
+def test_a_config_entry_this_module_did_not_write_is_refused(entry, error):
+    with pytest.raises(error):
+        GEMM_F32.config_from(entry)
+
+
+def test_tuning_finds_each_familys_kernels_in_a_module_the_most_work_first():
+    import tvm
+
+    isa = Isa.named("cpu:avx2")
+    kernels = [
+        (GEMM_F32, (8, 16, 24)),
+        (ATTENTION_F32, (1, 2, 8, 8, 16)),
+        (GEMM_INT8, (8, 16, 24)),
+        (GEMM_F32, (8, 16, 24)),
+    ]
+    mod = tvm.IRModule(
+        {f"k{i}": family.build(workload, family.default(workload, isa)) for i, (family, workload) in enumerate(kernels)}
+    )
+    assert template_workloads(mod) == [
+        (GEMM_F32, (8, 16, 24)),
+        (GEMM_INT8, (8, 16, 24)),
+        (ATTENTION_F32, (1, 2, 8, 8, 16)),
+    ]
+
+
+@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the int8 GEMM is for x86 CPUs with AVX2")
+@pytest.mark.parametrize("scales", [ScaleShapes(), ScaleShapes(per_row_activation=True, per_channel_weight=False)])
+def test_every_int8_gemm_config_is_exact(scales):
+    import tvm
+
+    workload = rows, in_features, out_features = 24, 38, 48  # tiles of 1-8 rows by 1-3 blocks of 8 channels
+    space = GEMM_INT8.space(workload, Isa.of(CPU))
+    assert len(space) >= 6
+    mod = tvm.IRModule(
+        {f"c{i}": GEMM_INT8.build(workload, c, scales).with_attr("global_symbol", f"c{i}") for i, c in enumerate(space)}
+    )
+    library = tvm.compile(mod, target=CPU.tvm())
+    xq = torch.randint(-128, 128, (rows, in_features), dtype=torch.int8)
+    weight = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8)
+    activations = rows if scales.per_row_activation else 1
+    zero_point = torch.randint(-20, 20, (activations,), dtype=torch.int32)
+    x_scale = torch.rand(activations) + 0.5
+    w_scale = torch.rand(out_features if scales.per_channel_weight else 1) + 0.5
+    bias = torch.randn(out_features)
+    acc = (xq.long() - zero_point.long()[:, None]) @ weight.long().t()  # exact, in int64
+    expected = acc.float() * (x_scale[:, None] * w_scale) + bias
+    colsum = weight.to(torch.int32).sum(1, dtype=torch.int32)
+    for i, config in enumerate(space):
+        out = torch.full((rows, out_features), float("nan"))
+        args = (xq, GEMM_INT8.pack(weight, config), colsum, zero_point, x_scale, w_scale, bias, out)
+        library[f"c{i}"](*map(to_tvm, args))
+        torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-3, msg=str(config))
