@@ -53,6 +53,7 @@ class ChannelGraph(OpRules):
         self._next = 0
         self.group_counts: dict[fx.Node, Tree] = {}  # grouped conv / group_norm -> its axis of groups
         self.norm_weights: set[str] = set()  # constants that scale a normalization's output
+        self.normalized: list[Tree] = []  # dims a layer or RMS norm takes its statistics over
         for node in program.graph.nodes:
             self._visit(node)
 
@@ -185,6 +186,10 @@ class ChannelGraph(OpRules):
             for space in dict.fromkeys(self.leaves(tree)):
                 if space in found:
                     found[space].roles.add(role)
+        for tree in self.normalized:
+            for space in dict.fromkeys(self.leaves(tree)):
+                if space in found:
+                    found[space].normalized = True
         weighted = [g for g in found.values() if any(self.program.get_constant(t).dim() >= 2 for t, _ in g.constants)]
         return (
             [g for g in weighted if g.space not in pinned],

@@ -84,6 +84,8 @@ class Group:
     constants: list[tuple[str, int]] = field(default_factory=list)  # (constant target, dim)
     members: list[Member] = field(default_factory=list)
     roles: set[str] = field(default_factory=set)  # "heads", "head-dim"
+    # Normalized together (a layer or RMS norm's statistics): removing even all-zero channels changes the others.
+    normalized: bool = False
 
     @property
     def size(self) -> int:

@@ -282,6 +282,7 @@ class OpRules:
         x, normalized = node.args[:2]
         params = node.args[2:4] if node.target is aten.layer_norm.default else node.args[2:3]
         xs = self.value_dims(x)
+        self.normalized.extend(xs[len(xs) - len(normalized) :])
         if isinstance(node.args[2], fx.Node):
             self.norm_weights.add(node.args[2].target)
         for p in params:

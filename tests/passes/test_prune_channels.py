@@ -109,6 +109,15 @@ def test_zero_channels_are_removed_first_and_exactly():
     torch.testing.assert_close(pruned.run_flat(), reference, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("norm", [nn.LayerNorm(4, elementwise_affine=False), nn.RMSNorm(4), nn.Identity()])
+def test_the_channels_a_norm_takes_its_statistics_over_are_marked_normalized(norm):
+    # Pinned from tests/property/test_random_dags.py: an all-zero channel removed before a LayerNorm changed its
+    # mean and variance, so the other channels' values (the property claimed removing it was exact).
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), norm, nn.Linear(4, 1, bias=False)).eval()
+    groups, _ = analyze(capture(model, (torch.randn(2, 3),))).groups()
+    assert [g.normalized for g in groups] == [not isinstance(norm, nn.Identity)]
+
+
 def test_attention_heads_go_whole_and_gqa_stays_grouped():
     _, pruned, record = prune(transformer(), "prune-channels{ratio=0.5 target=params}")
     assert record.changed
