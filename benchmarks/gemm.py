@@ -3,9 +3,9 @@
 ``python benchmarks/gemm.py [--rounds 10] [--threads N]``: for each shape (M x K x N: 128 rows for a 128-token
 sequence, 1 row for decoding) the kernel fxopt emits for a ``linear`` with a constant weight on this CPU
 (:mod:`fxopt.codegen.kernels.gemm_f32` with its default config, the weight packed once) and PyTorch's (MKL), both
-with the same thread count, timed in warm blocks (:func:`run.measure`: rounds of a block of calls per runner,
-medians). Prints milliseconds, GFLOP/s, the ratio (>1: fxopt faster) and fxopt's share of the cores' FMA peak
-(measured: :func:`run.fma_peak`)."""
+with the same thread count, timed in warm blocks (:func:`run.measure`: rounds of a block of calls per runner, each
+block's lower quartile, the median of rounds). Prints milliseconds, GFLOP/s, the ratio (>1: fxopt faster) and
+fxopt's share of the cores' FMA peak (measured: :func:`run.fma_peak`)."""
 
 import argparse
 import os

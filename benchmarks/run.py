@@ -122,7 +122,8 @@ def fma_peak(threads: int) -> float:
     machine, whatever clock the OS reports (this project's VMs report a 2.45 GHz base clock and run at ~3 GHz).
 
     A TVM kernel per core keeps 12 accumulator vectors, enough independent FMAs to hide their latency, each
-    step adding ``b * b`` with ``b`` in registers (median of timed calls).
+    step adding ``b * b`` with ``b`` in registers (the lower quartile of a block of calls,
+    :func:`fxopt.timing.time_call`: a call that lost a scheduler tick to another process does not count).
     """
     import numpy as np
     import tvm
@@ -161,7 +162,7 @@ def model_flops(model: torch.nn.Module, inputs: tuple) -> int:
 def measure(runners: dict[str, Runner], rounds: int, block_seconds: float = 0.2) -> dict[str, float]:
     """Median latency of each runner over ``rounds`` rounds; in each round every runner in turn is timed in a
     warm block of calls (:func:`fxopt.timing.time_call`: one warm-up call, then calls for about
-    ``block_seconds``, their median), the same helper fxopt's dispatch and the GPU check use.
+    ``block_seconds``, their lower quartile), the same helper fxopt's dispatch and the GPU check use.
 
     Blocks, not single calls in turn: what one runner leaves behind slows the call right after it (ONNX
     Runtime's spinning thread pool made the next PyTorch call 2-10x slower on the reference machine).

@@ -549,6 +549,21 @@ def test_reconstruction_refits_the_projection_into_the_residual_stream():
     torch.testing.assert_close(program.run_flat(), capture(model, (calibration[0],)).run_flat())
 
 
+def test_reconstruction_adds_no_bias_and_a_parameter_target_stays_met():
+    # Pinned from tests/property/test_prune_channels.py (seed 2695808901): re-fitted, the bias-free layers
+    # reading the pruned channels gained biases, and 75% fewer parameters became 70%.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 5), nn.ReLU(), nn.Linear(5, 4, bias=False)).eval()
+    calibration = [torch.randn(32, 5) for _ in range(4)]
+    program = capture(model, (calibration[0],))
+    spec = "prune-channels{ratio=0.75 target=params reconstruct=true}"
+    pruned, (record,) = PassManager(spec, verify="off", calibration=calibration).run(program)
+    assert record.stats["layers-reconstructed"] == 1, record.notes
+    assert record.params[1] <= 0.25 * record.params[0], record.params
+    (last,) = [n for n in pruned.graph.nodes if n.target is torch.ops.aten.linear.default][1:]
+    assert len(last.args) == 2 or last.args[2] is None  # still no bias
+
+
 def _constants(program):
     return [program.get_constant(n.target) for n in program.graph.nodes if n.op == "get_attr"]
 
