@@ -37,7 +37,8 @@ def pytest_configure(config):
     unless --hypothesis-seed or HYPOTHESIS_SEED names one."""
     import hypothesis.core
 
-    seed = config.getoption("hypothesis_seed", None) or os.environ.get("HYPOTHESIS_SEED")
+    seed = getattr(config, "workerinput", {}).get("fxopt_hypothesis_seed")  # an xdist worker: the controller's
+    seed = seed or config.getoption("hypothesis_seed", None) or os.environ.get("HYPOTHESIS_SEED")
     if seed is None:
         try:
             head = subprocess.run(
@@ -50,6 +51,12 @@ def pytest_configure(config):
             seed = int(time.time())
     config.fxopt_hypothesis_seed = int(seed)
     hypothesis.core.global_force_seed = int(seed)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """xdist: every worker draws with the seed the controller prints (the clock is no seed to share)."""
+    node.workerinput["fxopt_hypothesis_seed"] = node.config.fxopt_hypothesis_seed
 
 
 def _seed_line(config) -> str:
