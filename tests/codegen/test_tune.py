@@ -91,7 +91,7 @@ def test_distilled_records_keep_the_best_per_kernel_and_seed_new_databases(tmp_p
     (source / "database_tuning_record.json").write_text(
         '[0, [["slow"], [3.0, 3.0], {}, []]]\n[0, [["fast"], [1.0, 2.0], {}, []]]\n[2, [["only"], [5.0], {}, []]]\n'
     )
-    templates = '{"dense_f32": {"128x768x768": {"rows": 6, "vectors": 2, "lanes": 8, "panels_per_task": 2, "us": 9}}}'
+    templates = '{"gemm_f32": {"128x768x768": {"rows": 6, "vectors": 2, "lanes": 8, "panels_per_task": 2, "us": 9}}}'
     (source / "templates.json").write_text(templates)
     target = parse_target("cpu")
     shipped = tmp_path / "records"
@@ -101,7 +101,7 @@ def test_distilled_records_keep_the_best_per_kernel_and_seed_new_databases(tmp_p
     assert seeded != source and (seeded / "database_workload.json").read_text() == '["1", "a"]\n["3", "c"]\n'
     records = [json.loads(line) for line in (seeded / "database_tuning_record.json").read_text().splitlines()]
     assert records == [[0, [["fast"], [1.0, 2.0], {}, []]], [1, [["only"], [5.0], {}, []]]]
-    assert (seeded / "templates.json").read_text() == templates  # the GEMMs' parameters as they are
+    assert (seeded / "templates.json").read_text() == templates  # the kernel families' configs as they are
 
 
 PACKAGED_RECORDS = sorted((Path(tune_module.__file__).parent / "records").glob("*"))
