@@ -214,9 +214,11 @@ def build(
     chained = None
     if dispatch != "torch" and chains:
         # The other plan: every verified segment in TVM, each chain one VM call (no PyTorch between its calls).
-        kernels = {name: TVMFunction(vm, name, _output_strides(s.graph_module)) for name, s in verified.items()}
+        kernels: dict[str, torch.nn.Module] = {
+            name: TVMFunction(vm, name, _output_strides(s.graph_module)) for name, s in verified.items()
+        }
         kernels.update({c.name: TVMFunction(vm, c.name, _item_strides(c.outputs)) for c in chains})
-        chained = chained_parent(part.graph_module, dict(kernels), chains)
+        chained = chained_parent(part.graph_module, kernels, chains)
         _lay_out_only_for_pytorch(chained)
     # The whole model, every plan timed in the same rounds: all in PyTorch (the baseline), per segment as
     # dispatched (when any segment runs in TVM; else it is the baseline again), chained.

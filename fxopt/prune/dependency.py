@@ -178,18 +178,19 @@ class ChannelGraph(OpRules):
                 for space in dict.fromkeys(self.leaves(tree)):
                     if space.size > 1:
                         found.setdefault(space, Group(space)).constants.append((target, d))
+
+        def groups_of(tree: Tree) -> list[Group]:
+            return [found[space] for space in dict.fromkeys(self.leaves(tree)) if space in found]
+
         for tree, member in self._members:
-            for space in dict.fromkeys(self.leaves(tree)):
-                if space in found:
-                    found[space].members.append(member)
+            for group in groups_of(tree):
+                group.members.append(member)
         for tree, role in self._roles:
-            for space in dict.fromkeys(self.leaves(tree)):
-                if space in found:
-                    found[space].roles.add(role)
+            for group in groups_of(tree):
+                group.roles.add(role)
         for tree in self.normalized:
-            for space in dict.fromkeys(self.leaves(tree)):
-                if space in found:
-                    found[space].normalized = True
+            for group in groups_of(tree):
+                group.normalized = True
         weighted = [g for g in found.values() if any(self.program.get_constant(t).dim() >= 2 for t, _ in g.constants)]
         return (
             [g for g in weighted if g.space not in pinned],

@@ -287,6 +287,14 @@ TAIL_STEPS = {
 @given(st.lists(st.sampled_from(sorted(TAIL_STEPS)), min_size=1, max_size=6), st.integers(0, 2**16))
 def test_random_elementwise_tails_are_computed_on_the_tile_and_match_pytorch(steps, seed):
     torch.manual_seed(seed)
+    kernels = build_gemm_with_tail_steps(steps)
+    ops = tuple(op for step in steps for op in TAIL_STEPS[step][1])
+    assert gemm_calls(kernels) == [(6, 12, 20, ops, TILE)]
+
+
+def build_gemm_with_tail_steps(steps: list[str]) -> list[tuple]:
+    """Build a 12 -> 20 linear followed by ``steps`` of :data:`TAIL_STEPS` in TVM, check it against PyTorch, and
+    return the float32 GEMM kernels built (``spy_on``)."""
     layer = torch.nn.Linear(12, 20)
 
     def model(x, r):
@@ -300,8 +308,7 @@ def test_random_elementwise_tails_are_computed_on_the_tile_and_match_pytorch(ste
         program, executable = tvm_build(model, torch.randn(2, 3, 12), torch.randn(2, 3, 20))
     assert executable.backend == "tvm"
     assert_built_matches(program, executable)
-    ops = tuple(op for step in steps for op in TAIL_STEPS[step][1])
-    assert gemm_calls(kernels) == [(6, 12, 20, ops, TILE)]
+    return kernels
 
 
 @pytest.mark.skipif(not HOST.avx2, reason="the hand-scheduled float GEMM is for AVX2 CPUs")
@@ -309,21 +316,7 @@ def test_a_tail_whose_ops_read_their_input_again_computes_each_such_value_once_p
     # Found by the random tails above (CI seed 3752555853): inlined into each other, GELU-tanh, GELU, tanh and
     # SiLU (each reads its input several times) grew the tile's expression exponentially; TVM compiled that one
     # GEMM for over ten minutes. Each value read again is now computed once per tile.
-    steps = ["gelu-tanh", "gelu", "view", "tanh", "silu"]
-    layer = torch.nn.Linear(12, 20)
-
-    def model(x, r):
-        c, s = r[0, 0], r.flatten()[:1]
-        y = value = layer(x)
-        for step in steps:
-            value = TAIL_STEPS[step][0](value, y, r, c, s)
-        return value
-
-    with spy_on(GEMM_F32) as kernels:
-        program, executable = tvm_build(model, torch.randn(2, 3, 12), torch.randn(2, 3, 20))
-    assert executable.backend == "tvm"
-    assert_built_matches(program, executable)
-    (args,) = kernels
+    (args,) = build_gemm_with_tail_steps(["gelu-tanh", "gelu", "view", "tanh", "silu"])
     kept = re.findall(r'sblock\("(epilogue_kept_\w+)"', GEMM_F32.build(*args).script())
     assert len(kept) == 3  # GELU-tanh's, GELU's and tanh's results; SiLU's is the kernel's output
 

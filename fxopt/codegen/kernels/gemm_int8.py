@@ -65,11 +65,12 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         """Tiles of 1-8 rows by 1-4 blocks with at least 4 accumulators that fit the registers and divide the
         workload (a partial tile cannot be tensorized), and the default."""
         rows, _, out_features = workload
+        blocks = out_features // _LANES
         tiles = [
             GemmInt8Config(r, b)
             for r in (1, 2, 3, 4, 6, 8)
             for b in (1, 2, 3, 4)
-            if r * b >= 4 and rows % r == 0 and (out_features // _LANES) % b == 0 and RegisterTile(r, b, 8).fits(isa)
+            if r * b >= 4 and rows % r == 0 and blocks % b == 0 and RegisterTile(r, b, _LANES).fits(isa)
         ]
         default = self.default(workload, isa)
         return tiles if default in tiles else [default, *tiles]
