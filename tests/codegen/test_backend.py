@@ -300,6 +300,8 @@ def test_other_processes_busy_while_timing_are_measured():
             pass
 
     quiet = cores_while(lambda: time.sleep(0.6))  # whatever else this machine runs
+    if quiet > (os.cpu_count() or 1) - 0.75:  # e.g. the other test workers: a child cannot add a core's load
+        pytest.skip("other processes keep every core busy; .ci/run runs this test alone (-n 0)")
     assert cores_while(spin) < quiet + 0.5  # this process's own work is not another's
     busy = subprocess.Popen(
         [sys.executable, "-c", "import time\nend = time.time() + 1.6\nwhile time.time() < end: pass"]
