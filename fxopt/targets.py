@@ -37,6 +37,7 @@ __all__ = [
     "host_cpu",
     "cpu_features",
     "vector_bits",
+    "host_vector_bits",
     "usable_cores",
     "parse_target",
 ]
@@ -76,10 +77,15 @@ def host_cpu() -> HostCPU:
     return HostCPU(
         str(codegen.llvm_get_system_cpu()),
         usable_cores(),
-        vector_bits(flags),
+        host_vector_bits(),
         tuple(sorted(flags)),
         _cache_bytes(level=2) or HostCPU.l2_bytes,
     )
+
+
+def host_vector_bits() -> int:
+    """The widest vector registers of the host CPU, from the OS's flags alone (without loading LLVM)."""
+    return vector_bits({_llvm_feature_name(flag) for flag in _cpu_flags()})
 
 
 def usable_cores() -> int:

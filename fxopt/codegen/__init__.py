@@ -27,7 +27,7 @@ from typing import Literal, cast
 import torch
 
 # Imported for the lowerings they register.
-from fxopt.codegen import lower_contractions, lower_elementwise, lower_quantized  # noqa: F401
+from fxopt.codegen import lower_contractions, lower_conv, lower_elementwise, lower_quantized  # noqa: F401
 from fxopt.codegen.chain import chained_parent, find_chains, lower_chain
 from fxopt.codegen.compile import compile_module, kernel_source
 from fxopt.codegen.dispatch import Choice, Timing, choose, device_sync, measure_runners

@@ -67,6 +67,9 @@ def _composite_flops(node: fx.Node, value: Callable[[fx.Node], object]) -> int:
     if node.target is torch.ops.aten.linear.default:
         x, w = value(node.args[0]), value(node.args[1])
         return int(2 * x.numel() * w.shape[0])
+    if node.target is torch.ops.fxopt.conv2d_blocked.default:  # each output element: a dot over C/groups x KH x KW
+        out, w = value(node), value(node.args[1])
+        return int(2 * out.numel() * w[0].numel())
     return 0
 
 

@@ -17,6 +17,7 @@ aten = torch.ops.aten
 
 ANCHORS = {
     aten.convolution.default: "conv",
+    torch.ops.fxopt.conv2d_blocked.default: "conv",
     aten.linear.default: "linear",
     aten.mm.default: "matmul",
     aten.bmm.default: "matmul",

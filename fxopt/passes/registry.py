@@ -7,6 +7,7 @@ import re
 from fxopt.errors import PipelineError
 from fxopt.passes.awq import AWQ
 from fxopt.passes.base import Pass
+from fxopt.passes.convert_layout import ConvertLayout
 from fxopt.passes.cse import CommonSubexpressionElimination
 from fxopt.passes.dce import DeadCodeElimination
 from fxopt.passes.fold_constants import FoldConstants
@@ -33,12 +34,15 @@ BUILTIN_PIPELINES: dict[str, str] = {
     "pre-rmsnorm": "remove-noops,fold-constants,fuse-norms,layernorm-to-rmsnorm,fold-conv-bn,fuse-blocks,"
     "fuse-attention,cse,dce,mark-epilogues",
     "torch": "default",
-    "cpu": "default",
+    # CPUs: CNNs in the blocked layout their convolution kernels read (exact; slower in PyTorch, hence not default).
+    "cpu": "remove-noops,fold-constants,fuse-norms,fold-conv-bn,fuse-blocks,fuse-attention,convert-layout,cse,dce,"
+    "mark-epilogues",
     "cuda": "default",
 }
 
 PASSES: dict[str, type[Pass]] = {
     "awq": AWQ,
+    "convert-layout": ConvertLayout,
     "cse": CommonSubexpressionElimination,
     "dce": DeadCodeElimination,
     "fold-constants": FoldConstants,

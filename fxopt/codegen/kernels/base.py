@@ -25,7 +25,15 @@ from typing import Any, ClassVar, Generic, TypeVar
 
 from fxopt.codegen.isa import Isa
 
-__all__ = ["TEMPLATE_ATTR", "Workload", "RegisterTile", "KernelFamily", "workload_key", "parse_workload_key"]
+__all__ = [
+    "TEMPLATE_ATTR",
+    "Workload",
+    "RegisterTile",
+    "KernelFamily",
+    "workload_key",
+    "parse_workload_key",
+    "epilogue_on_tile",
+]
 
 #: The PrimFunc attribute naming a family's kernel and its workload (``"gemm_f32 128x768x3072"``): what tuning
 #: finds in a module and times candidates of.
@@ -110,3 +118,27 @@ class KernelFamily(ABC, Generic[Config]):
         if min(values.values()) < 1:
             raise ValueError(f"{self.name} config {values}: knobs are at least 1")
         return self.config_type(**values)
+
+
+def epilogue_on_tile(sch, tile_loop) -> Any:
+    """Schedule a tiled kernel's tail on its tile: the stages between the accumulator ``acc`` and the writer
+    ``out`` (the bias, the epilogue: :mod:`fxopt.codegen.epilogue`) inlined into the writer, but for those the
+    epilogue reads more than once (:data:`~fxopt.codegen.epilogue.KEPT`), which are computed once per tile into
+    registers; the writer and those stages under ``tile_loop``, their last loop vectorized. Returns the writer."""
+    from fxopt.codegen.epilogue import KEPT
+
+    kept = []
+    for stage in sch.get_child_blocks(sch.get_sblock("root")):
+        name = sch.get(stage).name_hint
+        if name.startswith(KEPT):
+            kept.append(stage)
+        elif name not in ("acc", "out", "pad"):
+            sch.compute_inline(stage)
+    for stage in kept:  # in order: each reads the ones before it
+        sch.reverse_compute_at(stage, tile_loop, preserve_unit_loops=True)
+        sch.set_scope(stage, 0, "local")
+        sch.vectorize(sch.get_loops(stage)[-1])
+    writer = sch.get_sblock("out")
+    sch.reverse_compute_at(writer, tile_loop, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(writer)[-1])
+    return writer

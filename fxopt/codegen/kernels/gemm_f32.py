@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
-from fxopt.codegen.epilogue import KEPT
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload
+from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, epilogue_on_tile
 
 __all__ = [
     "GemmF32Config",
@@ -167,19 +166,7 @@ class GemmF32(KernelFamily[GemmF32Config]):
         group, panel = sch.split(panel, [None, config.panels_per_task])
         sch.reorder(group, m_outer, panel, k_loop, m_inner, vector, lane_inner)
         fused = sch.fuse(group, m_outer)
-        kept = []  # values the epilogue reads more than once: computed once per tile, in registers
-        for stage in sch.get_child_blocks(sch.get_sblock("root")):  # the bias and the epilogue, into the tile
-            name = sch.get(stage).name_hint
-            if name.startswith(KEPT):
-                kept.append(stage)
-            elif name not in ("acc", "out"):
-                sch.compute_inline(stage)
-        for stage in kept:  # in order: each reads the ones before it
-            sch.reverse_compute_at(stage, panel, preserve_unit_loops=True)
-            sch.set_scope(stage, 0, "local")
-            sch.vectorize(sch.get_loops(stage)[-1])
-        writer = sch.get_sblock("out")
-        sch.reverse_compute_at(writer, panel, preserve_unit_loops=True)  # its last loop, the columns, vectorized
+        epilogue_on_tile(sch, panel)
         sch.set_scope(block, 0, "local")
         sch.parallel(fused)
         sch.unroll(m_inner)
@@ -187,7 +174,6 @@ class GemmF32(KernelFamily[GemmF32Config]):
         sch.vectorize(lane_inner)
         init = sch.decompose_reduction(block, k_loop)
         sch.vectorize(sch.get_loops(init)[-1])
-        sch.vectorize(sch.get_loops(writer)[-1])
         return self.tagged(sch.mod["main"], workload)
 
 

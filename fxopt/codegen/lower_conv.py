@@ -1,0 +1,160 @@
+"""Lowerings of the blocked layout's ops (:mod:`fxopt.ir.ops`, made by the ``convert-layout`` pass): layout
+conversions, pools, and convolutions by the direct and depthwise kernel families
+(:mod:`fxopt.codegen.kernels.conv2d_f32`, :mod:`~fxopt.codegen.kernels.depthwise_f32`) where they apply, with the
+elementwise ops after them (ReLU, a residual add) on their tiles; elsewhere (other targets, other dtypes) the
+convolution converts to NCHW and back around TVM's own."""
+
+from __future__ import annotations
+
+from typing import cast
+
+import torch
+import torch.fx as fx
+
+from fxopt.codegen.epilogue import find_epilogue
+from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, Conv2dF32, ConvShape
+from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32
+from fxopt.codegen.lower import register_lowering, to_relax_constant
+from fxopt.ir.meta import input_node, optional_input_node
+
+fxopt_ops = torch.ops.fxopt
+
+
+def _to_blocked(bb, x, block: int):
+    from tvm import relax
+
+    n, c, *spatial = [int(d) for d in x.ty.shape.values]
+    split = bb.emit(relax.op.reshape(x, [n, c // block, block, *spatial]))
+    return bb.emit(relax.op.permute_dims(split, [0, 1, *range(3, 3 + len(spatial)), 2]))
+
+
+def _from_blocked(bb, x):
+    from tvm import relax
+
+    n, blocks, *spatial, block = [int(d) for d in x.ty.shape.values]
+    moved = bb.emit(relax.op.permute_dims(x, [0, 1, 2 + len(spatial), *range(2, 2 + len(spatial))]))
+    return bb.emit(relax.op.reshape(moved, [n, blocks * block, *spatial]))
+
+
+@register_lowering(fxopt_ops.to_blocked.default)
+def _lower_to_blocked(node: fx.Node, importer) -> object:
+    return _to_blocked(importer.block_builder, importer.env[input_node(node, 0)], cast(int, node.args[1]))
+
+
+@register_lowering(fxopt_ops.from_blocked.default)
+def _lower_from_blocked(node: fx.Node, importer) -> object:
+    return _from_blocked(importer.block_builder, importer.env[input_node(node, 0)])
+
+
+@register_lowering(fxopt_ops.pool2d_blocked.default)
+def _pool(node: fx.Node, importer) -> object:
+    """Relax's pools in the layout ``NCHW{x}c``."""
+    from tvm import relax
+
+    _, kind, kernel, stride, padding, dilation, ceil_mode, count_include_pad = node.args
+    block = node.meta["val"].shape[-1]
+    x = importer.env[input_node(node, 0)]
+    layout = f"NCHW{block}c"
+    if kind == "max":
+        pool = relax.op.nn.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, layout=layout)
+    else:
+        pool = relax.op.nn.avg_pool2d(x, kernel, stride, padding, dilation, ceil_mode, count_include_pad, layout=layout)
+    return importer.block_builder.emit(pool)
+
+
+def conv_shape(node: fx.Node) -> ConvShape:
+    """The workload of an ``fxopt::conv2d_blocked`` node."""
+    x, weight = input_node(node, 0), input_node(node, 1)
+    _, _, _, stride, padding, dilation, _, block = node.args
+    batch, _, height, width, in_block = x.meta["val"].shape
+    out_channels, _, kernel_h, kernel_w = weight.meta["val"].shape
+    channels = x.meta["val"].shape[1] * in_block
+    spatial = [*cast(list[int], stride), *cast(list[int], padding), *cast(list[int], dilation)]
+    return ConvShape(*[batch, channels, height, width, out_channels, kernel_h, kernel_w, *spatial, in_block, block])
+
+
+def _family(node: fx.Node, importer) -> Conv2dF32 | DepthwiseF32 | None:
+    """The kernel family computing ``node`` on the target, or None."""
+    values = [a.meta["val"] for a in node.all_input_nodes]
+    if importer.isa is None or not all(v.dtype == torch.float32 for v in values):
+        return None
+    shape, groups = conv_shape(node), node.args[6]
+    family: Conv2dF32 | DepthwiseF32 = CONV2D_F32 if groups == 1 else DEPTHWISE_F32
+    return family if family.applies(tuple(shape), importer.isa) else None
+
+
+@register_lowering(fxopt_ops.conv2d_blocked.default)
+def _conv(node: fx.Node, importer) -> object:
+    """One call of the direct or depthwise family's kernel on the blocked input, the weight packed at build time
+    (a constant; a weight parameter is packed by Relax ops, which an export lifts into its weight transform), the
+    elementwise ops after it that its tile can apply computed there (``importer.absorbed``, as the GEMM's)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x, weight, bias = input_node(node, 0), input_node(node, 1), optional_input_node(node, 2)
+    shape = conv_shape(node)
+    family = _family(node, importer)
+    if family is None:
+        return _conv_through_nchw(node, importer, shape)
+    workload = tuple(shape)
+    config = importer.templates.config(family, workload, importer.isa)
+    if weight in importer.constants:
+        packed = to_relax_constant(family.pack(importer.constants[weight], shape))
+    else:
+        packed = _packed_by_relax(bb, importer.env[weight], shape, depthwise=family is DEPTHWISE_F32)
+    epilogue = find_epilogue(node, lambda value: value in importer.env)
+    kernel = family.build(workload, config, epilogue)
+    kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
+    blocks = shape.out_channels // shape.out_block
+    flat = [shape.batch, blocks, shape.pixels, shape.out_block]
+    args = [
+        importer.env[x],
+        packed,
+        to_relax_constant(torch.zeros(shape.out_channels)) if bias is None else importer.env[bias],
+    ]
+    for operand, operand_shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
+        whole = len(operand_shape) == 2
+        args.append(bb.emit(relax.op.reshape(importer.env[operand], flat if whole else list(operand_shape))))
+    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType(flat, "float32")))
+    result = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
+    if epilogue is None:
+        return result
+    importer.absorbed.update({inner: None for inner in epilogue.nodes[:-1]})
+    importer.absorbed[epilogue.exit] = bb.emit(relax.op.reshape(y, [*epilogue.exit.meta["val"].shape]))
+    return result  # read by none but the run: left unused
+
+
+def _packed_by_relax(bb, weight, shape: ConvShape, depthwise: bool):
+    """A weight parameter packed as the family's ``pack`` packs a constant."""
+    from tvm import relax
+
+    o, c, kh, kw = [int(d) for d in weight.ty.shape.values]
+    x, y = shape.in_block, shape.out_block
+    if depthwise:
+        split = bb.emit(relax.op.reshape(weight, [o // y, y, kh, kw]))
+        return bb.emit(relax.op.permute_dims(split, [0, 2, 3, 1]))
+    split = bb.emit(relax.op.reshape(weight, [o // y, y, c // x, x, kh, kw]))
+    return bb.emit(relax.op.permute_dims(split, [0, 2, 4, 5, 3, 1]))
+
+
+def _conv_through_nchw(node: fx.Node, importer, shape: ConvShape) -> object:
+    """TVM's own convolution, converted to NCHW and back (targets and dtypes no family serves)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    x, weight, bias = input_node(node, 0), input_node(node, 1), optional_input_node(node, 2)
+    plain = _from_blocked(bb, importer.env[x])
+    conv = bb.emit(
+        relax.op.nn.conv2d(
+            plain,
+            importer.env[weight],
+            strides=[shape.stride_h, shape.stride_w],
+            padding=[shape.pad_top, shape.pad_left, shape.pad_bottom, shape.pad_right],
+            dilation=[shape.dilation_h, shape.dilation_w],
+            groups=cast(int, node.args[6]),
+            out_dtype=str(node.meta["val"].dtype).removeprefix("torch."),
+        )
+    )
+    if bias is not None:
+        conv = bb.emit(relax.op.add(conv, relax.op.reshape(importer.env[bias], [1, shape.out_channels, 1, 1])))
+    return _to_blocked(bb, conv, shape.out_block)

@@ -1,0 +1,279 @@
+"""Converting a CNN to the blocked layout NCHW[x]c, once for the whole network."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import Any, cast
+
+import torch
+import torch.fx as fx
+
+from fxopt.ir.meta import describe_node, stamp_provenance
+from fxopt.ir.program import Program
+from fxopt.ir.traits import ACTIVATIONS, ADD, ARITHMETIC, DIV, MUL, SUB
+from fxopt.passes.base import Pass, PassContext, option
+from fxopt.targets import host_vector_bits
+
+__all__ = ["ConvertLayout", "channel_block"]
+
+aten = torch.ops.aten
+fxopt_ops = torch.ops.fxopt
+
+_ELEMENTWISE = frozenset((*ACTIVATIONS, *ARITHMETIC, *ADD, *SUB, *MUL, *DIV))
+
+
+def channel_block(channels: int, lanes: int) -> int | None:
+    """The block of ``channels`` for vectors of ``lanes`` floats: the largest power of two up to ``lanes`` that
+    divides them, if at least 4; else all of them, if they fit one vector (an RGB image's 3); else None (the
+    tensor stays NCHW)."""
+    block = lanes
+    while block >= 4:
+        if channels % block == 0:
+            return block
+        block //= 2
+    return channels if channels <= lanes else None
+
+
+def _host_lanes() -> int:
+    return max(4, host_vector_bits() // 32)
+
+
+@dataclass(frozen=True)
+class ConvertLayout(Pass):
+    """Put a CNN's activations in the blocked layout NCHW[x]c (NeoCPU; ONNX Runtime's NCHWc transformer) from its
+    first convolution to its head, converting only where an op cannot take them blocked.
+
+    A ``[N, C, H, W]`` activation becomes ``[N, C/x, H, W, x]`` (``fxopt::to_blocked``), ``x`` channels side by
+    side: one CPU vector holds one pixel's block of channels, which is what convolution kernels on CPUs want
+    (:mod:`fxopt.codegen.kernels.conv2d_f32`). 2-D float32 convolutions by a constant weight, plain or
+    depthwise, become ``fxopt::conv2d_blocked`` (a zero-padding op before one folded into its padding, even
+    one-sided as TensorFlow's "same" padding), max and average pools ``fxopt::pool2d_blocked``; elementwise ops
+    (activations, arithmetic: residual adds, a squeeze-excitation's scale) and means over ``H, W`` (global
+    average pools) take blocked values as they are. Any other reader of a blocked value reads it converted back
+    (``fxopt::from_blocked``), once per value; so do the graph's outputs. The block of a tensor is a function of
+    its channels (:func:`channel_block`): the largest power of two up to ``lanes`` dividing them, so every op's
+    inputs agree. Convolutions that stay NCHW (grouped ones other than depthwise, transposed, 1-D or 3-D,
+    non-constant weights, channels without a block) are noted in the pass's report.
+
+    Exact: the same arithmetic on re-laid values. For CPU targets (the ``cpu`` pipeline); in PyTorch the blocked
+    ops convert back and forth around each op and are slower.
+    """
+
+    name = "convert-layout"
+    before = ("mark-epilogues",)
+    lanes: int = option(0, "floats per vector, the largest block; 0: the host CPU's (16 with AVX-512, 8 with AVX2)")
+
+    def apply(self, program: Program, ctx: PassContext) -> bool:
+        graph = program.graph
+        lanes = self.lanes or _host_lanes()
+        blocks: dict[fx.Node, int] = {}  # blocked value -> its block
+        changed = False
+        for node in list(graph.nodes):
+            if node.op != "call_function":
+                continue
+            with graph.inserting_before(node):
+                new = self._blocked_form(node, lanes, blocks, graph, ctx)
+            if new is None:
+                continue
+            blocked, block = new
+            blocks[blocked] = block
+            with graph.inserting_after(blocked):
+                plain = graph.call_function(fxopt_ops.from_blocked.default, (blocked,))
+            plain.meta["val"] = node.meta["val"]  # the same value: later ops read its shape
+            stamp_provenance([blocked, plain], self.name, [node])
+            node.replace_all_uses_with(plain, propagate_meta=False)
+            graph.erase_node(node)
+            changed = True
+        graph.eliminate_dead_code()  # the conversions back nothing reads now, the pads folded into convolutions
+        for node in graph.nodes:
+            if node.target is fxopt_ops.from_blocked.default:
+                ctx.count("converted-back")
+        return changed
+
+    def _blocked_form(
+        self, node: fx.Node, lanes: int, blocks: dict[fx.Node, int], graph: fx.Graph, ctx: PassContext
+    ) -> tuple[fx.Node, int] | None:
+        """The blocked node computing ``node``'s value (inserted before it) and its block, or None."""
+        value = node.meta.get("val")
+        if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
+            return None
+        if node.target is aten.convolution.default:
+            return self._conv(node, lanes, blocks, graph, ctx)
+        if node.target is operator.getitem:
+            return self._max_pool(node, blocks, graph)
+        if node.target is aten.avg_pool2d.default:
+            return self._avg_pool(node, blocks, graph)
+        if node.target is aten.mean.dim:
+            return self._mean(node, blocks, graph)
+        if node.target is aten.slice.Tensor:
+            return self._channel_slice(node, blocks, graph)
+        if node.target in _ELEMENTWISE:
+            return self._elementwise(node, blocks, graph)
+        return None
+
+    def _conv(
+        self, conv: fx.Node, lanes: int, blocks: dict[fx.Node, int], graph: fx.Graph, ctx: PassContext
+    ) -> tuple[fx.Node, int] | None:
+        x, weight, bias, stride, padding, dilation, transposed, _, groups = conv.args
+        x, weight = cast(fx.Node, x), cast(fx.Node, weight)
+        out = conv.meta["val"]
+        if out.dim() != 4 or transposed:
+            ctx.skip(describe_node(conv), "not a 2-D convolution" if out.dim() != 4 else "transposed")
+            return None
+        if weight.op != "get_attr" or weight.meta["val"].dtype != torch.float32:
+            ctx.skip(describe_node(conv), "its weight is not a float32 constant")
+            return None
+        channels, out_channels = x.meta["val"].shape[1], out.shape[1]
+        depthwise = groups == channels == out_channels
+        if groups != 1 and not depthwise:
+            ctx.skip(describe_node(conv), f"grouped ({groups} groups) and not depthwise")
+            return None
+        block = channel_block(out_channels, lanes)
+        if block is None or (depthwise and block < 4):
+            ctx.skip(describe_node(conv), f"{out_channels} output channels have no block of up to {lanes}")
+            return None
+        top, left = cast(list, padding)
+        sides = [top, left, top, left]
+        source = x
+        if x.target is aten.constant_pad_nd.default and _zero_pad(x) is not None:
+            extra = cast(list[int], _zero_pad(x))
+            source = cast(fx.Node, x.args[0])
+            sides = [s + e for s, e in zip(sides, extra)]
+        blocked_x = self._blocked_input(source, channel_block(channels, lanes), blocks, graph)
+        if blocked_x is None:
+            ctx.skip(describe_node(conv), f"{channels} input channels have no block of up to {lanes}")
+            return None
+        if depthwise and blocks[blocked_x] != block:
+            blocked_x = self._blocked_input(self._plain(blocked_x, graph), block, blocks, graph)
+        ctx.count("depthwise-convs" if depthwise else "convs")
+        new = graph.call_function(
+            fxopt_ops.conv2d_blocked.default,
+            (blocked_x, weight, bias, list(cast(list, stride)), sides, list(cast(list, dilation)), groups, block),
+        )
+        return new, block
+
+    def _blocked_input(
+        self, x: fx.Node, block: int | None, blocks: dict[fx.Node, int], graph: fx.Graph
+    ) -> fx.Node | None:
+        """``x``'s value blocked: the blocked value it converts back, or ``x`` converted by ``block``."""
+        if x.target is fxopt_ops.from_blocked.default:
+            return cast(fx.Node, x.args[0])
+        if block is None:
+            return None
+        converted = graph.call_function(fxopt_ops.to_blocked.default, (x, block))
+        blocks[converted] = block
+        return converted
+
+    def _plain(self, blocked: fx.Node, graph: fx.Graph) -> fx.Node:
+        return next(
+            (u for u in blocked.users if u.target is fxopt_ops.from_blocked.default),
+            graph.call_function(fxopt_ops.from_blocked.default, (blocked,)),
+        )
+
+    def _max_pool(self, item: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
+        """``max_pool2d_with_indices(x, ...)[0]`` where the indices are not read."""
+        pool, index = item.args
+        pool = cast(fx.Node, pool)
+        if pool.target is not aten.max_pool2d_with_indices.default or index != 0 or len(pool.users) != 1:
+            return None
+        x = cast(fx.Node, pool.args[0])
+        if x.target is not fxopt_ops.from_blocked.default:
+            return None
+        kernel, *rest = _pool_args(pool.args[1:], ([], [0, 0], [1, 1], False))
+        stride = rest[0] or kernel
+        new = graph.call_function(fxopt_ops.pool2d_blocked.default, (x.args[0], "max", kernel, stride, *rest[1:], True))
+        return new, blocks[cast(fx.Node, x.args[0])]
+
+    def _avg_pool(self, pool: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
+        x = cast(fx.Node, pool.args[0])
+        if x.target is not fxopt_ops.from_blocked.default or len(pool.args) > 6 or x.meta["val"].dim() != 4:
+            return None  # a divisor override stays NCHW
+        kernel, stride, padding, ceil_mode, count_include_pad = _pool_args(pool.args[1:], ([], [0, 0], False, True))
+        new = graph.call_function(
+            fxopt_ops.pool2d_blocked.default,
+            (x.args[0], "avg", kernel, stride or kernel, padding, [1, 1], ceil_mode, count_include_pad),
+        )
+        return new, blocks[cast(fx.Node, x.args[0])]
+
+    def _mean(self, mean: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
+        """A mean over ``H, W``: over the same dims of the blocked value. Kept dims stay blocked; without them the
+        ``[N, C/x, x]`` result is ``[N, C]`` as it is, and the mean's readers read that view."""
+        x = cast(fx.Node, mean.args[0])
+        dims = mean.args[1] if len(mean.args) > 1 else None
+        keepdim = bool(mean.args[2] if len(mean.args) > 2 else mean.kwargs.get("keepdim", False))
+        if x.target is not fxopt_ops.from_blocked.default or x.meta["val"].dim() != 4 or mean.kwargs.get("dtype"):
+            return None
+        if not isinstance(dims, (list, tuple)) or sorted(d % 4 for d in dims) != [2, 3]:
+            return None
+        blocked = cast(fx.Node, x.args[0])
+        new = graph.call_function(aten.mean.dim, (blocked, [2, 3], keepdim))
+        if keepdim:
+            return new, blocks[blocked]
+        flat = graph.call_function(aten.view.default, (new, list(mean.meta["val"].shape)))
+        flat.meta["val"] = mean.meta["val"]
+        stamp_provenance([new, flat], self.name, [mean])
+        mean.replace_all_uses_with(flat, propagate_meta=False)
+        return None
+
+    def _channel_slice(self, piece: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
+        """A slice of whole blocks of channels (the parts of two convolutions ``fuse-blocks`` merged): the same
+        slice of the blocks."""
+        x = cast(fx.Node, piece.args[0])
+        if x.target is not fxopt_ops.from_blocked.default or x.meta["val"].dim() != 4:
+            return None
+        blocked = cast(fx.Node, x.args[0])
+        block, channels = blocks[blocked], x.meta["val"].shape[1]
+        given = piece.args[1:]
+        dim, start, end, step = cast(
+            list[Any], [given[i] if i < len(given) else d for i, d in enumerate((0, None, None, 1))]
+        )
+        start, end = start or 0, channels if end is None else min(end, channels)
+        if dim % 4 != 1 or step != 1 or start < 0 or end < 0 or start % block or end % block:
+            return None
+        return graph.call_function(aten.slice.Tensor, (blocked, 1, start // block, end // block)), block
+
+    def _elementwise(self, node: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
+        """An elementwise op reading at least one blocked value of its own shape; its other tensors of its shape
+        are converted, single values broadcast as they are; anything else (a per-channel tensor) keeps it NCHW."""
+        shape = node.meta["val"].shape
+        converted_back = [a for a in node.args if isinstance(a, fx.Node) and a.target is fxopt_ops.from_blocked.default]
+        block = next((blocks[cast(fx.Node, a.args[0])] for a in converted_back if a.meta["val"].shape == shape), None)
+        if block is None or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+            return None
+        args: list[Any] = []
+        for arg in node.args:
+            value = arg.meta.get("val") if isinstance(arg, fx.Node) else None
+            if not isinstance(arg, fx.Node) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+                args.append(arg)
+            elif isinstance(value, torch.Tensor) and value.shape == shape:
+                converted = self._blocked_input(arg, block, blocks, graph)
+                if converted is None or blocks[converted] != block:
+                    return None
+                args.append(converted)
+            else:
+                return None
+        return graph.call_function(cast(Any, node.target), tuple(args), dict(node.kwargs)), block
+
+
+def _zero_pad(pad: fx.Node) -> list[int] | None:
+    """``[top, left, bottom, right]`` of a ``constant_pad_nd`` padding H and W (at most) with zeros, else None."""
+    sizes = cast(list[int], pad.args[1])
+    value = pad.args[2] if len(pad.args) > 2 else pad.kwargs.get("value", 0.0)
+    if value != 0 or len(sizes) not in (2, 4) or min(sizes) < 0 or pad.meta["val"].dim() != 4:
+        return None
+    left, right, top, bottom = [*sizes, 0, 0][:4]
+    return [top, left, bottom, right]
+
+
+def _pool_args(args: tuple, defaults: tuple) -> list:
+    """A pool's kernel and the arguments after it, with ``defaults`` for those left out; sizes given as one int
+    (or one-element lists) for both dims."""
+    values = [args[0], *[args[1 + i] if len(args) > 1 + i else d for i, d in enumerate(defaults)]]
+    return [
+        [v, v] if isinstance(v, int) and not isinstance(v, bool) and i < 4 else _pair(v) for i, v in enumerate(values)
+    ]
+
+
+def _pair(value: Any) -> Any:
+    return [value[0], value[0]] if isinstance(value, (list, tuple)) and len(value) == 1 else value
