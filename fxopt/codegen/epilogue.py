@@ -1,11 +1,13 @@
-"""Elementwise tails of a GEMM, computed on its register tile: what ONNX Runtime fuses into its GEMMs' epilogues.
+"""Elementwise tails of a GEMM or a convolution, computed on its register tile: what ONNX Runtime fuses into its
+GEMMs' and convolutions' epilogues.
 
-After a GEMM the graph often holds a few elementwise ops on its result: a GELU (exact, or GPT-2's tanh form
-spelled out in seven ops), ReLU, SiLU, a residual add, a scale. Run as kernels of their own, each reads and
-writes the whole result once more. :func:`find_epilogue` finds the longest such run that the GEMM kernel can
-compute instead, while the tile is still in registers; :class:`Epilogue` writes it in TE for the kernel
-(:mod:`fxopt.codegen.kernels.gemm_f32`), which inlines it into the tile, but for the values the run reads more
-than once (:data:`KEPT`): those it computes once per tile into registers. Inlined, a value read twice is
+After a GEMM or a convolution the graph often holds a few elementwise ops on its result: a GELU (exact, or
+GPT-2's tanh form spelled out in seven ops), ReLU, ReLU6, SiLU, a residual add, a scale. Run as kernels of their
+own, each reads and writes the whole result once more. :func:`find_epilogue` finds the longest such run that the
+kernel can compute instead, while the tile is still in registers; :class:`Epilogue` writes it in TE for the kernel
+(:mod:`fxopt.codegen.kernels.gemm_f32`, :mod:`~fxopt.codegen.kernels.conv2d_f32`), which inlines it into the
+tile, but for the values the run reads more than once (:data:`KEPT`): those it computes once per tile into
+registers. Inlined, a value read twice is
 computed twice, and a run of such ops (GELU, then tanh, then SiLU: each reads its input several times) grew
 its expression exponentially; one such GEMM took TVM over ten minutes to compile.
 
@@ -80,6 +82,7 @@ def _topi_ops() -> dict:
         aten.div.Tensor: topi.divide,
         aten.neg.default: topi.negative,
         aten.relu.default: topi.nn.relu,
+        aten.hardtanh.default: lambda x, low=-1.0, high=1.0: topi.minimum(topi.maximum(x, low), high),  # ReLU6
         aten.tanh.default: topi.fast_tanh,
         aten.sigmoid.default: _sigmoid,
         aten.silu.default: lambda x: topi.multiply(x, _sigmoid(x)),
@@ -93,6 +96,7 @@ _ELEMENTWISE = {
     aten.div.Tensor,
     aten.neg.default,
     aten.relu.default,
+    aten.hardtanh.default,
     aten.tanh.default,
     aten.sigmoid.default,
     aten.silu.default,

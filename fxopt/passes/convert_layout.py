@@ -101,13 +101,15 @@ class ConvertLayout(Pass):
         if node.target is aten.convolution.default:
             return self._conv(node, lanes, blocks, graph, ctx)
         if node.target is operator.getitem:
-            return self._max_pool(node, blocks, graph)
+            return self._max_pool(node, blocks, graph) or self._split_part(node, blocks, graph)
         if node.target is aten.avg_pool2d.default:
             return self._avg_pool(node, blocks, graph)
         if node.target is aten.mean.dim:
             return self._mean(node, blocks, graph)
         if node.target is aten.slice.Tensor:
             return self._channel_slice(node, blocks, graph)
+        if node.target is aten.cat.default:
+            return self._channel_cat(node, lanes, blocks, graph)
         if node.target in _ELEMENTWISE:
             return self._elementwise(node, blocks, graph)
         return None
@@ -130,7 +132,7 @@ class ConvertLayout(Pass):
             ctx.skip(describe_node(conv), f"grouped ({groups} groups) and not depthwise")
             return None
         block = channel_block(out_channels, lanes)
-        if block is None or (depthwise and block < 4):
+        if block is None:
             ctx.skip(describe_node(conv), f"{out_channels} output channels have no block of up to {lanes}")
             return None
         top, left = cast(list, padding)
@@ -145,7 +147,7 @@ class ConvertLayout(Pass):
             ctx.skip(describe_node(conv), f"{channels} input channels have no block of up to {lanes}")
             return None
         if depthwise and blocks[blocked_x] != block:
-            blocked_x = self._blocked_input(self._plain(blocked_x, graph), block, blocks, graph)
+            blocked_x = self._reblocked(blocked_x, block, blocks, graph)
         ctx.count("depthwise-convs" if depthwise else "convs")
         new = graph.call_function(
             fxopt_ops.conv2d_blocked.default,
@@ -159,17 +161,19 @@ class ConvertLayout(Pass):
         """``x``'s value blocked: the blocked value it converts back, or ``x`` converted by ``block``."""
         if x.target is fxopt_ops.from_blocked.default:
             return cast(fx.Node, x.args[0])
-        if block is None:
-            return None
+        return None if block is None else self._converted(x, block, blocks, graph)
+
+    def _reblocked(self, blocked: fx.Node, block: int, blocks: dict[fx.Node, int], graph: fx.Graph) -> fx.Node:
+        """A blocked value in another block: converted back and again."""
+        plain = next((u for u in blocked.users if u.target is fxopt_ops.from_blocked.default), None)
+        if plain is None:
+            plain = graph.call_function(fxopt_ops.from_blocked.default, (blocked,))
+        return self._converted(plain, block, blocks, graph)
+
+    def _converted(self, x: fx.Node, block: int, blocks: dict[fx.Node, int], graph: fx.Graph) -> fx.Node:
         converted = graph.call_function(fxopt_ops.to_blocked.default, (x, block))
         blocks[converted] = block
         return converted
-
-    def _plain(self, blocked: fx.Node, graph: fx.Graph) -> fx.Node:
-        return next(
-            (u for u in blocked.users if u.target is fxopt_ops.from_blocked.default),
-            graph.call_function(fxopt_ops.from_blocked.default, (blocked,)),
-        )
 
     def _max_pool(self, item: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
         """``max_pool2d_with_indices(x, ...)[0]`` where the indices are not read."""
@@ -219,38 +223,94 @@ class ConvertLayout(Pass):
     def _channel_slice(self, piece: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
         """A slice of whole blocks of channels (the parts of two convolutions ``fuse-blocks`` merged): the same
         slice of the blocks."""
-        x = cast(fx.Node, piece.args[0])
-        if x.target is not fxopt_ops.from_blocked.default or x.meta["val"].dim() != 4:
+        given = piece.args[1:]
+        dim, start, end, step = cast(
+            list[Any], [given[i] if i < len(given) else d for i, d in enumerate((0, None, 2**62, 1))]
+        )
+        return self._blocks_of(cast(fx.Node, piece.args[0]), dim, start or 0, end, step, blocks, graph)
+
+    def _split_part(self, item: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
+        """A part of a split along the channels: a slice (:meth:`_channel_slice`)."""
+        split, part = cast(tuple[fx.Node, int], item.args)
+        if split.target not in (aten.split_with_sizes.default, aten.split.Tensor):
+            return None
+        x, sizes = cast(fx.Node, split.args[0]), split.args[1]
+        dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+        start = cast(int, sizes) * part if split.target is aten.split.Tensor else sum(cast(list[int], sizes)[:part])
+        return self._blocks_of(x, cast(int, dim), start, start + item.meta["val"].shape[1], 1, blocks, graph)
+
+    def _blocks_of(
+        self, x: fx.Node, dim: int, start: int, end: int, step: int, blocks: dict[fx.Node, int], graph: fx.Graph
+    ) -> tuple[fx.Node, int] | None:
+        """Channels ``start:end`` of a blocked value, where they are whole blocks."""
+        if x.target is not fxopt_ops.from_blocked.default or x.meta["val"].dim() != 4 or dim % 4 != 1:
             return None
         blocked = cast(fx.Node, x.args[0])
         block, channels = blocks[blocked], x.meta["val"].shape[1]
-        given = piece.args[1:]
-        dim, start, end, step = cast(
-            list[Any], [given[i] if i < len(given) else d for i, d in enumerate((0, None, None, 1))]
-        )
-        start, end = start or 0, channels if end is None else min(end, channels)
-        if dim % 4 != 1 or step != 1 or start < 0 or end < 0 or start % block or end % block:
+        start, end = start + channels if start < 0 else start, min(end + channels if end < 0 else end, channels)
+        if step != 1 or start % block or end % block or not 0 <= start < end:
             return None
         return graph.call_function(aten.slice.Tensor, (blocked, 1, start // block, end // block)), block
 
+    def _channel_cat(
+        self, cat: fx.Node, lanes: int, blocks: dict[fx.Node, int], graph: fx.Graph
+    ) -> tuple[fx.Node, int] | None:
+        """A concatenation along the channels of at least one blocked value: of the blocks, all in the smallest
+        of their blocks."""
+        parts = cast(list[fx.Node], cat.args[0])
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        if cat.meta["val"].dim() != 4 or cast(int, dim) % 4 != 1:
+            return None
+        if not any(p.target is fxopt_ops.from_blocked.default for p in parts):
+            return None
+        wanted = [
+            blocks[cast(fx.Node, p.args[0])]
+            if p.target is fxopt_ops.from_blocked.default
+            else channel_block(p.meta["val"].shape[1], lanes)
+            for p in parts
+        ]
+        if None in wanted:
+            return None
+        block = min(cast(list[int], wanted))
+        blocked = []
+        for part in parts:
+            converted = cast(fx.Node, self._blocked_input(part, block, blocks, graph))
+            blocked.append(
+                converted if blocks[converted] == block else self._reblocked(converted, block, blocks, graph)
+            )
+        return graph.call_function(aten.cat.default, (blocked, 1)), block
+
     def _elementwise(self, node: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
-        """An elementwise op reading at least one blocked value of its own shape; its other tensors of its shape
-        are converted, single values broadcast as they are; anything else (a per-channel tensor) keeps it NCHW."""
+        """An elementwise op reading a blocked value of its channels. Its other 4-D tensors broadcast as blocked
+        values too, those of its channels in its block (a squeeze-excitation's ``[N, C, 1, 1]`` scale), those of
+        one channel in a block of one; single values as they are; anything else (a ``[C, 1, 1]`` constant)
+        keeps it NCHW."""
         shape = node.meta["val"].shape
-        converted_back = [a for a in node.args if isinstance(a, fx.Node) and a.target is fxopt_ops.from_blocked.default]
-        block = next((blocks[cast(fx.Node, a.args[0])] for a in converted_back if a.meta["val"].shape == shape), None)
-        if block is None or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+        if len(shape) != 4 or any(isinstance(v, fx.Node) for v in node.kwargs.values()):
+            return None
+        block = next(
+            (
+                blocks[cast(fx.Node, a.args[0])]
+                for a in node.args
+                if isinstance(a, fx.Node)
+                and a.target is fxopt_ops.from_blocked.default
+                and a.meta["val"].shape[1] == shape[1]
+            ),
+            None,
+        )
+        if block is None:
             return None
         args: list[Any] = []
         for arg in node.args:
             value = arg.meta.get("val") if isinstance(arg, fx.Node) else None
-            if not isinstance(arg, fx.Node) or (isinstance(value, torch.Tensor) and value.numel() == 1):
+            if value is None or (isinstance(value, torch.Tensor) and value.numel() == 1):
                 args.append(arg)
-            elif isinstance(value, torch.Tensor) and value.shape == shape:
-                converted = self._blocked_input(arg, block, blocks, graph)
-                if converted is None or blocks[converted] != block:
-                    return None
-                args.append(converted)
+            elif isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[1] in (shape[1], 1):
+                wanted = block if value.shape[1] == shape[1] else 1
+                converted = cast(fx.Node, self._blocked_input(cast(fx.Node, arg), wanted, blocks, graph))
+                args.append(
+                    converted if blocks[converted] == wanted else self._reblocked(converted, wanted, blocks, graph)
+                )
             else:
                 return None
         return graph.call_function(cast(Any, node.target), tuple(args), dict(node.kwargs)), block

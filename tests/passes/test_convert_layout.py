@@ -1,0 +1,137 @@
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fxopt import PassManager, capture
+from fxopt.passes.convert_layout import channel_block
+from fxopt.passes.registry import BUILTIN_PIPELINES
+from tests.passes.helpers import ops, run_pass
+
+aten = torch.ops.aten
+fxopt_ops = torch.ops.fxopt
+
+
+class TinyResNet(nn.Module):
+    """A stem on an RGB image, a max pool, a bottleneck with its residual add, a global mean, a linear head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 16, 7, 2, 3)
+        self.reduce, self.conv, self.expand = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 16, 1)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        x = F.max_pool2d(F.relu(self.stem(x)), 3, 2, 1)
+        y = self.expand(F.relu(self.conv(F.relu(self.reduce(x)))))
+        return self.head(F.relu(x + y).mean((2, 3)))
+
+
+def test_a_cnn_converts_at_its_input_and_its_head_only():
+    model, inputs = TinyResNet().eval(), (torch.randn(2, 3, 20, 20),)
+    _, after, record = run_pass(model, inputs, "convert-layout{lanes=8}")
+    found = ops(after)
+    # The mean over H and W of a blocked [N, C/8, H, W, 8] is [N, C/8, 8]: the head reads it as [N, C], as it is.
+    assert found.count(fxopt_ops.to_blocked.default) == 1 and fxopt_ops.from_blocked.default not in found
+    assert found.count(fxopt_ops.conv2d_blocked.default) == 4 and aten.convolution.default not in found
+    assert fxopt_ops.pool2d_blocked.default in found
+    assert record.stats["convs"] == 4 and "converted-back" not in record.stats and not record.notes
+    blocks = {n.args[-1] for n in after.graph.nodes if n.target is fxopt_ops.conv2d_blocked.default}
+    assert blocks == {8}
+    (stem_input,) = [n for n in after.graph.nodes if n.target is fxopt_ops.to_blocked.default]
+    assert stem_input.args[1] == 3  # an RGB image: its three channels are one block
+
+
+def test_sixteen_lanes_block_by_sixteen():
+    _, after, _ = run_pass(TinyResNet().eval(), (torch.randn(1, 3, 16, 16),), "convert-layout{lanes=16}")
+    blocks = [n.args[-1] for n in after.graph.nodes if n.target is fxopt_ops.conv2d_blocked.default]
+    assert blocks == [16, 8, 8, 16]
+
+
+class SamePadded(nn.Module):
+    """TensorFlow's "same" padding for a stride-2 convolution (MobileNet in ``transformers``): a zero pad, one
+    pixel more after than before, then an unpadded convolution."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(8, 8, 3, 2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+def test_a_zero_pad_before_a_convolution_becomes_its_padding_one_sided_too():
+    _, after, _ = run_pass(SamePadded().eval(), (torch.randn(1, 8, 10, 10),), "convert-layout{lanes=8},dce")
+    assert aten.constant_pad_nd.default not in ops(after)
+    (conv,) = [n for n in after.graph.nodes if n.target is fxopt_ops.conv2d_blocked.default]
+    assert conv.args[4] == [0, 0, 1, 1]  # top, left, bottom, right
+
+
+class Unblockable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.grouped, self.odd = nn.Conv2d(8, 8, 3, groups=2), nn.Conv2d(8, 18, 1)
+
+    def forward(self, x):
+        return self.odd(self.grouped(x))
+
+
+def test_convolutions_no_kernel_takes_blocked_stay_nchw_and_the_report_says_why():
+    _, after, record = run_pass(Unblockable().eval(), (torch.randn(1, 8, 6, 6),), "convert-layout{lanes=8}")
+    assert ops(after).count(aten.convolution.default) == 2
+    assert any("grouped (2 groups) and not depthwise" in note for note in record.notes)
+    assert any("18 output channels have no block of up to 8" in note for note in record.notes)
+
+
+class SqueezeExcite(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.depthwise = nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.squeeze, self.excite = nn.Conv2d(16, 4, 1), nn.Conv2d(4, 16, 1)
+
+    def forward(self, x):
+        x = F.relu6(self.depthwise(x))
+        return x * torch.sigmoid(self.excite(F.relu(self.squeeze(x.mean((2, 3), keepdim=True)))))
+
+
+def test_squeeze_excitation_stays_blocked():
+    _, after, record = run_pass(SqueezeExcite().eval(), (torch.randn(1, 16, 7, 7),), "convert-layout{lanes=8}")
+    assert record.stats["depthwise-convs"] == 1 and record.stats["convs"] == 2
+    assert ops(after).count(fxopt_ops.from_blocked.default) == 1  # the output
+
+
+class Branches(nn.Module):
+    """Two parallel 1x1 convolutions (merged by ``fuse-blocks`` into one, then sliced apart), concatenated."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.c = nn.Conv2d(8, 16, 1), nn.Conv2d(8, 8, 1), nn.Conv2d(24, 8, 3)
+
+    def forward(self, x):
+        return self.c(torch.cat([F.relu(self.a(x)), F.relu(self.b(x))], 1))
+
+
+def test_slices_and_concatenations_of_whole_blocks_stay_blocked():
+    model, inputs = Branches().eval(), (torch.randn(1, 8, 6, 6),)
+    program = capture(model, inputs)
+    after, records = PassManager("fuse-blocks,convert-layout{lanes=8},dce", verify="each").run(program)
+    found = ops(after)
+    assert records[0].changed and found.count(aten.slice.Tensor) == 2 and aten.cat.default in found
+    assert found.count(fxopt_ops.from_blocked.default) == 1 and found.count(fxopt_ops.to_blocked.default) == 1
+
+
+@pytest.mark.parametrize(
+    "channels, lanes, block",
+    [(64, 8, 8), (64, 16, 16), (24, 16, 8), (12, 8, 4), (3, 8, 3), (6, 8, 6), (18, 8, None), (18, 16, None), (1, 8, 1)],
+)
+def test_the_block_of_a_tensor_is_a_function_of_its_channels(channels, lanes, block):
+    assert channel_block(channels, lanes) == block
+
+
+def test_the_cpu_pipeline_converts_layouts_and_the_default_does_not():
+    assert "convert-layout" in BUILTIN_PIPELINES["cpu"] and "convert-layout" not in BUILTIN_PIPELINES["default"]
