@@ -66,18 +66,17 @@ class ConvertLayout(Pass):
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
         graph = program.graph
-        lanes = self.lanes or _host_lanes()
-        blocks: dict[fx.Node, int] = {}  # blocked value -> its block
+        blocking = _Blocking(graph, self.lanes or _host_lanes(), ctx)
         changed = False
         for node in list(graph.nodes):
             if node.op != "call_function":
                 continue
             with graph.inserting_before(node):
-                new = self._blocked_form(node, lanes, blocks, graph, ctx)
+                new = blocking.blocked_form(node)
             if new is None:
                 continue
             blocked, block = new
-            blocks[blocked] = block
+            blocking.blocks[blocked] = block
             with graph.inserting_after(blocked):
                 plain = graph.call_function(fxopt_ops.from_blocked.default, (blocked,))
             plain.meta["val"] = node.meta["val"]  # the same value: later ops read its shape
@@ -91,49 +90,55 @@ class ConvertLayout(Pass):
                 ctx.count("converted-back")
         return changed
 
-    def _blocked_form(
-        self, node: fx.Node, lanes: int, blocks: dict[fx.Node, int], graph: fx.Graph, ctx: PassContext
-    ) -> tuple[fx.Node, int] | None:
+
+class _Blocking:
+    """One run of the pass: the blocked values made so far and the conversions into the layout (one per value and
+    block, so a residual reads the conversion its convolution read)."""
+
+    def __init__(self, graph: fx.Graph, lanes: int, ctx: PassContext):
+        self.graph, self.lanes, self.ctx = graph, lanes, ctx
+        self.blocks: dict[fx.Node, int] = {}  # blocked value -> its block
+        self.conversions: dict[tuple[fx.Node, int], fx.Node] = {}
+
+    def blocked_form(self, node: fx.Node) -> tuple[fx.Node, int] | None:
         """The blocked node computing ``node``'s value (inserted before it) and its block, or None."""
         value = node.meta.get("val")
         if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
             return None
         if node.target is aten.convolution.default:
-            return self._conv(node, lanes, blocks, graph, ctx)
+            return self._conv(node)
         if node.target is operator.getitem:
-            return self._max_pool(node, blocks, graph) or self._split_part(node, blocks, graph)
+            return self._max_pool(node) or self._split_part(node)
         if node.target is aten.avg_pool2d.default:
-            return self._avg_pool(node, blocks, graph)
+            return self._avg_pool(node)
         if node.target is aten.mean.dim:
-            return self._mean(node, blocks, graph)
+            return self._mean(node)
         if node.target is aten.slice.Tensor:
-            return self._channel_slice(node, blocks, graph)
+            return self._channel_slice(node)
         if node.target is aten.cat.default:
-            return self._channel_cat(node, lanes, blocks, graph)
+            return self._channel_cat(node)
         if node.target in _ELEMENTWISE:
-            return self._elementwise(node, blocks, graph)
+            return self._elementwise(node)
         return None
 
-    def _conv(
-        self, conv: fx.Node, lanes: int, blocks: dict[fx.Node, int], graph: fx.Graph, ctx: PassContext
-    ) -> tuple[fx.Node, int] | None:
+    def _conv(self, conv: fx.Node) -> tuple[fx.Node, int] | None:
         x, weight, bias, stride, padding, dilation, transposed, _, groups = conv.args
         x, weight = cast(fx.Node, x), cast(fx.Node, weight)
         out = conv.meta["val"]
         if out.dim() != 4 or transposed:
-            ctx.skip(describe_node(conv), "not a 2-D convolution" if out.dim() != 4 else "transposed")
+            self.ctx.skip(describe_node(conv), "not a 2-D convolution" if out.dim() != 4 else "transposed")
             return None
         if weight.op != "get_attr" or weight.meta["val"].dtype != torch.float32:
-            ctx.skip(describe_node(conv), "its weight is not a float32 constant")
+            self.ctx.skip(describe_node(conv), "its weight is not a float32 constant")
             return None
         channels, out_channels = x.meta["val"].shape[1], out.shape[1]
         depthwise = groups == channels == out_channels
         if groups != 1 and not depthwise:
-            ctx.skip(describe_node(conv), f"grouped ({groups} groups) and not depthwise")
+            self.ctx.skip(describe_node(conv), f"grouped ({groups} groups) and not depthwise")
             return None
-        block = channel_block(out_channels, lanes)
+        block = channel_block(out_channels, self.lanes)
         if block is None:
-            ctx.skip(describe_node(conv), f"{out_channels} output channels have no block of up to {lanes}")
+            self.ctx.skip(describe_node(conv), f"{out_channels} output channels have no block of up to {self.lanes}")
             return None
         top, left = cast(list, padding)
         sides = [top, left, top, left]
@@ -142,40 +147,41 @@ class ConvertLayout(Pass):
             extra = cast(list[int], _zero_pad(x))
             source = cast(fx.Node, x.args[0])
             sides = [s + e for s, e in zip(sides, extra)]
-        blocked_x = self._blocked_input(source, channel_block(channels, lanes), blocks, graph)
+        blocked_x = self._blocked_input(source, channel_block(channels, self.lanes))
         if blocked_x is None:
-            ctx.skip(describe_node(conv), f"{channels} input channels have no block of up to {lanes}")
+            self.ctx.skip(describe_node(conv), f"{channels} input channels have no block of up to {self.lanes}")
             return None
-        if depthwise and blocks[blocked_x] != block:
-            blocked_x = self._reblocked(blocked_x, block, blocks, graph)
-        ctx.count("depthwise-convs" if depthwise else "convs")
-        new = graph.call_function(
+        if depthwise and self.blocks[blocked_x] != block:
+            blocked_x = self._reblocked(blocked_x, block)
+        self.ctx.count("depthwise-convs" if depthwise else "convs")
+        new = self.graph.call_function(
             fxopt_ops.conv2d_blocked.default,
             (blocked_x, weight, bias, list(cast(list, stride)), sides, list(cast(list, dilation)), groups, block),
         )
         return new, block
 
-    def _blocked_input(
-        self, x: fx.Node, block: int | None, blocks: dict[fx.Node, int], graph: fx.Graph
-    ) -> fx.Node | None:
+    def _blocked_input(self, x: fx.Node, block: int | None) -> fx.Node | None:
         """``x``'s value blocked: the blocked value it converts back, or ``x`` converted by ``block``."""
         if x.target is fxopt_ops.from_blocked.default:
             return cast(fx.Node, x.args[0])
-        return None if block is None else self._converted(x, block, blocks, graph)
+        return None if block is None else self._converted(x, block)
 
-    def _reblocked(self, blocked: fx.Node, block: int, blocks: dict[fx.Node, int], graph: fx.Graph) -> fx.Node:
+    def _reblocked(self, blocked: fx.Node, block: int) -> fx.Node:
         """A blocked value in another block: converted back and again."""
         plain = next((u for u in blocked.users if u.target is fxopt_ops.from_blocked.default), None)
         if plain is None:
-            plain = graph.call_function(fxopt_ops.from_blocked.default, (blocked,))
-        return self._converted(plain, block, blocks, graph)
+            plain = self.graph.call_function(fxopt_ops.from_blocked.default, (blocked,))
+        return self._converted(plain, block)
 
-    def _converted(self, x: fx.Node, block: int, blocks: dict[fx.Node, int], graph: fx.Graph) -> fx.Node:
-        converted = graph.call_function(fxopt_ops.to_blocked.default, (x, block))
-        blocks[converted] = block
-        return converted
+    def _converted(self, x: fx.Node, block: int) -> fx.Node:
+        if (x, block) not in self.conversions:
+            with self.graph.inserting_after(x):
+                converted = self.graph.call_function(fxopt_ops.to_blocked.default, (x, block))
+            self.blocks[converted] = block
+            self.conversions[x, block] = converted
+        return self.conversions[x, block]
 
-    def _max_pool(self, item: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
+    def _max_pool(self, item: fx.Node) -> tuple[fx.Node, int] | None:
         """``max_pool2d_with_indices(x, ...)[0]`` where the indices are not read."""
         pool, index = item.args
         pool = cast(fx.Node, pool)
@@ -186,21 +192,23 @@ class ConvertLayout(Pass):
             return None
         kernel, *rest = _pool_args(pool.args[1:], ([], [0, 0], [1, 1], False))
         stride = rest[0] or kernel
-        new = graph.call_function(fxopt_ops.pool2d_blocked.default, (x.args[0], "max", kernel, stride, *rest[1:], True))
-        return new, blocks[cast(fx.Node, x.args[0])]
+        new = self.graph.call_function(
+            fxopt_ops.pool2d_blocked.default, (x.args[0], "max", kernel, stride, *rest[1:], True)
+        )
+        return new, self.blocks[cast(fx.Node, x.args[0])]
 
-    def _avg_pool(self, pool: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
+    def _avg_pool(self, pool: fx.Node) -> tuple[fx.Node, int] | None:
         x = cast(fx.Node, pool.args[0])
         if x.target is not fxopt_ops.from_blocked.default or len(pool.args) > 6 or x.meta["val"].dim() != 4:
             return None  # a divisor override stays NCHW
         kernel, stride, padding, ceil_mode, count_include_pad = _pool_args(pool.args[1:], ([], [0, 0], False, True))
-        new = graph.call_function(
+        new = self.graph.call_function(
             fxopt_ops.pool2d_blocked.default,
             (x.args[0], "avg", kernel, stride or kernel, padding, [1, 1], ceil_mode, count_include_pad),
         )
-        return new, blocks[cast(fx.Node, x.args[0])]
+        return new, self.blocks[cast(fx.Node, x.args[0])]
 
-    def _mean(self, mean: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
+    def _mean(self, mean: fx.Node) -> tuple[fx.Node, int] | None:
         """A mean over ``H, W``: over the same dims of the blocked value. Kept dims stay blocked; without them the
         ``[N, C/x, x]`` result is ``[N, C]`` as it is, and the mean's readers read that view."""
         x = cast(fx.Node, mean.args[0])
@@ -211,25 +219,25 @@ class ConvertLayout(Pass):
         if not isinstance(dims, (list, tuple)) or sorted(d % 4 for d in dims) != [2, 3]:
             return None
         blocked = cast(fx.Node, x.args[0])
-        new = graph.call_function(aten.mean.dim, (blocked, [2, 3], keepdim))
+        new = self.graph.call_function(aten.mean.dim, (blocked, [2, 3], keepdim))
         if keepdim:
-            return new, blocks[blocked]
-        flat = graph.call_function(aten.view.default, (new, list(mean.meta["val"].shape)))
+            return new, self.blocks[blocked]
+        flat = self.graph.call_function(aten.view.default, (new, list(mean.meta["val"].shape)))
         flat.meta["val"] = mean.meta["val"]
-        stamp_provenance([new, flat], self.name, [mean])
+        stamp_provenance([new, flat], ConvertLayout.name, [mean])
         mean.replace_all_uses_with(flat, propagate_meta=False)
         return None
 
-    def _channel_slice(self, piece: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
+    def _channel_slice(self, piece: fx.Node) -> tuple[fx.Node, int] | None:
         """A slice of whole blocks of channels (the parts of two convolutions ``fuse-blocks`` merged): the same
         slice of the blocks."""
         given = piece.args[1:]
         dim, start, end, step = cast(
             list[Any], [given[i] if i < len(given) else d for i, d in enumerate((0, None, 2**62, 1))]
         )
-        return self._blocks_of(cast(fx.Node, piece.args[0]), dim, start or 0, end, step, blocks, graph)
+        return self._blocks_of(cast(fx.Node, piece.args[0]), dim, start or 0, end, step)
 
-    def _split_part(self, item: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
+    def _split_part(self, item: fx.Node) -> tuple[fx.Node, int] | None:
         """A part of a split along the channels: a slice (:meth:`_channel_slice`)."""
         split, part = cast(tuple[fx.Node, int], item.args)
         if split.target not in (aten.split_with_sizes.default, aten.split.Tensor):
@@ -237,24 +245,20 @@ class ConvertLayout(Pass):
         x, sizes = cast(fx.Node, split.args[0]), split.args[1]
         dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
         start = cast(int, sizes) * part if split.target is aten.split.Tensor else sum(cast(list[int], sizes)[:part])
-        return self._blocks_of(x, cast(int, dim), start, start + item.meta["val"].shape[1], 1, blocks, graph)
+        return self._blocks_of(x, cast(int, dim), start, start + item.meta["val"].shape[1], 1)
 
-    def _blocks_of(
-        self, x: fx.Node, dim: int, start: int, end: int, step: int, blocks: dict[fx.Node, int], graph: fx.Graph
-    ) -> tuple[fx.Node, int] | None:
+    def _blocks_of(self, x: fx.Node, dim: int, start: int, end: int, step: int) -> tuple[fx.Node, int] | None:
         """Channels ``start:end`` of a blocked value, where they are whole blocks."""
         if x.target is not fxopt_ops.from_blocked.default or x.meta["val"].dim() != 4 or dim % 4 != 1:
             return None
         blocked = cast(fx.Node, x.args[0])
-        block, channels = blocks[blocked], x.meta["val"].shape[1]
+        block, channels = self.blocks[blocked], x.meta["val"].shape[1]
         start, end = start + channels if start < 0 else start, min(end + channels if end < 0 else end, channels)
         if step != 1 or start % block or end % block or not 0 <= start < end:
             return None
-        return graph.call_function(aten.slice.Tensor, (blocked, 1, start // block, end // block)), block
+        return self.graph.call_function(aten.slice.Tensor, (blocked, 1, start // block, end // block)), block
 
-    def _channel_cat(
-        self, cat: fx.Node, lanes: int, blocks: dict[fx.Node, int], graph: fx.Graph
-    ) -> tuple[fx.Node, int] | None:
+    def _channel_cat(self, cat: fx.Node) -> tuple[fx.Node, int] | None:
         """A concatenation along the channels of at least one blocked value: of the blocks, all in the smallest
         of their blocks."""
         parts = cast(list[fx.Node], cat.args[0])
@@ -264,9 +268,9 @@ class ConvertLayout(Pass):
         if not any(p.target is fxopt_ops.from_blocked.default for p in parts):
             return None
         wanted = [
-            blocks[cast(fx.Node, p.args[0])]
+            self.blocks[cast(fx.Node, p.args[0])]
             if p.target is fxopt_ops.from_blocked.default
-            else channel_block(p.meta["val"].shape[1], lanes)
+            else channel_block(p.meta["val"].shape[1], self.lanes)
             for p in parts
         ]
         if None in wanted:
@@ -274,13 +278,11 @@ class ConvertLayout(Pass):
         block = min(cast(list[int], wanted))
         blocked = []
         for part in parts:
-            converted = cast(fx.Node, self._blocked_input(part, block, blocks, graph))
-            blocked.append(
-                converted if blocks[converted] == block else self._reblocked(converted, block, blocks, graph)
-            )
-        return graph.call_function(aten.cat.default, (blocked, 1)), block
+            converted = cast(fx.Node, self._blocked_input(part, block))
+            blocked.append(converted if self.blocks[converted] == block else self._reblocked(converted, block))
+        return self.graph.call_function(aten.cat.default, (blocked, 1)), block
 
-    def _elementwise(self, node: fx.Node, blocks: dict[fx.Node, int], graph: fx.Graph) -> tuple[fx.Node, int] | None:
+    def _elementwise(self, node: fx.Node) -> tuple[fx.Node, int] | None:
         """An elementwise op reading a blocked value of its channels. Its other 4-D tensors broadcast as blocked
         values too, those of its channels in its block (a squeeze-excitation's ``[N, C, 1, 1]`` scale), those of
         one channel in a block of one; single values as they are; anything else (a ``[C, 1, 1]`` constant)
@@ -290,7 +292,7 @@ class ConvertLayout(Pass):
             return None
         block = next(
             (
-                blocks[cast(fx.Node, a.args[0])]
+                self.blocks[cast(fx.Node, a.args[0])]
                 for a in node.args
                 if isinstance(a, fx.Node)
                 and a.target is fxopt_ops.from_blocked.default
@@ -303,17 +305,15 @@ class ConvertLayout(Pass):
         args: list[Any] = []
         for arg in node.args:
             value = arg.meta.get("val") if isinstance(arg, fx.Node) else None
-            if value is None or (isinstance(value, torch.Tensor) and value.numel() == 1):
-                args.append(arg)
-            elif isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[1] in (shape[1], 1):
+            if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[1] in (shape[1], 1):
                 wanted = block if value.shape[1] == shape[1] else 1
-                converted = cast(fx.Node, self._blocked_input(cast(fx.Node, arg), wanted, blocks, graph))
-                args.append(
-                    converted if blocks[converted] == wanted else self._reblocked(converted, wanted, blocks, graph)
-                )
+                converted = cast(fx.Node, self._blocked_input(cast(fx.Node, arg), wanted))
+                args.append(converted if self.blocks[converted] == wanted else self._reblocked(converted, wanted))
+            elif value is None or (isinstance(value, torch.Tensor) and value.numel() == 1):
+                args.append(arg)
             else:
                 return None
-        return graph.call_function(cast(Any, node.target), tuple(args), dict(node.kwargs)), block
+        return self.graph.call_function(cast(Any, node.target), tuple(args), dict(node.kwargs)), block
 
 
 def _zero_pad(pad: fx.Node) -> list[int] | None:

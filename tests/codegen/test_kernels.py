@@ -15,6 +15,8 @@ from hypothesis import strategies as st
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels import FAMILIES, template_workloads
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionInputs
+from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
+from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
 from fxopt.codegen.kernels.gemm_f32 import (
     AVX2_TILE,
     AVX512_TILE,
@@ -181,6 +183,15 @@ WORKLOADS = {
     "gemm_f32": [(128, 768, 3072), (128, 3072, 768), (1, 64, 100), (13, 37, 53)],
     "gemm_int8": [(128, 384, 1536), (1, 64, 48), (24, 38, 48), (7, 16, 8)],
     "attention_f32": [(1, 12, 128, 128, 64), (2, 3, 5, 7, 9)],
+    # N, C, H, W, O, KH, KW, strides, padding (top, left, bottom, right), dilations, input and output blocks
+    "conv2d_f32": [
+        (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, 16),
+        (1, 3, 9, 9, 24, 7, 7, 2, 2, 3, 3, 3, 3, 1, 1, 3, 8),
+    ],
+    "depthwise_f32": [
+        (1, 96, 56, 56, 96, 3, 3, 2, 2, 0, 0, 1, 1, 1, 1, 16, 16),
+        (2, 8, 3, 3, 8, 5, 5, 1, 1, 2, 2, 2, 2, 1, 1, 4, 4),
+    ],
 }
 
 
@@ -201,6 +212,7 @@ def test_a_familys_default_is_one_of_its_space_and_its_configs_are_stored_as_the
         for config in space:
             assert family.config_from(family.config_entry(config)) == config
             assert getattr(config, "lanes", isa.lanes()) == isa.lanes()  # the ISA's own vectors
+            assert getattr(config, "rows", 1) * getattr(config, "vectors", 1) <= isa.vector_registers
 
 
 def test_which_isas_each_family_applies_to():
@@ -208,7 +220,7 @@ def test_which_isas_each_family_applies_to():
         spec: {name for name, family in FAMILIES.items() if family.applies(WORKLOADS[name][0], Isa.named(spec))}
         for spec in FAMILY_ISAS
     }
-    assert applies["aarch64"] == {"gemm_f32"}  # NEON: the float32 GEMM only, so far
+    assert applies["aarch64"] == {"gemm_f32", "conv2d_f32", "depthwise_f32"}  # NEON: no attention, no int8 so far
     assert all(applies[spec] == set(WORKLOADS) for spec in FAMILY_ISAS if spec != "aarch64")
     assert not GEMM_INT8.applies((4, 15, 48), Isa.named("cpu:avx2"))  # odd input features: no int16 pairs
 
@@ -272,3 +284,76 @@ def test_every_int8_gemm_config_is_exact(scales):
         args = (xq, GEMM_INT8.pack(weight, config), colsum, zero_point, x_scale, w_scale, bias, out)
         library[f"c{i}"](*map(to_tvm, args))
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-3, msg=str(config))
+
+
+def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
+    return torch.ops.fxopt.to_blocked(x, block)
+
+
+@st.composite
+def conv_workloads(draw):
+    """A convolution of the blocked layout at 8 or 16 lanes (a 16-lane schedule runs here too: LLVM splits its
+    vectors), plain or depthwise, blocks of the lanes or smaller, kernels 1/3/5/7, strides, one-sided padding,
+    dilation, tiny images; and an index into its family's space."""
+    lanes = draw(st.sampled_from([8, 16]))
+    depthwise = draw(st.booleans())
+    in_block = draw(st.sampled_from([lanes, lanes // 2, 4, 3] if not depthwise else [lanes, 4]))
+    out_block = in_block if depthwise else draw(st.sampled_from([lanes, lanes // 2]))
+    channels = in_block * draw(st.integers(1, 3))
+    out_channels = channels if depthwise else out_block * draw(st.integers(1, 4))
+    k = draw(st.sampled_from([1, 3, 5, 7]))
+    shape = ConvShape(
+        draw(st.integers(1, 2)), channels, draw(st.integers(1, 11)), draw(st.integers(1, 11)), out_channels,
+        k, draw(st.sampled_from([k, 1])), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])),
+        *(draw(st.integers(0, 3)) for _ in range(4)), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])),
+        in_block, out_block,
+    )  # fmt: skip
+    if shape.out_height < 1 or shape.out_width < 1:
+        shape = shape._replace(pad_top=k * shape.dilation_h, pad_left=k * shape.dilation_w)
+    return shape, depthwise, Isa.named("cpu:avx512" if lanes == 16 else "cpu:avx2"), draw(st.integers(0, 99))
+
+
+@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the convolution kernels run on x86 CPUs with AVX2")
+@settings(max_examples=30, deadline=None)
+@given(conv_workloads(), st.integers(0, 2**16), st.booleans())
+def test_every_convolution_config_at_every_isas_lanes_matches_pytorch(case, seed, with_epilogue):
+    import tvm
+
+    shape, depthwise, isa, choice = case
+    family = DEPTHWISE_F32 if depthwise else CONV2D_F32
+    space = family.space(tuple(shape), isa)
+    config = space[choice % len(space)]
+    pixels = shape.out_channels // shape.out_block, shape.pixels, shape.out_block
+    epilogue = ScaledRelu(shape.out_block) if with_epilogue else None
+    library = tvm.compile(tvm.IRModule({"main": family.build(tuple(shape), config, epilogue)}), target=CPU.tvm())
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape.batch, shape.channels, shape.height, shape.width, generator=generator)
+    groups = shape.channels if depthwise else 1
+    weight = torch.randn(
+        shape.out_channels, shape.channels // groups, shape.kernel_h, shape.kernel_w, generator=generator
+    )
+    bias, scale = (
+        torch.randn(shape.out_channels, generator=generator),
+        torch.randn(shape.out_block, generator=generator),
+    )
+    out = torch.full((shape.batch, *pixels), float("nan"))
+    args = [_blocked(x, shape.in_block), family.pack(weight, shape), bias, *([scale] if epilogue else []), out]
+    library["main"](*map(to_tvm, args))
+    padded = F.pad(x, (shape.pad_left, shape.pad_right, shape.pad_top, shape.pad_bottom))
+    strides, dilations = (shape.stride_h, shape.stride_w), (shape.dilation_h, shape.dilation_w)
+    expected = _blocked(F.conv2d(padded, weight, bias, strides, 0, dilations, groups), shape.out_block)
+    expected = torch.relu(expected) * scale if epilogue else expected
+    torch.testing.assert_close(out.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("family", [CONV2D_F32, DEPTHWISE_F32])
+@pytest.mark.parametrize("spec, mcpu, registers", [("cpu:avx2", "znver3", "%ymm"), ("cpu:avx512", "znver4", "%zmm")])
+def test_convolutions_build_for_each_isa_in_its_registers_with_fused_multiply_adds(family, spec, mcpu, registers):
+    import tvm
+
+    isa = Isa.named(spec)
+    workload = (1, 32, 14, 14, 32, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, isa.lanes(), isa.lanes())
+    kernel = family.build(workload, family.default(workload, isa))
+    asm = tvm.compile(tvm.IRModule({"main": kernel}), target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+    source = asm.mod.inspect_source("asm")
+    assert registers in source and re.search(r"vfmadd\d+ps\s+[^\n]*" + re.escape(registers), source)

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxopt import capture
+from fxopt import PassManager, capture
 from fxopt.codegen import build
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
+from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
+from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, default_tile
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
 from fxopt.codegen.lower import OVERRIDES, is_lowerable, register_lowering
@@ -83,6 +85,10 @@ def test_every_override_is_tested_here():
         "aten::tanh",
         "aten::exp",
         "aten::pow.Tensor_Scalar",
+        "fxopt::to_blocked",
+        "fxopt::from_blocked",
+        "fxopt::conv2d_blocked",
+        "fxopt::pool2d_blocked",
     }
     assert {op.name() for op in OVERRIDES} == tested
 
@@ -668,3 +674,51 @@ def test_float16_matmuls_run_on_tensor_cores_on_cuda():
     program = capture(Fn(lambda x: F.gelu(F.linear(x, weight))), (torch.randn(128, 256, dtype=torch.float16),))
     executable = build(program, parse_target("cuda:sm_90"), dispatch="tvm")  # built here, run where a GPU is
     assert "wmma" in executable.kernel_source()  # DLight's tensor-core rule took the matmul
+
+
+class Bottleneck(torch.nn.Module):
+    """ResNet's residual tail (conv, add, ReLU) and MobileNetV2's depthwise convolution with ReLU6, blocked."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.depthwise = torch.nn.Conv2d(16, 16, 3, 2, 1, groups=16, bias=False)
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x) + x)
+        return F.relu6(self.depthwise(F.max_pool2d(y, 3, 1, 1)))
+
+
+@pytest.mark.skipif(not HOST.avx2, reason="the convolution kernels are for AVX2 CPUs")
+def test_blocked_convolutions_are_the_families_kernels_with_their_tails_on_the_tile():
+    program = capture(Bottleneck().eval(), (torch.randn(2, 16, 9, 9),))
+    program, _ = PassManager(f"convert-layout{{lanes={HOST.lanes()}}}", verify="off").run(program)
+    with spy_on(CONV2D_F32) as convs, spy_on(DEPTHWISE_F32) as depthwise:
+        executable = build(program, CPU, dispatch="tvm")
+    assert executable.backend == "tvm" and all(s.backend == "tvm" for s in executable.segments)
+    assert_built_matches(program, executable)
+    ((workload, _, tail),) = convs
+    assert workload[:5] == (2, 16, 9, 9, 16) and tail.ops == ("add", "relu")
+    ((workload, _, tail),) = depthwise
+    assert workload[7:9] == (2, 2) and tail.ops == ("hardtanh",)
+
+
+@pytest.mark.parametrize("kind", ["max", "avg"])
+def test_blocked_pools_and_layout_conversions_lower_through_tvm(kind):
+    def pooled(x):
+        x = torch.ops.fxopt.to_blocked(x, 4)
+        pool = torch.ops.fxopt.pool2d_blocked(x, kind, [3, 3], [2, 2], [1, 1], [1, 1], True, False)
+        return torch.ops.fxopt.from_blocked(pool)
+
+    assert_matches_torch(pooled, torch.randn(2, 8, 7, 6))
+
+
+def test_a_blocked_convolution_no_family_serves_converts_to_nchw_around_tvms():
+    from fxopt.codegen.lower import lower_graph
+
+    program = capture(Bottleneck().eval(), (torch.randn(1, 16, 6, 6),))
+    program, _ = PassManager("convert-layout{lanes=8}", verify="off").run(program)
+    with spy_on(CONV2D_F32) as convs:
+        mod = lower_graph(program.graph_module, "main", target=None)  # no target: no ISA, no family
+    assert not convs and "conv2d" in mod.script()

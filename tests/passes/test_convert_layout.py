@@ -7,6 +7,7 @@ from fxopt import PassManager, capture
 from fxopt.passes.convert_layout import channel_block
 from fxopt.passes.registry import BUILTIN_PIPELINES
 from tests.passes.helpers import ops, run_pass
+from tests.property.cnns import CnnModel, CnnSpec, Step
 
 aten = torch.ops.aten
 fxopt_ops = torch.ops.fxopt
@@ -135,3 +136,13 @@ def test_the_block_of_a_tensor_is_a_function_of_its_channels(channels, lanes, bl
 
 def test_the_cpu_pipeline_converts_layouts_and_the_default_does_not():
     assert "convert-layout" in BUILTIN_PIPELINES["cpu"] and "convert-layout" not in BUILTIN_PIPELINES["default"]
+
+
+def test_a_one_element_value_the_pass_blocked_is_read_blocked_not_broadcast_as_a_number():
+    # Found by the random CNNs: an SE on a 1x1 image squeezes 3 channels into 1; the [1, 1, 1, 1] value after
+    # it is one element, and was taken for a single number beside the blocked values.
+    spec = CnnSpec((1, 3, 1, 1), [Step("se", (0,), {"squeeze": 4}, (1, 3, 1, 1))], [1], False, 0)
+    model = CnnModel(spec).eval()
+    _, after, _ = run_pass(model, model.example_inputs(), "convert-layout{lanes=8}")
+    relu = next(n for n in after.graph.nodes if n.target is aten.relu.default)
+    assert relu.args[0].target is fxopt_ops.conv2d_blocked.default

@@ -110,15 +110,11 @@ def schedule_padding(sch, shape: ConvShape) -> None:
 
 @dataclass(frozen=True)
 class Conv2dF32Config:
-    """The register tile: ``rows`` output pixels x ``vectors`` output blocks (one vector of ``lanes`` each)."""
+    """The register tile: ``rows`` output pixels x ``vectors`` output blocks (one vector each: the workload's
+    output block is the vector's lanes)."""
 
     rows: int
     vectors: int
-    lanes: int
-
-    @property
-    def tile(self) -> RegisterTile:
-        return RegisterTile(self.rows, self.vectors, self.lanes)
 
     def __str__(self) -> str:
         return f"{self.rows}x{self.vectors} tile"
@@ -147,7 +143,7 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         shape = ConvShape(*workload)
         blocks, pixels = shape.out_channels // shape.out_block, shape.out_height * shape.out_width
         tiles = [
-            Conv2dF32Config(min(rows, pixels), vectors, shape.out_block)
+            Conv2dF32Config(min(rows, pixels), vectors)
             for rows, vectors in TILES
             if blocks % vectors == 0 and RegisterTile(rows, vectors, shape.out_block).fits(isa)
         ]
@@ -171,11 +167,11 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         from tvm import s_tir, te
 
         shape = ConvShape(*workload)
-        epilogue, tile = variant, config.tile
+        epilogue = variant
         x_block, y_block = shape.in_block, shape.out_block
         in_blocks, out_blocks = shape.channels // x_block, shape.out_channels // y_block
         pixels = shape.pixels
-        rows = min(tile.rows, pixels)
+        rows = min(config.rows, pixels)
         padded_pixels = -(-pixels // rows) * rows
         x = te.placeholder((shape.batch, in_blocks, shape.height, shape.width, x_block), "float32", name="x")
         source = padded_input(shape, x)
@@ -208,7 +204,7 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         sch = s_tir.Schedule(func)
         block = sch.get_sblock("acc")
         n, o, p, lane, c_loop, kh_loop, kw_loop, i_loop = sch.get_loops(block)
-        group, vector = sch.split(o, [None, tile.vectors])
+        group, vector = sch.split(o, [None, config.vectors])
         pixel_tile, pixel = sch.split(p, [None, rows])
         sch.reorder(n, group, pixel_tile, c_loop, kh_loop, kw_loop, i_loop, pixel, vector, lane)
         task = sch.fuse(n, group, pixel_tile)

@@ -25,10 +25,9 @@ __all__ = ["DepthwiseF32Config", "DepthwiseF32", "DEPTHWISE_F32"]
 
 @dataclass(frozen=True)
 class DepthwiseF32Config:
-    """The register tile: ``rows`` output pixels of one block of ``lanes`` channels."""
+    """The register tile: ``rows`` output pixels of one block of channels (one vector)."""
 
     rows: int
-    lanes: int
 
     def __str__(self) -> str:
         return f"{self.rows}-pixel tile"
@@ -55,7 +54,7 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
     def space(self, workload: Workload, isa: Isa) -> list[DepthwiseF32Config]:
         shape = ConvShape(*workload)
         tiles = [
-            DepthwiseF32Config(min(rows, shape.pixels), shape.out_block)
+            DepthwiseF32Config(min(rows, shape.pixels))
             for rows in ROWS
             if RegisterTile(rows, 1, shape.out_block).fits(isa)
         ]
