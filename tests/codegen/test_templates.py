@@ -15,6 +15,8 @@ import fxopt.codegen.tune as tune_module
 from fxopt import CodegenError
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
+from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
+from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, TILES, GemmF32Config, default_tile
 from fxopt.codegen.runtime import to_tvm
 from fxopt.codegen.templates import Choice, TemplateChoices
@@ -257,3 +259,27 @@ def test_attention_is_tuned_like_the_gemm_and_builds_use_its_choice(monkeypatch)
     again = fxopt.optimize(model, inputs, target="cpu", dispatch="tvm")
     assert calls == [chosen["attention_f32", workload].config]
     torch.testing.assert_close(again(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+
+
+@needs_avx2
+@pytest.mark.parametrize("family, groups", [(CONV2D_F32, 1), (DEPTHWISE_F32, 16)])
+def test_convolutions_are_tuned_like_the_gemm_and_builds_use_their_choice(monkeypatch, family, groups):
+    torch.manual_seed(0)
+    model, inputs = (
+        torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1, groups=groups)).eval(),
+        (torch.randn(1, 16, 6, 6),),
+    )
+    lanes = HOST.lanes()
+    workload = (1, 16, 6, 6, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, lanes, lanes)
+    space = family.space(workload, HOST)
+    monkeypatch.setattr(family, "space", lambda workload, isa: space[1:3])  # two others than the default
+    tuned = fxopt.optimize(model, inputs, target="cpu", tune=TuneOptions(trials=2))
+    assert [k.name for k in tuned._latest()[0].tuning.templates] == [family.kernel_name(workload)]
+    chosen = TemplateChoices.load(database_dir(CPU)).chosen
+    assert list(chosen) == [(family.name, workload)] and chosen[family.name, workload].config in space[1:3]
+
+    calls, real = [], family.build
+    monkeypatch.setattr(family, "build", lambda w, config, *a: calls.append(config) or real(w, config, *a))
+    again = fxopt.optimize(model, inputs, target="cpu", dispatch="tvm")
+    assert calls == [chosen[family.name, workload].config]
+    torch.testing.assert_close(again(*inputs), model(*inputs), rtol=1e-4, atol=1e-4)

@@ -115,10 +115,14 @@ class Conv2dF32Config:
 
     rows: int
     vectors: int
+    #: 1: groups of output blocks outermost; 2: pixel tiles outermost.
+    order: int = 1
 
     def __str__(self) -> str:
-        return f"{self.rows}x{self.vectors} tile"
+        return f"{self.rows}x{self.vectors} tile" + (", pixels outermost" if self.order == PIXELS_OUTER else "")
 
+
+CHANNELS_OUTER, PIXELS_OUTER = 1, 2
 
 #: Tiles (pixels, output blocks) tuning times where they fit the registers and the output blocks divide; the
 #: first that fits is the default (the GEMM's: 4 x 3 on AVX2, 8 x 3 on AVX-512).
@@ -139,13 +143,16 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
 
     def space(self, workload: Workload, isa: Isa) -> list[Conv2dF32Config]:
         """The tiles of :data:`TILES` that fit ``isa``'s registers at the output block's lanes, output blocks
-        dividing the output channels' blocks, at most as many pixels as the output has."""
+        dividing the output channels' blocks, at most as many pixels as the output has; each with groups of output
+        blocks outermost (their weights stay in cache while the pixels stream past) or pixel tiles outermost (a
+        tile's input stays in L1 while every group's weights stream past)."""
         shape = ConvShape(*workload)
-        blocks, pixels = shape.out_channels // shape.out_block, shape.out_height * shape.out_width
+        blocks = shape.out_channels // shape.out_block
         tiles = [
-            Conv2dF32Config(min(rows, pixels), vectors)
+            Conv2dF32Config(min(rows, shape.pixels), vectors, order)
             for rows, vectors in TILES
             if blocks % vectors == 0 and RegisterTile(rows, vectors, shape.out_block).fits(isa)
+            for order in (CHANNELS_OUTER, PIXELS_OUTER)
         ]
         return list(dict.fromkeys(tiles))
 
@@ -206,8 +213,9 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         n, o, p, lane, c_loop, kh_loop, kw_loop, i_loop = sch.get_loops(block)
         group, vector = sch.split(o, [None, config.vectors])
         pixel_tile, pixel = sch.split(p, [None, rows])
-        sch.reorder(n, group, pixel_tile, c_loop, kh_loop, kw_loop, i_loop, pixel, vector, lane)
-        task = sch.fuse(n, group, pixel_tile)
+        outer = (pixel_tile, group) if config.order == PIXELS_OUTER else (group, pixel_tile)
+        sch.reorder(n, *outer, c_loop, kh_loop, kw_loop, i_loop, pixel, vector, lane)
+        task = sch.fuse(n, *outer)
         epilogue_on_tile(sch, task)
         sch.set_scope(block, 0, "local")
         sch.parallel(task)
