@@ -1,17 +1,18 @@
 """Static speed of the hand kernels' innermost loops per CPU, from ``llvm-mca``: for the ISAs a host lacks.
 
 ``python benchmarks/kernels_mca.py [--cpus sapphirerapids znver4 znver3] [--mca llvm-mca-19]``: each kernel family
-(:mod:`fxopt.codegen.kernels`: the float32 GEMM on BERT's 128x768x3072, attention on BERT's 12 heads x 128 x 64) is
-built with its default config for each CPU (``x86_64:CPU``: its ISA's tiles and lanes, cross-compiled where this
-host lacks the ISA); the loops of its assembly that hold its FMAs (a label, a body, a jump back to the label) go to
-``llvm-mca -mcpu=CPU``, which predicts their cycles per iteration on that CPU's pipeline model. Printed per loop:
-its FMAs and their width, the predicted FLOP per cycle, and that as a share of the model's own FMA peak (its
-prediction for independent FMAs of the same width, beside the CPU's real peak, :data:`PEAK_FLOP_PER_CYCLE`: LLVM's
-models differ from the chips and between versions; LLVM 19 gives Sapphire Rapids one 512-bit FMA per cycle, it has
-two, and LLVM 14 gives Zen 3 one 256-bit FMA per cycle, it has two). A prediction is of the loop alone with its data
-in L1: what packing, blocking and the loops around it cost is not in it (``benchmarks/gemm.py`` measures the host's
-kernel whole). LLVM 14's ``llvm-mca`` knows no Zen 4: the newest ``llvm-mca-NN`` on the PATH is used (Debian: ``apt-
-get install llvm-19``)."""
+(:mod:`fxopt.codegen.kernels`: the float32 GEMM on BERT's 128x768x3072, attention on BERT's 12 heads x 128 x 64, the
+direct convolution on ResNet-50's 3x3 64-channel layer blocked by the ISA's lanes; not the depthwise one, whose taps
+LLVM unrolls whole, leaving no loop, and which memory bounds) is built with its default config for each CPU
+(``x86_64:CPU``: its ISA's tiles and lanes, cross-compiled where this host lacks the ISA); the loops of its assembly
+that hold its FMAs (a label, a body, a jump back to the label) go to ``llvm-mca -mcpu=CPU``, which predicts their
+cycles per iteration on that CPU's pipeline model. Printed per loop: its FMAs and their width, the predicted FLOP
+per cycle, and that as a share of the model's own FMA peak (its prediction for independent FMAs of the same width,
+beside the CPU's real peak, :data:`PEAK_FLOP_PER_CYCLE`: LLVM's models differ from the chips and between versions;
+LLVM 19 gives Sapphire Rapids one 512-bit FMA per cycle, it has two, and LLVM 14 gives Zen 3 one 256-bit FMA per
+cycle, it has two). A prediction is of the loop alone with its data in L1: what packing, blocking and the loops
+around it cost is not in it (``benchmarks/gemm.py`` measures the host's kernel whole). LLVM 14's ``llvm-mca`` knows
+no Zen 4: the newest ``llvm-mca-NN`` on the PATH is used (Debian: ``apt-get install llvm-19``)."""
 
 import argparse
 import re
@@ -21,6 +22,7 @@ import sys
 
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
+from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.targets import parse_target
 
@@ -41,7 +43,12 @@ _FMA = re.compile(r"\s+vfn?m(add|sub)\w*ps\s.*%(zmm|ymm|xmm)\d+\s*$")
 
 def kernels(isa: Isa) -> dict:
     """The kernels measured, by name, scheduled for ``isa``."""
-    measured = [(GEMM_F32, (128, 768, 3072)), (ATTENTION_F32, (1, 12, 128, 128, 64))]
+    lanes = isa.lanes()
+    measured = [
+        (GEMM_F32, (128, 768, 3072)),
+        (ATTENTION_F32, (1, 12, 128, 128, 64)),
+        (CONV2D_F32, (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, lanes, lanes)),
+    ]
     return {family.kernel_name(w): family.build(w, family.default(w, isa)) for family, w in measured}
 
 
@@ -113,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     llvm = re.search(r"LLVM version (\S+)", version)
     print(f"{mca}: LLVM {llvm.group(1) if llvm else '?'}")
     print(
-        f"{'CPU':<15} {'kernel':<24} {'loop':>4} {'FMAs':>9} {'cycles':>7} {'FLOP/cycle':>10} "
+        f"{'CPU':<15} {'kernel':<44} {'loop':>4} {'FMAs':>9} {'cycles':>7} {'FLOP/cycle':>10} "
         f"{'model peak':>10} {'CPU peak':>8} {'of model peak':>13}"
     )
     for cpu in args.cpus:
@@ -132,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                 peak = model_peak(max(widths, key=_LANES.__getitem__), cpu, mca)
                 count = f"{sum(bool(m) for m in fmas)} {'/'.join(sorted(widths))}"
                 print(
-                    f"{cpu:<15} {name:<24} {number:>4} {count:>9} {cycles:>7.1f} {flops / cycles:>10.1f} "
+                    f"{cpu:<15} {name:<44} {number:>4} {count:>9} {cycles:>7.1f} {flops / cycles:>10.1f} "
                     f"{peak:>10.0f} {PEAK_FLOP_PER_CYCLE.get(cpu, '?'):>8} {flops / cycles / peak:>13.0%}"
                 )
     return 0

@@ -128,11 +128,20 @@ def test_the_llvm_mca_benchmark_predicts_each_kernels_loops_per_cpu(capsys, monk
     assert mca["main"](["--cpus", "znver3", "sapphirerapids", "--loops", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [(row[0], row[1]) for row in rows] == [
-        (cpu, kernel) for cpu in ("znver3", "sapphirerapids") for kernel in ("gemm_f32", "attention_f32")
+        (cpu, kernel) for cpu in ("znver3", "sapphirerapids") for kernel in ("gemm_f32", "attention_f32", "conv2d_f32")
     ]
     for row in rows:
         assert row[5] == ("ymm" if row[0] == "znver3" else "zmm")  # each CPU's own vector registers
         assert 0 < int(row[-1].rstrip("%")) <= 101  # a share of the model's peak
+
+
+def test_the_convolution_benchmark_times_each_of_a_models_convolutions_against_the_peak(capsys, monkeypatch):
+    conv = run_script("conv.py", monkeypatch)
+    assert conv["main"](["mobilenet_v2-tiny", "--rounds", "1"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines()[2:-1]]
+    assert sum(int(row[0]) for row in rows) == 52 and any("dw" in row for row in rows)  # every convolution
+    assert re.search(r"sum: torch [\d.]+ ms, fxopt [\d.]+ ms \([\d.]+x torch\), \d+ GFLOP/s: \d+% of the FMA peak", out)
 
 
 def test_the_dispatch_under_load_benchmark_builds_and_compares_plans(capsys, monkeypatch):

@@ -128,7 +128,8 @@ def test_round_trip_over_option_values(ratio, count, flag, mode, ignore, label):
 
 
 def test_named_pipelines_expand_wherever_a_pass_name_is():
-    assert str(Pipeline.parse("cpu")) == str(Pipeline.parse(BUILTIN_PIPELINES["default"]))
+    assert str(Pipeline.parse("torch")) == str(Pipeline.parse(BUILTIN_PIPELINES["default"]))
+    assert str(Pipeline.parse("cpu")) == str(Pipeline.parse(BUILTIN_PIPELINES["cpu"]))
     assert [p.name for p in Pipeline.parse("dce,cleanup").passes] == [
         "dce",
         "remove-noops",
