@@ -1,6 +1,7 @@
 """Lowerings of the blocked layout's ops (:mod:`fxopt.ir.ops`, made by the ``convert-layout`` pass): layout
 conversions, pools, and convolutions by the direct and depthwise kernel families
-(:mod:`fxopt.codegen.kernels.conv2d_f32`, :mod:`~fxopt.codegen.kernels.depthwise_f32`) where they apply, with the
+(:mod:`fxopt.codegen.kernels.conv2d_f32`, :mod:`~fxopt.codegen.kernels.depthwise_f32`,
+:mod:`~fxopt.codegen.kernels.winograd_f32`) where they apply, with the
 elementwise ops after them (ReLU, a residual add) on their tiles; elsewhere (other targets, other dtypes) the
 convolution converts to NCHW and back around TVM's own."""
 
@@ -14,6 +15,7 @@ import torch.fx as fx
 from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, Conv2dF32, ConvShape
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32
+from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32, WinogradF32
 from fxopt.codegen.lower import register_lowering, to_relax_constant
 from fxopt.ir.meta import input_node, optional_input_node
 
@@ -73,13 +75,20 @@ def conv_shape(node: fx.Node) -> ConvShape:
     return ConvShape(*[batch, channels, height, width, out_channels, kernel_h, kernel_w, *spatial, in_block, block])
 
 
-def _family(node: fx.Node, importer) -> Conv2dF32 | DepthwiseF32 | None:
-    """The kernel family computing ``node`` on the target, or None."""
+ConvFamily = Conv2dF32 | DepthwiseF32 | WinogradF32
+
+
+def _family(node: fx.Node, importer) -> ConvFamily | None:
+    """The kernel family computing ``node`` on the target, or None: Winograd for 3x3 stride-1 convolutions with
+    enough output tiles (:meth:`~fxopt.codegen.kernels.winograd_f32.WinogradF32.worthwhile`), else the direct or
+    depthwise one."""
     values = [a.meta["val"] for a in node.all_input_nodes]
     if importer.isa is None or not all(v.dtype == torch.float32 for v in values):
         return None
     shape, groups = conv_shape(node), node.args[6]
-    family: Conv2dF32 | DepthwiseF32 = CONV2D_F32 if groups == 1 else DEPTHWISE_F32
+    if groups == 1 and WINOGRAD_F32.applies(tuple(shape), importer.isa) and WINOGRAD_F32.worthwhile(shape):
+        return WINOGRAD_F32
+    family: ConvFamily = CONV2D_F32 if groups == 1 else DEPTHWISE_F32
     return family if family.applies(tuple(shape), importer.isa) else None
 
 
@@ -105,8 +114,7 @@ def _conv(node: fx.Node, importer) -> object:
     epilogue = find_epilogue(node, lambda value: value in importer.env)
     kernel = family.build(workload, config, epilogue)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
-    blocks = shape.out_channels // shape.out_block
-    flat = [shape.batch, blocks, shape.pixels, shape.out_block]
+    flat = list(family.result_shape(shape))
     args = [
         importer.env[x],
         packed,

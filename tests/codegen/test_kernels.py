@@ -27,6 +27,7 @@ from fxopt.codegen.kernels.gemm_f32 import (
     default_tile,
 )
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, ScaleShapes
+from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.runtime import to_tvm
 from fxopt.targets import host_cpu, parse_target
 
@@ -188,6 +189,10 @@ WORKLOADS = {
         (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, 16),
         (1, 3, 9, 9, 24, 7, 7, 2, 2, 3, 3, 3, 3, 1, 1, 3, 8),
     ],
+    "winograd_f32": [
+        (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, 16),
+        (2, 3, 5, 6, 8, 3, 3, 1, 1, 0, 2, 1, 0, 1, 1, 3, 8),
+    ],
     "depthwise_f32": [
         (1, 96, 56, 56, 96, 3, 3, 2, 2, 0, 0, 1, 1, 1, 1, 16, 16),
         (2, 8, 3, 3, 8, 5, 5, 1, 1, 2, 2, 2, 2, 1, 1, 4, 4),
@@ -220,7 +225,12 @@ def test_which_isas_each_family_applies_to():
         spec: {name for name, family in FAMILIES.items() if family.applies(WORKLOADS[name][0], Isa.named(spec))}
         for spec in FAMILY_ISAS
     }
-    assert applies["aarch64"] == {"gemm_f32", "conv2d_f32", "depthwise_f32"}  # NEON: no attention, no int8 so far
+    assert applies["aarch64"] == {
+        "gemm_f32",
+        "conv2d_f32",
+        "depthwise_f32",
+        "winograd_f32",
+    }  # NEON: no attention, no int8 so far
     assert all(applies[spec] == set(WORKLOADS) for spec in FAMILY_ISAS if spec != "aarch64")
     assert not GEMM_INT8.applies((4, 15, 48), Isa.named("cpu:avx2"))  # odd input features: no int16 pairs
 
@@ -314,16 +324,21 @@ def conv_workloads(draw):
 
 
 @pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the convolution kernels run on x86 CPUs with AVX2")
-@settings(max_examples=30, deadline=None)
-@given(conv_workloads(), st.integers(0, 2**16), st.booleans())
-def test_every_convolution_config_at_every_isas_lanes_matches_pytorch(case, seed, with_epilogue):
+@settings(max_examples=40, deadline=None)
+@given(conv_workloads(), st.integers(0, 2**16), st.booleans(), st.booleans())
+def test_every_convolution_config_at_every_isas_lanes_matches_pytorch(case, seed, with_epilogue, winograd):
     import tvm
 
     shape, depthwise, isa, choice = case
-    family = DEPTHWISE_F32 if depthwise else CONV2D_F32
+    if winograd and not depthwise:  # the same convolution at 3x3, stride and dilation 1
+        shape = shape._replace(kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, dilation_h=1, dilation_w=1)
+        shape = shape._replace(
+            pad_top=max(shape.pad_top, 3 - shape.height - shape.pad_bottom),
+            pad_left=max(shape.pad_left, 3 - shape.width - shape.pad_right),
+        )
+    family = DEPTHWISE_F32 if depthwise else WINOGRAD_F32 if winograd else CONV2D_F32
     space = family.space(tuple(shape), isa)
     config = space[choice % len(space)]
-    pixels = shape.out_channels // shape.out_block, shape.pixels, shape.out_block
     epilogue = ScaledRelu(shape.out_block) if with_epilogue else None
     library = tvm.compile(tvm.IRModule({"main": family.build(tuple(shape), config, epilogue)}), target=CPU.tvm())
     generator = torch.Generator().manual_seed(seed)
@@ -336,17 +351,19 @@ def test_every_convolution_config_at_every_isas_lanes_matches_pytorch(case, seed
         torch.randn(shape.out_channels, generator=generator),
         torch.randn(shape.out_block, generator=generator),
     )
-    out = torch.full((shape.batch, *pixels), float("nan"))
+    out = torch.full(family.result_shape(shape), float("nan"))
     args = [_blocked(x, shape.in_block), family.pack(weight, shape), bias, *([scale] if epilogue else []), out]
     library["main"](*map(to_tvm, args))
     padded = F.pad(x, (shape.pad_left, shape.pad_right, shape.pad_top, shape.pad_bottom))
     strides, dilations = (shape.stride_h, shape.stride_w), (shape.dilation_h, shape.dilation_w)
     expected = _blocked(F.conv2d(padded, weight, bias, strides, 0, dilations, groups), shape.out_block)
     expected = torch.relu(expected) * scale if epilogue else expected
-    torch.testing.assert_close(out.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4)
+    # Winograd's transforms add roundings (coefficients up to 8): within fxopt's tolerance, 1e-4 of the largest.
+    atol = 1e-4 * expected.abs().max().item() if winograd else 1e-4
+    torch.testing.assert_close(out.reshape(expected.shape), expected, rtol=1e-4, atol=atol)
 
 
-@pytest.mark.parametrize("family", [CONV2D_F32, DEPTHWISE_F32])
+@pytest.mark.parametrize("family", [CONV2D_F32, DEPTHWISE_F32, WINOGRAD_F32])
 @pytest.mark.parametrize("spec, mcpu, registers", [("cpu:avx2", "znver3", "%ymm"), ("cpu:avx512", "znver4", "%zmm")])
 def test_convolutions_build_for_each_isa_in_its_registers_with_fused_multiply_adds(family, spec, mcpu, registers):
     import tvm

@@ -21,6 +21,7 @@ from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, default_tile
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
+from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.lower import OVERRIDES, is_lowerable, register_lowering
 from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.targets import parse_target
@@ -691,15 +692,17 @@ class Bottleneck(torch.nn.Module):
 
 
 @pytest.mark.skipif(not HOST.avx2, reason="the convolution kernels are for AVX2 CPUs")
-def test_blocked_convolutions_are_the_families_kernels_with_their_tails_on_the_tile():
-    program = capture(Bottleneck().eval(), (torch.randn(2, 16, 9, 9),))
+@pytest.mark.parametrize("size, family", [(9, WINOGRAD_F32), (4, CONV2D_F32)])
+def test_blocked_convolutions_are_the_families_kernels_with_their_tails_on_the_tile(size, family):
+    # A 3x3 stride-1 convolution: Winograd's where it has enough 4x4 output tiles (2 images x 3 x 3), else direct.
+    program = capture(Bottleneck().eval(), (torch.randn(2, 16, size, size),))
     program, _ = PassManager(f"convert-layout{{lanes={HOST.lanes()}}}", verify="off").run(program)
-    with spy_on(CONV2D_F32) as convs, spy_on(DEPTHWISE_F32) as depthwise:
+    with spy_on(family) as convs, spy_on(DEPTHWISE_F32) as depthwise:
         executable = build(program, CPU, dispatch="tvm")
     assert executable.backend == "tvm" and all(s.backend == "tvm" for s in executable.segments)
     assert_built_matches(program, executable)
     ((workload, _, tail),) = convs
-    assert workload[:5] == (2, 16, 9, 9, 16) and tail.ops == ("add", "relu")
+    assert workload[:5] == (2, 16, size, size, 16) and tail.ops == ("add", "relu")
     ((workload, _, tail),) = depthwise
     assert workload[7:9] == (2, 2) and tail.ops == ("hardtanh",)
 

@@ -160,6 +160,11 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         return self.space(workload, isa)[0]
 
     @staticmethod
+    def result_shape(shape: ConvShape) -> tuple[int, ...]:
+        """The kernel's result: ``[N, O/y, OH * OW, y]``, its pixels flattened (a free reshape of the layout's)."""
+        return (shape.batch, shape.out_channels // shape.out_block, shape.pixels, shape.out_block)
+
+    @staticmethod
     def pack(weight: torch.Tensor, shape: ConvShape) -> torch.Tensor:
         """``[O, C, KH, KW]`` → ``[O/y, C/x, KH, KW, x, y]`` (OIHW[x]i[y]o)."""
         o, c, kh, kw = weight.shape
@@ -198,7 +203,7 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
             ),
             name="acc",
         )
-        out_shape = (shape.batch, out_blocks, pixels, y_block)
+        out_shape = self.result_shape(shape)
         conv = te.compute(out_shape, lambda n, o, p, lane: acc[n, o, p, lane] + bias[o * y_block + lane], name="conv")
         operands = [
             te.placeholder(out_shape if len(s) == 2 else s, "float32", name=f"operand_{k}")

@@ -18,7 +18,7 @@ import torch
 
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, epilogue_on_tile
-from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, schedule_padding, tap
+from fxopt.codegen.kernels.conv2d_f32 import Conv2dF32, ConvShape, padded_input, schedule_padding, tap
 
 __all__ = ["DepthwiseF32Config", "DepthwiseF32", "DEPTHWISE_F32"]
 
@@ -63,6 +63,8 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
     def default(self, workload: Workload, isa: Isa) -> DepthwiseF32Config:
         return self.space(workload, isa)[0]
 
+    result_shape = staticmethod(Conv2dF32.result_shape)
+
     @staticmethod
     def pack(weight: torch.Tensor, shape: ConvShape) -> torch.Tensor:
         """``[C, 1, KH, KW]`` → ``[C/x, KH, KW, x]``."""
@@ -92,7 +94,7 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
             ),
             name="acc",
         )
-        out_shape = (shape.batch, blocks, pixels, block)
+        out_shape = self.result_shape(shape)
         conv = te.compute(out_shape, lambda n, c, p, lane: acc[n, c, p, lane] + bias[c * block + lane], name="conv")
         operands = [
             te.placeholder(out_shape if len(s) == 2 else s, "float32", name=f"operand_{k}")
