@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 from dataclasses import dataclass
 from typing import Any, cast
@@ -259,23 +260,17 @@ class _Blocking:
         return self.graph.call_function(aten.slice.Tensor, (blocked, 1, start // block, end // block)), block
 
     def _channel_cat(self, cat: fx.Node) -> tuple[fx.Node, int] | None:
-        """A concatenation along the channels of at least one blocked value: of the blocks, all in the smallest
-        of their blocks."""
+        """A concatenation along the channels of at least one blocked value: of the blocks, all in one block that
+        divides every part's channels."""
         parts = cast(list[fx.Node], cat.args[0])
         dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
         if cat.meta["val"].dim() != 4 or cast(int, dim) % 4 != 1:
             return None
         if not any(p.target is fxopt_ops.from_blocked.default for p in parts):
             return None
-        wanted = [
-            self.blocks[cast(fx.Node, p.args[0])]
-            if p.target is fxopt_ops.from_blocked.default
-            else channel_block(p.meta["val"].shape[1], self.lanes)
-            for p in parts
-        ]
-        if None in wanted:
+        block = channel_block(math.gcd(*(p.meta["val"].shape[1] for p in parts)), self.lanes)
+        if block is None:
             return None
-        block = min(cast(list[int], wanted))
         blocked = []
         for part in parts:
             converted = cast(fx.Node, self._blocked_input(part, block))

@@ -146,3 +146,15 @@ def test_a_one_element_value_the_pass_blocked_is_read_blocked_not_broadcast_as_a
     _, after, _ = run_pass(model, model.example_inputs(), "convert-layout{lanes=8}")
     relu = next(n for n in after.graph.nodes if n.target is aten.relu.default)
     assert relu.args[0].target is fxopt_ops.conv2d_blocked.default
+
+
+def test_a_concatenation_is_blocked_by_a_block_that_divides_every_parts_channels():
+    # Found by the random CNNs: 4 channels (blocked by 4) and an RGB input's 3 were both re-blocked by 3.
+    steps = [
+        Step("conv", (0,), {"k": 1, "stride": 1, "pad": (0, 0, 0, 0), "dilation": 1, "bias": False}, (1, 4, 2, 2)),
+        Step("cat", (1, 0), {}, (1, 7, 2, 2)),
+    ]
+    model = CnnModel(CnnSpec((1, 3, 2, 2), steps, [2], False, 0)).eval()
+    _, after, _ = run_pass(model, model.example_inputs(), "convert-layout{lanes=8}")
+    (cat,) = [n for n in after.graph.nodes if n.target is aten.cat.default]
+    assert all(part.args[1] == 1 for part in cat.args[0])  # gcd(4, 3) = 1: blocks of one channel
