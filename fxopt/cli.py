@@ -292,6 +292,7 @@ def _quantize(args: argparse.Namespace) -> int:
     from fxopt.calibration import Calibration
     from fxopt.ir.capture import capture
     from fxopt.passes import PassManager, parse_pipeline
+    from fxopt.passes.pipeline import with_pass
     from fxopt.quant.plan import format_sensitivity, sensitivity
     from fxopt.targets import parse_target
     from fxopt.zoo import DEFAULT_MODEL
@@ -306,8 +307,10 @@ def _quantize(args: argparse.Namespace) -> int:
     model, inputs = load_model(args.model or DEFAULT_MODEL, args.example_input)
     with _progress_bar() as progress:
         if args.report:
-            # The layers as quantize meets them in the pipeline: after the target's exact rewrites.
-            program, _ = PassManager(target.default_pipeline, verify="off").run(capture(model, inputs))
+            # The layers as quantize meets them in the pipeline: after the target's exact rewrites before it.
+            pipeline = with_pass(parse_pipeline(target.default_pipeline), quantize)
+            before = pipeline[: pipeline.index(quantize)]
+            program, _ = PassManager(before, verify="off").run(capture(model, inputs))
             rows, notes = sensitivity(
                 program, quantize, calibration, lambda detail: progress(0, None, f"{quantize}: {detail}")
             )
@@ -316,7 +319,7 @@ def _quantize(args: argparse.Namespace) -> int:
                 model,
                 inputs,
                 target=target,
-                pipeline=f"{target.default_pipeline},{quantize}",
+                pipeline=with_pass(parse_pipeline(target.default_pipeline), quantize),
                 calibration=calibration,
                 progress=progress,
             )

@@ -159,6 +159,13 @@ def _only(table: dict, allowed: set[str], where: str) -> None:
         raise PipelineError(f"{where}: unknown key(s) {', '.join(unknown)}; expected {', '.join(sorted(allowed))}")
 
 
+def with_pass(passes: Sequence[Pass], added: Pass) -> list[Pass]:
+    """``passes`` with ``added`` inserted before the first of them it must run before (its ``before``), else at
+    the end: ``quantize`` into the ``cpu`` pipeline goes before its ``convert-layout``."""
+    position = next((i for i, p in enumerate(passes) if p.name in added.before), len(passes))
+    return [*passes[:position], added, *passes[position:]]
+
+
 def check_order(passes: Sequence[Pass]) -> None:
     """Enforce each pass's ``requires`` (must run earlier) and ``before`` (must run later) constraints."""
     names = [p.name for p in passes]

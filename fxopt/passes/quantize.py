@@ -37,11 +37,12 @@ class Quantize(Pass):
     of its magnitude) within the calibrated range; the pass record shows the
     output error. Runs after the exact rewrites that change weights
     (``fold-conv-bn``, ``fuse-blocks``, ``smooth-activations``, ``awq``) and before
-    ``cse``/``dce``.
+    ``convert-layout`` (the blocked convolutions it makes are float32 ones) and ``cse``/``dce``.
     """
 
     name = "quantize"
     exact = False
+    before = ("convert-layout",)
 
     scheme: Scheme = option("w8a8", "number formats of weights and activations")
     observer: ObserverKind = option("minmax", "how static activation ranges are chosen from calibration data")

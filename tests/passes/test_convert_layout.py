@@ -4,7 +4,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fxopt import PassManager, capture
+from fxopt.errors import PipelineError
+from fxopt.passes import Pipeline, parse_pipeline
 from fxopt.passes.convert_layout import channel_block
+from fxopt.passes.pipeline import with_pass
 from fxopt.passes.registry import BUILTIN_PIPELINES
 from tests.passes.helpers import ops, run_pass
 from tests.property.cnns import CnnModel, CnnSpec, Step
@@ -158,3 +161,12 @@ def test_a_concatenation_is_blocked_by_a_block_that_divides_every_parts_channels
     _, after, _ = run_pass(model, model.example_inputs(), "convert-layout{lanes=8}")
     (cat,) = [n for n in after.graph.nodes if n.target is aten.cat.default]
     assert all(part.args[1] == 1 for part in cat.args[0])  # gcd(4, 3) = 1: blocks of one channel
+
+
+def test_quantize_goes_before_the_layout_conversion_whose_convolutions_it_would_not_see():
+    with pytest.raises(PipelineError, match="'quantize' must run before 'convert-layout'"):
+        Pipeline.parse("cpu,quantize")
+    (quantize,) = parse_pipeline("quantize")
+    passes = [p.name for p in with_pass(parse_pipeline("cpu"), quantize)]
+    assert passes.index("quantize") == passes.index("convert-layout") - 1
+    assert [p.name for p in with_pass(parse_pipeline("default"), quantize)][-1] == "quantize"
