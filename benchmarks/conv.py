@@ -53,7 +53,7 @@ def kernel_runner(workload: tuple, groups: int, templates: TemplateChoices):
     x = torch.randn(shape.batch, shape.channels, shape.height, shape.width)
     weight = torch.randn(shape.out_channels, shape.channels // groups, shape.kernel_h, shape.kernel_w)
     bias = torch.randn(shape.out_channels)
-    out = torch.empty(shape.batch, shape.out_channels // shape.out_block, shape.pixels, shape.out_block)
+    out = torch.empty(family.result_shape(shape))
     blocked = torch.ops.fxopt.to_blocked(x, shape.in_block)
     args = [to_tvm(t) for t in (blocked, family.pack(weight, shape), bias, out)]
     function = library["main"]

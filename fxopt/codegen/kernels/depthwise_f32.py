@@ -2,9 +2,9 @@
 
 Each output channel reads its own input channel, so a vector of one pixel's ``x`` channels multiplies the same
 pixel's input vector by the tap's weight vector: no broadcast, and each input vector is read once per tap. A
-register tile holds ``rows`` output pixels (along the flattened ``OH x OW``, the last tile padded as in
-:mod:`.conv2d_f32`) of one channel block, the ``KH x KW`` taps unrolled around it; tasks (image x channel block x
-pixel tile) run on every core. The weight is packed at build time into ``[C/x, KH, KW, x]``. The bias and the
+register tile holds ``rows`` output pixels of a row (the last tile of a row padded by recomputing its last pixel)
+of one channel block, the ``KH x KW`` taps unrolled around it; tasks (image x channel block x output row, its
+tiles in turn) run on every core. The weight is packed at build time into ``[C/x, KH, KW, x]``. The bias and the
 elementwise ops after it (ReLU6, a residual add) are applied on the tile.
 
 Workload: a :class:`~.conv2d_f32.ConvShape` with ``out_channels == channels`` and one block for both.
@@ -18,7 +18,7 @@ import torch
 
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, epilogue_on_tile
-from fxopt.codegen.kernels.conv2d_f32 import Conv2dF32, ConvShape, padded_input, schedule_padding, tap
+from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input
 
 __all__ = ["DepthwiseF32Config", "DepthwiseF32", "DEPTHWISE_F32"]
 
@@ -35,7 +35,7 @@ class DepthwiseF32Config:
 
 #: Pixels per tile tuning times where the accumulators, the tap's weight and an input vector fit the registers; the
 #: first that fits is the default.
-ROWS = (12, 8, 6, 4, 14, 28)
+ROWS = (14, 12, 8, 7, 6, 4, 16, 28)
 
 
 class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
@@ -54,16 +54,21 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
     def space(self, workload: Workload, isa: Isa) -> list[DepthwiseF32Config]:
         shape = ConvShape(*workload)
         tiles = [
-            DepthwiseF32Config(min(rows, shape.pixels))
+            DepthwiseF32Config(min(rows, shape.out_width))
             for rows in ROWS
             if RegisterTile(rows, 1, shape.out_block).fits(isa)
         ]
         return list(dict.fromkeys(tiles))
 
     def default(self, workload: Workload, isa: Isa) -> DepthwiseF32Config:
-        return self.space(workload, isa)[0]
+        """The tile that recomputes the fewest pixels past the end of a row, the widest of those."""
+        width = ConvShape(*workload).out_width
+        return min(self.space(workload, isa), key=lambda c: (-(-width // c.rows) * c.rows - width, -c.rows))
 
-    result_shape = staticmethod(Conv2dF32.result_shape)
+    @staticmethod
+    def result_shape(shape: ConvShape) -> tuple[int, ...]:
+        """The kernel's result: ``[N, C/x, OH, OW, x]``."""
+        return (shape.batch, shape.channels // shape.out_block, shape.out_height, shape.out_width, shape.out_block)
 
     @staticmethod
     def pack(weight: torch.Tensor, shape: ConvShape) -> torch.Tensor:
@@ -74,28 +79,33 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
 
     def build(self, workload: Workload, config: DepthwiseF32Config, variant=None):
         """Parameters, in order: ``x`` ``[N, C/x, H, W, x]``; the packed weight (:meth:`pack`); ``bias`` ``[C]``;
-        the epilogue's operands (whole ones as ``[N, C/x, OH * OW, x]``); the result ``[N, C/x, OH * OW, x]``."""
+        the epilogue's operands (whole ones as ``[N, C/x, OH, OW, x]``); the result ``[N, C/x, OH, OW, x]``."""
         from tvm import s_tir, te
 
         shape = ConvShape(*workload)
         epilogue, block = variant, shape.out_block
-        blocks, pixels = shape.channels // block, shape.pixels
-        rows = min(config.rows, pixels)
+        blocks, width = shape.channels // block, shape.out_width
+        rows = min(config.rows, width)
         x = te.placeholder((shape.batch, blocks, shape.height, shape.width, block), "float32", name="x")
         source = padded_input(shape, x)
         packed = te.placeholder((blocks, shape.kernel_h, shape.kernel_w, block), "float32", name="packed")
         bias = te.placeholder((shape.channels,), "float32", name="bias")
         kh = te.reduce_axis((0, shape.kernel_h), "kh")
         kw = te.reduce_axis((0, shape.kernel_w), "kw")
+
+        def tap(n, c, h, w, lane):  # past the end of a row, the last tile recomputes the row's last pixel
+            w = te.min(w, width - 1) * shape.stride_w + kw * shape.dilation_w
+            return source[n, c, h * shape.stride_h + kh * shape.dilation_h, w, lane]
+
         acc = te.compute(
-            (shape.batch, blocks, -(-pixels // rows) * rows, block),
-            lambda n, c, p, lane: te.sum(
-                tap(shape, source, p, c, kh, kw, lane)(n) * packed[c, kh, kw, lane], axis=[kh, kw]
-            ),
+            (shape.batch, blocks, shape.out_height, -(-width // rows) * rows, block),
+            lambda n, c, h, w, lane: te.sum(tap(n, c, h, w, lane) * packed[c, kh, kw, lane], axis=[kh, kw]),
             name="acc",
         )
         out_shape = self.result_shape(shape)
-        conv = te.compute(out_shape, lambda n, c, p, lane: acc[n, c, p, lane] + bias[c * block + lane], name="conv")
+        conv = te.compute(
+            out_shape, lambda n, c, h, w, lane: acc[n, c, h, w, lane] + bias[c * block + lane], name="conv"
+        )
         operands = [
             te.placeholder(out_shape if len(s) == 2 else s, "float32", name=f"operand_{k}")
             for k, s in enumerate(epilogue.operand_shapes if epilogue else [])
@@ -106,11 +116,11 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
 
         sch = s_tir.Schedule(func)
         stage = sch.get_sblock("acc")
-        n, c, p, lane, kh_loop, kw_loop = sch.get_loops(stage)
-        pixel_tile, pixel = sch.split(p, [None, rows])
-        sch.reorder(n, c, pixel_tile, kh_loop, kw_loop, pixel, lane)
-        task = sch.fuse(n, c, pixel_tile)
-        epilogue_on_tile(sch, task)
+        n, c, h, w, lane, kh_loop, kw_loop = sch.get_loops(stage)
+        pixel_tile, pixel = sch.split(w, [None, rows])
+        sch.reorder(n, c, h, pixel_tile, kh_loop, kw_loop, pixel, lane)
+        task = sch.fuse(n, c, h)
+        epilogue_on_tile(sch, pixel_tile)
         sch.set_scope(stage, 0, "local")
         sch.parallel(task)
         sch.unroll(kw_loop)
@@ -118,7 +128,10 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
         sch.vectorize(lane)
         init = sch.decompose_reduction(stage, kh_loop)
         sch.vectorize(sch.get_loops(init)[-1])
-        schedule_padding(sch, shape)
+        if shape.padded:  # the rows a task reads, padded in its L1 (one parallel loop per kernel, not two)
+            padding = sch.get_sblock("pad")
+            sch.compute_at(padding, task)
+            sch.vectorize(sch.get_loops(padding)[-1])
         return self.tagged(sch.mod["main"], workload)
 
 
