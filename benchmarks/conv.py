@@ -2,7 +2,8 @@
 
 ``python benchmarks/conv.py [resnet50] [--rounds 10] [--threads N] [--tuned]``: the model is captured and put in
 the blocked layout (the ``cpu`` pipeline); for each distinct convolution the kernel fxopt builds for it on this CPU
-(:mod:`fxopt.codegen.kernels.conv2d_f32` or :mod:`~fxopt.codegen.kernels.depthwise_f32`, default config, or with
+(:mod:`fxopt.codegen.kernels.conv2d_f32`, :mod:`~fxopt.codegen.kernels.depthwise_f32` or
+:mod:`~fxopt.codegen.kernels.winograd_f32`, as the lowering picks it; default config, or with
 ``--tuned`` the one this machine's tuning database holds; weight packed once) and PyTorch's ``conv2d`` on NCHW, with
 the same thread count, timed in warm blocks (:func:`run.measure`). Prints each shape's milliseconds and GFLOP/s,
 and the sums over the model (each shape times its count): the time, fxopt / torch, and fxopt's share of the
@@ -18,9 +19,8 @@ from run import fma_peak, measure  # benchmarks/run.py, beside this script (sys.
 
 import fxopt
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
-from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
-from fxopt.codegen.lower_conv import conv_shape
+from fxopt.codegen.kernels.conv2d_f32 import ConvShape
+from fxopt.codegen.lower_conv import conv_family, conv_shape
 from fxopt.codegen.runtime import to_tvm
 from fxopt.codegen.templates import TemplateChoices
 from fxopt.codegen.tuning_database import existing_database
@@ -40,13 +40,19 @@ def model_convolutions(name: str) -> collections.Counter:
     )
 
 
+def kernel_kind(workload: tuple, groups: int) -> str:
+    """``direct``, ``dw`` or ``winograd``: the family the lowering picks on this CPU."""
+    family = conv_family(ConvShape(*workload), groups, Isa.of(parse_target("cpu")))
+    return {"conv2d_f32": "direct", "depthwise_f32": "dw", "winograd_f32": "winograd"}[family.name]
+
+
 def kernel_runner(workload: tuple, groups: int, templates: TemplateChoices):
     """The family's kernel for ``workload``, checked against PyTorch, and PyTorch's ``conv2d``: two runners."""
     import tvm
 
     target = parse_target("cpu")
     shape = ConvShape(*workload)
-    family = CONV2D_F32 if groups == 1 else DEPTHWISE_F32
+    family = conv_family(shape, groups, Isa.of(target))
     config = templates.config(family, workload, Isa.of(target))
     library = tvm.compile(tvm.IRModule({"main": family.build(workload, config)}), target=target.tvm())
     torch.manual_seed(0)
@@ -87,7 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     peak = fma_peak(args.threads)
     print(f"CPU: {host_cpu()}; {args.threads} threads; FMA peak {peak / 1e9:.0f} GFLOP/s (measured)")
     print(
-        f"{'count':>5} {'N C H W O KH KW stride pad dilation':<44} {'torch ms':>9} {'fxopt ms':>9} {'fxopt GF/s':>10}"
+        f"{'count':>5} {'N C H W O KH KW stride pad dilation kernel':<44} "
+        f"{'torch ms':>9} {'fxopt ms':>9} {'fxopt GF/s':>10}"
     )
     totals = collections.Counter()
     for (workload, groups), count in sorted(model_convolutions(args.model).items(), key=lambda kv: -kv[1]):
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         flop *= shape.kernel_h * shape.kernel_w
         totals.update({"torch": seconds["torch"] * count, "fxopt": seconds["fxopt"] * count, "flop": flop * count})
         described = " ".join(map(str, workload[:9])) + " " + "/".join(map(str, workload[9:13]))
-        described += f" {workload[13]}" + (" dw" if groups > 1 else "")
+        described += f" {workload[13]} {kernel_kind(workload, groups)}"
         print(
             f"{count:>5} {described:<44} {seconds['torch'] * 1e3:>9.3f} {seconds['fxopt'] * 1e3:>9.3f} "
             f"{flop / seconds['fxopt'] / 1e9:>10.1f}"

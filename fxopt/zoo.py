@@ -396,6 +396,7 @@ ZOO: dict[str, ZooModel] = {
     m.name: m
     for m in [
         ZooModel("resnet50", "ResNet-50 image classifier, 1x3x224x224", _seeded(_resnet), _image(224)),
+        ZooModel("resnet50-b8", "ResNet-50 image classifier, batch 8 (throughput)", _seeded(_resnet), _image(224, 8)),
         ZooModel("mobilenet_v2", "MobileNetV2 image classifier, 1x3x224x224", _seeded(_mobilenet_v2), _image(224)),
         ZooModel("convnext", "ConvNeXt-T image classifier, 1x3x224x224", _seeded(_convnext), _image(224)),
         ZooModel("vit", "ViT-Base/16 image classifier, 1x3x224x224", _seeded(_vit), _image(224)),

@@ -13,6 +13,7 @@ import torch
 import torch.fx as fx
 
 from fxopt.codegen.epilogue import find_epilogue
+from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, Conv2dF32, ConvShape
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32, WinogradF32
@@ -78,18 +79,21 @@ def conv_shape(node: fx.Node) -> ConvShape:
 ConvFamily = Conv2dF32 | DepthwiseF32 | WinogradF32
 
 
+def conv_family(shape: ConvShape, groups: int, isa: Isa) -> ConvFamily | None:
+    """The kernel family computing a blocked float32 convolution on ``isa``, or None: Winograd for 3x3 stride-1
+    convolutions with enough output tiles (:meth:`~fxopt.codegen.kernels.winograd_f32.WinogradF32.worthwhile`),
+    else the direct or depthwise one."""
+    if groups == 1 and WINOGRAD_F32.applies(tuple(shape), isa) and WINOGRAD_F32.worthwhile(shape):
+        return WINOGRAD_F32
+    family: ConvFamily = CONV2D_F32 if groups == 1 else DEPTHWISE_F32
+    return family if family.applies(tuple(shape), isa) else None
+
+
 def _family(node: fx.Node, importer) -> ConvFamily | None:
-    """The kernel family computing ``node`` on the target, or None: Winograd for 3x3 stride-1 convolutions with
-    enough output tiles (:meth:`~fxopt.codegen.kernels.winograd_f32.WinogradF32.worthwhile`), else the direct or
-    depthwise one."""
     values = [a.meta["val"] for a in node.all_input_nodes]
     if importer.isa is None or not all(v.dtype == torch.float32 for v in values):
         return None
-    shape, groups = conv_shape(node), node.args[6]
-    if groups == 1 and WINOGRAD_F32.applies(tuple(shape), importer.isa) and WINOGRAD_F32.worthwhile(shape):
-        return WINOGRAD_F32
-    family: ConvFamily = CONV2D_F32 if groups == 1 else DEPTHWISE_F32
-    return family if family.applies(tuple(shape), importer.isa) else None
+    return conv_family(conv_shape(node), cast(int, node.args[6]), importer.isa)
 
 
 @register_lowering(fxopt_ops.conv2d_blocked.default)
