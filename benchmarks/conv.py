@@ -71,7 +71,10 @@ def kernel_runner(workload: tuple, groups: int, templates: TemplateChoices):
 
     function(*args)
     expected = torch.ops.fxopt.to_blocked(reference(), shape.out_block)
-    torch.testing.assert_close(out.reshape(expected.shape), expected, rtol=1e-4, atol=1e-3)
+    # Within fxopt's tolerance (1e-4 of the largest value): Winograd's transforms add roundings.
+    torch.testing.assert_close(
+        out.reshape(expected.shape), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item()
+    )
     return lambda: function(*args), reference
 
 

@@ -124,8 +124,8 @@ class Conv2dF32Config:
 
 CHANNELS_OUTER, PIXELS_OUTER = 1, 2
 
-#: Tiles (pixels, output blocks) tuning times where they fit the registers and the output blocks divide; the
-#: first that fits is the default (the GEMM's: 4 x 3 on AVX2, 8 x 3 on AVX-512).
+#: Tiles (pixels, output blocks) tuning times where they fit the registers and the output blocks divide (the
+#: GEMM's 4 x 3 on AVX2 and 8 x 3 on AVX-512 where 3 divides them).
 TILES = ((8, 3), (4, 3), (6, 2), (12, 2), (6, 4), (4, 2), (7, 1), (4, 1), (2, 1))
 
 
@@ -157,7 +157,9 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         return list(dict.fromkeys(tiles))
 
     def default(self, workload: Workload, isa: Isa) -> Conv2dF32Config:
-        return self.space(workload, isa)[0]
+        """The tile with the most accumulators (12 of AVX2's 16 registers, 24 of AVX-512's 32), the first in
+        :data:`TILES` order of those."""
+        return max(self.space(workload, isa), key=lambda config: config.rows * config.vectors)
 
     @staticmethod
     def result_shape(shape: ConvShape) -> tuple[int, ...]:
