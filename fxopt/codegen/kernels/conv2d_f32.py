@@ -28,7 +28,16 @@ import torch
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, epilogue_on_tile
 
-__all__ = ["ConvShape", "Conv2dF32Config", "Conv2dF32", "CONV2D_F32", "padded_input", "tap", "schedule_padding"]
+__all__ = [
+    "ConvShape",
+    "Conv2dF32Config",
+    "Conv2dF32",
+    "CONV2D_F32",
+    "padded_input",
+    "tap",
+    "schedule_padding",
+    "written_with_epilogue",
+]
 
 
 class ConvShape(NamedTuple):
@@ -97,6 +106,19 @@ def tap(shape: ConvShape, source, p, c, kh, kw, i):
     h = p // shape.out_width * shape.stride_h + kh * shape.dilation_h
     w = p % shape.out_width * shape.stride_w + kw * shape.dilation_w
     return lambda n: source[n, c, h, w, i]
+
+
+def written_with_epilogue(conv, epilogue, out_shape: tuple[int, ...]) -> tuple[list, object]:
+    """The epilogue's operands (TE placeholders; whole ones in the result's shape) and the ``out`` stage writing
+    ``epilogue(conv)`` (``conv`` itself without one)."""
+    from tvm import te
+
+    operands = [
+        te.placeholder(out_shape if len(s) == 2 else s, "float32", name=f"operand_{k}")
+        for k, s in enumerate(epilogue.operand_shapes if epilogue else [])
+    ]
+    result = epilogue(conv, operands) if epilogue else conv
+    return operands, te.compute(out_shape, lambda *index: result(*index), name="out")
 
 
 def schedule_padding(sch, shape: ConvShape) -> None:
@@ -207,12 +229,7 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         )
         out_shape = self.result_shape(shape)
         conv = te.compute(out_shape, lambda n, o, p, lane: acc[n, o, p, lane] + bias[o * y_block + lane], name="conv")
-        operands = [
-            te.placeholder(out_shape if len(s) == 2 else s, "float32", name=f"operand_{k}")
-            for k, s in enumerate(epilogue.operand_shapes if epilogue else [])
-        ]
-        result = epilogue(conv, operands) if epilogue else conv
-        out = te.compute(out_shape, lambda *index: result(*index), name="out")
+        operands, out = written_with_epilogue(conv, epilogue, out_shape)
         func = te.create_prim_func([x, packed, bias, *operands, out])
 
         sch = s_tir.Schedule(func)

@@ -18,7 +18,7 @@ import torch
 
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, epilogue_on_tile
-from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input
+from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, written_with_epilogue
 
 __all__ = ["DepthwiseF32Config", "DepthwiseF32", "DEPTHWISE_F32"]
 
@@ -106,12 +106,7 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
         conv = te.compute(
             out_shape, lambda n, c, h, w, lane: acc[n, c, h, w, lane] + bias[c * block + lane], name="conv"
         )
-        operands = [
-            te.placeholder(out_shape if len(s) == 2 else s, "float32", name=f"operand_{k}")
-            for k, s in enumerate(epilogue.operand_shapes if epilogue else [])
-        ]
-        result = epilogue(conv, operands) if epilogue else conv
-        out = te.compute(out_shape, lambda *index: result(*index), name="out")
+        operands, out = written_with_epilogue(conv, epilogue, out_shape)
         func = te.create_prim_func([x, packed, bias, *operands, out])
 
         sch = s_tir.Schedule(func)

@@ -23,7 +23,7 @@ import torch
 from fxopt.codegen.epilogue import KEPT
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload
-from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, schedule_padding
+from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, schedule_padding, written_with_epilogue
 
 __all__ = ["WinogradF32Config", "WinogradF32", "WINOGRAD_F32"]
 
@@ -202,12 +202,7 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
             ),
             name="conv",
         )
-        operands = [
-            te.placeholder(out_shape if len(s) == 2 else s, "float32", name=f"operand_{i}")
-            for i, s in enumerate(epilogue.operand_shapes if epilogue else [])
-        ]
-        result = epilogue(conv, operands) if epilogue else conv
-        out = te.compute(out_shape, lambda *index: result(*index), name="out")
+        operands, out = written_with_epilogue(conv, epilogue, out_shape)
         func = te.create_prim_func([x, u, bias, *operands, out])
 
         sch = s_tir.Schedule(func)
