@@ -10,7 +10,7 @@ from typing import Any, cast
 import torch
 import torch.fx as fx
 
-from fxopt.ir.meta import describe_node, stamp_provenance
+from fxopt.ir.meta import describe_node, has_symbolic_shapes, stamp_provenance
 from fxopt.ir.program import Program
 from fxopt.ir.traits import ACTIVATIONS, ADD, ARITHMETIC, DIV, MUL, SUB
 from fxopt.passes.base import Pass, PassContext, option
@@ -58,7 +58,8 @@ class ConvertLayout(Pass):
     non-constant weights, channels without a block) are noted in the pass's report.
 
     Exact: the same arithmetic on re-laid values. For CPU targets (the ``cpu`` pipeline); in PyTorch the blocked
-    ops convert back and forth around each op and are slower.
+    ops convert back and forth around each op and are slower, so a graph with symbolic (dynamic) shapes, which
+    the TVM backend leaves to PyTorch, is left as it is.
     """
 
     name = "convert-layout"
@@ -67,6 +68,9 @@ class ConvertLayout(Pass):
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
         graph = program.graph
+        if has_symbolic_shapes(graph):  # TVM builds static shapes: in PyTorch the blocked ops only cost
+            ctx.skip("the graph", "symbolic shapes (the CPU kernels are built for static ones)")
+            return False
         blocking = _Blocking(graph, self.lanes or _host_lanes(), ctx)
         changed = False
         for node in list(graph.nodes):
@@ -223,7 +227,8 @@ class _Blocking:
         new = self.graph.call_function(aten.mean.dim, (blocked, [2, 3], keepdim))
         if keepdim:
             return new, self.blocks[blocked]
-        flat = self.graph.call_function(aten.view.default, (new, list(mean.meta["val"].shape)))
+        # [N, C] with N left to the view (a symbolic batch is not a number to write here).
+        flat = self.graph.call_function(aten.view.default, (new, [-1, mean.meta["val"].shape[1]]))
         flat.meta["val"] = mean.meta["val"]
         stamp_provenance([new, flat], ConvertLayout.name, [mean])
         mean.replace_all_uses_with(flat, propagate_meta=False)

@@ -170,3 +170,12 @@ def test_quantize_goes_before_the_layout_conversion_whose_convolutions_it_would_
     passes = [p.name for p in with_pass(parse_pipeline("cpu"), quantize)]
     assert passes.index("quantize") == passes.index("convert-layout") - 1
     assert [p.name for p in with_pass(parse_pipeline("default"), quantize)][-1] == "quantize"
+
+
+def test_a_graph_with_a_dynamic_batch_is_left_nchw():
+    # Its convolutions run in PyTorch (TVM builds static shapes), where the blocked ops only cost.
+    model, inputs = TinyResNet().eval(), (torch.randn(2, 3, 20, 20),)
+    program = capture(model, inputs, dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=8)},))
+    after, (record,) = PassManager("convert-layout{lanes=8}", verify="each").run(program)
+    assert not record.changed and fxopt_ops.conv2d_blocked.default not in ops(after)
+    assert any("symbolic shapes" in note for note in record.notes)
