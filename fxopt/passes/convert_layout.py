@@ -148,16 +148,18 @@ class _Blocking:
         top, left = cast(list, padding)
         sides = [top, left, top, left]
         source = x
-        if x.target is aten.constant_pad_nd.default and _zero_pad(x) is not None:
-            extra = cast(list[int], _zero_pad(x))
+        extra = _zero_pad(x) if x.target is aten.constant_pad_nd.default else None
+        if extra is not None:
             source = cast(fx.Node, x.args[0])
             sides = [s + e for s, e in zip(sides, extra)]
-        blocked_x = self._blocked_input(source, channel_block(channels, self.lanes))
+        # A depthwise convolution reads its input in its own block; a plain one, in any.
+        if depthwise:
+            blocked_x: fx.Node | None = self._in_block(source, block)
+        else:
+            blocked_x = self._blocked_input(source, channel_block(channels, self.lanes))
         if blocked_x is None:
             self.ctx.skip(describe_node(conv), f"{channels} input channels have no block of up to {self.lanes}")
             return None
-        if depthwise and self.blocks[blocked_x] != block:
-            blocked_x = self._reblocked(blocked_x, block)
         self.ctx.count("depthwise-convs" if depthwise else "convs")
         new = self.graph.call_function(
             fxopt_ops.conv2d_blocked.default,
@@ -171,8 +173,12 @@ class _Blocking:
             return cast(fx.Node, x.args[0])
         return None if block is None else self._converted(x, block)
 
-    def _reblocked(self, blocked: fx.Node, block: int) -> fx.Node:
-        """A blocked value in another block: converted back and again."""
+    def _in_block(self, x: fx.Node, block: int) -> fx.Node:
+        """``x``'s value blocked by ``block`` exactly: as :meth:`_blocked_input`, a value blocked otherwise converted
+        back and again."""
+        blocked = cast(fx.Node, self._blocked_input(x, block))
+        if self.blocks[blocked] == block:
+            return blocked
         plain = next((u for u in blocked.users if u.target is fxopt_ops.from_blocked.default), None)
         if plain is None:
             plain = self.graph.call_function(fxopt_ops.from_blocked.default, (blocked,))
@@ -276,10 +282,7 @@ class _Blocking:
         block = channel_block(math.gcd(*(p.meta["val"].shape[1] for p in parts)), self.lanes)
         if block is None:
             return None
-        blocked = []
-        for part in parts:
-            converted = cast(fx.Node, self._blocked_input(part, block))
-            blocked.append(converted if self.blocks[converted] == block else self._reblocked(converted, block))
+        blocked = [self._in_block(part, block) for part in parts]
         return self.graph.call_function(aten.cat.default, (blocked, 1)), block
 
     def _elementwise(self, node: fx.Node) -> tuple[fx.Node, int] | None:
@@ -306,9 +309,7 @@ class _Blocking:
         for arg in node.args:
             value = arg.meta.get("val") if isinstance(arg, fx.Node) else None
             if isinstance(value, torch.Tensor) and value.dim() == 4 and value.shape[1] in (shape[1], 1):
-                wanted = block if value.shape[1] == shape[1] else 1
-                converted = cast(fx.Node, self._blocked_input(cast(fx.Node, arg), wanted))
-                args.append(converted if self.blocks[converted] == wanted else self._reblocked(converted, wanted))
+                args.append(self._in_block(cast(fx.Node, arg), block if value.shape[1] == shape[1] else 1))
             elif value is None or (isinstance(value, torch.Tensor) and value.numel() == 1):
                 args.append(arg)
             else:

@@ -11,17 +11,12 @@ import torch
 from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 
-from fxopt import PassManager, Tolerance, capture, optimize
-from fxopt.ir.numerics import compare_outputs
+from fxopt import PassManager, capture, optimize
 from fxopt.passes.convert_layout import channel_block
 from tests.property.cnns import random_cnns
+from tests.property.test_random_dags import _within_bound
 
 aten = torch.ops.aten
-
-
-def _within_bound(outputs, reference, what: str) -> None:
-    worst_abs, worst_rel, failing = compare_outputs(list(outputs), list(reference), Tolerance())
-    assert failing is None, f"{what}: output {failing} off by {worst_abs:.3g} (relative {worst_rel:.3g})"
 
 
 @settings(max_examples=max(60, settings().max_examples // 2))
