@@ -21,7 +21,7 @@ import fxopt
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape
 from fxopt.codegen.lower_conv import conv_family, conv_shape
-from fxopt.codegen.runtime import to_tvm
+from fxopt.codegen.runtime import to_tvm, use_host_cores
 from fxopt.codegen.templates import TemplateChoices
 from fxopt.codegen.tuning_database import existing_database
 from fxopt.passes.manager import PassManager
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
         print("this CPU has no AVX2: the fxopt convolution kernels are not built here", file=sys.stderr)
         return 1
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    use_host_cores()
     torch.set_num_threads(args.threads)
     templates = TemplateChoices.load(existing_database(target) if args.tuned else None)
     peak = fma_peak(args.threads)

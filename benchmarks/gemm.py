@@ -16,7 +16,7 @@ from run import fma_peak, measure  # benchmarks/run.py, beside this script (sys.
 
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
-from fxopt.codegen.runtime import to_tvm
+from fxopt.codegen.runtime import to_tvm, use_host_cores
 from fxopt.targets import host_cpu, parse_target
 
 SHAPES = [(128, 768, 768), (128, 768, 3072), (128, 3072, 768), (1, 768, 3072)]
@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     # Both runtimes sized alike (TVM reads its thread count once, when its pool starts: one count per process).
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    use_host_cores()
     torch.set_num_threads(args.threads)
     peak = fma_peak(args.threads)
     print(f"CPU: {host_cpu()}; {args.threads} threads; FMA peak {peak / 1e9:.0f} GFLOP/s (measured)")

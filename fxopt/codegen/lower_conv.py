@@ -27,6 +27,8 @@ def _to_blocked(bb, x, block: int):
     from tvm import relax
 
     n, c, *spatial = [int(d) for d in x.ty.shape.values]
+    if block == 1:  # NCHW itself: no copy
+        return bb.emit(relax.op.reshape(x, [n, c, *spatial, 1]))
     split = bb.emit(relax.op.reshape(x, [n, c // block, block, *spatial]))
     return bb.emit(relax.op.permute_dims(split, [0, 1, *range(3, 3 + len(spatial)), 2]))
 
@@ -35,6 +37,8 @@ def _from_blocked(bb, x):
     from tvm import relax
 
     n, blocks, *spatial, block = [int(d) for d in x.ty.shape.values]
+    if block == 1:
+        return bb.emit(relax.op.reshape(x, [n, blocks, *spatial]))
     moved = bb.emit(relax.op.permute_dims(x, [0, 1, 2 + len(spatial), *range(2, 2 + len(spatial))]))
     return bb.emit(relax.op.reshape(moved, [n, blocks * block, *spatial]))
 

@@ -55,17 +55,22 @@ def load_vm(executable, device: torch.device | str):
     return VirtualMachine(executable, tvm_device(device))
 
 
+#: How many times a TVM worker yields the core, after its share of a kernel, before it sleeps (~0.6 us each here).
+#: Awake, it starts the next kernel of the same call at once: woken from sleep it took 15-30 us, which MobileNetV2's
+#: 55 kernels paid on every call (8-10 ms; 6.2-6.4 ms spinning). Bounded, it sleeps ~0.6 ms after the call: TVM's
+#: default (300000, ~0.2 s) took the cores from the PyTorch kernels between TVM segments (eager MiniLM 2x slower).
+WORKER_SPIN_COUNT = 1000
+
+
 def use_host_cores() -> None:
-    """Run CPU kernels on every core this process may use (the ``num-cores`` they were built and tuned for).
+    """Run CPU kernels on every core this process may use (the ``num-cores`` they were built and tuned for), their
+    workers spinning briefly between kernels (:data:`WORKER_SPIN_COUNT`).
 
     TVM sizes its thread pool once, when a kernel first runs, from ``TVM_NUM_THREADS`` or else half
-    the hardware threads (it assumes SMT siblings): one thread on a 2-core machine. Its workers
-    spin after each kernel by default, taking the cores from the PyTorch kernels that run between
-    TVM segments (eager MiniLM ran 2x slower beside them); they sleep at once here. Values the user
-    set are kept.
+    the hardware threads (it assumes SMT siblings): one thread on a 2-core machine. Values the user set are kept.
     """
     os.environ.setdefault("TVM_NUM_THREADS", str(usable_cores()))
-    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", "0")
+    os.environ.setdefault("TVM_THREAD_POOL_SPIN_COUNT", str(WORKER_SPIN_COUNT))
 
 
 def to_tvm(tensor: torch.Tensor):

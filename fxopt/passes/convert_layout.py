@@ -26,13 +26,16 @@ _ELEMENTWISE = frozenset((*ACTIVATIONS, *ARITHMETIC, *ADD, *SUB, *MUL, *DIV))
 
 def channel_block(channels: int, lanes: int) -> int | None:
     """The block of ``channels`` for vectors of ``lanes`` floats: the largest power of two up to ``lanes`` that
-    divides them, if at least 4; else all of them, if they fit one vector (an RGB image's 3); else None (the
-    tensor stays NCHW)."""
+    divides them, if at least 4; else 1 for fewer than 4 (an RGB image: blocks of 1 are NCHW itself, so the
+    conversion is free, and a convolution reads them as fast as blocks of 3); else all of them, if they fit one
+    vector; else None (the tensor stays NCHW)."""
     block = lanes
     while block >= 4:
         if channels % block == 0:
             return block
         block //= 2
+    if channels < 4:
+        return 1
     return channels if channels <= lanes else None
 
 

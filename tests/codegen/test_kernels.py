@@ -4,6 +4,7 @@ where the host has the ISA, built for a CPU that has it elsewhere (its code must
 The attention kernel's schedule for every config of every ISA's space, run on this host (LLVM splits wider
 vectors), and its AVX-512 build's registers. Every int8 GEMM config exact."""
 
+import dataclasses
 import re
 
 import pytest
@@ -16,7 +17,7 @@ from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels import FAMILIES, template_workloads
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionInputs
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
-from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
+from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32Config
 from fxopt.codegen.kernels.gemm_f32 import (
     AVX2_TILE,
     AVX512_TILE,
@@ -247,6 +248,11 @@ def test_a_config_entry_this_module_did_not_write_is_refused(entry, error):
         GEMM_F32.config_from(entry)
 
 
+def test_a_config_entry_written_before_a_knob_existed_takes_its_default():
+    # Depthwise records from before rows per task were measured with one row per task: the default of the knob.
+    assert DEPTHWISE_F32.config_from({"rows": 14, "us": 3.0}) == DepthwiseF32Config(14, task_rows=1)
+
+
 def test_tuning_finds_each_familys_kernels_in_a_module_the_most_work_first():
     import tvm
 
@@ -339,6 +345,9 @@ def test_every_convolution_config_at_every_isas_lanes_matches_pytorch(case, seed
     family = DEPTHWISE_F32 if depthwise else WINOGRAD_F32 if winograd else CONV2D_F32
     space = family.space(tuple(shape), isa)
     config = space[choice % len(space)]
+    if depthwise:  # any rows per task dividing the output's (the space's are few at these sizes)
+        divisors = [rows for rows in range(1, shape.out_height + 1) if shape.out_height % rows == 0]
+        config = dataclasses.replace(config, task_rows=divisors[choice % len(divisors)])
     epilogue = ScaledRelu(shape.out_block) if with_epilogue else None
     library = tvm.compile(tvm.IRModule({"main": family.build(tuple(shape), config, epilogue)}), target=CPU.tvm())
     generator = torch.Generator().manual_seed(seed)

@@ -717,6 +717,18 @@ def test_blocked_pools_and_layout_conversions_lower_through_tvm(kind):
     assert_matches_torch(pooled, torch.randn(2, 8, 7, 6))
 
 
+def test_blocks_of_one_channel_are_nchw_itself_and_convert_without_a_copy():
+    from fxopt.codegen.lower import lower_graph
+
+    def rgb(x):  # an RGB image's 3 channels are blocks of one (convert-layout's channel_block)
+        return torch.ops.fxopt.from_blocked(torch.relu(torch.ops.fxopt.to_blocked(x, 1)))
+
+    x = torch.randn(1, 3, 5, 4)
+    mod = lower_graph(capture(Fn(rgb), (x,)).graph_module, "main", target=None)
+    assert "permute_dims" not in mod.script()
+    assert_matches_torch(rgb, x)
+
+
 def test_a_blocked_convolution_no_family_serves_converts_to_nchw_around_tvms():
     from fxopt.codegen.lower import lower_graph
 

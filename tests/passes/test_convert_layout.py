@@ -44,7 +44,7 @@ def test_a_cnn_converts_at_its_input_and_its_head_only():
     blocks = {n.args[-1] for n in after.graph.nodes if n.target is fxopt_ops.conv2d_blocked.default}
     assert blocks == {8}
     (stem_input,) = [n for n in after.graph.nodes if n.target is fxopt_ops.to_blocked.default]
-    assert stem_input.args[1] == 3  # an RGB image: its three channels are one block
+    assert stem_input.args[1] == 1  # an RGB image: blocks of one channel, NCHW itself
 
 
 def test_sixteen_lanes_block_by_sixteen():
@@ -131,7 +131,18 @@ def test_slices_and_concatenations_of_whole_blocks_stay_blocked():
 
 @pytest.mark.parametrize(
     "channels, lanes, block",
-    [(64, 8, 8), (64, 16, 16), (24, 16, 8), (12, 8, 4), (3, 8, 3), (6, 8, 6), (18, 8, None), (18, 16, None), (1, 8, 1)],
+    [
+        (64, 8, 8),
+        (64, 16, 16),
+        (24, 16, 8),
+        (12, 8, 4),
+        (3, 8, 1),
+        (2, 8, 1),
+        (6, 8, 6),
+        (18, 8, None),
+        (18, 16, None),
+        (1, 8, 1),
+    ],
 )
 def test_the_block_of_a_tensor_is_a_function_of_its_channels(channels, lanes, block):
     assert channel_block(channels, lanes) == block

@@ -112,9 +112,12 @@ class KernelFamily(ABC, Generic[Config]):
         return dataclasses.asdict(config)  # type: ignore[call-overload]
 
     def config_from(self, entry: dict) -> Config:
-        """The config a database entry holds; raises ``KeyError``, ``TypeError`` or ``ValueError`` for one this
-        module did not write."""
-        values = {f.name: int(entry[f.name]) for f in dataclasses.fields(self.config_type)}
+        """The config a database entry holds (a knob added since it was written: its default, the schedule it was
+        measured with); raises ``KeyError``, ``TypeError`` or ``ValueError`` for one this module did not write."""
+        values = {
+            f.name: int(entry[f.name] if f.name in entry or f.default is dataclasses.MISSING else f.default)
+            for f in dataclasses.fields(self.config_type)
+        }
         if min(values.values()) < 1:
             raise ValueError(f"{self.name} config {values}: knobs are at least 1")
         return self.config_type(**values)
