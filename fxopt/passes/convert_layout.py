@@ -69,6 +69,10 @@ class ConvertLayout(Pass):
     before = ("mark-epilogues",)
     lanes: int = option(0, "floats per vector, the largest block; 0: the host CPU's (16 with AVX-512, 8 with AVX2)")
 
+    def __post_init__(self):
+        if self.lanes and (self.lanes < 4 or self.lanes & (self.lanes - 1)):
+            raise ValueError(f"lanes must be 0 (the host's) or a power of two >= 4, not {self.lanes}")
+
     def apply(self, program: Program, ctx: PassContext) -> bool:
         graph = program.graph
         if has_symbolic_shapes(graph):  # TVM builds static shapes: in PyTorch the blocked ops only cost
