@@ -15,7 +15,7 @@ import torch.fx as fx
 from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, Conv2dF32, ConvShape
-from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32
+from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32, max_pool
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32, WinogradF32
 from fxopt.codegen.lower import register_lowering, to_relax_constant
 from fxopt.ir.meta import input_node, optional_input_node
@@ -55,18 +55,45 @@ def _lower_from_blocked(node: fx.Node, importer) -> object:
 
 @register_lowering(fxopt_ops.pool2d_blocked.default)
 def _pool(node: fx.Node, importer) -> object:
-    """Relax's pools in the layout ``NCHW{x}c``."""
+    """Max pools of float32 on CPUs with a convolution ISA: the depthwise kernel taking its taps' maximum
+    (:func:`~fxopt.codegen.kernels.depthwise_f32.max_pool`; Relax's ran ResNet-50's 3.2x slower than ONNX
+    Runtime's); others Relax's pools in the layout ``NCHW{x}c``."""
     from tvm import relax
 
     _, kind, kernel, stride, padding, dilation, ceil_mode, count_include_pad = node.args
     block = node.meta["val"].shape[-1]
     x = importer.env[input_node(node, 0)]
+    isa = importer.isa
+    if kind == "max" and isa is not None and (isa.avx2 or isa.neon) and node.meta["val"].dtype == torch.float32:
+        shape = _pool_shape(node)
+        func = max_pool(shape, DEPTHWISE_F32.default(tuple(shape), isa)).with_attr("global_symbol", node.name)
+        pool = relax.call_tir(
+            importer.block_builder.add_func(func, node.name),
+            [x],
+            relax.TensorType(list(node.meta["val"].shape), "float32"),
+        )
+        return importer.block_builder.emit(pool)
     layout = f"NCHW{block}c"
     if kind == "max":
         pool = relax.op.nn.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode, layout=layout)
     else:
         pool = relax.op.nn.avg_pool2d(x, kernel, stride, padding, dilation, ceil_mode, count_include_pad, layout=layout)
     return importer.block_builder.emit(pool)
+
+
+def _pool_shape(node: fx.Node) -> ConvShape:
+    """A blocked pool's window as a depthwise convolution's workload: its bottom and right padding extended to
+    the windows a ceil-mode output reads past the input."""
+    _, _, kernel, stride, padding, dilation, _, _ = cast(tuple, node.args)
+    batch, blocks, height, width, block = input_node(node, 0).meta["val"].shape
+    out_height, out_width = node.meta["val"].shape[2:4]
+    bottom = (out_height - 1) * stride[0] + (kernel[0] - 1) * dilation[0] + 1 - height - padding[0]
+    right = (out_width - 1) * stride[1] + (kernel[1] - 1) * dilation[1] + 1 - width - padding[1]
+    channels = blocks * block
+    return ConvShape(
+        batch, channels, height, width, channels, kernel[0], kernel[1], stride[0], stride[1],
+        padding[0], padding[1], max(bottom, 0), max(right, 0), dilation[0], dilation[1], block, block,
+    )  # fmt: skip
 
 
 def conv_shape(node: fx.Node) -> ConvShape:

@@ -717,6 +717,33 @@ def test_blocked_pools_and_layout_conversions_lower_through_tvm(kind):
     assert_matches_torch(pooled, torch.randn(2, 8, 7, 6))
 
 
+@pytest.mark.skipif(not HOST.avx2, reason="the depthwise kernel family is for AVX2 CPUs")
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation, ceil_mode, size",
+    [
+        ([3, 3], [2, 2], [1, 1], [1, 1], False, (112, 112)),  # ResNet's
+        ([3, 3], [2, 2], [0, 0], [1, 1], True, (13, 10)),  # the last windows past the input
+        ([2, 3], [1, 2], [1, 0], [2, 1], True, (9, 8)),
+        ([3, 3], [2, 2], [1, 1], [1, 1], False, (3, 2)),
+    ],
+)
+def test_blocked_max_pools_are_the_depthwise_kernel_taking_the_maximum(
+    monkeypatch, kernel, stride, padding, dilation, ceil_mode, size
+):
+    import fxopt.codegen.lower_conv as lower_conv
+
+    def pooled(x):
+        x = torch.ops.fxopt.to_blocked(x, 8)
+        pool = torch.ops.fxopt.pool2d_blocked(x, "max", kernel, stride, padding, dilation, ceil_mode, False)
+        return torch.ops.fxopt.from_blocked(pool)
+
+    windows = []
+    real = lower_conv.max_pool
+    monkeypatch.setattr(lower_conv, "max_pool", lambda shape, config: windows.append(shape) or real(shape, config))
+    assert_matches_torch(pooled, -torch.rand(1, 16, *size) - 1)  # all negative: a zero padding would show
+    assert len(windows) == 1
+
+
 def test_blocks_of_one_channel_are_nchw_itself_and_convert_without_a_copy():
     from fxopt.codegen.lower import lower_graph
 

@@ -80,9 +80,9 @@ class ConvShape(NamedTuple):
         return bool(self.pad_top or self.pad_left or self.pad_bottom or self.pad_right)
 
 
-def padded_input(shape: ConvShape, x):
-    """``x`` (TE, ``[N, C/x, H, W, x]``) zero-padded as ``shape`` pads it, as a stage named ``pad``; ``x`` itself
-    when it pads nothing."""
+def padded_input(shape: ConvShape, x, value=0.0):
+    """``x`` (TE, ``[N, C/x, H, W, x]``) padded with ``value`` as ``shape`` pads it, as a stage named ``pad``; ``x``
+    itself when it pads nothing."""
     from tvm import te, tirx
 
     top, left = shape.pad_top, shape.pad_left
@@ -92,7 +92,7 @@ def padded_input(shape: ConvShape, x):
 
     def pad(n, c, h, w, i):
         inside = tirx.all(h >= top, h < shape.height + top, w >= left, w < shape.width + left)
-        return tirx.if_then_else(inside, x[n, c, h - top, w - left, i], 0.0)
+        return tirx.if_then_else(inside, x[n, c, h - top, w - left, i], value)
 
     return te.compute((x.shape[0], x.shape[1], height, width, x.shape[4]), pad, name="pad")
 

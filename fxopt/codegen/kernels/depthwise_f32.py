@@ -21,7 +21,7 @@ from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, epilogue_on_tile
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, written_with_epilogue
 
-__all__ = ["DepthwiseF32Config", "DepthwiseF32", "DEPTHWISE_F32"]
+__all__ = ["DepthwiseF32Config", "DepthwiseF32", "DEPTHWISE_F32", "max_pool"]
 
 
 @dataclass(frozen=True)
@@ -110,55 +110,89 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
     def build(self, workload: Workload, config: DepthwiseF32Config, variant=None):
         """Parameters, in order: ``x`` ``[N, C/x, H, W, x]``; the packed weight (:meth:`pack`); ``bias`` ``[C]``;
         the epilogue's operands (whole ones as ``[N, C/x, OH, OW, x]``); the result ``[N, C/x, OH, OW, x]``."""
-        from tvm import s_tir, te
+        from tvm import te
 
         shape = ConvShape(*workload)
-        epilogue, block = variant, shape.out_block
-        blocks, width = shape.channels // block, shape.out_width
-        rows = min(config.rows, width)
-        x = te.placeholder((shape.batch, blocks, shape.height, shape.width, block), "float32", name="x")
-        source = padded_input(shape, x)
-        packed = te.placeholder((blocks, shape.kernel_h, shape.kernel_w, block), "float32", name="packed")
+        block = shape.out_block
+        x = te.placeholder((shape.batch, shape.channels // block, shape.height, shape.width, block), "float32", "x")
+        packed = te.placeholder((shape.channels // block, shape.kernel_h, shape.kernel_w, block), "float32", "packed")
         bias = te.placeholder((shape.channels,), "float32", name="bias")
-        kh = te.reduce_axis((0, shape.kernel_h), "kh")
-        kw = te.reduce_axis((0, shape.kernel_w), "kw")
 
-        def tap(n, c, h, w, lane):  # past the end of a row, the last tile recomputes the row's last pixel
-            w = te.min(w, width - 1) * shape.stride_w + kw * shape.dilation_w
-            return source[n, c, h * shape.stride_h + kh * shape.dilation_h, w, lane]
+        def multiply_add(tap, c, kh, kw, lane):
+            return te.sum(tap * packed[c, kh, kw, lane], axis=[kh, kw])
 
-        acc = te.compute(
-            (shape.batch, blocks, shape.out_height, -(-width // rows) * rows, block),
-            lambda n, c, h, w, lane: te.sum(tap(n, c, h, w, lane) * packed[c, kh, kw, lane], axis=[kh, kw]),
-            name="acc",
-        )
+        acc = _taps_reduced(shape, config, padded_input(shape, x), multiply_add)
         out_shape = self.result_shape(shape)
         conv = te.compute(
             out_shape, lambda n, c, h, w, lane: acc[n, c, h, w, lane] + bias[c * block + lane], name="conv"
         )
-        operands, out = written_with_epilogue(conv, epilogue, out_shape)
-        func = te.create_prim_func([x, packed, bias, *operands, out])
+        operands, out = written_with_epilogue(conv, variant, out_shape)
+        return self.tagged(_row_tiled(te.create_prim_func([x, packed, bias, *operands, out]), shape, config), workload)
 
-        sch = s_tir.Schedule(func)
-        stage = sch.get_sblock("acc")
-        n, c, h, w, lane, kh_loop, kw_loop = sch.get_loops(stage)
-        row_group, row = sch.split(h, [None, config.task_rows])
-        pixel_tile, pixel = sch.split(w, [None, rows])
-        sch.reorder(n, c, row_group, row, pixel_tile, kh_loop, kw_loop, pixel, lane)
-        task = sch.fuse(n, c, row_group)
-        epilogue_on_tile(sch, pixel_tile)
-        sch.set_scope(stage, 0, "local")
-        sch.parallel(task)
-        sch.unroll(kw_loop)
-        sch.unroll(pixel)
-        sch.vectorize(lane)
-        init = sch.decompose_reduction(stage, kh_loop)
-        sch.vectorize(sch.get_loops(init)[-1])
-        if shape.padded:  # the rows a task reads, padded in its L1 (one parallel loop per kernel, not two)
-            padding = sch.get_sblock("pad")
-            sch.compute_at(padding, task)
-            sch.vectorize(sch.get_loops(padding)[-1])
-        return self.tagged(sch.mod["main"], workload)
+
+def max_pool(shape: ConvShape, config: DepthwiseF32Config):
+    """A max pool in NCHW[x]c as the depthwise convolution's kernel (its taps' maximum, no weight), padding with
+    -inf (``shape``'s bottom and right padding cover a ceil-mode output's last windows). Parameters: ``x``
+    ``[N, C/x, H, W, x]``; the result ``[N, C/x, OH, OW, x]``."""
+    from tvm import te, tirx
+
+    block = shape.out_block
+    x = te.placeholder((shape.batch, shape.channels // block, shape.height, shape.width, block), "float32", "x")
+
+    def maximum(tap, c, kh, kw, lane):
+        return te.max(tap, axis=[kh, kw])
+
+    acc = _taps_reduced(shape, config, padded_input(shape, x, tirx.min_value("float32")), maximum)
+    out = te.compute(DepthwiseF32.result_shape(shape), lambda *index: acc(*index), name="out")
+    return _row_tiled(te.create_prim_func([x, out]), shape, config)
+
+
+def _taps_reduced(shape: ConvShape, config: DepthwiseF32Config, source, reduce):
+    """The ``acc`` stage: ``reduce(tap, c, kh, kw, lane)`` over the ``KH x KW`` taps of each output pixel, the
+    output's rows padded to whole tiles."""
+    from tvm import te
+
+    width = shape.out_width
+    rows = min(config.rows, width)
+    kh = te.reduce_axis((0, shape.kernel_h), "kh")
+    kw = te.reduce_axis((0, shape.kernel_w), "kw")
+
+    def tap(n, c, h, w, lane):  # past the end of a row, the last tile recomputes the row's last pixel
+        w = te.min(w, width - 1) * shape.stride_w + kw * shape.dilation_w
+        return source[n, c, h * shape.stride_h + kh * shape.dilation_h, w, lane]
+
+    return te.compute(
+        (shape.batch, shape.channels // shape.out_block, shape.out_height, -(-width // rows) * rows, shape.out_block),
+        lambda n, c, h, w, lane: reduce(tap(n, c, h, w, lane), c, kh, kw, lane),
+        name="acc",
+    )
+
+
+def _row_tiled(func, shape: ConvShape, config: DepthwiseF32Config):
+    """``func`` (an ``acc`` stage of :func:`_taps_reduced`, written by ``out``) scheduled: tiles of ``rows`` pixels
+    of a row in registers, the taps unrolled around them, tasks of ``task_rows`` output rows on every core."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    stage = sch.get_sblock("acc")
+    n, c, h, w, lane, kh_loop, kw_loop = sch.get_loops(stage)
+    row_group, row = sch.split(h, [None, config.task_rows])
+    pixel_tile, pixel = sch.split(w, [None, min(config.rows, shape.out_width)])
+    sch.reorder(n, c, row_group, row, pixel_tile, kh_loop, kw_loop, pixel, lane)
+    task = sch.fuse(n, c, row_group)
+    epilogue_on_tile(sch, pixel_tile)
+    sch.set_scope(stage, 0, "local")
+    sch.parallel(task)
+    sch.unroll(kw_loop)
+    sch.unroll(pixel)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(stage, kh_loop)
+    sch.vectorize(sch.get_loops(init)[-1])
+    if shape.padded:  # the rows a task reads, padded in its cache (one parallel loop per kernel, not two)
+        padding = sch.get_sblock("pad")
+        sch.compute_at(padding, task)
+        sch.vectorize(sch.get_loops(padding)[-1])
+    return sch.mod["main"]
 
 
 DEPTHWISE_F32 = DepthwiseF32()
