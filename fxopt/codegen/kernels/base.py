@@ -145,3 +145,16 @@ def epilogue_on_tile(sch, tile_loop) -> Any:
     sch.reverse_compute_at(writer, tile_loop, preserve_unit_loops=True)
     sch.vectorize(sch.get_loops(writer)[-1])
     return writer
+
+
+def accumulate_in_registers(sch, acc, task, unrolled, lane, reduction) -> None:
+    """The register tile's schedule the families share: the accumulator stage ``acc`` in registers, ``task`` on
+    every core, the tile's ``unrolled`` loops unrolled and its ``lane`` loop vectorized, the accumulators' zeroing
+    split off before the ``reduction`` loop and vectorized."""
+    sch.set_scope(acc, 0, "local")
+    sch.parallel(task)
+    for loop in unrolled:
+        sch.unroll(loop)
+    sch.vectorize(lane)
+    init = sch.decompose_reduction(acc, reduction)
+    sch.vectorize(sch.get_loops(init)[-1])

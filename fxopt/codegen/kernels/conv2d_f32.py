@@ -26,7 +26,13 @@ from typing import NamedTuple
 import torch
 
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, epilogue_on_tile
+from fxopt.codegen.kernels.base import (
+    KernelFamily,
+    RegisterTile,
+    Workload,
+    accumulate_in_registers,
+    epilogue_on_tile,
+)
 
 __all__ = [
     "ConvShape",
@@ -251,13 +257,7 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         sch.reorder(n, *outer, c_loop, kh_loop, kw_loop, i_loop, pixel, vector, lane)
         task = sch.fuse(n, *outer)
         epilogue_on_tile(sch, task)
-        sch.set_scope(block, 0, "local")
-        sch.parallel(task)
-        sch.unroll(pixel)
-        sch.unroll(vector)
-        sch.vectorize(lane)
-        init = sch.decompose_reduction(block, c_loop)
-        sch.vectorize(sch.get_loops(init)[-1])
+        accumulate_in_registers(sch, block, task, (pixel, vector), lane, c_loop)
         schedule_padding(sch, shape)
         return self.tagged(sch.mod["main"], workload)
 

@@ -18,7 +18,13 @@ from dataclasses import dataclass
 import torch
 
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, epilogue_on_tile
+from fxopt.codegen.kernels.base import (
+    KernelFamily,
+    RegisterTile,
+    Workload,
+    accumulate_in_registers,
+    epilogue_on_tile,
+)
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, written_with_epilogue
 
 __all__ = ["DepthwiseF32Config", "DepthwiseF32", "DEPTHWISE_F32", "max_pool"]
@@ -181,13 +187,7 @@ def _row_tiled(func, shape: ConvShape, config: DepthwiseF32Config):
     sch.reorder(n, c, row_group, row, pixel_tile, kh_loop, kw_loop, pixel, lane)
     task = sch.fuse(n, c, row_group)
     epilogue_on_tile(sch, pixel_tile)
-    sch.set_scope(stage, 0, "local")
-    sch.parallel(task)
-    sch.unroll(kw_loop)
-    sch.unroll(pixel)
-    sch.vectorize(lane)
-    init = sch.decompose_reduction(stage, kh_loop)
-    sch.vectorize(sch.get_loops(init)[-1])
+    accumulate_in_registers(sch, stage, task, (kw_loop, pixel), lane, kh_loop)
     if shape.padded:  # the rows a task reads, padded in its cache (one parallel loop per kernel, not two)
         padding = sch.get_sblock("pad")
         sch.compute_at(padding, task)

@@ -21,7 +21,13 @@ from dataclasses import dataclass
 import torch
 
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, epilogue_on_tile
+from fxopt.codegen.kernels.base import (
+    KernelFamily,
+    RegisterTile,
+    Workload,
+    accumulate_in_registers,
+    epilogue_on_tile,
+)
 
 __all__ = [
     "GemmF32Config",
@@ -167,13 +173,7 @@ class GemmF32(KernelFamily[GemmF32Config]):
         sch.reorder(group, m_outer, panel, k_loop, m_inner, vector, lane_inner)
         fused = sch.fuse(group, m_outer)
         epilogue_on_tile(sch, panel)
-        sch.set_scope(block, 0, "local")
-        sch.parallel(fused)
-        sch.unroll(m_inner)
-        sch.unroll(vector)
-        sch.vectorize(lane_inner)
-        init = sch.decompose_reduction(block, k_loop)
-        sch.vectorize(sch.get_loops(init)[-1])
+        accumulate_in_registers(sch, block, fused, (m_inner, vector), lane_inner, k_loop)
         return self.tagged(sch.mod["main"], workload)
 
 

@@ -22,7 +22,7 @@ import torch
 
 from fxopt.codegen.epilogue import KEPT
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload
+from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, accumulate_in_registers
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, schedule_padding, written_with_epilogue
 
 __all__ = ["WinogradF32Config", "WinogradF32", "WINOGRAD_F32"]
@@ -239,13 +239,7 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
         writer = sch.get_sblock("product")
         sch.reverse_compute_at(writer, task, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(writer)[-1])
-        sch.set_scope(block, 0, "local")
-        sch.parallel(task)
-        sch.unroll(row)
-        sch.unroll(vector)
-        sch.vectorize(lane)
-        init = sch.decompose_reduction(block, k_loop)
-        sch.vectorize(sch.get_loops(init)[-1])
+        accumulate_in_registers(sch, block, task, (row, vector), lane, k_loop)
         # The output transform, the bias and the epilogue, per output pixel row.
         columns = sch.get_sblock("output_columns")
         loops = sch.get_loops(columns)
