@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 import torch
 import torch.fx as fx
+from torch.fx.experimental.symbolic_shapes import is_concrete_int
 from torch.utils.flop_counter import flop_registry
 
 from fxopt.ir.meta import tensor_summary
@@ -51,25 +52,29 @@ def node_flops(node: fx.Node, value: Callable[[fx.Node], object] | None = None) 
     formula = flop_registry.get(target) or flop_registry.get(getattr(target, "overloadpacket", None))
     try:
         if formula is None:
-            return _composite_flops(node, value)
-        args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
-        return int(formula(*args, **kwargs, out_val=value(node)))
+            flops = _composite_flops(node, value)
+        else:
+            args, kwargs = fx.node.map_arg((node.args, node.kwargs), value)
+            flops = formula(*args, **kwargs, out_val=value(node))
     except Exception:  # symbolic (dynamic) shapes have no number of FLOPs: count them as unknown
         return 0
+    # A count of symbolic (dynamic) sizes is unknown too: int() of it would specialize the graph's shape symbols
+    # to the example input's sizes (a dynamic batch became 2 for every pass after the first FLOP count).
+    return int(flops) if not isinstance(flops, torch.SymInt) or is_concrete_int(flops) else 0
 
 
 def _meta_value(node: fx.Node) -> object:
     return node.meta.get("val")
 
 
-def _composite_flops(node: fx.Node, value: Callable[[fx.Node], object]) -> int:
+def _composite_flops(node: fx.Node, value: Callable[[fx.Node], object]) -> int | torch.SymInt:
     # linear is preserved whole in fxopt's op set; the registry only knows its decomposition
     if node.target is torch.ops.aten.linear.default:
         x, w = value(node.args[0]), value(node.args[1])
-        return int(2 * x.numel() * w.shape[0])
+        return 2 * x.numel() * w.shape[0]
     if node.target is torch.ops.fxopt.conv2d_blocked.default:  # each output element: a dot over C/groups x KH x KW
         out, w = value(node), value(node.args[1])
-        return int(2 * out.numel() * w[0].numel())
+        return 2 * out.numel() * w[0].numel()
     return 0
 
 
