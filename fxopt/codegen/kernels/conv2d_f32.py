@@ -185,18 +185,21 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         return list(dict.fromkeys(tiles))
 
     def default(self, workload: Workload, isa: Isa) -> Conv2dF32Config:
-        """Of the tiles with at least 5/6 of the most accumulators (10-12 of AVX2's 16 registers, 20-24 of
-        AVX-512's 32), one recomputing at most 1/20 of the pixels past the end if any, the most accumulators
-        first, then :data:`TILES` order. ResNet-50's and MobileNetV2's 7 x 7 layers (49 pixels) ran 10-25% faster
-        in 5 x 2 tiles (50 pixels) than in 6 x 2 (54) here; on larger images 6 x 2 and 4 x 3 won by as much."""
+        """The tile with the most accumulators (12 of AVX2's 16 registers, 24 of AVX-512's 32), the first in
+        :data:`TILES` order of those; for 1x1 convolutions, of the tiles with at least 5/6 of the most, one
+        recomputing at most 1/20 of the pixels past the end if any. ResNet-50's and MobileNetV2's 1x1 layers on
+        7 x 7 images (49 pixels) ran 10-25% faster in 5 x 2 tiles (50 pixels) than in 6 x 2 (54) here; on larger
+        images 6 x 2 and 4 x 3 won by as much, and ResNet-50's 3x3 layer on 7 x 7 ran 17% slower in 5 x 2."""
         shape = ConvShape(*workload)
         space = self.space(workload, isa)
         most = max(config.rows * config.vectors for config in space)
+        pointwise = shape.kernel_h == shape.kernel_w == 1
 
         def recomputes_much(config: Conv2dF32Config) -> bool:
-            return (-(-shape.pixels // config.rows) * config.rows - shape.pixels) * 20 > shape.pixels
+            padded = -(-shape.pixels // config.rows) * config.rows
+            return pointwise and (padded - shape.pixels) * 20 > shape.pixels
 
-        many = [config for config in space if config.rows * config.vectors * 6 >= most * 5]
+        many = [config for config in space if config.rows * config.vectors * 6 >= most * (5 if pointwise else 6)]
         return min(many, key=lambda config: (recomputes_much(config), -config.rows * config.vectors))
 
     @staticmethod
