@@ -95,9 +95,9 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
         """The tile that recomputes the fewest pixels past the end of a row, the widest of those; the rows per task
         of the first of :data:`TASK_INPUT_BYTES`."""
         width = ConvShape(*workload).out_width
-        first_per_task = self.space(workload, isa)[0].task_rows
+        space = self.space(workload, isa)
         return min(
-            (c for c in self.space(workload, isa) if c.task_rows == first_per_task),
+            (c for c in space if c.task_rows == space[0].task_rows),
             key=lambda c: (-(-width // c.rows) * c.rows - width, -c.rows),
         )
 
