@@ -116,9 +116,12 @@ def test_latency_benchmark_times_every_peer_in_one_run(capsys, monkeypatch):
     rows = {
         line.split()[0]: line.split()[1:] for line in out.splitlines() if line.startswith("  ") and "ms" not in line
     }
+    eager_ms = float(rows["eager"][0])
     for runner in ["eager", "torch.compile", "torch.compile(freezing)", "onnxruntime", "openvino", "fxopt(cpu)"]:
         milliseconds, ratio, gflops = rows[runner]
-        assert float(milliseconds) > 0 and ratio.endswith("x") and float(gflops) > 0, (runner, rows[runner])
+        # GFLOP/s may print as 0.0: bert-tiny's FLOPs over a slow call (a torch.compile recompile took 212 ms).
+        assert float(milliseconds) > 0 and float(gflops) >= 0, (runner, rows[runner])
+        assert float(ratio.removesuffix("x")) == pytest.approx(float(milliseconds) / eager_ms, rel=0.01, abs=0.01)
 
 
 def test_the_llvm_mca_benchmark_predicts_each_kernels_loops_per_cpu(capsys, monkeypatch):
