@@ -149,7 +149,7 @@ def max_pool(shape: ConvShape, config: DepthwiseF32Config):
         return te.max(tap, axis=[kh, kw])
 
     acc = _taps_reduced(shape, config, padded_input(shape, x, tirx.min_value("float32")), maximum)
-    out = te.compute(DepthwiseF32.result_shape(shape), lambda *index: acc(*index), name="out")
+    _, out = written_with_epilogue(acc, None, DepthwiseF32.result_shape(shape))
     return _row_tiled(te.create_prim_func([x, out]), shape, config)
 
 
