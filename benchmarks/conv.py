@@ -18,6 +18,7 @@ import torch
 from run import fma_peak, measure  # benchmarks/run.py, beside this script (sys.path[0])
 
 import fxopt
+from fxopt.codegen.compile import compile_kernel
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape
 from fxopt.codegen.lower_conv import conv_family, conv_shape
@@ -54,7 +55,7 @@ def kernel_runner(workload: tuple, groups: int, templates: TemplateChoices):
     shape = ConvShape(*workload)
     family = conv_family(shape, groups, Isa.of(target))
     config = templates.config(family, workload, Isa.of(target))
-    library = tvm.compile(tvm.IRModule({"main": family.build(workload, config)}), target=target.tvm())
+    library = compile_kernel(tvm.IRModule({"main": family.build(workload, config)}), target.tvm())
     torch.manual_seed(0)
     x = torch.randn(shape.batch, shape.channels, shape.height, shape.width)
     weight = torch.randn(shape.out_channels, shape.channels // groups, shape.kernel_h, shape.kernel_w)

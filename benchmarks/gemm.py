@@ -14,6 +14,7 @@ import sys
 import torch
 from run import fma_peak, measure  # benchmarks/run.py, beside this script (sys.path[0])
 
+from fxopt.codegen.compile import compile_kernel
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.codegen.runtime import to_tvm, use_host_cores
@@ -27,7 +28,7 @@ def kernel_runner(rows: int, in_features: int, out_features: int, x, weight, bia
 
     workload = (rows, in_features, out_features)
     config = GEMM_F32.default(workload, Isa.of(parse_target("cpu")))
-    library = tvm.compile(tvm.IRModule({"main": GEMM_F32.build(workload, config)}), target=parse_target("cpu").tvm())
+    library = compile_kernel(tvm.IRModule({"main": GEMM_F32.build(workload, config)}), parse_target("cpu").tvm())
     out = torch.empty(rows, out_features)
     args = [to_tvm(x), to_tvm(GEMM_F32.pack(weight, config)), to_tvm(bias), to_tvm(out)]
     function = library["main"]

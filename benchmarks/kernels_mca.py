@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import sys
 
+from fxopt.codegen.compile import compile_kernel
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         target = parse_target(f"x86_64:{cpu}")
         isa = Isa.of(target)
         for name, kernel in kernels(isa).items():
-            asm = tvm.compile(tvm.IRModule({"main": kernel}), target=target.tvm()).mod.inspect_source("asm")
+            asm = compile_kernel(tvm.IRModule({"main": kernel}), target.tvm()).mod.inspect_source("asm")
             for number, loop in enumerate(fma_loops(asm)[: args.loops], 1):
                 fmas = [_FMA.match(op) for op in loop]
                 widths = {match.group(2) for match in fmas if match}

@@ -25,6 +25,7 @@ import torch
 import torch.utils._pytree as pytree
 
 import fxopt
+from fxopt.codegen.compile import compile_kernel
 from fxopt.codegen.runtime import use_host_cores
 from fxopt.loading import load_model
 from fxopt.targets import host_cpu, parse_target
@@ -143,7 +144,7 @@ def fma_peak(threads: int) -> float:
     sch.unroll(chain)
     sch.vectorize(lane)
     sch.decompose_reduction(block, step)
-    kernel = tvm.compile(sch.mod, target=parse_target("cpu").tvm())["main"]
+    kernel = compile_kernel(sch.mod, parse_target("cpu").tvm())["main"]
     args = (
         tvm.runtime.tensor(np.full(lanes, 0.5, "float32")),
         tvm.runtime.tensor(np.zeros((threads, chains, lanes), "float32")),

@@ -5,7 +5,8 @@ schedules from a MetaSchedule database are applied right after fusion
 (before anything else schedules the kernels), and every kernel the database
 does not cover gets a default schedule: DLight's GPU rules on CUDA; on CPUs
 DLight's reduction rule and :func:`cpu_injective` (TVM's CPU default leaves
-a kernel as one thread of scalar loops).
+a kernel as one thread of scalar loops). Below Relax, kernels are lowered by
+TVM's TIR pipeline plus :func:`scratch_on_stack` (:data:`TIR_PIPELINE`).
 """
 
 from __future__ import annotations
@@ -18,7 +19,25 @@ from fxopt.errors import CodegenError, first_line
 from fxopt.log import native_stderr_to_debug
 from fxopt.targets import Target
 
-__all__ = ["fusion_passes", "relax_pipeline", "compile_module", "kernel_source", "cpu_injective"]
+__all__ = [
+    "fusion_passes",
+    "relax_pipeline",
+    "compile_module",
+    "compile_kernel",
+    "kernel_source",
+    "cpu_injective",
+    "scratch_on_stack",
+    "register_tir_pipeline",
+    "TIR_PIPELINE",
+]
+
+#: The TIR pipeline kernels are lowered with (registered in TVM's pipeline map by :func:`register_tir_pipeline`):
+#: TVM's default, then :func:`scratch_on_stack`.
+TIR_PIPELINE = "fxopt"
+
+#: The largest thread-private buffer :func:`scratch_on_stack` puts on the stack (a thread's stack is 8 MiB);
+#: larger ones stay TVM's workspace allocations.
+STACK_SCRATCH_BYTES = 64 << 10
 
 
 def fusion_passes():
@@ -191,6 +210,62 @@ def _declining_on_error(rule):
     return declining
 
 
+def scratch_on_stack():
+    """PrimFunc pass: on CPUs, each constant-size thread-private buffer (scope ``"local"``: a register tile's
+    accumulators, the values its epilogue keeps) up to :data:`STACK_SCRATCH_BYTES` allocated on the stack.
+
+    TVM 0.27 lowers every allocation but small ``"global"`` ones to a ``TVMBackendAllocWorkspace`` /
+    ``TVMBackendFreeWorkspace`` call pair where it is declared: a register tile's, declared in its task's loop,
+    cost two runtime calls per tile and kept the accumulators in memory (LLVM cannot promote a workspace to
+    registers). On a stack slot LLVM keeps them in registers: a 16 -> 96 channel 1x1 convolution on 112 x 112
+    pixels ran 2.2x faster here.
+    """
+    import tvm_ffi
+    from tvm import tirx
+
+    def on_stack(alloc):
+        buffer = alloc.buffer
+        shape = [int(extent) for extent in buffer.shape if isinstance(extent, tirx.IntImm)]
+        if buffer.scope() != "local" or len(shape) != len(buffer.shape):
+            return alloc
+        size = buffer.dtype.itemsize  # of all its lanes
+        for extent in shape:
+            size *= extent
+        if size > STACK_SCRATCH_BYTES:
+            return alloc
+        return tirx.AllocBuffer(buffer, {**alloc.annotations, "disable_lower_builtin": tirx.IntImm("bool", 1)})
+
+    def transform(func, _mod, _ctx):
+        target = func.attrs.get("target") if func.attrs else None
+        if target is None or target.kind.name != "llvm":
+            return func
+        return func.with_body(tvm_ffi.structural_map(func.body, (tirx.AllocBuffer, on_stack), order="post"))
+
+    return tirx.transform.prim_func_pass(transform, opt_level=0, name="fxopt_scratch_on_stack")
+
+
+def register_tir_pipeline() -> str:
+    """Register :data:`TIR_PIPELINE` with TVM (once per process: builder workers register it too); returns its
+    name, for ``tvm.compile(..., tir_pipeline=...)``."""
+    import tvm
+    from tvm.tirx import compilation_pipeline
+
+    def pipeline():
+        lowering, host_passes, device_passes = compilation_pipeline.get_tir_pipeline("s_tir")
+        return tvm.transform.Sequential([lowering, scratch_on_stack()]), host_passes, device_passes
+
+    compilation_pipeline.PIPELINE_MAP.setdefault(TIR_PIPELINE, pipeline)
+    return TIR_PIPELINE
+
+
+def compile_kernel(mod, tvm_target):
+    """Build an ``IRModule`` of scheduled kernels (PrimFuncs) for ``tvm_target`` (a ``tvm.target.Target``) as
+    :func:`compile_module` lowers them."""
+    import tvm
+
+    return tvm.compile(mod, target=tvm_target, tir_pipeline=register_tir_pipeline())
+
+
 def compile_module(mod, target: Target, database_dir: Path | None = None):
     """Build a Relax ``IRModule`` into a ``tvm.runtime.Executable`` for ``target``."""
     import tvm
@@ -198,7 +273,12 @@ def compile_module(mod, target: Target, database_dir: Path | None = None):
 
     try:
         with tvm.transform.PassContext(opt_level=3), native_stderr_to_debug("tvm"):
-            return relax.build(mod, target.tvm(), relax_pipeline=relax_pipeline(target, database_dir))
+            return relax.build(
+                mod,
+                target.tvm(),
+                relax_pipeline=relax_pipeline(target, database_dir),
+                tir_pipeline=register_tir_pipeline(),
+            )
     except Exception as exc:  # a TVM bug or gap, raised from C++ as any exception type
         raise CodegenError(f"TVM failed to build for target '{target}': {first_line(exc)}") from exc
 

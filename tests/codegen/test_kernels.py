@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fxopt.codegen.compile import STACK_SCRATCH_BYTES, compile_kernel
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels import FAMILIES, template_workloads
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionInputs
@@ -67,12 +68,12 @@ def test_dense_tile_matches_pytorch_or_builds_for_its_isa(tile, flag, mcpu, regi
     config = GemmF32Config(tile.rows, tile.vectors, tile.lanes, default_panels_per_task(in_features, tile, 256 << 10))
     kernel = tvm.IRModule({"main": GEMM_F32.build((rows, in_features, out_features), config, epilogue)})
     if flag not in host_cpu().features:
-        library = tvm.compile(kernel, target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+        library = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
         assert registers in library.mod.inspect_source("asm")
         return
     x, weight, bias = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
     scale, out = torch.randn(out_features), torch.empty(rows, out_features)
-    library = tvm.compile(kernel, target=parse_target("cpu").tvm())
+    library = compile_kernel(kernel, parse_target("cpu").tvm())
     args = [x, GEMM_F32.pack(weight, config), bias, *([scale] if epilogue else []), out]
     library["main"](*map(to_tvm, args))
     expected = F.linear(x, weight, bias)
@@ -140,7 +141,7 @@ def test_every_attention_config_at_every_isas_lanes_matches_pytorch(spec, shape,
     workload = shape
     space = ATTENTION_F32.space(workload, Isa.named(spec))
     kernel = ATTENTION_F32.build(workload, space[choice % len(space)], AttentionInputs(bias_shape, 0.3))
-    library = tvm.compile(tvm.IRModule({"main": kernel}), target=CPU.tvm())
+    library = compile_kernel(tvm.IRModule({"main": kernel}), CPU.tvm())
     out = torch.full((batch, heads, length, dim), float("nan"))
     library["main"](*map(to_tvm, (q, k, v, bias, out)))
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3).nan_to_num(0.0)
@@ -158,7 +159,7 @@ def test_attention_transposes_k_in_registers_on_avx512_where_its_rows_are_whole_
     assert ("T.Shuffle" in kernel.script()) == (isa.lanes() == 16)
     q, k, v = (torch.randn(1, 2, n, 32) for n in (5, 48, 48))
     out = torch.full((1, 2, 5, 32), float("nan"))
-    library = tvm.compile(tvm.IRModule({"main": kernel}), target=CPU.tvm())
+    library = compile_kernel(tvm.IRModule({"main": kernel}), CPU.tvm())
     library["main"](*map(to_tvm, (q, k, v, torch.zeros(1, 1, 5, 48), out)))
     expected = F.scaled_dot_product_attention(q, k, v)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
@@ -171,7 +172,7 @@ def test_the_avx512_attention_computes_in_zmm_registers_with_each_row_max_in_lan
     target = parse_target(spec)
     workload = (1, 12, 128, 128, 64)
     kernel = ATTENTION_F32.build(workload, ATTENTION_F32.default(workload, Isa.of(target)))
-    asm = tvm.compile(tvm.IRModule({"main": kernel}), target=target.tvm()).mod.inspect_source("asm")
+    asm = compile_kernel(tvm.IRModule({"main": kernel}), target.tvm()).mod.inspect_source("asm")
     fma = [line for line in asm.splitlines() if re.match(r"\s+vfmadd\w+ps\s", line)]
     assert fma and all("zmm" in line for line in fma)  # scores and P·V: every FMA on 16 lanes
     # The row max: packed maxima over the row's vectors, no chain of scalar ones.
@@ -284,7 +285,7 @@ def test_every_int8_gemm_config_is_exact(scales):
     mod = tvm.IRModule(
         {f"c{i}": GEMM_INT8.build(workload, c, scales).with_attr("global_symbol", f"c{i}") for i, c in enumerate(space)}
     )
-    library = tvm.compile(mod, target=CPU.tvm())
+    library = compile_kernel(mod, CPU.tvm())
     xq = torch.randint(-128, 128, (rows, in_features), dtype=torch.int8)
     weight = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8)
     activations = rows if scales.per_row_activation else 1
@@ -349,7 +350,7 @@ def test_every_convolution_config_at_every_isas_lanes_matches_pytorch(case, seed
         divisors = [rows for rows in range(1, shape.out_height + 1) if shape.out_height % rows == 0]
         config = dataclasses.replace(config, task_rows=divisors[choice % len(divisors)])
     epilogue = ScaledRelu(shape.out_block) if with_epilogue else None
-    library = tvm.compile(tvm.IRModule({"main": family.build(tuple(shape), config, epilogue)}), target=CPU.tvm())
+    library = compile_kernel(tvm.IRModule({"main": family.build(tuple(shape), config, epilogue)}), CPU.tvm())
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape.batch, shape.channels, shape.height, shape.width, generator=generator)
     groups = shape.channels if depthwise else 1
@@ -380,6 +381,42 @@ def test_convolutions_build_for_each_isa_in_its_registers_with_fused_multiply_ad
     isa = Isa.named(spec)
     workload = (1, 32, 14, 14, 32, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, isa.lanes(), isa.lanes())
     kernel = family.build(workload, family.default(workload, isa))
-    asm = tvm.compile(tvm.IRModule({"main": kernel}), target=tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+    asm = compile_kernel(tvm.IRModule({"main": kernel}), tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
     source = asm.mod.inspect_source("asm")
     assert registers in source and re.search(r"vfmadd\d+ps\s+[^\n]*" + re.escape(registers), source)
+
+
+@pytest.mark.parametrize("spec, mcpu", [("cpu:avx2", "znver3"), ("cpu:avx512", "znver4"), ("aarch64", "cortex-a76")])
+@pytest.mark.parametrize("family", [GEMM_F32, CONV2D_F32])
+def test_register_tiles_are_stack_slots_not_runtime_workspaces(family, spec, mcpu):
+    """TVM would allocate each tile's accumulators with a runtime call per tile (AVX-512's 1.5 KiB tile too)."""
+    import tvm
+
+    isa = Isa.named(spec)
+    lanes = isa.lanes()
+    # unpadded, so the kernels allocate nothing but their tiles
+    workload = (48, 64, 96) if family is GEMM_F32 else (1, 16, 14, 14, 96, 1, 1, 1, 1, 0, 0, 0, 0, 1, 1, lanes, lanes)
+    kernel = tvm.IRModule({"main": family.build(workload, family.default(workload, isa))})
+    triple = {"mtriple": "aarch64-linux-gnu"} if spec == "aarch64" else {}
+    library = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu, **triple}))
+    assert "TVMBackendAllocWorkspace" not in library.mod.inspect_source("ll")
+
+
+@pytest.mark.parametrize("floats, on_stack", [(16, True), (STACK_SCRATCH_BYTES // 4 + 1, False)])
+def test_thread_private_buffers_up_to_the_bound_are_stack_slots(floats, on_stack):
+    import tvm
+    from tvm import s_tir, te
+
+    x = te.placeholder((4, floats), "float32", name="x")
+    doubled = te.compute((4, floats), lambda i, j: x[i, j] * 2, name="doubled")
+    out = te.compute((4, floats), lambda i, j: doubled[i, j] + 1, name="out")
+    sch = s_tir.Schedule(te.create_prim_func([x, out]))
+    row, _ = sch.get_loops(sch.get_sblock("out"))
+    sch.parallel(row)
+    sch.compute_at(sch.get_sblock("doubled"), row)
+    sch.set_scope(sch.get_sblock("doubled"), 0, "local")
+    library = compile_kernel(sch.mod, CPU.tvm())
+    assert ("TVMBackendAllocWorkspace" not in library.mod.inspect_source("ll")) == on_stack
+    values, result = torch.randn(4, floats), torch.empty(4, floats)
+    library["main"](to_tvm(values), to_tvm(result))
+    torch.testing.assert_close(result, values * 2 + 1)

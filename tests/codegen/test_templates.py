@@ -13,6 +13,7 @@ import torch
 import fxopt
 import fxopt.codegen.tune as tune_module
 from fxopt import CodegenError
+from fxopt.codegen.compile import compile_kernel
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
@@ -50,10 +51,10 @@ def test_every_candidate_tile_matches_pytorch_or_builds_for_its_isa(lanes, flag,
         for i, config in enumerate(candidates)
     }
     if flag not in host_cpu().features:
-        library = tvm.compile(tvm.IRModule(kernels), target=tvm.target.Target({"kind": "llvm", **llvm}))
+        library = compile_kernel(tvm.IRModule(kernels), tvm.target.Target({"kind": "llvm", **llvm}))
         assert re.search(registers, library.mod.inspect_source("asm"))
         return
-    library = tvm.compile(tvm.IRModule(kernels), target=CPU.tvm())
+    library = compile_kernel(tvm.IRModule(kernels), CPU.tvm())
     x, weight, bias = torch.randn(rows, in_features), torch.randn(out_features, in_features), torch.randn(out_features)
     expected = torch.nn.functional.linear(x, weight, bias)
     for name, config in zip(kernels, candidates):
