@@ -404,7 +404,6 @@ def test_register_tiles_are_stack_slots_not_runtime_workspaces(family, spec, mcp
 
 @pytest.mark.parametrize("floats, on_stack", [(16, True), (STACK_SCRATCH_BYTES // 4 + 1, False)])
 def test_thread_private_buffers_up_to_the_bound_are_stack_slots(floats, on_stack):
-    import tvm
     from tvm import s_tir, te
 
     x = te.placeholder((4, floats), "float32", name="x")
