@@ -27,6 +27,7 @@ __all__ = [
     "kernel_source",
     "cpu_injective",
     "scratch_on_stack",
+    "STACK_SCRATCH_BYTES",
     "register_tir_pipeline",
     "TIR_PIPELINE",
 ]

@@ -402,20 +402,20 @@ def test_register_tiles_are_stack_slots_not_runtime_workspaces(family, spec, mcp
     assert "TVMBackendAllocWorkspace" not in library.mod.inspect_source("ll")
 
 
-@pytest.mark.parametrize("floats, on_stack", [(16, True), (STACK_SCRATCH_BYTES // 4 + 1, False)])
-def test_thread_private_buffers_up_to_the_bound_are_stack_slots(floats, on_stack):
+# 100000 rows of 256 bytes: a slot per row, not one for the loop, would overflow the 8 MiB stack
+@pytest.mark.parametrize("rows, floats, on_stack", [(100_000, 64, True), (2, STACK_SCRATCH_BYTES // 4 + 1, False)])
+def test_thread_private_buffers_up_to_the_bound_are_one_stack_slot(rows, floats, on_stack):
     from tvm import s_tir, te
 
-    x = te.placeholder((4, floats), "float32", name="x")
-    doubled = te.compute((4, floats), lambda i, j: x[i, j] * 2, name="doubled")
-    out = te.compute((4, floats), lambda i, j: doubled[i, j] + 1, name="out")
+    x = te.placeholder((rows, floats), "float32", name="x")
+    doubled = te.compute((rows, floats), lambda i, j: x[i, j] * 2, name="doubled")
+    out = te.compute((rows, floats), lambda i, j: doubled[i, j] + 1, name="out")
     sch = s_tir.Schedule(te.create_prim_func([x, out]))
     row, _ = sch.get_loops(sch.get_sblock("out"))
-    sch.parallel(row)
     sch.compute_at(sch.get_sblock("doubled"), row)
     sch.set_scope(sch.get_sblock("doubled"), 0, "local")
     library = compile_kernel(sch.mod, CPU.tvm())
     assert ("TVMBackendAllocWorkspace" not in library.mod.inspect_source("ll")) == on_stack
-    values, result = torch.randn(4, floats), torch.empty(4, floats)
+    values, result = torch.randn(rows, floats), torch.empty(rows, floats)
     library["main"](to_tvm(values), to_tvm(result))
     torch.testing.assert_close(result, values * 2 + 1)
