@@ -36,7 +36,7 @@ __all__ = [
 #: TVM's default, then :func:`scratch_on_stack`.
 TIR_PIPELINE = "fxopt"
 
-#: The largest thread-private buffer :func:`scratch_on_stack` puts on the stack (a thread's stack is 8 MiB);
+#: The largest thread-private buffer :func:`scratch_on_stack` puts on the stack (a worker thread's is 2-8 MiB);
 #: larger ones stay TVM's workspace allocations.
 STACK_SCRATCH_BYTES = 64 << 10
 

@@ -402,7 +402,7 @@ def test_register_tiles_are_stack_slots_not_runtime_workspaces(family, spec, mcp
     assert "TVMBackendAllocWorkspace" not in library.mod.inspect_source("ll")
 
 
-# 100000 rows of 256 bytes: a slot per row, not one for the loop, would overflow the 8 MiB stack
+# 100000 rows of 256 bytes: a slot per row, not one for the loop, would overflow the calling thread's stack
 @pytest.mark.parametrize("rows, floats, on_stack", [(100_000, 64, True), (2, STACK_SCRATCH_BYTES // 4 + 1, False)])
 def test_thread_private_buffers_up_to_the_bound_are_one_stack_slot(rows, floats, on_stack):
     from tvm import s_tir, te
