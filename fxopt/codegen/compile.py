@@ -12,6 +12,7 @@ TVM's TIR pipeline plus :func:`scratch_on_stack` (:data:`TIR_PIPELINE`).
 from __future__ import annotations
 
 import contextlib
+import math
 from pathlib import Path
 
 from fxopt.codegen.tuning_database import RECORDS_FILE, load_database
@@ -226,14 +227,10 @@ def scratch_on_stack():
 
     def on_stack(alloc):
         buffer = alloc.buffer
-        shape = [int(extent) for extent in buffer.shape if isinstance(extent, tirx.IntImm)]
-        if buffer.scope() != "local" or len(shape) != len(buffer.shape):
+        if buffer.scope() != "local" or not all(isinstance(extent, tirx.IntImm) for extent in buffer.shape):
             return alloc
-        size = buffer.dtype.itemsize  # of all its lanes
-        for extent in shape:
-            size *= extent
-        if size > STACK_SCRATCH_BYTES:
-            return alloc
+        if buffer.dtype.itemsize * math.prod(int(extent) for extent in buffer.shape) > STACK_SCRATCH_BYTES:
+            return alloc  # itemsize: of all the dtype's lanes
         return tirx.AllocBuffer(buffer, {**alloc.annotations, "disable_lower_builtin": tirx.IntImm("bool", 1)})
 
     def transform(func, _mod, _ctx):

@@ -151,7 +151,7 @@ def accumulate_in_registers(sch, acc, task, unrolled, lane, reduction) -> None:
     """The register tile's schedule the families share: the accumulator stage ``acc`` in registers, ``task`` on
     every core, the tile's ``unrolled`` loops unrolled and its ``lane`` loop vectorized, the accumulators' zeroing
     split off before the ``reduction`` loop and vectorized."""
-    sch.set_scope(acc, 0, "local")
+    sch.set_scope(acc, 0, "local")  # a stack slot (fxopt's TIR pipeline: compile.scratch_on_stack), in registers
     sch.parallel(task)
     for loop in unrolled:
         sch.unroll(loop)
