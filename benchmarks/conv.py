@@ -21,7 +21,7 @@ import fxopt
 from fxopt.codegen.compile import compile_kernel
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape
-from fxopt.codegen.lower_conv import conv_family, conv_shape
+from fxopt.codegen.lower_conv import block_diagonal, conv_kernel, conv_shape
 from fxopt.codegen.runtime import to_tvm, use_host_cores
 from fxopt.codegen.templates import TemplateChoices
 from fxopt.codegen.tuning_database import existing_database
@@ -31,38 +31,38 @@ from fxopt.zoo import load_zoo_model
 
 
 def model_convolutions(name: str) -> collections.Counter:
-    """``(workload, groups)`` of each blocked convolution of zoo model ``name``, with how often it occurs."""
+    """The shape of each blocked convolution of zoo model ``name``, with how often it occurs."""
     model, inputs = load_zoo_model(name)
     program, _ = PassManager("cpu", verify="off").run(fxopt.capture(model, inputs))
     return collections.Counter(
-        (tuple(conv_shape(node)), int(node.args[6]))
-        for node in program.graph.nodes
-        if node.target is torch.ops.fxopt.conv2d_blocked.default
+        conv_shape(node) for node in program.graph.nodes if node.target is torch.ops.fxopt.conv2d_blocked.default
     )
 
 
-def kernel_kind(workload: tuple, groups: int) -> str:
+def kernel_kind(shape: ConvShape) -> str:
     """``direct``, ``dw`` or ``winograd``: the family the lowering picks on this CPU."""
-    family = conv_family(ConvShape(*workload), groups, Isa.of(parse_target("cpu")))
+    family, _ = conv_kernel(shape, Isa.of(parse_target("cpu")))
     return {"conv2d_f32": "direct", "depthwise_f32": "dw", "winograd_f32": "winograd"}[family.name]
 
 
-def kernel_runner(workload: tuple, groups: int, templates: TemplateChoices):
-    """The family's kernel for ``workload``, checked against PyTorch, and PyTorch's ``conv2d``: two runners."""
+def kernel_runner(shape: ConvShape, templates: TemplateChoices):
+    """The kernel the lowering builds for ``shape``, checked against PyTorch, and PyTorch's ``conv2d``: two
+    runners."""
     import tvm
 
     target = parse_target("cpu")
-    shape = ConvShape(*workload)
-    family = conv_family(shape, groups, Isa.of(target))
-    config = templates.config(family, workload, Isa.of(target))
-    library = compile_kernel(tvm.IRModule({"main": family.build(workload, config)}), target.tvm())
+    family, computed = conv_kernel(shape, Isa.of(target))
+    config = templates.config(family, computed.workload, Isa.of(target))
+    library = compile_kernel(tvm.IRModule({"main": family.build(computed.workload, config)}), target.tvm())
     torch.manual_seed(0)
     x = torch.randn(shape.batch, shape.channels, shape.height, shape.width)
+    groups = shape.groups
     weight = torch.randn(shape.out_channels, shape.channels // groups, shape.kernel_h, shape.kernel_w)
     bias = torch.randn(shape.out_channels)
-    out = torch.empty(family.result_shape(shape))
+    out = torch.empty(family.result_shape(computed))
     blocked = torch.ops.fxopt.to_blocked(x, shape.in_block)
-    args = [to_tvm(t) for t in (blocked, family.pack(weight, shape), bias, out)]
+    packed = family.pack(block_diagonal(weight, groups, computed.groups), computed)
+    args = [to_tvm(t) for t in (blocked, packed, bias, out)]
     function = library["main"]
     padded = torch.nn.functional.pad(x, (shape.pad_left, shape.pad_right, shape.pad_top, shape.pad_bottom))
     strides, dilations = (shape.stride_h, shape.stride_w), (shape.dilation_h, shape.dilation_w)
@@ -101,15 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         f"{'torch ms':>9} {'fxopt ms':>9} {'fxopt GF/s':>10}"
     )
     totals = collections.Counter()
-    for (workload, groups), count in sorted(model_convolutions(args.model).items(), key=lambda kv: -kv[1]):
-        shape = ConvShape(*workload)
-        fxopt_runner, torch_runner = kernel_runner(workload, groups, templates)
+    for shape, count in sorted(model_convolutions(args.model).items(), key=lambda kv: -kv[1]):
+        fxopt_runner, torch_runner = kernel_runner(shape, templates)
         seconds = measure({"torch": torch_runner, "fxopt": fxopt_runner}, args.rounds)
-        flop = 2 * shape.batch * shape.out_channels * shape.pixels * shape.channels // groups
+        flop = 2 * shape.batch * shape.out_channels * shape.pixels * shape.channels // shape.groups
         flop *= shape.kernel_h * shape.kernel_w
         totals.update({"torch": seconds["torch"] * count, "fxopt": seconds["fxopt"] * count, "flop": flop * count})
-        described = " ".join(map(str, workload[:9])) + " " + "/".join(map(str, workload[9:13]))
-        described += f" {workload[13]} {kernel_kind(workload, groups)}"
+        described = " ".join(map(str, shape[:9])) + " " + "/".join(map(str, shape[9:13]))
+        described += f" {shape.dilation_h}" + (f" g{shape.groups}" if shape.groups > 1 else "")
+        described += f" {kernel_kind(shape)}"
         print(
             f"{count:>5} {described:<44} {seconds['torch'] * 1e3:>9.3f} {seconds['fxopt'] * 1e3:>9.3f} "
             f"{flop / seconds['fxopt'] / 1e9:>10.1f}"

@@ -82,6 +82,11 @@ def _convnext(**config) -> torch.nn.Module:
     return t.ConvNextForImageClassification(t.ConvNextConfig(**config))
 
 
+def _regnet(**config) -> torch.nn.Module:
+    t = _transformers()
+    return t.RegNetForImageClassification(t.RegNetConfig(**config))
+
+
 def _vit(**config) -> torch.nn.Module:
     t = _transformers()
     return t.ViTForImageClassification(t.ViTConfig(**config))
@@ -399,6 +404,13 @@ ZOO: dict[str, ZooModel] = {
         ZooModel("resnet50-b8", "ResNet-50 image classifier, batch 8 (throughput)", _seeded(_resnet), _image(224, 8)),
         ZooModel("mobilenet_v2", "MobileNetV2 image classifier, 1x3x224x224", _seeded(_mobilenet_v2), _image(224)),
         ZooModel("convnext", "ConvNeXt-T image classifier, 1x3x224x224", _seeded(_convnext), _image(224)),
+        ZooModel(
+            "regnet",
+            "RegNetY-4GF image classifier (grouped 3x3 convolutions of 64 channels a group, squeeze-excitation), "
+            "1x3x224x224",
+            _seeded(_regnet),
+            _image(224),
+        ),
         ZooModel("vit", "ViT-Base/16 image classifier, 1x3x224x224", _seeded(_vit), _image(224)),
         ZooModel("bert", "BERT-base encoder, batch 1, sequence 128", _seeded(_bert), _tokens(30522, 128)),
         ZooModel("gpt2", "GPT-2 small language model, batch 1, sequence 128", _seeded(_gpt2), _tokens(50257, 128)),
@@ -443,6 +455,14 @@ ZOO: dict[str, ZooModel] = {
             "convnext-tiny",
             "2-stage ConvNeXt, 1x3x32x32",
             _seeded(lambda: _convnext(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=10)),
+            _image(32),
+        ),
+        ZooModel(
+            "regnet-tiny",
+            "2-stage RegNetY, 4 channels a group, 1x3x32x32",
+            _seeded(
+                lambda: _regnet(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], groups_width=4, num_labels=10)
+            ),
             _image(32),
         ),
         ZooModel(

@@ -66,7 +66,7 @@ def _pool(node: fx.Node, importer) -> object:
     isa = importer.isa
     if kind == "max" and isa is not None and (isa.avx2 or isa.neon) and node.meta["val"].dtype == torch.float32:
         shape = _pool_shape(node)
-        func = max_pool(shape, DEPTHWISE_F32.default(tuple(shape), isa)).with_attr("global_symbol", node.name)
+        func = max_pool(shape, DEPTHWISE_F32.default(shape.workload, isa)).with_attr("global_symbol", node.name)
         pool = relax.call_tir(
             importer.block_builder.add_func(func, node.name),
             [x],
@@ -92,39 +92,69 @@ def _pool_shape(node: fx.Node) -> ConvShape:
     channels = blocks * block
     return ConvShape(
         batch, channels, height, width, channels, kernel[0], kernel[1], stride[0], stride[1],
-        padding[0], padding[1], max(bottom, 0), max(right, 0), dilation[0], dilation[1], block, block,
+        padding[0], padding[1], max(bottom, 0), max(right, 0), dilation[0], dilation[1], block, block, channels,
     )  # fmt: skip
 
 
 def conv_shape(node: fx.Node) -> ConvShape:
     """The workload of an ``fxopt::conv2d_blocked`` node."""
     x, weight = input_node(node, 0), input_node(node, 1)
-    _, _, _, stride, padding, dilation, _, block = node.args
+    _, _, _, stride, padding, dilation, groups, block = node.args
     batch, _, height, width, in_block = x.meta["val"].shape
     out_channels, _, kernel_h, kernel_w = weight.meta["val"].shape
     channels = x.meta["val"].shape[1] * in_block
     spatial = [*cast(list[int], stride), *cast(list[int], padding), *cast(list[int], dilation)]
-    return ConvShape(*[batch, channels, height, width, out_channels, kernel_h, kernel_w, *spatial, in_block, block])
+    return ConvShape(
+        batch, channels, height, width, out_channels, kernel_h, kernel_w, *spatial, in_block, block, groups
+    )
 
 
 ConvFamily = Conv2dF32 | DepthwiseF32 | WinogradF32
 
 
-def conv_family(shape: ConvShape, groups: int, isa: Isa) -> ConvFamily | None:
-    """The kernel family computing a blocked float32 convolution on ``isa``, or None: Winograd for 3x3 stride-1
-    convolutions with enough output tiles (:meth:`~fxopt.codegen.kernels.winograd_f32.WinogradF32.worthwhile`),
-    else the direct or depthwise one."""
-    if groups == 1 and WINOGRAD_F32.applies(tuple(shape), isa) and WINOGRAD_F32.worthwhile(shape):
-        return WINOGRAD_F32
-    family: ConvFamily = CONV2D_F32 if groups == 1 else DEPTHWISE_F32
-    return family if family.applies(tuple(shape), isa) else None
+def conv_kernel(shape: ConvShape, isa: Isa) -> tuple[ConvFamily, ConvShape] | None:
+    """The kernel family computing a blocked float32 convolution on ``isa`` and the workload it computes, or None:
+    the depthwise family for depthwise convolutions; else the groups merged as :func:`merged_groups` merges them,
+    then Winograd for 3x3 stride-1 convolutions of one group with enough output tiles
+    (:meth:`~fxopt.codegen.kernels.winograd_f32.WinogradF32.worthwhile`), else the direct family."""
+    if shape.groups == shape.channels == shape.out_channels and shape.groups > 1:
+        return (DEPTHWISE_F32, shape) if DEPTHWISE_F32.applies(shape.workload, isa) else None
+    merged = shape._replace(groups=merged_groups(shape))
+    if WINOGRAD_F32.applies(merged.workload, isa) and WINOGRAD_F32.worthwhile(merged):
+        return WINOGRAD_F32, merged
+    return (CONV2D_F32, merged) if CONV2D_F32.applies(merged.workload, isa) else None
 
 
-def _family(node: fx.Node, importer) -> ConvFamily | None:
+def merged_groups(shape: ConvShape) -> int:
+    """The most groups, dividing ``shape``'s, whose input and output channels its blocks divide: a block wider than
+    a group's channels (ResNeXt-50 32x4d's four a group in blocks of 8 or 16) computes the groups it spans as one,
+    its weight zero between them (:func:`block_diagonal`). That multiplies the multiply-adds by the groups merged,
+    and an infinite input reaches the other merged groups' outputs as NaN (0 x inf), as Winograd's transforms
+    spread one to a tile's pixels; PyTorch's grouped convolution keeps it within its group."""
+    return max(
+        merged
+        for merged in range(1, shape.groups + 1)
+        if shape.groups % merged == 0
+        and (shape.channels // merged) % shape.in_block == 0
+        and (shape.out_channels // merged) % shape.out_block == 0
+    )
+
+
+def block_diagonal(weight: torch.Tensor, groups: int, merged: int) -> torch.Tensor:
+    """A grouped convolution's ``[O, C/groups, KH, KW]`` weight as the same convolution's in ``merged`` groups:
+    ``[O, C/merged, KH, KW]``, zero where an output channel's group does not read."""
+    spans = groups // merged  # groups a merged one holds
+    out_channels, group_channels, kh, kw = weight.shape
+    grouped = weight.reshape(merged, spans, out_channels // groups, 1, group_channels, kh, kw)
+    mask = torch.eye(spans, dtype=weight.dtype).reshape(1, spans, 1, spans, 1, 1, 1)
+    return (grouped * mask).reshape(out_channels, spans * group_channels, kh, kw)
+
+
+def _kernel(node: fx.Node, importer) -> tuple[ConvFamily, ConvShape] | None:
     values = [a.meta["val"] for a in node.all_input_nodes]
     if importer.isa is None or not all(v.dtype == torch.float32 for v in values):
         return None
-    return conv_family(conv_shape(node), cast(int, node.args[6]), importer.isa)
+    return conv_kernel(conv_shape(node), importer.isa)
 
 
 @register_lowering(fxopt_ops.conv2d_blocked.default)
@@ -137,19 +167,21 @@ def _conv(node: fx.Node, importer) -> object:
     bb = importer.block_builder
     x, weight, bias = input_node(node, 0), input_node(node, 1), optional_input_node(node, 2)
     shape = conv_shape(node)
-    family = _family(node, importer)
-    if family is None:
+    chosen = _kernel(node, importer)
+    if chosen is None:
         return _conv_through_nchw(node, importer, shape)
-    workload = tuple(shape)
+    family, computed = chosen
+    workload = computed.workload
     config = importer.templates.config(family, workload, importer.isa)
     if weight in importer.constants:
-        packed = to_relax_constant(family.pack(importer.constants[weight], shape))
+        merged = block_diagonal(importer.constants[weight], shape.groups, computed.groups)
+        packed = to_relax_constant(family.pack(merged, computed))
     else:
-        packed = _packed_by_relax(bb, importer.env[weight], shape, depthwise=family is DEPTHWISE_F32)
+        packed = _packed_by_relax(bb, importer.env[weight], shape, computed, depthwise=family is DEPTHWISE_F32)
     epilogue = find_epilogue(node, lambda value: value in importer.env)
     kernel = family.build(workload, config, epilogue)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
-    flat = list(family.result_shape(shape))
+    flat = list(family.result_shape(computed))
     args = [
         importer.env[x],
         packed,
@@ -167,8 +199,9 @@ def _conv(node: fx.Node, importer) -> object:
     return result  # read by none but the run: left unused
 
 
-def _packed_by_relax(bb, weight, shape: ConvShape, depthwise: bool):
-    """A weight parameter packed as the family's ``pack`` packs a constant."""
+def _packed_by_relax(bb, weight, shape: ConvShape, computed: ConvShape, depthwise: bool):
+    """A weight parameter packed as the family's ``pack`` packs a constant (for ``computed``'s groups, merged from
+    ``shape``'s as :func:`block_diagonal` merges them)."""
     from tvm import relax
 
     o, c, kh, kw = [int(d) for d in weight.ty.shape.values]
@@ -176,6 +209,11 @@ def _packed_by_relax(bb, weight, shape: ConvShape, depthwise: bool):
     if depthwise:
         split = bb.emit(relax.op.reshape(weight, [o // y, y, kh, kw]))
         return bb.emit(relax.op.permute_dims(split, [0, 2, 3, 1]))
+    if computed.groups < shape.groups:
+        spans = shape.groups // computed.groups
+        grouped = bb.emit(relax.op.reshape(weight, [computed.groups, spans, o // shape.groups, 1, c, kh, kw]))
+        mask = to_relax_constant(torch.eye(spans).reshape(1, spans, 1, spans, 1, 1, 1))
+        weight, c = bb.emit(relax.op.reshape(relax.op.multiply(grouped, mask), [o, spans * c, kh, kw])), spans * c
     split = bb.emit(relax.op.reshape(weight, [o // y, y, c // x, x, kh, kw]))
     return bb.emit(relax.op.permute_dims(split, [0, 2, 4, 5, 3, 1]))
 

@@ -50,15 +50,15 @@ class ConvertLayout(Pass):
 
     A ``[N, C, H, W]`` activation becomes ``[N, C/x, H, W, x]`` (``fxopt::to_blocked``), ``x`` channels side by
     side: one CPU vector holds one pixel's block of channels, which is what convolution kernels on CPUs want
-    (:mod:`fxopt.codegen.kernels.conv2d_f32`). 2-D float32 convolutions by a constant weight, plain or
-    depthwise, become ``fxopt::conv2d_blocked`` (a zero-padding op before one folded into its padding, even
+    (:mod:`fxopt.codegen.kernels.conv2d_f32`). 2-D float32 convolutions by a constant weight, plain, grouped
+    or depthwise, become ``fxopt::conv2d_blocked`` (a zero-padding op before one folded into its padding, even
     one-sided as TensorFlow's "same" padding), max and average pools ``fxopt::pool2d_blocked``; elementwise ops
     (activations, arithmetic: residual adds, a squeeze-excitation's scale) and means over ``H, W`` (global
     average pools) take blocked values as they are. Any other reader of a blocked value reads it converted back
     (``fxopt::from_blocked``), once per value; so do the graph's outputs. The block of a tensor is a function of
     its channels (:func:`channel_block`): the largest power of two up to ``lanes`` dividing them, so every op's
-    inputs agree. Convolutions that stay NCHW (grouped ones other than depthwise, transposed, 1-D or 3-D,
-    non-constant weights, channels without a block) are noted in the pass's report.
+    inputs agree. Convolutions that stay NCHW (transposed, 1-D or 3-D, non-constant weights, channels
+    without a block) are noted in the pass's report.
 
     Exact: the same arithmetic on re-laid values. For CPU targets (the ``cpu`` pipeline); in PyTorch the blocked
     ops convert back and forth around each op and are slower, so a graph with symbolic (dynamic) shapes, which
@@ -144,10 +144,7 @@ class _Blocking:
             self.ctx.skip(describe_node(conv), "its weight is not a float32 constant")
             return None
         channels, out_channels = x.meta["val"].shape[1], out.shape[1]
-        depthwise = groups == channels == out_channels
-        if groups != 1 and not depthwise:
-            self.ctx.skip(describe_node(conv), f"grouped ({groups} groups) and not depthwise")
-            return None
+        depthwise = groups == channels == out_channels != 1
         block = channel_block(out_channels, self.lanes)
         if block is None:
             self.ctx.skip(describe_node(conv), f"{out_channels} output channels have no block of up to {self.lanes}")
@@ -159,7 +156,7 @@ class _Blocking:
         if extra is not None:
             source = cast(fx.Node, x.args[0])
             sides = [s + e for s, e in zip(sides, extra)]
-        # A depthwise convolution reads its input in its own block; a plain one, in any.
+        # A depthwise convolution reads its input in its own block; others, in any.
         if depthwise:
             blocked_x: fx.Node | None = self._in_block(source, block)
         else:
@@ -167,7 +164,7 @@ class _Blocking:
         if blocked_x is None:
             self.ctx.skip(describe_node(conv), f"{channels} input channels have no block of up to {self.lanes}")
             return None
-        self.ctx.count("depthwise-convs" if depthwise else "convs")
+        self.ctx.count("depthwise-convs" if depthwise else "grouped-convs" if groups != 1 else "convs")
         new = self.graph.call_function(
             fxopt_ops.conv2d_blocked.default,
             (blocked_x, weight, bias, list(cast(list, stride)), sides, list(cast(list, dilation)), groups, block),

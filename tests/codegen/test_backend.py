@@ -117,6 +117,14 @@ def test_an_export_without_weights_takes_them_at_load_and_runs_on_the_tvm_runtim
     assert_close(torch.load(tmp_path / "out.pt"), reference(model, args).logits)
 
 
+def test_an_export_without_weights_merges_grouped_convolutions_weights_at_load(tmp_path):
+    # RegNet's groups of 4 channels, fewer than a block: the load's weight transform builds the block diagonal.
+    model, args = load_zoo_model("regnet-tiny")
+    optimized = fxopt.optimize(model, args, target="cpu")
+    path = optimized.export(tmp_path / "regnet", weights=False)
+    assert_close(fxopt.load(path, weights=fxopt.program_weights(optimized.program))(*args), reference(model, args))
+
+
 def test_export_refuses_ops_without_lowering(tmp_path):
     class Erfinv(torch.nn.Module):
         def forward(self, x):

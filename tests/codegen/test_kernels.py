@@ -196,8 +196,8 @@ WORKLOADS = {
         (2, 3, 5, 6, 8, 3, 3, 1, 1, 0, 2, 1, 0, 1, 1, 3, 8),
     ],
     "depthwise_f32": [
-        (1, 96, 56, 56, 96, 3, 3, 2, 2, 0, 0, 1, 1, 1, 1, 16, 16),
-        (2, 8, 3, 3, 8, 5, 5, 1, 1, 2, 2, 2, 2, 1, 1, 4, 4),
+        (1, 96, 56, 56, 96, 3, 3, 2, 2, 0, 0, 1, 1, 1, 1, 16, 16, 96),
+        (2, 8, 3, 3, 8, 5, 5, 1, 1, 2, 2, 2, 2, 1, 1, 4, 4, 8),
     ],
 }
 
@@ -310,20 +310,21 @@ def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:
 @st.composite
 def conv_workloads(draw):
     """A convolution of the blocked layout at 8 or 16 lanes (a 16-lane schedule runs here too: LLVM splits its
-    vectors), plain or depthwise, blocks of the lanes or smaller, kernels 1/3/5/7, strides, one-sided padding,
-    dilation, tiny images; and an index into its family's space."""
+    vectors), plain, grouped (blocks dividing a group's channels) or depthwise, blocks of the lanes or smaller,
+    kernels 1/3/5/7, strides, one-sided padding, dilation, tiny images; and an index into its family's space."""
     lanes = draw(st.sampled_from([8, 16]))
     depthwise = draw(st.booleans())
+    groups = 1 if depthwise else draw(st.sampled_from([1, 1, 2, 3]))
     in_block = draw(st.sampled_from([lanes, lanes // 2, 4, 3] if not depthwise else [lanes, 4]))
     out_block = in_block if depthwise else draw(st.sampled_from([lanes, lanes // 2]))
-    channels = in_block * draw(st.integers(1, 3))
-    out_channels = channels if depthwise else out_block * draw(st.integers(1, 4))
+    channels = in_block * groups * draw(st.integers(1, 3))
+    out_channels = channels if depthwise else out_block * groups * draw(st.integers(1, 4))
     k = draw(st.sampled_from([1, 3, 5, 7]))
     shape = ConvShape(
         draw(st.integers(1, 2)), channels, draw(st.integers(1, 11)), draw(st.integers(1, 11)), out_channels,
         k, draw(st.sampled_from([k, 1])), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])),
         *(draw(st.integers(0, 3)) for _ in range(4)), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 2])),
-        in_block, out_block,
+        in_block, out_block, channels if depthwise else groups,
     )  # fmt: skip
     if shape.out_height < 1 or shape.out_width < 1:
         shape = shape._replace(pad_top=k * shape.dilation_h, pad_left=k * shape.dilation_w)
@@ -337,23 +338,24 @@ def test_every_convolution_config_at_every_isas_lanes_matches_pytorch(case, seed
     import tvm
 
     shape, depthwise, isa, choice = case
-    if winograd and not depthwise:  # the same convolution at 3x3, stride and dilation 1
+    if winograd and shape.groups == 1:  # the same convolution at 3x3, stride and dilation 1
         shape = shape._replace(kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, dilation_h=1, dilation_w=1)
         shape = shape._replace(
             pad_top=max(shape.pad_top, 3 - shape.height - shape.pad_bottom),
             pad_left=max(shape.pad_left, 3 - shape.width - shape.pad_right),
         )
-    family = DEPTHWISE_F32 if depthwise else WINOGRAD_F32 if winograd else CONV2D_F32
-    space = family.space(tuple(shape), isa)
+    family = DEPTHWISE_F32 if depthwise else WINOGRAD_F32 if winograd and shape.groups == 1 else CONV2D_F32
+    assert family.applies(shape.workload, isa)
+    space = family.space(shape.workload, isa)
     config = space[choice % len(space)]
     if depthwise:  # any rows per task dividing the output's (the space's are few at these sizes)
         divisors = [rows for rows in range(1, shape.out_height + 1) if shape.out_height % rows == 0]
         config = dataclasses.replace(config, task_rows=divisors[choice % len(divisors)])
     epilogue = ScaledRelu(shape.out_block) if with_epilogue else None
-    library = compile_kernel(tvm.IRModule({"main": family.build(tuple(shape), config, epilogue)}), CPU.tvm())
+    library = compile_kernel(tvm.IRModule({"main": family.build(shape.workload, config, epilogue)}), CPU.tvm())
     generator = torch.Generator().manual_seed(seed)
     x = torch.randn(shape.batch, shape.channels, shape.height, shape.width, generator=generator)
-    groups = shape.channels if depthwise else 1
+    groups = shape.groups
     weight = torch.randn(
         shape.out_channels, shape.channels // groups, shape.kernel_h, shape.kernel_w, generator=generator
     )
@@ -379,7 +381,8 @@ def test_convolutions_build_for_each_isa_in_its_registers_with_fused_multiply_ad
     import tvm
 
     isa = Isa.named(spec)
-    workload = (1, 32, 14, 14, 32, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, isa.lanes(), isa.lanes())
+    groups = 32 if family is DEPTHWISE_F32 else 1
+    workload = ConvShape(1, 32, 14, 14, 32, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, isa.lanes(), isa.lanes(), groups).workload
     kernel = family.build(workload, family.default(workload, isa))
     asm = compile_kernel(tvm.IRModule({"main": kernel}), tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
     source = asm.mod.inspect_source("asm")

@@ -17,12 +17,13 @@ from fxopt import PassManager, capture
 from fxopt.codegen import build
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
-from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
+from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, default_tile
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.lower import OVERRIDES, is_lowerable, register_lowering
+from fxopt.codegen.lower_conv import block_diagonal, merged_groups
 from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.targets import parse_target
 
@@ -705,6 +706,46 @@ def test_blocked_convolutions_are_the_families_kernels_with_their_tails_on_the_t
     assert workload[:5] == (2, 16, size, size, 16) and tail.ops == ("add", "relu")
     ((workload, _, tail),) = depthwise
     assert workload[7:9] == (2, 2) and tail.ops == ("hardtanh",)
+
+
+class ResNeXtBlock(torch.nn.Module):
+    """ResNeXt's bottleneck: a 1x1, a grouped 3x3 of 4 channels a group (fewer than a block), a grouped 1x1 of 16
+    channels a group, the residual."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.reduce = torch.nn.Conv2d(32, 32, 1)
+        self.grouped = torch.nn.Conv2d(32, 32, 3, padding=1, groups=8)
+        self.expand = torch.nn.Conv2d(32, 32, 1, groups=2)
+
+    def forward(self, x):
+        y = torch.relu(self.grouped(torch.relu(self.reduce(x))))
+        return torch.relu(self.expand(y) + x)
+
+
+@pytest.mark.skipif(not HOST.avx2, reason="the convolution kernels are for AVX2 CPUs")
+def test_grouped_convolutions_are_the_direct_family_in_groups_merged_where_a_block_spans_several():
+    program = capture(ResNeXtBlock().eval(), (torch.randn(2, 32, 6, 6),))
+    program, _ = PassManager(f"convert-layout{{lanes={HOST.lanes()}}}", verify="off").run(program)
+    with spy_on(CONV2D_F32) as convs:
+        executable = build(program, CPU, dispatch="tvm")
+    assert executable.backend == "tvm" and all(s.backend == "tvm" for s in executable.segments)
+    assert_built_matches(program, executable)
+    # The 3x3's 8 groups of 4 channels computed as 32 // lanes groups of a block's channels each.
+    assert sorted(ConvShape(*workload).groups for workload, _, _ in convs) == sorted([1, 32 // HOST.lanes(), 2])
+
+
+def test_a_block_wider_than_a_groups_channels_merges_groups_into_the_same_block_diagonal_convolution():
+    shape = ConvShape(1, 32, 5, 5, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 8, 16, 16)  # 2 channels in, 4 out a group
+    assert merged_groups(shape) == 4  # 8 in, 16 out: whole blocks
+    assert merged_groups(shape._replace(in_block=4, out_block=4)) == 8
+    assert merged_groups(shape._replace(groups=1)) == 1
+    weight, x = torch.randn(64, 2, 3, 3, dtype=torch.float64), torch.randn(1, 32, 5, 5, dtype=torch.float64)
+    merged = block_diagonal(weight, 16, 4)
+    assert merged.shape == (64, 8, 3, 3)
+    assert torch.equal(merged[4:8, 2:4], weight[4:8]) and not merged[4:8, :2].any() and not merged[4:8, 4:].any()
+    torch.testing.assert_close(F.conv2d(x, merged, padding=1, groups=4), F.conv2d(x, weight, padding=1, groups=16))
 
 
 @pytest.mark.parametrize("kind", ["max", "avg"])

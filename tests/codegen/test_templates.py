@@ -16,7 +16,7 @@ from fxopt import CodegenError
 from fxopt.codegen.compile import compile_kernel
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
-from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
+from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, TILES, GemmF32Config, default_tile
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
@@ -272,7 +272,7 @@ def test_convolutions_are_tuned_like_the_gemm_and_builds_use_their_choice(monkey
         (torch.randn(1, 16, size, size),),
     )
     lanes = HOST.lanes()
-    workload = (1, 16, size, size, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, lanes, lanes)
+    workload = ConvShape(1, 16, size, size, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, lanes, lanes, groups).workload
     space = family.space(workload, HOST)
     monkeypatch.setattr(family, "space", lambda workload, isa: space[1:3])  # two others than the default
     tuned = fxopt.optimize(model, inputs, target="cpu", tune=TuneOptions(trials=2))

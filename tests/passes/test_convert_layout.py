@@ -85,8 +85,10 @@ class Unblockable(nn.Module):
 
 def test_convolutions_no_kernel_takes_blocked_stay_nchw_and_the_report_says_why():
     _, after, record = run_pass(Unblockable().eval(), (torch.randn(1, 8, 6, 6),), "convert-layout{lanes=8}")
-    assert ops(after).count(aten.convolution.default) == 2
-    assert any("grouped (2 groups) and not depthwise" in note for note in record.notes)
+    assert ops(after).count(aten.convolution.default) == 1  # the grouped one is blocked
+    (grouped,) = [n for n in after.graph.nodes if n.target is fxopt_ops.conv2d_blocked.default]
+    assert grouped.args[6] == 2 and record.stats["grouped-convs"] == 1
+    assert [note for note in record.notes if "output channels" in note] == record.notes
     assert any("18 output channels have no block of up to 8" in note for note in record.notes)
 
 

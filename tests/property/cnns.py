@@ -1,9 +1,10 @@
 """Random CNNs (valid by construction): what ``convert-layout`` and the convolution kernels meet in real networks.
 
 A :class:`CnnSpec` is a list of steps over a pool of ``[N, C, H, W]`` values, each step reading earlier values
-(fan-out) and writing one: convolutions (kernel 1/3/5/7, stride 1/2, padding, dilation, plain or depthwise,
-channels that are and are not multiples of a vector's block: 3, 4, 6, 8, 12, 16, 18, 24, 32), a one-sided zero pad
-before a strided convolution (TensorFlow's "same"), activations (ReLU, ReLU6, SiLU, sigmoid), residual adds,
+(fan-out) and writing one: convolutions (kernel 1/3/5/7, stride 1/2, padding, dilation, plain, grouped
+(ResNeXt's; a depthwise one with a channel multiplier) or depthwise, channels that are and are not multiples of a
+vector's block: 3, 4, 6, 8, 12, 16, 18, 24, 32), a one-sided zero pad before a strided convolution (TensorFlow's
+"same"), activations (ReLU, ReLU6, SiLU, sigmoid), residual adds,
 max and average pools (padding, ceil mode), squeeze-excitation (mean, two 1x1 convolutions, sigmoid, scale),
 concatenation and slices along the channels, tiny spatial sizes; a head (global mean, flatten, linear) or the
 feature map as output, and any unread value as a further output.
@@ -21,7 +22,8 @@ from hypothesis import strategies as st
 __all__ = ["CnnSpec", "CnnModel", "random_cnns"]
 
 CHANNELS = [3, 4, 6, 8, 12, 16, 18, 24, 32]
-KINDS = ["conv"] * 4 + ["depthwise"] * 2 + ["act", "add", "pool", "se", "cat", "slice", "same_pad_conv"]
+CONVS = ["conv"] * 4 + ["depthwise"] * 2 + ["grouped"] * 2
+KINDS = [*CONVS, "act", "add", "pool", "se", "cat", "slice", "same_pad_conv"]
 
 
 @dataclass
@@ -61,7 +63,7 @@ def _step(draw, values: list[tuple[int, ...]]) -> Step | None:
     kind = draw(st.sampled_from(KINDS))
     i = len(values) - 1 if draw(st.booleans()) else draw(st.integers(0, len(values) - 1))
     shape = values[i]
-    if kind in ("conv", "depthwise", "same_pad_conv"):
+    if kind in ("conv", "depthwise", "grouped", "same_pad_conv"):
         k = draw(st.sampled_from([1, 3, 5, 7]))
         stride = draw(st.sampled_from([1, 2]))
         dilation = draw(st.sampled_from([1, 1, 2]))
@@ -73,9 +75,12 @@ def _step(draw, values: list[tuple[int, ...]]) -> Step | None:
             pad = (p, p, p, p)
         out = shape[1] if kind == "depthwise" else draw(st.sampled_from(CHANNELS))
         result = _conv_shape(shape, out, k, stride, pad, dilation)
-        if result is None:
+        divisors = [g for g in range(2, out + 1) if shape[1] % g == 0 and out % g == 0]
+        if result is None or (kind == "grouped" and not divisors):
             return None
         params = {"k": k, "stride": stride, "pad": pad, "dilation": dilation, "bias": draw(st.booleans())}
+        if kind == "grouped":
+            params["groups"] = draw(st.sampled_from(divisors))
         return Step(kind, (i,), params, result)
     if kind == "act":
         return Step(kind, (i,), {"fn": draw(st.sampled_from(["relu", "relu6", "silu", "sigmoid"]))}, shape)
@@ -135,8 +140,8 @@ class CnnModel(nn.Module):
         shapes = [spec.input] + [s.shape for s in spec.steps]
         for number, step in enumerate(spec.steps, 1):
             channels, p = shapes[step.reads[0]][1], step.params
-            if step.kind in ("conv", "depthwise", "same_pad_conv"):
-                groups = channels if step.kind == "depthwise" else 1
+            if step.kind in ("conv", "depthwise", "grouped", "same_pad_conv"):
+                groups = channels if step.kind == "depthwise" else p.get("groups", 1)
                 padding = 0 if step.kind == "same_pad_conv" else p["pad"][0]
                 self.layers[f"v{number}"] = nn.Conv2d(
                     channels, step.shape[1], p["k"], p["stride"], padding, p["dilation"], groups, p["bias"]
@@ -160,7 +165,7 @@ class CnnModel(nn.Module):
             if step.kind == "same_pad_conv":
                 top, left, bottom, right = p["pad"]
                 value = layer(F.pad(a, (left, right, top, bottom)))
-            elif step.kind in ("conv", "depthwise"):
+            elif step.kind in ("conv", "depthwise", "grouped"):
                 value = layer(a)
             elif step.kind == "act":
                 value = {"relu": F.relu, "relu6": F.relu6, "silu": F.silu, "sigmoid": torch.sigmoid}[p["fn"]](a)

@@ -1,6 +1,7 @@
 """``convert-layout`` and the convolution kernels over random CNNs (:mod:`tests.property.cnns`): channels that are
-and are not multiples of a block, kernels 1/3/5/7, strides, padding (one-sided too), dilation, depthwise
-convolutions, pools, squeeze-excitation, residual adds, concatenations and slices along the channels, tiny images.
+and are not multiples of a block, kernels 1/3/5/7, strides, padding (one-sided too), dilation, grouped and
+depthwise convolutions, pools, squeeze-excitation, residual adds, concatenations and slices along the channels,
+tiny images.
 
 - The pass at 8 and 16 lanes keeps the outputs within fxopt's default tolerance in PyTorch, and leaves no
   convolution whose channels blocks fit in NCHW (those it leaves, it says why).

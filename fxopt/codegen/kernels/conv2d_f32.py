@@ -13,9 +13,13 @@ of output blocks outermost, so a group's weights stay in L2 while its pixels str
 elementwise ops after the convolution (ReLU, a residual add: :mod:`fxopt.codegen.epilogue`) are applied on the
 tile.
 
+A grouped convolution (ResNeXt's, RegNet's) is ``groups`` such convolutions side by side: output block ``o``
+reduces over its group's ``C/groups/x`` input blocks only, the weight packed as ``[O/y, C/groups/x, KH, KW, x, y]``,
+and a tile's output blocks lie in one group (they share its input pixels).
+
 Workload: ``(N, C, H, W, O, KH, KW, stride_h, stride_w, pad_top, pad_left, pad_bottom, pad_right, dilation_h,
-dilation_w, x, y)``; the result
-is ``[N, O/y, OH * OW, y]`` (a free reshape of ``[N, O/y, OH, OW, y]``).
+dilation_w, x, y[, groups])`` (:attr:`ConvShape.workload`); the result is ``[N, O/y, OH * OW, y]`` (a free reshape
+of ``[N, O/y, OH, OW, y]``).
 """
 
 from __future__ import annotations
@@ -66,6 +70,24 @@ class ConvShape(NamedTuple):
     dilation_w: int
     in_block: int
     out_block: int
+    #: Channels in ``groups`` independent convolutions (the depthwise family's: as many as channels).
+    groups: int = 1
+
+    @property
+    def workload(self) -> Workload:
+        """The kernel families' workload: the fields, ``groups`` only where there are several (so an ungrouped
+        convolution keys its tuning records as before grouped ones were served)."""
+        return tuple(self) if self.groups > 1 else tuple(self)[:-1]
+
+    @property
+    def group_in_blocks(self) -> int:
+        """Input blocks one group reads."""
+        return self.channels // self.groups // self.in_block
+
+    @property
+    def group_out_blocks(self) -> int:
+        """Output blocks one group writes."""
+        return self.out_channels // self.groups // self.out_block
 
     @property
     def out_height(self) -> int:
@@ -164,22 +186,22 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
     config_type = Conv2dF32Config
 
     def applies(self, workload: Workload, isa: Isa) -> bool:
-        """x86 with AVX2 (and FMA), or AArch64 NEON, and blocks that divide the channels."""
+        """x86 with AVX2 (and FMA), or AArch64 NEON, and blocks that divide a group's channels."""
         shape = ConvShape(*workload)
-        divides = shape.channels % shape.in_block == 0 and shape.out_channels % shape.out_block == 0
+        divides = shape.channels % (shape.groups * shape.in_block) == 0
+        divides &= shape.out_channels % (shape.groups * shape.out_block) == 0
         return (isa.avx2 or isa.neon) and divides and shape.out_height > 0 and shape.out_width > 0
 
     def space(self, workload: Workload, isa: Isa) -> list[Conv2dF32Config]:
         """The tiles of :data:`TILES` that fit ``isa``'s registers at the output block's lanes, output blocks
-        dividing the output channels' blocks, at most as many pixels as the output has; each with groups of output
+        dividing a group's output blocks, at most as many pixels as the output has; each with groups of output
         blocks outermost (their weights stay in cache while the pixels stream past) or pixel tiles outermost (a
         tile's input stays in L1 while every group's weights stream past)."""
         shape = ConvShape(*workload)
-        blocks = shape.out_channels // shape.out_block
         tiles = [
             Conv2dF32Config(min(rows, shape.pixels), vectors, order)
             for rows, vectors in TILES
-            if blocks % vectors == 0 and RegisterTile(rows, vectors, shape.out_block).fits(isa)
+            if shape.group_out_blocks % vectors == 0 and RegisterTile(rows, vectors, shape.out_block).fits(isa)
             for order in (CHANNELS_OUTER, PIXELS_OUTER)
         ]
         return list(dict.fromkeys(tiles))
@@ -209,7 +231,7 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
 
     @staticmethod
     def pack(weight: torch.Tensor, shape: ConvShape) -> torch.Tensor:
-        """``[O, C, KH, KW]`` → ``[O/y, C/x, KH, KW, x, y]`` (OIHW[x]i[y]o)."""
+        """``[O, C/groups, KH, KW]`` → ``[O/y, C/groups/x, KH, KW, x, y]`` (OIHW[x]i[y]o)."""
         o, c, kh, kw = weight.shape
         x, y = shape.in_block, shape.out_block
         blocked = weight.float().reshape(o // y, y, c // x, x, kh, kw)
@@ -225,16 +247,17 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         epilogue = variant
         x_block, y_block = shape.in_block, shape.out_block
         in_blocks, out_blocks = shape.channels // x_block, shape.out_channels // y_block
+        group_in_blocks = shape.group_in_blocks
         pixels = shape.pixels
         rows = min(config.rows, pixels)
         padded_pixels = -(-pixels // rows) * rows
         x = te.placeholder((shape.batch, in_blocks, shape.height, shape.width, x_block), "float32", name="x")
         source = padded_input(shape, x)
         packed = te.placeholder(
-            (out_blocks, in_blocks, shape.kernel_h, shape.kernel_w, x_block, y_block), "float32", name="packed"
+            (out_blocks, group_in_blocks, shape.kernel_h, shape.kernel_w, x_block, y_block), "float32", name="packed"
         )
         bias = te.placeholder((shape.out_channels,), "float32", name="bias")
-        c = te.reduce_axis((0, in_blocks), "c")
+        c = te.reduce_axis((0, group_in_blocks), "c")
         kh = te.reduce_axis((0, shape.kernel_h), "kh")
         kw = te.reduce_axis((0, shape.kernel_w), "kw")
         i = te.reduce_axis((0, x_block), "i")
@@ -242,7 +265,9 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         acc = te.compute(
             (shape.batch, out_blocks, padded_pixels, y_block),
             lambda n, o, p, lane: te.sum(
-                tap(shape, source, p, c, kh, kw, i)(n) * packed[o, c, kh, kw, i, lane], axis=[c, kh, kw, i]
+                tap(shape, source, p, o // shape.group_out_blocks * group_in_blocks + c, kh, kw, i)(n)
+                * packed[o, c, kh, kw, i, lane],
+                axis=[c, kh, kw, i],
             ),
             name="acc",
         )

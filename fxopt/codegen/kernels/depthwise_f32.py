@@ -8,7 +8,7 @@ rows, each padding the input rows it reads once, in cache; its tiles in turn) ru
 packed at build time into ``[C/x, KH, KW, x]``. The bias and the elementwise ops after it (ReLU6, a residual add)
 are applied on the tile.
 
-Workload: a :class:`~.conv2d_f32.ConvShape` with ``out_channels == channels`` and one block for both.
+Workload: a :class:`~.conv2d_f32.ConvShape` with ``groups == out_channels == channels`` and one block for both.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
     config_type = DepthwiseF32Config
 
     def applies(self, workload: Workload, isa: Isa) -> bool:
-        """x86 with AVX2 (and FMA), or AArch64 NEON; one block for the input and the output, dividing the channels."""
+        """x86 with AVX2 (and FMA), or AArch64 NEON; a group per channel, one block for the input and the output,
+        dividing the channels."""
         shape = ConvShape(*workload)
-        same = shape.channels == shape.out_channels and shape.in_block == shape.out_block
+        same = shape.groups == shape.channels == shape.out_channels and shape.in_block == shape.out_block
         fits = shape.channels % shape.in_block == 0 and shape.out_height > 0 and shape.out_width > 0
         return (isa.avx2 or isa.neon) and same and fits
 

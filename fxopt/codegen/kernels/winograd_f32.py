@@ -85,10 +85,11 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
     config_type = WinogradF32Config
 
     def applies(self, workload: Workload, isa: Isa) -> bool:
-        """x86 with AVX2 or AArch64 NEON; a 3x3 kernel at stride and dilation 1, blocks dividing the channels."""
+        """x86 with AVX2 or AArch64 NEON; a 3x3 kernel at stride and dilation 1, one group, blocks dividing the
+        channels."""
         shape = ConvShape(*workload)
         three = (shape.kernel_h, shape.kernel_w, shape.stride_h, shape.stride_w) == (3, 3, 1, 1)
-        undilated = shape.dilation_h == shape.dilation_w == 1
+        undilated = shape.dilation_h == shape.dilation_w == 1 and shape.groups == 1
         divides = shape.channels % shape.in_block == 0 and shape.out_channels % shape.out_block == 0
         return (isa.avx2 or isa.neon) and three and undilated and divides and shape.pixels > 0
 
