@@ -104,9 +104,8 @@ def conv_shape(node: fx.Node) -> ConvShape:
     out_channels, _, kernel_h, kernel_w = weight.meta["val"].shape
     channels = x.meta["val"].shape[1] * in_block
     spatial = [*cast(list[int], stride), *cast(list[int], padding), *cast(list[int], dilation)]
-    return ConvShape(
-        batch, channels, height, width, out_channels, kernel_h, kernel_w, *spatial, in_block, block, groups
-    )
+    fields = [batch, channels, height, width, out_channels, kernel_h, kernel_w, *spatial, in_block, block]
+    return ConvShape(*fields, groups=cast(int, groups))
 
 
 ConvFamily = Conv2dF32 | DepthwiseF32 | WinogradF32
