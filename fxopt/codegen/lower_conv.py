@@ -104,8 +104,9 @@ def conv_shape(node: fx.Node) -> ConvShape:
     out_channels, _, kernel_h, kernel_w = weight.meta["val"].shape
     channels = x.meta["val"].shape[1] * in_block
     spatial = [*cast(list[int], stride), *cast(list[int], padding), *cast(list[int], dilation)]
-    fields = [batch, channels, height, width, out_channels, kernel_h, kernel_w, *spatial, in_block, block]
-    return ConvShape(*fields, groups=cast(int, groups))
+    return ConvShape._make(
+        [batch, channels, height, width, out_channels, kernel_h, kernel_w, *spatial, in_block, block, groups]
+    )
 
 
 ConvFamily = Conv2dF32 | DepthwiseF32 | WinogradF32
