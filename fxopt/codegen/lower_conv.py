@@ -115,7 +115,7 @@ ConvFamily = Conv2dF32 | DepthwiseF32 | WinogradF32
 def conv_kernel(shape: ConvShape, isa: Isa) -> tuple[ConvFamily, ConvShape] | None:
     """The kernel family computing a blocked float32 convolution on ``isa`` and the workload it computes, or None:
     the depthwise family for depthwise convolutions; else the groups merged as :func:`merged_groups` merges them,
-    then Winograd for 3x3 stride-1 convolutions of one group with enough output tiles
+    then Winograd for 3x3 stride-1 convolutions with enough output tiles
     (:meth:`~fxopt.codegen.kernels.winograd_f32.WinogradF32.worthwhile`), else the direct family."""
     if shape.groups == shape.channels == shape.out_channels and shape.groups > 1:
         return (DEPTHWISE_F32, shape) if DEPTHWISE_F32.applies(shape.workload, isa) else None

@@ -338,13 +338,13 @@ def test_every_convolution_config_at_every_isas_lanes_matches_pytorch(case, seed
     import tvm
 
     shape, depthwise, isa, choice = case
-    if winograd and shape.groups == 1:  # the same convolution at 3x3, stride and dilation 1
+    if winograd and not depthwise:  # the same convolution at 3x3, stride and dilation 1
         shape = shape._replace(kernel_h=3, kernel_w=3, stride_h=1, stride_w=1, dilation_h=1, dilation_w=1)
         shape = shape._replace(
             pad_top=max(shape.pad_top, 3 - shape.height - shape.pad_bottom),
             pad_left=max(shape.pad_left, 3 - shape.width - shape.pad_right),
         )
-    family = DEPTHWISE_F32 if depthwise else WINOGRAD_F32 if winograd and shape.groups == 1 else CONV2D_F32
+    family = DEPTHWISE_F32 if depthwise else WINOGRAD_F32 if winograd else CONV2D_F32
     assert family.applies(shape.workload, isa)
     space = family.space(shape.workload, isa)
     config = space[choice % len(space)]

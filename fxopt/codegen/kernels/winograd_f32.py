@@ -8,9 +8,10 @@ instead of 144, 4x fewer than the direct convolution (:mod:`.conv2d_f32`); the t
 value. The GEMMs run on the GEMM's register tile (``rows`` tiles x ``vectors`` output blocks, a broadcast value of
 ``V`` times vectors of ``U``); the transforms vectorize along the channel block and the inverse one applies the
 bias and the elementwise ops after the convolution (:mod:`fxopt.codegen.epilogue`) as it writes. The error is a
-few float32 roundings more than the direct form's (transform coefficients up to 8).
+few float32 roundings more than the direct form's (transform coefficients up to 8). A grouped convolution's GEMMs
+sum over its group's input channels only (as :mod:`.conv2d_f32`'s).
 
-Workload: a :class:`~.conv2d_f32.ConvShape` with a 3x3 kernel, stride and dilation 1, one group; the result is
+Workload: a :class:`~.conv2d_f32.ConvShape` with a 3x3 kernel, stride and dilation 1; the result is
 ``[N, O/y, OH, OW, y]``.
 """
 
@@ -85,21 +86,22 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
     config_type = WinogradF32Config
 
     def applies(self, workload: Workload, isa: Isa) -> bool:
-        """x86 with AVX2 or AArch64 NEON; a 3x3 kernel at stride and dilation 1, one group, blocks dividing the
+        """x86 with AVX2 or AArch64 NEON; a 3x3 kernel at stride and dilation 1, blocks dividing a group's
         channels."""
         shape = ConvShape(*workload)
         three = (shape.kernel_h, shape.kernel_w, shape.stride_h, shape.stride_w) == (3, 3, 1, 1)
-        undilated = shape.dilation_h == shape.dilation_w == 1 and shape.groups == 1
-        divides = shape.channels % shape.in_block == 0 and shape.out_channels % shape.out_block == 0
+        undilated = shape.dilation_h == shape.dilation_w == 1
+        divides = shape.channels % (shape.groups * shape.in_block) == 0
+        divides &= shape.out_channels % (shape.groups * shape.out_block) == 0
         return (isa.avx2 or isa.neon) and three and undilated and divides and shape.pixels > 0
 
     def space(self, workload: Workload, isa: Isa) -> list[WinogradF32Config]:
         shape = ConvShape(*workload)
-        blocks, tiles = shape.out_channels // shape.out_block, self.tiles(shape)
+        tiles = self.tiles(shape)
         configs = [
             WinogradF32Config(min(rows, shape.batch * tiles[0] * tiles[1]), vectors)
             for rows, vectors in TILES
-            if blocks % vectors == 0 and RegisterTile(rows, vectors, shape.out_block).fits(isa)
+            if shape.group_out_blocks % vectors == 0 and RegisterTile(rows, vectors, shape.out_block).fits(isa)
         ]
         return list(dict.fromkeys(configs))
 
@@ -127,8 +129,8 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
 
     @staticmethod
     def pack(weight: torch.Tensor, shape: ConvShape) -> torch.Tensor:
-        """``[O, C, 3, 3]`` → ``U = G g Gᵀ`` per filter, as ``[36, O/y, C, y]`` (patch position, output block,
-        input channel, output channel in the block), in float64 then rounded once."""
+        """``[O, C/groups, 3, 3]`` → ``U = G g Gᵀ`` per filter, as ``[36, O/y, C/groups, y]`` (patch position,
+        output block, input channel of its group, output channel in the block), in float64 then rounded once."""
         g = torch.tensor(G, dtype=torch.float64)
         out_channels, channels = weight.shape[:2]
         transformed = torch.einsum("ak,ockl,bl->abco", g, weight.double(), g).reshape(PATCH * PATCH, channels, -1)
@@ -157,7 +159,8 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
         )
         x = te.placeholder((shape.batch, in_blocks, shape.height, shape.width, x_block), "float32", name="x")
         source = padded_input(extended, x)
-        u = te.placeholder((PATCH * PATCH, out_blocks, shape.channels, y_block), "float32", name="u")
+        group_channels = shape.channels // shape.groups
+        u = te.placeholder((PATCH * PATCH, out_blocks, group_channels, y_block), "float32", name="u")
         bias = te.placeholder((shape.out_channels,), "float32", name="bias")
 
         def patch(t, c, a, b):  # tile t's input value at (a, b) of its patch, channel c; past the last tile: the last
@@ -176,10 +179,12 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
             lambda e, t, c: _weighted_sum(B_T, e % PATCH, lambda b: rows_done[e // PATCH, b, t, c]),
             name="input_transform",
         )
-        k = te.reduce_axis((0, shape.channels), "k")
+        k = te.reduce_axis((0, group_channels), "k")
         acc = te.compute(
             (PATCH * PATCH, out_blocks, padded_tiles, y_block),
-            lambda e, o, t, lane: te.sum(transformed[e, t, k] * u[e, o, k, lane], axis=k),
+            lambda e, o, t, lane: te.sum(
+                transformed[e, t, o // shape.group_out_blocks * group_channels + k] * u[e, o, k, lane], axis=k
+            ),
             name="acc",
         )
         product = te.compute(acc.shape, lambda *i: acc(*i), name="product")
