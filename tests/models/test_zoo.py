@@ -81,6 +81,17 @@ def test_repvgg_example_becomes_a_plain_conv_relu_stack():
         torch.testing.assert_close(optimized(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
 
 
+def test_resnext_example_runs_its_grouped_convolutions_blocked_in_tvm():
+    """examples/resnext.py: groups of 4 channels, narrower than a block, stay in the blocked layout."""
+    model, inputs = load_model(str(EXAMPLES / "resnext.py") + ":resnext_tiny")
+    result = optimize(model, inputs, target="cpu", dispatch="tvm")
+    (layout,) = [r for r in result.report().passes if r.name == "convert-layout"]
+    assert layout.stats["grouped-convs"] == 2 and not layout.notes
+    assert all(s.backend == "tvm" for s in result.report().segments)
+    with torch.no_grad():
+        torch.testing.assert_close(result(*inputs), model(*inputs), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("name", TINY)
 def test_tiny_models_prune_to_a_third_fewer_flops(name):
     """Every family prunes (CNNs, depthwise, ViT, BERT, GPT-2's Conv1D, LLaMA's GQA and gated MLP) and still runs."""
