@@ -1,13 +1,13 @@
 """A CNN's convolutions, each kernel alone, against PyTorch's and the cores' FMA peak.
 
-``python benchmarks/conv.py [resnet50] [--rounds 10] [--threads N] [--tuned]``: the model is captured and put in
-the blocked layout (the ``cpu`` pipeline); for each distinct convolution the kernel fxopt builds for it on this CPU
-(:mod:`fxopt.codegen.kernels.conv2d_f32`, :mod:`~fxopt.codegen.kernels.depthwise_f32` or
-:mod:`~fxopt.codegen.kernels.winograd_f32`, as the lowering picks it; default config, or with
-``--tuned`` the one this machine's tuning database holds; weight packed once) and PyTorch's ``conv2d`` on NCHW, with
-the same thread count, timed in warm blocks (:func:`run.measure`). Prints each shape's milliseconds and GFLOP/s,
-and the sums over the model (each shape times its count): the time, fxopt / torch, and fxopt's share of the
-cores' FMA peak (measured: :func:`run.fma_peak`)."""
+``python benchmarks/conv.py [resnet50 | path/to/file.py:factory] [--rounds 10] [--threads N] [--tuned]``: the
+model is captured and put in the blocked layout (the ``cpu`` pipeline); for each distinct convolution the kernel
+fxopt builds for it on this CPU (:mod:`fxopt.codegen.kernels.conv2d_f32`, :mod:`~fxopt.codegen.kernels.depthwise_f32`
+or :mod:`~fxopt.codegen.kernels.winograd_f32`, as the lowering picks it, grouped ones in the groups it computes
+them in; default config, or with ``--tuned`` the one this machine's tuning database holds; weight packed once) and
+PyTorch's ``conv2d`` on NCHW, with the same thread count, timed in warm blocks (:func:`run.measure`). Prints each
+shape's milliseconds and GFLOP/s, and the sums over the model (each shape times its count): the time, fxopt /
+torch, and fxopt's share of the cores' FMA peak (measured: :func:`run.fma_peak`)."""
 
 import argparse
 import collections
@@ -25,14 +25,15 @@ from fxopt.codegen.lower_conv import block_diagonal, conv_kernel, conv_shape
 from fxopt.codegen.runtime import to_tvm, use_host_cores
 from fxopt.codegen.templates import TemplateChoices
 from fxopt.codegen.tuning_database import existing_database
+from fxopt.loading import load_model
 from fxopt.passes.manager import PassManager
 from fxopt.targets import host_cpu, parse_target
-from fxopt.zoo import load_zoo_model
 
 
 def model_convolutions(name: str) -> collections.Counter:
-    """The shape of each blocked convolution of zoo model ``name``, with how often it occurs."""
-    model, inputs = load_zoo_model(name)
+    """The shape of each blocked convolution of model ``name`` (built-in, or ``path/to/file.py:factory``), with how
+    often it occurs."""
+    model, inputs = load_model(name)
     program, _ = PassManager("cpu", verify="off").run(fxopt.capture(model, inputs))
     return collections.Counter(
         conv_shape(node) for node in program.graph.nodes if node.target is torch.ops.fxopt.conv2d_blocked.default
