@@ -131,18 +131,16 @@ def merged_groups(shape: ConvShape) -> int:
     its weight zero between them (:func:`block_diagonal`). That multiplies the multiply-adds by the groups merged,
     and an infinite input reaches the other merged groups' outputs as NaN (0 x inf), as Winograd's transforms
     spread one to a tile's pixels; PyTorch's grouped convolution keeps it within its group."""
-    return max(
-        merged
-        for merged in range(1, shape.groups + 1)
-        if shape.groups % merged == 0
-        and (shape.channels // merged) % shape.in_block == 0
-        and (shape.out_channels // merged) % shape.out_block == 0
-    )
+    divisors = [merged for merged in range(1, shape.groups + 1) if shape.groups % merged == 0]
+    return max(merged for merged in divisors if shape._replace(groups=merged).whole_blocks)
 
 
 def block_diagonal(weight: torch.Tensor, groups: int, merged: int) -> torch.Tensor:
     """A grouped convolution's ``[O, C/groups, KH, KW]`` weight as the same convolution's in ``merged`` groups:
-    ``[O, C/merged, KH, KW]``, zero where an output channel's group does not read."""
+    ``[O, C/merged, KH, KW]``, zero where an output channel's group does not read (``weight`` itself when
+    ``merged == groups``)."""
+    if merged == groups:
+        return weight
     spans = groups // merged  # groups a merged one holds
     out_channels, group_channels, kh, kw = weight.shape
     grouped = weight.reshape(merged, spans, out_channels // groups, 1, group_channels, kh, kw)

@@ -728,12 +728,13 @@ class ResNeXtBlock(torch.nn.Module):
 def test_grouped_convolutions_are_the_direct_family_in_groups_merged_where_a_block_spans_several():
     program = capture(ResNeXtBlock().eval(), (torch.randn(2, 32, 6, 6),))
     program, _ = PassManager(f"convert-layout{{lanes={HOST.lanes()}}}", verify="off").run(program)
-    with spy_on(CONV2D_F32) as convs:
+    with spy_on(CONV2D_F32) as convs, spy_on(WINOGRAD_F32) as winograd:
         executable = build(program, CPU, dispatch="tvm")
     assert executable.backend == "tvm" and all(s.backend == "tvm" for s in executable.segments)
     assert_built_matches(program, executable)
-    # The 3x3's 8 groups of 4 channels computed as 32 // lanes groups of a block's channels each.
-    assert sorted(ConvShape(*workload).groups for workload, _, _ in convs) == sorted([1, 32 // HOST.lanes(), 2])
+    assert sorted(ConvShape(*workload).groups for workload, _, _ in convs) == [1, 2]  # the 1x1s
+    # The 3x3's 8 groups of 4 channels computed as 32 // lanes groups of a block's channels each (8 output tiles).
+    assert [ConvShape(*workload).groups for workload, _, _ in winograd] == [32 // HOST.lanes()]
 
 
 def test_a_block_wider_than_a_groups_channels_merges_groups_into_the_same_block_diagonal_convolution():

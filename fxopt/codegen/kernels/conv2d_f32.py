@@ -80,6 +80,12 @@ class ConvShape(NamedTuple):
         return tuple(self) if self.groups > 1 else tuple(self)[:-1]
 
     @property
+    def whole_blocks(self) -> bool:
+        """Whether the blocks divide each group's input and output channels."""
+        inputs = self.channels % (self.groups * self.in_block) == 0
+        return inputs and self.out_channels % (self.groups * self.out_block) == 0
+
+    @property
     def group_in_blocks(self) -> int:
         """Input blocks one group reads."""
         return self.channels // self.groups // self.in_block
@@ -188,9 +194,7 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
     def applies(self, workload: Workload, isa: Isa) -> bool:
         """x86 with AVX2 (and FMA), or AArch64 NEON, and blocks that divide a group's channels."""
         shape = ConvShape(*workload)
-        divides = shape.channels % (shape.groups * shape.in_block) == 0
-        divides &= shape.out_channels % (shape.groups * shape.out_block) == 0
-        return (isa.avx2 or isa.neon) and divides and shape.out_height > 0 and shape.out_width > 0
+        return (isa.avx2 or isa.neon) and shape.whole_blocks and shape.out_height > 0 and shape.out_width > 0
 
     def space(self, workload: Workload, isa: Isa) -> list[Conv2dF32Config]:
         """The tiles of :data:`TILES` that fit ``isa``'s registers at the output block's lanes, output blocks

@@ -91,9 +91,7 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
         shape = ConvShape(*workload)
         three = (shape.kernel_h, shape.kernel_w, shape.stride_h, shape.stride_w) == (3, 3, 1, 1)
         undilated = shape.dilation_h == shape.dilation_w == 1
-        divides = shape.channels % (shape.groups * shape.in_block) == 0
-        divides &= shape.out_channels % (shape.groups * shape.out_block) == 0
-        return (isa.avx2 or isa.neon) and three and undilated and divides and shape.pixels > 0
+        return (isa.avx2 or isa.neon) and three and undilated and shape.whole_blocks and shape.pixels > 0
 
     def space(self, workload: Workload, isa: Isa) -> list[WinogradF32Config]:
         shape = ConvShape(*workload)
