@@ -32,6 +32,7 @@ __all__ = [
     "KernelFamily",
     "workload_key",
     "parse_workload_key",
+    "padded_to",
     "epilogue_on_tile",
 ]
 
@@ -52,6 +53,12 @@ def workload_key(workload: Workload) -> str:
 def parse_workload_key(key: str) -> Workload:
     """The inverse of :func:`workload_key`."""
     return tuple(int(n) for n in key.split("x"))
+
+
+def padded_to(n: int, tile: int) -> int:
+    """``n`` rounded up to whole tiles of ``tile``: the rows a kernel computes when its last tile recomputes
+    rows past the end rather than being predicated."""
+    return -(-n // tile) * tile
 
 
 @dataclass(frozen=True)

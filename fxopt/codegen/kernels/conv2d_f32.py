@@ -36,6 +36,7 @@ from fxopt.codegen.kernels.base import (
     Workload,
     accumulate_in_registers,
     epilogue_on_tile,
+    padded_to,
 )
 
 __all__ = [
@@ -222,7 +223,7 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         pointwise = shape.kernel_h == shape.kernel_w == 1
 
         def recomputes_much(config: Conv2dF32Config) -> bool:
-            padded = -(-shape.pixels // config.rows) * config.rows
+            padded = padded_to(shape.pixels, config.rows)
             return pointwise and (padded - shape.pixels) * 20 > shape.pixels
 
         many = [config for config in space if config.rows * config.vectors * 6 >= most * (5 if pointwise else 6)]
@@ -254,7 +255,7 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         group_in_blocks = shape.group_in_blocks
         pixels = shape.pixels
         rows = min(config.rows, pixels)
-        padded_pixels = -(-pixels // rows) * rows
+        padded_pixels = padded_to(pixels, rows)
         x = te.placeholder((shape.batch, in_blocks, shape.height, shape.width, x_block), "float32", name="x")
         source = padded_input(shape, x)
         packed = te.placeholder(

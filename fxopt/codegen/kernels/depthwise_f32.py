@@ -24,6 +24,7 @@ from fxopt.codegen.kernels.base import (
     Workload,
     accumulate_in_registers,
     epilogue_on_tile,
+    padded_to,
 )
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, written_with_epilogue
 
@@ -99,7 +100,7 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
         space = self.space(workload, isa)
         return min(
             (c for c in space if c.task_rows == space[0].task_rows),
-            key=lambda c: (-(-width // c.rows) * c.rows - width, -c.rows),
+            key=lambda c: (padded_to(width, c.rows) - width, -c.rows),
         )
 
     @staticmethod
@@ -169,7 +170,7 @@ def _taps_reduced(shape: ConvShape, config: DepthwiseF32Config, source, reduce):
         return source[n, c, h * shape.stride_h + kh * shape.dilation_h, w, lane]
 
     return te.compute(
-        (shape.batch, shape.channels // shape.out_block, shape.out_height, -(-width // rows) * rows, shape.out_block),
+        (shape.batch, shape.channels // shape.out_block, shape.out_height, padded_to(width, rows), shape.out_block),
         lambda n, c, h, w, lane: reduce(tap(n, c, h, w, lane), c, kh, kw, lane),
         name="acc",
     )

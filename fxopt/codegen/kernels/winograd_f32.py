@@ -23,7 +23,7 @@ import torch
 
 from fxopt.codegen.epilogue import KEPT
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, accumulate_in_registers
+from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, accumulate_in_registers, padded_to
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, schedule_padding, written_with_epilogue
 
 __all__ = ["WinogradF32Config", "WinogradF32", "WINOGRAD_F32"]
@@ -149,7 +149,7 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
         tiles_h, tiles_w = self.tiles(shape)
         tiles = shape.batch * tiles_h * tiles_w
         rows = min(config.rows, tiles)
-        padded_tiles = -(-tiles // rows) * rows
+        padded_tiles = padded_to(tiles, rows)
         # Padded for whole patches: every tile's 6x6 window inside.
         extended = shape._replace(
             pad_bottom=tiles_h * TILE + 2 - shape.height - shape.pad_top,
