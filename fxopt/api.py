@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import time
 from collections.abc import Callable, Sequence
@@ -11,13 +12,15 @@ from typing import get_args
 import torch
 import torch.utils._pytree as pytree
 
-from fxopt.codegen import Dispatch, Executable, build
+from fxopt.codegen import Dispatch, Executable, block_costs, build
 from fxopt.codegen.tune import TuneOptions
+from fxopt.codegen.tuning_database import BLOCKS_FILE, existing_database
 from fxopt.errors import FxoptError, InputMismatchError, VerificationError
 from fxopt.ir.capture import capture, eval_mode
 from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.ir.program import describe_arguments
 from fxopt.passes.base import Pass
+from fxopt.passes.convert_layout import ConvertLayout
 from fxopt.passes.manager import PassManager
 from fxopt.passes.pipeline import Pipeline, VerifyMode
 from fxopt.report import Report
@@ -80,7 +83,9 @@ def optimize(
         (the target's default trials per kernel), a trial count (``500``), a
         duration (``"10m"``), or :class:`~fxopt.codegen.tune.TuneOptions`
         (database path, remote devices). Results persist in the target's
-        database, so a second run reuses them. Default: untuned kernels.
+        database, so a second run reuses them; so do ``convert-layout``'s
+        blocks, searched with the convolution times tuning measured per
+        block from the next build on. Default: untuned kernels.
     dispatch:
         ``"measure"`` (default) runs each segment in TVM only where it is
         measured faster than PyTorch, so the result is never slower than the
@@ -106,8 +111,9 @@ def optimize(
     target = parse_target(target or (resolved.target if resolved else None) or "cpu")
     if resolved is None:
         resolved = Pipeline.coerce(target.default_pipeline)
+    tune_options = TuneOptions.coerce(tune)
     manager = PassManager(
-        resolved,
+        _searching_blocks(resolved, target, tune_options.database if tune_options else None),
         verify=verify,
         tolerance=tolerance,
         print_ir_after=print_ir_after,
@@ -122,13 +128,31 @@ def optimize(
         manager,
         dynamic_shapes=dynamic_shapes,
         strict=strict,
-        tune=TuneOptions.coerce(tune),
+        tune=tune_options,
         dispatch=dispatch,
     )
     if example_inputs is not None or example_kwargs:
         args = () if example_inputs is None else example_inputs
         optimized.build(args if isinstance(args, tuple) else (args,), dict(example_kwargs or {}))
     return optimized
+
+
+def _searching_blocks(pipeline: Pipeline, target: Target, database_override: Path | None) -> Pipeline:
+    """``pipeline`` with its ``convert-layout`` given the convolution times per block pair tuning stored for
+    ``target`` (:mod:`fxopt.codegen.block_costs`; in ``database_override`` if given), where there are some and the
+    pipeline names no file itself."""
+    if target.kind != "llvm" or not any(isinstance(p, ConvertLayout) and not p.block_costs for p in pipeline.passes):
+        return pipeline
+    database = database_override or existing_database(target)
+    if database is None or not block_costs.load(database):
+        return pipeline
+    passes = tuple(
+        dataclasses.replace(p, block_costs=str(database / BLOCKS_FILE))
+        if isinstance(p, ConvertLayout) and not p.block_costs
+        else p
+        for p in pipeline.passes
+    )
+    return dataclasses.replace(pipeline, passes=passes)
 
 
 class OptimizedModel(torch.nn.Module):

@@ -6,7 +6,8 @@ schedules from a MetaSchedule database are applied right after fusion
 does not cover gets a default schedule: DLight's GPU rules on CUDA; on CPUs
 DLight's reduction rule and :func:`cpu_injective` (TVM's CPU default leaves
 a kernel as one thread of scalar loops). Below Relax, kernels are lowered by
-TVM's TIR pipeline plus :func:`scratch_on_stack` (:data:`TIR_PIPELINE`).
+TVM's TIR pipeline, keeping the indices of kernels built 64-bit
+(:func:`keeping_wide_indices`), plus :func:`scratch_on_stack` (:data:`TIR_PIPELINE`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import contextlib
 import math
 from pathlib import Path
 
+from fxopt.codegen.kernels.base import WIDE_INDICES_ATTR
 from fxopt.codegen.tuning_database import RECORDS_FILE, load_database
 from fxopt.errors import CodegenError, first_line
 from fxopt.log import native_stderr_to_debug
@@ -28,13 +30,14 @@ __all__ = [
     "kernel_source",
     "cpu_injective",
     "scratch_on_stack",
+    "keeping_wide_indices",
     "STACK_SCRATCH_BYTES",
     "register_tir_pipeline",
     "TIR_PIPELINE",
 ]
 
 #: The TIR pipeline kernels are lowered with (registered in TVM's pipeline map by :func:`register_tir_pipeline`):
-#: TVM's default, then :func:`scratch_on_stack`.
+#: TVM's default (per :func:`keeping_wide_indices`), then :func:`scratch_on_stack`.
 TIR_PIPELINE = "fxopt"
 
 #: The largest thread-private buffer :func:`scratch_on_stack` puts on the stack (a worker thread's is 2-8 MiB);
@@ -242,6 +245,31 @@ def scratch_on_stack():
     return tirx.transform.prim_func_pass(transform, opt_level=0, name="fxopt_scratch_on_stack")
 
 
+def keeping_wide_indices(lowering):
+    """Module pass: TVM's TIR ``lowering``, except that kernels marked :data:`WIDE_INDICES_ATTR` are lowered without
+    its ``NarrowDataType(32)`` (a pass over every function, so they are lowered as a module of their own)."""
+    import tvm
+
+    @tvm.transform.module_pass(opt_level=0, name="fxopt_lowering_keeping_wide_indices")
+    def lower(mod, ctx):
+        wide = {gv for gv, func in mod.functions.items() if func.attrs and func.attrs.get(WIDE_INDICES_ATTR)}
+        if not wide:
+            return lowering(mod)
+        lowered = lowering(tvm.IRModule({gv: f for gv, f in mod.functions.items() if gv not in wide}, attrs=mod.attrs))
+        narrowing_disabled = tvm.transform.PassContext(
+            opt_level=ctx.opt_level,
+            required_pass=list(ctx.required_pass),
+            disabled_pass=[*ctx.disabled_pass, "tirx.NarrowDataType"],
+            instruments=list(ctx.instruments),
+            config=dict(ctx.config),
+        )
+        with narrowing_disabled:
+            lowered.update(lowering(tvm.IRModule({gv: mod[gv] for gv in wide}, attrs=mod.attrs)))
+        return lowered
+
+    return lower
+
+
 def register_tir_pipeline() -> str:
     """Register :data:`TIR_PIPELINE` with TVM (once per process: builder workers register it too); returns its
     name, for ``tvm.compile(..., tir_pipeline=...)``."""
@@ -250,7 +278,11 @@ def register_tir_pipeline() -> str:
 
     def pipeline():
         lowering, host_passes, device_passes = compilation_pipeline.get_tir_pipeline("s_tir")
-        return tvm.transform.Sequential([lowering, scratch_on_stack()]), host_passes, device_passes
+        return (
+            tvm.transform.Sequential([keeping_wide_indices(lowering), scratch_on_stack()]),
+            host_passes,
+            device_passes,
+        )
 
     compilation_pipeline.PIPELINE_MAP.setdefault(TIR_PIPELINE, pipeline)
     return TIR_PIPELINE

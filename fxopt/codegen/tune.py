@@ -1,6 +1,7 @@
 """Tuning with a persistent, shared, crash-tolerant database per target: the configs of fxopt's kernel families
 (:mod:`fxopt.codegen.kernels`, stored by :mod:`fxopt.codegen.templates`: every config of each family's space timed
-per workload, the fastest kept), then MetaSchedule for the other kernels.
+per workload, the fastest kept), each convolution at the other blocks ``convert-layout`` may give it
+(:mod:`fxopt.codegen.block_costs`), then MetaSchedule for the other kernels.
 
 Each target has a database directory (``$FXOPT_CACHE_DIR/tuning/<target key>``,
 default ``~/.cache/fxopt``). Tuning extracts the model's fused kernels, skips
@@ -41,10 +42,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from fxopt.codegen import block_costs
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels import template_workloads
 from fxopt.codegen.kernels.base import KernelFamily, Workload
+from fxopt.codegen.kernels.conv2d_f32 import ConvShape
 from fxopt.codegen.templates import Choice, TemplateChoices
 from fxopt.codegen.tuning_database import RECORDS_FILE, checked_database, database_dir, load_database, valid_lines
 from fxopt.errors import CodegenError
@@ -129,6 +133,7 @@ class TuningSummary:
     database_dir: Path
     kernels: list[KernelTuning] = field(default_factory=list)
     templates: list[KernelTuning] = field(default_factory=list)
+    block_pairs: int = 0  # convolutions timed at other blocks
     seconds: float = 0.0
     stopped: str = ""  # why tuning stopped early, if it did
 
@@ -141,8 +146,9 @@ class TuningSummary:
         count = len(self.kernels)
         timed = sum(k.trials_after > 0 for k in self.templates)
         templates = f"{timed} of {len(self.templates)} template kernels timed, " if self.templates else ""
+        blocks = f"{self.block_pairs} convolution block pairs timed, " if self.block_pairs else ""
         text = (
-            f"tuning: {count} kernel{'s' * (count != 1)}, {tuned} with tuned schedules, {templates}"
+            f"tuning: {count} kernel{'s' * (count != 1)}, {tuned} with tuned schedules, {templates}{blocks}"
             f"{self.new_trials} new trials in {self.seconds:.0f}s; database {self.database_dir}"
         )
         return text + (f" ({self.stopped})" if self.stopped else "")
@@ -260,6 +266,27 @@ def tune(
                 budget_left = None if budget_left is None else budget_left - len(candidates)
                 if progress:
                     progress(position, len(workloads), f"tune {name}: {fastest.config}, {fastest.us:.1f} us")
+        convs = [ConvShape(*workload) for family, workload in workloads if family.name in _CONV_FAMILIES]
+        costs = block_costs.load(path)
+        for position, shape in enumerate(convs):
+            if summary.stopped or interrupted:
+                break
+            if options.seconds is not None and time.monotonic() - start >= options.seconds:
+                summary.stopped = "time budget spent"
+                break
+            with interrupted.deferred(
+                lambda: progress and progress(position, len(convs), "stopping after this convolution")
+            ):
+                with_shape = block_costs.measured_block_costs(
+                    [shape], isa, costs, _block_pair_times(ms, isa, tvm_target, builder, runner)
+                )
+            timed = sum(map(len, with_shape.values())) - sum(map(len, costs.values()))
+            if timed:
+                costs = with_shape
+                block_costs.save(path, costs)
+                summary.block_pairs += timed
+                if progress:
+                    progress(position, len(convs), f"blocks of {block_costs.geometry_key(shape)}: {timed} timed")
         try:
             for position, i in enumerate(pending if not (summary.stopped or interrupted) else []):
                 task, kernel = tasks[i], kernels[i]
@@ -346,29 +373,12 @@ def _ignore_interrupts() -> None:
 
 
 def _fastest_candidate(ms, family: KernelFamily, workload: Workload, candidates, tvm_target, builder, runner) -> Choice:
-    """The fastest of ``family``'s ``candidates`` (configs) for ``workload``, built and timed by MetaSchedule's
-    builder and runner (locally or on the RPC device), on random inputs. Two rounds over all of them, each
-    candidate's fastest repeat: a neighbour's burst of work slows one round of one candidate, and does not pick the
-    winner. A candidate that fails to build or run (a timeout on a busy device) is left out with a warning; tuning
-    fails only when none ran."""
-    import tvm
-
-    kernels = [family.build(workload, config) for config in candidates]
-    built = builder.build([ms.builder.BuilderInput(tvm.IRModule({"main": k}), tvm_target) for k in kernels])
-    failures = {i: f"does not build: {_last_line(b.error_msg)}" for i, b in enumerate(built) if b.error_msg}
-    ran = [i for i in range(len(candidates)) if i not in failures]
-    inputs = [
-        ms.runner.RunnerInput(built[i].artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(kernels[i]))
-        for i in ran
-    ]
-    seconds = [math.inf] * len(candidates)
-    for i, future in zip(ran * 2, runner.run(inputs * 2) if inputs else []):
-        result = future.result()
-        if result.error_msg:
-            failures.setdefault(i, f"failed: {_last_line(result.error_msg)}")
-        else:
-            seconds[i] = min(seconds[i], *(float(s) for s in result.run_secs))
+    """The fastest of ``family``'s ``candidates`` (configs) for ``workload``, as :func:`_timed` times them;
+    tuning fails only when none ran."""
     name = family.kernel_name(workload)
+    seconds, failures = _timed(
+        ms, [family.build(workload, config) for config in candidates], tvm_target, builder, runner
+    )
     for i, failure in sorted(failures.items()):
         logger.warning("fxopt: warning: %s, candidate %s %s", name, candidates[i], failure)
     fastest = min(range(len(candidates)), key=seconds.__getitem__)
@@ -376,6 +386,51 @@ def _fastest_candidate(ms, family: KernelFamily, workload: Workload, candidates,
         i, failure = min(failures.items())
         raise CodegenError(f"tuning {name}: no candidate ran ({candidates[i]} {failure})")
     return Choice(candidates[fastest], seconds[fastest] * 1e6)
+
+
+def _timed(ms, kernels: list, tvm_target, builder, runner) -> tuple[list[float], dict[int, str]]:
+    """Seconds each of ``kernels`` (PrimFuncs) takes, built and timed by MetaSchedule's builder and runner (locally
+    or on the RPC device) on random inputs, and why those that did not (infinite) failed. Two rounds over all of
+    them, each kernel's fastest repeat: a neighbour's burst of work slows one round of one kernel, and does not pick
+    the winner."""
+    import tvm
+
+    built = builder.build([ms.builder.BuilderInput(tvm.IRModule({"main": k}), tvm_target) for k in kernels])
+    failures = {i: f"does not build: {_last_line(b.error_msg)}" for i, b in enumerate(built) if b.error_msg}
+    ran = [i for i in range(len(kernels)) if i not in failures]
+    inputs = [
+        ms.runner.RunnerInput(built[i].artifact_path, "cpu", ms.arg_info.ArgInfo.from_prim_func(kernels[i]))
+        for i in ran
+    ]
+    seconds = [math.inf] * len(kernels)
+    for i, future in zip(ran * 2, runner.run(inputs * 2) if inputs else []):
+        result = future.result()
+        if result.error_msg:
+            failures.setdefault(i, f"failed: {_last_line(result.error_msg)}")
+        else:
+            seconds[i] = min(seconds[i], *(float(s) for s in result.run_secs))
+    return seconds, failures
+
+
+_CONV_FAMILIES = ("conv2d_f32", "winograd_f32", "depthwise_f32")  # their workloads are ConvShapes
+
+
+def _block_pair_times(ms, isa: Isa, tvm_target, builder, runner):
+    """``measure`` for :func:`~fxopt.codegen.block_costs.measured_block_costs`: each shape's kernel with its
+    family's default config, in microseconds (None where no kernel computes one, or it failed), timed together."""
+    from fxopt.codegen.lower_conv import conv_kernel
+
+    def measure(shapes: list[ConvShape]) -> list[float | None]:
+        kernels = [conv_kernel(shape, isa) for shape in shapes]
+        built = []
+        for family, computed in filter(None, kernels):
+            config: Any = family.default(computed.workload, isa)  # the family's own config type
+            built.append(family.build(computed.workload, config))
+        seconds = iter(_timed(ms, built, tvm_target, builder, runner)[0] if built else [])
+        times = [None if kernel is None else next(seconds) for kernel in kernels]
+        return [None if t is None or t == math.inf else t * 1e6 for t in times]
+
+    return measure
 
 
 def _last_line(message: str) -> str:

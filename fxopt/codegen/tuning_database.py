@@ -33,6 +33,7 @@ __all__ = [
     "RECORDS_FILE",
     "WORKLOADS_FILE",
     "TEMPLATES_FILE",
+    "BLOCKS_FILE",
     "SHIPPED_RECORDS",
 ]
 
@@ -41,6 +42,7 @@ logger = logging.getLogger("fxopt.codegen.tune")
 RECORDS_FILE = "database_tuning_record.json"
 WORKLOADS_FILE = "database_workload.json"
 TEMPLATES_FILE = "templates.json"  # fxopt's template parameters (fxopt.codegen.templates), beside MetaSchedule's
+BLOCKS_FILE = "blocks.json"  # convolution times per block pair (fxopt.codegen.block_costs)
 SHIPPED_RECORDS = Path(__file__).parent / "records"
 
 

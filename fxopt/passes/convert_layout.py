@@ -10,18 +10,23 @@ from typing import Any, cast
 import torch
 import torch.fx as fx
 
+from fxopt.ir.block_costs import BlockCosts, conv_geometry_key, read_block_costs
 from fxopt.ir.meta import describe_node, has_symbolic_shapes, stamp_provenance
 from fxopt.ir.program import Program
 from fxopt.ir.traits import ACTIVATIONS, ADD, ARITHMETIC, DIV, MUL, SUB
 from fxopt.passes.base import Pass, PassContext, option
 from fxopt.targets import host_vector_bits
 
-__all__ = ["ConvertLayout", "channel_block"]
+__all__ = ["ConvertLayout", "channel_block", "REBLOCK_US_PER_MIB"]
 
 aten = torch.ops.aten
 fxopt_ops = torch.ops.fxopt
 
 _ELEMENTWISE = frozenset((*ACTIVATIONS, *ARITHMETIC, *ADD, *SUB, *MUL, *DIV))
+
+#: What re-blocking a value costs (back to NCHW and into another block: two copies), in microseconds per MiB of
+#: the value: an estimate, ~4 GB/s for these strided copies on 2 cores.
+REBLOCK_US_PER_MIB = 500.0
 
 
 def channel_block(channels: int, lanes: int) -> int | None:
@@ -68,6 +73,9 @@ class ConvertLayout(Pass):
     name = "convert-layout"
     before = ("mark-epilogues",)
     lanes: int = option(0, "floats per vector, the largest block; 0: the host CPU's (16 with AVX-512, 8 with AVX2)")
+    block_costs: str = option(
+        "", "a JSON file of measured convolution times per block pair (fxopt tune writes one); empty: none"
+    )
 
     def __post_init__(self):
         if self.lanes and (self.lanes < 4 or self.lanes & (self.lanes - 1)):
@@ -78,39 +86,100 @@ class ConvertLayout(Pass):
         if has_symbolic_shapes(graph):  # TVM builds static shapes: in PyTorch the blocked ops only cost
             ctx.skip("the graph", "symbolic shapes (the CPU kernels are built for static ones)")
             return False
-        blocking = _Blocking(graph, self.lanes or _host_lanes(), ctx)
-        changed = False
-        for node in list(graph.nodes):
-            if node.op != "call_function":
-                continue
-            with graph.inserting_before(node):
-                new = blocking.blocked_form(node)
-            if new is None:
-                continue
-            blocked, block = new
-            blocking.blocks[blocked] = block
-            with graph.inserting_after(blocked):
-                plain = graph.call_function(fxopt_ops.from_blocked.default, (blocked,))
-            plain.meta["val"] = node.meta["val"]  # the same value: later ops read its shape
-            stamp_provenance([blocked, plain], self.name, [node])
-            node.replace_all_uses_with(plain, propagate_meta=False)
-            graph.erase_node(node)
-            changed = True
-        graph.eliminate_dead_code()  # the conversions back nothing reads now, the pads folded into convolutions
+        lanes = self.lanes or _host_lanes()
+        plan = _searched_plan(graph, lanes, read_block_costs(self.block_costs)) if self.block_costs else {}
+        blocking = _rewrite(graph, lanes, ctx, plan)
+        searched = sum(1 for name, block in plan.items() if block != blocking.default_blocks[name])
+        if searched:
+            ctx.count("searched-blocks", searched)
         for node in graph.nodes:
             if node.target is fxopt_ops.from_blocked.default:
                 ctx.count("converted-back")
-        return changed
+        return blocking.changed
+
+
+def _rewrite(graph: fx.Graph, lanes: int, ctx: PassContext, plan: dict[str, int]) -> _Blocking:
+    """Put ``graph`` in the blocked layout, each convolution named in ``plan`` writing its block."""
+    blocking = _Blocking(graph, lanes, ctx, plan)
+    for node in list(graph.nodes):
+        if node.op != "call_function":
+            continue
+        with graph.inserting_before(node):
+            new = blocking.blocked_form(node)
+        if new is None:
+            continue
+        blocked, block = new
+        blocking.blocks[blocked] = block
+        with graph.inserting_after(blocked):
+            plain = graph.call_function(fxopt_ops.from_blocked.default, (blocked,))
+        plain.meta["val"] = node.meta["val"]  # the same value: later ops read its shape
+        stamp_provenance([blocked, plain], ConvertLayout.name, [node])
+        node.replace_all_uses_with(plain, propagate_meta=False)
+        graph.erase_node(node)
+        blocking.changed = True
+    graph.eliminate_dead_code()  # the conversions back nothing reads now, the pads folded into convolutions
+    return blocking
+
+
+def _searched_plan(graph: fx.Graph, lanes: int, costs: BlockCosts) -> dict[str, int]:
+    """The output block per convolution (by node name) that minimizes the measured convolution times plus the
+    re-blocking their disagreements cost (:func:`_plan_cost`): by coordinate descent from the blocks of the
+    channels, each convolution in turn trying each output block it was measured with, until a sweep changes
+    nothing. Values joined by elementwise ops share a block, so a convolution's block is weighed with its
+    readers' input blocks and the conversions a residual would need."""
+    trial = _rewrite(_copy(graph), lanes, PassContext(), {})
+    candidates = {
+        name: sorted({out for _, out in costs[key]} - {trial.default_blocks[name]})
+        for name, (key, _, _) in trial.convs.items()
+        if key in costs
+    }
+    plan: dict[str, int] = {}
+    best = _plan_cost(trial, costs)
+    changed = True
+    while changed:
+        changed = False
+        for name, blocks in candidates.items():
+            for block in blocks:
+                if block == plan.get(name):
+                    continue
+                tried = {**plan, name: block}
+                cost = _plan_cost(_rewrite(_copy(graph), lanes, PassContext(), tried), costs)
+                if cost < best - 1e-9:
+                    plan, best, changed = tried, cost, True
+    return plan
+
+
+def _plan_cost(blocking: _Blocking, costs: BlockCosts) -> float:
+    """Microseconds a rewrite costs: its measured convolutions (infinite for a block pair not measured) and its
+    re-blocked values (:data:`REBLOCK_US_PER_MIB`)."""
+    live = set(blocking.graph.nodes)
+    convs = sum(
+        costs[key].get((in_block, out_block), math.inf)
+        for key, in_block, out_block in blocking.convs.values()
+        if key in costs
+    )
+    reblocked = sum(size for node, size in blocking.reblocked.items() if node in live)
+    return convs + reblocked / 2**20 * REBLOCK_US_PER_MIB
+
+
+def _copy(graph: fx.Graph) -> fx.Graph:
+    copied = fx.Graph()
+    copied.output(copied.graph_copy(graph, {}))
+    return copied
 
 
 class _Blocking:
     """One run of the pass: the blocked values made so far and the conversions into the layout (one per value and
     block, so a residual reads the conversion its convolution read)."""
 
-    def __init__(self, graph: fx.Graph, lanes: int, ctx: PassContext):
-        self.graph, self.lanes, self.ctx = graph, lanes, ctx
+    def __init__(self, graph: fx.Graph, lanes: int, ctx: PassContext, plan: dict[str, int]):
+        self.graph, self.lanes, self.ctx, self.plan = graph, lanes, ctx, plan
+        self.changed = False
         self.blocks: dict[fx.Node, int] = {}  # blocked value -> its block
         self.conversions: dict[tuple[fx.Node, int], fx.Node] = {}
+        self.convs: dict[str, tuple[str, int, int]] = {}  # conv name -> geometry key, input and output block
+        self.default_blocks: dict[str, int] = {}  # conv name -> the block of its output channels
+        self.reblocked: dict[fx.Node, int] = {}  # conversion of a value blocked otherwise -> its bytes
 
     def blocked_form(self, node: fx.Node) -> tuple[fx.Node, int] | None:
         """The blocked node computing ``node``'s value (inserted before it) and its block, or None."""
@@ -146,6 +215,10 @@ class _Blocking:
         channels, out_channels = x.meta["val"].shape[1], out.shape[1]
         depthwise = groups == channels == out_channels != 1
         block = channel_block(out_channels, self.lanes)
+        if block is not None:
+            self.default_blocks[conv.name] = block
+            planned = self.plan.get(conv.name, block)
+            block = planned if out_channels % planned == 0 else block
         if block is None:
             self.ctx.skip(describe_node(conv), f"{out_channels} output channels have no block of up to {self.lanes}")
             return None
@@ -165,6 +238,12 @@ class _Blocking:
             self.ctx.skip(describe_node(conv), f"{channels} input channels have no block of up to {self.lanes}")
             return None
         self.ctx.count("depthwise-convs" if depthwise else "grouped-convs" if groups != 1 else "convs")
+        n, _, height, width = source.meta["val"].shape
+        kernel, stride, dilation = weight.meta["val"].shape[2:], cast(list, stride), cast(list, dilation)
+        key = conv_geometry_key(
+            n, channels, height, width, out_channels, kernel, stride, sides, dilation, cast(int, groups)
+        )
+        self.convs[conv.name] = (key, self.blocks[blocked_x], block)
         new = self.graph.call_function(
             fxopt_ops.conv2d_blocked.default,
             (blocked_x, weight, bias, list(cast(list, stride)), sides, list(cast(list, dilation)), groups, block),
@@ -186,7 +265,9 @@ class _Blocking:
         plain = next((u for u in blocked.users if u.target is fxopt_ops.from_blocked.default), None)
         if plain is None:
             plain = self.graph.call_function(fxopt_ops.from_blocked.default, (blocked,))
-        return self._converted(plain, block)
+        converted = self._converted(plain, block)
+        self.reblocked[converted] = x.meta["val"].numel() * x.meta["val"].element_size()
+        return converted
 
     def _converted(self, x: fx.Node, block: int) -> fx.Node:
         if (x, block) not in self.conversions:

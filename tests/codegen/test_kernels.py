@@ -422,3 +422,38 @@ def test_thread_private_buffers_up_to_the_bound_are_one_stack_slot(rows, floats,
     values, result = torch.randn(rows, floats), torch.empty(rows, floats)
     library["main"](to_tvm(values), to_tvm(result))
     torch.testing.assert_close(result, values * 2 + 1)
+
+
+def test_kernels_marked_wide_keep_64_bit_loops_through_the_lowering_and_others_are_narrowed():
+    """TVM's lowering narrows indices that fit to 32 bits; the direct convolution's are kept 64-bit (see
+    :func:`~fxopt.codegen.kernels.base.wide_indexed_prim_func`), without changing the lowering of other kernels."""
+    import tvm
+    import tvm_ffi
+    from tvm import te, tirx
+    from tvm.tirx import compilation_pipeline
+
+    from fxopt.codegen.compile import keeping_wide_indices
+    from fxopt.codegen.kernels.base import wide_indexed_prim_func
+
+    x = te.placeholder((64, 32), "float32", name="x")
+    doubled = te.compute((64, 32), lambda i, j: x[i, j] * 2, name="doubled")
+    narrowed = te.create_prim_func([x, doubled], index_dtype_override="int64")
+    funcs = {"wide": wide_indexed_prim_func([x, doubled]), "narrowed": narrowed}
+    target = tvm.target.Target("llvm")
+    mod = tvm.IRModule({name: func.with_attr("global_symbol", name) for name, func in funcs.items()})
+    mod = tirx.transform.BindTarget(target.with_host(target))(mod)
+    lowering, _, _ = compilation_pipeline.get_tir_pipeline("s_tir")
+    lowered = keeping_wide_indices(lowering)(mod)
+
+    def loop_dtypes(func):
+        dtypes = set()
+
+        def on_loop(loop, visitor):
+            dtypes.add(str(loop.loop_var.ty))
+            visitor.default_visit(loop)
+
+        tvm_ffi.structural_visit(func.body, [(tirx.For, on_loop)])
+        return dtypes
+
+    assert loop_dtypes(lowered["wide"]) == {"int64"}
+    assert loop_dtypes(lowered["narrowed"]) == {"int32"}

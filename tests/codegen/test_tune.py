@@ -338,3 +338,35 @@ def test_remote_tuning_measures_on_the_device_behind_the_tracker(loopback_tracke
     summary = fxopt.optimize(linear, ARGS[:1], target="cpu", tune=options)._latest()[0].tuning
     assert [(k.trials_after, k.best_us > 0) for k in summary.templates] == [(2, True)]
     assert server_log.read_text().count("load_module") >= loaded + 4
+
+
+class TwoConvs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        return self.second(torch.relu(self.first(x)))
+
+
+@pytest.mark.usefixtures("unnamed_handler_on_metaschedule_logger")
+def test_tuning_times_each_convolution_at_other_blocks_and_the_next_build_searches_with_them(tmp_path, monkeypatch):
+    from fxopt.codegen import block_costs
+
+    monkeypatch.setenv("FXOPT_CACHE_DIR", str(tmp_path))
+    target = parse_target("cpu")
+    lanes = Isa.of(target).lanes()
+    model, args = TwoConvs().eval(), (torch.randn(1, 16, 10, 10),)
+    tuned = fxopt.optimize(model, args, target="cpu", tune=TuneOptions(trials=200, trials_per_kernel=1))
+    pairs = {(x, y) for x in (lanes // 2, lanes) for y in (lanes // 2, lanes)}  # 16 channels: both blocks divide
+    database = database_dir(target.resolved())
+    costs = block_costs.load(database)
+    assert len(costs) == 2 and all(set(times) == pairs and min(times.values()) > 0 for times in costs.values())
+    assert f"{2 * len(pairs)} convolution block pairs timed" in tuned.report().tuning
+    # The next build hands them to convert-layout; the tuning run itself had none to search with.
+    assert 'block-costs=""' in tuned.report().pipeline
+    searched = fxopt.optimize(model, args, target="cpu")
+    assert f"block-costs={database / 'blocks.json'}" in searched.report().pipeline
+    with torch.no_grad():
+        torch.testing.assert_close(searched(*args), model(*args), rtol=1e-4, atol=1e-4)

@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 from fxopt import PassManager, capture
 from fxopt.errors import PipelineError
+from fxopt.ir.block_costs import conv_geometry_key, write_block_costs
 from fxopt.passes import Pipeline, parse_pipeline
 from fxopt.passes.convert_layout import channel_block
 from fxopt.passes.pipeline import with_pass
@@ -192,3 +193,72 @@ def test_a_graph_with_a_dynamic_batch_is_left_nchw():
     after, (record,) = PassManager("convert-layout{lanes=8}", verify="each").run(program)
     assert not record.changed and fxopt_ops.conv2d_blocked.default not in ops(after)
     assert any("symbolic shapes" in note for note in record.notes)
+
+
+class Chain(nn.Module):
+    """Three convolutions of 16 channels; with ``residual``, the third reads the sum of the first two's results."""
+
+    def __init__(self, residual=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first, self.second = nn.Conv2d(8, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+        self.third = nn.Conv2d(16, 16, 1)
+        self.residual = residual
+
+    def forward(self, x):
+        a = F.relu(self.first(x))
+        b = F.relu(self.second(a))
+        return self.third(a + b if self.residual else b)
+
+
+# The chain's convolutions on a [1, 8, 12, 12] input, as block costs name them.
+FIRST = conv_geometry_key(1, 8, 12, 12, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+SECOND = conv_geometry_key(1, 16, 12, 12, 16, (3, 3), (1, 1), (1, 1, 1, 1), (1, 1), 1)
+THIRD = conv_geometry_key(1, 16, 12, 12, 16, (1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1)
+
+
+def _searched(model, costs, tmp_path):
+    write_block_costs(tmp_path / "blocks.json", costs)
+    spec = f'convert-layout{{lanes=8 block-costs="{tmp_path / "blocks.json"}"}}'
+    _, after, record = run_pass(model.eval(), (torch.randn(1, 8, 12, 12),), spec)  # verified: exact
+    blocks = [n.args[-1] for n in after.graph.nodes if n.target is fxopt_ops.conv2d_blocked.default]
+    return blocks, record, ops(after)
+
+
+def test_measured_block_costs_choose_a_convolutions_block_by_what_its_readers_cost_too(tmp_path):
+    # Blocks of 4 out of the first convolution cost it nothing more and make the second 5x faster.
+    costs = {
+        FIRST: {(8, 8): 10.0, (8, 4): 10.0},
+        SECOND: {(8, 8): 100.0, (4, 8): 20.0, (8, 4): 100.0, (4, 4): 100.0},
+        THIRD: {(8, 8): 10.0, (4, 8): 10.0},
+    }
+    blocks, record, _ = _searched(Chain(), costs, tmp_path)
+    assert blocks == [4, 8, 8] and record.stats["searched-blocks"] == 1
+    costs[SECOND][4, 8] = 100.0  # no gain: the blocks of the channels stay
+    blocks, record, _ = _searched(Chain(), costs, tmp_path)
+    assert blocks == [8, 8, 8] and "searched-blocks" not in record.stats
+
+
+@pytest.mark.parametrize("saving, reblocked", [(1.0, False), (50.0, True)])
+def test_a_block_that_a_residual_add_must_convert_is_chosen_only_when_it_saves_more_than_the_conversion(
+    tmp_path, saving, reblocked
+):
+    # The second convolution writes blocks of 4 faster; the add then converts its result to the first's block of 8
+    # (16 x 12 x 12 floats: ~4.4 us at REBLOCK_US_PER_MIB), which the third reads.
+    costs = {
+        FIRST: {(8, 8): 10.0},
+        SECOND: {(8, 8): 100.0, (8, 4): 100.0 - saving},
+        THIRD: {(8, 8): 10.0},
+    }
+    blocks, _, found = _searched(Chain(residual=True), costs, tmp_path)
+    assert blocks == ([8, 4, 8] if reblocked else [8, 8, 8])
+    # the input's conversion, and the second's result converted back and into the other block
+    assert found.count(fxopt_ops.to_blocked.default) == (2 if reblocked else 1)
+
+
+def test_a_file_that_is_not_block_costs_is_an_error_naming_it(tmp_path):
+    (tmp_path / "blocks.json").write_text('{"1x8": {"eight": 1}}')
+    with pytest.raises(Exception, match="blocks.json is not a file of convolution block costs"):
+        run_pass(
+            Chain().eval(), (torch.randn(1, 8, 12, 12),), f'convert-layout{{block-costs="{tmp_path}/blocks.json"}}'
+        )

@@ -5,14 +5,19 @@ tiny images.
 
 - The pass at 8 and 16 lanes keeps the outputs within fxopt's default tolerance in PyTorch, and leaves no
   convolution whose channels blocks fit in NCHW (those it leaves, it says why).
+- So does it with random convolution times per block pair (``block-costs``), whatever blocks they make it choose.
 - Built for the CPU with ``dispatch="tvm"``, the blocked network matches PyTorch, every segment in TVM.
 """
+
+import tempfile
+from pathlib import Path
 
 import torch
 from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 
 from fxopt import PassManager, capture, optimize
+from fxopt.ir.block_costs import conv_geometry_key, write_block_costs
 from fxopt.passes.convert_layout import channel_block
 from tests.property.cnns import random_cnns
 from tests.property.test_random_dags import _within_bound
@@ -34,6 +39,44 @@ def test_the_blocked_network_computes_what_the_model_does(case, lanes):
         assert None in [channel_block(c, lanes) for c in channels], f"{conv} ({channels} channels) left NCHW"
     assert len(record.notes) >= len(left)
     event(f"converted back: {min(record.stats.get('converted-back', 0), 3)}+")
+
+
+def _geometry_keys(program) -> list[tuple[str, int]]:
+    """The blocked convolutions of ``program`` as block costs name them, and the blocks of their inputs."""
+    keys = []
+    for node in program.graph.nodes:
+        if node.target is torch.ops.fxopt.conv2d_blocked.default:
+            x, weight, _, stride, sides, dilation, groups, _ = node.args
+            n, blocks, height, width, block = x.meta["val"].shape
+            out_channels, _, *kernel = weight.meta["val"].shape
+            key = conv_geometry_key(
+                n, blocks * block, height, width, out_channels, kernel, stride, sides, dilation, groups
+            )
+            keys.append((key, block))
+    return keys
+
+
+@settings(max_examples=max(30, settings().max_examples // 4))
+@given(random_cnns(), st.sampled_from([8, 16]), st.data())
+def test_blocks_searched_with_any_measured_costs_compute_what_the_model_does(case, lanes, data):
+    model, inputs = case
+    note(model.spec.describe())
+    program = capture(model, inputs)
+    plain, _ = PassManager(f"convert-layout{{lanes={lanes}}}", verify="off").run(program)
+    blocks = [b for b in (4, 8, 16) if b <= lanes]
+
+    def times(own: int):  # as tuning measures: the input's own block too (an RGB image's 1)
+        pairs = [(x, y) for x in {own, *blocks} for y in blocks]
+        return st.fixed_dictionaries({pair: st.floats(1, 100) for pair in pairs})
+
+    costs = {key: data.draw(times(own), label=key) for key, own in _geometry_keys(plain)}
+    with tempfile.TemporaryDirectory() as directory:
+        path = Path(directory) / "blocks.json"
+        write_block_costs(path, costs)
+        spec = f'convert-layout{{lanes={lanes} block-costs="{path}"}}'
+        searched, (record,) = PassManager(spec, verify="off").run(program)
+    _within_bound(searched.run_flat(), program.run_flat(), spec)
+    event(f"blocks searched: {min(record.stats.get('searched-blocks', 0), 3)}+")
 
 
 # Each example builds with TVM (seconds).

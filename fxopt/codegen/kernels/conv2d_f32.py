@@ -37,6 +37,7 @@ from fxopt.codegen.kernels.base import (
     accumulate_in_registers,
     epilogue_on_tile,
     padded_to,
+    wide_indexed_prim_func,
 )
 
 __all__ = [
@@ -279,7 +280,7 @@ class Conv2dF32(KernelFamily[Conv2dF32Config]):
         out_shape = self.result_shape(shape)
         conv = te.compute(out_shape, lambda n, o, p, lane: acc[n, o, p, lane] + bias[o * y_block + lane], name="conv")
         operands, out = written_with_epilogue(conv, epilogue, out_shape)
-        func = te.create_prim_func([x, packed, bias, *operands, out])
+        func = wide_indexed_prim_func([x, packed, bias, *operands, out])
 
         sch = s_tir.Schedule(func)
         block = sch.get_sblock("acc")
