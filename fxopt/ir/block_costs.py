@@ -41,8 +41,10 @@ def read_block_costs(path: str | Path) -> BlockCosts:
         for key, pairs in json.loads(Path(path).read_text()).items():
             costs[key] = {}
             for pair, us in pairs.items():
-                x, y = pair.split(",")
-                costs[key][int(x), int(y)] = float(us)
+                x, y = map(int, pair.split(","))
+                if min(x, y) < 1:
+                    raise ValueError(f"block pair {pair!r}")
+                costs[key][x, y] = float(us)
         return costs
     except (OSError, ValueError, AttributeError) as exc:
         raise ValueError(f"{path} is not a file of convolution block costs ({exc})") from None

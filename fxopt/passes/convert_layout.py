@@ -62,8 +62,10 @@ class ConvertLayout(Pass):
     average pools) take blocked values as they are. Any other reader of a blocked value reads it converted back
     (``fxopt::from_blocked``), once per value; so do the graph's outputs. The block of a tensor is a function of
     its channels (:func:`channel_block`): the largest power of two up to ``lanes`` dividing them, so every op's
-    inputs agree. Convolutions that stay NCHW (transposed, 1-D or 3-D, non-constant weights, channels
-    without a block) are noted in the pass's report.
+    inputs agree, unless ``block_costs`` names a file of measured convolution times per block pair
+    (:mod:`fxopt.ir.block_costs`; tuning writes one): then each convolution's output block is searched
+    (:func:`_searched_plan`; counted ``searched-blocks`` where it differs). Convolutions that stay NCHW
+    (transposed, 1-D or 3-D, non-constant weights, channels without a block) are noted in the pass's report.
 
     Exact: the same arithmetic on re-laid values. For CPU targets (the ``cpu`` pipeline); in PyTorch the blocked
     ops convert back and forth around each op and are slower, so a graph with symbolic (dynamic) shapes, which

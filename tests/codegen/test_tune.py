@@ -370,3 +370,18 @@ def test_tuning_times_each_convolution_at_other_blocks_and_the_next_build_search
     assert f"block-costs={database / 'blocks.json'}" in searched.report().pipeline
     with torch.no_grad():
         torch.testing.assert_close(searched(*args), model(*args), rtol=1e-4, atol=1e-4)
+
+
+def test_the_block_pairs_timed_are_those_of_a_vector_and_half_of_one_that_divide_the_channels():
+    from fxopt.codegen.block_costs import block_pairs
+    from fxopt.codegen.kernels.conv2d_f32 import ConvShape
+
+    avx512, avx2 = Isa.named("cpu:avx512"), Isa.named("cpu:avx2")
+    conv = ConvShape(1, 64, 14, 14, 48, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, 16)
+    assert set(block_pairs(conv, avx512)) == {(8, 8), (8, 16), (16, 8), (16, 16)}
+    assert set(block_pairs(conv._replace(in_block=8, out_block=8), avx2)) == {(4, 4), (4, 8), (8, 4), (8, 8)}
+    assert set(block_pairs(conv._replace(out_channels=24, out_block=8), avx512)) == {(8, 8), (16, 8)}
+    rgb = conv._replace(channels=3, in_block=1)  # an image's blocks of one stay
+    assert set(block_pairs(rgb, avx512)) == {(1, 8), (1, 16)}
+    depthwise = conv._replace(out_channels=64, groups=64)
+    assert set(block_pairs(depthwise, avx512)) == {(8, 8), (16, 16)}

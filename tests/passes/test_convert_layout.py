@@ -256,8 +256,9 @@ def test_a_block_that_a_residual_add_must_convert_is_chosen_only_when_it_saves_m
     assert found.count(fxopt_ops.to_blocked.default) == (2 if reblocked else 1)
 
 
-def test_a_file_that_is_not_block_costs_is_an_error_naming_it(tmp_path):
-    (tmp_path / "blocks.json").write_text('{"1x8": {"eight": 1}}')
+@pytest.mark.parametrize("text", ['{"1x8": {"eight": 1}}', '{"1x8": {"0,8": 1}}', "[1, 2]", "{"])
+def test_a_file_that_is_not_block_costs_is_an_error_naming_it(tmp_path, text):
+    (tmp_path / "blocks.json").write_text(text)
     with pytest.raises(Exception, match="blocks.json is not a file of convolution block costs"):
         run_pass(
             Chain().eval(), (torch.randn(1, 8, 12, 12),), f'convert-layout{{block-costs="{tmp_path}/blocks.json"}}'
