@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.isa import Isa
+from fxopt.codegen.kernels.base import parse_workload_key, workload_key
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, Conv2dF32, ConvShape
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32, max_pool
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32, WinogradF32
@@ -111,6 +112,22 @@ def conv_shape(node: fx.Node) -> ConvShape:
 
 ConvFamily = Conv2dF32 | DepthwiseF32 | WinogradF32
 
+#: The PrimFunc attribute of a convolution kernel holding the convolution's own shape (its workload key, groups
+#: unmerged), which its family's workload may not: tuning times its blocks from it (:func:`conv_shapes`).
+CONV_SHAPE_ATTR = "fxopt_conv_shape"
+
+
+def conv_shapes(mod) -> list[ConvShape]:
+    """The shapes of the convolutions whose kernels Relax module ``mod`` holds (once each), the most work first."""
+    from tvm import tirx
+
+    found = set()
+    for _, func in mod.functions_items():
+        key = func.attrs.get(CONV_SHAPE_ATTR) if isinstance(func, tirx.PrimFunc) and func.attrs else None
+        if key is not None:
+            found.add(ConvShape(*parse_workload_key(str(key))))
+    return sorted(found, key=lambda shape: (-shape.pixels * shape.channels * shape.out_channels, shape))
+
 
 def conv_kernel(shape: ConvShape, isa: Isa) -> tuple[ConvFamily, ConvShape] | None:
     """The kernel family computing a blocked float32 convolution on ``isa`` and the workload it computes, or None:
@@ -148,11 +165,11 @@ def block_diagonal(weight: torch.Tensor, groups: int, merged: int) -> torch.Tens
     return (grouped * mask).reshape(out_channels, spans * group_channels, kh, kw)
 
 
-def _kernel(node: fx.Node, importer) -> tuple[ConvFamily, ConvShape] | None:
+def _kernel(node: fx.Node, shape: ConvShape, importer) -> tuple[ConvFamily, ConvShape] | None:
     values = [a.meta["val"] for a in node.all_input_nodes]
     if importer.isa is None or not all(v.dtype == torch.float32 for v in values):
         return None
-    return conv_kernel(conv_shape(node), importer.isa)
+    return conv_kernel(shape, importer.isa)
 
 
 @register_lowering(fxopt_ops.conv2d_blocked.default)
@@ -165,7 +182,7 @@ def _conv(node: fx.Node, importer) -> object:
     bb = importer.block_builder
     x, weight, bias = input_node(node, 0), input_node(node, 1), optional_input_node(node, 2)
     shape = conv_shape(node)
-    chosen = _kernel(node, importer)
+    chosen = _kernel(node, shape, importer)
     if chosen is None:
         return _conv_through_nchw(node, importer, shape)
     family, computed = chosen
@@ -177,7 +194,7 @@ def _conv(node: fx.Node, importer) -> object:
     else:
         packed = _packed_by_relax(bb, importer.env[weight], shape, computed, depthwise=family is DEPTHWISE_F32)
     epilogue = find_epilogue(node, lambda value: value in importer.env)
-    kernel = family.build(workload, config, epilogue)
+    kernel = family.build(workload, config, epilogue).with_attr(CONV_SHAPE_ATTR, workload_key(shape.workload))
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     flat = list(family.result_shape(computed))
     args = [

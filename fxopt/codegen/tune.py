@@ -49,6 +49,7 @@ from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels import template_workloads
 from fxopt.codegen.kernels.base import KernelFamily, Workload
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape
+from fxopt.codegen.lower_conv import conv_kernel, conv_shapes
 from fxopt.codegen.templates import Choice, TemplateChoices
 from fxopt.codegen.tuning_database import RECORDS_FILE, checked_database, database_dir, load_database, valid_lines
 from fxopt.errors import CodegenError
@@ -266,7 +267,7 @@ def tune(
                 budget_left = None if budget_left is None else budget_left - len(candidates)
                 if progress:
                     progress(position, len(workloads), f"tune {name}: {fastest.config}, {fastest.us:.1f} us")
-        convs = [ConvShape(*workload) for family, workload in workloads if family.name in _CONV_FAMILIES]
+        convs = conv_shapes(mod)
         costs = block_costs.load(path)
         for position, shape in enumerate(convs):
             if summary.stopped or interrupted:
@@ -412,13 +413,9 @@ def _timed(ms, kernels: list, tvm_target, builder, runner) -> tuple[list[float],
     return seconds, failures
 
 
-_CONV_FAMILIES = ("conv2d_f32", "winograd_f32", "depthwise_f32")  # their workloads are ConvShapes
-
-
 def _block_pair_times(ms, isa: Isa, tvm_target, builder, runner):
     """``measure`` for :func:`~fxopt.codegen.block_costs.measured_block_costs`: each shape's kernel with its
     family's default config, in microseconds (None where no kernel computes one, or it failed), timed together."""
-    from fxopt.codegen.lower_conv import conv_kernel
 
     def measure(shapes: list[ConvShape]) -> list[float | None]:
         kernels = [conv_kernel(shape, isa) for shape in shapes]

@@ -22,8 +22,8 @@ from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, default_tile
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
-from fxopt.codegen.lower import OVERRIDES, is_lowerable, register_lowering
-from fxopt.codegen.lower_conv import block_diagonal, merged_groups
+from fxopt.codegen.lower import OVERRIDES, is_lowerable, lower_graph, register_lowering
+from fxopt.codegen.lower_conv import block_diagonal, conv_shapes, merged_groups
 from fxopt.ir.numerics import Tolerance, compare_outputs
 from fxopt.targets import parse_target
 
@@ -531,7 +531,6 @@ def test_weight_only_layers_dequantize_inside_one_matmul_kernel(spec):
 
     from fxopt import PassManager
     from fxopt.codegen.compile import fusion_passes
-    from fxopt.codegen.lower import lower_graph
 
     x = torch.randn(2, 5, 64)
     quantized, _ = PassManager(spec, verify="off", calibration=[x]).run(capture(WeightOnlyNet(), (x,)))
@@ -737,6 +736,14 @@ def test_grouped_convolutions_are_the_direct_family_in_groups_merged_where_a_blo
     assert [ConvShape(*workload).groups for workload, _, _ in winograd] == [32 // HOST.lanes()]
 
 
+def test_convolution_kernels_name_their_own_shape_for_tuning_their_blocks_groups_unmerged():
+    program = capture(ResNeXtBlock().eval(), (torch.randn(2, 32, 6, 6),))
+    program, _ = PassManager("convert-layout{lanes=8}", verify="off").run(program)
+    shapes = conv_shapes(lower_graph(program.graph_module, "main", target=parse_target("cpu:avx2")))
+    assert sorted(shape.groups for shape in shapes) == [1, 2, 8]  # the 3x3's kernel computes 4 merged groups
+    assert all(shape.in_block == shape.out_block == 8 for shape in shapes)
+
+
 def test_a_block_wider_than_a_groups_channels_merges_groups_into_the_same_block_diagonal_convolution():
     shape = ConvShape(1, 32, 5, 5, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 8, 16, 16)  # 2 channels in, 4 out a group
     assert merged_groups(shape) == 4  # 8 in, 16 out: whole blocks
@@ -787,8 +794,6 @@ def test_blocked_max_pools_are_the_depthwise_kernel_taking_the_maximum(
 
 
 def test_blocks_of_one_channel_are_nchw_itself_and_convert_without_a_copy():
-    from fxopt.codegen.lower import lower_graph
-
     def rgb(x):  # an RGB image's 3 channels are blocks of one (convert-layout's channel_block)
         return torch.ops.fxopt.from_blocked(torch.relu(torch.ops.fxopt.to_blocked(x, 1)))
 
