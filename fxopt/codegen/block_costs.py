@@ -21,7 +21,7 @@ from fxopt.codegen.kernels.conv2d_f32 import ConvShape
 from fxopt.codegen.tuning_database import BLOCKS_FILE
 from fxopt.ir.block_costs import BlockCosts, conv_geometry_key, read_block_costs, write_block_costs
 
-__all__ = ["geometry_key", "block_pairs", "measured_block_costs", "load", "save"]
+__all__ = ["geometry_key", "block_pairs", "time_block_pairs", "load", "save"]
 
 logger = logging.getLogger("fxopt.codegen.tune")
 
@@ -57,18 +57,17 @@ def block_pairs(shape: ConvShape, isa: Isa) -> list[tuple[int, int]]:
     return [(x, y) for x in blocks(shape.channels, shape.in_block) for y in blocks(shape.out_channels, shape.out_block)]
 
 
-def measured_block_costs(
-    shapes: list[ConvShape], isa: Isa, known: BlockCosts, measure: Callable[[list[ConvShape]], list[float | None]]
-) -> BlockCosts:
-    """``known`` with each of ``shapes`` timed at its :func:`block_pairs` not measured yet (``measure``: microseconds
-    per shape, None where no kernel computes one)."""
-    costs = {key: dict(pairs) for key, pairs in known.items()}
-    for shape in shapes:
-        pairs = costs.setdefault(geometry_key(shape), {})
-        missing = [pair for pair in block_pairs(shape, isa) if pair not in pairs]
-        times = measure([shape._replace(in_block=x, out_block=y) for x, y in missing]) if missing else []
-        pairs.update((pair, us) for pair, us in zip(missing, times) if us is not None)
-    return costs
+def time_block_pairs(
+    shape: ConvShape, isa: Isa, costs: BlockCosts, measure: Callable[[list[ConvShape]], list[float | None]]
+) -> int:
+    """Time ``shape`` at its :func:`block_pairs` ``costs`` lacks, into ``costs`` (``measure``: microseconds per
+    shape, None where no kernel computes one); how many were timed."""
+    pairs = costs.setdefault(geometry_key(shape), {})
+    missing = [pair for pair in block_pairs(shape, isa) if pair not in pairs]
+    times = measure([shape._replace(in_block=x, out_block=y) for x, y in missing]) if missing else []
+    timed = {pair: us for pair, us in zip(missing, times) if us is not None}
+    pairs.update(timed)
+    return len(timed)
 
 
 def load(database_dir: Path) -> BlockCosts:

@@ -14,6 +14,7 @@ import torch.fx as fx
 
 from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.isa import Isa
+from fxopt.codegen.kernels import kernel_attrs
 from fxopt.codegen.kernels.base import parse_workload_key, workload_key
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, Conv2dF32, ConvShape
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32, max_pool
@@ -119,13 +120,7 @@ CONV_SHAPE_ATTR = "fxopt_conv_shape"
 
 def conv_shapes(mod) -> list[ConvShape]:
     """The shapes of the convolutions whose kernels Relax module ``mod`` holds (once each), the most work first."""
-    from tvm import tirx
-
-    found = set()
-    for _, func in mod.functions_items():
-        key = func.attrs.get(CONV_SHAPE_ATTR) if isinstance(func, tirx.PrimFunc) and func.attrs else None
-        if key is not None:
-            found.add(ConvShape(*parse_workload_key(str(key))))
+    found = {ConvShape(*parse_workload_key(key)) for key in kernel_attrs(mod, CONV_SHAPE_ATTR)}
     return sorted(found, key=lambda shape: (-shape.pixels * shape.channels * shape.out_channels, shape))
 
 

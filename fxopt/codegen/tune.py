@@ -269,6 +269,7 @@ def tune(
                     progress(position, len(workloads), f"tune {name}: {fastest.config}, {fastest.us:.1f} us")
         convs = conv_shapes(mod)
         costs = block_costs.load(path)
+        measure = _block_pair_times(ms, isa, tvm_target, builder, runner)
         for position, shape in enumerate(convs):
             if summary.stopped or interrupted:
                 break
@@ -278,12 +279,8 @@ def tune(
             with interrupted.deferred(
                 lambda: progress and progress(position, len(convs), "stopping after this convolution")
             ):
-                with_shape = block_costs.measured_block_costs(
-                    [shape], isa, costs, _block_pair_times(ms, isa, tvm_target, builder, runner)
-                )
-            timed = sum(map(len, with_shape.values())) - sum(map(len, costs.values()))
+                timed = block_costs.time_block_pairs(shape, isa, costs, measure)
             if timed:
-                costs = with_shape
                 block_costs.save(path, costs)
                 summary.block_pairs += timed
                 if progress:
@@ -414,7 +411,7 @@ def _timed(ms, kernels: list, tvm_target, builder, runner) -> tuple[list[float],
 
 
 def _block_pair_times(ms, isa: Isa, tvm_target, builder, runner):
-    """``measure`` for :func:`~fxopt.codegen.block_costs.measured_block_costs`: each shape's kernel with its
+    """``measure`` for :func:`~fxopt.codegen.block_costs.time_block_pairs`: each shape's kernel with its
     family's default config, in microseconds (None where no kernel computes one, or it failed), timed together."""
 
     def measure(shapes: list[ConvShape]) -> list[float | None]:

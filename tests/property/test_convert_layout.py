@@ -17,7 +17,9 @@ from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
 
 from fxopt import PassManager, capture, optimize
-from fxopt.ir.block_costs import conv_geometry_key, write_block_costs
+from fxopt.codegen.block_costs import geometry_key
+from fxopt.codegen.lower_conv import conv_shape
+from fxopt.ir.block_costs import write_block_costs
 from fxopt.passes.convert_layout import channel_block
 from tests.property.cnns import random_cnns
 from tests.property.test_random_dags import _within_bound
@@ -43,17 +45,8 @@ def test_the_blocked_network_computes_what_the_model_does(case, lanes):
 
 def _geometry_keys(program) -> list[tuple[str, int]]:
     """The blocked convolutions of ``program`` as block costs name them, and the blocks of their inputs."""
-    keys = []
-    for node in program.graph.nodes:
-        if node.target is torch.ops.fxopt.conv2d_blocked.default:
-            x, weight, _, stride, sides, dilation, groups, _ = node.args
-            n, blocks, height, width, block = x.meta["val"].shape
-            out_channels, _, *kernel = weight.meta["val"].shape
-            key = conv_geometry_key(
-                n, blocks * block, height, width, out_channels, kernel, stride, sides, dilation, groups
-            )
-            keys.append((key, block))
-    return keys
+    shapes = [conv_shape(n) for n in program.graph.nodes if n.target is torch.ops.fxopt.conv2d_blocked.default]
+    return [(geometry_key(shape), shape.in_block) for shape in shapes]
 
 
 @settings(max_examples=max(30, settings().max_examples // 4))

@@ -19,7 +19,7 @@ from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 
-__all__ = ["FAMILIES", "template_workloads"]
+__all__ = ["FAMILIES", "template_workloads", "kernel_attrs"]
 
 #: Every kernel family, by name.
 FAMILIES: dict[str, KernelFamily] = {
@@ -30,12 +30,15 @@ FAMILIES: dict[str, KernelFamily] = {
 def template_workloads(mod) -> list[tuple[KernelFamily, Workload]]:
     """The family and workload of each template kernel in module ``mod`` (once each), the most work first (the
     product of the workload's dimensions)."""
+    found = {(name, parse_workload_key(key)) for name, key in map(str.split, kernel_attrs(mod, TEMPLATE_ATTR))}
+    return [(FAMILIES[name], workload) for name, workload in sorted(found, key=lambda f: (-math.prod(f[1]), f))]
+
+
+def kernel_attrs(mod, attr: str) -> set[str]:
+    """The values of PrimFunc attribute ``attr`` in module ``mod``, once each."""
     from tvm import tirx
 
-    found = set()
-    for _, func in mod.functions_items():
-        tag = func.attrs.get(TEMPLATE_ATTR) if isinstance(func, tirx.PrimFunc) and func.attrs else None
-        if tag is not None:
-            name, key = str(tag).split()
-            found.add((name, parse_workload_key(key)))
-    return [(FAMILIES[name], workload) for name, workload in sorted(found, key=lambda f: (-math.prod(f[1]), f))]
+    values = (
+        func.attrs.get(attr) for _, func in mod.functions_items() if isinstance(func, tirx.PrimFunc) and func.attrs
+    )
+    return {str(value) for value in values if value is not None}
