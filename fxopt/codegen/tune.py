@@ -42,7 +42,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from fxopt.codegen import block_costs
 from fxopt.codegen.isa import Isa
@@ -269,7 +268,7 @@ def tune(
                     progress(position, len(workloads), f"tune {name}: {fastest.config}, {fastest.us:.1f} us")
         convs = conv_shapes(mod)
         costs = block_costs.load(path)
-        measure = _block_pair_times(ms, isa, tvm_target, builder, runner)
+        measure = _block_pair_times(ms, isa, choices, tvm_target, builder, runner)
         for position, shape in enumerate(convs):
             if summary.stopped or interrupted:
                 break
@@ -410,16 +409,16 @@ def _timed(ms, kernels: list, tvm_target, builder, runner) -> tuple[list[float],
     return seconds, failures
 
 
-def _block_pair_times(ms, isa: Isa, tvm_target, builder, runner):
-    """``measure`` for :func:`~fxopt.codegen.block_costs.time_block_pairs`: each shape's kernel with its
-    family's default config, in microseconds (None where no kernel computes one, or it failed), timed together."""
+def _block_pair_times(ms, isa: Isa, choices: TemplateChoices, tvm_target, builder, runner):
+    """``measure`` for :func:`~fxopt.codegen.block_costs.time_block_pairs`: each shape's kernel with the config
+    builds will give it (tuned in ``choices``, else its family's default), in microseconds (None where no kernel
+    computes one, or it failed), timed together."""
 
     def measure(shapes: list[ConvShape]) -> list[float | None]:
         kernels = [conv_kernel(shape, isa) for shape in shapes]
         built = []
         for family, computed in filter(None, kernels):
-            config: Any = family.default(computed.workload, isa)  # the family's own config type
-            built.append(family.build(computed.workload, config))
+            built.append(family.build(computed.workload, choices.config(family, computed.workload, isa)))
         seconds = iter(_timed(ms, built, tvm_target, builder, runner)[0] if built else [])
         times = [None if kernel is None else next(seconds) for kernel in kernels]
         return [None if t is None or t == math.inf else t * 1e6 for t in times]

@@ -23,7 +23,7 @@ from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.runtime import to_tvm
 from fxopt.codegen.templates import Choice, TemplateChoices
 from fxopt.codegen.tune import TuneOptions
-from fxopt.codegen.tuning_database import database_dir
+from fxopt.codegen.tuning_database import BLOCKS_FILE, database_dir
 from fxopt.targets import host_cpu, parse_target
 
 CPU = parse_target("cpu")
@@ -275,13 +275,20 @@ def test_convolutions_are_tuned_like_the_gemm_and_builds_use_their_choice(monkey
     workload = ConvShape(1, 16, size, size, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, lanes, lanes, groups).workload
     space = family.space(workload, HOST)
     monkeypatch.setattr(family, "space", lambda workload, isa: space[1:3])  # two others than the default
+    built, real = [], family.build
+    monkeypatch.setattr(family, "build", lambda w, config, *a: built.append((w, config)) or real(w, config, *a))
     tuned = fxopt.optimize(model, inputs, target="cpu", tune=TuneOptions(trials=2))
     assert [k.name for k in tuned._latest()[0].tuning.templates] == [family.kernel_name(workload)]
     chosen = TemplateChoices.load(database_dir(CPU)).chosen
     assert list(chosen) == [(family.name, workload)] and chosen[family.name, workload].config in space[1:3]
+    # The candidates, then the convolution's blocks timed as builds will run them: this block with its choice.
+    assert [config for w, config in built if w == workload][-1] == chosen[family.name, workload].config
 
-    calls, real = [], family.build
-    monkeypatch.setattr(family, "build", lambda w, config, *a: calls.append(config) or real(w, config, *a))
+    # Tuning timed the convolution at other blocks too; on a host where another measured faster, the next build's
+    # block search would build that workload instead. This test is about the template choice.
+    (database_dir(CPU) / BLOCKS_FILE).unlink()
+
+    built.clear()
     again = fxopt.optimize(model, inputs, target="cpu", dispatch="tvm")
-    assert calls == [chosen[family.name, workload].config]
+    assert [config for _, config in built] == [chosen[family.name, workload].config]
     torch.testing.assert_close(again(*inputs), model(*inputs), rtol=1e-4, atol=2e-4)
