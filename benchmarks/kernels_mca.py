@@ -2,13 +2,16 @@
 
 ``python benchmarks/kernels_mca.py [--cpus sapphirerapids znver4 znver3] [--mca llvm-mca-19]``: each kernel family
 (:mod:`fxopt.codegen.kernels`: the float32 GEMM on BERT's 128x768x3072, attention on BERT's 12 heads x 128 x 64, the
-direct convolution on ResNet-50's 3x3 64-channel layer blocked by the ISA's lanes; not the depthwise one, whose taps
-LLVM unrolls whole, leaving no loop, and which memory bounds) is built with its default config for each CPU
-(``x86_64:CPU``: its ISA's tiles and lanes, cross-compiled where this host lacks the ISA); the loops of its assembly
-that hold its FMAs (a label, a body, a jump back to the label) go to ``llvm-mca -mcpu=CPU``, which predicts their
-cycles per iteration on that CPU's pipeline model. Printed per loop: its FMAs and their width, the predicted FLOP
-per cycle, and that as a share of the model's own FMA peak (its prediction for independent FMAs of the same width,
-beside the CPU's real peak, :data:`PEAK_FLOP_PER_CYCLE`: LLVM's models differ from the chips and between versions;
+direct convolution on ResNet-50's 3x3 64-channel layer blocked by the ISA's lanes, the int8 GEMM on BERT's
+128x768x3072; not the depthwise convolution, whose taps LLVM unrolls whole, leaving no loop, and which memory
+bounds) is built with its default config for each CPU (``x86_64:CPU``: its ISA's tiles, lanes and instructions,
+cross-compiled where this host lacks the ISA); the loops of its assembly that hold its multiply-adds (float FMAs,
+or the int8 kernel's ``vpmaddwd``/``vpdpbusd``; a label, a body, a jump back to the label) go to
+``llvm-mca -mcpu=CPU``, which predicts their cycles per iteration on that CPU's pipeline model. Printed per loop:
+its multiply-add instructions and their width, the predicted operations (FLOP, or int8 multiplies and adds) per
+cycle, and that as a share of the model's own peak for that instruction (its prediction for independent ones of
+the same width; for FMAs beside the CPU's real peak, :data:`PEAK_FLOP_PER_CYCLE`: LLVM's models differ from the
+chips and between versions;
 LLVM 19 gives Sapphire Rapids one 512-bit FMA per cycle, it has two, and LLVM 14 gives Zen 3 one 256-bit FMA per
 cycle, it has two). A prediction is of the loop alone with its data in L1: what packing, blocking and the loops
 around it cost is not in it (``benchmarks/gemm.py`` measures the host's kernel whole). LLVM 14's ``llvm-mca`` knows
@@ -25,6 +28,7 @@ from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
 from fxopt.targets import parse_target
 
 #: float32 FLOP per cycle of one core at its FMA peak: FMA units x lanes x 2. Zen 4 runs a 512-bit FMA as two
@@ -39,7 +43,20 @@ PEAK_FLOP_PER_CYCLE = {
     "znver3": 32,
 }
 _LANES = {"zmm": 16, "ymm": 8, "xmm": 4}
-_FMA = re.compile(r"\s+vfn?m(add|sub)\w*ps\s.*%(zmm|ymm|xmm)\d+\s*$")
+#: A multiply-add instruction on 32-bit lanes (its mnemonic, its register width) and the operations it does per
+#: lane: an FMA 2 FLOP; ``vpmaddwd`` 2 int16 products summed (4); ``vpdpbusd`` 4 byte products summed in (8).
+_MULTIPLY_ADD = re.compile(r"\s+(?:\{vex\}\s+)?(vfn?m(?:add|sub)\w*ps|vpmaddwd|vpdpbusd)\s.*%(zmm|ymm|xmm)\d+\s*$")
+_OPS_PER_LANE = {"vpmaddwd": 4, "vpdpbusd": 8}
+
+
+def _kind(match: re.Match) -> str:
+    """``"FMA"``, ``"vpmaddwd"`` or ``"vpdpbusd"``: the multiply-add ``match`` matched."""
+    return "FMA" if match.group(1).startswith("vf") else match.group(1)
+
+
+def _ops(match: re.Match) -> int:
+    """Operations of the multiply-add ``match`` matched."""
+    return _OPS_PER_LANE.get(_kind(match), 2) * _LANES[match.group(2)]
 
 
 def kernels(isa: Isa) -> dict:
@@ -49,12 +66,13 @@ def kernels(isa: Isa) -> dict:
         (GEMM_F32, (128, 768, 3072)),
         (ATTENTION_F32, (1, 12, 128, 128, 64)),
         (CONV2D_F32, (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, lanes, lanes)),
+        (GEMM_INT8, (128, 768, 3072)),
     ]
     return {family.kernel_name(w): family.build(w, family.default(w, isa)) for family, w in measured}
 
 
-def fma_loops(asm: str) -> list[list[str]]:
-    """The single-block loops of ``asm`` that hold FMAs, most FMAs first: each loop's instructions."""
+def multiply_add_loops(asm: str) -> list[list[str]]:
+    """The single-block loops of ``asm`` that hold multiply-adds, most first: each loop's instructions."""
     loops, label, body = [], None, []
     for line in asm.splitlines():
         start = re.match(r"^(\.LBB\w+):", line)
@@ -66,10 +84,10 @@ def fma_loops(asm: str) -> list[list[str]]:
         body.append(line)
         jump = re.match(r"\s+j\w+\s+(\.LBB\w+)", line)
         if jump:
-            if jump.group(1) == label and any(_FMA.match(op) for op in body):
+            if jump.group(1) == label and any(_MULTIPLY_ADD.match(op) for op in body):
                 loops.append(body)
             label = None
-    return sorted(loops, key=lambda loop: -sum(bool(_FMA.match(op)) for op in loop))
+    return sorted(loops, key=lambda loop: -sum(bool(_MULTIPLY_ADD.match(op)) for op in loop))
 
 
 def predict(loop: list[str], mcpu: str, mca: str) -> float:
@@ -86,10 +104,13 @@ def predict(loop: list[str], mcpu: str, mca: str) -> float:
     return cycles / iterations
 
 
-def model_peak(width: str, mcpu: str, mca: str) -> float:
-    """The FLOP per cycle ``llvm-mca``'s model of ``mcpu`` gives independent FMAs on ``width`` registers."""
-    fmas = [f"vfmadd231ps %{width}30, %{width}31, %{width}{i}" for i in range(24)]
-    return 24 * 2 * _LANES[width] / predict(fmas, mcpu, mca)
+def model_peak(kind: str, width: str, mcpu: str, mca: str) -> float:
+    """The operations per cycle ``llvm-mca``'s model of ``mcpu`` gives independent multiply-adds of ``kind``
+    (:func:`_kind`) on ``width`` registers."""
+    mnemonic = "vfmadd231ps" if kind == "FMA" else kind
+    instructions = [f"{mnemonic} %{width}30, %{width}31, %{width}{i}" for i in range(24)]
+    ops = _ops(_MULTIPLY_ADD.match(f"\t{instructions[0]}"))
+    return 24 * ops / predict(instructions, mcpu, mca)
 
 
 def newest_mca() -> str | None:
@@ -121,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     llvm = re.search(r"LLVM version (\S+)", version)
     print(f"{mca}: LLVM {llvm.group(1) if llvm else '?'}")
     print(
-        f"{'CPU':<15} {'kernel':<44} {'loop':>4} {'FMAs':>9} {'cycles':>7} {'FLOP/cycle':>10} "
+        f"{'CPU':<15} {'kernel':<44} {'loop':>4} {'multiply-adds':>18} {'cycles':>7} {'ops/cycle':>10} "
         f"{'model peak':>10} {'CPU peak':>8} {'of model peak':>13}"
     )
     for cpu in args.cpus:
@@ -132,16 +153,18 @@ def main(argv: list[str] | None = None) -> int:
         isa = Isa.of(target)
         for name, kernel in kernels(isa).items():
             asm = compile_kernel(tvm.IRModule({"main": kernel}), target.tvm()).mod.inspect_source("asm")
-            for number, loop in enumerate(fma_loops(asm)[: args.loops], 1):
-                fmas = [_FMA.match(op) for op in loop]
-                widths = {match.group(2) for match in fmas if match}
-                flops = sum(2 * _LANES[match.group(2)] for match in fmas if match)
+            for number, loop in enumerate(multiply_add_loops(asm)[: args.loops], 1):
+                found = [match for match in map(_MULTIPLY_ADD.match, loop) if match]
+                widest = max(found, key=lambda match: _LANES[match.group(2)])
+                ops = sum(map(_ops, found))
                 cycles = predict(loop, cpu, mca)
-                peak = model_peak(max(widths, key=_LANES.__getitem__), cpu, mca)
-                count = f"{sum(bool(m) for m in fmas)} {'/'.join(sorted(widths))}"
+                peak = model_peak(_kind(widest), widest.group(2), cpu, mca)
+                kinds = "/".join(sorted(set(map(_kind, found))))
+                count = f"{len(found)} {kinds} {'/'.join(sorted({m.group(2) for m in found}))}"
+                fma_peak = PEAK_FLOP_PER_CYCLE.get(cpu, "?") if _kind(widest) == "FMA" else "-"
                 print(
-                    f"{cpu:<15} {name:<44} {number:>4} {count:>9} {cycles:>7.1f} {flops / cycles:>10.1f} "
-                    f"{peak:>10.0f} {PEAK_FLOP_PER_CYCLE.get(cpu, '?'):>8} {flops / cycles / peak:>13.0%}"
+                    f"{cpu:<15} {name:<44} {number:>4} {count:>18} {cycles:>7.1f} {ops / cycles:>10.1f} "
+                    f"{peak:>10.0f} {fma_peak:>8} {ops / cycles / peak:>13.0%}"
                 )
     return 0
 

@@ -1,13 +1,16 @@
-"""Post-training quantization side by side: fxopt, ONNX Runtime's quantization tool and torchao.
+"""Post-training quantization side by side: fxopt, ONNX Runtime's quantization tool, torchao, and the bf16 paths
+of OpenVINO and PyTorch.
 
 Every tool quantizes the same float model with the same calibration batches.
 Quality: MiniLM (trained weights) mean/min cosine of the sentence embeddings
-against float32 on held-out sentences; a CNN trained on scikit-learn's digits,
-test accuracy. Size: bytes of the model's constants. Speed: CPU latency
-(medians over rounds of warm blocks, benchmarks/run.py's ``measure``) against the
-float32 model in PyTorch eager.
+against float32 on held-out sentences; BERT-base (random init, sequence 128) mean/min
+cosine of its tokens' last hidden states against float32 on held-out random tokens;
+a CNN trained on scikit-learn's digits, test accuracy. Size: bytes of the model's
+constants. Speed: CPU latency (medians over rounds of warm blocks, benchmarks/run.py's
+``measure``) against the float32 model in PyTorch eager.
 
     python benchmarks/quantization.py                                   # MiniLM and digits, every tool
+    python benchmarks/quantization.py bert --tools fxopt-cpu onnxruntime openvino pytorch-bf16
     python benchmarks/quantization.py digits --rounds 3 --tools fxopt onnxruntime      # a smoke run
 
 Install the peers with ``pip install -e ".[bench]"``.
@@ -31,7 +34,7 @@ from run import export_onnx, measure  # benchmarks/run.py, beside this script (s
 
 import fxopt
 from fxopt import PassManager, capture
-from fxopt.zoo import SENTENCES, calibration_batches, digits_cnn, minilm_encoder
+from fxopt.zoo import SENTENCES, ZOO, calibration_batches, digits_cnn, minilm_encoder
 
 FXOPT_SCHEMES = {
     "minilm": [
@@ -45,11 +48,16 @@ FXOPT_SCHEMES = {
         "quantize{scheme=mixed mix=[w4,w8] max-error=0.1}",
         "quantize{scheme=mixed max-error=0.05}",
     ],
+    "bert": ["quantize", "quantize{scheme=w8a8-dynamic}"],
     "digits": ["quantize", "quantize{observer=percentile}", "quantize{scheme=fp8}", "quantize{scheme=w8a8-dynamic}"],
 }
-TOOLS = ["fxopt", "fxopt-cpu", "onnxruntime", "torchao"]
+TOOLS = ["fxopt", "fxopt-cpu", "onnxruntime", "openvino", "pytorch-bf16", "torchao"]
 # The schemes whose CPU latency is measured through fxopt's TVM build (measured dispatch, and all in TVM).
-TVM_SCHEMES = ["quantize", "quantize{scheme=w4}"]
+TVM_SCHEMES = {
+    "minilm": ["quantize", "quantize{scheme=w4}"],
+    "bert": ["quantize"],
+    "digits": ["quantize", "quantize{scheme=w4}"],
+}
 
 
 @dataclass
@@ -75,6 +83,21 @@ def load_case(name: str) -> Case:
             return f"{similarity.mean():.4f} (min {similarity.min():.4f})"
 
         return Case(name, encoder, inputs, calibration_batches(tokens), cosine)
+    if name == "bert":
+        model = _LastHiddenState(ZOO["bert"].build())
+
+        def tokens(seed: int) -> tuple:
+            return (torch.randint(0, 30522, (1, 128), generator=torch.Generator().manual_seed(seed)),)
+
+        inputs = tokens(1000)  # held out: calibration draws seeds 0-7
+        with torch.no_grad():
+            reference = model(*inputs)
+
+        def token_cosine(out: torch.Tensor) -> str:
+            similarity = torch.nn.functional.cosine_similarity(out.float(), reference, dim=-1)
+            return f"{similarity.mean():.4f} (min {similarity.min():.4f})"
+
+        return Case(name, model, inputs, [tokens(seed) for seed in range(8)], token_cosine)
     if name == "digits":
         model, (train_images, _), (test_images, test_labels) = digits_cnn()
 
@@ -84,12 +107,23 @@ def load_case(name: str) -> Case:
         # Calibration: training images, batches of the evaluation size (the model is captured for it).
         size = len(test_images)
         return Case(name, model, (test_images,), [(train_images[i : i + size],) for i in (0, size)], accuracy)
-    raise SystemExit(f"unknown model {name!r}: minilm or digits")
+    raise SystemExit(f"unknown model {name!r}: minilm, bert or digits")
+
+
+class _LastHiddenState(torch.nn.Module):
+    """A ``transformers`` encoder returning its last hidden state: one tensor, the same for every tool."""
+
+    def __init__(self, encoder: torch.nn.Module):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.encoder(input_ids).last_hidden_state
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=["minilm", "digits"])
+    parser.add_argument("models", nargs="*", default=["minilm", "digits"], help="minilm, bert, digits")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument(
         "--tools",
@@ -141,7 +175,7 @@ def compare(case: Case, tools: list[str]) -> tuple[list[tuple], dict[str, Callab
     for spec in FXOPT_SCHEMES[case.name] if "fxopt" in tools else ():
         # Quality through the reference kernels (PyTorch, exact integer sums): for accuracy, not timed.
         add("fxopt", spec, lambda spec=spec: _fxopt_reference(program, spec, case.calibration), timed=False)
-    for spec in ["", *TVM_SCHEMES] if "fxopt-cpu" in tools else ():
+    for spec in ["", *TVM_SCHEMES[case.name]] if "fxopt-cpu" in tools else ():
         pipeline = f"default,{spec}" if spec else "default"
         for dispatch in ("measure", "tvm"):
             method = (spec or "default (float32)") + (", all in TVM" if dispatch == "tvm" else "")
@@ -156,6 +190,11 @@ def compare(case: Case, tools: list[str]) -> tuple[list[tuple], dict[str, Callab
         exported = functools.cache(lambda: export_onnx(model, inputs))  # once for the three; a failure is each's row
         for method in ("float32", "quantize_static QDQ", "quantize_dynamic"):
             add("onnxruntime", method, lambda method=method: _onnxruntime(exported(), inputs, case.calibration, method))
+    if "openvino" in tools:
+        for precision in ("f32", "bf16"):
+            add("openvino", precision, lambda precision=precision: _openvino(model, inputs, precision))
+    if "pytorch-bf16" in tools:
+        add("pytorch", "bf16 (eager)", lambda: _pytorch_bf16(model, inputs))
     if "torchao" in tools:
         for method in ("Int8DynamicActivationInt8Weight", "Int8WeightOnly", "Int4WeightOnly"):
             add("torchao", method, lambda method=method: _torchao(model, inputs, method))
@@ -256,6 +295,30 @@ def _activation_matmuls(path: Path) -> list[str]:
         o for n in graph.node if n.op_type == "Constant" for o in n.output
     }
     return [n.name for n in graph.node if n.op_type == "MatMul" and not constants & set(n.input)]
+
+
+def _openvino(model, inputs, precision: str):
+    """OpenVINO's CPU plugin at ``INFERENCE_PRECISION_HINT=precision``: bf16 runs on AMX or AVX-512-BF16 and
+    falls back to f32 elsewhere (the plugin's own choice, read back and reported)."""
+    import openvino as ov
+
+    core = ov.Core()
+    compiled = core.compile_model(
+        ov.convert_model(model, example_input=inputs), "CPU", {"INFERENCE_PRECISION_HINT": precision}
+    )
+    ran = compiled.get_property("INFERENCE_PRECISION_HINT")
+    print(f"openvino {precision}: the plugin runs {ran}", file=sys.stderr)
+    request = compiled.create_infer_request()
+    feed = [t.numpy() for t in inputs]
+    size = sum(t.nbytes for t in model.state_dict().values())
+    return (lambda: torch.from_numpy(request.infer(feed)[0].copy())), size
+
+
+def _pytorch_bf16(model, inputs):
+    """The model's weights in bfloat16, run by PyTorch (oneDNN's bf16 kernels where the CPU has them)."""
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    size = sum(t.nbytes for t in half.state_dict().values())
+    return (lambda: half(*inputs).float()), size
 
 
 def _torchao(model, inputs, method: str):

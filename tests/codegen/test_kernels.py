@@ -5,6 +5,7 @@ The attention kernel's schedule for every config of every ISA's space, run on th
 vectors), and its AVX-512 build's registers. Every int8 GEMM config exact."""
 
 import dataclasses
+import functools
 import re
 
 import pytest
@@ -14,8 +15,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxopt.codegen.compile import STACK_SCRATCH_BYTES, compile_kernel
+from fxopt.codegen.intrinsics.x86 import dot_u8s8_quads
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels import FAMILIES, template_workloads
+from fxopt.codegen.kernels import FAMILIES, gemm_int8, template_workloads
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionInputs
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32Config
@@ -28,7 +30,7 @@ from fxopt.codegen.kernels.gemm_f32 import (
     default_panels_per_task,
     default_tile,
 )
-from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, ScaleShapes
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, ScaleShapes, dot_instruction
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.runtime import to_tvm
 from fxopt.targets import host_cpu, parse_target
@@ -218,7 +220,9 @@ def test_a_familys_default_is_one_of_its_space_and_its_configs_are_stored_as_the
         assert family.default(workload, isa) in space and len(set(space)) == len(space)
         for config in space:
             assert family.config_from(family.config_entry(config)) == config
-            assert getattr(config, "lanes", isa.lanes()) == isa.lanes()  # the ISA's own vectors
+            # the ISA's own vectors (int8: its dot instruction's, 8 lanes of vpmaddwd without VNNI)
+            lanes = dot_instruction(isa)[0] if family is GEMM_INT8 else isa.lanes()
+            assert getattr(config, "lanes", lanes) == lanes
             assert getattr(config, "rows", 1) * getattr(config, "vectors", 1) <= isa.vector_registers
 
 
@@ -274,14 +278,33 @@ def test_tuning_finds_each_familys_kernels_in_a_module_the_most_work_first():
     ]
 
 
+@functools.cache
+def _vnni_by_its_definition(lanes: int) -> str:
+    """``dot_u8s8_quads(lanes)`` with ``vpdpbusd`` replaced by the loop it is the tensor intrinsic of, for a host
+    without VNNI to run the VNNI kernel's schedule (tiles, packing, the unsigned shift taken back)."""
+    from tvm.s_tir import TensorIntrin
+
+    name = dot_u8s8_quads(lanes)
+    definition = TensorIntrin.get(name).desc
+    TensorIntrin.register(f"{name}_by_definition", definition, definition)
+    return f"{name}_by_definition"
+
+
+# The host's own int8 instruction, and VNNI's at 16 lanes (AVX-512) and 8 (AVX-VNNI): natively where the host has
+# VNNI, else by its definition. Full-range int8 operands: no saturation anywhere.
 @pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the int8 GEMM is for x86 CPUs with AVX2")
+@pytest.mark.parametrize("spec", ["cpu", "x86_64:znver4", "x86_64:alderlake"])
 @pytest.mark.parametrize("scales", [ScaleShapes(), ScaleShapes(per_row_activation=True, per_channel_weight=False)])
-def test_every_int8_gemm_config_is_exact(scales):
+def test_every_int8_gemm_config_is_exact(scales, spec, monkeypatch):
     import tvm
 
-    workload = rows, in_features, out_features = 24, 38, 48  # tiles of 1-8 rows by 1-3 blocks of 8 channels
-    space = GEMM_INT8.space(workload, Isa.of(CPU))
-    assert len(space) >= 6
+    isa = Isa.named(spec)
+    if isa.vnni and not Isa.of(CPU).vnni:
+        monkeypatch.setattr(gemm_int8, "dot_u8s8_quads", _vnni_by_its_definition)
+    # tiles of 1-8 rows by 1-3 blocks of 8 or 16 channels; 38 input channels are 19 pairs, not whole quads
+    workload = rows, in_features, out_features = 24, 38 if dot_instruction(isa)[1] == 2 else 40, 48
+    space = GEMM_INT8.space(workload, isa)
+    assert len(space) >= 6 and {(c.lanes, c.depth) for c in space} == {dot_instruction(isa)}
     mod = tvm.IRModule(
         {f"c{i}": GEMM_INT8.build(workload, c, scales).with_attr("global_symbol", f"c{i}") for i, c in enumerate(space)}
     )
@@ -301,6 +324,21 @@ def test_every_int8_gemm_config_is_exact(scales):
         args = (xq, GEMM_INT8.pack(weight, config), colsum, zero_point, x_scale, w_scale, bias, out)
         library[f"c{i}"](*map(to_tvm, args))
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-3, msg=str(config))
+
+
+@pytest.mark.parametrize(
+    "mcpu, instruction, registers",
+    [("znver3", "vpmaddwd", "ymm"), ("znver4", "vpdpbusd", "zmm"), ("sapphirerapids", "vpdpbusd", "zmm")]
+    + [("alderlake", r"\{vex\}\s+vpdpbusd", "ymm")],  # AVX-VNNI: the VEX form, 8 lanes
+)
+def test_the_int8_gemm_builds_with_each_cpus_dot_product(mcpu, instruction, registers):
+    import tvm
+
+    isa, workload = Isa.named(f"x86_64:{mcpu}"), (128, 384, 1536)
+    kernel = tvm.IRModule({"main": GEMM_INT8.build(workload, GEMM_INT8.default(workload, isa))})
+    asm = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu})).mod.inspect_source("asm")
+    assert re.search(instruction + r"\s[^\n]*%" + registers, asm)
+    assert instruction == "vpmaddwd" or "vpmaddwd" not in asm  # VNNI needs no int16 pairs
 
 
 def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:

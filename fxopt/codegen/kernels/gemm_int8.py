@@ -1,4 +1,4 @@
-"""int8 GEMM (``linear_q``) on AVX2, exact.
+"""int8 GEMM (``linear_q``) on x86, exact: AVX2's ``vpmaddwd`` on int16 pairs, or VNNI's ``vpdpbusd`` on u8 x s8 quads.
 
 TVM's x86 int8 intrinsics need VNNI or AVX-512; on an AVX2 CPU an untuned int8 matmul runs as scalar-ish loops,
 30x slower than PyTorch's float GEMM. The fast AVX2 instruction, ``vpmaddubsw``, saturates its int16 pair sums
@@ -11,6 +11,13 @@ tiles cost 40%). Measured here (2-core Zen 3, MiniLM's 128x384x1536, 128x1536x38
 accumulators in registers; the epilogue (zero-point correction, scales, bias) runs on the tile while it is hot,
 so the int32 result never reaches memory.
 
+On a CPU with VNNI (AVX-512 VNNI: Zen 4/5, Sapphire/Emerald Rapids; AVX-VNNI) one ``vpdpbusd``
+(:func:`fxopt.codegen.intrinsics.x86.dot_u8s8_quads`) multiplies a broadcast quad of unsigned activations by
+16 (or 8) channels' quads of signed weights and adds exactly into int32: four multiply-adds a lane where
+``vpmaddwd`` and its ``vpaddd`` give two. Weights are packed as int8 quads ``[N/16, K/4, 16, 4]``; activations
+are shifted into uint8 once per call (``xq + 128``) and the shift is taken back with the zero point
+(``acc - (zp + 128) * colsum``), so the result is the same integer as the AVX2 kernel's.
+
 Workload: ``(rows, in_features, out_features)``.
 """
 
@@ -20,24 +27,35 @@ from dataclasses import dataclass
 
 import torch
 
-from fxopt.codegen.intrinsics.x86 import DOT_INT16_LANES, dot_int16_pairs
+from fxopt.codegen.intrinsics.x86 import DOT_INT16_LANES, dot_int16_pairs, dot_u8s8_quads
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload
 
-__all__ = ["GemmInt8Config", "ScaleShapes", "GemmInt8", "GEMM_INT8"]
+__all__ = ["GemmInt8Config", "ScaleShapes", "GemmInt8", "GEMM_INT8", "dot_instruction"]
 
-_LANES = DOT_INT16_LANES
+#: VNNI's ``vpdpbusd`` multiplies unsigned activations: the kernel reads ``xq + 128`` and subtracts it back.
+_UNSIGNED_SHIFT = 128
 
 
 @dataclass(frozen=True)
 class GemmInt8Config:
-    """The register tile: ``rows`` activation rows x ``blocks`` blocks of 8 output channels."""
+    """The register tile: ``rows`` activation rows x ``blocks`` blocks of ``lanes`` output channels; ``depth``:
+    the input channels one dot instruction sums per output channel (2: ``vpmaddwd``'s int16 pairs; 4: VNNI's
+    ``vpdpbusd`` u8 x s8 quads). ``lanes`` and ``depth`` are the ISA's (:func:`dot_instruction`), not tuned."""
 
     rows: int
     blocks: int
+    lanes: int = DOT_INT16_LANES
+    depth: int = 2
 
     def __str__(self) -> str:
-        return f"{self.rows}x{self.blocks} tile"
+        return f"{self.rows}x{self.blocks} tile" + (f" of {self.lanes}-lane vpdpbusd" if self.depth == 4 else "")
+
+
+def dot_instruction(isa: Isa) -> tuple[int, int]:
+    """``(lanes, depth)`` of the int8 dot product ``isa``'s kernels use: VNNI's ``vpdpbusd`` at the vector width
+    (16 lanes on AVX-512, 8 on AVX-VNNI), else AVX2's ``vpmaddwd`` at 8 lanes."""
+    return (isa.lanes(), 4) if isa.vnni else (DOT_INT16_LANES, 2)
 
 
 @dataclass(frozen=True)
@@ -57,38 +75,50 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
     config_type = GemmInt8Config
 
     def applies(self, workload: Workload, isa: Isa) -> bool:
-        """AVX2; whole blocks of 8 output channels and input pairs."""
+        """AVX2 (VNNI or not); whole blocks of the instruction's lanes of output channels, and of its depth of
+        input channels."""
         _, in_features, out_features = workload
-        return isa.avx2 and out_features % _LANES == 0 and in_features % 2 == 0
+        lanes, depth = dot_instruction(isa)
+        return isa.avx2 and out_features % lanes == 0 and in_features % depth == 0
 
     def space(self, workload: Workload, isa: Isa) -> list[GemmInt8Config]:
         """Tiles of 1-8 rows by 1-4 blocks with at least 4 accumulators that fit the registers and divide the
         workload (a partial tile cannot be tensorized), and the default."""
         rows, _, out_features = workload
-        blocks = out_features // _LANES
+        lanes, depth = dot_instruction(isa)
+        blocks = out_features // lanes
         tiles = [
-            GemmInt8Config(r, b)
+            GemmInt8Config(r, b, lanes, depth)
             for r in (1, 2, 3, 4, 6, 8)
             for b in (1, 2, 3, 4)
-            if r * b >= 4 and rows % r == 0 and blocks % b == 0 and RegisterTile(r, b, _LANES).fits(isa)
+            if r * b >= 4 and rows % r == 0 and blocks % b == 0 and RegisterTile(r, b, lanes).fits(isa)
         ]
         default = self.default(workload, isa)
         return tiles if default in tiles else [default, *tiles]
 
     def default(self, workload: Workload, isa: Isa) -> GemmInt8Config:
-        """4 rows x 2 blocks (8 accumulators), fewer where they do not divide the workload."""
+        """AVX2: 4 rows x 2 blocks (8 accumulators). VNNI: 8 rows x 3 blocks on AVX-512's 32 registers (24
+        accumulators: ``vpdpbusd``'s latency x its two a cycle needs 10 in flight), 4 x 2 on AVX-VNNI's 16. Fewer
+        rows and blocks where they do not divide the workload."""
         rows, _, out_features = workload
-        return GemmInt8Config(
-            next(r for r in (4, 2, 1) if rows % r == 0), 2 if (out_features // _LANES) % 2 == 0 else 1
+        lanes, depth = dot_instruction(isa)
+        blocks = out_features // lanes
+        wide = depth == 4 and isa.vector_registers >= 32
+        r = next(r for r in ((8, 6, 4, 2, 1) if wide else (4, 2, 1)) if rows % r == 0)
+        b = next(
+            b for b in ((3, 4, 2, 1) if wide else (2, 1)) if blocks % b == 0 and RegisterTile(r, b, lanes).fits(isa)
         )
+        return GemmInt8Config(r, b, lanes, depth)
 
     @staticmethod
     def pack(weight: torch.Tensor, config: GemmInt8Config) -> torch.Tensor:
-        """``[N, K]`` int8 → ``[N/8, K/2, 8, 2]`` int16: for each 8 output channels, their input pairs side by
-        side (the same for every config)."""
+        """``[N, K]`` int8 → ``[N/lanes, K/depth, lanes, depth]``: for each block of output channels, their groups
+        of ``depth`` inputs side by side; int16 pairs for ``vpmaddwd``, int8 quads for ``vpdpbusd``."""
         out_features, in_features = weight.shape
-        pairs = weight.to(torch.int16).reshape(out_features // _LANES, _LANES, in_features // 2, 2)
-        return pairs.permute(0, 2, 1, 3).contiguous()
+        lanes, depth = config.lanes, config.depth
+        groups = weight.to(torch.int16 if depth == 2 else torch.int8)
+        groups = groups.reshape(out_features // lanes, lanes, in_features // depth, depth)
+        return groups.permute(0, 2, 1, 3).contiguous()
 
     def build(self, workload: Workload, config: GemmInt8Config, variant: ScaleShapes | None = None):
         """Parameters, in order: ``xq`` int8 ``[rows, in]``; the packed weight (:meth:`pack`); ``colsum`` int32
@@ -98,24 +128,35 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         from tvm import s_tir, te
 
         rows, in_features, out_features = workload
+        lanes, depth = config.lanes, config.depth
         scales = variant or ScaleShapes()
         activations = rows if scales.per_row_activation else 1
         xq = te.placeholder((rows, in_features), "int8", name="xq")
-        packed = te.placeholder((out_features // _LANES, in_features // 2, _LANES, 2), "int16", name="packed")
+        packed = te.placeholder(
+            (out_features // lanes, in_features // depth, lanes, depth),
+            "int16" if depth == 2 else "int8",
+            name="packed",
+        )
         colsum = te.placeholder((out_features,), "int32", name="colsum")
         zero_point = te.placeholder((activations,), "int32", name="zero_point")
         x_scale = te.placeholder((activations,), "float32", name="x_scale")
         w_scale = te.placeholder((out_features if scales.per_channel_weight else 1,), "float32", name="w_scale")
         bias = te.placeholder((out_features,), "float32", name="bias")
-        # Sign-extended once per call (the tiles read each row N/16 times; widening there costs 40%).
-        wide = te.compute(xq.shape, lambda m, k: xq[m, k].astype("int16"), name="wide")
-        pair = te.reduce_axis((0, in_features // 2), "pair")
-        half = te.reduce_axis((0, 2), "half")
+        # The activations as the instruction reads them, once per call (the tiles read each row N/16 times;
+        # widening there cost 40%): sign-extended to int16, or shifted into uint8.
+        shift = 0 if depth == 2 else _UNSIGNED_SHIFT
+        wide = te.compute(
+            xq.shape,
+            lambda m, k: xq[m, k].astype("int16") if depth == 2 else (xq[m, k].astype("int16") + shift).astype("uint8"),
+            name="wide",
+        )
+        step = te.reduce_axis((0, in_features // depth), "step")
+        within = te.reduce_axis((0, depth), "within")
         acc = te.compute(
-            (rows, out_features // _LANES, _LANES),
+            (rows, out_features // lanes, lanes),
             lambda m, block, lane: te.sum(
-                wide[m, pair * 2 + half].astype("int32") * packed[block, pair, lane, half].astype("int32"),
-                axis=[pair, half],
+                wide[m, step * depth + within].astype("int32") * packed[block, step, lane, within].astype("int32"),
+                axis=[step, within],
             ),
             name="acc",
         )
@@ -126,7 +167,7 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         out = te.compute(
             (rows, out_features),
             lambda m, n: (
-                (acc[m, n // _LANES, n % _LANES] - zero_point[row(m)] * colsum[n]).astype("float32")
+                (acc[m, n // lanes, n % lanes] - (zero_point[row(m)] + shift) * colsum[n]).astype("float32")
                 * (x_scale[row(m)] * w_scale[n if scales.per_channel_weight else 0])
                 + bias[n]
             ),
@@ -136,19 +177,19 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
 
         sch = s_tir.Schedule(func)
         block = sch.get_sblock("acc")
-        m, channel_block, lane, pair_loop, half_loop = sch.get_loops(block)
+        m, channel_block, lane, step_loop, within_loop = sch.get_loops(block)
         m_outer, m_inner = sch.split(m, [None, config.rows])
         # Output channels outermost: a tile's packed weights (K x 8 int16 per block) stay in L1 while the rows
         # stream by.
         block_outer, block_inner = sch.split(channel_block, [None, config.blocks])
-        sch.reorder(block_outer, m_outer, pair_loop, m_inner, block_inner, lane, half_loop)
+        sch.reorder(block_outer, m_outer, step_loop, m_inner, block_inner, lane, within_loop)
         tile = sch.fuse(block_outer, m_outer)
         epilogue = sch.get_sblock("out")
         sch.reverse_compute_at(epilogue, tile, preserve_unit_loops=True)  # its last loop, the columns, vectorized
         sch.set_scope(block, 0, "local")
         sch.parallel(tile)
-        init = sch.decompose_reduction(block, pair_loop)
-        sch.tensorize(lane, dot_int16_pairs())
+        init = sch.decompose_reduction(block, step_loop)
+        sch.tensorize(lane, dot_int16_pairs() if depth == 2 else dot_u8s8_quads(lanes))
         sch.unroll(m_inner)
         sch.unroll(block_inner)
         sch.vectorize(sch.get_loops(init)[-1])
