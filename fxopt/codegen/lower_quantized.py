@@ -12,7 +12,8 @@ from typing import cast
 import torch
 import torch.fx as fx
 
-from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, ScaleShapes
+from fxopt.codegen.epilogue import find_epilogue
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
 from fxopt.ir.meta import input_node, optional_input_node
 from fxopt.ir.program import attribute_owner
@@ -106,7 +107,10 @@ def _constant(node: fx.Node) -> torch.Tensor | None:
 
 
 def _linear_q_kernel(node: fx.Node, importer, weight: torch.Tensor, workload: tuple[int, int, int]) -> object:
-    """``linear_q`` as one call of the int8 GEMM family's kernel over the rows of the activation."""
+    """``linear_q`` as one call of the int8 GEMM family's kernel over the rows of the activation, with the float
+    ops after it that its tile can apply (:func:`fxopt.codegen.epilogue.find_epilogue`) and, where all that reads
+    their result is a per-tensor int8 ``quantize`` (the next quantized layer's input), that quantization too: the
+    kernel then writes int8, bound to the ``quantize``, and nothing to the ops inside (``importer.absorbed``)."""
     from tvm import relax
 
     bb = importer.block_builder
@@ -120,10 +124,13 @@ def _linear_q_kernel(node: fx.Node, importer, weight: torch.Tensor, workload: tu
         return bb.emit(relax.op.astype(value, dtype))
 
     w_scale = input_node(node, 4)
-    per_channel = w_scale.meta["val"].numel() > 1
     bias = optional_input_node(node, 5)
+    float32 = node.meta["val"].dtype == torch.float32
+    epilogue = find_epilogue(node, lambda value: value in importer.env) if float32 else None
+    requantize = _requantizing(epilogue.exit if epilogue else node, importer) if float32 else None
+    variant = GemmInt8Variant(per_row, w_scale.meta["val"].numel() > 1, epilogue, requantize is not None)
     config = importer.templates.config(GEMM_INT8, workload, importer.isa)
-    kernel = GEMM_INT8.build(workload, config, ScaleShapes(per_row, per_channel))
+    kernel = GEMM_INT8.build(workload, config, variant)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     args = [
         bb.emit(relax.op.reshape(importer.env[node.args[0]], [rows, in_features])),
@@ -134,9 +141,42 @@ def _linear_q_kernel(node: fx.Node, importer, weight: torch.Tensor, workload: tu
         bb.emit(relax.op.astype(relax.op.reshape(importer.env[w_scale], [-1]), "float32")),
         to_relax_constant(torch.zeros(out_features)) if bias is None else _float32(bias, importer),
     ]
-    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, out_features], "float32")))
-    y = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
-    return _in_output_dtype(node, bb, y)
+    for operand, shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
+        args.append(bb.emit(relax.op.reshape(importer.env[operand], list(shape))))
+    if requantize is not None:
+        args += [
+            bb.emit(relax.op.astype(relax.op.reshape(_value_or_constant(a, importer), [1]), dtype))
+            for a, dtype in ((input_node(requantize, 1), "float32"), (input_node(requantize, 2), "int32"))
+        ]
+    dtype = "int8" if requantize is not None else "float32"
+    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, out_features], dtype)))
+    if epilogue is None and requantize is None:
+        return _in_output_dtype(node, bb, bb.emit(relax.op.reshape(y, [*node.meta["val"].shape])))
+    inside = epilogue.nodes if epilogue else []
+    writes = requantize if requantize is not None else inside[-1]
+    importer.absorbed.update({n: None for n in inside if n is not writes})
+    importer.absorbed[writes] = bb.emit(relax.op.reshape(y, [*writes.meta["val"].shape]))
+    return None  # read by none but the ops the kernel computed
+
+
+def _requantizing(result: fx.Node, importer) -> fx.Node | None:
+    """The ``quantize`` to int8 with one scale and zero point (lowered already, or constants) that is all that
+    reads ``result``, or None."""
+    (reader,) = result.users if len(result.users) == 1 else (None,)
+    if reader is None or reader.target is not fxopt_ops.quantize.default or reader.args[3] != "int8":
+        return None
+    params = [input_node(reader, 1), input_node(reader, 2)]
+    known = all(p.meta["val"].numel() == 1 and _value_or_constant(p, importer) is not None for p in params)
+    return reader if known else None
+
+
+def _value_or_constant(node: fx.Node, importer) -> object | None:
+    """``node``'s lowered value, or the constant it reads where the graph reads it later (a quantization's
+    parameters sit just before the layer reading them); None for a value computed later."""
+    if node in importer.env:
+        return importer.env[node]
+    constant = _constant(node)
+    return None if constant is None else to_relax_constant(constant)
 
 
 @register_lowering(fxopt_ops.conv_q.default)

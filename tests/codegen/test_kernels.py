@@ -14,7 +14,9 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fxopt import capture
 from fxopt.codegen.compile import STACK_SCRATCH_BYTES, compile_kernel
+from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.intrinsics.x86 import dot_u8s8_quads
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels import FAMILIES, gemm_int8, template_workloads
@@ -30,12 +32,13 @@ from fxopt.codegen.kernels.gemm_f32 import (
     default_panels_per_task,
     default_tile,
 )
-from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, ScaleShapes, dot_instruction
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.runtime import to_tvm
 from fxopt.targets import host_cpu, parse_target
 
 CPU = parse_target("cpu")
+fxopt_ops = torch.ops.fxopt
 
 # (tile, the CPU flag it needs, an LLVM CPU that has it, the registers its vectors live in)
 ISAS = [
@@ -294,7 +297,9 @@ def _vnni_by_its_definition(lanes: int) -> str:
 # VNNI, else by its definition. Full-range int8 operands: no saturation anywhere.
 @pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the int8 GEMM is for x86 CPUs with AVX2")
 @pytest.mark.parametrize("spec", ["cpu", "x86_64:znver4", "x86_64:alderlake"])
-@pytest.mark.parametrize("scales", [ScaleShapes(), ScaleShapes(per_row_activation=True, per_channel_weight=False)])
+@pytest.mark.parametrize(
+    "scales", [GemmInt8Variant(), GemmInt8Variant(per_row_activation=True, per_channel_weight=False)]
+)
 def test_every_int8_gemm_config_is_exact(scales, spec, monkeypatch):
     import tvm
 
@@ -324,6 +329,61 @@ def test_every_int8_gemm_config_is_exact(scales, spec, monkeypatch):
         args = (xq, GEMM_INT8.pack(weight, config), colsum, zero_point, x_scale, w_scale, bias, out)
         library[f"c{i}"](*map(to_tvm, args))
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-3, msg=str(config))
+
+
+class _ReluShift(torch.nn.Module):
+    """A linear layer and a float tail an int8 GEMM computes on its tile (captured for its epilogue)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(in_features, out_features)
+
+    def forward(self, x):
+        return torch.relu(self.linear(x)) - 3.0
+
+
+# Requantization on the tile is exact: with integer values and power-of-two scales every float step is exact, so
+# the kernel's int8 must equal fxopt.quantize of the reference kernel's float (clamping at both ends included).
+@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the int8 GEMM is for x86 CPUs with AVX2")
+@settings(max_examples=8, deadline=None)
+@given(
+    st.integers(0, 2**16),
+    st.sampled_from(["cpu", "x86_64:znver4"]),
+    st.integers(1, 9),
+    st.integers(1, 12).map(lambda n: 4 * n),
+    st.integers(1, 4).map(lambda n: 16 * n),
+    st.integers(-128, 127),
+    st.integers(-128, 127),
+    st.integers(-4, 12),
+)
+def test_the_int8_gemm_requantizes_its_tile_exactly(seed, spec, rows, in_features, out_features, zp, out_zp, shift):
+    import tvm
+
+    isa = Isa.named(spec)
+    generator = torch.Generator().manual_seed(seed)
+    module = _ReluShift(in_features, out_features)
+    program = capture(module, (torch.randn(rows, in_features),))
+    linear = next(n for n in program.graph.nodes if n.target is torch.ops.aten.linear.default)
+    epilogue = find_epilogue(linear, lambda value: True)
+    assert epilogue is not None and epilogue.ops == ("relu", "sub")
+    workload = (rows, in_features, out_features)
+    config = GEMM_INT8.default(workload, isa)
+    variant = GemmInt8Variant(epilogue=epilogue, requantized=True)
+    with pytest.MonkeyPatch.context() as patch:
+        if isa.vnni and not Isa.of(CPU).vnni:
+            patch.setattr(gemm_int8, "dot_u8s8_quads", _vnni_by_its_definition)
+        library = compile_kernel(tvm.IRModule({"main": GEMM_INT8.build(workload, config, variant)}), CPU.tvm())
+    xq = torch.randint(-128, 128, (rows, in_features), generator=generator, dtype=torch.int8)
+    weight = torch.randint(-127, 128, (out_features, in_features), generator=generator, dtype=torch.int8)
+    bias = torch.randint(-1000, 1000, (out_features,), generator=generator).float()
+    one, zero_point, out_scale = torch.ones(1), torch.tensor([zp], dtype=torch.int32), torch.tensor([2.0**shift])
+    out_zero_point, out = torch.tensor([out_zp], dtype=torch.int32), torch.empty(rows, out_features, dtype=torch.int8)
+    colsum = weight.to(torch.int32).sum(1, dtype=torch.int32)
+    args = (xq, GEMM_INT8.pack(weight, config), colsum, zero_point, one, torch.ones(out_features), bias)
+    library["main"](*map(to_tvm, (*args, out_scale, out_zero_point, out)))
+    y = torch.relu(fxopt_ops.linear_q(xq, one, zero_point, weight, torch.ones(out_features), bias, torch.float32))
+    expected = fxopt_ops.quantize(y - 3.0, out_scale, out_zero_point, "int8")
+    assert torch.equal(out, expected)
 
 
 @pytest.mark.parametrize(

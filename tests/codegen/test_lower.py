@@ -214,7 +214,12 @@ def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias
     with spy_on(GEMM_INT8) as kernels:
         executable = build(quantized, CPU, dispatch="tvm")
     assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
-    assert [workload[1:] for workload, *_ in kernels] == [(24, 48), (48, 16)]  # (in, out) features of up and down
+    # (in, out) features of up and down; up's ReLU and subtraction on its tile and, with static scales, the
+    # quantization of down's input too: up writes int8.
+    assert [(w[1:], v.epilogue.ops if v.epilogue else (), v.requantized) for w, _, v in kernels] == [
+        ((24, 48), ("relu", "sub"), "dynamic" not in spec),
+        ((48, 16), (), False),
+    ]
     assert_built_matches(quantized, executable)
 
 

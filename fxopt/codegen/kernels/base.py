@@ -149,11 +149,12 @@ class KernelFamily(ABC, Generic[Config]):
         return self.config_type(**values)
 
 
-def epilogue_on_tile(sch, tile_loop) -> Any:
+def epilogue_on_tile(sch, tile_loop, before: tuple[str, ...] = ("pad",)) -> Any:
     """Schedule a tiled kernel's tail on its tile: the stages between the accumulator ``acc`` and the writer
     ``out`` (the bias, the epilogue: :mod:`fxopt.codegen.epilogue`) inlined into the writer, but for those the
     epilogue reads more than once (:data:`~fxopt.codegen.epilogue.KEPT`), which are computed once per tile into
-    registers; the writer and those stages under ``tile_loop``, their last loop vectorized. Returns the writer."""
+    registers; the writer and those stages under ``tile_loop``, their last loop vectorized. ``before``: the
+    stages that prepare the accumulator's operands, left alone. Returns the writer."""
     from fxopt.codegen.epilogue import KEPT
 
     kept = []
@@ -161,7 +162,7 @@ def epilogue_on_tile(sch, tile_loop) -> Any:
         name = sch.get(stage).name_hint
         if name.startswith(KEPT):
             kept.append(stage)
-        elif name not in ("acc", "out", "pad"):
+        elif name not in ("acc", "out", *before):
             sch.compute_inline(stage)
     for stage in kept:  # in order: each reads the ones before it
         sch.reverse_compute_at(stage, tile_loop, preserve_unit_loops=True)
