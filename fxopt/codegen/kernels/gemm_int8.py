@@ -27,7 +27,7 @@ Workload: ``(rows, in_features, out_features)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -188,7 +188,7 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         epilogue = scales.epilogue
         shapes = epilogue.operand_shapes if epilogue else []
         operands = [te.placeholder(shape, "float32", name=f"operand_{i}") for i, shape in enumerate(shapes)]
-        result = epilogue(linear, operands) if epilogue else linear
+        result: Any = epilogue(linear, operands) if epilogue else linear  # a TE tensor
         requantize = []
         if scales.requantized:
             requantize = [
