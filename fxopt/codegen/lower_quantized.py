@@ -166,17 +166,16 @@ def _requantizing(result: fx.Node, importer) -> fx.Node | None:
     if reader is None or reader.target is not fxopt_ops.quantize.default or reader.args[3] != "int8":
         return None
     params = [input_node(reader, 1), input_node(reader, 2)]
-    known = all(p.meta["val"].numel() == 1 and _value_or_constant(p, importer) is not None for p in params)
+    known = all(p.meta["val"].numel() == 1 and (p in importer.env or _constant(p) is not None) for p in params)
     return reader if known else None
 
 
-def _value_or_constant(node: fx.Node, importer) -> object | None:
+def _value_or_constant(node: fx.Node, importer) -> object:
     """``node``'s lowered value, or the constant it reads where the graph reads it later (a quantization's
-    parameters sit just before the layer reading them); None for a value computed later."""
+    parameters sit just before the layer reading them)."""
     if node in importer.env:
         return importer.env[node]
-    constant = _constant(node)
-    return None if constant is None else to_relax_constant(constant)
+    return to_relax_constant(cast(torch.Tensor, _constant(node)))
 
 
 @register_lowering(fxopt_ops.conv_q.default)

@@ -79,8 +79,9 @@ class GemmInt8Variant:
 
 
 class GemmInt8(KernelFamily[GemmInt8Config]):
-    """``out[m, n] = (acc[m, n] - zp * colsum[n]) * (x_scale * w_scale) + bias[n]``, ``acc`` the exact int32 sums
-    of int8 activations by int8 weights."""
+    """``y[m, n] = (acc[m, n] - zp * colsum[n]) * (x_scale * w_scale) + bias[n]``, ``acc`` the exact int32 sums
+    of int8 activations by int8 weights; ``out`` is ``y`` or, per the variant, the epilogue of ``y``, quantized
+    to int8 or not."""
 
     name = "gemm_int8"
     config_type = GemmInt8Config
