@@ -110,12 +110,18 @@ def _compiled_frozen(model: torch.nn.Module, inputs: tuple) -> Runner:
 
 
 def _openvino(model: torch.nn.Module, inputs: tuple) -> Runner:
+    return openvino_request(model, inputs)[0]
+
+
+def openvino_request(model: torch.nn.Module, inputs: tuple, config: dict | None = None) -> tuple[Runner, object]:
+    """A call of the model compiled by OpenVINO's CPU plugin (with ``config``, e.g. a precision hint) on
+    ``inputs``, returning its outputs; and the compiled model."""
     import openvino as ov
 
-    compiled = ov.compile_model(ov.convert_model(model, example_input=inputs), "CPU")
+    compiled = ov.Core().compile_model(ov.convert_model(model, example_input=inputs), "CPU", config or {})
     request = compiled.create_infer_request()
     feed = [t.numpy() for t in pytree.tree_leaves(inputs)]
-    return lambda: request.infer(feed)
+    return (lambda: request.infer(feed)), compiled
 
 
 def fma_peak(threads: int) -> float:

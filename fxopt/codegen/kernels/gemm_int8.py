@@ -11,8 +11,9 @@ tiles cost 40%). Measured here (2-core Zen 3, MiniLM's 128x384x1536, 128x1536x38
 cores' ``vpmaddwd`` peak. A tile (4 rows x 2 blocks of 8 outputs by default) keeps its accumulators in
 registers; the epilogue (zero-point correction, scales, bias, then the float ops after the layer: a GELU, a
 residual add) runs on the tile while it is hot, so the int32 result never reaches memory, and where the next
-quantized layer reads the result, its quantization too: the kernel writes int8 (BERT's FFN: GELU and
-quantization cost ~5% of the GEMM on the tile against ~45% as kernels of their own).
+quantized layer reads the result, its quantization too: the kernel writes int8. On AVX2 that measured neither
+faster nor slower end to end (MiniLM, A/B within noise; benchmarks/README): the tail's arithmetic costs the
+same on the tile as in a kernel of its own, and the float tensor between them sat in L2.
 
 On a CPU with VNNI (AVX-512 VNNI: Zen 4/5, Sapphire/Emerald Rapids; AVX-VNNI) one ``vpdpbusd``
 (:func:`fxopt.codegen.intrinsics.x86.dot_u8s8_quads`) multiplies a broadcast quad of unsigned activations by
