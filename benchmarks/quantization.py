@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from run import export_onnx, measure  # benchmarks/run.py, beside this script (sys.path[0])
+from run import export_onnx, measure, openvino_request  # benchmarks/run.py, beside this script (sys.path[0])
 
 import fxopt
 from fxopt import PassManager, capture
@@ -300,25 +300,19 @@ def _activation_matmuls(path: Path) -> list[str]:
 def _openvino(model, inputs, precision: str):
     """OpenVINO's CPU plugin at ``INFERENCE_PRECISION_HINT=precision``: bf16 runs on AMX or AVX-512-BF16 and
     falls back to f32 elsewhere (the plugin's own choice, read back and reported)."""
-    import openvino as ov
-
-    core = ov.Core()
-    compiled = core.compile_model(
-        ov.convert_model(model, example_input=inputs), "CPU", {"INFERENCE_PRECISION_HINT": precision}
-    )
-    ran = compiled.get_property("INFERENCE_PRECISION_HINT")
-    print(f"openvino {precision}: the plugin runs {ran}", file=sys.stderr)
-    request = compiled.create_infer_request()
-    feed = [t.numpy() for t in inputs]
+    infer, compiled = openvino_request(model, inputs, {"INFERENCE_PRECISION_HINT": precision})
+    print(f"openvino {precision}: the plugin runs {compiled.get_property('INFERENCE_PRECISION_HINT')}", file=sys.stderr)
     size = sum(t.nbytes for t in model.state_dict().values())
-    return (lambda: torch.from_numpy(request.infer(feed)[0].copy())), size
+    return (lambda: torch.from_numpy(infer()[0].copy())), size
 
 
 def _pytorch_bf16(model, inputs):
-    """The model's weights in bfloat16, run by PyTorch (oneDNN's bf16 kernels where the CPU has them)."""
+    """The model's weights and float inputs in bfloat16, run by PyTorch (oneDNN's bf16 kernels where the CPU has
+    them)."""
     half = copy.deepcopy(model).to(torch.bfloat16)
+    half_inputs = [t.to(torch.bfloat16) if t.is_floating_point() else t for t in inputs]  # token ids stay ints
     size = sum(t.nbytes for t in half.state_dict().values())
-    return (lambda: half(*inputs).float()), size
+    return (lambda: half(*half_inputs).float()), size
 
 
 def _torchao(model, inputs, method: str):

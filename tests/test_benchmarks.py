@@ -50,10 +50,12 @@ def test_minilm_pruning_benchmark_puts_fxopt_beside_torch_pruning(capsys, monkey
 def test_quantization_benchmark_compares_fxopt_with_onnxruntime(capsys, monkeypatch):
     pytest.importorskip("sklearn.datasets")
     quantization = run_script("quantization.py", monkeypatch)
-    assert quantization["main"](["digits", "--rounds", "1", "--tools", "fxopt", "onnxruntime"]) == 0
+    tools = ["fxopt", "onnxruntime", "openvino", "pytorch-bf16"]
+    assert quantization["main"](["digits", "--rounds", "1", "--tools", *tools]) == 0
     rows = [r.split("|")[1:-1] for r in capsys.readouterr().out.splitlines() if r.startswith("| ")]
     table = {(tool.strip(), method.strip()): [c.strip() for c in rest] for tool, method, *rest in rows[1:]}
-    for key in [("fxopt", "quantize"), ("onnxruntime", "quantize_static QDQ"), ("float32", "(eager)")]:
+    peers = [("openvino", "f32"), ("openvino", "bf16"), ("pytorch", "bf16 (eager)")]
+    for key in [("fxopt", "quantize"), ("onnxruntime", "quantize_static QDQ"), ("float32", "(eager)"), *peers]:
         accuracy = float(table[key][0].split("%")[0])
         assert accuracy > 90, (key, table[key])  # both tools quantized the trained CNN and kept it working
     assert table[("onnxruntime", "quantize_static QDQ")][2].endswith("ms")  # timed side by side
