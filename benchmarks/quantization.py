@@ -47,15 +47,16 @@ FXOPT_SCHEMES = {
         "awq{weights=asymmetric},quantize{scheme=w4 weights=asymmetric rounding=gptq weight-ranges=search}",
         "quantize{scheme=mixed mix=[w4,w8] max-error=0.1}",
         "quantize{scheme=mixed max-error=0.05}",
+        "quantize{scheme=bf16}",
     ],
-    "bert": ["quantize", "quantize{scheme=w8a8-dynamic}"],
+    "bert": ["quantize", "quantize{scheme=w8a8-dynamic}", "quantize{scheme=bf16}"],
     "digits": ["quantize", "quantize{observer=percentile}", "quantize{scheme=fp8}", "quantize{scheme=w8a8-dynamic}"],
 }
 TOOLS = ["fxopt", "fxopt-cpu", "onnxruntime", "openvino", "pytorch-bf16", "torchao"]
 # The schemes whose CPU latency is measured through fxopt's TVM build (measured dispatch, and all in TVM).
 TVM_SCHEMES = {
-    "minilm": ["quantize", "quantize{scheme=w4}"],
-    "bert": ["quantize"],
+    "minilm": ["quantize", "quantize{scheme=w4}", "quantize{scheme=bf16}"],
+    "bert": ["quantize", "quantize{scheme=bf16}"],
     "digits": ["quantize", "quantize{scheme=w4}"],
 }
 

@@ -315,13 +315,14 @@ def _flip_allowance(program, expected: Sequence, reference: Sequence) -> list[fl
     """How far a build of a quantized ``program`` may stray from it: as far as quantization moved the outputs.
 
     A last-bit difference in a float (TVM's layer norm, GELU) before a ``quantize`` can round one activation to
-    the neighbouring step, and the next layers carry that on: in a 12-layer BERT the outputs moved 0.08 that way
-    while each segment matched. Such flips change a few values by one step, where quantization itself moved
-    every value by up to half a step, so the outputs' own quantization error (the quantized graph against the
-    float model on the same inputs) bounds them. A wrong kernel moves the outputs far further.
+    the neighbouring step (an int8 one, or a bfloat16 one before ``linear_bf16``), and the next layers carry that
+    on: in a 12-layer BERT the outputs moved 0.08 that way while each segment matched. Such flips change a few
+    values by one step, where quantization itself moved every value by up to half a step, so the outputs' own
+    quantization error (the quantized graph against the float model on the same inputs) bounds them. A wrong
+    kernel moves the outputs far further.
     """
-    quantize = torch.ops.fxopt.quantize.default
-    if not any(n.target is quantize for n in program.graph.nodes):
+    rounding = (torch.ops.fxopt.quantize.default, torch.ops.fxopt.linear_bf16.default)
+    if not any(n.target in rounding for n in program.graph.nodes):
         return None
     allowance = []
     for out, ref in zip(expected, reference):

@@ -1,7 +1,9 @@
 """Lowerings of fxopt's quantized ops (:mod:`fxopt.quant.ops`) to Relax: integer kernels, float only at the edges.
 
 int8 ``linear_q`` becomes the int8 GEMM family's kernel (:mod:`fxopt.codegen.kernels.gemm_int8`) where it applies, else
-Relax's integer matmul; ``conv_q`` an int32-accumulating conv; ``linear_wq`` a dequantize fused into the matmul.
+Relax's integer matmul; ``conv_q`` an int32-accumulating conv; ``linear_wq`` a dequantize fused into the matmul;
+``linear_bf16`` the bfloat16 GEMM family's kernel (:mod:`fxopt.codegen.kernels.gemm_bf16`) on CPUs with AVX-512
+BF16, else a float32 matmul of the activations rounded to bfloat16 by the weights widened at build time.
 Registered in :data:`fxopt.codegen.lower.OVERRIDES` when :mod:`fxopt.codegen` is imported.
 """
 
@@ -13,6 +15,8 @@ import torch
 import torch.fx as fx
 
 from fxopt.codegen.epilogue import find_epilogue
+from fxopt.codegen.intrinsics.x86 import bf16_bits, bf16_value
+from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
 from fxopt.ir.meta import input_node, optional_input_node
@@ -241,3 +245,46 @@ def _linear_wq(node: fx.Node, importer) -> object:
         y = bb.emit(relax.op.add(y, _float32(bias, importer)))
     y = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
     return _in_output_dtype(node, bb, y)
+
+
+@register_lowering(fxopt_ops.linear_bf16.default)
+def _linear_bf16(node: fx.Node, importer) -> object:
+    """bfloat16 ``linear`` with float32 sums: the bfloat16 GEMM family's kernel, with the float ops after it that
+    its tile can apply, where it applies (float32 activations, a constant weight, a CPU with AVX-512 BF16). Else
+    the same arithmetic in float32: the activations rounded to bfloat16 (and back), times the weights widened to
+    float32 (exact), summed in float32 by TVM's matmul."""
+    from tvm import relax, te
+
+    bb = importer.block_builder
+    x, weight_node, bias = input_node(node, 0), input_node(node, 1), optional_input_node(node, 2)
+    out_features, in_features = weight_node.meta["val"].shape
+    rows = x.meta["val"].numel() // in_features
+    weight = _constant(weight_node)
+    float32 = x.meta["val"].dtype == torch.float32
+    workload = (rows, in_features, out_features)
+    if not (float32 and importer.isa is not None and weight is not None and GEMM_BF16.applies(workload, importer.isa)):
+        rounded = bb.emit_te(
+            lambda t: te.compute(t.shape, lambda *i: bf16_value(bf16_bits(t(*i))), name="bf16_rounded"),
+            _float32(x, importer),
+        )
+        widened = relax.op.astype(importer.env[weight_node], "float32")
+        y = bb.emit(relax.op.matmul(rounded, relax.op.permute_dims(widened, [1, 0])))
+        if bias is not None:
+            y = bb.emit(relax.op.add(y, _float32(bias, importer)))
+        return _in_output_dtype(node, bb, y)
+    epilogue = find_epilogue(node, lambda value: value in importer.env)
+    config = importer.templates.config(GEMM_BF16, workload, importer.isa)
+    kernel = bb.add_func(GEMM_BF16.build(workload, config, epilogue).with_attr("global_symbol", node.name), node.name)
+    args = [
+        bb.emit(relax.op.reshape(importer.env[x], [rows, in_features])),
+        to_relax_constant(GEMM_BF16.pack(weight, config)),
+        to_relax_constant(torch.zeros(out_features)) if bias is None else _float32(bias, importer),
+    ]
+    for operand, shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
+        args.append(bb.emit(relax.op.reshape(importer.env[operand], list(shape))))
+    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, out_features], "float32")))
+    if epilogue is None:
+        return bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
+    importer.absorbed.update({inner: None for inner in epilogue.nodes[:-1]})
+    importer.absorbed[epilogue.exit] = bb.emit(relax.op.reshape(y, [*epilogue.exit.meta["val"].shape]))
+    return None  # read by none but the ops the kernel computed

@@ -1,4 +1,4 @@
-"""quantize: post-training quantization of linear and conv layers to int8, int4 and fp8 kernels.
+"""quantize: post-training quantization of linear and conv layers to int8, int4, fp8 and bfloat16 kernels.
 
 The pass holds the options; :mod:`fxopt.quant` does the work (formats, observers, GPTQ, the plan and the rewrite).
 """
@@ -27,15 +27,16 @@ class Quantize(Pass):
     computed at run time; linears); ``w8`` / ``w4`` weight-only, one scale per
     ``group-size`` inputs (linears; 4-bit weights packed two per byte);
     ``fp8`` e4m3 weights and calibrated activations (simulated in float32
-    where the hardware has no fp8); ``mixed``: the first precision of ``mix``
+    where the hardware has no fp8); ``bf16``: bfloat16 weights, activations
+    rounded to bfloat16, float32 sums (linears; no calibration); ``mixed``: the first precision of ``mix``
     for most layers, the second (``float``: left alone) for the most
     sensitive ones, as few as keep the output error on the calibration data
     within ``max-error``. Weights become int8, packed int4 or fp8 tensors: the
     model is smaller as well as integer.
 
     Not exact: every value moves by at most half a quantization step (fp8: 2⁻⁴
-    of its magnitude) within the calibrated range; the pass record shows the
-    output error. Runs after the exact rewrites that change weights
+    of its magnitude, bf16: 2⁻⁸) within the calibrated range; the pass record
+    shows the output error. Runs after the exact rewrites that change weights
     (``fold-conv-bn``, ``fuse-blocks``, ``smooth-activations``, ``awq``) and before
     ``convert-layout`` (the blocked convolutions it makes are float32 ones) and ``cse``/``dce``.
     """

@@ -4,9 +4,11 @@ A quantized graph is explicit: activations pass through ``fxopt::quantize``
 and integer (or fp8) layers ``fxopt::linear_q`` / ``fxopt::conv_q`` read the
 quantized values and their constant quantized weights; weight-only layers
 ``fxopt::linear_wq`` read float activations and dequantize their weights
-inside the matmul. Every op is a ``torch.library`` custom op whose PyTorch
-implementation is the reference (so a quantized graph runs, and is measured,
-in PyTorch); the TVM backend lowers them to integer kernels.
+inside the matmul; ``fxopt::linear_bf16`` layers round their float activations
+to bfloat16 and multiply them by bfloat16 weights, summing in float32. Every
+op is a ``torch.library`` custom op whose PyTorch implementation is the
+reference (so a quantized graph runs, and is measured, in PyTorch); the TVM
+backend lowers them to integer (and bfloat16) kernels.
 
 Their arithmetic follows :mod:`fxopt.quant.formats`. Each op also registers its FLOP formula with
 ``torch.utils.flop_counter`` (the multiply-adds of the float layer it replaces), so :func:`fxopt.ir.count_flops`
@@ -23,7 +25,7 @@ from torch.utils.flop_counter import register_flop_formula
 
 from fxopt.quant.formats import FORMATS, dequantize_groups, quantize_tensor, unpack_int4
 
-__all__ = ["quantize", "linear_q", "conv_q", "linear_wq", "EXACT_FLOAT32_TERMS"]
+__all__ = ["quantize", "linear_q", "conv_q", "linear_wq", "linear_bf16", "EXACT_FLOAT32_TERMS"]
 
 
 @torch.library.custom_op("fxopt::quantize", mutates_args=())
@@ -148,8 +150,22 @@ def _linear_wq_fake(x, wq, scale, zero_point, bias, bits):
     return x.new_empty((*x.shape[:-1], scale.shape[0]))
 
 
+@torch.library.custom_op("fxopt::linear_bf16", mutates_args=())
+def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``linear`` in bfloat16 with float32 sums: ``x`` rounded to bfloat16 (to nearest, ties to even), times the
+    bfloat16 ``weight`` ``[out, in]``; each product is exact in float32 (8-bit by 8-bit significands), summed in
+    float32, plus the float32 ``bias``; the result in ``x``'s dtype."""
+    rounded = x.to(torch.bfloat16).float()
+    return F.linear(rounded, weight.float(), None if bias is None else bias.float()).to(x.dtype)
+
+
+@linear_bf16.register_fake
+def _linear_bf16_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 # Quantized layers count the multiply-adds of the float layers they replace.
-@register_flop_formula([torch.ops.fxopt.linear_q, torch.ops.fxopt.linear_wq])
+@register_flop_formula([torch.ops.fxopt.linear_q, torch.ops.fxopt.linear_wq, torch.ops.fxopt.linear_bf16])
 def _linear_flops(x_shape, *args, out_shape, **kwargs) -> int:
     return 2 * math.prod(x_shape) * out_shape[-1]
 

@@ -23,10 +23,10 @@ __all__ = ["Scheme", "Precision", "WEIGHT_ONLY", "LINEAR_ONLY", "STATIC", "Rewri
 
 fxopt_ops = torch.ops.fxopt
 
-Scheme = Literal["w8a8", "w8a8-dynamic", "w8", "w4", "fp8", "mixed"]
-Precision = Literal["w8a8", "w8a8-dynamic", "w8", "w4", "fp8", "float"]
+Scheme = Literal["w8a8", "w8a8-dynamic", "w8", "w4", "fp8", "bf16", "mixed"]
+Precision = Literal["w8a8", "w8a8-dynamic", "w8", "w4", "fp8", "bf16", "float"]
 WEIGHT_ONLY = ("w8", "w4")
-LINEAR_ONLY = ("w8a8-dynamic", "w8", "w4")
+LINEAR_ONLY = ("w8a8-dynamic", "w8", "w4", "bf16")
 STATIC = {"w8a8": INT8, "fp8": FP8}  # schemes with calibrated activation ranges, and their format
 
 
@@ -53,7 +53,12 @@ class Rewriter:
         self.stored.append(weights[0])
         with self.graph.inserting_before(target.node):
             bias = target.bias
-            if scheme in WEIGHT_ONLY:
+            if scheme == "bf16":
+                x = self.replaced.get(target.x, target.x)
+                new = self.graph.call_function(
+                    fxopt_ops.linear_bf16.default, (x, self.constant(weights[0], f"{hint}_bf16"), bias)
+                )
+            elif scheme in WEIGHT_ONLY:
                 stored, scale, zero_point = weights
                 x = self.replaced.get(target.x, target.x)
                 new = self.graph.call_function(
@@ -89,9 +94,11 @@ class Rewriter:
         self.replaced[target.node] = new
 
     def _quantize_weight(self, target: WeightedLayer, scheme: str) -> tuple[torch.Tensor, ...]:
-        """``(stored, scale, zero point)`` of a weight-only scheme's groups; ``(quantized, scale)`` per output
-        channel for the others."""
+        """``(stored, scale, zero point)`` of a weight-only scheme's groups; ``(bfloat16,)``; ``(quantized,
+        scale)`` per output channel for the others."""
         weight = target.weight_value(self.program)
+        if scheme == "bf16":
+            return (weight.to(torch.bfloat16),)
         if scheme not in WEIGHT_ONLY:
             fmt = FP8 if scheme == "fp8" else INT8
             amax = weight.float().abs().amax(dim=tuple(range(1, weight.dim())))

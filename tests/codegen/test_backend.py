@@ -477,22 +477,38 @@ def test_a_wrong_quantized_build_is_still_rejected(monkeypatch):
 
 
 def test_quantized_segment_outputs_may_round_one_step_apart():
-    from fxopt.codegen.dispatch import quantized_outputs
+    from fxopt.codegen.dispatch import rounding_allowance
     from fxopt.codegen.partition import partition
     from fxopt.ir.numerics import Tolerance, compare_outputs
 
     model, x = _DeepMLP().eval(), torch.randn(8, 32)
     quantized, _ = fxopt.PassManager("quantize", calibration=[x]).run(fxopt.capture(model, (x,)))
+    allowances = []
     for segment in partition(quantized).segments:
         (outputs,) = segment.graph_module.graph.output_node().args
-        assert quantized_outputs(segment.graph_module) == [
-            float(o.target is torch.ops.fxopt.quantize.default) for o in outputs
-        ]
-    assert any(1.0 in quantized_outputs(s.graph_module) for s in partition(quantized).segments)
+        allowance = rounding_allowance(segment.graph_module, [torch.ones(1)] * len(outputs))
+        assert allowance == [float(o.target is torch.ops.fxopt.quantize.default) for o in outputs]
+        allowances += allowance
+    assert 1.0 in allowances
     q = torch.tensor([3, -7], dtype=torch.int8)
     assert compare_outputs([q + 1], [q], Tolerance(), allowance=[1.0])[2] is None
     assert compare_outputs([q + 2], [q], Tolerance(), allowance=[1.0])[2] == 0
     assert compare_outputs([q + 1], [q], Tolerance())[2] == 0
+
+
+def test_bf16_segment_outputs_may_differ_by_one_bf16_step():
+    from fxopt.codegen.dispatch import BF16_STEP, rounding_allowance
+    from fxopt.codegen.partition import partition
+
+    model, x = _DeepMLP().eval(), torch.randn(8, 32)
+    program, _ = fxopt.PassManager("quantize{scheme=bf16}").run(fxopt.capture(model, (x,)))
+    (segment,) = partition(program).segments
+    with torch.no_grad():
+        expected = segment.graph_module(x)
+    (scale,) = [float(e.abs().max()) for e in expected]
+    assert rounding_allowance(segment.graph_module, expected) == [BF16_STEP * scale]
+    float_segment = partition(fxopt.capture(model, (x,))).segments[0].graph_module
+    assert rounding_allowance(float_segment, float_segment(x)) == [0.0]
 
 
 class _Unlowerable(torch.nn.Module):

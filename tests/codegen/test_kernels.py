@@ -2,7 +2,8 @@
 ISA it applies to, its configs stored and read back. The float32 GEMM's register tile: run and compared with PyTorch
 where the host has the ISA, built for a CPU that has it elsewhere (its code must then use that ISA's registers).
 The attention kernel's schedule for every config of every ISA's space, run on this host (LLVM splits wider
-vectors), and its AVX-512 build's registers. Every int8 GEMM config exact."""
+vectors), and its AVX-512 build's registers. Every int8 GEMM config exact; every bfloat16 GEMM config the
+reference's products summed in float32."""
 
 import dataclasses
 import functools
@@ -17,12 +18,13 @@ from hypothesis import strategies as st
 from fxopt import capture
 from fxopt.codegen.compile import STACK_SCRATCH_BYTES, compile_kernel
 from fxopt.codegen.epilogue import find_epilogue
-from fxopt.codegen.intrinsics.x86 import dot_u8s8_quads
+from fxopt.codegen.intrinsics.x86 import bf16_bits, dot_bf16_pairs, dot_u8s8_quads
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels import FAMILIES, gemm_int8, template_workloads
+from fxopt.codegen.kernels import FAMILIES, gemm_bf16, gemm_int8, template_workloads
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionInputs
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32Config
+from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import (
     AVX2_TILE,
     AVX512_TILE,
@@ -190,6 +192,7 @@ FAMILY_ISAS = ["cpu:avx2", "cpu:avx512", "x86_64:sapphirerapids", "x86_64:znver3
 WORKLOADS = {
     "gemm_f32": [(128, 768, 3072), (128, 3072, 768), (1, 64, 100), (13, 37, 53)],
     "gemm_int8": [(128, 384, 1536), (1, 64, 48), (24, 38, 48), (7, 16, 8)],
+    "gemm_bf16": [(128, 768, 3072), (1, 64, 48), (24, 38, 48), (7, 16, 16)],
     "attention_f32": [(1, 12, 128, 128, 64), (2, 3, 5, 7, 9)],
     # N, C, H, W, O, KH, KW, strides, padding (top, left, bottom, right), dilations, input and output blocks
     "conv2d_f32": [
@@ -240,7 +243,10 @@ def test_which_isas_each_family_applies_to():
         "depthwise_f32",
         "winograd_f32",
     }  # NEON: no attention, no int8 so far
-    assert all(applies[spec] == set(WORKLOADS) for spec in FAMILY_ISAS if spec != "aarch64")
+    for spec in FAMILY_ISAS:  # x86: every family; the bfloat16 GEMM where there is AVX-512 BF16
+        bf16 = {"gemm_bf16"} if Isa.named(spec).avx512_bf16 else set()
+        assert spec == "aarch64" or applies[spec] == set(WORKLOADS) - {"gemm_bf16"} | bf16
+    assert "gemm_bf16" in applies["x86_64:sapphirerapids"] and "gemm_bf16" not in applies["cpu:avx2"]
     assert not GEMM_INT8.applies((4, 15, 48), Isa.named("cpu:avx2"))  # odd input features: no int16 pairs
 
 
@@ -399,6 +405,83 @@ def test_the_int8_gemm_builds_with_each_cpus_dot_product(mcpu, instruction, regi
     asm = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu})).mod.inspect_source("asm")
     assert re.search(instruction + r"\s[^\n]*%" + registers, asm)
     assert instruction == "vpmaddwd" or "vpmaddwd" not in asm  # VNNI needs no int16 pairs
+
+
+@functools.cache
+def _bf16_dot_by_its_definition(lanes: int) -> str:
+    """``dot_bf16_pairs(lanes)`` with ``vdpbf16ps`` replaced by its definition, for a host without AVX-512 BF16."""
+    from tvm.s_tir import TensorIntrin
+
+    name = dot_bf16_pairs(lanes)
+    definition = TensorIntrin.get(name).desc
+    TensorIntrin.register(f"{name}_by_definition", definition, definition)
+    return f"{name}_by_definition"
+
+
+def _bf16_ties(shape, generator) -> torch.Tensor:
+    """Random floats, half of them exactly halfway between two bfloat16 values (their low 16 bits 0x8000)."""
+    x = torch.randn(shape, generator=generator) * 4
+    bits = x.view(torch.int32)
+    tie = torch.rand(shape, generator=generator) < 0.5
+    return torch.where(tie, (bits & ~0xFFFF) | 0x8000, bits).view(torch.float32)
+
+
+# Natively where the host has AVX-512 BF16, else by the instruction's definition (16 lanes: LLVM splits them).
+@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the bfloat16 GEMM is for x86 CPUs")
+def test_every_bf16_gemm_config_sums_the_references_products_in_float32(monkeypatch):
+    import tvm
+
+    if not Isa.of(CPU).avx512_bf16:
+        monkeypatch.setattr(gemm_bf16, "dot_bf16_pairs", _bf16_dot_by_its_definition)
+    isa = Isa.named("x86_64:znver4")
+    workload = rows, in_features, out_features = 24, 38, 48  # 19 pairs of inputs, 3 blocks of 16 outputs
+    space = GEMM_BF16.space(workload, isa)
+    assert len(space) >= 6
+    epilogue = ScaledRelu(out_features)
+    kernels = [GEMM_BF16.build(workload, config, epilogue) for config in space]
+    mod = tvm.IRModule({f"c{i}": kernel.with_attr("global_symbol", f"c{i}") for i, kernel in enumerate(kernels)})
+    library = compile_kernel(mod, CPU.tvm())
+    generator = torch.Generator().manual_seed(0)
+    x = _bf16_ties((rows, in_features), generator)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    bias, scale = torch.randn(out_features, generator=generator), torch.rand(out_features, generator=generator)
+    expected = torch.relu(fxopt_ops.linear_bf16(x, weight, bias)) * scale
+    for i, config in enumerate(space):
+        out = torch.full((rows, out_features), float("nan"))
+        library[f"c{i}"](*map(to_tvm, (x, GEMM_BF16.pack(weight, config), bias, scale, out)))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=str(config))
+
+
+def test_activations_round_to_bfloat16_as_pytorch_rounds_them():
+    import tvm
+    from tvm import te
+
+    values = torch.tensor(
+        [1.0, -0.0, float("inf"), -float("inf"), float("nan"), 3.4e38, 1e-40, -1e-45, 2.0**-126]
+        + [float.fromhex("0x1.01p0"), float.fromhex("0x1.03p0"), float.fromhex("-0x1.0101p0")]  # ties, to even
+    )
+    x = torch.cat([values, _bf16_ties((1000,), torch.Generator().manual_seed(1))])
+    placeholder = te.placeholder(x.shape, "float32", name="x")
+    rounded = te.compute(x.shape, lambda i: bf16_bits(placeholder[i]), name="rounded")
+    library = compile_kernel(tvm.IRModule({"main": te.create_prim_func([placeholder, rounded])}), CPU.tvm())
+    out = torch.empty(x.shape, dtype=torch.uint16)
+    library["main"](to_tvm(x), to_tvm(out))
+    expected = x.bfloat16()
+    got = out.view(torch.bfloat16)
+    assert torch.equal(got.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    assert torch.equal(got[finite].view(torch.int16), expected[finite].view(torch.int16))
+
+
+@pytest.mark.parametrize("mcpu", ["znver4", "sapphirerapids"])
+def test_the_bf16_gemm_builds_with_the_bf16_dot_product_on_16_lanes(mcpu):
+    import tvm
+
+    isa, workload = Isa.named(f"x86_64:{mcpu}"), (128, 768, 3072)
+    kernel = tvm.IRModule({"main": GEMM_BF16.build(workload, GEMM_BF16.default(workload, isa))})
+    asm = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu})).mod.inspect_source("asm")
+    dots = [line for line in asm.splitlines() if re.match(r"\s+vdpbf16ps\s", line)]
+    assert len(dots) >= 24 and all("zmm" in line for line in dots)  # the 8x3 tile's, unrolled
 
 
 def _blocked(x: torch.Tensor, block: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
+from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, default_tile
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
@@ -78,6 +79,7 @@ def test_every_override_is_tested_here():
         "fxopt::linear_q",
         "fxopt::conv_q",
         "fxopt::linear_wq",
+        "fxopt::linear_bf16",
         "aten::gelu",
         "aten::linear",
         "aten::addmm",
@@ -220,6 +222,27 @@ def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias
         ((24, 48), ("relu", "sub"), "dynamic" not in spec),
         ((48, 16), (), False),
     ]
+    assert_built_matches(quantized, executable)
+
+
+@pytest.mark.parametrize("spec", ["cpu", "cpu:avx2"])
+def test_bf16_linears_lower_to_the_bf16_gemm_or_float32_sums_of_the_same_products(spec):
+    # With AVX-512 BF16 the family's kernel, its epilogue on the tile; elsewhere the activations rounded to
+    # bfloat16 as PyTorch rounds, times the widened weights: either way the reference's products, summed in
+    # float32, so within the float tolerance of the reference (a rounding done otherwise would move the outputs
+    # by up to 2^-8 of the activations).
+    from fxopt import PassManager
+
+    x = torch.randn(2, 6, 24) * 3
+    quantized, _ = PassManager("quantize{scheme=bf16}", verify="off").run(capture(Int8MLP(True), (x,)))
+    target = parse_target(spec)
+    with spy_on(GEMM_BF16) as kernels:
+        executable = build(quantized, target, dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    if GEMM_BF16.applies((12, 24, 48), Isa.of(target)):
+        assert [(w, v.ops if v else ()) for w, _, v in kernels] == [((12, 24, 48), ("relu", "sub")), ((12, 48, 16), ())]
+    else:
+        assert not kernels
     assert_built_matches(quantized, executable)
 
 

@@ -47,6 +47,7 @@ def quantize(model, spec, calibration=None):
         ("w8", fxopt_ops.linear_wq.default, torch.int8, 0.01),
         ("w4", fxopt_ops.linear_wq.default, torch.uint8, 0.15),
         ("fp8", fxopt_ops.linear_q.default, torch.float8_e4m3fn, 0.1),
+        ("bf16", fxopt_ops.linear_bf16.default, torch.bfloat16, 0.01),
     ],
 )
 def test_each_scheme_replaces_the_layers_by_quantized_ops(scheme, layer_op, weight_dtype, bound):

@@ -9,7 +9,7 @@ softmaxes over random axes, attention, norms, several inputs and outputs, float3
   channels it runs over when that was not pinned).
 - ``quantize`` yields a valid graph with finite outputs of the same shapes, and every quantized layer, on the
   activation it reads, stays within the analytic bound of its float original (each value moved by at most
-  half a step; see ``_check_layer_bounds``).
+  half a step, bfloat16's 2⁻⁸ of its magnitude; see ``_check_layer_bounds``).
 
 A failing example prints its spec (``spec.describe()``); reproduce it with the seed pytest's header prints
 (``pytest --hypothesis-seed=N``), then pin it in the test file of the pass or op it broke.
@@ -120,7 +120,7 @@ def _node_values(program) -> dict:
 @settings(max_examples=max(100, settings().max_examples))
 @given(
     random_dags(kinds=(*KINDS, *["linear"] * 20, *["conv"] * 6)),
-    st.sampled_from(["w8a8", "w8a8-dynamic", "w8", "w4", "fp8"]),
+    st.sampled_from(["w8a8", "w8a8-dynamic", "w8", "w4", "fp8", "bf16"]),
     st.sampled_from([0, 2]),
     st.sampled_from(["symmetric", "asymmetric"]),
 )
@@ -140,14 +140,19 @@ _QUANTIZED_LAYERS = (
     torch.ops.fxopt.linear_q.default,
     torch.ops.fxopt.conv_q.default,
     torch.ops.fxopt.linear_wq.default,
+    torch.ops.fxopt.linear_bf16.default,
 )
+
+#: bfloat16's rounding (to nearest, 8 significand bits): at most 2⁻⁸ of a value's magnitude, and half of its least
+#: subnormal step below the normal range.
+BF16_UNIT, BF16_LEAST = 2.0**-8, 2.0**-134
 
 
 def _check_layer_bounds(program, quantized) -> int:
     """Each quantized layer against its float original on the very activation it read (so errors of earlier
     layers do not count): every activation and weight moved by at most half a step (fp8: 2⁻⁴ of its magnitude
-    plus half the least subnormal step; asymmetric weight groups: a whole step, their zero point is rounded)
-    within the range its scale covers, and the output by at most what those moves can add up to,
+    plus half the least subnormal step; bfloat16: 2⁻⁸ of it; asymmetric weight groups: a whole step, their zero
+    point is rounded) within the range its scale covers, and the output by at most what those moves can add up to,
     ``|Δx|·|W|ᵀ + |x̂|·|ΔW|ᵀ``, plus float32 rounding. Returns how many layers were checked."""
     values = _node_values(quantized)
     originals = {layer.node.name: layer for layer in weighted_layers(program)[0]}
@@ -159,7 +164,12 @@ def _check_layer_bounds(program, quantized) -> int:
         layer = originals[origin]
         weight = layer.weight_value(program).detach().double()
         bias = None if layer.bias is None else program.get_constant(layer.bias.target).detach().double()
-        if node.target is torch.ops.fxopt.linear_wq.default:
+        if node.target is torch.ops.fxopt.linear_bf16.default:
+            x = values[node.args[0]].double()
+            x_hat, w_hat = x.bfloat16().double(), values[node.args[1]].double()
+            _assert_moved_within(x, x_hat, x.abs() * BF16_UNIT + BF16_LEAST, f"the activation {origin} reads")
+            _assert_moved_within(weight, w_hat, weight.abs() * BF16_UNIT + BF16_LEAST, f"{origin}'s weight")
+        elif node.target is torch.ops.fxopt.linear_wq.default:
             x = x_hat = values[node.args[0]].double()
             stored, scale, zero_point, _, bits = (values.get(a, a) for a in node.args[1:])
             steps = scale.double().repeat_interleave(weight.shape[1] // scale.shape[1], dim=1)

@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import functools
 
-__all__ = ["DOT_INT16_LANES", "dot_int16_pairs", "dot_u8s8_quads", "transpose_block"]
+__all__ = [
+    "DOT_INT16_LANES",
+    "dot_int16_pairs",
+    "dot_u8s8_quads",
+    "dot_bf16_pairs",
+    "bf16_dot_llvm",
+    "bf16_bits",
+    "bf16_value",
+    "transpose_block",
+]
 
 #: int32 lanes of a 256-bit register: the output channels one :func:`dot_int16_pairs` call updates.
 DOT_INT16_LANES = 8
@@ -106,6 +115,96 @@ def dot_u8s8_quads(lanes: int) -> str:
 
     TensorIntrin.register(name, description, implementation)
     return name
+
+
+@functools.cache
+def dot_bf16_pairs(lanes: int) -> str:
+    """The name of the AVX-512 BF16 tensor intrinsic ``c[0:lanes] += sum_k a[k] * b[0:lanes, k]`` over ``k < 2``,
+    bfloat16 operands (their bits, as uint16) into float32: one ``vdpbf16ps`` of the broadcast pair ``a`` by
+    ``lanes`` channels' pairs ``b``; each product is exact in float32, added in turn (denormals flushed to zero). A
+    kernel using it links :func:`bf16_dot_llvm` (``pragma_import_llvm`` on a loop around it). Registered with TVM
+    on the first call."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    name = f"fxopt_avx512_bf16_dot_{lanes}x2"
+
+    @T.prim_func(s_tir=True)
+    def description(
+        a: T.Buffer((2,), "uint16", offset_factor=1),
+        b: T.Buffer((lanes, 2), "uint16", offset_factor=1),
+        c: T.Buffer((lanes,), "float32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:2], b[0:lanes, 0:2])
+            T.writes(c[0:lanes])
+            for i in T.serial(0, lanes):
+                for k in T.serial(0, 2):
+                    with T.sblock("update"):
+                        vi, vk = T.axis.remap("SR", [i, k])
+                        c[vi] = c[vi] + bf16_value(a[vk]) * bf16_value(b[vi, vk])
+
+    @T.prim_func(s_tir=True)
+    def implementation(
+        a: T.Buffer((2,), "uint16", offset_factor=1),
+        b: T.Buffer((lanes, 2), "uint16", offset_factor=1),
+        c: T.Buffer((lanes,), "float32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:lanes], a[0:2], b[0:lanes, 0:2])
+            T.writes(c[0:lanes])
+            pair = T.reinterpret(a.vload([0], "uint16x2"), dtype="int32")
+            c[T.ramp(T.int32(0), 1, lanes)] = T.call_pure_extern(
+                f"float32x{lanes}",
+                _BF16_DOT_FUNCTION.format(lanes=lanes),
+                c.vload([0], dtype=f"float32x{lanes}"),
+                T.broadcast(pair, lanes),
+                T.reinterpret(b.vload([0, 0], dtype=f"uint16x{lanes * 2}"), dtype=f"int32x{lanes}"),
+            )
+
+    TensorIntrin.register(name, description, implementation)
+    return name
+
+
+def bf16_value(bits):
+    """The float32 value of bfloat16 ``bits`` (a uint16 TIR expression): its 16 bits, then 16 zero bits."""
+    from tvm import tirx
+
+    return tirx.reinterpret("float32", tirx.shift_left(bits.astype("uint32"), tirx.const(16, "uint32")))
+
+
+def bf16_bits(value):
+    """The bits of float32 ``value`` (a TIR expression) rounded to bfloat16, to nearest with ties to even as
+    PyTorch rounds (NaN stays a NaN), as uint16. (TVM's own cast, by its bfloat16 legalization, rounds
+    differently.)"""
+    from tvm import tirx
+
+    bits = tirx.reinterpret("uint32", value)
+    odd = tirx.bitwise_and(tirx.shift_right(bits, tirx.const(16, "uint32")), tirx.const(1, "uint32"))
+    rounded = tirx.shift_right(bits + tirx.const(0x7FFF, "uint32") + odd, tirx.const(16, "uint32"))
+    return tirx.Select(value != value, tirx.const(0x7FC0, "uint32"), rounded).astype("uint16")
+
+
+_BF16_DOT_FUNCTION = "fxopt_vdpbf16ps_{lanes}"
+
+
+def bf16_dot_llvm(lanes: int) -> str:
+    """LLVM IR defining the function :func:`dot_bf16_pairs` calls: ``vdpbf16ps`` on its operands as bfloat16
+    vectors. TVM's TIR has no LLVM ``bfloat`` type (it legalizes bfloat16 to uint16 storage and float32 arithmetic,
+    and crashes emitting it), so the intrinsic passes int32 vectors to this inlined function, which bitcasts them."""
+    bits = lanes * 32
+    vector, pairs, words = f"<{lanes} x float>", f"<{lanes * 2} x bfloat>", f"<{lanes} x i32>"
+    intrinsic = f"@llvm.x86.avx512bf16.dpbf16ps.{bits}"
+    function = _BF16_DOT_FUNCTION.format(lanes=lanes)
+    return f"""
+define linkonce_odr {vector} @{function}({vector} %c, {words} %a, {words} %b) alwaysinline {{
+  %a_pairs = bitcast {words} %a to {pairs}
+  %b_pairs = bitcast {words} %b to {pairs}
+  %sum = call {vector} {intrinsic}({vector} %c, {pairs} %a_pairs, {pairs} %b_pairs)
+  ret {vector} %sum
+}}
+declare {vector} {intrinsic}({vector}, {pairs}, {pairs})
+"""
 
 
 @functools.cache

@@ -36,6 +36,7 @@ __all__ = [
     "parse_workload_key",
     "padded_to",
     "epilogue_on_tile",
+    "dot_product_tiles",
 ]
 
 #: The PrimFunc attribute naming a family's kernel and its workload (``"gemm_f32 128x768x3072"``): what tuning
@@ -185,3 +186,35 @@ def accumulate_in_registers(sch, acc, task, unrolled, lane, reduction) -> None:
     sch.vectorize(lane)
     init = sch.decompose_reduction(acc, reduction)
     sch.vectorize(sch.get_loops(init)[-1])
+
+
+def dot_product_tiles(func, rows: int, blocks: int, intrinsic: str) -> Any:
+    """The schedule of the GEMMs whose dot instruction sums a few adjacent inputs per output lane (int8's
+    ``vpmaddwd``/``vpdpbusd``, bfloat16's ``vdpbf16ps``): ``func`` computes ``acc[m, block, lane]`` over
+    ``(step, within)`` from ``wide`` (the activations as the instruction reads them, converted once per call: the
+    tiles read each row once per block of outputs) and packed weights; tiles of ``rows`` x ``blocks`` blocks,
+    output blocks outermost (a block's weights stay in cache while the rows stream by), on every core, the
+    reduction's innermost step ``intrinsic`` (tensorized), the tail on the tile (:func:`epilogue_on_tile`).
+    Returns the schedule and its tile loop."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("acc")
+    m, channel_block, lane, step_loop, within_loop = sch.get_loops(block)
+    m_outer, m_inner = sch.split(m, [None, rows])
+    block_outer, block_inner = sch.split(channel_block, [None, blocks])
+    sch.reorder(block_outer, m_outer, step_loop, m_inner, block_inner, lane, within_loop)
+    tile = sch.fuse(block_outer, m_outer)
+    epilogue_on_tile(sch, tile, before=("wide",))  # its last loop, the tile's columns, vectorized
+    sch.set_scope(block, 0, "local")
+    sch.parallel(tile)
+    init = sch.decompose_reduction(block, step_loop)
+    sch.tensorize(lane, intrinsic)
+    sch.unroll(m_inner)
+    sch.unroll(block_inner)
+    sch.vectorize(sch.get_loops(init)[-1])
+    widen = sch.get_sblock("wide")
+    widen_rows, widen_columns = sch.get_loops(widen)
+    sch.parallel(widen_rows)
+    sch.vectorize(widen_columns)
+    return sch, tile

@@ -34,7 +34,7 @@ import torch
 
 from fxopt.codegen.intrinsics.x86 import DOT_INT16_LANES, dot_int16_pairs, dot_u8s8_quads
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, epilogue_on_tile
+from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, dot_product_tiles
 
 if TYPE_CHECKING:
     from fxopt.codegen.epilogue import Epilogue
@@ -139,7 +139,7 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         ``[1]``; ``w_scale`` float32 ``[out]`` or ``[1]``; ``bias`` float32 ``[out]``; the epilogue's operands;
         requantized, the output's ``scale`` float32 and ``zero_point`` int32, ``[1]`` each; the result
         ``[rows, out]``, float32 or (requantized) int8."""
-        from tvm import s_tir, te, tirx
+        from tvm import te, tirx
 
         rows, in_features, out_features = workload
         lanes, depth = config.lanes, config.depth
@@ -215,27 +215,8 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
             [xq, packed, colsum, zero_point, x_scale, w_scale, bias, *operands, *requantize, out]
         )
 
-        sch = s_tir.Schedule(func)
-        block = sch.get_sblock("acc")
-        m, channel_block, lane, step_loop, within_loop = sch.get_loops(block)
-        m_outer, m_inner = sch.split(m, [None, config.rows])
-        # Output channels outermost: a tile's packed weights (K x 8 int16 per block) stay in L1 while the rows
-        # stream by.
-        block_outer, block_inner = sch.split(channel_block, [None, config.blocks])
-        sch.reorder(block_outer, m_outer, step_loop, m_inner, block_inner, lane, within_loop)
-        tile = sch.fuse(block_outer, m_outer)
-        epilogue_on_tile(sch, tile, before=("wide",))  # its last loop, the tile's columns, vectorized
-        sch.set_scope(block, 0, "local")
-        sch.parallel(tile)
-        init = sch.decompose_reduction(block, step_loop)
-        sch.tensorize(lane, dot_int16_pairs() if depth == 2 else dot_u8s8_quads(lanes))
-        sch.unroll(m_inner)
-        sch.unroll(block_inner)
-        sch.vectorize(sch.get_loops(init)[-1])
-        widen = sch.get_sblock("wide")
-        widen_rows, widen_columns = sch.get_loops(widen)
-        sch.parallel(widen_rows)
-        sch.vectorize(widen_columns)
+        intrinsic = dot_int16_pairs() if depth == 2 else dot_u8s8_quads(lanes)
+        sch, _ = dot_product_tiles(func, config.rows, config.blocks, intrinsic)
         return self.tagged(sch.mod["main"], workload)
 
 
