@@ -2,11 +2,12 @@
 
 ``python benchmarks/kernels_mca.py [--cpus sapphirerapids znver4 znver3] [--mca llvm-mca-19]``: each kernel family
 (:mod:`fxopt.codegen.kernels`: the float32 GEMM on BERT's 128x768x3072, attention on BERT's 12 heads x 128 x 64, the
-direct convolution on ResNet-50's 3x3 64-channel layer blocked by the ISA's lanes, the int8 GEMM on BERT's
-128x768x3072; not the depthwise convolution, whose taps LLVM unrolls whole, leaving no loop, and which memory
-bounds) is built with its default config for each CPU (``x86_64:CPU``: its ISA's tiles, lanes and instructions,
-cross-compiled where this host lacks the ISA); the loops of its assembly that hold its multiply-adds (float FMAs,
-or the int8 kernel's ``vpmaddwd``/``vpdpbusd``; a label, a body, a jump back to the label) go to
+direct convolution on ResNet-50's 3x3 64-channel layer blocked by the ISA's lanes, the int8 GEMM and (where the
+CPU has AVX-512 BF16) the bfloat16 GEMM on BERT's 128x768x3072; not the depthwise convolution, whose taps LLVM
+unrolls whole, leaving no loop, and which memory bounds) is built with its default config for each CPU
+(``x86_64:CPU``: its ISA's tiles, lanes and instructions, cross-compiled where this host lacks the ISA); the loops
+of its assembly that hold its multiply-adds (float FMAs, the int8 kernel's ``vpmaddwd``/``vpdpbusd``, the bfloat16
+one's ``vdpbf16ps``; a label, a body, a jump back to the label) go to
 ``llvm-mca -mcpu=CPU``, which predicts their cycles per iteration on that CPU's pipeline model. Printed per loop:
 its multiply-add instructions and their width, the predicted operations (FLOP, or int8 multiplies and adds) per
 cycle, and that as a share of the model's own peak for that instruction (its prediction for independent ones of
@@ -27,6 +28,7 @@ from fxopt.codegen.compile import compile_kernel
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
+from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
 from fxopt.targets import parse_target
@@ -44,13 +46,16 @@ PEAK_FLOP_PER_CYCLE = {
 }
 _LANES = {"zmm": 16, "ymm": 8, "xmm": 4}
 #: A multiply-add instruction on 32-bit lanes (its mnemonic, its register width) and the operations it does per
-#: lane: an FMA 2 FLOP; ``vpmaddwd`` 2 int16 products summed (4); ``vpdpbusd`` 4 byte products summed in (8).
-_MULTIPLY_ADD = re.compile(r"\s+(?:\{vex\}\s+)?(vfn?m(?:add|sub)\w*ps|vpmaddwd|vpdpbusd)\s.*%(zmm|ymm|xmm)\d+\s*$")
-_OPS_PER_LANE = {"vpmaddwd": 4, "vpdpbusd": 8}
+#: lane: an FMA 2 FLOP; ``vpmaddwd`` 2 int16 products summed (4); ``vpdpbusd`` 4 byte products summed in (8);
+#: ``vdpbf16ps`` 2 bfloat16 products summed in (4 FLOP).
+_MULTIPLY_ADD = re.compile(
+    r"\s+(?:\{vex\}\s+)?(vfn?m(?:add|sub)\w*ps|vpmaddwd|vpdpbusd|vdpbf16ps)\s.*%(zmm|ymm|xmm)\d+\s*$"
+)
+_OPS_PER_LANE = {"vpmaddwd": 4, "vpdpbusd": 8, "vdpbf16ps": 4}
 
 
 def _kind(match: re.Match) -> str:
-    """``"FMA"``, ``"vpmaddwd"`` or ``"vpdpbusd"``: the multiply-add ``match`` matched."""
+    """``"FMA"``, ``"vpmaddwd"``, ``"vpdpbusd"`` or ``"vdpbf16ps"``: the multiply-add ``match`` matched."""
     return "FMA" if match.group(1).startswith("vf") else match.group(1)
 
 
@@ -67,8 +72,13 @@ def kernels(isa: Isa) -> dict:
         (ATTENTION_F32, (1, 12, 128, 128, 64)),
         (CONV2D_F32, (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, lanes, lanes)),
         (GEMM_INT8, (128, 768, 3072)),
+        (GEMM_BF16, (128, 768, 3072)),
     ]
-    return {family.kernel_name(w): family.build(w, family.default(w, isa)) for family, w in measured}
+    return {
+        family.kernel_name(w): family.build(w, family.default(w, isa))
+        for family, w in measured
+        if family.applies(w, isa)
+    }
 
 
 def multiply_add_loops(asm: str) -> list[list[str]]:
