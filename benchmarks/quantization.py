@@ -5,12 +5,14 @@ Every tool quantizes the same float model with the same calibration batches.
 Quality: MiniLM (trained weights) mean/min cosine of the sentence embeddings
 against float32 on held-out sentences; BERT-base (random init, sequence 128) mean/min
 cosine of its tokens' last hidden states against float32 on held-out random tokens;
-a CNN trained on scikit-learn's digits, test accuracy. Size: bytes of the model's
+ResNet-50 (random init, 1x3x224x224) the cosine of its logits against float32 on a held-out random
+image; a CNN trained on scikit-learn's digits, test accuracy. Size: bytes of the model's
 constants. Speed: CPU latency (medians over rounds of warm blocks, benchmarks/run.py's
 ``measure``) against the float32 model in PyTorch eager.
 
     python benchmarks/quantization.py                                   # MiniLM and digits, every tool
     python benchmarks/quantization.py bert --tools fxopt-cpu onnxruntime openvino pytorch-bf16
+    python benchmarks/quantization.py resnet50 --tools fxopt-cpu onnxruntime openvino
     python benchmarks/quantization.py digits --rounds 3 --tools fxopt onnxruntime      # a smoke run
 
 Install the peers with ``pip install -e ".[bench]"``.
@@ -51,6 +53,7 @@ FXOPT_SCHEMES = {
     ],
     "bert": ["quantize", "quantize{scheme=w8a8-dynamic}", "quantize{scheme=bf16}"],
     "digits": ["quantize", "quantize{observer=percentile}", "quantize{scheme=fp8}", "quantize{scheme=w8a8-dynamic}"],
+    "resnet50": ["quantize"],
 }
 TOOLS = ["fxopt", "fxopt-cpu", "onnxruntime", "openvino", "pytorch-bf16", "torchao"]
 # The schemes whose CPU latency is measured through fxopt's TVM build (measured dispatch, and all in TVM).
@@ -58,6 +61,7 @@ TVM_SCHEMES = {
     "minilm": ["quantize", "quantize{scheme=w4}", "quantize{scheme=bf16}"],
     "bert": ["quantize", "quantize{scheme=bf16}"],
     "digits": ["quantize", "quantize{scheme=w4}"],
+    "resnet50": ["quantize"],
 }
 
 
@@ -99,6 +103,20 @@ def load_case(name: str) -> Case:
             return f"{similarity.mean():.4f} (min {similarity.min():.4f})"
 
         return Case(name, model, inputs, [tokens(seed) for seed in range(8)], token_cosine)
+    if name == "resnet50":
+        model = _Logits(ZOO["resnet50"].build())
+
+        def images(seed: int) -> tuple:
+            return (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed)),)
+
+        inputs = images(1000)  # held out: calibration draws seeds 0-3
+        with torch.no_grad():
+            reference = model(*inputs)
+
+        def logit_cosine(out: torch.Tensor) -> str:
+            return f"{torch.nn.functional.cosine_similarity(out.float(), reference, dim=-1).item():.4f} logit cosine"
+
+        return Case(name, model, inputs, [images(seed) for seed in range(4)], logit_cosine)
     if name == "digits":
         model, (train_images, _), (test_images, test_labels) = digits_cnn()
 
@@ -108,7 +126,7 @@ def load_case(name: str) -> Case:
         # Calibration: training images, batches of the evaluation size (the model is captured for it).
         size = len(test_images)
         return Case(name, model, (test_images,), [(train_images[i : i + size],) for i in (0, size)], accuracy)
-    raise SystemExit(f"unknown model {name!r}: minilm, bert or digits")
+    raise SystemExit(f"unknown model {name!r}: minilm, bert, resnet50 or digits")
 
 
 class _LastHiddenState(torch.nn.Module):
@@ -122,9 +140,20 @@ class _LastHiddenState(torch.nn.Module):
         return self.encoder(input_ids).last_hidden_state
 
 
+class _Logits(torch.nn.Module):
+    """A ``transformers`` image classifier returning its logits: one tensor, the same for every tool."""
+
+    def __init__(self, classifier: torch.nn.Module):
+        super().__init__()
+        self.classifier = classifier
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.classifier(pixels).logits
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=["minilm", "digits"], help="minilm, bert, digits")
+    parser.add_argument("models", nargs="*", default=["minilm", "digits"], help="minilm, bert, resnet50, digits")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument(
         "--tools",

@@ -1,7 +1,8 @@
 """Lowerings of fxopt's quantized ops (:mod:`fxopt.quant.ops`) to Relax: integer kernels, float only at the edges.
 
 int8 ``linear_q`` becomes the int8 GEMM family's kernel (:mod:`fxopt.codegen.kernels.gemm_int8`) where it applies, else
-Relax's integer matmul; ``conv_q`` an int32-accumulating conv; ``linear_wq`` a dequantize fused into the matmul;
+Relax's integer matmul; ``conv_q`` the int8 convolution family's (:mod:`fxopt.codegen.kernels.conv2d_int8`), else an
+int32-accumulating conv; ``linear_wq`` a dequantize fused into the matmul;
 ``linear_bf16`` the bfloat16 GEMM family's kernel (:mod:`fxopt.codegen.kernels.gemm_bf16`) on CPUs with AVX-512
 BF16, else a float32 matmul of the activations rounded to bfloat16 by the weights widened at build time.
 Registered in :data:`fxopt.codegen.lower.OVERRIDES` when :mod:`fxopt.codegen` is imported.
@@ -16,8 +17,10 @@ import torch.fx as fx
 
 from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.intrinsics.x86 import bf16_bits, bf16_value
+from fxopt.codegen.kernels.conv2d_f32 import ConvShape
+from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, input_block
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
-from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
 from fxopt.ir.meta import input_node, optional_input_node
 from fxopt.ir.program import attribute_owner
@@ -184,13 +187,17 @@ def _value_or_constant(node: fx.Node, importer) -> object:
 
 @register_lowering(fxopt_ops.conv_q.default)
 def _conv_q(node: fx.Node, importer) -> object:
-    """int8 2-D convolution into int32; the zero point's contribution (border-dependent, since padding pads the
-    real 0) is ``zp * conv(ones, w)``, a constant."""
+    """int8 2-D convolution into int32: the int8 convolution family's kernel where it applies
+    (:func:`_conv_q_kernel`), else Relax's conv2d, the zero point's contribution (border-dependent, since padding
+    pads the real 0) taken off as ``zp * conv(ones, w)``, a constant."""
     from tvm import relax
 
     _int8_only(node)
     if input_node(node, 3).meta["val"].dim() != 4:
         raise LoweringError(node, "only 2-D quantized convolutions have a TVM kernel")
+    kernel = _conv_q_kernel(node, importer)
+    if kernel is not None:
+        return kernel
     bb = importer.block_builder
     xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]
     stride, padding, dilation, groups = node.args[6:10]
@@ -205,6 +212,65 @@ def _conv_q(node: fx.Node, importer) -> object:
     ones = to_relax_constant(torch.ones([1, *shape[1:]], dtype=torch.int8))
     acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(zero_point, conv(ones))))
     return _dequantize_accumulator(node, importer, acc, [1, -1, 1, 1])
+
+
+def _conv_q_kernel(node: fx.Node, importer) -> object | None:
+    """``conv_q`` as the int8 convolution family's kernel (:mod:`fxopt.codegen.kernels.conv2d_int8`), its input
+    blocked NCHW[x]c on the way in and its float result NCHW on the way out (int8 copies, then float ones: the
+    graph is NCHW around quantized convolutions), or None where the family does not apply (grouped, channels
+    without a block, a weight computed at run time, a scale per token). Fewer than 4 input channels are padded
+    to 4 (zero weights read the padding)."""
+    from tvm import relax
+
+    weight = _constant(input_node(node, 3))
+    batch, real_channels, height, width = input_node(node, 0).meta["val"].shape
+    per_tensor = all(input_node(node, i).meta["val"].numel() == 1 for i in (1, 2))
+    isa = importer.isa
+    blocking = input_block(real_channels, isa) if isa is not None else None
+    if weight is None or not per_tensor or blocking is None:
+        return None
+    x_block, channels = blocking
+    weight = torch.nn.functional.pad(weight, (0, 0, 0, 0, 0, channels - real_channels))
+    out_channels, _, kernel_h, kernel_w = weight.shape
+    geometry = cast(tuple[list[int], list[int], list[int], int], node.args[6:10])
+    (stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w), groups = geometry
+    lanes, depth = dot_instruction(isa)
+    shape = ConvShape(
+        batch, channels, height, width, out_channels, kernel_h, kernel_w, stride_h, stride_w,
+        pad_h, pad_w, pad_h, pad_w, dilation_h, dilation_w, x_block, lanes, groups,
+    )  # fmt: skip
+    if not CONV2D_INT8.applies(shape.workload, isa):
+        return None
+    bb = importer.block_builder
+    config = importer.templates.config(CONV2D_INT8, shape.workload, isa)
+    kernel = CONV2D_INT8.build(shape.workload, config)
+    kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
+    xq = importer.env[node.args[0]]
+    if channels > real_channels:
+        xq = relax.op.nn.pad(xq, [0, 0, 0, channels - real_channels, 0, 0, 0, 0])
+    blocked = relax.op.reshape(xq, [batch, channels // x_block, x_block, height, width])
+    w_scale = input_node(node, 4)
+    bias = optional_input_node(node, 5)
+    args = [
+        bb.emit(relax.op.permute_dims(blocked, [0, 1, 3, 4, 2])),
+        to_relax_constant(CONV2D_INT8.pack(weight, shape, depth)),
+        to_relax_constant(weight.to(torch.int32).sum((1, 2, 3), dtype=torch.int32)),
+        bb.emit(relax.op.astype(relax.op.reshape(importer.env[node.args[2]], [1]), "int32")),
+        bb.emit(relax.op.astype(relax.op.reshape(importer.env[node.args[1]], [1]), "float32")),
+        bb.emit(
+            relax.op.astype(
+                relax.op.broadcast_to(relax.op.reshape(importer.env[w_scale], [-1]), [out_channels]), "float32"
+            )
+        ),
+        to_relax_constant(torch.zeros(out_channels)) if bias is None else _float32(bias, importer),
+    ]
+    out_height, out_width = shape.out_height, shape.out_width
+    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType(list(CONV2D_INT8.result_shape(shape)), "float32")))
+    y = relax.op.reshape(y, [batch, out_channels // lanes, out_height, out_width, lanes])
+    y = bb.emit(
+        relax.op.reshape(relax.op.permute_dims(y, [0, 1, 4, 2, 3]), [batch, out_channels, out_height, out_width])
+    )
+    return _in_output_dtype(node, bb, y)
 
 
 @register_lowering(fxopt_ops.linear_wq.default)

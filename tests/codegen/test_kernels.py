@@ -20,9 +20,10 @@ from fxopt.codegen.compile import STACK_SCRATCH_BYTES, compile_kernel
 from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.intrinsics.x86 import bf16_bits, dot_bf16_pairs, dot_u8s8_quads
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels import FAMILIES, gemm_bf16, gemm_int8, template_workloads
+from fxopt.codegen.kernels import FAMILIES, conv2d_int8, gemm_bf16, gemm_int8, template_workloads
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionInputs
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
+from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32Config
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import (
@@ -193,6 +194,11 @@ WORKLOADS = {
     "gemm_f32": [(128, 768, 3072), (128, 3072, 768), (1, 64, 100), (13, 37, 53)],
     "gemm_int8": [(128, 384, 1536), (1, 64, 48), (24, 38, 48), (7, 16, 8)],
     "gemm_bf16": [(128, 768, 3072), (1, 64, 48), (24, 38, 48), (7, 16, 16)],
+    # the output block is the dot instruction's lanes (8 for vpmaddwd: _applicable gives each ISA its own)
+    "conv2d_int8": [
+        (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, 8),
+        (2, 4, 5, 6, 8, 3, 3, 2, 1, 0, 2, 1, 0, 1, 2, 4, 8),
+    ],
     "attention_f32": [(1, 12, 128, 128, 64), (2, 3, 5, 7, 9)],
     # N, C, H, W, O, KH, KW, strides, padding (top, left, bottom, right), dilations, input and output blocks
     "conv2d_f32": [
@@ -210,6 +216,13 @@ WORKLOADS = {
 }
 
 
+def _applicable(name: str, workload: tuple, isa: Isa) -> tuple:
+    """``workload``, for the int8 convolution with the output block of ``isa``'s dot instruction."""
+    if name != "conv2d_int8":
+        return workload
+    return ConvShape(*workload)._replace(out_block=dot_instruction(isa)[0]).workload
+
+
 def test_every_family_is_registered_under_its_name():
     assert sorted(FAMILIES) == sorted(WORKLOADS)
     assert all(family.name == name for name, family in FAMILIES.items())
@@ -219,7 +232,7 @@ def test_every_family_is_registered_under_its_name():
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
 def test_a_familys_default_is_one_of_its_space_and_its_configs_are_stored_as_they_are(name, spec):
     family, isa = FAMILIES[name], Isa.named(spec)
-    for workload in WORKLOADS[name]:
+    for workload in (_applicable(name, w, isa) for w in WORKLOADS[name]):
         if not family.applies(workload, isa):
             continue
         space = family.space(workload, isa)
@@ -234,7 +247,11 @@ def test_a_familys_default_is_one_of_its_space_and_its_configs_are_stored_as_the
 
 def test_which_isas_each_family_applies_to():
     applies = {
-        spec: {name for name, family in FAMILIES.items() if family.applies(WORKLOADS[name][0], Isa.named(spec))}
+        spec: {
+            name
+            for name, family in FAMILIES.items()
+            if family.applies(_applicable(name, WORKLOADS[name][0], Isa.named(spec)), Isa.named(spec))
+        }
         for spec in FAMILY_ISAS
     }
     assert applies["aarch64"] == {
@@ -397,14 +414,70 @@ def test_the_int8_gemm_requantizes_its_tile_exactly(seed, spec, rows, in_feature
     [("znver3", "vpmaddwd", "ymm"), ("znver4", "vpdpbusd", "zmm"), ("sapphirerapids", "vpdpbusd", "zmm")]
     + [("alderlake", r"\{vex\}\s+vpdpbusd", "ymm")],  # AVX-VNNI: the VEX form, 8 lanes
 )
-def test_the_int8_gemm_builds_with_each_cpus_dot_product(mcpu, instruction, registers):
+def test_the_int8_kernels_build_with_each_cpus_dot_product(mcpu, instruction, registers):
     import tvm
 
-    isa, workload = Isa.named(f"x86_64:{mcpu}"), (128, 384, 1536)
-    kernel = tvm.IRModule({"main": GEMM_INT8.build(workload, GEMM_INT8.default(workload, isa))})
-    asm = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu})).mod.inspect_source("asm")
-    assert re.search(instruction + r"\s[^\n]*%" + registers, asm)
-    assert instruction == "vpmaddwd" or "vpmaddwd" not in asm  # VNNI needs no int16 pairs
+    isa = Isa.named(f"x86_64:{mcpu}")
+    conv = ConvShape(1, 64, 14, 14, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, dot_instruction(isa)[0]).workload
+    for family, workload in [(GEMM_INT8, (128, 384, 1536)), (CONV2D_INT8, conv)]:
+        kernel = tvm.IRModule({"main": family.build(workload, family.default(workload, isa))})
+        asm = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu})).mod.inspect_source("asm")
+        assert re.search(instruction + r"\s[^\n]*%" + registers, asm), family.name
+        assert instruction == "vpmaddwd" or "vpmaddwd" not in asm  # VNNI needs no int16 pairs
+
+
+# The host's own int8 instruction, and VNNI's at 16 lanes (AVX-512) and 8 (AVX-VNNI), as the GEMM's test runs them.
+@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the int8 convolution is for x86 CPUs with AVX2")
+@settings(max_examples=8, deadline=None)
+@given(
+    st.sampled_from(["cpu", "x86_64:znver4", "x86_64:alderlake"]),
+    st.integers(1, 2),
+    st.integers(1, 3),
+    st.integers(1, 9),
+    st.integers(1, 9),
+    st.sampled_from([1, 3]),
+    st.integers(1, 2),
+    st.integers(0, 2),
+    st.integers(1, 2),
+    st.integers(-128, 127),
+    st.integers(0, 2**16),
+)
+def test_every_int8_convolution_config_is_exact(spec, batch, blocks, height, width, k, stride, pad, dilation, zp, seed):
+    import tvm
+
+    isa = Isa.named(spec)
+    lanes, depth = dot_instruction(isa)
+    x_block = 4 if depth == 4 else 2
+    shape = ConvShape(
+        batch, blocks * x_block, height, width, 2 * lanes, k, k, stride, stride, pad, pad, pad, pad,
+        dilation, dilation, x_block, lanes,
+    )  # fmt: skip
+    if shape.out_height < 1 or shape.out_width < 1:
+        shape = shape._replace(pad_top=k * dilation, pad_left=k * dilation)
+    assert CONV2D_INT8.applies(shape.workload, isa)
+    space = CONV2D_INT8.space(shape.workload, isa)
+    with pytest.MonkeyPatch.context() as patch:
+        if isa.vnni and not Isa.of(CPU).vnni:
+            patch.setattr(conv2d_int8, "dot_u8s8_quads", _vnni_by_its_definition)
+        kernels = [CONV2D_INT8.build(shape.workload, config) for config in space]
+        mod = tvm.IRModule({f"c{i}": kernel.with_attr("global_symbol", f"c{i}") for i, kernel in enumerate(kernels)})
+        library = compile_kernel(mod, CPU.tvm())
+    generator = torch.Generator().manual_seed(seed)
+    xq = torch.randint(-128, 128, (batch, shape.channels, height, width), generator=generator, dtype=torch.int8)
+    weight = torch.randint(-128, 128, (shape.out_channels, shape.channels, k, k), generator=generator, dtype=torch.int8)
+    zero_point = torch.tensor([zp], dtype=torch.int32)
+    bias = torch.randint(-1000, 1000, (shape.out_channels,), generator=generator).float()
+    # The reference: padding pads the real 0 (the zero point), the sums exact in int64; unit scales.
+    centered = F.pad(xq.long() - zp, (shape.pad_left, shape.pad_right, shape.pad_top, shape.pad_bottom))
+    acc = F.conv2d(centered.double(), weight.double(), None, stride, 0, dilation).long()
+    expected = _blocked(acc.double() + bias.double()[:, None, None], lanes).reshape(CONV2D_INT8.result_shape(shape))
+    colsum = weight.to(torch.int32).sum((1, 2, 3), dtype=torch.int32)
+    ones = torch.ones(1), torch.ones(shape.out_channels)
+    for i, config in enumerate(space):
+        out = torch.full(CONV2D_INT8.result_shape(shape), float("nan"))
+        args = (_blocked(xq, x_block), CONV2D_INT8.pack(weight, shape, depth), colsum, zero_point, ones[0], *ones[1:])
+        library[f"c{i}"](*map(to_tvm, (*args, bias, out)))
+        assert torch.equal(out.double(), expected), str(config)
 
 
 @functools.cache

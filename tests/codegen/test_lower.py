@@ -18,6 +18,7 @@ from fxopt.codegen import build
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
+from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, default_tile
@@ -183,6 +184,38 @@ def test_int8_quantized_graphs_lower_to_integer_kernels_with_the_reference_resul
     assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
     source = executable.kernel_source("ll")
     assert "mul nsw <" in source and " i8>" in source  # vectorized integer arithmetic on int8 data
+    assert_built_matches(quantized, executable)
+
+
+class Int8ConvNet(torch.nn.Module):
+    """Convolutions the int8 convolution family takes (16 or 32 outputs: whole blocks of 8 or 16 lanes): padded 3x3
+    of an RGB image (its 3 channels padded to 4), strided 1x1, dilated 3x3."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.strided = torch.nn.Conv2d(16, 16, 1, stride=2, bias=False)
+        self.dilated = torch.nn.Conv2d(16, 32, 3, padding=(2, 1), dilation=(2, 1))
+
+    def forward(self, x):
+        return self.dilated(torch.relu(self.strided(torch.relu(self.first(x)))))
+
+
+@pytest.mark.skipif(not HOST.avx2, reason="the int8 convolution kernel is for AVX2 CPUs")
+def test_int8_convolutions_on_avx2_are_the_exact_hand_scheduled_kernel():
+    from fxopt import PassManager
+
+    x = torch.randn(2, 3, 9, 7)
+    quantized, _ = PassManager("quantize", verify="off", calibration=[x]).run(capture(Int8ConvNet(), (x,)))
+    with spy_on(CONV2D_INT8) as kernels:
+        executable = build(quantized, CPU, dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    assert [ConvShape(*w)[:7] for w, _, _ in kernels] == [
+        (2, 4, 9, 7, 16, 3, 3),
+        (2, 16, 9, 7, 16, 1, 1),
+        (2, 16, 5, 4, 32, 3, 3),
+    ]
     assert_built_matches(quantized, executable)
 
 

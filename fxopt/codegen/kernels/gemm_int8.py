@@ -39,10 +39,10 @@ from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, dot
 if TYPE_CHECKING:
     from fxopt.codegen.epilogue import Epilogue
 
-__all__ = ["GemmInt8Config", "GemmInt8Variant", "GemmInt8", "GEMM_INT8", "dot_instruction"]
+__all__ = ["GemmInt8Config", "GemmInt8Variant", "GemmInt8", "GEMM_INT8", "dot_instruction", "UNSIGNED_SHIFT"]
 
 #: VNNI's ``vpdpbusd`` multiplies unsigned activations: the kernel reads ``xq + 128`` and subtracts it back.
-_UNSIGNED_SHIFT = 128
+UNSIGNED_SHIFT = 128
 
 
 @dataclass(frozen=True)
@@ -158,7 +158,7 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         bias = te.placeholder((out_features,), "float32", name="bias")
         # The activations as the instruction reads them, once per call (the tiles read each row N/16 times;
         # widening there cost 40%): sign-extended to int16, or shifted into uint8.
-        shift = 0 if depth == 2 else _UNSIGNED_SHIFT
+        shift = 0 if depth == 2 else UNSIGNED_SHIFT
         wide = te.compute(
             xq.shape,
             lambda m, k: xq[m, k].astype("int16") if depth == 2 else (xq[m, k].astype("int16") + shift).astype("uint8"),
