@@ -36,6 +36,8 @@ from run import export_onnx, measure, openvino_request  # benchmarks/run.py, bes
 
 import fxopt
 from fxopt import PassManager, capture
+from fxopt.passes import parse_pipeline
+from fxopt.passes.pipeline import with_pass
 from fxopt.zoo import SENTENCES, ZOO, calibration_batches, digits_cnn, minilm_encoder
 
 FXOPT_SCHEMES = {
@@ -206,15 +208,12 @@ def compare(case: Case, tools: list[str]) -> tuple[list[tuple], dict[str, Callab
         # Quality through the reference kernels (PyTorch, exact integer sums): for accuracy, not timed.
         add("fxopt", spec, lambda spec=spec: _fxopt_reference(program, spec, case.calibration), timed=False)
     for spec in ["", *TVM_SCHEMES[case.name]] if "fxopt-cpu" in tools else ():
-        pipeline = f"default,{spec}" if spec else "default"
         for dispatch in ("measure", "tvm"):
             method = (spec or "default (float32)") + (", all in TVM" if dispatch == "tvm" else "")
             add(
                 "fxopt cpu",
                 method,
-                lambda pipeline=pipeline, dispatch=dispatch: _fxopt_built(
-                    model, inputs, pipeline, case.calibration, dispatch
-                ),
+                lambda spec=spec, dispatch=dispatch: _fxopt_built(model, inputs, spec, case.calibration, dispatch),
             )
     if "onnxruntime" in tools:
         exported = functools.cache(lambda: export_onnx(model, inputs))  # once for the three; a failure is each's row
@@ -237,15 +236,19 @@ def _fxopt_reference(program, spec: str, calibration: list[tuple]):
     return (lambda: quantized.run_flat()[0]), size
 
 
-def _fxopt_built(model, inputs, pipeline: str, calibration: list[tuple], dispatch: str):
-    # dispatch="measure" is what fxopt.optimize gives; "tvm" runs every segment TVM can lower in TVM (untuned
-    # kernels except the hand-scheduled int8 linear), to time its integer kernels against its float ones.
+def _fxopt_built(model, inputs, spec: str, calibration: list[tuple], dispatch: str):
+    # The CPU target's own pipeline (its convert-layout blocks a CNN's float convolutions), ``spec``'s passes
+    # inserted as `fxopt quantize` inserts them. dispatch="measure" is what fxopt.optimize gives; "tvm" runs every
+    # segment TVM can lower in TVM, to time its integer kernels against its float ones.
+    pipeline = parse_pipeline("cpu")
+    for added in parse_pipeline(spec) if spec else ():
+        pipeline = with_pass(pipeline, added)
     optimized = fxopt.optimize(
         model, inputs, target="cpu", pipeline=pipeline, calibration=calibration, dispatch=dispatch
     )
     optimized(*inputs)
     size = sum(t.nbytes for _, t in optimized.program.constants())
-    print(f"fxopt cpu {pipeline} (dispatch={dispatch}): {optimized.report().backend_note}", file=sys.stderr)
+    print(f"fxopt cpu {spec or 'float32'} (dispatch={dispatch}): {optimized.report().backend_note}", file=sys.stderr)
     return (lambda: optimized(*inputs)), size
 
 

@@ -14,7 +14,7 @@ from typing import cast
 import torch
 import torch.fx as fx
 
-from fxopt.codegen.epilogue import find_epilogue
+from fxopt.codegen.epilogue import Epilogue, find_epilogue
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionInputs
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.codegen.layout import read_through
@@ -102,20 +102,33 @@ def _dense(node: fx.Node, importer, x: fx.Node, weight: fx.Node, bias: fx.Node |
         packed = bb.emit(relax.op.permute_dims(relax.op.reshape(padded, [panels, panel, in_features]), [0, 2, 1]))
     epilogue = find_epilogue(node, lambda value: value in importer.env)
     kernel = GEMM_F32.build(workload, config, epilogue)
-    kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     args = [
         bb.emit(relax.op.reshape(importer.env[x], [rows, in_features])),
         packed,
         to_relax_constant(torch.zeros(out_features)) if bias is None else importer.env[bias],
     ]
+    return call_gemm(node, importer, kernel, args, epilogue)
+
+
+def call_gemm(node: fx.Node, importer, kernel, args: list, epilogue: Epilogue | None) -> object:
+    """Call a float32 GEMM ``kernel`` (added to the module under ``node``'s name) on ``args`` and the epilogue's
+    operands; its ``[rows, out]`` result is ``node``'s value or, with an epilogue, the value of the run's last op,
+    and nothing that of the ops inside it (``importer.absorbed``: ``node`` too, read by none but the run)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     for operand, shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
         args.append(bb.emit(relax.op.reshape(importer.env[operand], list(shape))))
-    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, out_features], "float32")))
+    result = epilogue.exit if epilogue else node
+    rows = node.meta["val"].numel() // node.meta["val"].shape[-1]
+    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, node.meta["val"].shape[-1]], "float32")))
+    y = bb.emit(relax.op.reshape(y, [*result.meta["val"].shape]))
     if epilogue is None:
-        return bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
+        return y
     importer.absorbed.update({inner: None for inner in epilogue.nodes[:-1]})
-    importer.absorbed[epilogue.exit] = bb.emit(relax.op.reshape(y, [*epilogue.exit.meta["val"].shape]))
-    return bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))  # read by none but the run: left unused
+    importer.absorbed[epilogue.exit] = y
+    return None
 
 
 @register_lowering(aten.scaled_dot_product_attention.default)

@@ -22,6 +22,7 @@ from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, input_block
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
+from fxopt.codegen.lower_contractions import call_gemm
 from fxopt.ir.meta import input_node, optional_input_node
 from fxopt.ir.program import attribute_owner
 from fxopt.quant import ops as _quant_ops  # noqa: F401  (registers the fxopt:: quantized ops lowered here)
@@ -340,17 +341,9 @@ def _linear_bf16(node: fx.Node, importer) -> object:
         return _in_output_dtype(node, bb, y)
     epilogue = find_epilogue(node, lambda value: value in importer.env)
     config = importer.templates.config(GEMM_BF16, workload, importer.isa)
-    kernel = bb.add_func(GEMM_BF16.build(workload, config, epilogue).with_attr("global_symbol", node.name), node.name)
     args = [
         bb.emit(relax.op.reshape(importer.env[x], [rows, in_features])),
         to_relax_constant(GEMM_BF16.pack(weight, config)),
         to_relax_constant(torch.zeros(out_features)) if bias is None else _float32(bias, importer),
     ]
-    for operand, shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
-        args.append(bb.emit(relax.op.reshape(importer.env[operand], list(shape))))
-    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, out_features], "float32")))
-    if epilogue is None:
-        return bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
-    importer.absorbed.update({inner: None for inner in epilogue.nodes[:-1]})
-    importer.absorbed[epilogue.exit] = bb.emit(relax.op.reshape(y, [*epilogue.exit.meta["val"].shape]))
-    return None  # read by none but the ops the kernel computed
+    return call_gemm(node, importer, GEMM_BF16.build(workload, config, epilogue), args, epilogue)
