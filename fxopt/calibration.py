@@ -230,6 +230,8 @@ def gradients(
     }  # running mean and variance: not differentiable
     targets = {t for t in targets if t not in statistics and program.get_constant(t).is_floating_point()}
     leaves = {t: program.get_constant(t).detach().clone().requires_grad_() for t in targets}
+    if not leaves:  # nothing to differentiate (a model with no prunable group): autograd refuses no inputs
+        return
 
     class WithLeaves(fx.Interpreter):
         def get_attr(self, target, args, kwargs):

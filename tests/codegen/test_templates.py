@@ -3,6 +3,7 @@ workload of every family once and keeps the fastest, builds use what it stored, 
 fails a build."""
 
 import contextlib
+import dataclasses
 import json
 import re
 from types import SimpleNamespace
@@ -176,13 +177,13 @@ def write_templates(entries: dict) -> None:
 @needs_avx2
 def test_a_stored_choice_other_than_the_default_computes_the_same():
     model, x = TwoLinears().eval(), torch.randn(12, 40)
-    lanes = default_tile(HOST).lanes
-    write_templates(
-        {"12x40x56": {"rows": 2, "vectors": 6, "lanes": lanes, "panels_per_task": 1, "us": 5.0}}  # panels of 48
-    )
+    # a tile of the host's space other than its default (AVX2: 2 x 6, panels of 48; AVX-512: 6 x 4, of 64)
+    default = GEMM_F32.default((12, 40, 56), HOST)
+    other = next(c for c in GEMM_F32.space((12, 40, 56), HOST) if c.tile != default.tile)
+    write_templates({"12x40x56": {**dataclasses.asdict(other), "us": 5.0}})
     with dense_calls() as calls:
         built = fxopt.optimize(model, (x,), target="cpu", dispatch="tvm")
-    assert (12, 40, 56, GemmF32Config(2, 6, lanes, 1)) in calls
+    assert (12, 40, 56, other) in calls
     assert (12, 56, 24, GEMM_F32.default((12, 56, 24), HOST)) in calls  # untuned
     assert built.report().backend == "tvm"
     torch.testing.assert_close(built(x), model(x), rtol=1e-4, atol=1e-4)
@@ -264,17 +265,20 @@ def test_attention_is_tuned_like_the_gemm_and_builds_use_its_choice(monkeypatch)
 
 
 @needs_avx2
-@pytest.mark.parametrize("family, groups, size", [(CONV2D_F32, 1, 6), (DEPTHWISE_F32, 16, 6), (WINOGRAD_F32, 1, 12)])
-def test_convolutions_are_tuned_like_the_gemm_and_builds_use_their_choice(monkeypatch, family, groups, size):
+@pytest.mark.parametrize("family, size", [(CONV2D_F32, 6), (DEPTHWISE_F32, 6), (WINOGRAD_F32, 12)])
+def test_convolutions_are_tuned_like_the_gemm_and_builds_use_their_choice(monkeypatch, family, size):
     torch.manual_seed(0)
-    model, inputs = (
-        torch.nn.Sequential(torch.nn.Conv2d(16, 16, 3, padding=1, groups=groups)).eval(),
-        (torch.randn(1, 16, size, size),),
-    )
     lanes = HOST.lanes()
-    workload = ConvShape(1, 16, size, size, 16, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, lanes, lanes, groups).workload
+    channels = 2 * lanes  # two output blocks: Winograd's space at one block is its default alone
+    groups = channels if family is DEPTHWISE_F32 else 1
+    model, inputs = (
+        torch.nn.Sequential(torch.nn.Conv2d(channels, channels, 3, padding=1, groups=groups)).eval(),
+        (torch.randn(1, channels, size, size),),
+    )
+    workload = ConvShape(1, channels, size, size, channels, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, lanes, lanes, groups).workload
     space = family.space(workload, HOST)
-    monkeypatch.setattr(family, "space", lambda workload, isa: space[1:3])  # two others than the default
+    assert len(space) >= 2
+    monkeypatch.setattr(family, "space", lambda workload, isa: space[1:3])  # one or two others than the default
     built, real = [], family.build
     monkeypatch.setattr(family, "build", lambda w, config, *a: built.append((w, config)) or real(w, config, *a))
     tuned = fxopt.optimize(model, inputs, target="cpu", tune=TuneOptions(trials=2))
