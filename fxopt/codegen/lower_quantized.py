@@ -191,7 +191,6 @@ def _conv_q(node: fx.Node, importer) -> object:
     """int8 2-D convolution into int32: the int8 convolution family's kernel where it applies
     (:func:`_conv_q_kernel`), else Relax's conv2d, the zero point's contribution (border-dependent, since padding
     pads the real 0) taken off as ``zp * conv(ones, w)``, a constant."""
-    from tvm import relax
 
     _int8_only(node)
     if input_node(node, 3).meta["val"].dim() != 4:
@@ -199,9 +198,19 @@ def _conv_q(node: fx.Node, importer) -> object:
     kernel = _conv_q_kernel(node, importer)
     if kernel is not None:
         return kernel
+    padding = cast(list[int], node.args[7])
+    shape = list(input_node(node, 0).meta["val"].shape)
+    return _conv_q_relax(node, importer, importer.env[node.args[0]], shape, [*padding, *padding])
+
+
+def _conv_q_relax(node: fx.Node, importer, xq, shape: list[int], padding: list[int]) -> object:
+    """``conv_q`` of the NCHW int8 ``xq`` of ``shape`` by Relax's int32 conv2d, ``padding`` ``[top, left, bottom,
+    right]``: the dequantized NCHW result."""
+    from tvm import relax
+
     bb = importer.block_builder
-    xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]
-    stride, padding, dilation, groups = node.args[6:10]
+    zero_point, wq = importer.env[node.args[2]], importer.env[node.args[3]]
+    stride, dilation, groups = node.args[6], node.args[8], node.args[9]
 
     def conv(data):
         return relax.op.nn.conv2d(
@@ -209,69 +218,115 @@ def _conv_q(node: fx.Node, importer) -> object:
         )
 
     acc = bb.emit(conv(xq))
-    shape = list(input_node(node, 0).meta["val"].shape)
-    ones = to_relax_constant(torch.ones([1, *shape[1:]], dtype=torch.int8))
+    ones = to_relax_constant(torch.ones([1, *shape[1:]], dtype=torch.int8))  # one image: the same border
     acc = bb.emit(relax.op.subtract(acc, relax.op.multiply(zero_point, conv(ones))))
     return _dequantize_accumulator(node, importer, acc, [1, -1, 1, 1])
 
 
 def _conv_q_kernel(node: fx.Node, importer) -> object | None:
-    """``conv_q`` as the int8 convolution family's kernel (:mod:`fxopt.codegen.kernels.conv2d_int8`), its input
-    blocked NCHW[x]c on the way in and its float result NCHW on the way out (int8 copies, then float ones: the
-    graph is NCHW around quantized convolutions), or None where the family does not apply (grouped, channels
+    """``conv_q`` as the int8 convolution family's kernel (:func:`_int8_conv_call`), its input blocked NCHW[x]c on
+    the way in and its float result NCHW on the way out (int8 copies, then float ones: ``convert-layout``, which
+    keeps a network's values blocked, was not run), or None where the family does not apply (grouped, channels
     without a block, a weight computed at run time, a scale per token). Fewer than 4 input channels are padded
     to 4 (zero weights read the padding)."""
     from tvm import relax
 
     weight = _constant(input_node(node, 3))
     batch, real_channels, height, width = input_node(node, 0).meta["val"].shape
-    per_tensor = all(input_node(node, i).meta["val"].numel() == 1 for i in (1, 2))
     isa = importer.isa
     blocking = input_block(real_channels, isa) if isa is not None else None
-    if weight is None or not per_tensor or blocking is None:
+    if weight is None or blocking is None:
         return None
     x_block, channels = blocking
-    weight = torch.nn.functional.pad(weight, (0, 0, 0, 0, 0, channels - real_channels))
-    out_channels, _, kernel_h, kernel_w = weight.shape
-    geometry = cast(tuple[list[int], list[int], list[int], int], node.args[6:10])
-    (stride_h, stride_w), (pad_h, pad_w), (dilation_h, dilation_w), groups = geometry
-    lanes, depth = dot_instruction(isa)
-    shape = ConvShape(
-        batch, channels, height, width, out_channels, kernel_h, kernel_w, stride_h, stride_w,
-        pad_h, pad_w, pad_h, pad_w, dilation_h, dilation_w, x_block, lanes, groups,
-    )  # fmt: skip
-    if not CONV2D_INT8.applies(shape.workload, isa):
+    (pad_h, pad_w) = cast(list[int], node.args[7])
+    shape = _int8_conv_shape(node, importer, weight, (batch, channels, height, width, x_block), [pad_h, pad_w] * 2)
+    if shape is None:
         return None
     bb = importer.block_builder
-    config = importer.templates.config(CONV2D_INT8, shape.workload, isa)
-    kernel = CONV2D_INT8.build(shape.workload, config)
-    kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     xq = importer.env[node.args[0]]
     if channels > real_channels:
         xq = relax.op.nn.pad(xq, [0, 0, 0, channels - real_channels, 0, 0, 0, 0])
     blocked = relax.op.reshape(xq, [batch, channels // x_block, x_block, height, width])
-    w_scale = input_node(node, 4)
-    bias = optional_input_node(node, 5)
+    y = _int8_conv_call(node, importer, shape, weight, bb.emit(relax.op.permute_dims(blocked, [0, 1, 3, 4, 2])))
+    out_channels = shape.out_channels
+    y = relax.op.permute_dims(y, [0, 1, 4, 2, 3])
+    y = bb.emit(relax.op.reshape(y, [batch, out_channels, shape.out_height, shape.out_width]))
+    return _in_output_dtype(node, bb, y)
+
+
+@register_lowering(fxopt_ops.conv_q_blocked.default)
+def _conv_q_blocked(node: fx.Node, importer) -> object:
+    """``conv_q`` in the blocked layout (``convert-layout``'s): the int8 convolution family's kernel reading and
+    writing blocked values as they are, where it applies; else Relax's int32 conv2d between conversions."""
+    from tvm import relax
+
+    _int8_only(node)
+    weight = _constant(input_node(node, 3))
+    batch, in_blocks, height, width, x_block = input_node(node, 0).meta["val"].shape
+    padding, block = cast(list[int], node.args[7]), cast(int, node.args[11])
+    geometry = (batch, in_blocks * x_block, height, width, x_block)
+    shape = None if weight is None else _int8_conv_shape(node, importer, weight, geometry, padding, block)
+    bb = importer.block_builder
+    if weight is not None and shape is not None:
+        return _in_output_dtype(node, bb, _int8_conv_call(node, importer, shape, weight, importer.env[node.args[0]]))
+    xq = relax.op.permute_dims(importer.env[node.args[0]], [0, 1, 4, 2, 3])
+    plain = [batch, in_blocks * x_block, height, width]
+    y = _conv_q_relax(node, importer, bb.emit(relax.op.reshape(xq, plain)), plain, padding)
+    _, out_blocks, out_height, out_width, _ = node.meta["val"].shape
+    y = relax.op.reshape(y, [batch, out_blocks, block, out_height, out_width])
+    return bb.emit(relax.op.permute_dims(y, [0, 1, 3, 4, 2]))
+
+
+def _int8_conv_shape(
+    node: fx.Node, importer, weight: torch.Tensor, geometry: tuple, padding: list[int], out_block: int | None = None
+) -> ConvShape | None:
+    """The int8 convolution family's workload for ``conv_q`` (or ``conv_q_blocked``) ``node`` on input
+    ``(N, C, H, W, input block)`` padded ``[top, left, bottom, right]``, its output blocked by the ISA's dot
+    instruction's lanes (which ``out_block``, if given, must be); None where the family does not apply (or the
+    activation's scale is not one)."""
+    isa = importer.isa
+    per_tensor = all(input_node(node, i).meta["val"].numel() == 1 for i in (1, 2))
+    if isa is None or not per_tensor:
+        return None
+    batch, channels, height, width, x_block = geometry
+    out_channels, _, kernel_h, kernel_w = weight.shape
+    (stride_h, stride_w), (dilation_h, dilation_w) = cast(tuple[list[int], list[int]], (node.args[6], node.args[8]))
+    top, left, bottom, right = padding
+    lanes = dot_instruction(isa)[0]
+    shape = ConvShape(
+        batch, channels, height, width, out_channels, kernel_h, kernel_w, stride_h, stride_w, top, left, bottom,
+        right, dilation_h, dilation_w, x_block, lanes, cast(int, node.args[9]),
+    )  # fmt: skip
+    applies = CONV2D_INT8.applies(shape.workload, isa) and out_block in (None, lanes)
+    return shape if applies else None
+
+
+def _int8_conv_call(node: fx.Node, importer, shape: ConvShape, weight: torch.Tensor, blocked_xq) -> object:
+    """The int8 convolution family's kernel for ``shape`` on the blocked int8 input ``blocked_xq``, ``weight``
+    (``[O, C, KH, KW]``, its input channels zero-padded to ``shape``'s) packed at build time: its float32 result
+    blocked, ``[N, O/y, OH, OW, y]``."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    isa = importer.isa
+    weight = torch.nn.functional.pad(weight, (0, 0, 0, 0, 0, shape.channels - weight.shape[1]))
+    config = importer.templates.config(CONV2D_INT8, shape.workload, isa)
+    kernel = bb.add_func(CONV2D_INT8.build(shape.workload, config).with_attr("global_symbol", node.name), node.name)
+    out_channels, w_scale, bias = shape.out_channels, input_node(node, 4), optional_input_node(node, 5)
+    per_channel = relax.op.broadcast_to(relax.op.reshape(importer.env[w_scale], [-1]), [out_channels])
     args = [
-        bb.emit(relax.op.permute_dims(blocked, [0, 1, 3, 4, 2])),
-        to_relax_constant(CONV2D_INT8.pack(weight, shape, depth)),
+        blocked_xq,
+        to_relax_constant(CONV2D_INT8.pack(weight, shape, dot_instruction(isa)[1])),
         to_relax_constant(weight.to(torch.int32).sum((1, 2, 3), dtype=torch.int32)),
         bb.emit(relax.op.astype(relax.op.reshape(importer.env[node.args[2]], [1]), "int32")),
         bb.emit(relax.op.astype(relax.op.reshape(importer.env[node.args[1]], [1]), "float32")),
-        bb.emit(
-            relax.op.astype(
-                relax.op.broadcast_to(relax.op.reshape(importer.env[w_scale], [-1]), [out_channels]), "float32"
-            )
-        ),
+        bb.emit(relax.op.astype(per_channel, "float32")),
         to_relax_constant(torch.zeros(out_channels)) if bias is None else _float32(bias, importer),
     ]
-    out_height, out_width = shape.out_height, shape.out_width
-    y = bb.emit(relax.call_tir(kernel, args, relax.TensorType(list(CONV2D_INT8.result_shape(shape)), "float32")))
-    y = relax.op.reshape(y, [batch, out_channels // lanes, out_height, out_width, lanes])
-    y = bb.emit(
-        relax.op.reshape(relax.op.permute_dims(y, [0, 1, 4, 2, 3]), [batch, out_channels, out_height, out_width])
-    )
-    return _in_output_dtype(node, bb, y)
+    result = relax.TensorType(list(CONV2D_INT8.result_shape(shape)), "float32")
+    y = bb.emit(relax.call_tir(kernel, args, result))
+    blocks = out_channels // shape.out_block
+    return bb.emit(relax.op.reshape(y, [shape.batch, blocks, shape.out_height, shape.out_width, shape.out_block]))
 
 
 @register_lowering(fxopt_ops.linear_wq.default)

@@ -59,10 +59,13 @@ class ConvertLayout(Pass):
     or depthwise, become ``fxopt::conv2d_blocked`` (a zero-padding op before one folded into its padding, even
     one-sided as TensorFlow's "same" padding), max and average pools ``fxopt::pool2d_blocked``; elementwise ops
     (activations, arithmetic: residual adds, a squeeze-excitation's scale) and means over ``H, W`` (global
-    average pools) take blocked values as they are. Any other reader of a blocked value reads it converted back
-    (``fxopt::from_blocked``), once per value; so do the graph's outputs. The block of a tensor is a function of
-    its channels (:func:`channel_block`): the largest power of two up to ``lanes`` dividing them, so every op's
-    inputs agree, unless ``block_costs`` names a file of measured convolution times per block pair
+    average pools) take blocked values as they are. In a quantized graph, int8 convolutions (``fxopt::conv_q``:
+    one group, a constant weight, one activation scale, input blocks of whole groups of 4 channels, output blocks
+    of ``lanes``) become ``fxopt::conv_q_blocked`` and int8 quantizations with one scale take blocked values as
+    they are, so the int8 values between convolutions stay blocked too. Any other reader of a blocked value reads
+    it converted back (``fxopt::from_blocked``), once per value; so do the graph's outputs. The block of a tensor
+    is a function of its channels (:func:`channel_block`): the largest power of two up to ``lanes`` dividing them,
+    so every op's inputs agree, unless ``block_costs`` names a file of measured convolution times per block pair
     (:mod:`fxopt.ir.block_costs`; tuning writes one): then each convolution's output block is searched
     (:func:`_searched_plan`; counted ``searched-blocks`` where it differs). Convolutions that stay NCHW
     (transposed, 1-D or 3-D, non-constant weights, channels without a block) are noted in the pass's report.
@@ -186,6 +189,10 @@ class _Blocking:
     def blocked_form(self, node: fx.Node) -> tuple[fx.Node, int] | None:
         """The blocked node computing ``node``'s value (inserted before it) and its block, or None."""
         value = node.meta.get("val")
+        if node.target is fxopt_ops.quantize.default:
+            return self._quantize(node)
+        if node.target is fxopt_ops.conv_q.default:
+            return self._conv_q(node)
         if not isinstance(value, torch.Tensor) or value.dtype != torch.float32:
             return None
         if node.target is aten.convolution.default:
@@ -251,6 +258,40 @@ class _Blocking:
             (blocked_x, weight, bias, list(cast(list, stride)), sides, list(cast(list, dilation)), groups, block),
         )
         return new, block
+
+    def _quantize(self, node: fx.Node) -> tuple[fx.Node, int] | None:
+        """An int8 quantization with one scale and zero point of a blocked value: elementwise, blocked alike."""
+        x, scale, zero_point, fmt = node.args
+        x = cast(fx.Node, x)
+        per_tensor = all(cast(fx.Node, p).meta["val"].numel() == 1 for p in (scale, zero_point))
+        if x.target is not fxopt_ops.from_blocked.default or not per_tensor or fmt != "int8":
+            return None
+        blocked = cast(fx.Node, x.args[0])
+        new = self.graph.call_function(fxopt_ops.quantize.default, (blocked, scale, zero_point, fmt))
+        return new, self.blocks[blocked]
+
+    def _conv_q(self, conv: fx.Node) -> tuple[fx.Node, int] | None:
+        """An int8 2-D convolution (``fxopt::conv_q``) of a whole-vector output block and an input block of whole
+        groups of 4 channels (the CPUs' int8 dot products sum 2 or 4), one group, a constant weight and one
+        activation scale: ``fxopt::conv_q_blocked``, its input blocked int8."""
+        xq, x_scale, x_zero_point, wq, w_scale, bias, stride, padding, dilation, groups, out_dtype = conv.args
+        xq, wq = cast(fx.Node, xq), cast(fx.Node, wq)
+        out = conv.meta["val"]
+        channels, out_channels = xq.meta["val"].shape[1], out.shape[1]
+        in_block = channel_block(channels, self.lanes)
+        per_tensor = all(cast(fx.Node, p).meta["val"].numel() == 1 for p in (x_scale, x_zero_point))
+        fits = in_block is not None and in_block % 4 == 0 and channel_block(out_channels, self.lanes) == self.lanes
+        if out.dim() != 4 or wq.op != "get_attr" or groups != 1 or xq.meta["val"].dtype != torch.int8:
+            return None
+        if not (per_tensor and fits):
+            self.ctx.skip(describe_node(conv), "its channels have no int8 blocks (input: 4 or more, output: a vector)")
+            return None
+        blocked_x = cast(fx.Node, self._blocked_input(xq, in_block))
+        top, left = cast(list, padding)
+        self.ctx.count("quantized-convs")
+        args = (blocked_x, x_scale, x_zero_point, wq, w_scale, bias, stride, [top, left, top, left], dilation)
+        new = self.graph.call_function(fxopt_ops.conv_q_blocked.default, (*args, groups, out_dtype, self.lanes))
+        return new, self.lanes
 
     def _blocked_input(self, x: fx.Node, block: int | None) -> fx.Node | None:
         """``x``'s value blocked: the blocked value it converts back, or ``x`` converted by ``block``."""

@@ -38,7 +38,8 @@ class Quantize(Pass):
     of its magnitude, bf16: 2⁻⁸) within the calibrated range; the pass record
     shows the output error. Runs after the exact rewrites that change weights
     (``fold-conv-bn``, ``fuse-blocks``, ``smooth-activations``, ``awq``) and before
-    ``convert-layout`` (the blocked convolutions it makes are float32 ones) and ``cse``/``dce``.
+    ``convert-layout`` (which blocks the quantized convolutions, not float ones this pass would not see) and
+    ``cse``/``dce``.
     """
 
     name = "quantize"

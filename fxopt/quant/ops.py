@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
+from fxopt.ir.ops import from_blocked, to_blocked
 from fxopt.quant.formats import FORMATS, dequantize_groups, quantize_tensor, unpack_int4
 
-__all__ = ["quantize", "linear_q", "conv_q", "linear_wq", "linear_bf16", "EXACT_FLOAT32_TERMS"]
+__all__ = ["quantize", "linear_q", "conv_q", "conv_q_blocked", "linear_wq", "linear_bf16", "EXACT_FLOAT32_TERMS"]
 
 
 @torch.library.custom_op("fxopt::quantize", mutates_args=())
@@ -126,6 +127,42 @@ def _conv_q_fake(xq, x_scale, x_zero_point, wq, w_scale, bias, stride, padding, 
     return xq.new_empty((xq.shape[0], wq.shape[0], *spatial), dtype=out_dtype)
 
 
+@torch.library.custom_op("fxopt::conv_q_blocked", mutates_args=())
+def conv_q_blocked(
+    xq: torch.Tensor,
+    x_scale: torch.Tensor,
+    x_zero_point: torch.Tensor,
+    wq: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+    out_dtype: torch.dtype,
+    block: int,
+) -> torch.Tensor:
+    """:func:`conv_q` of a blocked ``xq`` (NCHW[x]c, ``fxopt::to_blocked``), the result blocked by ``block``:
+    what ``convert-layout`` makes of a quantized convolution. ``padding``: ``[top, left, bottom, right]``, the
+    zero point (the real 0)."""
+    top, left, bottom, right = padding
+    plain = from_blocked(xq)
+    padded = F.pad(plain, (left, right, top, bottom), value=int(x_zero_point.reshape(-1)[0]))
+    y = conv_q(padded, x_scale, x_zero_point, wq, w_scale, bias, stride, [0, 0], dilation, groups, out_dtype)
+    return to_blocked(y, block)
+
+
+@conv_q_blocked.register_fake
+def _conv_q_blocked_fake(
+    xq, x_scale, x_zero_point, wq, w_scale, bias, stride, padding, dilation, groups, out_dtype, block
+):
+    n, _, height, width, _ = xq.shape
+    top, left, bottom, right = padding
+    out_h = (height + top + bottom - dilation[0] * (wq.shape[2] - 1) - 1) // stride[0] + 1
+    out_w = (width + left + right - dilation[1] * (wq.shape[3] - 1) - 1) // stride[1] + 1
+    return xq.new_empty((n, wq.shape[0] // block, out_h, out_w, block), dtype=out_dtype)
+
+
 @torch.library.custom_op("fxopt::linear_wq", mutates_args=())
 def linear_wq(
     x: torch.Tensor,
@@ -170,6 +207,6 @@ def _linear_flops(x_shape, *args, out_shape, **kwargs) -> int:
     return 2 * math.prod(x_shape) * out_shape[-1]
 
 
-@register_flop_formula(torch.ops.fxopt.conv_q)
+@register_flop_formula([torch.ops.fxopt.conv_q, torch.ops.fxopt.conv_q_blocked])
 def _conv_flops(x_shape, x_scale_shape, x_zero_point_shape, w_shape, *args, out_shape, **kwargs) -> int:
     return 2 * math.prod(out_shape) * math.prod(w_shape[1:])

@@ -79,6 +79,7 @@ def test_every_override_is_tested_here():
         "fxopt::quantize",
         "fxopt::linear_q",
         "fxopt::conv_q",
+        "fxopt::conv_q_blocked",
         "fxopt::linear_wq",
         "fxopt::linear_bf16",
         "aten::gelu",
@@ -216,6 +217,44 @@ def test_int8_convolutions_on_avx2_are_the_exact_hand_scheduled_kernel():
         (2, 16, 9, 7, 16, 1, 1),
         (2, 16, 5, 4, 32, 3, 3),
     ]
+    assert_built_matches(quantized, executable)
+
+
+@pytest.mark.skipif(not HOST.avx2, reason="the int8 convolution kernel is for AVX2 CPUs")
+def test_blocked_int8_convolutions_run_on_their_blocked_values_without_layout_copies():
+    from fxopt.passes import parse_pipeline
+    from fxopt.passes.pipeline import with_pass
+
+    x = torch.randn(2, 3, 9, 7)
+    (quantize,) = parse_pipeline("quantize")
+    transposes = {}
+    for pipeline in ([quantize], with_pass(parse_pipeline("cpu"), quantize)):  # NCHW, then blocked
+        quantized, _ = PassManager(pipeline, verify="off", calibration=[x]).run(capture(Int8ConvNet(), (x,)))
+        blocked = [n for n in quantized.graph.nodes if n.target is torch.ops.fxopt.conv_q_blocked.default]
+        with spy_on(CONV2D_INT8) as kernels:
+            executable = build(quantized, CPU, dispatch="tvm")
+        assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+        assert len(kernels) == 3  # each convolution the family's kernel, NCHW or blocked
+        assert_built_matches(quantized, executable)
+        transposes[len(blocked)] = len(re.findall(r"^define .*transpose", executable.kernel_source("ll"), re.M))
+    # Blocked, the strided 1x1 and the dilated 3x3 read the blocked quantization and write blocked values (the
+    # RGB stem stays NCHW): fewer layout copies than blocking and unblocking around every convolution.
+    assert sorted(transposes) == [0, 2] and transposes[2] < transposes[0]
+
+
+def test_blocked_int8_convolutions_the_kernel_does_not_take_run_between_conversions():
+    # Blocked by 16 channels for an AVX2 target, whose int8 kernel writes blocks of 8: Relax's int32 convolution
+    # between conversions, the same integers.
+    from fxopt.passes import parse_pipeline
+
+    x = torch.randn(2, 3, 9, 7)
+    pipeline = [*parse_pipeline("quantize"), *parse_pipeline("convert-layout{lanes=16}")]
+    quantized, _ = PassManager(pipeline, verify="off", calibration=[x]).run(capture(Int8ConvNet(), (x,)))
+    assert [n.target for n in quantized.graph.nodes].count(torch.ops.fxopt.conv_q_blocked.default) == 2
+    with spy_on(CONV2D_INT8) as kernels:
+        executable = build(quantized, parse_target("cpu:avx2"), dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    assert [ConvShape(*w).channels for w, _, _ in kernels] == [4]  # the NCHW RGB stem's, 3 channels padded
     assert_built_matches(quantized, executable)
 
 
