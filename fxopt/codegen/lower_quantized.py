@@ -191,7 +191,6 @@ def _conv_q(node: fx.Node, importer) -> object:
     """int8 2-D convolution into int32: the int8 convolution family's kernel where it applies
     (:func:`_conv_q_kernel`), else Relax's conv2d, the zero point's contribution (border-dependent, since padding
     pads the real 0) taken off as ``zp * conv(ones, w)``, a constant."""
-
     _int8_only(node)
     if input_node(node, 3).meta["val"].dim() != 4:
         raise LoweringError(node, "only 2-D quantized convolutions have a TVM kernel")

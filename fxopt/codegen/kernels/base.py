@@ -37,6 +37,8 @@ __all__ = [
     "padded_to",
     "epilogue_on_tile",
     "dot_product_tiles",
+    "dot_tiles",
+    "dot_tile_default",
 ]
 
 #: The PrimFunc attribute naming a family's kernel and its workload (``"gemm_f32 128x768x3072"``): what tuning
@@ -186,6 +188,27 @@ def accumulate_in_registers(sch, acc, task, unrolled, lane, reduction) -> None:
     sch.vectorize(lane)
     init = sch.decompose_reduction(acc, reduction)
     sch.vectorize(sch.get_loops(init)[-1])
+
+
+def dot_tiles(rows: int, blocks: int, lanes: int, isa: Isa) -> list[tuple[int, int]]:
+    """The register tiles of :func:`dot_product_tiles` tuning times for ``rows`` rows and ``blocks`` blocks of
+    ``lanes`` outputs: ``(rows, blocks)`` of 1-8 rows by 1-4 blocks with at least 4 accumulators that fit ``isa``'s
+    registers and divide the workload (a partial tile cannot be tensorized)."""
+    return [
+        (r, b)
+        for r in (1, 2, 3, 4, 6, 8)
+        for b in (1, 2, 3, 4)
+        if r * b >= 4 and rows % r == 0 and blocks % b == 0 and RegisterTile(r, b, lanes).fits(isa)
+    ]
+
+
+def dot_tile_default(rows: int, blocks: int, lanes: int, isa: Isa, wide: bool) -> tuple[int, int]:
+    """The register tile :func:`dot_product_tiles` uses untuned: ``wide``, up to 8 rows x 3 blocks (24
+    accumulators, for 32 registers); else up to 4 x 2 (8, for 16). Fewer rows and blocks where they do not
+    divide the workload."""
+    r = next(r for r in ((8, 6, 4, 2, 1) if wide else (4, 2, 1)) if rows % r == 0)
+    b = next(b for b in ((3, 4, 2, 1) if wide else (2, 1)) if blocks % b == 0 and RegisterTile(r, b, lanes).fits(isa))
+    return r, b
 
 
 def dot_product_tiles(func, rows: int, blocks: int, intrinsic: str) -> Any:

@@ -33,7 +33,15 @@ from fxopt.codegen.kernels.base import (
     padded_to,
     wide_indexed_prim_func,
 )
-from fxopt.codegen.kernels.conv2d_f32 import CHANNELS_OUTER, PIXELS_OUTER, TILES, Conv2dF32Config, ConvShape, tap
+from fxopt.codegen.kernels.conv2d_f32 import (
+    CHANNELS_OUTER,
+    PIXELS_OUTER,
+    TILES,
+    Conv2dF32Config,
+    ConvShape,
+    padded_input,
+    tap,
+)
 from fxopt.codegen.kernels.gemm_int8 import UNSIGNED_SHIFT, dot_instruction
 
 __all__ = ["Conv2dInt8", "CONV2D_INT8", "Conv2dInt8Config", "input_block"]
@@ -127,7 +135,7 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
         int32 ``[O]`` (each output channel's weight sum); ``zero_point`` int32 and ``x_scale`` float32, ``[1]``;
         ``w_scale`` float32 ``[O]``; ``bias`` float32 ``[O]``; the result, float32 ``[N, O/y, OH * OW, y]``.
         ``variant``: None (the epilogue on the tile is the dequantization)."""
-        from tvm import s_tir, te, tirx
+        from tvm import s_tir, te
 
         shape = ConvShape(*workload)
         depth = config.depth
@@ -148,19 +156,11 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
         bias = te.placeholder((shape.out_channels,), "float32", name="bias")
         shift = 0 if depth == 2 else UNSIGNED_SHIFT
         wide_type = "int16" if depth == 2 else "uint8"
-        top, left = shape.pad_top, shape.pad_left
-
-        def wide(n, c, h, w, i):  # padded with the zero point, widened or shifted as the instruction reads it
-            inside = tirx.all(h >= top, h < shape.height + top, w >= left, w < shape.width + left)
-            value = tirx.if_then_else(inside, xq[n, c, h - top, w - left, i].astype("int32"), zero_point[0])
-            return (value + shift).astype(wide_type)
-
+        # Padded with the zero point (inlined into the widening), widened or shifted as the instruction reads it.
+        padded = padded_input(shape, xq, zero_point[0].astype("int8"))
         source = te.compute(
-            (shape.batch, in_blocks, shape.height + top + shape.pad_bottom, shape.width + left + shape.pad_right,
-             x_block),
-            wide,
-            name="wide",
-        )  # fmt: skip
+            padded.shape, lambda *i: (padded(*i).astype("int32") + shift).astype(wide_type), name="wide"
+        )
         c = te.reduce_axis((0, in_blocks), "c")
         kh = te.reduce_axis((0, shape.kernel_h), "kh")
         kw = te.reduce_axis((0, shape.kernel_w), "kw")

@@ -23,7 +23,7 @@ import torch
 
 from fxopt.codegen.intrinsics.x86 import bf16_bits, bf16_dot_llvm, bf16_value, dot_bf16_pairs
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, dot_product_tiles
+from fxopt.codegen.kernels.base import KernelFamily, Workload, dot_product_tiles, dot_tile_default, dot_tiles
 
 if TYPE_CHECKING:
     from fxopt.codegen.epilogue import Epilogue
@@ -58,16 +58,10 @@ class GemmBf16(KernelFamily[GemmBf16Config]):
         return isa.avx512_bf16 and isa.lanes() == LANES and out_features % LANES == 0 and in_features % 2 == 0
 
     def space(self, workload: Workload, isa: Isa) -> list[GemmBf16Config]:
-        """Tiles of 1-8 rows by 1-4 blocks with at least 4 accumulators that fit the registers and divide the
-        workload (a partial tile cannot be tensorized)."""
+        """The dot-product tiles (:func:`~.base.dot_tiles`: 1-8 rows by 1-4 blocks that fit the registers and
+        divide the workload), and the default."""
         rows, _, out_features = workload
-        blocks = out_features // LANES
-        tiles = [
-            GemmBf16Config(r, b)
-            for r in (1, 2, 3, 4, 6, 8)
-            for b in (1, 2, 3, 4)
-            if r * b >= 4 and rows % r == 0 and blocks % b == 0 and RegisterTile(r, b, LANES).fits(isa)
-        ]
+        tiles = [GemmBf16Config(r, b) for r, b in dot_tiles(rows, out_features // LANES, LANES, isa)]
         default = self.default(workload, isa)
         return tiles if default in tiles else [default, *tiles]
 
@@ -75,10 +69,7 @@ class GemmBf16(KernelFamily[GemmBf16Config]):
         """8 rows x 3 blocks (24 accumulators, as the float32 GEMM's AVX-512 tile); fewer where they do not divide
         the workload."""
         rows, _, out_features = workload
-        blocks = out_features // LANES
-        r = next(r for r in (8, 6, 4, 2, 1) if rows % r == 0)
-        b = next(b for b in (3, 4, 2, 1) if blocks % b == 0 and RegisterTile(r, b, LANES).fits(isa))
-        return GemmBf16Config(r, b)
+        return GemmBf16Config(*dot_tile_default(rows, out_features // LANES, LANES, isa, wide=True))
 
     @staticmethod
     def pack(weight: torch.Tensor, config: GemmBf16Config) -> torch.Tensor:

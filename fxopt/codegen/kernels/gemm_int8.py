@@ -34,7 +34,7 @@ import torch
 
 from fxopt.codegen.intrinsics.x86 import DOT_INT16_LANES, dot_int16_pairs, dot_u8s8_quads
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, dot_product_tiles
+from fxopt.codegen.kernels.base import KernelFamily, Workload, dot_product_tiles, dot_tile_default, dot_tiles
 
 if TYPE_CHECKING:
     from fxopt.codegen.epilogue import Epilogue
@@ -95,17 +95,11 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         return isa.avx2 and out_features % lanes == 0 and in_features % depth == 0
 
     def space(self, workload: Workload, isa: Isa) -> list[GemmInt8Config]:
-        """Tiles of 1-8 rows by 1-4 blocks with at least 4 accumulators that fit the registers and divide the
-        workload (a partial tile cannot be tensorized), and the default."""
+        """The dot-product tiles (:func:`~.base.dot_tiles`: 1-8 rows by 1-4 blocks that fit the registers and
+        divide the workload), and the default."""
         rows, _, out_features = workload
         lanes, depth = dot_instruction(isa)
-        blocks = out_features // lanes
-        tiles = [
-            GemmInt8Config(r, b, lanes, depth)
-            for r in (1, 2, 3, 4, 6, 8)
-            for b in (1, 2, 3, 4)
-            if r * b >= 4 and rows % r == 0 and blocks % b == 0 and RegisterTile(r, b, lanes).fits(isa)
-        ]
+        tiles = [GemmInt8Config(r, b, lanes, depth) for r, b in dot_tiles(rows, out_features // lanes, lanes, isa)]
         default = self.default(workload, isa)
         return tiles if default in tiles else [default, *tiles]
 
@@ -115,13 +109,8 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         rows and blocks where they do not divide the workload."""
         rows, _, out_features = workload
         lanes, depth = dot_instruction(isa)
-        blocks = out_features // lanes
         wide = depth == 4 and isa.vector_registers >= 32
-        r = next(r for r in ((8, 6, 4, 2, 1) if wide else (4, 2, 1)) if rows % r == 0)
-        b = next(
-            b for b in ((3, 4, 2, 1) if wide else (2, 1)) if blocks % b == 0 and RegisterTile(r, b, lanes).fits(isa)
-        )
-        return GemmInt8Config(r, b, lanes, depth)
+        return GemmInt8Config(*dot_tile_default(rows, out_features // lanes, lanes, isa, wide), lanes, depth)
 
     @staticmethod
     def pack(weight: torch.Tensor, config: GemmInt8Config) -> torch.Tensor:
