@@ -3,12 +3,12 @@
 ``python benchmarks/kernels_mca.py [--cpus sapphirerapids znver4 znver3] [--mca llvm-mca-19]``: each kernel family
 (:mod:`fxopt.codegen.kernels`: the float32 GEMM on BERT's 128x768x3072, attention on BERT's 12 heads x 128 x 64, the
 direct convolution on ResNet-50's 3x3 64-channel layer blocked by the ISA's lanes, the int8 GEMM and (where the
-CPU has AVX-512 BF16) the bfloat16 GEMM on BERT's 128x768x3072; not the depthwise convolution, whose taps LLVM
-unrolls whole, leaving no loop, and which memory bounds) is built with its default config for each CPU
-(``x86_64:CPU``: its ISA's tiles, lanes and instructions, cross-compiled where this host lacks the ISA); the loops
-of its assembly that hold its multiply-adds (float FMAs, the int8 kernel's ``vpmaddwd``/``vpdpbusd``, the bfloat16
-one's ``vdpbf16ps``; a label, a body, a jump back to the label) go to
-``llvm-mca -mcpu=CPU``, which predicts their cycles per iteration on that CPU's pipeline model. Printed per loop:
+CPU has AVX-512 BF16) the bfloat16 GEMM on BERT's 128x768x3072, the int8 direct convolution on that 3x3 layer;
+not the depthwise convolution, whose taps LLVM unrolls whole, leaving no loop, and which memory bounds) is built
+with its default config for each CPU (``x86_64:CPU``: its ISA's tiles, lanes and instructions, cross-compiled
+where this host lacks the ISA); the loops of its assembly that hold its multiply-adds (float FMAs, the int8
+kernels' ``vpmaddwd``/``vpdpbusd``, the bfloat16 one's ``vdpbf16ps``; a label, a body, a jump back to the label)
+go to ``llvm-mca -mcpu=CPU``, which predicts their cycles per iteration on that CPU's pipeline model. Printed per loop:
 its multiply-add instructions and their width, the predicted operations (FLOP, or int8 multiplies and adds) per
 cycle, and that as a share of the model's own peak for that instruction (its prediction for independent ones of
 the same width; for FMAs beside the CPU's real peak, :data:`PEAK_FLOP_PER_CYCLE`: LLVM's models differ from the
@@ -28,9 +28,10 @@ from fxopt.codegen.compile import compile_kernel
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
+from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
-from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, dot_instruction
 from fxopt.targets import parse_target
 
 #: float32 FLOP per cycle of one core at its FMA peak: FMA units x lanes x 2. Zen 4 runs a 512-bit FMA as two
@@ -72,6 +73,8 @@ def kernels(isa: Isa) -> dict:
         (ATTENTION_F32, (1, 12, 128, 128, 64)),
         (CONV2D_F32, (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, lanes, lanes)),
         (GEMM_INT8, (128, 768, 3072)),
+        # the int8 direct convolution: output blocks of its dot instruction's lanes
+        (CONV2D_INT8, (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, dot_instruction(isa)[0])),
         (GEMM_BF16, (128, 768, 3072)),
     ]
     return {

@@ -136,7 +136,7 @@ def test_the_llvm_mca_benchmark_predicts_each_kernels_loops_per_cpu(capsys, monk
         pytest.skip("no llvm-mca here (Debian package llvm)")
     assert mca["main"](["--cpus", "znver3", "sapphirerapids", "--loops", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    kernels = ("gemm_f32", "attention_f32", "conv2d_f32", "gemm_int8", "gemm_bf16")
+    kernels = ("gemm_f32", "attention_f32", "conv2d_f32", "gemm_int8", "conv2d_int8", "gemm_bf16")
     assert [(row[0], row[1]) for row in rows] == [
         (cpu, kernel)
         for cpu in ("znver3", "sapphirerapids")
@@ -147,7 +147,7 @@ def test_the_llvm_mca_benchmark_predicts_each_kernels_loops_per_cpu(capsys, monk
         assert row[6] == ("ymm" if row[0] == "znver3" else "zmm")  # each CPU's own vector registers
         # int8: AVX2's int16 pair products, VNNI's byte quads where the CPU has them
         int8 = "vpmaddwd" if row[0] == "znver3" else "vpdpbusd"
-        assert row[5] == {"gemm_int8": int8, "gemm_bf16": "vdpbf16ps"}.get(row[1], "FMA")
+        assert row[5] == {"gemm_int8": int8, "conv2d_int8": int8, "gemm_bf16": "vdpbf16ps"}.get(row[1], "FMA")
         assert 0 < int(row[-1].rstrip("%")) <= 101  # a share of the model's peak
 
 
