@@ -18,7 +18,7 @@ import torch.fx as fx
 from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.intrinsics.x86 import bf16_bits, bf16_value
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape
-from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, input_block
+from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, Conv2dInt8Variant, input_block
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
@@ -152,10 +152,7 @@ def _linear_q_kernel(node: fx.Node, importer, weight: torch.Tensor, workload: tu
     for operand, shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
         args.append(bb.emit(relax.op.reshape(importer.env[operand], list(shape))))
     if requantize is not None:
-        args += [
-            bb.emit(relax.op.astype(relax.op.reshape(_value_or_constant(a, importer), [1]), dtype))
-            for a, dtype in ((input_node(requantize, 1), "float32"), (input_node(requantize, 2), "int32"))
-        ]
+        args += _requantize_args(requantize, importer)
     dtype = "int8" if requantize is not None else "float32"
     y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, out_features], dtype)))
     if epilogue is None and requantize is None:
@@ -167,15 +164,26 @@ def _linear_q_kernel(node: fx.Node, importer, weight: torch.Tensor, workload: tu
     return None  # read by none but the ops the kernel computed
 
 
-def _requantizing(result: fx.Node, importer) -> fx.Node | None:
-    """The ``quantize`` to int8 with one scale and zero point (lowered already, or constants) that is all that
-    reads ``result``, or None."""
-    (reader,) = result.users if len(result.users) == 1 else (None,)
-    if reader is None or reader.target is not fxopt_ops.quantize.default or reader.args[3] != "int8":
+def _requantizing(result: fx.Node, importer, shared: bool = False) -> fx.Node | None:
+    """The ``quantize`` to int8 with one scale and zero point (lowered already, or constants) that reads
+    ``result``: all that reads it or, ``shared``, one of its readers; else None."""
+    readers = [user for user in result.users if user.target is fxopt_ops.quantize.default and user.args[3] == "int8"]
+    if len(readers) != 1 or (len(result.users) > 1 and not shared):
         return None
-    params = [input_node(reader, 1), input_node(reader, 2)]
+    params = [input_node(readers[0], 1), input_node(readers[0], 2)]
     known = all(p.meta["val"].numel() == 1 and (p in importer.env or _constant(p) is not None) for p in params)
-    return reader if known else None
+    return readers[0] if known else None
+
+
+def _requantize_args(quantize: fx.Node, importer) -> list:
+    """The output scale (float32) and zero point (int32), ``[1]`` each, of the ``quantize`` a kernel computes."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    return [
+        bb.emit(relax.op.astype(relax.op.reshape(_value_or_constant(arg, importer), [1]), dtype))
+        for arg, dtype in ((input_node(quantize, 1), "float32"), (input_node(quantize, 2), "int32"))
+    ]
 
 
 def _value_or_constant(node: fx.Node, importer) -> object:
@@ -226,30 +234,26 @@ def _conv_q_kernel(node: fx.Node, importer) -> object | None:
     """``conv_q`` as the int8 convolution family's kernel (:func:`_int8_conv_call`), its input blocked NCHW[x]c on
     the way in and its float result NCHW on the way out (int8 copies, then float ones: ``convert-layout``, which
     keeps a network's values blocked, was not run), or None where the family does not apply (grouped, channels
-    without a block, a weight computed at run time, a scale per token). Fewer than 4 input channels are padded
-    to 4 (zero weights read the padding)."""
+    without a block, a weight computed at run time, a scale per token). Fewer than 4 input channels are read as
+    they are (blocks of 1: the kernel re-blocks them)."""
     from tvm import relax
 
     weight = _constant(input_node(node, 3))
-    batch, real_channels, height, width = input_node(node, 0).meta["val"].shape
+    batch, channels, height, width = input_node(node, 0).meta["val"].shape
     isa = importer.isa
-    blocking = input_block(real_channels, isa) if isa is not None else None
-    if weight is None or blocking is None:
+    x_block = input_block(channels, isa) if isa is not None else None
+    if weight is None or x_block is None:
         return None
-    x_block, channels = blocking
     (pad_h, pad_w) = cast(list[int], node.args[7])
     shape = _int8_conv_shape(node, importer, weight, (batch, channels, height, width, x_block), [pad_h, pad_w] * 2)
     if shape is None:
         return None
     bb = importer.block_builder
-    xq = importer.env[node.args[0]]
-    if channels > real_channels:
-        xq = relax.op.nn.pad(xq, [0, 0, 0, channels - real_channels, 0, 0, 0, 0])
-    blocked = relax.op.reshape(xq, [batch, channels // x_block, x_block, height, width])
-    y = _int8_conv_call(node, importer, shape, weight, bb.emit(relax.op.permute_dims(blocked, [0, 1, 3, 4, 2])))
-    out_channels = shape.out_channels
-    y = relax.op.permute_dims(y, [0, 1, 4, 2, 3])
-    y = bb.emit(relax.op.reshape(y, [batch, out_channels, shape.out_height, shape.out_width]))
+    blocked = relax.op.reshape(importer.env[node.args[0]], [batch, channels // x_block, x_block, height, width])
+    (y,) = _int8_conv_call(node, importer, shape, weight, bb.emit(relax.op.permute_dims(blocked, [0, 1, 3, 4, 2])))
+    out_height, out_width, out_block = shape.out_height, shape.out_width, shape.out_block
+    y = relax.op.reshape(y, [batch, shape.out_channels // out_block, out_height, out_width, out_block])
+    y = bb.emit(relax.op.reshape(relax.op.permute_dims(y, [0, 1, 4, 2, 3]), [*node.meta["val"].shape]))
     return _in_output_dtype(node, bb, y)
 
 
@@ -267,7 +271,7 @@ def _conv_q_blocked(node: fx.Node, importer) -> object:
     shape = None if weight is None else _int8_conv_shape(node, importer, weight, geometry, padding, block)
     bb = importer.block_builder
     if weight is not None and shape is not None:
-        return _in_output_dtype(node, bb, _int8_conv_call(node, importer, shape, weight, importer.env[node.args[0]]))
+        return _int8_conv_with_tail(node, importer, shape, weight)
     xq = relax.op.permute_dims(importer.env[node.args[0]], [0, 1, 4, 2, 3])
     plain = [batch, in_blocks * x_block, height, width]
     y = _conv_q_relax(node, importer, bb.emit(relax.op.reshape(xq, plain)), plain, padding)
@@ -300,19 +304,61 @@ def _int8_conv_shape(
     return shape if applies else None
 
 
-def _int8_conv_call(node: fx.Node, importer, shape: ConvShape, weight: torch.Tensor, blocked_xq) -> object:
+def _int8_conv_with_tail(node: fx.Node, importer, shape: ConvShape, weight: torch.Tensor) -> object:
+    """``conv_q_blocked`` as the int8 convolution family's kernel with the float ops after it that its tile can
+    apply (:func:`fxopt.codegen.epilogue.find_epilogue`: ReLU, a residual add) and the per-tensor int8
+    ``quantize`` that reads their result, if any: the kernel writes that int8 value (bound to the ``quantize``),
+    and the float one too where others read it (a residual block's output, which the next block adds)."""
+    bb = importer.block_builder
+    float32 = node.meta["val"].dtype == torch.float32
+    epilogue = find_epilogue(node, lambda value: value in importer.env) if float32 else None
+    inside = epilogue.nodes if epilogue else []
+    exit = inside[-1] if inside else node
+    requantize = _requantizing(exit, importer, shared=True) if float32 else None
+    variant = Conv2dInt8Variant(epilogue, requantize is not None, requantize is not None and len(exit.users) > 1)
+    results = _int8_conv_call(node, importer, shape, weight, importer.env[node.args[0]], variant, requantize)
+    if requantize is not None:
+        importer.absorbed[requantize] = bb.emit(_blocked_result(results[-1], requantize))
+    written = _blocked_result(results[0], exit) if variant.writes_float else None
+    if exit is node:
+        return written if written is None else _in_output_dtype(node, bb, bb.emit(written))
+    importer.absorbed.update({n: None for n in inside[:-1]})
+    importer.absorbed[exit] = None if written is None else bb.emit(written)
+    return None  # read by none but the ops the kernel computed
+
+
+def _blocked_result(flat, node: fx.Node) -> object:
+    """The kernel's result ``flat`` (``[N, O/y, OH * OW, y]``) in ``node``'s (blocked) shape: a view, never fused
+    (TVM 0.27's FuseTIR failed on a fused reshape reading one result of a kernel with two)."""
+    from tvm import relax
+
+    return relax.op.memory.view(flat, [*node.meta["val"].shape])
+
+
+def _int8_conv_call(
+    node: fx.Node,
+    importer,
+    shape: ConvShape,
+    weight: torch.Tensor,
+    blocked_xq,
+    variant: Conv2dInt8Variant | None = None,
+    requantize: fx.Node | None = None,
+) -> list:
     """The int8 convolution family's kernel for ``shape`` on the blocked int8 input ``blocked_xq``, ``weight``
-    (``[O, C, KH, KW]``, its input channels zero-padded to ``shape``'s) packed at build time: its float32 result
-    blocked, ``[N, O/y, OH, OW, y]``."""
+    (``[O, C, KH, KW]``) packed at build time, with ``variant``'s
+    tail (its requantization that of ``requantize``): its results, ``[N, O/y, OH * OW, y]`` each (float32, int8
+    or both: :meth:`~fxopt.codegen.kernels.conv2d_int8.Conv2dInt8.build`)."""
     from tvm import relax
 
     bb = importer.block_builder
     isa = importer.isa
-    weight = torch.nn.functional.pad(weight, (0, 0, 0, 0, 0, shape.channels - weight.shape[1]))
+    variant = variant or Conv2dInt8Variant()
     config = importer.templates.config(CONV2D_INT8, shape.workload, isa)
-    kernel = bb.add_func(CONV2D_INT8.build(shape.workload, config).with_attr("global_symbol", node.name), node.name)
+    kernel = CONV2D_INT8.build(shape.workload, config, variant)
+    kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     out_channels, w_scale, bias = shape.out_channels, input_node(node, 4), optional_input_node(node, 5)
     per_channel = relax.op.broadcast_to(relax.op.reshape(importer.env[w_scale], [-1]), [out_channels])
+    flat = list(CONV2D_INT8.result_shape(shape))
     args = [
         blocked_xq,
         to_relax_constant(CONV2D_INT8.pack(weight, shape, dot_instruction(isa)[1])),
@@ -322,10 +368,16 @@ def _int8_conv_call(node: fx.Node, importer, shape: ConvShape, weight: torch.Ten
         bb.emit(relax.op.astype(per_channel, "float32")),
         to_relax_constant(torch.zeros(out_channels)) if bias is None else _float32(bias, importer),
     ]
-    result = relax.TensorType(list(CONV2D_INT8.result_shape(shape)), "float32")
-    y = bb.emit(relax.call_tir(kernel, args, result))
-    blocks = out_channels // shape.out_block
-    return bb.emit(relax.op.reshape(y, [shape.batch, blocks, shape.out_height, shape.out_width, shape.out_block]))
+    epilogue = variant.epilogue
+    for operand, operand_shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
+        whole = len(operand_shape) == 2
+        args.append(bb.emit(relax.op.reshape(importer.env[operand], flat if whole else list(operand_shape))))
+    if requantize is not None:
+        args += _requantize_args(requantize, importer)
+    dtypes = (["float32"] if variant.writes_float else []) + (["int8"] if variant.requantized else [])
+    types = [relax.TensorType(flat, dtype) for dtype in dtypes]
+    call = bb.emit(relax.call_tir(kernel, args, types if len(types) > 1 else types[0]))
+    return [bb.emit(relax.TupleGetItem(call, i)) for i in range(len(types))] if len(types) > 1 else [call]
 
 
 @register_lowering(fxopt_ops.linear_wq.default)

@@ -272,19 +272,22 @@ class _Blocking:
 
     def _conv_q(self, conv: fx.Node) -> tuple[fx.Node, int] | None:
         """An int8 2-D convolution (``fxopt::conv_q``) of a whole-vector output block and an input block of whole
-        groups of 4 channels (the CPUs' int8 dot products sum 2 or 4), one group, a constant weight and one
-        activation scale: ``fxopt::conv_q_blocked``, its input blocked int8."""
+        groups of 4 channels (the CPUs' int8 dot products sum 2 or 4) or fewer than 4 channels (an RGB image,
+        blocks of 1: NCHW itself), one group, a constant weight and one activation scale:
+        ``fxopt::conv_q_blocked``, its input blocked int8."""
         xq, x_scale, x_zero_point, wq, w_scale, bias, stride, padding, dilation, groups, out_dtype = conv.args
         xq, wq = cast(fx.Node, xq), cast(fx.Node, wq)
         out = conv.meta["val"]
         channels, out_channels = xq.meta["val"].shape[1], out.shape[1]
         in_block = channel_block(channels, self.lanes)
         per_tensor = all(cast(fx.Node, p).meta["val"].numel() == 1 for p in (x_scale, x_zero_point))
-        fits = in_block is not None and in_block % 4 == 0 and channel_block(out_channels, self.lanes) == self.lanes
+        whole_groups = in_block is not None and (in_block % 4 == 0 or channels < 4)
+        fits = whole_groups and channel_block(out_channels, self.lanes) == self.lanes
         if out.dim() != 4 or wq.op != "get_attr" or groups != 1 or xq.meta["val"].dtype != torch.int8:
             return None
         if not (per_tensor and fits):
-            self.ctx.skip(describe_node(conv), "its channels have no int8 blocks (input: 4 or more, output: a vector)")
+            note = "its channels have no int8 blocks (input: groups of 4, output: a vector)"
+            self.ctx.skip(describe_node(conv), note)
             return None
         blocked_x = cast(fx.Node, self._blocked_input(xq, in_block))
         top, left = cast(list, padding)

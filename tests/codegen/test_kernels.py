@@ -23,7 +23,7 @@ from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels import FAMILIES, conv2d_int8, gemm_bf16, gemm_int8, template_workloads
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionInputs
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
-from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8
+from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, Conv2dInt8Variant
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32Config
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import (
@@ -441,15 +441,21 @@ def test_the_int8_kernels_build_with_each_cpus_dot_product(mcpu, instruction, re
     st.integers(1, 2),
     st.integers(-128, 127),
     st.integers(0, 2**16),
+    st.sampled_from([0, 1, 2, 3]),
 )
-def test_every_int8_convolution_config_is_exact(spec, batch, blocks, height, width, k, stride, pad, dilation, zp, seed):
+def test_every_int8_convolution_config_is_exact(
+    spec, batch, blocks, height, width, k, stride, pad, dilation, zp, seed, tiny
+):
     import tvm
 
     isa = Isa.named(spec)
     lanes, depth = dot_instruction(isa)
     x_block = 4 if depth == 4 else 2
+    channels = blocks * x_block
+    if tiny:  # an RGB image's few channels in blocks of 1 (NCHW itself), re-blocked by the kernel
+        channels, x_block = tiny, 1
     shape = ConvShape(
-        batch, blocks * x_block, height, width, 2 * lanes, k, k, stride, stride, pad, pad, pad, pad,
+        batch, channels, height, width, 2 * lanes, k, k, stride, stride, pad, pad, pad, pad,
         dilation, dilation, x_block, lanes,
     )  # fmt: skip
     if shape.out_height < 1 or shape.out_width < 1:
@@ -478,6 +484,84 @@ def test_every_int8_convolution_config_is_exact(spec, batch, blocks, height, wid
         args = (_blocked(xq, x_block), CONV2D_INT8.pack(weight, shape, depth), colsum, zero_point, ones[0], *ones[1:])
         library[f"c{i}"](*map(to_tvm, (*args, bias, out)))
         assert torch.equal(out.double(), expected), str(config)
+
+
+class _BlockedResidual(torch.nn.Module):
+    """A blocked int8 convolution, a residual add and a ReLU: a residual block's last layer (captured for the
+    epilogue the int8 convolution computes on its tile)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, pad: int, lanes: int):
+        super().__init__()
+        self.register_buffer("weight", weight)
+        self.register_buffer("bias", bias)
+        self.pad, self.lanes = pad, lanes
+
+    def forward(self, xq, residual):
+        one, zero_point = torch.ones(1), torch.zeros(1, dtype=torch.int32)
+        y = fxopt_ops.conv_q_blocked(
+            xq, one, zero_point, self.weight, torch.ones(self.weight.shape[0]), self.bias,
+            [1, 1], [self.pad] * 4, [1, 1], 1, torch.float32, self.lanes,
+        )  # fmt: skip
+        return torch.relu(y + residual)
+
+
+# Requantization on the convolution's tile is exact (integer values, power-of-two scales: every float step exact):
+# its int8 equals fxopt.quantize of the reference's float, its float (written too: a residual block's output) the
+# reference's, after a residual add and a ReLU on the tile.
+@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the int8 convolution is for x86 CPUs with AVX2")
+@settings(max_examples=6, deadline=None)
+@given(
+    st.integers(0, 2**16),
+    st.sampled_from(["cpu", "x86_64:znver4"]),
+    st.integers(1, 7),
+    st.sampled_from([1, 3]),
+    st.integers(-128, 127),
+    st.integers(-128, 127),
+    st.integers(-4, 12),
+    st.booleans(),
+)
+def test_the_int8_convolution_requantizes_its_tile_exactly(seed, spec, size, k, zp, out_zp, shift, float_too):
+    import tvm
+
+    isa = Isa.named(spec)
+    lanes, depth = dot_instruction(isa)
+    pad = k // 2
+    shape = ConvShape(1, 2 * depth, size, size + 1, 2 * lanes, k, k, 1, 1, pad, pad, pad, pad, 1, 1, depth, lanes)
+    generator = torch.Generator().manual_seed(seed)
+    xq = torch.randint(-128, 128, (1, shape.channels, size, size + 1), generator=generator, dtype=torch.int8)
+    weight = torch.randint(-127, 128, (shape.out_channels, shape.channels, k, k), generator=generator)
+    weight = weight.to(torch.int8)
+    bias = torch.randint(-1000, 1000, (shape.out_channels,), generator=generator).float()
+    module = _BlockedResidual(weight, bias, pad, lanes)
+    blocked = _blocked(xq, depth)
+    zero_point = torch.tensor([zp], dtype=torch.int32)
+    reference = fxopt_ops.conv_q_blocked(
+        blocked, torch.ones(1), zero_point, weight, torch.ones(shape.out_channels), bias,
+        [1, 1], [pad] * 4, [1, 1], 1, torch.float32, lanes,
+    )  # fmt: skip
+    residual = torch.randint(-2000, 2000, reference.shape, generator=generator).float()
+    program = capture(module, (blocked, residual))
+    conv = next(n for n in program.graph.nodes if n.target is fxopt_ops.conv_q_blocked.default)
+    epilogue = find_epilogue(conv, lambda value: True)
+    assert epilogue is not None and epilogue.ops == ("add", "relu")
+    variant = Conv2dInt8Variant(epilogue, requantized=True, float_too=float_too)
+    config = CONV2D_INT8.default(shape.workload, isa)
+    with pytest.MonkeyPatch.context() as patch:
+        if isa.vnni and not Isa.of(CPU).vnni:
+            patch.setattr(conv2d_int8, "dot_u8s8_quads", _vnni_by_its_definition)
+        kernel = CONV2D_INT8.build(shape.workload, config, variant)
+        library = compile_kernel(tvm.IRModule({"main": kernel}), CPU.tvm())
+    flat = CONV2D_INT8.result_shape(shape)
+    y = torch.relu(reference + residual)
+    out_scale, out_zero_point = torch.tensor([2.0**shift]), torch.tensor([out_zp], dtype=torch.int32)
+    float_out, int8_out = torch.full(flat, float("nan")), torch.empty(flat, dtype=torch.int8)
+    colsum = weight.to(torch.int32).sum((1, 2, 3), dtype=torch.int32)
+    args = (blocked, CONV2D_INT8.pack(weight, shape, depth), colsum, zero_point, torch.ones(1))
+    args += (torch.ones(shape.out_channels), bias, residual.reshape(flat), out_scale, out_zero_point)
+    library["main"](*map(to_tvm, (*args, *([float_out] if float_too else []), int8_out)))
+    expected = fxopt_ops.quantize(y, out_scale, out_zero_point, "int8")
+    assert torch.equal(int8_out.reshape(y.shape), expected)
+    assert not float_too or torch.equal(float_out.reshape(y.shape), y)
 
 
 @functools.cache

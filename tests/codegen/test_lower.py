@@ -190,7 +190,7 @@ def test_int8_quantized_graphs_lower_to_integer_kernels_with_the_reference_resul
 
 class Int8ConvNet(torch.nn.Module):
     """Convolutions the int8 convolution family takes (16 or 32 outputs: whole blocks of 8 or 16 lanes): padded 3x3
-    of an RGB image (its 3 channels padded to 4), strided 1x1, dilated 3x3."""
+    of an RGB image (its 3 channels re-blocked by the kernel), strided 1x1, dilated 3x3."""
 
     def __init__(self):
         super().__init__()
@@ -213,7 +213,7 @@ def test_int8_convolutions_on_avx2_are_the_exact_hand_scheduled_kernel():
         executable = build(quantized, CPU, dispatch="tvm")
     assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
     assert [ConvShape(*w)[:7] for w, _, _ in kernels] == [
-        (2, 4, 9, 7, 16, 3, 3),
+        (2, 3, 9, 7, 16, 3, 3),
         (2, 16, 9, 7, 16, 1, 1),
         (2, 16, 5, 4, 32, 3, 3),
     ]
@@ -237,24 +237,68 @@ def test_blocked_int8_convolutions_run_on_their_blocked_values_without_layout_co
         assert len(kernels) == 3  # each convolution the family's kernel, NCHW or blocked
         assert_built_matches(quantized, executable)
         transposes[len(blocked)] = len(re.findall(r"^define .*transpose", executable.kernel_source("ll"), re.M))
-    # Blocked, the strided 1x1 and the dilated 3x3 read the blocked quantization and write blocked values (the
-    # RGB stem stays NCHW): fewer layout copies than blocking and unblocking around every convolution.
-    assert sorted(transposes) == [0, 2] and transposes[2] < transposes[0]
+    # Blocked, the convolutions read the blocked quantizations and write blocked values (the RGB stem reads the
+    # image in blocks of 1, NCHW itself): fewer layout copies than blocking and unblocking around every one.
+    assert sorted(transposes) == [0, 3] and transposes[3] < transposes[0]
+
+
+class Int8ResidualNet(torch.nn.Module):
+    """A residual block of int8 convolutions: the inner one's ReLU and quantization on its tile (int8 written
+    alone), the outer one's residual add, ReLU and quantization too, the stem's ReLU and quantization (the float
+    written beside the int8 for both: the residual add and the head's read it)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.first = torch.nn.Conv2d(3, 16, 3, padding=1)
+        self.inner = torch.nn.Conv2d(16, 16, 3, padding=1)
+        self.outer = torch.nn.Conv2d(16, 16, 1)
+        self.head = torch.nn.Conv2d(16, 32, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.first(x))
+        h = torch.relu(self.outer(torch.relu(self.inner(h))) + h)
+        return self.head(h) + h.sum(1, keepdim=True)
+
+
+@pytest.mark.skipif(not HOST.avx2, reason="the int8 convolution kernel is for AVX2 CPUs")
+def test_blocked_int8_convolutions_requantize_on_their_tiles():
+    from fxopt.passes import parse_pipeline
+    from fxopt.passes.pipeline import with_pass
+
+    x = torch.randn(2, 3, 9, 7)
+    pipeline = with_pass(parse_pipeline("cpu"), parse_pipeline("quantize")[0])
+    quantized, _ = PassManager(pipeline, verify="off", calibration=[x]).run(capture(Int8ResidualNet(), (x,)))
+    with spy_on(CONV2D_INT8) as kernels:
+        executable = build(quantized, CPU, dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    tails = [
+        (variant.epilogue.ops if variant.epilogue else (), variant.requantized, variant.float_too)
+        for _, _, variant in kernels
+    ]
+    # The head's result is the network's.
+    assert tails == [
+        (("relu",), True, True),
+        (("relu",), True, False),
+        (("add", "relu"), True, True),
+        ((), False, False),
+    ]
+    assert_built_matches(quantized, executable)
 
 
 def test_blocked_int8_convolutions_the_kernel_does_not_take_run_between_conversions():
-    # Blocked by 16 channels for an AVX2 target, whose int8 kernel writes blocks of 8: Relax's int32 convolution
+    # Blocked by 16 channels for an AVX2 target, whose int8 kernel writes blocks of 8: Relax's int32 convolutions
     # between conversions, the same integers.
     from fxopt.passes import parse_pipeline
 
     x = torch.randn(2, 3, 9, 7)
     pipeline = [*parse_pipeline("quantize"), *parse_pipeline("convert-layout{lanes=16}")]
     quantized, _ = PassManager(pipeline, verify="off", calibration=[x]).run(capture(Int8ConvNet(), (x,)))
-    assert [n.target for n in quantized.graph.nodes].count(torch.ops.fxopt.conv_q_blocked.default) == 2
+    assert [n.target for n in quantized.graph.nodes].count(torch.ops.fxopt.conv_q_blocked.default) == 3
     with spy_on(CONV2D_INT8) as kernels:
         executable = build(quantized, parse_target("cpu:avx2"), dispatch="tvm")
     assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
-    assert [ConvShape(*w).channels for w, _, _ in kernels] == [4]  # the NCHW RGB stem's, 3 channels padded
+    assert not kernels
     assert_built_matches(quantized, executable)
 
 

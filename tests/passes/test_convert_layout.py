@@ -187,18 +187,18 @@ def test_quantize_goes_before_the_layout_conversion_whose_convolutions_it_would_
 
 
 class QuantizedBlock(nn.Module):
-    """An RGB stem, a residual 3x3, a strided 1x1 with twice the channels, a global mean: quantized, every
-    convolution reads a quantized input."""
+    """An RGB stem, a residual 3x3, a strided 1x1 with twice the channels, a 1x1 to 6 channels, a global mean:
+    quantized, every convolution reads a quantized input."""
 
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
         self.stem, self.conv = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
-        self.down = nn.Conv2d(16, 32, 1, stride=2)
+        self.down, self.head = nn.Conv2d(16, 32, 1, stride=2), nn.Conv2d(32, 6, 1)
 
     def forward(self, x):
         y = F.relu(self.stem(x))
-        return self.down(F.relu(self.conv(y) + y)).mean((2, 3))
+        return self.head(F.relu(self.down(F.relu(self.conv(y) + y)))).mean((2, 3))
 
 
 def test_quantized_convolutions_and_their_quantizations_stay_blocked_between_them():
@@ -207,14 +207,14 @@ def test_quantized_convolutions_and_their_quantizations_stay_blocked_between_the
     quantized, _ = PassManager([quantize], calibration=[x]).run(capture(QuantizedBlock().eval(), (x,)))
     after, (record,) = PassManager("convert-layout{lanes=16}", verify="each").run(quantized)  # exact: verified
     found = ops(after)
-    # The RGB stem has no int8 block (its 3 channels: 4 are the dot products' least) and stays NCHW, its ReLU too:
-    # that value is blocked twice, quantized (the 3x3 reads it) and float (the residual add); then the 3x3, the
-    # add, the ReLU, the quantization and the strided 1x1 read and write blocked values.
-    assert found.count(fxopt_ops.conv_q.default) == 1 and found.count(fxopt_ops.conv_q_blocked.default) == 2
-    assert found.count(fxopt_ops.to_blocked.default) == 2 and fxopt_ops.from_blocked.default not in found
+    # The image is quantized NCHW and read in blocks of 1 (NCHW itself) by the RGB stem; from there the 3x3, the
+    # add, the ReLUs, the quantizations and the strided 1x1 read and write blocked values. The head's 6 output
+    # channels have no int8 block (a vector's): it stays NCHW, its input converted back.
+    assert found.count(fxopt_ops.conv_q.default) == 1 and found.count(fxopt_ops.conv_q_blocked.default) == 3
+    assert found.count(fxopt_ops.to_blocked.default) == 1 and found.count(fxopt_ops.from_blocked.default) == 1
     quantizations = [n for n in after.graph.nodes if n.target is fxopt_ops.quantize.default]
-    assert [n.meta["val"].dim() for n in quantizations] == [4, 4, 5]
-    assert record.stats["quantized-convs"] == 2 and "stays NCHW" not in str(record.notes)
+    assert [n.meta["val"].dim() for n in quantizations] == [4, 5, 5, 5]
+    assert record.stats["quantized-convs"] == 3 and "stays NCHW" not in str(record.notes)
     assert any("no int8 blocks" in note for note in record.notes)
 
 

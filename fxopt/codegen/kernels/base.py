@@ -152,12 +152,13 @@ class KernelFamily(ABC, Generic[Config]):
         return self.config_type(**values)
 
 
-def epilogue_on_tile(sch, tile_loop, before: tuple[str, ...] = ("pad",)) -> Any:
-    """Schedule a tiled kernel's tail on its tile: the stages between the accumulator ``acc`` and the writer
-    ``out`` (the bias, the epilogue: :mod:`fxopt.codegen.epilogue`) inlined into the writer, but for those the
+def epilogue_on_tile(sch, tile_loop, before: tuple[str, ...] = ("pad",), writers: tuple[str, ...] = ("out",)) -> Any:
+    """Schedule a tiled kernel's tail on its tile: the stages between the accumulator ``acc`` and the ``writers``
+    (the bias, the epilogue: :mod:`fxopt.codegen.epilogue`) inlined into the writers, but for those the
     epilogue reads more than once (:data:`~fxopt.codegen.epilogue.KEPT`), which are computed once per tile into
-    registers; the writer and those stages under ``tile_loop``, their last loop vectorized. ``before``: the
-    stages that prepare the accumulator's operands, left alone. Returns the writer."""
+    registers; the writers (in order: a later one may read an earlier one's tile) and those stages under
+    ``tile_loop``, their last loop vectorized. ``before``: the stages that prepare the accumulator's operands,
+    left alone. Returns the last writer."""
     from fxopt.codegen.epilogue import KEPT
 
     kept = []
@@ -165,15 +166,16 @@ def epilogue_on_tile(sch, tile_loop, before: tuple[str, ...] = ("pad",)) -> Any:
         name = sch.get(stage).name_hint
         if name.startswith(KEPT):
             kept.append(stage)
-        elif name not in ("acc", "out", *before):
+        elif name not in ("acc", *writers, *before):
             sch.compute_inline(stage)
     for stage in kept:  # in order: each reads the ones before it
         sch.reverse_compute_at(stage, tile_loop, preserve_unit_loops=True)
         sch.set_scope(stage, 0, "local")
         sch.vectorize(sch.get_loops(stage)[-1])
-    writer = sch.get_sblock("out")
-    sch.reverse_compute_at(writer, tile_loop, preserve_unit_loops=True)
-    sch.vectorize(sch.get_loops(writer)[-1])
+    for name in writers:
+        writer = sch.get_sblock(name)
+        sch.reverse_compute_at(writer, tile_loop, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(writer)[-1])
     return writer
 
 

@@ -152,7 +152,10 @@ def max_pool(shape: ConvShape, config: DepthwiseF32Config):
 
     acc = _taps_reduced(shape, config, padded_input(shape, x, tirx.min_value("float32")), maximum)
     _, out = written_with_epilogue(acc, None, DepthwiseF32.result_shape(shape))
-    return _row_tiled(te.create_prim_func([x, out]), shape, config)
+    # Scheduled and opaque to fusion, as the families' kernels (KernelFamily.tagged): fused with a quantization
+    # after it, TVM's FuseTIR failed on its buffers (32-bit shapes against the fused ops' 64-bit).
+    func = _row_tiled(te.create_prim_func([x, out]), shape, config)
+    return func.with_attrs({"tir.is_scheduled": True, "op_pattern": 8})
 
 
 def _taps_reduced(shape: ConvShape, config: DepthwiseF32Config, source, reduce):

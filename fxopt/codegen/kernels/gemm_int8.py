@@ -39,7 +39,16 @@ from fxopt.codegen.kernels.base import KernelFamily, Workload, dot_product_tiles
 if TYPE_CHECKING:
     from fxopt.codegen.epilogue import Epilogue
 
-__all__ = ["GemmInt8Config", "GemmInt8Variant", "GemmInt8", "GEMM_INT8", "dot_instruction", "UNSIGNED_SHIFT"]
+__all__ = [
+    "GemmInt8Config",
+    "GemmInt8Variant",
+    "GemmInt8",
+    "GEMM_INT8",
+    "dot_instruction",
+    "UNSIGNED_SHIFT",
+    "requantize_parameters",
+    "requantized",
+]
 
 #: VNNI's ``vpdpbusd`` multiplies unsigned activations: the kernel reads ``xq + 128`` and subtracts it back.
 UNSIGNED_SHIFT = 128
@@ -128,7 +137,7 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         ``[1]``; ``w_scale`` float32 ``[out]`` or ``[1]``; ``bias`` float32 ``[out]``; the epilogue's operands;
         requantized, the output's ``scale`` float32 and ``zero_point`` int32, ``[1]`` each; the result
         ``[rows, out]``, float32 or (requantized) int8."""
-        from tvm import te, tirx
+        from tvm import te
 
         rows, in_features, out_features = workload
         lanes, depth = config.lanes, config.depth
@@ -180,24 +189,9 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         shapes = epilogue.operand_shapes if epilogue else []
         operands = [te.placeholder(shape, "float32", name=f"operand_{i}") for i, shape in enumerate(shapes)]
         result: Any = epilogue(linear, operands) if epilogue else linear  # a TE tensor
-        requantize = []
-        if scales.requantized:
-            requantize = [
-                te.placeholder((1,), "float32", name="out_scale"),
-                te.placeholder((1,), "int32", name="out_zp"),
-            ]
-            out_scale, out_zero_point = requantize
-            # fxopt.quantize's rounding (fxopt.quant.formats.quantize_tensor): floor(y / scale + 0.5) + zp, clamped.
-            out = te.compute(
-                linear.shape,
-                lambda m, n: tirx.max(
-                    tirx.min(
-                        tirx.floor(result[m, n] / out_scale[0] + 0.5) + out_zero_point[0].astype("float32"), 127.0
-                    ),
-                    -128.0,
-                ).astype("int8"),
-                name="out",
-            )
+        requantize = requantize_parameters() if scales.requantized else []
+        if requantize:
+            out = requantized(result, *requantize)
         else:
             out = te.compute(linear.shape, lambda m, n: result[m, n], name="out")
         func = te.create_prim_func(
@@ -210,3 +204,23 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
 
 
 GEMM_INT8 = GemmInt8()
+
+
+def requantize_parameters() -> list:
+    """The output quantization's ``scale`` (float32) and ``zero_point`` (int32), ``[1]`` each, as TE placeholders:
+    the parameters a requantizing kernel takes before its result."""
+    from tvm import te
+
+    return [te.placeholder((1,), "float32", name="out_scale"), te.placeholder((1,), "int32", name="out_zp")]
+
+
+def requantized(result, out_scale, out_zero_point, name: str = "out") -> Any:
+    """``result`` (a float32 TE tensor) quantized to int8 per tensor as ``fxopt::quantize`` rounds
+    (:func:`fxopt.quant.formats.quantize_tensor`: ``floor(y / scale + 0.5) + zp``, clamped), a stage ``name``."""
+    from tvm import te, tirx
+
+    def quantized(*index):
+        level = tirx.floor(result(*index) / out_scale[0] + 0.5) + out_zero_point[0].astype("float32")
+        return tirx.max(tirx.min(level, 127.0), -128.0).astype("int8")
+
+    return te.compute(result.shape, quantized, name=name)
