@@ -5,8 +5,8 @@ Every tool quantizes the same float model with the same calibration batches.
 Quality: MiniLM (trained weights) mean/min cosine of the sentence embeddings
 against float32 on held-out sentences; BERT-base (random init, sequence 128) mean/min
 cosine of its tokens' last hidden states against float32 on held-out random tokens;
-ResNet-50 (random init, 1x3x224x224) the cosine of its logits against float32 on a held-out random
-image; a CNN trained on scikit-learn's digits, test accuracy. Size: bytes of the model's
+ResNet-50 and MobileNetV2 (random init, 1x3x224x224) the cosine of their logits against float32 on a held-out
+random image; a CNN trained on scikit-learn's digits, test accuracy. Size: bytes of the model's
 constants. Speed: CPU latency (medians over rounds of warm blocks, benchmarks/run.py's
 ``measure``) against the float32 model in PyTorch eager.
 
@@ -56,6 +56,7 @@ FXOPT_SCHEMES = {
     "bert": ["quantize", "quantize{scheme=w8a8-dynamic}", "quantize{scheme=bf16}"],
     "digits": ["quantize", "quantize{observer=percentile}", "quantize{scheme=fp8}", "quantize{scheme=w8a8-dynamic}"],
     "resnet50": ["quantize"],
+    "mobilenet_v2": ["quantize"],
 }
 TOOLS = ["fxopt", "fxopt-cpu", "onnxruntime", "openvino", "pytorch-bf16", "torchao"]
 # The schemes whose CPU latency is measured through fxopt's TVM build (measured dispatch, and all in TVM).
@@ -64,6 +65,7 @@ TVM_SCHEMES = {
     "bert": ["quantize", "quantize{scheme=bf16}"],
     "digits": ["quantize", "quantize{scheme=w4}"],
     "resnet50": ["quantize"],
+    "mobilenet_v2": ["quantize"],
 }
 
 
@@ -105,11 +107,14 @@ def load_case(name: str) -> Case:
             return f"{similarity.mean():.4f} (min {similarity.min():.4f})"
 
         return Case(name, model, inputs, [tokens(seed) for seed in range(8)], token_cosine)
-    if name == "resnet50":
-        model = _Logits(ZOO["resnet50"].build())
+    if name in ("resnet50", "mobilenet_v2"):
+        model = _Logits(ZOO[name].build())
 
         def images(seed: int) -> tuple:
             return (torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(seed)),)
+
+        if name == "mobilenet_v2":  # its random init shrinks activations to 1e-22 by the logits: measure real ones
+            _batch_statistics(model, torch.cat([images(seed)[0] for seed in range(100, 108)]))
 
         inputs = images(1000)  # held out: calibration draws seeds 0-3
         with torch.no_grad():
@@ -128,7 +133,19 @@ def load_case(name: str) -> Case:
         # Calibration: training images, batches of the evaluation size (the model is captured for it).
         size = len(test_images)
         return Case(name, model, (test_images,), [(train_images[i : i + size],) for i in (0, size)], accuracy)
-    raise SystemExit(f"unknown model {name!r}: minilm, bert, resnet50 or digits")
+    raise SystemExit(f"unknown model {name!r}: minilm, bert, resnet50, mobilenet_v2 or digits")
+
+
+def _batch_statistics(model: torch.nn.Module, images: torch.Tensor) -> None:
+    """Set ``model``'s batch-norm statistics to those of ``images`` (then back to eval mode)."""
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # a cumulative average: one batch sets the statistics
+    model.train()
+    with torch.no_grad():
+        model(images)
+    model.eval()
 
 
 class _LastHiddenState(torch.nn.Module):
@@ -155,7 +172,9 @@ class _Logits(torch.nn.Module):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("models", nargs="*", default=["minilm", "digits"], help="minilm, bert, resnet50, digits")
+    parser.add_argument(
+        "models", nargs="*", default=["minilm", "digits"], help="minilm, bert, resnet50, mobilenet_v2, digits"
+    )
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument(
         "--tools",

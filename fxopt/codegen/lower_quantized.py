@@ -18,7 +18,8 @@ import torch.fx as fx
 from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.intrinsics.x86 import bf16_bits, bf16_value
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape
-from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, Conv2dInt8Variant, input_block
+from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, Conv2dInt8, Conv2dInt8Variant, input_block
+from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8, DepthwiseInt8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
@@ -28,6 +29,8 @@ from fxopt.ir.program import attribute_owner
 from fxopt.quant import ops as _quant_ops  # noqa: F401  (registers the fxopt:: quantized ops lowered here)
 
 fxopt_ops = torch.ops.fxopt
+
+Int8ConvFamily = Conv2dInt8 | DepthwiseInt8
 
 
 def _int8_only(node: fx.Node) -> None:
@@ -245,12 +248,15 @@ def _conv_q_kernel(node: fx.Node, importer) -> object | None:
     if weight is None or x_block is None:
         return None
     (pad_h, pad_w) = cast(list[int], node.args[7])
-    shape = _int8_conv_shape(node, importer, weight, (batch, channels, height, width, x_block), [pad_h, pad_w] * 2)
-    if shape is None:
+    geometry = (batch, channels, height, width, x_block)
+    kernel = _int8_conv_kernel(node, importer, weight, geometry, [pad_h, pad_w] * 2)
+    if kernel is None:
         return None
+    family, shape = kernel
     bb = importer.block_builder
     blocked = relax.op.reshape(importer.env[node.args[0]], [batch, channels // x_block, x_block, height, width])
-    (y,) = _int8_conv_call(node, importer, shape, weight, bb.emit(relax.op.permute_dims(blocked, [0, 1, 3, 4, 2])))
+    blocked = bb.emit(relax.op.permute_dims(blocked, [0, 1, 3, 4, 2]))
+    (y,) = _int8_conv_call(node, importer, family, shape, weight, blocked)
     out_height, out_width, out_block = shape.out_height, shape.out_width, shape.out_block
     y = relax.op.reshape(y, [batch, shape.out_channels // out_block, out_height, out_width, out_block])
     y = bb.emit(relax.op.reshape(relax.op.permute_dims(y, [0, 1, 4, 2, 3]), [*node.meta["val"].shape]))
@@ -259,8 +265,9 @@ def _conv_q_kernel(node: fx.Node, importer) -> object | None:
 
 @register_lowering(fxopt_ops.conv_q_blocked.default)
 def _conv_q_blocked(node: fx.Node, importer) -> object:
-    """``conv_q`` in the blocked layout (``convert-layout``'s): the int8 convolution family's kernel reading and
-    writing blocked values as they are, where it applies; else Relax's int32 conv2d between conversions."""
+    """``conv_q`` in the blocked layout (``convert-layout``'s): the int8 convolution family's kernel (or, with a
+    group per channel, the int8 depthwise family's) reading and writing blocked values as they are, where it
+    applies; else Relax's int32 conv2d between conversions."""
     from tvm import relax
 
     _int8_only(node)
@@ -268,10 +275,10 @@ def _conv_q_blocked(node: fx.Node, importer) -> object:
     batch, in_blocks, height, width, x_block = input_node(node, 0).meta["val"].shape
     padding, block = cast(list[int], node.args[7]), cast(int, node.args[11])
     geometry = (batch, in_blocks * x_block, height, width, x_block)
-    shape = None if weight is None else _int8_conv_shape(node, importer, weight, geometry, padding, block)
+    kernel = None if weight is None else _int8_conv_kernel(node, importer, weight, geometry, padding, block)
     bb = importer.block_builder
-    if weight is not None and shape is not None:
-        return _int8_conv_with_tail(node, importer, shape, weight)
+    if weight is not None and kernel is not None:
+        return _int8_conv_with_tail(node, importer, *kernel, weight)
     xq = relax.op.permute_dims(importer.env[node.args[0]], [0, 1, 4, 2, 3])
     plain = [batch, in_blocks * x_block, height, width]
     y = _conv_q_relax(node, importer, bb.emit(relax.op.reshape(xq, plain)), plain, padding)
@@ -280,13 +287,14 @@ def _conv_q_blocked(node: fx.Node, importer) -> object:
     return bb.emit(relax.op.permute_dims(y, [0, 1, 3, 4, 2]))
 
 
-def _int8_conv_shape(
+def _int8_conv_kernel(
     node: fx.Node, importer, weight: torch.Tensor, geometry: tuple, padding: list[int], out_block: int | None = None
-) -> ConvShape | None:
-    """The int8 convolution family's workload for ``conv_q`` (or ``conv_q_blocked``) ``node`` on input
-    ``(N, C, H, W, input block)`` padded ``[top, left, bottom, right]``, its output blocked by the ISA's dot
-    instruction's lanes (which ``out_block``, if given, must be); None where the family does not apply (or the
-    activation's scale is not one)."""
+) -> tuple[Int8ConvFamily, ConvShape] | None:
+    """The int8 kernel family for ``conv_q`` (or ``conv_q_blocked``) ``node`` on input ``(N, C, H, W, input
+    block)`` padded ``[top, left, bottom, right]`` and its workload: the depthwise family for a group per channel
+    (its output in the input's block), else the convolution family (its output in ``out_block``, or unless
+    given, the ISA's dot instruction's lanes, else 8). None where neither applies (or the activation's scale is
+    not one)."""
     isa = importer.isa
     per_tensor = all(input_node(node, i).meta["val"].numel() == 1 for i in (1, 2))
     if isa is None or not per_tensor:
@@ -295,17 +303,23 @@ def _int8_conv_shape(
     out_channels, _, kernel_h, kernel_w = weight.shape
     (stride_h, stride_w), (dilation_h, dilation_w) = cast(tuple[list[int], list[int]], (node.args[6], node.args[8]))
     top, left, bottom, right = padding
+    groups = cast(int, node.args[9])
+    depthwise = groups == channels == out_channels > 1
+    family: Int8ConvFamily = DEPTHWISE_INT8 if depthwise else CONV2D_INT8
     lanes = dot_instruction(isa)[0]
+    writes = x_block if depthwise else out_block or (lanes if out_channels % lanes == 0 else 8)
     shape = ConvShape(
         batch, channels, height, width, out_channels, kernel_h, kernel_w, stride_h, stride_w, top, left, bottom,
-        right, dilation_h, dilation_w, x_block, lanes, cast(int, node.args[9]),
+        right, dilation_h, dilation_w, x_block, writes, groups,
     )  # fmt: skip
-    applies = CONV2D_INT8.applies(shape.workload, isa) and out_block in (None, lanes)
-    return shape if applies else None
+    applies = family.applies(shape.workload, isa) and out_block in (None, writes)
+    return (family, shape) if applies else None
 
 
-def _int8_conv_with_tail(node: fx.Node, importer, shape: ConvShape, weight: torch.Tensor) -> object:
-    """``conv_q_blocked`` as the int8 convolution family's kernel with the float ops after it that its tile can
+def _int8_conv_with_tail(
+    node: fx.Node, importer, family: Int8ConvFamily, shape: ConvShape, weight: torch.Tensor
+) -> object:
+    """``conv_q_blocked`` as an int8 convolution family's kernel with the float ops after it that its tile can
     apply (:func:`fxopt.codegen.epilogue.find_epilogue`: ReLU, a residual add) and the per-tensor int8
     ``quantize`` that reads their result, if any: the kernel writes that int8 value (bound to the ``quantize``),
     and the float one too where others read it (a residual block's output, which the next block adds)."""
@@ -316,7 +330,8 @@ def _int8_conv_with_tail(node: fx.Node, importer, shape: ConvShape, weight: torc
     exit = inside[-1] if inside else node
     requantize = _requantizing(exit, importer, shared=True) if float32 else None
     variant = Conv2dInt8Variant(epilogue, requantize is not None, requantize is not None and len(exit.users) > 1)
-    results = _int8_conv_call(node, importer, shape, weight, importer.env[node.args[0]], variant, requantize)
+    xq = importer.env[node.args[0]]
+    results = _int8_conv_call(node, importer, family, shape, weight, xq, variant, requantize)
     if requantize is not None:
         importer.absorbed[requantize] = bb.emit(_blocked_result(results[-1], requantize))
     written = _blocked_result(results[0], exit) if variant.writes_float else None
@@ -328,8 +343,8 @@ def _int8_conv_with_tail(node: fx.Node, importer, shape: ConvShape, weight: torc
 
 
 def _blocked_result(flat, node: fx.Node) -> object:
-    """The kernel's result ``flat`` (``[N, O/y, OH * OW, y]``) in ``node``'s (blocked) shape: a view, never fused
-    (TVM 0.27's FuseTIR failed on a fused reshape reading one result of a kernel with two)."""
+    """A kernel's result ``flat`` (``[N, O/y, OH * OW, y]``, or blocked already) in ``node``'s shape: a view,
+    never fused (TVM 0.27's FuseTIR failed on a fused reshape reading one result of a kernel with two)."""
     from tvm import relax
 
     return relax.op.memory.view(flat, [*node.meta["val"].shape])
@@ -338,31 +353,36 @@ def _blocked_result(flat, node: fx.Node) -> object:
 def _int8_conv_call(
     node: fx.Node,
     importer,
+    family: Int8ConvFamily,
     shape: ConvShape,
     weight: torch.Tensor,
     blocked_xq,
     variant: Conv2dInt8Variant | None = None,
     requantize: fx.Node | None = None,
 ) -> list:
-    """The int8 convolution family's kernel for ``shape`` on the blocked int8 input ``blocked_xq``, ``weight``
-    (``[O, C, KH, KW]``) packed at build time, with ``variant``'s
-    tail (its requantization that of ``requantize``): its results, ``[N, O/y, OH * OW, y]`` each (float32, int8
-    or both: :meth:`~fxopt.codegen.kernels.conv2d_int8.Conv2dInt8.build`)."""
+    """``family``'s kernel for ``shape`` on the blocked int8 input ``blocked_xq``, ``weight`` (``[O, C/groups, KH,
+    KW]``) packed at build time, with ``variant``'s tail (its requantization that of ``requantize``): its results
+    in the family's result shape (float32, int8 or both: :meth:`~fxopt.codegen.kernels.conv2d_int8.Conv2dInt8.build`,
+    :meth:`~fxopt.codegen.kernels.depthwise_int8.DepthwiseInt8.build`)."""
     from tvm import relax
 
     bb = importer.block_builder
     isa = importer.isa
     variant = variant or Conv2dInt8Variant()
-    config = importer.templates.config(CONV2D_INT8, shape.workload, isa)
-    kernel = CONV2D_INT8.build(shape.workload, config, variant)
+    config = importer.templates.config(family, shape.workload, isa)
+    kernel = family.build(shape.workload, config, variant)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     out_channels, w_scale, bias = shape.out_channels, input_node(node, 4), optional_input_node(node, 5)
     per_channel = relax.op.broadcast_to(relax.op.reshape(importer.env[w_scale], [-1]), [out_channels])
-    flat = list(CONV2D_INT8.result_shape(shape))
+    flat = list(family.result_shape(shape))
+    if family is DEPTHWISE_INT8:
+        weights = [DEPTHWISE_INT8.pack(weight, shape)]
+    else:  # and each output channel's weight sum, for the zero point
+        colsum = weight.to(torch.int32).sum((1, 2, 3), dtype=torch.int32)
+        weights = [CONV2D_INT8.pack(weight, shape, dot_instruction(isa)[1]), colsum]
     args = [
         blocked_xq,
-        to_relax_constant(CONV2D_INT8.pack(weight, shape, dot_instruction(isa)[1])),
-        to_relax_constant(weight.to(torch.int32).sum((1, 2, 3), dtype=torch.int32)),
+        *map(to_relax_constant, weights),
         bb.emit(relax.op.astype(relax.op.reshape(importer.env[node.args[2]], [1]), "int32")),
         bb.emit(relax.op.astype(relax.op.reshape(importer.env[node.args[1]], [1]), "float32")),
         bb.emit(relax.op.astype(per_channel, "float32")),

@@ -261,7 +261,11 @@ class _Blocking:
 
     def _quantize(self, node: fx.Node) -> tuple[fx.Node, int] | None:
         """An int8 quantization with one scale and zero point of a blocked value: elementwise, blocked alike."""
-        x, scale, zero_point, fmt = node.args
+        return self._quantized(*node.args)
+
+    def _quantized(self, x, scale, zero_point, fmt) -> tuple[fx.Node, int] | None:
+        """The int8 quantization by one ``scale`` and ``zero_point`` of the blocked value ``x`` converts back, or
+        None."""
         x = cast(fx.Node, x)
         per_tensor = all(cast(fx.Node, p).meta["val"].numel() == 1 for p in (scale, zero_point))
         if x.target is not fxopt_ops.from_blocked.default or not per_tensor or fmt != "int8":
@@ -271,30 +275,58 @@ class _Blocking:
         return new, self.blocks[blocked]
 
     def _conv_q(self, conv: fx.Node) -> tuple[fx.Node, int] | None:
-        """An int8 2-D convolution (``fxopt::conv_q``) of a whole-vector output block and an input block of whole
-        groups of 4 channels (the CPUs' int8 dot products sum 2 or 4) or fewer than 4 channels (an RGB image,
-        blocks of 1: NCHW itself), one group, a constant weight and one activation scale:
-        ``fxopt::conv_q_blocked``, its input blocked int8."""
+        """An int8 2-D convolution (``fxopt::conv_q``) with a constant weight and one activation scale:
+        ``fxopt::conv_q_blocked``, its input blocked int8. Plain ones (one group) need an output block of a
+        vector or of 8 channels (the int8 dot products' lanes: 16 or 8 with VNNI, 8 without) and an input block
+        of whole groups of 4 channels (they sum 2 or 4) or fewer than 4 channels (an RGB image, blocks of 1:
+        NCHW itself); depthwise ones read and write their channels' own block (each channel's products are its
+        own)."""
         xq, x_scale, x_zero_point, wq, w_scale, bias, stride, padding, dilation, groups, out_dtype = conv.args
         xq, wq = cast(fx.Node, xq), cast(fx.Node, wq)
         out = conv.meta["val"]
         channels, out_channels = xq.meta["val"].shape[1], out.shape[1]
+        depthwise = groups == channels == out_channels != 1
         in_block = channel_block(channels, self.lanes)
         per_tensor = all(cast(fx.Node, p).meta["val"].numel() == 1 for p in (x_scale, x_zero_point))
         whole_groups = in_block is not None and (in_block % 4 == 0 or channels < 4)
-        fits = whole_groups and channel_block(out_channels, self.lanes) == self.lanes
-        if out.dim() != 4 or wq.op != "get_attr" or groups != 1 or xq.meta["val"].dtype != torch.int8:
+        out_block = channel_block(out_channels, self.lanes)
+        fits = depthwise or (whole_groups and out_block in (self.lanes, 8))
+        if out.dim() != 4 or wq.op != "get_attr" or groups != 1 and not depthwise or xq.meta["val"].dtype != torch.int8:
             return None
-        if not (per_tensor and fits):
-            note = "its channels have no int8 blocks (input: groups of 4, output: a vector)"
+        if not (per_tensor and fits and in_block is not None):
+            note = "its channels have no int8 blocks (input: groups of 4, output: a vector or 8)"
             self.ctx.skip(describe_node(conv), note)
             return None
-        blocked_x = cast(fx.Node, self._blocked_input(xq, in_block))
         top, left = cast(list, padding)
+        sides = [top, left, top, left]
+        padded = self._padded_quantization(xq)
+        if padded is not None:
+            xq, extra = padded
+            sides = [s + e for s, e in zip(sides, extra)]
+        blocked_x = self._in_block(xq, in_block) if depthwise else cast(fx.Node, self._blocked_input(xq, in_block))
+        block = cast(int, in_block if depthwise else out_block)
         self.ctx.count("quantized-convs")
-        args = (blocked_x, x_scale, x_zero_point, wq, w_scale, bias, stride, [top, left, top, left], dilation)
-        new = self.graph.call_function(fxopt_ops.conv_q_blocked.default, (*args, groups, out_dtype, self.lanes))
-        return new, self.lanes
+        args = (blocked_x, x_scale, x_zero_point, wq, w_scale, bias, stride, sides, dilation)
+        new = self.graph.call_function(fxopt_ops.conv_q_blocked.default, (*args, groups, out_dtype, block))
+        return new, block
+
+    def _padded_quantization(self, xq: fx.Node) -> tuple[fx.Node, list[int]] | None:
+        """For ``xq``, an int8 quantization (one scale) of a blocked value zero-padded NCHW (TensorFlow's "same"
+        padding, spelled out before a convolution): the quantization of the blocked value itself, read back NCHW,
+        and the padding ``[top, left, bottom, right]``, which the blocked convolution pads with the zero point,
+        the quantization of 0; else None."""
+        pad = cast(fx.Node, xq.args[0]) if xq.target is fxopt_ops.quantize.default else None
+        if pad is None or pad.target is not aten.constant_pad_nd.default:
+            return None
+        extra, source = _zero_pad(pad), cast(fx.Node, pad.args[0])
+        quantized = None if extra is None else self._quantized(source, *xq.args[1:])
+        if extra is None or quantized is None:
+            return None
+        blocked, block = quantized
+        self.blocks[blocked] = block
+        plain = self.graph.call_function(fxopt_ops.from_blocked.default, (blocked,))
+        plain.meta["val"] = torch.empty_like(source.meta["val"], dtype=torch.int8)
+        return plain, extra
 
     def _blocked_input(self, x: fx.Node, block: int | None) -> fx.Node | None:
         """``x``'s value blocked: the blocked value it converts back, or ``x`` converted by ``block``."""

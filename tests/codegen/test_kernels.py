@@ -25,6 +25,7 @@ from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionInputs
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
 from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, Conv2dInt8Variant
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32Config
+from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import (
     AVX2_TILE,
@@ -210,6 +211,10 @@ WORKLOADS = {
         (2, 3, 5, 6, 8, 3, 3, 1, 1, 0, 2, 1, 0, 1, 1, 3, 8),
     ],
     "depthwise_f32": [
+        (1, 96, 56, 56, 96, 3, 3, 2, 2, 0, 0, 1, 1, 1, 1, 16, 16, 96),
+        (2, 8, 3, 3, 8, 5, 5, 1, 1, 2, 2, 2, 2, 1, 1, 4, 4, 8),
+    ],
+    "depthwise_int8": [
         (1, 96, 56, 56, 96, 3, 3, 2, 2, 0, 0, 1, 1, 1, 1, 16, 16, 96),
         (2, 8, 3, 3, 8, 5, 5, 1, 1, 2, 2, 2, 2, 1, 1, 4, 4, 8),
     ],
@@ -562,6 +567,67 @@ def test_the_int8_convolution_requantizes_its_tile_exactly(seed, spec, size, k, 
     expected = fxopt_ops.quantize(y, out_scale, out_zero_point, "int8")
     assert torch.equal(int8_out.reshape(y.shape), expected)
     assert not float_too or torch.equal(float_out.reshape(y.shape), y)
+
+
+# Every config of the int8 depthwise kernel exact: full-range int8 and zero points, the border padded with the
+# zero point; requantized on the tile (power-of-two output scales: every float step exact) to fxopt.quantize's
+# integers, the float written beside them the reference's.
+@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the int8 depthwise convolution is for x86 CPUs with AVX2")
+@settings(max_examples=6, deadline=None)
+@given(
+    st.sampled_from([4, 8, 16]),
+    st.integers(1, 2),
+    st.integers(1, 9),
+    st.integers(1, 9),
+    st.sampled_from([3, 5]),
+    st.integers(1, 2),
+    st.integers(0, 2),
+    st.integers(1, 2),
+    st.integers(-128, 127),
+    st.integers(-128, 127),
+    st.integers(-4, 12),
+    st.integers(0, 2**16),
+)
+def test_every_int8_depthwise_config_is_exact(
+    block, blocks, height, width, k, stride, pad, dilation, zp, out_zp, shift, seed
+):
+    import tvm
+
+    channels = block * blocks
+    shape = ConvShape(
+        1, channels, height, width, channels, k, k, stride, stride, pad, pad, pad, pad, dilation, dilation,
+        block, block, channels,
+    )  # fmt: skip
+    if shape.out_height < 1 or shape.out_width < 1:
+        shape = shape._replace(pad_top=k * dilation, pad_left=k * dilation)
+    isa = Isa.of(CPU)
+    assert DEPTHWISE_INT8.applies(shape.workload, isa)
+    space = DEPTHWISE_INT8.space(shape.workload, isa)
+    requantized = Conv2dInt8Variant(requantized=True, float_too=True)
+    variants = [None] * len(space) + [requantized]
+    configs = [*space, DEPTHWISE_INT8.default(shape.workload, isa)]
+    kernels = [DEPTHWISE_INT8.build(shape.workload, c, v) for c, v in zip(configs, variants)]
+    mod = tvm.IRModule({f"c{i}": kernel.with_attr("global_symbol", f"c{i}") for i, kernel in enumerate(kernels)})
+    library = compile_kernel(mod, CPU.tvm())
+    generator = torch.Generator().manual_seed(seed)
+    xq = torch.randint(-128, 128, (1, channels, height, width), generator=generator, dtype=torch.int8)
+    weight = torch.randint(-128, 128, (channels, 1, k, k), generator=generator, dtype=torch.int8)
+    bias = torch.randint(-1000, 1000, (channels,), generator=generator).float()
+    centered = F.pad(xq.long() - zp, (shape.pad_left, shape.pad_right, shape.pad_top, shape.pad_bottom))
+    acc = F.conv2d(centered.double(), weight.double(), None, stride, 0, dilation, channels).long()
+    expected = _blocked(acc.double() + bias.double()[:, None, None], block)
+    zero_point, one, ones = torch.tensor([zp], dtype=torch.int32), torch.ones(1), torch.ones(channels)
+    args = (_blocked(xq, block), DEPTHWISE_INT8.pack(weight, shape), zero_point, one, ones, bias)
+    for i, config in enumerate(space):
+        out = torch.full(DEPTHWISE_INT8.result_shape(shape), float("nan"))
+        library[f"c{i}"](*map(to_tvm, (*args, out)))
+        assert torch.equal(out.double(), expected), str(config)
+    out_scale, out_zero_point = torch.tensor([2.0**shift]), torch.tensor([out_zp], dtype=torch.int32)
+    float_out = torch.full(DEPTHWISE_INT8.result_shape(shape), float("nan"))
+    int8_out = torch.empty(DEPTHWISE_INT8.result_shape(shape), dtype=torch.int8)
+    library[f"c{len(space)}"](*map(to_tvm, (*args, out_scale, out_zero_point, float_out, int8_out)))
+    assert torch.equal(float_out.double(), expected)
+    assert torch.equal(int8_out, fxopt_ops.quantize(expected.float(), out_scale, out_zero_point, "int8"))
 
 
 @functools.cache

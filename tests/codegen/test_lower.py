@@ -20,9 +20,10 @@ from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
 from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
+from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, default_tile
-from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, dot_instruction
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.lower import OVERRIDES, is_lowerable, lower_graph, register_lowering
 from fxopt.codegen.lower_conv import block_diagonal, conv_shapes, merged_groups
@@ -283,6 +284,30 @@ def test_blocked_int8_convolutions_requantize_on_their_tiles():
         (("add", "relu"), True, True),
         ((), False, False),
     ]
+    assert_built_matches(quantized, executable)
+
+
+@pytest.mark.skipif(not HOST.avx2, reason="the int8 convolution kernels are for AVX2 CPUs")
+def test_a_quantized_inverted_residual_runs_on_the_int8_kernels_blocked():
+    from fxopt.passes import parse_pipeline
+    from fxopt.passes.pipeline import with_pass
+    from tests.passes.test_convert_layout import QuantizedInvertedResidual
+
+    lanes = HOST.lanes()
+    if dot_instruction(HOST)[0] != lanes:
+        pytest.skip("AVX-512 without VNNI: int8 dot products of 8 lanes, float blocks of 16")
+    x = torch.randn(2, 3, 10, 9)
+    pipeline = with_pass(parse_pipeline("cpu"), parse_pipeline("quantize")[0])
+    model = QuantizedInvertedResidual()
+    quantized, _ = PassManager(pipeline, verify="off", calibration=[x]).run(capture(model, (x,)))
+    with spy_on(CONV2D_INT8) as convs, spy_on(DEPTHWISE_INT8) as depthwise:
+        executable = build(quantized, CPU, dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    # The projection to 24 channels in blocks of 8 (VNNI's 256-bit form on AVX-512), the depthwise layer on its
+    # own family, with its ReLU6 and the next quantization on its tile.
+    assert [ConvShape(*w).out_block for w, _, _ in convs] == [lanes, lanes, 8, lanes]
+    ((workload, _, variant),) = depthwise
+    assert ConvShape(*workload)[4:7] == (48, 3, 3) and variant.requantized and variant.epilogue.ops == ("hardtanh",)
     assert_built_matches(quantized, executable)
 
 

@@ -218,6 +218,44 @@ def test_quantized_convolutions_and_their_quantizations_stay_blocked_between_the
     assert any("no int8 blocks" in note for note in record.notes)
 
 
+class QuantizedInvertedResidual(nn.Module):
+    """MobileNetV2's block, as ``transformers`` spells it: an expanding 1x1, a strided depthwise 3x3 after an
+    explicit zero pad (TensorFlow's "same" padding), a projecting 1x1 to 24 channels (blocks of 8, not of a
+    vector), then a 1x1 reading them; ReLU6 between (the cpu pipeline would fold two 1x1 in a row into one)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem, self.expand = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 48, 1)
+        self.depthwise = nn.Conv2d(48, 48, 3, stride=2, groups=48)
+        self.project, self.head = nn.Conv2d(48, 24, 1), nn.Conv2d(24, 32, 1)
+
+    def forward(self, x):
+        y = F.relu6(self.expand(F.relu6(self.stem(x))))
+        y = F.relu6(self.depthwise(F.pad(y, (0, 1, 0, 1))))
+        return self.head(F.relu6(self.project(y))).mean((2, 3))
+
+
+def test_quantized_depthwise_convolutions_and_their_padding_stay_blocked():
+    x = torch.randn(2, 3, 10, 9)
+    (quantize,) = parse_pipeline("quantize")
+    model = QuantizedInvertedResidual().eval()
+    quantized, _ = PassManager([quantize], calibration=[x]).run(capture(model, (x,)))
+    assert torch.ops.aten.constant_pad_nd.default in ops(quantized)  # quantized after the pad: NCHW there
+    after, (record,) = PassManager("convert-layout{lanes=16}", verify="each").run(quantized)  # exact: verified
+    found = ops(after)
+    # Every convolution blocked, the pad folded into the depthwise one's (the zero point pads it), the 24
+    # projected channels in blocks of 8; one conversion into the layout (the image's).
+    assert found.count(fxopt_ops.conv_q_blocked.default) == 5 and fxopt_ops.conv_q.default not in found
+    assert torch.ops.aten.constant_pad_nd.default not in found
+    assert found.count(fxopt_ops.to_blocked.default) == 1
+    blocks = [n.args[11] for n in after.graph.nodes if n.target is fxopt_ops.conv_q_blocked.default]
+    assert blocks == [16, 16, 16, 8, 16]
+    depthwise = next(n for n in after.graph.nodes if n.target is fxopt_ops.conv_q_blocked.default and n.args[9] > 1)
+    assert depthwise.args[7] == [0, 0, 1, 1]
+    assert record.stats["quantized-convs"] == 5
+
+
 def test_a_graph_with_a_dynamic_batch_is_left_nchw():
     # Its convolutions run in PyTorch (TVM builds static shapes), where the blocked ops only cost.
     model, inputs = TinyResNet().eval(), (torch.randn(2, 3, 20, 20),)

@@ -16,6 +16,7 @@ from fxopt.codegen.kernels.base import TEMPLATE_ATTR, KernelFamily, Workload, pa
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
 from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
+from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
@@ -26,7 +27,17 @@ __all__ = ["FAMILIES", "template_workloads", "kernel_attrs"]
 #: Every kernel family, by name.
 FAMILIES: dict[str, KernelFamily] = {
     family.name: family
-    for family in (GEMM_F32, GEMM_INT8, GEMM_BF16, ATTENTION_F32, CONV2D_F32, CONV2D_INT8, DEPTHWISE_F32, WINOGRAD_F32)
+    for family in (
+        GEMM_F32,
+        GEMM_INT8,
+        GEMM_BF16,
+        ATTENTION_F32,
+        CONV2D_F32,
+        CONV2D_INT8,
+        DEPTHWISE_F32,
+        DEPTHWISE_INT8,
+        WINOGRAD_F32,
+    )
 }
 
 

@@ -114,14 +114,15 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
 
     def applies(self, workload: Workload, isa: Isa) -> bool:
         """AVX2 (VNNI or not); one group; input blocks of whole groups of the instruction's depth, or fewer than 4
-        channels (:func:`source_block`); output blocks of its lanes."""
+        channels (:func:`source_block`); output blocks of its lanes, or of 8 (AVX-512 VNNI's 256-bit form, for
+        channels that 16 do not divide)."""
         shape = ConvShape(*workload)
         lanes, depth = dot_instruction(isa)
         return (
             isa.avx2
             and shape.groups == 1
             and (shape.in_block % depth == 0 or shape.channels < 4)
-            and shape.out_block == lanes
+            and shape.out_block in (lanes, 8)
             and shape.whole_blocks
             and shape.out_height > 0
             and shape.out_width > 0

@@ -28,7 +28,7 @@ from fxopt.codegen.kernels.base import (
 )
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, written_with_epilogue
 
-__all__ = ["DepthwiseF32Config", "DepthwiseF32", "DEPTHWISE_F32", "max_pool"]
+__all__ = ["DepthwiseF32Config", "DepthwiseF32", "DEPTHWISE_F32", "max_pool", "taps_reduced", "row_tiled"]
 
 
 @dataclass(frozen=True)
@@ -129,13 +129,13 @@ class DepthwiseF32(KernelFamily[DepthwiseF32Config]):
         def multiply_add(tap, c, kh, kw, lane):
             return te.sum(tap * packed[c, kh, kw, lane], axis=[kh, kw])
 
-        acc = _taps_reduced(shape, config, padded_input(shape, x), multiply_add)
+        acc = taps_reduced(shape, config, padded_input(shape, x), multiply_add)
         out_shape = self.result_shape(shape)
         conv = te.compute(
             out_shape, lambda n, c, h, w, lane: acc[n, c, h, w, lane] + bias[c * block + lane], name="conv"
         )
         operands, out = written_with_epilogue(conv, variant, out_shape)
-        return self.tagged(_row_tiled(te.create_prim_func([x, packed, bias, *operands, out]), shape, config), workload)
+        return self.tagged(row_tiled(te.create_prim_func([x, packed, bias, *operands, out]), shape, config), workload)
 
 
 def max_pool(shape: ConvShape, config: DepthwiseF32Config):
@@ -150,15 +150,15 @@ def max_pool(shape: ConvShape, config: DepthwiseF32Config):
     def maximum(tap, c, kh, kw, lane):
         return te.max(tap, axis=[kh, kw])
 
-    acc = _taps_reduced(shape, config, padded_input(shape, x, tirx.min_value("float32")), maximum)
+    acc = taps_reduced(shape, config, padded_input(shape, x, tirx.min_value("float32")), maximum)
     _, out = written_with_epilogue(acc, None, DepthwiseF32.result_shape(shape))
     # Scheduled and opaque to fusion, as the families' kernels (KernelFamily.tagged): fused with a quantization
     # after it, TVM's FuseTIR failed on its buffers (32-bit shapes against the fused ops' 64-bit).
-    func = _row_tiled(te.create_prim_func([x, out]), shape, config)
+    func = row_tiled(te.create_prim_func([x, out]), shape, config)
     return func.with_attrs({"tir.is_scheduled": True, "op_pattern": 8})
 
 
-def _taps_reduced(shape: ConvShape, config: DepthwiseF32Config, source, reduce):
+def taps_reduced(shape: ConvShape, config: DepthwiseF32Config, source, reduce):
     """The ``acc`` stage: ``reduce(tap, c, kh, kw, lane)`` over the ``KH x KW`` taps of each output pixel, the
     output's rows padded to whole tiles."""
     from tvm import te
@@ -179,9 +179,10 @@ def _taps_reduced(shape: ConvShape, config: DepthwiseF32Config, source, reduce):
     )
 
 
-def _row_tiled(func, shape: ConvShape, config: DepthwiseF32Config):
-    """``func`` (an ``acc`` stage of :func:`_taps_reduced`, written by ``out``) scheduled: tiles of ``rows`` pixels
-    of a row in registers, the taps unrolled around them, tasks of ``task_rows`` output rows on every core."""
+def row_tiled(func, shape: ConvShape, config: DepthwiseF32Config, writers: tuple[str, ...] = ("out",)):
+    """``func`` (an ``acc`` stage of :func:`taps_reduced`, written by ``writers``) scheduled: tiles of ``rows``
+    pixels of a row in registers, the taps unrolled around them, tasks of ``task_rows`` output rows on every
+    core."""
     from tvm import s_tir
 
     sch = s_tir.Schedule(func)
@@ -191,7 +192,7 @@ def _row_tiled(func, shape: ConvShape, config: DepthwiseF32Config):
     pixel_tile, pixel = sch.split(w, [None, min(config.rows, shape.out_width)])
     sch.reorder(n, c, row_group, row, pixel_tile, kh_loop, kw_loop, pixel, lane)
     task = sch.fuse(n, c, row_group)
-    epilogue_on_tile(sch, pixel_tile)
+    epilogue_on_tile(sch, pixel_tile, writers=writers)
     accumulate_in_registers(sch, stage, task, (kw_loop, pixel), lane, kh_loop)
     if shape.padded:  # the rows a task reads, padded in its cache (one parallel loop per kernel, not two)
         padding = sch.get_sblock("pad")
