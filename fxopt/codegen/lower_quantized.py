@@ -1,8 +1,10 @@
 """Lowerings of fxopt's quantized ops (:mod:`fxopt.quant.ops`) to Relax: integer kernels, float only at the edges.
 
 int8 ``linear_q`` becomes the int8 GEMM family's kernel (:mod:`fxopt.codegen.kernels.gemm_int8`) where it applies, else
-Relax's integer matmul; ``conv_q`` the int8 convolution family's (:mod:`fxopt.codegen.kernels.conv2d_int8`), else an
-int32-accumulating conv; ``linear_wq`` a dequantize fused into the matmul;
+Relax's integer matmul; ``conv_q`` the int8 convolution family's (:mod:`fxopt.codegen.kernels.conv2d_int8`; depthwise:
+:mod:`~fxopt.codegen.kernels.depthwise_int8`), else an int32-accumulating conv; ``linear_wq`` the weight-only GEMM
+family's (:mod:`fxopt.codegen.kernels.gemm_wq`: weights dequantized in registers), else a dequantize fused into a
+TE matmul;
 ``linear_bf16`` the bfloat16 GEMM family's kernel (:mod:`fxopt.codegen.kernels.gemm_bf16`) on CPUs with AVX-512
 BF16, else a float32 matmul of the activations rounded to bfloat16 by the weights widened at build time.
 Registered in :data:`fxopt.codegen.lower.OVERRIDES` when :mod:`fxopt.codegen` is imported.
@@ -22,11 +24,13 @@ from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, Conv2dInt8, Conv2dInt
 from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8, DepthwiseInt8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
+from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
 from fxopt.codegen.lower_contractions import call_gemm
 from fxopt.ir.meta import input_node, optional_input_node
 from fxopt.ir.program import attribute_owner
 from fxopt.quant import ops as _quant_ops  # noqa: F401  (registers the fxopt:: quantized ops lowered here)
+from fxopt.quant.formats import unpack_int4
 
 fxopt_ops = torch.ops.fxopt
 
@@ -402,21 +406,31 @@ def _int8_conv_call(
 
 @register_lowering(fxopt_ops.linear_wq.default)
 def _linear_wq(node: fx.Node, importer) -> object:
-    """Weight-only ``linear``: one kernel that dequantizes each weight element inside the matmul's reduction.
+    """Weight-only ``linear``: the weight-only GEMM family's kernel (:mod:`fxopt.codegen.kernels.gemm_wq`: the
+    float GEMM's tiles, each weight vector dequantized in registers), with the float ops after it that its tile
+    can apply, where it applies (float32 activations, constant weights); else one TE kernel that dequantizes each
+    weight element inside the matmul's reduction.
 
-    The integer weights stay in the library (int8, or two 4-bit values per byte); a separate dequantize op
-    would be folded back into a float weight by ``FoldConstant``, so the dequantization is part of the
-    reduction itself, computed as the reference does: ``(q - zero_point) * scale`` in float32.
+    Either way the integer weights stay in the library (int8, or two 4-bit values per byte); a separate
+    dequantize op would be folded back into a float weight by ``FoldConstant``, so the dequantization is part of
+    the reduction itself, computed as the reference does: ``(q - zero_point) * scale`` in float32.
     """
     from tvm import relax, te, tirx
 
     bb = importer.block_builder
     wq, scale, zero_point = (importer.env[a] for a in node.args[1:4])
-    bias, bits = optional_input_node(node, 4), node.args[5]
+    bias, bits = optional_input_node(node, 4), cast(int, node.args[5])
     out_features, groups = input_node(node, 2).meta["val"].shape
-    in_features = input_node(node, 0).meta["val"].shape[-1]
+    x = input_node(node, 0)
+    in_features = x.meta["val"].shape[-1]
     group_size = in_features // groups
-    rows = bb.emit(relax.op.reshape(_float32(input_node(node, 0), importer), [-1, in_features]))
+    workload = (x.meta["val"].numel() // in_features, in_features, out_features, group_size, bits)
+    constants = [_constant(input_node(node, i)) for i in (1, 2, 3)]
+    float32 = x.meta["val"].dtype == torch.float32
+    applies = float32 and importer.isa is not None and GEMM_WQ.applies(workload, importer.isa)
+    if applies and all(c is not None for c in constants):
+        return _linear_wq_kernel(node, importer, workload, cast(list[torch.Tensor], constants))
+    rows = bb.emit(relax.op.reshape(_float32(x, importer), [-1, in_features]))
 
     def dequantize_matmul(x, wq, scale, zero_point):
         def weight(n, k):
@@ -438,6 +452,25 @@ def _linear_wq(node: fx.Node, importer) -> object:
         y = bb.emit(relax.op.add(y, _float32(bias, importer)))
     y = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
     return _in_output_dtype(node, bb, y)
+
+
+def _linear_wq_kernel(node: fx.Node, importer, workload: tuple, constants: list[torch.Tensor]) -> object:
+    """``linear_wq`` as one call of the weight-only GEMM family's kernel over the activation's rows, its integer
+    weights, scales and zero points packed at build time."""
+    from tvm import relax
+
+    rows, in_features, out_features, _, bits = workload
+    wq, scale, zero_point = constants
+    q = unpack_int4(wq) if bits == 4 else wq
+    config = importer.templates.config(GEMM_WQ, workload, importer.isa)
+    epilogue = find_epilogue(node, lambda value: value in importer.env)
+    bias = optional_input_node(node, 4)
+    args = [
+        importer.block_builder.emit(relax.op.reshape(importer.env[input_node(node, 0)], [rows, in_features])),
+        *map(to_relax_constant, GEMM_WQ.pack(q, scale, zero_point, config, bits)),
+        to_relax_constant(torch.zeros(out_features)) if bias is None else _float32(bias, importer),
+    ]
+    return call_gemm(node, importer, GEMM_WQ.build(workload, config, epilogue), args, epilogue)
 
 
 @register_lowering(fxopt_ops.linear_bf16.default)

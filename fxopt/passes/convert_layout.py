@@ -60,9 +60,11 @@ class ConvertLayout(Pass):
     one-sided as TensorFlow's "same" padding), max and average pools ``fxopt::pool2d_blocked``; elementwise ops
     (activations, arithmetic: residual adds, a squeeze-excitation's scale) and means over ``H, W`` (global
     average pools) take blocked values as they are. In a quantized graph, int8 convolutions (``fxopt::conv_q``:
-    one group, a constant weight, one activation scale, input blocks of whole groups of 4 channels, output blocks
-    of ``lanes``) become ``fxopt::conv_q_blocked`` and int8 quantizations with one scale take blocked values as
-    they are, so the int8 values between convolutions stay blocked too. Any other reader of a blocked value reads
+    a constant weight, one activation scale; plain ones with input blocks of whole groups of 4 channels, or an RGB
+    image's, and output blocks of ``lanes`` or 8; depthwise ones in their channels' block) become
+    ``fxopt::conv_q_blocked``, a zero pad before their quantization folded into their padding, and int8
+    quantizations with one scale take blocked values as they are, so the int8 values between convolutions stay
+    blocked too. Any other reader of a blocked value reads
     it converted back (``fxopt::from_blocked``), once per value; so do the graph's outputs. The block of a tensor
     is a function of its channels (:func:`channel_block`): the largest power of two up to ``lanes`` dividing them,
     so every op's inputs agree, unless ``block_costs`` names a file of measured convolution times per block pair

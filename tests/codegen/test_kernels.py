@@ -37,8 +37,10 @@ from fxopt.codegen.kernels.gemm_f32 import (
     default_tile,
 )
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
+from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.runtime import to_tvm
+from fxopt.quant.formats import dequantize_groups
 from fxopt.targets import host_cpu, parse_target
 
 CPU = parse_target("cpu")
@@ -195,6 +197,8 @@ WORKLOADS = {
     "gemm_f32": [(128, 768, 3072), (128, 3072, 768), (1, 64, 100), (13, 37, 53)],
     "gemm_int8": [(128, 384, 1536), (1, 64, 48), (24, 38, 48), (7, 16, 8)],
     "gemm_bf16": [(128, 768, 3072), (1, 64, 48), (24, 38, 48), (7, 16, 16)],
+    # rows, in, out, the group along K, bits
+    "gemm_wq": [(128, 384, 1536, 128, 4), (1, 64, 48, 64, 8), (13, 32, 53, 16, 4)],
     # the output block is the dot instruction's lanes (8 for vpmaddwd: _applicable gives each ISA its own)
     "conv2d_int8": [
         (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, 8),
@@ -261,6 +265,7 @@ def test_which_isas_each_family_applies_to():
     }
     assert applies["aarch64"] == {
         "gemm_f32",
+        "gemm_wq",
         "conv2d_f32",
         "depthwise_f32",
         "winograd_f32",
@@ -628,6 +633,36 @@ def test_every_int8_depthwise_config_is_exact(
     library[f"c{len(space)}"](*map(to_tvm, (*args, out_scale, out_zero_point, float_out, int8_out)))
     assert torch.equal(float_out.double(), expected)
     assert torch.equal(int8_out, fxopt_ops.quantize(expected.float(), out_scale, out_zero_point, "int8"))
+
+
+# Every config of the weight-only GEMM at the host's lanes and AVX-512's 16 (LLVM splits them where the host has
+# none): the reference's float weights, (q - zero point) x scale per group, multiplied and summed in float32.
+@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the x86 builds run on x86 CPUs with AVX2")
+@pytest.mark.parametrize("spec", ["cpu", "cpu:avx512"])
+@pytest.mark.parametrize("bits, group_size", [(8, 48), (4, 16)])
+def test_every_weight_only_gemm_config_dequantizes_the_reference_weights(spec, bits, group_size):
+    import tvm
+
+    isa = Isa.named(spec)
+    workload = rows, in_features, out_features, _, _ = (9, 96, 40, group_size, bits)
+    space = GEMM_WQ.space(workload, isa)
+    mod = tvm.IRModule(
+        {f"c{i}": GEMM_WQ.build(workload, c).with_attr("global_symbol", f"c{i}") for i, c in enumerate(space)}
+    )
+    library = compile_kernel(mod, CPU.tvm())
+    generator = torch.Generator().manual_seed(bits)
+    low, high = (0, 16) if bits == 4 else (-128, 128)
+    q = torch.randint(low, high, (out_features, in_features), generator=generator)
+    groups = in_features // group_size
+    scale = torch.rand(out_features, groups, generator=generator) / 50 + 0.01
+    zero_point = torch.randint(low, high, (out_features, groups), generator=generator).float()
+    x, bias = torch.randn(rows, in_features, generator=generator), torch.randn(out_features, generator=generator)
+    weight = dequantize_groups(q.to(torch.uint8 if bits == 4 else torch.int8), scale, zero_point)
+    expected = F.linear(x, weight, bias)
+    for i, config in enumerate(space):
+        out = torch.full((rows, out_features), float("nan"))
+        library[f"c{i}"](*map(to_tvm, (x, *GEMM_WQ.pack(q, scale, zero_point, config, bits), bias, out)))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=str(config))
 
 
 @functools.cache

@@ -24,6 +24,7 @@ from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, default_tile
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, dot_instruction
+from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.lower import OVERRIDES, is_lowerable, lower_graph, register_lowering
 from fxopt.codegen.lower_conv import block_diagonal, conv_shapes, merged_groups
@@ -714,6 +715,38 @@ def test_weight_only_layers_dequantize_inside_one_matmul_kernel(spec):
     assert {c for c in relax_constants(fused) if c[0] in weight_shapes} == {
         (shape, "uint8" if packed == 2 else "int8") for shape in weight_shapes
     }
+
+
+@pytest.mark.skipif(not HOST.avx2, reason="the weight-only GEMM's x86 kernel is for AVX2 CPUs")
+@pytest.mark.parametrize(
+    "spec, group_size, bits",
+    [
+        ("quantize{scheme=w8 group-size=0}", (64, 48), 8),
+        ("quantize{scheme=w4 group-size=16 weights=asymmetric}", (16, 16), 4),
+    ],
+)
+@pytest.mark.parametrize("shape", [(1, 64), (2, 5, 64)])  # one row (decode), rows of a tile and a partial one
+def test_weight_only_layers_run_the_weight_only_gemm_on_their_integer_weights(spec, group_size, bits, shape):
+    import tvm
+
+    from fxopt.codegen.compile import fusion_passes
+
+    x = torch.randn(*shape)
+    quantized, _ = PassManager(spec, verify="off", calibration=[x]).run(capture(WeightOnlyNet(), (x,)))
+    with spy_on(GEMM_WQ) as kernels:
+        executable = build(quantized, CPU, dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    rows = x.numel() // 64
+    assert [w for w, _, _ in kernels] == [(rows, 64, 48, group_size[0], bits), (rows, 48, 32, group_size[1], bits)]
+    assert kernels[0][2].ops == ("relu",) and kernels[1][2] is None  # the ReLU on the first one's tile
+    assert_built_matches(quantized, executable)
+    # The kernels read integer weights (packed into panels), no float copy of them
+    with CPU.tvm():
+        fused = tvm.transform.Sequential(fusion_passes())(lower_graph(quantized.graph_module, "main", CPU))
+    constants = relax_constants(fused)
+    integer = "uint8" if bits == 4 else "int8"
+    assert sorted(math.prod(s) * (2 if bits == 4 else 1) for s, t in constants if t == integer) >= [64 * 32, 64 * 48]
+    assert not [s for s, t in constants if t == "float32" and math.prod(s) >= 32 * 48]
 
 
 @pytest.mark.parametrize(

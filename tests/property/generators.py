@@ -27,6 +27,7 @@ class RandomModel(nn.Module):
         torch.manual_seed(seed)
         self.cnn, self.seq = cnn, seq
         self.layers = nn.ModuleDict()
+        self.heads: dict[int, int] = {}  # per attention layer: its width decides
         c = channels
         for i, (op, p) in enumerate(cnn):
             if op == "conv":
@@ -60,8 +61,7 @@ class RandomModel(nn.Module):
             elif op == "residual-mlp":
                 self.layers[f"s{i}"] = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
             elif op in ("attention", "sdpa"):
-                heads = p["heads"] if d % p["heads"] == 0 else 1
-                self.heads = heads
+                self.heads[i] = p["heads"] if d % p["heads"] == 0 else 1
                 self.layers[f"s{i}"] = nn.Linear(d, 3 * d)
                 self.layers[f"s{i}o"] = nn.Linear(d, d)
             elif op in ("duplicate", "const-scale"):
@@ -106,11 +106,12 @@ class RandomModel(nn.Module):
             return x + layer(x)
         if op in ("attention", "sdpa"):
             n, t, d = x.shape
-            q, k, v = layer(x).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            heads = self.heads[i]
+            q, k, v = layer(x).view(n, t, 3, heads, d // heads).permute(2, 0, 3, 1, 4)
             if op == "sdpa":
                 y = F.scaled_dot_product_attention(q, k, v)
             else:
-                y = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads), dim=-1) @ v
+                y = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // heads), dim=-1) @ v
             return x + self.layers[f"s{i}o"](y.transpose(1, 2).reshape(n, t, d))
         if op == "noop":
             return x.reshape(x.shape).clone() * 1

@@ -11,7 +11,7 @@ from hypothesis import given, settings
 
 from fxopt import PASSES, PassManager, Tolerance, capture, optimize
 from fxopt.ir.numerics import compare_outputs
-from tests.property.generators import random_models
+from tests.property.generators import RandomModel, random_models
 
 TOLERANCE = Tolerance(rtol=1e-4, atol=1e-5)
 
@@ -27,6 +27,15 @@ def test_capture_preserves_outputs(case):
     program = capture(model, inputs)
     with torch.no_grad():
         _assert_close([program(*inputs)], [model(*inputs)])
+
+
+def test_capture_pinned_example_of_two_attention_layers_of_different_widths():
+    # Hypothesis found the generator giving every attention layer the last one's heads (2 heads of a 1-wide layer).
+    attention = {"heads": 2, "out": 2, "k": 1, "bias": True, "grouped": False}
+    seq = [("attention", attention), ("linear", {**attention, "bias": False}), ("attention", attention)]
+    model, x = RandomModel(1, [], seq, 0).eval(), torch.randn(1, 1, 2, 2)
+    with torch.no_grad():
+        _assert_close([capture(model, (x,))(x)], [model(x)])
 
 
 # Half the profile's examples: tests/property/test_random_dags.py runs every exact pass on new random DAGs too.

@@ -20,6 +20,7 @@ from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
+from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 
 __all__ = ["FAMILIES", "template_workloads", "kernel_attrs"]
@@ -31,6 +32,7 @@ FAMILIES: dict[str, KernelFamily] = {
         GEMM_F32,
         GEMM_INT8,
         GEMM_BF16,
+        GEMM_WQ,
         ATTENTION_F32,
         CONV2D_F32,
         CONV2D_INT8,

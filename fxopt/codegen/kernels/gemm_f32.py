@@ -39,6 +39,8 @@ __all__ = [
     "NEON_TILE",
     "default_tile",
     "default_panels_per_task",
+    "panel_tiles",
+    "biased_with_epilogue",
 ]
 
 
@@ -139,7 +141,7 @@ class GemmF32(KernelFamily[GemmF32Config]):
         epilogue's operands; the result ``[rows, out]``. ``variant``: the epilogue
         (:class:`fxopt.codegen.epilogue.Epilogue`: its ``operand_shapes``, and called with the TE result and
         operand placeholders it gives the TE value to write), or ``None``."""
-        from tvm import s_tir, te
+        from tvm import te
 
         rows, in_features, out_features = workload
         epilogue, tile = variant, config.tile
@@ -154,27 +156,47 @@ class GemmF32(KernelFamily[GemmF32Config]):
             lambda m, panel, lane: te.sum(x[m, k] * packed[panel, k, lane], axis=k),
             name="acc",
         )
-        linear = te.compute((rows, out_features), lambda m, n: acc[m, n // width, n % width] + bias[n], name="linear")
-        shapes = epilogue.operand_shapes if epilogue else []
-        operands = [te.placeholder(shape, "float32", name=f"operand_{i}") for i, shape in enumerate(shapes)]
-        result = epilogue(linear, operands) if epilogue else linear
-        out = te.compute(linear.shape, lambda m, n: result[m, n], name="out")
+        operands, out = biased_with_epilogue(acc, bias, epilogue, out_features)
         func = te.create_prim_func([x, packed, bias, *operands, out])
-
-        sch = s_tir.Schedule(func)
-        block = sch.get_sblock("acc")
-        m, panel, lane, k_loop = sch.get_loops(block)
-        m_outer, m_inner = sch.split(m, [None, min(tile.rows, rows)])  # a partial last tile is predicated
-        vector, lane_inner = sch.split(lane, [None, tile.lanes])
-        # Groups of panels outermost: their weights (K x width floats each) stay in L2 while every row tile streams
-        # past them, and each task runs its row tile over the group's panels in turn (the tile's activations stay
-        # in L1, its output rows are written group-wide). A partial last group is predicated.
-        group, panel = sch.split(panel, [None, config.panels_per_task])
-        sch.reorder(group, m_outer, panel, k_loop, m_inner, vector, lane_inner)
-        fused = sch.fuse(group, m_outer)
-        epilogue_on_tile(sch, panel)
-        accumulate_in_registers(sch, block, fused, (m_inner, vector), lane_inner, k_loop)
-        return self.tagged(sch.mod["main"], workload)
+        return self.tagged(panel_tiles(func, rows, config), workload)
 
 
 GEMM_F32 = GemmF32()
+
+
+def biased_with_epilogue(acc, bias, epilogue, out_features: int) -> tuple[list, object]:
+    """The panels' sums ``acc`` (``[rows, panels, width]``) plus ``bias``, then ``epilogue`` (or None): its
+    operands (TE placeholders) and the ``out`` stage writing ``[rows, out_features]``."""
+    from tvm import te
+
+    rows, _, width = acc.shape
+    linear = te.compute((rows, out_features), lambda m, n: acc[m, n // width, n % width] + bias[n], name="linear")
+    shapes = epilogue.operand_shapes if epilogue else []
+    operands = [te.placeholder(shape, "float32", name=f"operand_{i}") for i, shape in enumerate(shapes)]
+    result = epilogue(linear, operands) if epilogue else linear
+    return operands, te.compute(linear.shape, lambda m, n: result[m, n], name="out")
+
+
+def panel_tiles(func, rows: int, config: GemmF32Config, k_step: int = 0) -> object:
+    """The float32 GEMM's schedule of ``func``: an ``acc`` stage ``[rows, panels, width]`` reduced over ``k``, read
+    by the tail that ``out`` writes (:func:`~.base.epilogue_on_tile`; other stages inlined: a weight computed from
+    quantized ones, :mod:`.gemm_wq`). ``k_step``: the reduction split into steps of that many (values per step
+    computed outside the innermost loop: a group's scales)."""
+    from tvm import s_tir
+
+    tile = config.tile
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("acc")
+    m, panel, lane, k_loop = sch.get_loops(block)
+    m_outer, m_inner = sch.split(m, [None, min(tile.rows, rows)])  # a partial last tile is predicated
+    vector, lane_inner = sch.split(lane, [None, tile.lanes])
+    # Groups of panels outermost: their weights (K x width floats each) stay in L2 while every row tile streams
+    # past them, and each task runs its row tile over the group's panels in turn (the tile's activations stay
+    # in L1, its output rows are written group-wide). A partial last group is predicated.
+    group, panel = sch.split(panel, [None, config.panels_per_task])
+    steps = sch.split(k_loop, [None, k_step]) if k_step else [k_loop]
+    sch.reorder(group, m_outer, panel, *steps, m_inner, vector, lane_inner)
+    fused = sch.fuse(group, m_outer)
+    epilogue_on_tile(sch, panel)
+    accumulate_in_registers(sch, block, fused, (m_inner, vector), lane_inner, steps[0])
+    return sch.mod["main"]
