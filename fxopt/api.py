@@ -13,6 +13,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from fxopt.codegen import Dispatch, Executable, block_costs, build
+from fxopt.codegen.isa import Isa
 from fxopt.codegen.tune import TuneOptions
 from fxopt.codegen.tuning_database import BLOCKS_FILE, existing_database
 from fxopt.errors import FxoptError, InputMismatchError, VerificationError
@@ -113,7 +114,7 @@ def optimize(
         resolved = Pipeline.coerce(target.default_pipeline)
     tune_options = TuneOptions.coerce(tune)
     manager = PassManager(
-        _searching_blocks(resolved, target, tune_options.database if tune_options else None),
+        _blocked_for(resolved, target, tune_options.database if tune_options else None),
         verify=verify,
         tolerance=tolerance,
         print_ir_after=print_ir_after,
@@ -137,22 +138,24 @@ def optimize(
     return optimized
 
 
-def _searching_blocks(pipeline: Pipeline, target: Target, database_override: Path | None) -> Pipeline:
-    """``pipeline`` with its ``convert-layout`` given the convolution times per block pair tuning stored for
-    ``target`` (:mod:`fxopt.codegen.block_costs`; in ``database_override`` if given), where there are some and the
-    pipeline names no file itself."""
-    if target.kind != "llvm" or not any(isinstance(p, ConvertLayout) and not p.block_costs for p in pipeline.passes):
+def _blocked_for(pipeline: Pipeline, target: Target, database_override: Path | None) -> Pipeline:
+    """``pipeline`` with its ``convert-layout`` blocking for ``target``'s vectors where it names none (its
+    ``lanes=0`` reads the host's: an AVX2 build on an AVX-512 host got blocks of 16, which its int8 kernels,
+    8 lanes wide, do not take) and given the convolution times per block pair tuning stored for ``target``
+    (:mod:`fxopt.codegen.block_costs`; in ``database_override`` if given), where there are some and the pipeline
+    names no file itself."""
+    if target.kind != "llvm" or not any(isinstance(p, ConvertLayout) for p in pipeline.passes):
         return pipeline
     database = database_override or existing_database(target)
-    if database is None or not block_costs.load(database):
-        return pipeline
-    passes = tuple(
-        dataclasses.replace(p, block_costs=str(database / BLOCKS_FILE))
-        if isinstance(p, ConvertLayout) and not p.block_costs
-        else p
-        for p in pipeline.passes
-    )
-    return dataclasses.replace(pipeline, passes=passes)
+    costs = str(database / BLOCKS_FILE) if database is not None and block_costs.load(database) else ""
+    lanes = Isa.of(target).lanes()
+
+    def for_target(p: Pass) -> Pass:
+        if not isinstance(p, ConvertLayout):
+            return p
+        return dataclasses.replace(p, lanes=p.lanes or lanes, block_costs=p.block_costs or costs)
+
+    return dataclasses.replace(pipeline, passes=tuple(map(for_target, pipeline.passes)))
 
 
 class OptimizedModel(torch.nn.Module):

@@ -36,6 +36,17 @@ def test_cpu_target_says_plainly_which_backend_ran():
     assert "backend: tvm" in str(report) and report.build_error is not None
 
 
+@pytest.mark.parametrize("target, lanes", [("cpu:avx2", 8), ("cpu:avx512", 16), ("aarch64", 4)])
+def test_the_layout_is_blocked_for_the_targets_vectors_not_the_hosts(target, lanes):
+    # A build for another CPU than the host blocks by its vectors (an AVX2 build's int8 kernels take blocks of 8).
+    model, x = nn.Sequential(nn.Conv2d(3, 32, 3), nn.ReLU(), nn.Conv2d(32, 32, 1)).eval(), torch.randn(1, 3, 8, 8)
+    result = optimize(model, target=target, pipeline="cpu", dispatch="torch")
+    result(x)
+    assert f"convert-layout{{lanes={lanes} " in result.report().pipeline
+    blocks = [n.args[-1] for n in result.graph_module.graph.nodes if n.target is torch.ops.fxopt.conv2d_blocked.default]
+    assert blocks == [lanes, lanes]
+
+
 class FlattensByBatch(nn.Module):
     """A CNN whose head views its features by ``x.size(0)``: a symbolic size node in the captured graph."""
 
