@@ -84,6 +84,18 @@ class Conv2dInt8Variant:
     def writes_float(self) -> bool:
         return not self.requantized or self.float_too
 
+    def written(self, conv, out_shape: tuple[int, ...]) -> tuple[list, list, list, tuple[str, ...]]:
+        """The tail on ``conv`` (the dequantized convolution, a float32 TE stage of ``out_shape``): the epilogue's
+        operands and the requantization's parameters (TE placeholders), the results (the float ``out``, the int8
+        ``out_int8``) and the names of their stages, the kernel's writers."""
+        operands, out = written_with_epilogue(conv, self.epilogue, out_shape)
+        requantize = requantize_parameters() if self.requantized else []
+        results = [out] if self.writes_float else []
+        if requantize:  # from the float tile just written, or (not written) inlined
+            out_scale, out_zero_point = requantize
+            results.append(requantized(out, out_scale, out_zero_point, "out_int8"))
+        return operands, requantize, results, ("out",) * self.writes_float + ("out_int8",) * self.requantized
+
 
 def input_block(channels: int, isa: Isa) -> int | None:
     """The input block of ``channels`` for ``isa``'s dot instruction: the largest of 16, 8, 4 (and 2 for
@@ -241,12 +253,7 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
             return centered.astype("float32") * (x_scale[0] * w_scale[channel]) + bias[channel]
 
         conv = te.compute(out_shape, dequantized, name="conv")
-        operands, out = written_with_epilogue(conv, adds.epilogue, out_shape)
-        requantize = requantize_parameters() if adds.requantized else []
-        results = [out] if adds.writes_float else []
-        if requantize:  # from the float tile just written, or (not written) inlined
-            out_scale, out_zero_point = requantize
-            results.append(requantized(out, out_scale, out_zero_point, "out_int8"))
+        operands, requantize, results, writers = adds.written(conv, out_shape)
         params = [xq, packed, colsum, zero_point, x_scale, w_scale, bias, *operands, *requantize, *results]
         func = wide_indexed_prim_func(params)
 
@@ -258,7 +265,6 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
         outer = (pixel_tile, group) if config.order == PIXELS_OUTER else (group, pixel_tile)
         sch.reorder(n, *outer, c_loop, kh_loop, kw_loop, step_loop, pixel, vector, lane, within_loop)
         task = sch.fuse(n, *outer)
-        writers = ("out",) * adds.writes_float + ("out_int8",) * adds.requantized
         epilogue_on_tile(sch, task, before=("wide",), writers=writers)
         sch.set_scope(block, 0, "local")
         sch.parallel(task)

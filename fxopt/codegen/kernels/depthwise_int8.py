@@ -19,10 +19,9 @@ import torch
 
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import KernelFamily, Workload
-from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, written_with_epilogue
+from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input
 from fxopt.codegen.kernels.conv2d_int8 import Conv2dInt8Variant
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32Config, row_tiled, taps_reduced
-from fxopt.codegen.kernels.gemm_int8 import requantize_parameters, requantized
 from fxopt.quant.ops import EXACT_FLOAT32_TERMS
 
 __all__ = ["DepthwiseInt8", "DEPTHWISE_INT8"]
@@ -92,14 +91,8 @@ class DepthwiseInt8(KernelFamily[DepthwiseF32Config]):
             return acc[n, c, h, w, lane] * (x_scale[0] * w_scale[channel]) + bias[channel]
 
         conv = te.compute(out_shape, dequantized, name="conv")
-        operands, out = written_with_epilogue(conv, adds.epilogue, out_shape)
-        requantize = requantize_parameters() if adds.requantized else []
-        results = [out] if adds.writes_float else []
-        if requantize:  # from the float tile just written, or (not written) inlined
-            out_scale, out_zero_point = requantize
-            results.append(requantized(out, out_scale, out_zero_point, "out_int8"))
+        operands, requantize, results, writers = adds.written(conv, out_shape)
         func = te.create_prim_func([xq, packed, zero_point, x_scale, w_scale, bias, *operands, *requantize, *results])
-        writers = ("out",) * adds.writes_float + ("out_int8",) * adds.requantized
         return self.tagged(row_tiled(func, shape, config, writers), workload)
 
 
