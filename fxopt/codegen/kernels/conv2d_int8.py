@@ -15,8 +15,8 @@ zero point, scales and bias are applied on the tile, then the float ops after th
 (:class:`Conv2dInt8Variant`): a quantized CNN's blocks then pass int8 from kernel to kernel. Plain convolutions
 (one group); the activation quantized per tensor, the weight per output channel or per tensor.
 
-Workload: :class:`~.conv2d_f32.ConvShape`'s, ``y`` the instruction's lanes; the results are
-``[N, O/y, OH * OW, y]``, float32 or int8.
+Workload: :class:`~.conv2d_f32.ConvShape`'s, ``y`` the instruction's lanes (or 8: VNNI's 256-bit form); the
+results are ``[N, O/y, OH * OW, y]``, float32 or int8.
 """
 
 from __future__ import annotations
