@@ -36,6 +36,7 @@ __all__ = [
     "parse_workload_key",
     "padded_to",
     "epilogue_on_tile",
+    "written_with_epilogue",
     "dot_product_tiles",
     "dot_tiles",
     "dot_tile_default",
@@ -177,6 +178,19 @@ def epilogue_on_tile(sch, tile_loop, before: tuple[str, ...] = ("pad",), writers
         sch.reverse_compute_at(writer, tile_loop, preserve_unit_loops=True)
         sch.vectorize(sch.get_loops(writer)[-1])
     return writer
+
+
+def written_with_epilogue(conv, epilogue, out_shape: tuple[int, ...]) -> tuple[list, object]:
+    """The epilogue's operands (TE placeholders; whole ones in the result's shape) and the ``out`` stage writing
+    ``epilogue(conv)`` (``conv`` itself without one)."""
+    from tvm import te
+
+    operands = [
+        te.placeholder(out_shape if len(s) == 2 else s, "float32", name=f"operand_{k}")
+        for k, s in enumerate(epilogue.operand_shapes if epilogue else [])
+    ]
+    result = epilogue(conv, operands) if epilogue else conv
+    return operands, te.compute(out_shape, lambda *index: result(*index), name="out")
 
 
 def accumulate_in_registers(sch, acc, task, unrolled, lane, reduction) -> None:

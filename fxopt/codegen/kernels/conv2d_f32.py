@@ -38,6 +38,7 @@ from fxopt.codegen.kernels.base import (
     epilogue_on_tile,
     padded_to,
     wide_indexed_prim_func,
+    written_with_epilogue,
 )
 
 __all__ = [
@@ -48,7 +49,6 @@ __all__ = [
     "padded_input",
     "tap",
     "schedule_padding",
-    "written_with_epilogue",
 ]
 
 
@@ -142,19 +142,6 @@ def tap(shape: ConvShape, source, p, c, kh, kw, i):
     h = p // shape.out_width * shape.stride_h + kh * shape.dilation_h
     w = p % shape.out_width * shape.stride_w + kw * shape.dilation_w
     return lambda n: source[n, c, h, w, i]
-
-
-def written_with_epilogue(conv, epilogue, out_shape: tuple[int, ...]) -> tuple[list, object]:
-    """The epilogue's operands (TE placeholders; whole ones in the result's shape) and the ``out`` stage writing
-    ``epilogue(conv)`` (``conv`` itself without one)."""
-    from tvm import te
-
-    operands = [
-        te.placeholder(out_shape if len(s) == 2 else s, "float32", name=f"operand_{k}")
-        for k, s in enumerate(epilogue.operand_shapes if epilogue else [])
-    ]
-    result = epilogue(conv, operands) if epilogue else conv
-    return operands, te.compute(out_shape, lambda *index: result(*index), name="out")
 
 
 def schedule_padding(sch, shape: ConvShape) -> None:

@@ -35,6 +35,7 @@ from fxopt.codegen.kernels.base import (
     epilogue_on_tile,
     padded_to,
     wide_indexed_prim_func,
+    written_with_epilogue,
 )
 from fxopt.codegen.kernels.conv2d_f32 import (
     CHANNELS_OUTER,
@@ -44,7 +45,6 @@ from fxopt.codegen.kernels.conv2d_f32 import (
     ConvShape,
     padded_input,
     tap,
-    written_with_epilogue,
 )
 from fxopt.codegen.kernels.gemm_int8 import UNSIGNED_SHIFT, dot_instruction, requantize_parameters, requantized
 

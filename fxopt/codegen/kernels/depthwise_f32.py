@@ -25,8 +25,9 @@ from fxopt.codegen.kernels.base import (
     accumulate_in_registers,
     epilogue_on_tile,
     padded_to,
+    written_with_epilogue,
 )
-from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, written_with_epilogue
+from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input
 
 __all__ = ["DepthwiseF32Config", "DepthwiseF32", "DEPTHWISE_F32", "max_pool", "taps_reduced", "row_tiled"]
 

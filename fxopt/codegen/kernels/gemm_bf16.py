@@ -17,13 +17,14 @@ Workload: ``(rows, in_features, out_features)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from fxopt.codegen.intrinsics.x86 import bf16_bits, bf16_dot_llvm, bf16_value, dot_bf16_pairs
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import KernelFamily, Workload, dot_product_tiles, dot_tile_default, dot_tiles
+from fxopt.codegen.kernels.gemm_f32 import biased_with_epilogue
 
 if TYPE_CHECKING:
     from fxopt.codegen.epilogue import Epilogue
@@ -99,11 +100,7 @@ class GemmBf16(KernelFamily[GemmBf16Config]):
             ),
             name="acc",
         )
-        linear = te.compute((rows, out_features), lambda m, n: acc[m, n // LANES, n % LANES] + bias[n], name="linear")
-        shapes = variant.operand_shapes if variant else []
-        operands = [te.placeholder(shape, "float32", name=f"operand_{i}") for i, shape in enumerate(shapes)]
-        result: Any = variant(linear, operands) if variant else linear  # a TE tensor
-        out = te.compute(linear.shape, lambda m, n: result[m, n], name="out")
+        operands, out = biased_with_epilogue(acc, bias, variant, out_features)
         func = te.create_prim_func([x, packed, bias, *operands, out])
         sch, tile = dot_product_tiles(func, config.rows, config.blocks, dot_bf16_pairs(LANES))
         sch.annotate(tile, "pragma_import_llvm", bf16_dot_llvm(LANES))

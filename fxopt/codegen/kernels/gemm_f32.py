@@ -27,6 +27,7 @@ from fxopt.codegen.kernels.base import (
     Workload,
     accumulate_in_registers,
     epilogue_on_tile,
+    written_with_epilogue,
 )
 
 __all__ = [
@@ -171,10 +172,7 @@ def biased_with_epilogue(acc, bias, epilogue, out_features: int) -> tuple[list, 
 
     rows, _, width = acc.shape
     linear = te.compute((rows, out_features), lambda m, n: acc[m, n // width, n % width] + bias[n], name="linear")
-    shapes = epilogue.operand_shapes if epilogue else []
-    operands = [te.placeholder(shape, "float32", name=f"operand_{i}") for i, shape in enumerate(shapes)]
-    result = epilogue(linear, operands) if epilogue else linear
-    return operands, te.compute(linear.shape, lambda m, n: result[m, n], name="out")
+    return written_with_epilogue(linear, epilogue, (rows, out_features))
 
 
 def panel_tiles(func, rows: int, config: GemmF32Config, k_step: int = 0) -> object:

@@ -23,8 +23,15 @@ import torch
 
 from fxopt.codegen.epilogue import KEPT
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, accumulate_in_registers, padded_to
-from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, schedule_padding, written_with_epilogue
+from fxopt.codegen.kernels.base import (
+    KernelFamily,
+    RegisterTile,
+    Workload,
+    accumulate_in_registers,
+    padded_to,
+    written_with_epilogue,
+)
+from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, schedule_padding
 
 __all__ = ["WinogradF32Config", "WinogradF32", "WINOGRAD_F32"]
 
