@@ -118,8 +118,7 @@ def call_gemm(node: fx.Node, importer, kernel, args: list, epilogue: Epilogue | 
 
     bb = importer.block_builder
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
-    for operand, shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
-        args.append(bb.emit(relax.op.reshape(importer.env[operand], list(shape))))
+    args += epilogue_operands(importer, epilogue)
     result = epilogue.exit if epilogue else node
     rows = node.meta["val"].numel() // node.meta["val"].shape[-1]
     y = bb.emit(relax.call_tir(kernel, args, relax.TensorType([rows, node.meta["val"].shape[-1]], "float32")))
@@ -129,6 +128,19 @@ def call_gemm(node: fx.Node, importer, kernel, args: list, epilogue: Epilogue | 
     importer.absorbed.update({inner: None for inner in epilogue.nodes[:-1]})
     importer.absorbed[epilogue.exit] = y
     return None
+
+
+def epilogue_operands(importer, epilogue: Epilogue | None, whole_shape: list[int] | None = None) -> list:
+    """The lowered values of ``epilogue``'s operands as its kernel takes them: in their operand shapes, whole
+    ones in ``whole_shape`` where given (a convolution's result layout)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    values = []
+    for operand, shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
+        whole = whole_shape is not None and len(shape) == 2
+        values.append(bb.emit(relax.op.reshape(importer.env[operand], whole_shape if whole else list(shape))))
+    return values
 
 
 @register_lowering(aten.scaled_dot_product_attention.default)

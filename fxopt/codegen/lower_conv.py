@@ -20,6 +20,7 @@ from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, Conv2dF32, ConvShape
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32, max_pool
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32, WinogradF32
 from fxopt.codegen.lower import register_lowering, to_relax_constant
+from fxopt.codegen.lower_contractions import epilogue_operands
 from fxopt.ir.meta import input_node, optional_input_node
 
 fxopt_ops = torch.ops.fxopt
@@ -197,9 +198,7 @@ def _conv(node: fx.Node, importer) -> object:
         packed,
         to_relax_constant(torch.zeros(shape.out_channels)) if bias is None else importer.env[bias],
     ]
-    for operand, operand_shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
-        whole = len(operand_shape) == 2
-        args.append(bb.emit(relax.op.reshape(importer.env[operand], flat if whole else list(operand_shape))))
+    args += epilogue_operands(importer, epilogue, flat)
     y = bb.emit(relax.call_tir(kernel, args, relax.TensorType(flat, "float32")))
     result = bb.emit(relax.op.reshape(y, [*node.meta["val"].shape]))
     if epilogue is None:

@@ -26,7 +26,7 @@ from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
-from fxopt.codegen.lower_contractions import call_gemm
+from fxopt.codegen.lower_contractions import call_gemm, epilogue_operands
 from fxopt.ir.meta import input_node, optional_input_node
 from fxopt.ir.program import attribute_owner
 from fxopt.quant import ops as _quant_ops  # noqa: F401  (registers the fxopt:: quantized ops lowered here)
@@ -156,8 +156,7 @@ def _linear_q_kernel(node: fx.Node, importer, weight: torch.Tensor, workload: tu
         bb.emit(relax.op.astype(relax.op.reshape(importer.env[w_scale], [-1]), "float32")),
         to_relax_constant(torch.zeros(out_features)) if bias is None else _float32(bias, importer),
     ]
-    for operand, shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
-        args.append(bb.emit(relax.op.reshape(importer.env[operand], list(shape))))
+    args += epilogue_operands(importer, epilogue)
     if requantize is not None:
         args += _requantize_args(requantize, importer)
     dtype = "int8" if requantize is not None else "float32"
@@ -392,10 +391,7 @@ def _int8_conv_call(
         bb.emit(relax.op.astype(per_channel, "float32")),
         to_relax_constant(torch.zeros(out_channels)) if bias is None else _float32(bias, importer),
     ]
-    epilogue = variant.epilogue
-    for operand, operand_shape in zip(epilogue.operands, epilogue.operand_shapes) if epilogue else ():
-        whole = len(operand_shape) == 2
-        args.append(bb.emit(relax.op.reshape(importer.env[operand], flat if whole else list(operand_shape))))
+    args += epilogue_operands(importer, variant.epilogue, flat)
     if requantize is not None:
         args += _requantize_args(requantize, importer)
     dtypes = (["float32"] if variant.writes_float else []) + (["int8"] if variant.requantized else [])
