@@ -120,11 +120,14 @@ def conv_q(
 
 @conv_q.register_fake
 def _conv_q_fake(xq, x_scale, x_zero_point, wq, w_scale, bias, stride, padding, dilation, groups, out_dtype):
-    spatial = [
-        (size + 2 * p - d * (k - 1) - 1) // s + 1
-        for size, k, s, p, d in zip(xq.shape[2:], wq.shape[2:], stride, padding, dilation)
-    ]
+    windows = zip(xq.shape[2:], wq.shape[2:], stride, padding, dilation)
+    spatial = [_out_size(size, k, s, 2 * p, d) for size, k, s, p, d in windows]
     return xq.new_empty((xq.shape[0], wq.shape[0], *spatial), dtype=out_dtype)
+
+
+def _out_size(size, kernel: int, stride: int, padding: int, dilation: int):
+    """A convolution's outputs along a dimension of ``size`` inputs, ``padding`` in all added to them."""
+    return (size + padding - dilation * (kernel - 1) - 1) // stride + 1
 
 
 @torch.library.custom_op("fxopt::conv_q_blocked", mutates_args=())
@@ -158,8 +161,8 @@ def _conv_q_blocked_fake(
 ):
     n, _, height, width, _ = xq.shape
     top, left, bottom, right = padding
-    out_h = (height + top + bottom - dilation[0] * (wq.shape[2] - 1) - 1) // stride[0] + 1
-    out_w = (width + left + right - dilation[1] * (wq.shape[3] - 1) - 1) // stride[1] + 1
+    out_h = _out_size(height, wq.shape[2], stride[0], top + bottom, dilation[0])
+    out_w = _out_size(width, wq.shape[3], stride[1], left + right, dilation[1])
     return xq.new_empty((n, wq.shape[0] // block, out_h, out_w, block), dtype=out_dtype)
 
 
