@@ -82,3 +82,19 @@ def test_blocked_networks_built_for_the_cpu_match_pytorch(case):
     with torch.no_grad():
         _within_bound(result(*inputs), model(*inputs), "target cpu")
     assert all(s.backend == "tvm" for s in result.report().segments), result.report().segments
+
+
+# Quantized: every int8 convolution blocked (plain, depthwise, an RGB image's, blocks of 8), zero pads before a
+# quantization folded into the blocked convolution's padding, quantizations of blocked values: exact, the same
+# integers and floats in another layout.
+@settings(max_examples=max(30, settings().max_examples // 4), deadline=None)
+@given(random_cnns(), st.sampled_from([8, 16]))
+def test_the_blocked_quantized_network_computes_what_the_quantized_one_does(case, lanes):
+    model, inputs = case
+    note(model.spec.describe())
+    quantized, _ = PassManager("quantize", verify="off", calibration=[inputs]).run(capture(model, inputs))
+    converted, (record,) = PassManager(f"convert-layout{{lanes={lanes}}}", verify="off").run(quantized)
+    for output, reference in zip(converted.run_flat(), quantized.run_flat()):
+        assert torch.equal(output, reference), (output - reference).abs().max()
+    blocked = [n for n in converted.graph.nodes if n.target is torch.ops.fxopt.conv_q_blocked.default]
+    event(f"quantized convolutions blocked: {min(len(blocked), 3)}+, depthwise: {any(n.args[9] > 1 for n in blocked)}")
