@@ -136,7 +136,7 @@ def test_the_llvm_mca_benchmark_predicts_each_kernels_loops_per_cpu(capsys, monk
         pytest.skip("no llvm-mca here (Debian package llvm)")
     assert mca["main"](["--cpus", "znver3", "sapphirerapids", "--loops", "1"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
-    kernels = ("gemm_f32", "attention_f32", "conv2d_f32", "gemm_int8", "conv2d_int8", "gemm_bf16")
+    kernels = ("gemm_f32", "attention_f32", "conv2d_f32", "gemm_int8", "conv2d_int8", "gemm_bf16", "gemm_wq")
     assert [(row[0], row[1]) for row in rows] == [
         (cpu, kernel)
         for cpu in ("znver3", "sapphirerapids")

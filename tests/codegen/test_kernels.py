@@ -665,6 +665,19 @@ def test_every_weight_only_gemm_config_dequantizes_the_reference_weights(spec, b
         torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=str(config))
 
 
+@pytest.mark.parametrize("mcpu, registers", [("znver3", "ymm"), ("znver4", "zmm"), ("sapphirerapids", "zmm")])
+@pytest.mark.parametrize("bits", [8, 4])
+def test_the_weight_only_gemm_builds_with_each_cpus_vectors(mcpu, registers, bits):
+    # Its float multiply-adds on the ISA's widest registers, its weights widened from bytes (never gathered).
+    import tvm
+
+    isa, workload = Isa.named(f"x86_64:{mcpu}"), (128, 768, 3072, 128, bits)
+    kernel = tvm.IRModule({"main": GEMM_WQ.build(workload, GEMM_WQ.default(workload, isa))})
+    asm = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu})).mod.inspect_source("asm")
+    assert re.search(r"vfmadd\d+ps\s[^\n]*%" + registers, asm)
+    assert "gather" not in asm
+
+
 @functools.cache
 def _bf16_dot_by_its_definition(lanes: int) -> str:
     """``dot_bf16_pairs(lanes)`` with ``vdpbf16ps`` replaced by its definition, for a host without AVX-512 BF16."""
