@@ -15,11 +15,15 @@ cycle, and that as a share of the model's own peak for that instruction (its pre
 the same width; for FMAs beside the CPU's real peak, :data:`PEAK_FLOP_PER_CYCLE`: LLVM's models differ from the
 chips and between versions;
 LLVM 19 gives Sapphire Rapids one 512-bit FMA per cycle, it has two, and LLVM 14 gives Zen 3 one 256-bit FMA per
-cycle, it has two). A prediction is of the loop alone with its data in L1: what packing, blocking and the loops
+cycle, it has two). AMX tile products are not predicted: LLVM's models give ``tdpbusd``/``tdpbf16ps`` a
+placeholder latency (100 cycles in LLVM 14), so on AMX CPUs the GEMMs are built as the vector kernels they take
+where tiles do not divide the workload (``benchmarks/README.md`` gives AMX's rate from Intel's tables). A
+prediction is of the loop alone with its data in L1: what packing, blocking and the loops
 around it cost is not in it (``benchmarks/gemm.py`` measures the host's kernel whole). LLVM 14's ``llvm-mca`` knows
 no Zen 4: the newest ``llvm-mca-NN`` on the PATH is used (Debian: ``apt-get install llvm-19``)."""
 
 import argparse
+import dataclasses
 import re
 import shutil
 import subprocess
@@ -68,7 +72,8 @@ def _ops(match: re.Match) -> int:
 
 
 def kernels(isa: Isa) -> dict:
-    """The kernels measured, by name, scheduled for ``isa``."""
+    """The kernels measured, by name, scheduled for ``isa`` (without its AMX tiles, which no model predicts)."""
+    isa = dataclasses.replace(isa, features=frozenset(f for f in isa.features if not f.startswith("amx-")))
     lanes = isa.lanes()
     measured = [
         (GEMM_F32, (128, 768, 3072)),

@@ -19,9 +19,11 @@ This module is the one reader of the host CPU (:func:`host_cpu`);
 
 from __future__ import annotations
 
+import ctypes
 import difflib
 import functools
 import os
+import platform
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -39,6 +41,7 @@ __all__ = [
     "vector_bits",
     "host_vector_bits",
     "usable_cores",
+    "request_amx",
     "parse_target",
 ]
 
@@ -74,6 +77,8 @@ def host_cpu() -> HostCPU:
     from tvm.target import codegen  # TVM's compiler library: LLVM's name for this CPU
 
     flags = {_llvm_feature_name(flag) for flag in _cpu_flags()}
+    if "amx-tile" in flags and not request_amx():
+        flags = {flag for flag in flags if not flag.startswith("amx-")}  # the CPU has tiles; this process may not
     return HostCPU(
         str(codegen.llvm_get_system_cpu()),
         usable_cores(),
@@ -81,6 +86,22 @@ def host_cpu() -> HostCPU:
         tuple(sorted(flags)),
         _cache_bytes(level=2) or HostCPU.l2_bytes,
     )
+
+
+#: Linux's ``arch_prctl`` system call (x86-64), its request for an extended state component, and AMX's tile data
+#: component (arch/x86/include/uapi/asm/prctl.h, fpu/types.h).
+_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA = 158, 0x1023, 18
+
+
+@functools.cache
+def request_amx() -> bool:
+    """Ask Linux (5.16 and later) to let this process use AMX tiles, which it must once before its first tile
+    instruction (the CPU faults it otherwise); whether it may. Kernels with AMX tiles run only where it may: host
+    detection leaves AMX out of the host's features otherwise, and every virtual machine asks before it runs."""
+    if platform.system() != "Linux" or platform.machine() != "x86_64":
+        return False
+    libc = ctypes.CDLL(None, use_errno=True)
+    return libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) == 0
 
 
 def host_vector_bits() -> int:

@@ -12,7 +12,7 @@ import os
 import torch
 
 from fxopt.errors import CodegenError, first_line
-from fxopt.targets import usable_cores
+from fxopt.targets import request_amx, usable_cores
 
 __all__ = ["TVMFunction", "load_vm", "tvm_device"]
 
@@ -52,6 +52,7 @@ def load_vm(executable, device: torch.device | str):
     from tvm.runtime.vm import VirtualMachine  # the runtime's (relax re-exports it), so no compiler is needed
 
     use_host_cores()
+    request_amx()  # an AMX build's tiles fault in a process Linux has not let use them
     return VirtualMachine(executable, tvm_device(device))
 
 

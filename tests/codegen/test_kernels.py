@@ -18,10 +18,11 @@ from hypothesis import strategies as st
 from fxopt import capture
 from fxopt.codegen.compile import STACK_SCRATCH_BYTES, compile_kernel
 from fxopt.codegen.epilogue import find_epilogue
-from fxopt.codegen.intrinsics.x86 import bf16_bits, dot_bf16_pairs, dot_u8s8_quads
+from fxopt.codegen.intrinsics.x86 import amx_dot, amx_tile_config, bf16_bits, dot_bf16_pairs, dot_u8s8_quads
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels import FAMILIES, conv2d_int8, gemm_bf16, gemm_int8, template_workloads
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionInputs
+from fxopt.codegen.kernels.base import AMX_TASKS
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
 from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, Conv2dInt8Variant
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32Config
@@ -36,7 +37,7 @@ from fxopt.codegen.kernels.gemm_f32 import (
     default_panels_per_task,
     default_tile,
 )
-from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Config, GemmInt8Variant, dot_instruction
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.runtime import to_tvm
@@ -251,7 +252,8 @@ def test_a_familys_default_is_one_of_its_space_and_its_configs_are_stored_as_the
             # the ISA's own vectors (int8: its dot instruction's, 8 lanes of vpmaddwd without VNNI)
             lanes = dot_instruction(isa)[0] if family is GEMM_INT8 else isa.lanes()
             assert getattr(config, "lanes", lanes) == lanes
-            assert getattr(config, "rows", 1) * getattr(config, "vectors", 1) <= isa.vector_registers
+            if not getattr(config, "amx", False):  # AMX's accumulators are tiles, not vector registers
+                assert getattr(config, "rows", 1) * getattr(config, "vectors", 1) <= isa.vector_registers
 
 
 def test_which_isas_each_family_applies_to():
@@ -314,16 +316,26 @@ def test_tuning_finds_each_familys_kernels_in_a_module_the_most_work_first():
     ]
 
 
-@functools.cache
-def _vnni_by_its_definition(lanes: int) -> str:
-    """``dot_u8s8_quads(lanes)`` with ``vpdpbusd`` replaced by the loop it is the tensor intrinsic of, for a host
-    without VNNI to run the VNNI kernel's schedule (tiles, packing, the unsigned shift taken back)."""
-    from tvm.s_tir import TensorIntrin
+def _by_definition(intrinsic):
+    """``intrinsic`` (a function naming a tensor intrinsic) with its instructions replaced by the loop it is the
+    tensor intrinsic of, for a host without them to run the kernel's schedule (tiles, packing, the unsigned shift
+    taken back)."""
 
-    name = dot_u8s8_quads(lanes)
-    definition = TensorIntrin.get(name).desc
-    TensorIntrin.register(f"{name}_by_definition", definition, definition)
-    return f"{name}_by_definition"
+    @functools.cache
+    def named(*args) -> str:
+        from tvm.s_tir import TensorIntrin
+
+        name = intrinsic(*args)
+        definition = TensorIntrin.get(name).desc
+        TensorIntrin.register(f"{name}_by_definition", definition, definition)
+        return f"{name}_by_definition"
+
+    return named
+
+
+_vnni_by_its_definition = _by_definition(dot_u8s8_quads)
+_amx_by_its_definition = _by_definition(amx_dot)
+_bf16_dot_by_its_definition = _by_definition(dot_bf16_pairs)
 
 
 # The host's own int8 instruction, and VNNI's at 16 lanes (AVX-512) and 8 (AVX-VNNI): natively where the host has
@@ -429,11 +441,103 @@ def test_the_int8_kernels_build_with_each_cpus_dot_product(mcpu, instruction, re
 
     isa = Isa.named(f"x86_64:{mcpu}")
     conv = ConvShape(1, 64, 14, 14, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, dot_instruction(isa)[0]).workload
-    for family, workload in [(GEMM_INT8, (128, 384, 1536)), (CONV2D_INT8, conv)]:
+    # a GEMM of 24 rows: not whole AMX tiles, so Sapphire Rapids' too is a vector kernel
+    for family, workload in [(GEMM_INT8, (24, 384, 1536)), (CONV2D_INT8, conv)]:
         kernel = tvm.IRModule({"main": family.build(workload, family.default(workload, isa))})
         asm = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu})).mod.inspect_source("asm")
         assert re.search(instruction + r"\s[^\n]*%" + registers, asm), family.name
         assert instruction == "vpmaddwd" or "vpmaddwd" not in asm  # VNNI needs no int16 pairs
+        assert "tdpbusd" not in asm
+
+
+# AMX: whole tiles of rows and inputs take tile registers on Sapphire Rapids; elsewhere there are none.
+@pytest.mark.parametrize("mcpu", ["sapphirerapids", "emeraldrapids", "znver4"])
+@pytest.mark.parametrize(
+    "family, instruction, vector_instruction",
+    [(GEMM_INT8, "tdpbusd", "vpdpbusd"), (GEMM_BF16, "tdpbf16ps", "vdpbf16ps")],
+)
+def test_the_gemms_build_with_amx_tiles_where_the_cpu_has_them(family, instruction, vector_instruction, mcpu):
+    import tvm
+
+    isa = Isa.named(f"x86_64:{mcpu}")
+    workload = (128, 768, 3072)
+    config = family.default(workload, isa)
+    amx = isa.amx_int8 if family is GEMM_INT8 else isa.amx_bf16
+    assert config.amx == amx and (str(config) == "32x2 AMX tile") == amx
+    variant = GemmInt8Variant(requantized=True) if family is GEMM_INT8 else None
+    kernel = tvm.IRModule({"main": family.build(workload, config, variant)})
+    asm = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu})).mod.inspect_source("asm")
+    if not amx:
+        assert instruction not in asm and vector_instruction in asm
+        return
+    # One configuration, four accumulators loaded, a loop of two row tiles and two column tiles loaded and four
+    # products, the accumulators stored, the tiles released; the tail in AVX-512 vectors.
+    counts = {op: len(re.findall(rf"^\s+{op}\s", asm, re.MULTILINE)) for op in ("ldtilecfg", "tilerelease")}
+    assert counts == {"ldtilecfg": 1, "tilerelease": 1}
+    products = re.findall(rf"^\s+{instruction}\s+%tmm(\d), %tmm(\d), %tmm(\d)", asm, re.MULTILINE)
+    assert products and len(products) % 4 == 0
+    # tdpbusd dst, a, b in Intel's order; AT&T's reverses it: accumulators 0-3, a's tiles 4-5, b's 6-7
+    assert {(dst, a, b) for b, a, dst in products} == {
+        ("0", "4", "6"),
+        ("1", "4", "7"),
+        ("2", "5", "6"),
+        ("3", "5", "7"),
+    }
+    assert len(re.findall(r"^\s+tilestored\s", asm, re.MULTILINE)) == 4
+    assert vector_instruction not in asm and re.search(r"v(add|fmadd\d+)ps\s[^\n]*%zmm", asm)
+
+
+def test_the_amx_tile_configuration_makes_tiles_of_16_rows_of_64_bytes():
+    config = b"".join(word.to_bytes(8, "little") for word in amx_tile_config(6))
+    assert len(config) == 64 and config[0] == 1 and config[1:16] == bytes(15)  # palette 1, from row 0
+    assert [int.from_bytes(config[16 + 2 * t : 18 + 2 * t], "little") for t in range(16)] == [64] * 6 + [0] * 10
+    assert list(config[48:64]) == [16] * 6 + [0] * 10
+    with pytest.raises(ValueError, match="8 tiles"):
+        amx_tile_config(9)
+    with pytest.raises(ValueError, match="does not fit"):
+        amx_dot("u8s8", 2, 3, 16)  # 6 accumulators + 2 + 3 tiles
+
+
+# Each AMX task, its tile products natively where the host has AMX, else by their definition (the schedule: tasks,
+# accumulators loaded and stored, the tail on them); full-range int8, with and without requantization.
+@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the int8 GEMM is for x86 CPUs with AVX2")
+@pytest.mark.parametrize("requantized", [False, True])
+def test_every_amx_int8_gemm_task_is_exact(requantized, monkeypatch):
+    import tvm
+
+    isa = Isa.named("x86_64:sapphirerapids")
+    if not Isa.of(CPU).amx_int8:
+        monkeypatch.setattr(gemm_int8, "amx_dot", _amx_by_its_definition)
+    workload = rows, in_features, out_features = 96, 128, 96
+    space = [c for c in GEMM_INT8.space(workload, isa) if c.amx]
+    assert [(c.rows // 16, c.blocks) for c in space] == list(AMX_TASKS)
+    assert GEMM_INT8.default(workload, isa) == space[0] == GemmInt8Config(32, 2, 16, 4, amx=True)
+    variant = GemmInt8Variant(requantized=requantized)
+    mod = tvm.IRModule(
+        {
+            f"c{i}": GEMM_INT8.build(workload, c, variant).with_attr("global_symbol", f"c{i}")
+            for i, c in enumerate(space)
+        }
+    )
+    library = compile_kernel(mod, CPU.tvm())
+    xq = torch.randint(-128, 128, (rows, in_features), dtype=torch.int8)
+    weight = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8)
+    zero_point, x_scale = torch.tensor([-7], dtype=torch.int32), torch.tensor([0.5])
+    w_scale, bias = torch.rand(out_features) + 0.5, torch.randn(out_features)
+    expected = ((xq.long() + 7) @ weight.long().t()).float() * (0.5 * w_scale) + bias
+    out_scale, out_zero_point = torch.tensor([512.0]), torch.tensor([3], dtype=torch.int32)
+    if requantized:
+        expected = fxopt_ops.quantize(expected, out_scale, out_zero_point, "int8")
+    colsum = weight.to(torch.int32).sum(1, dtype=torch.int32)
+    for i, config in enumerate(space):
+        out = torch.zeros(rows, out_features, dtype=torch.int8 if requantized else torch.float32)
+        requantize = (out_scale, out_zero_point) if requantized else ()
+        args = (xq, GEMM_INT8.pack(weight, config), colsum, zero_point, x_scale, w_scale, bias, *requantize, out)
+        library[f"c{i}"](*map(to_tvm, args))
+        if requantized:  # one step where the float before rounding differs in its last bit
+            assert (out.int() - expected.int()).abs().max() <= 1, str(config)
+        else:
+            torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-3, msg=str(config))
 
 
 # The host's own int8 instruction, and VNNI's at 16 lanes (AVX-512) and 8 (AVX-VNNI), as the GEMM's test runs them.
@@ -678,17 +782,6 @@ def test_the_weight_only_gemm_builds_with_each_cpus_vectors(mcpu, registers, bit
     assert "gather" not in asm
 
 
-@functools.cache
-def _bf16_dot_by_its_definition(lanes: int) -> str:
-    """``dot_bf16_pairs(lanes)`` with ``vdpbf16ps`` replaced by its definition, for a host without AVX-512 BF16."""
-    from tvm.s_tir import TensorIntrin
-
-    name = dot_bf16_pairs(lanes)
-    definition = TensorIntrin.get(name).desc
-    TensorIntrin.register(f"{name}_by_definition", definition, definition)
-    return f"{name}_by_definition"
-
-
 def _bf16_ties(shape, generator) -> torch.Tensor:
     """Random floats, half of them exactly halfway between two bfloat16 values (their low 16 bits 0x8000)."""
     x = torch.randn(shape, generator=generator) * 4
@@ -708,6 +801,32 @@ def test_every_bf16_gemm_config_sums_the_references_products_in_float32(monkeypa
     workload = rows, in_features, out_features = 24, 38, 48  # 19 pairs of inputs, 3 blocks of 16 outputs
     space = GEMM_BF16.space(workload, isa)
     assert len(space) >= 6
+    epilogue = ScaledRelu(out_features)
+    kernels = [GEMM_BF16.build(workload, config, epilogue) for config in space]
+    mod = tvm.IRModule({f"c{i}": kernel.with_attr("global_symbol", f"c{i}") for i, kernel in enumerate(kernels)})
+    library = compile_kernel(mod, CPU.tvm())
+    generator = torch.Generator().manual_seed(0)
+    x = _bf16_ties((rows, in_features), generator)
+    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
+    bias, scale = torch.randn(out_features, generator=generator), torch.rand(out_features, generator=generator)
+    expected = torch.relu(fxopt_ops.linear_bf16(x, weight, bias)) * scale
+    for i, config in enumerate(space):
+        out = torch.full((rows, out_features), float("nan"))
+        library[f"c{i}"](*map(to_tvm, (x, GEMM_BF16.pack(weight, config), bias, scale, out)))
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=str(config))
+
+
+# Each AMX task, natively where the host has AMX-BF16, else by its tile products' definition.
+@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the bfloat16 GEMM is for x86 CPUs")
+def test_every_amx_bf16_gemm_task_sums_the_references_products_in_float32(monkeypatch):
+    import tvm
+
+    if not Isa.of(CPU).amx_bf16:
+        monkeypatch.setattr(gemm_bf16, "amx_dot", _amx_by_its_definition)
+    isa = Isa.named("x86_64:sapphirerapids")
+    workload = rows, in_features, out_features = 96, 64, 96
+    space = [c for c in GEMM_BF16.space(workload, isa) if c.amx]
+    assert [(c.rows // 16, c.blocks) for c in space] == list(AMX_TASKS) and GEMM_BF16.default(workload, isa) == space[0]
     epilogue = ScaledRelu(out_features)
     kernels = [GEMM_BF16.build(workload, config, epilogue) for config in space]
     mod = tvm.IRModule({f"c{i}": kernel.with_attr("global_symbol", f"c{i}") for i, kernel in enumerate(kernels)})
@@ -748,7 +867,7 @@ def test_activations_round_to_bfloat16_as_pytorch_rounds_them():
 def test_the_bf16_gemm_builds_with_the_bf16_dot_product_on_16_lanes(mcpu):
     import tvm
 
-    isa, workload = Isa.named(f"x86_64:{mcpu}"), (128, 768, 3072)
+    isa, workload = Isa.named(f"x86_64:{mcpu}"), (24, 768, 3072)  # 24 rows: not whole AMX tiles
     kernel = tvm.IRModule({"main": GEMM_BF16.build(workload, GEMM_BF16.default(workload, isa))})
     asm = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu})).mod.inspect_source("asm")
     dots = [line for line in asm.splitlines() if re.match(r"\s+vdpbf16ps\s", line)]

@@ -367,6 +367,28 @@ def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias
     assert_built_matches(quantized, executable)
 
 
+@pytest.mark.parametrize(
+    "spec, family, instruction",
+    [("quantize", GEMM_INT8, "tdpbusd"), ("quantize{scheme=bf16}", GEMM_BF16, "tdpbf16ps")],
+)
+def test_quantized_linears_built_for_sapphire_rapids_take_amx_tiles_where_they_are_whole(spec, family, instruction):
+    # Cross-built (this host need not have AMX): the first layer's 32 rows x 64 inputs x 48 outputs are whole tiles
+    # (one row tile by three column tiles), the second's 48 inputs are not (the VNNI / AVX-512 BF16 kernel); the
+    # module builds for the CPU, AMX in its assembly.
+    from fxopt.codegen.compile import compile_module, kernel_source
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 48), torch.nn.ReLU(), torch.nn.Linear(48, 64)).eval()
+    x = torch.randn(32, 64)
+    quantized, _ = PassManager(spec, verify="off", calibration=[x]).run(capture(model, (x,)))
+    target = parse_target("x86_64:sapphirerapids")
+    with spy_on(family) as kernels:
+        mod = lower_graph(quantized.graph_module, "main", target)
+    assert [(w, str(c)) for w, c, _ in kernels][0] == ((32, 64, 48), "16x3 AMX tile")
+    assert [(w, c.amx) for w, c, _ in kernels][1:] == [((32, 48, 64), False)]
+    asm = kernel_source(compile_module(mod, target), "asm")
+    assert re.search(rf"^\s+{instruction}\s+%tmm6, %tmm3, %tmm2$", asm, re.MULTILINE)  # the third column's tile
+
+
 @pytest.mark.parametrize("spec", ["cpu", "cpu:avx2"])
 def test_bf16_linears_lower_to_the_bf16_gemm_or_float32_sums_of_the_same_products(spec):
     # With AVX-512 BF16 the family's kernel, its epilogue on the tile; elsewhere the activations rounded to

@@ -1,9 +1,10 @@
 import pytest
 
+import fxopt.targets
 from fxopt import FxoptError, parse_target
 from fxopt.codegen.isa import DEFAULT_L2_BYTES, Isa
 from fxopt.codegen.tuning_database import target_key
-from fxopt.targets import TARGETS, _cache_bytes, _llvm_feature_name, host_cpu
+from fxopt.targets import TARGETS, _cache_bytes, _llvm_feature_name, host_cpu, request_amx
 
 
 def test_targets_parse_from_short_strings():
@@ -121,6 +122,24 @@ def test_the_hosts_isa_is_what_the_os_reports():
     assert isa.features == frozenset(cpu.features)
     with pytest.raises(FxoptError, match="'cuda:sm_90' is not a CPU target"):
         Isa.of(parse_target("cuda:sm_90"))
+
+
+@pytest.mark.parametrize("permitted", [True, False])
+def test_the_host_has_amx_only_where_linux_lets_this_process_use_it(permitted, monkeypatch):
+    flags = {"avx2", "avx512f", "avx512_vnni", "amx_tile", "amx_int8", "amx_bf16"}
+    monkeypatch.setattr(fxopt.targets, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(fxopt.targets, "request_amx", lambda: permitted)
+    host_cpu.cache_clear()
+    try:
+        features = set(host_cpu().features)
+    finally:
+        host_cpu.cache_clear()
+    amx = {"amx-tile", "amx-int8", "amx-bf16"}
+    assert features & amx == (amx if permitted else set()) and {"avx2", "avx512vnni"} <= features
+
+
+def test_linux_lets_a_process_use_amx_only_on_a_cpu_with_it():
+    assert request_amx() == ("amx-tile" in host_cpu().features)
 
 
 def test_a_named_isa_has_a_tuning_database_of_its_own():

@@ -13,6 +13,12 @@ __all__ = [
     "bf16_bits",
     "bf16_value",
     "transpose_block",
+    "AMX_TILES",
+    "AMX_ROWS",
+    "AMX_ROW_BYTES",
+    "AMX_PRODUCTS",
+    "amx_tile_config",
+    "amx_dot",
 ]
 
 #: int32 lanes of a 256-bit register: the output channels one :func:`dot_int16_pairs` call updates.
@@ -268,3 +274,167 @@ def _transposed(rows: list, lanes: int) -> list:
             swapped[i], swapped[i + k] = tirx.Shuffle(pair, low), tirx.Shuffle(pair, high)
         rows, k = swapped, 2 * k
     return rows
+
+
+#: AMX's tile registers (``tmm0``-``tmm7``), each of up to 16 rows of 64 bytes.
+AMX_TILES = 8
+AMX_ROWS = 16
+AMX_ROW_BYTES = 64
+
+
+def amx_tile_config(tiles: int) -> list[int]:
+    """The 64-byte operand of ``ldtilecfg`` (palette 1) that makes tiles ``0..tiles-1`` 16 rows of 64 bytes, as
+    eight little-endian 64-bit words: byte 0 the palette, bytes 16-47 each tile's bytes per row (16 bits), bytes
+    48-63 each tile's rows (8 bits); the other tiles unused (zero)."""
+    if not 0 < tiles <= AMX_TILES:
+        raise ValueError(f"AMX has {AMX_TILES} tiles, not {tiles}")
+    config = bytearray(64)
+    config[0] = 1
+    for tile in range(tiles):
+        config[16 + 2 * tile : 18 + 2 * tile] = AMX_ROW_BYTES.to_bytes(2, "little")
+        config[48 + tile] = AMX_ROWS
+    return [int.from_bytes(config[i : i + 8], "little") for i in range(0, 64, 8)]
+
+
+#: The AMX tile products: operand and accumulator types, inputs per 32-bit element (the VNNI packing's depth), the
+#: instruction, and each product as the description computes it.
+AMX_PRODUCTS = {
+    "u8s8": ("uint8", "int8", "int32", 4, "tdpbusd"),
+    "bf16": ("uint16", "uint16", "float32", 2, "tdpbf16ps"),
+}
+
+
+@functools.cache
+def amx_dot(kind: str, row_tiles: int, column_tiles: int, steps: int) -> str:
+    """The name of the AMX tensor intrinsic ``c[m, j, 0:16] += sum_k a[m, k] * b[j, k // d, 0:16, k % d]`` for
+    ``row_tiles`` x 16 rows ``m``, ``column_tiles`` blocks ``j`` of 16 channels and ``steps`` x ``d`` inputs
+    ``k`` (``steps`` a multiple of 16), as :data:`AMX_PRODUCTS` ``kind`` has them: ``"u8s8"``, ``a`` uint8 and
+    ``b`` int8 quads (``d = 4``, VNNI's packing) into int32, exact; ``"bf16"``, bfloat16 pairs (their bits,
+    uint16; ``d = 2``) into float32. The whole reduction in tile registers: ``row_tiles x column_tiles``
+    accumulator tiles loaded from ``c`` and stored back, each 16 steps one ``tdpbusd``/``tdpbf16ps`` per
+    accumulator (16 x 16 x 64 bytes of products). It configures the tiles itself (``ldtilecfg``) and releases
+    them (``tilerelease``), so a kernel needs nothing around it but the OS's permission
+    (:func:`fxopt.targets.request_amx`). Registered with TVM on the first call."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    a_type, b_type, c_type, depth, instruction = AMX_PRODUCTS[kind]
+    accumulators = row_tiles * column_tiles
+    if accumulators + row_tiles + column_tiles > AMX_TILES or steps % AMX_ROWS:
+        raise ValueError(f"an AMX tile of {row_tiles} x {column_tiles} tiles over {steps} steps does not fit")
+    rows, chunks, inputs = row_tiles * AMX_ROWS, steps // AMX_ROWS, steps * depth
+    name = f"fxopt_amx_{kind}_{row_tiles}x{column_tiles}_{steps}"
+    config_words = amx_tile_config(accumulators + row_tiles + column_tiles)
+    operand_bytes = {"uint8": 1, "uint16": 2}[a_type]  # a's and b's elements alike; the accumulators' are 4
+
+    def product(a, b):
+        if kind == "bf16":
+            return bf16_value(a) * bf16_value(b)
+        return a.astype("int32") * b.astype("int32")
+
+    @T.prim_func(s_tir=True)
+    def description(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+        a_stride = T.int32()
+        b_block, b_step = T.int32(), T.int32()
+        c_row, c_block = T.int32(), T.int32()
+        a = T.match_buffer(a_handle, (rows, inputs), a_type, offset_factor=1, strides=[a_stride, 1])
+        b = T.match_buffer(
+            b_handle, (column_tiles, steps, 16, depth), b_type, offset_factor=1, strides=[b_block, b_step, depth, 1]
+        )
+        c = T.match_buffer(
+            c_handle, (rows, column_tiles, 16), c_type, offset_factor=1, scope="local", strides=[c_row, c_block, 1]
+        )
+        with T.sblock("root"):
+            T.reads(c[0:rows, 0:column_tiles, 0:16], a[0:rows, 0:inputs], b[0:column_tiles, 0:steps, 0:16, 0:depth])
+            T.writes(c[0:rows, 0:column_tiles, 0:16])
+            for m, j, lane, step, within in T.grid(rows, column_tiles, 16, steps, depth):
+                with T.sblock("update"):
+                    vm, vj, vl, vs, vw = T.axis.remap("SSSRR", [m, j, lane, step, within])
+                    c[vm, vj, vl] = c[vm, vj, vl] + product(a[vm, vs * depth + vw], b[vj, vs, vl, vw])
+
+    @T.prim_func(s_tir=True)
+    def implementation(a_handle: T.handle, b_handle: T.handle, c_handle: T.handle) -> None:
+        a_stride = T.int32()
+        b_block, b_step = T.int32(), T.int32()
+        c_row, c_block = T.int32(), T.int32()
+        a = T.match_buffer(a_handle, (rows, inputs), a_type, offset_factor=1, strides=[a_stride, 1])
+        b = T.match_buffer(
+            b_handle, (column_tiles, steps, 16, depth), b_type, offset_factor=1, strides=[b_block, b_step, depth, 1]
+        )
+        c = T.match_buffer(
+            c_handle, (rows, column_tiles, 16), c_type, offset_factor=1, scope="local", strides=[c_row, c_block, 1]
+        )
+        with T.sblock("root"):
+            T.reads(c[0:rows, 0:column_tiles, 0:16], a[0:rows, 0:inputs], b[0:column_tiles, 0:steps, 0:16, 0:depth])
+            T.writes(c[0:rows, 0:column_tiles, 0:16])
+            tile_config = T.alloc_buffer((8,), "uint64", scope="local")
+            tile_config[0] = T.uint64(config_words[0])
+            tile_config[1] = T.uint64(config_words[1])
+            tile_config[2] = T.uint64(config_words[2])
+            tile_config[3] = T.uint64(config_words[3])
+            tile_config[4] = T.uint64(config_words[4])
+            tile_config[5] = T.uint64(config_words[5])
+            tile_config[6] = T.uint64(config_words[6])
+            tile_config[7] = T.uint64(config_words[7])
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.ldtilecfg", T.address_of(tile_config[0])))
+            # Tiles 0.. the accumulators (row tile i, column tile j at i * column_tiles + j), then a's row tiles,
+            # then b's column tiles; tile numbers are immediates, so the loops over them are unrolled. Strides
+            # are in bytes.
+            for i in T.unroll(row_tiles):
+                for j in T.unroll(column_tiles):
+                    T.evaluate(
+                        T.call_llvm_intrin(
+                            "void",
+                            "llvm.x86.tileloadd64",
+                            T.uint8(i * column_tiles + j),
+                            T.address_of(c[i * AMX_ROWS, j, 0]),
+                            T.int64(c_row * 4),
+                        )
+                    )
+            for chunk in T.serial(chunks):
+                for i in T.unroll(row_tiles):
+                    T.evaluate(
+                        T.call_llvm_intrin(
+                            "void",
+                            "llvm.x86.tileloadd64",
+                            T.uint8(accumulators + i),
+                            T.address_of(a[i * AMX_ROWS, chunk * AMX_ROWS * depth]),
+                            T.int64(a_stride * operand_bytes),
+                        )
+                    )
+                for j in T.unroll(column_tiles):
+                    T.evaluate(
+                        T.call_llvm_intrin(
+                            "void",
+                            "llvm.x86.tileloadd64",
+                            T.uint8(accumulators + row_tiles + j),
+                            T.address_of(b[j, chunk * AMX_ROWS, 0, 0]),
+                            T.int64(b_step * operand_bytes),
+                        )
+                    )
+                for i in T.unroll(row_tiles):
+                    for j in T.unroll(column_tiles):
+                        T.evaluate(
+                            T.call_llvm_intrin(
+                                "void",
+                                f"llvm.x86.{instruction}",
+                                T.uint8(i * column_tiles + j),
+                                T.uint8(accumulators + i),
+                                T.uint8(accumulators + row_tiles + j),
+                            )
+                        )
+            for i in T.unroll(row_tiles):
+                for j in T.unroll(column_tiles):
+                    T.evaluate(
+                        T.call_llvm_intrin(
+                            "void",
+                            "llvm.x86.tilestored64",
+                            T.uint8(i * column_tiles + j),
+                            T.address_of(c[i * AMX_ROWS, j, 0]),
+                            T.int64(c_row * 4),
+                        )
+                    )
+            T.evaluate(T.call_llvm_intrin("void", "llvm.x86.tilerelease"))
+
+    TensorIntrin.register(name, description, implementation)
+    return name

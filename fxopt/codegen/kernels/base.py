@@ -144,11 +144,11 @@ class KernelFamily(ABC, Generic[Config]):
     def config_from(self, entry: dict) -> Config:
         """The config a database entry holds (a knob added since it was written: its default, the schedule it was
         measured with); raises ``KeyError``, ``TypeError`` or ``ValueError`` for one this module did not write."""
-        values = {
-            f.name: int(entry[f.name] if f.name in entry or f.default is dataclasses.MISSING else f.default)
-            for f in dataclasses.fields(self.config_type)
-        }
-        if min(values.values()) < 1:
+        values: dict[str, int | bool] = {}
+        for f in dataclasses.fields(self.config_type):
+            value = entry[f.name] if f.name in entry or f.default is dataclasses.MISSING else f.default
+            values[f.name] = bool(value) if isinstance(f.default, bool) else int(value)  # a switch, else a count
+        if min(v for v in values.values() if not isinstance(v, bool)) < 1:
             raise ValueError(f"{self.name} config {values}: knobs are at least 1")
         return self.config_type(**values)
 
@@ -257,3 +257,50 @@ def dot_product_tiles(func, rows: int, blocks: int, intrinsic: str) -> Any:
     sch.parallel(widen_rows)
     sch.vectorize(widen_columns)
     return sch, tile
+
+
+#: The AMX tasks (row tiles, column tiles) tuning times, the first that divides the workload the default: the
+#: accumulators and one tile per row tile and column tile within AMX's eight tile registers; 2 x 2 loads a tile
+#: per product, the others more. (One column tile's unit loop does not match the tensor intrinsic.)
+AMX_TASKS = ((2, 2), (1, 3), (1, 2))
+#: Output channels in a row of an AMX accumulator tile (32-bit sums).
+AMX_LANES = 16
+
+
+def amx_tasks(workload: Workload, depth: int) -> list[tuple[int, int]]:
+    """``(rows, column tiles)`` of the :data:`AMX_TASKS` that divide GEMM ``workload`` ``(rows, in, out)``, whose
+    inputs come ``depth`` to a 32-bit element (int8: 4, bfloat16: 2); none where the inputs are not whole tile
+    rows (16 elements) or the outputs whole tiles (16)."""
+    rows, in_features, out_features = workload
+    if in_features % (16 * depth) or out_features % AMX_LANES:
+        return []
+    blocks = out_features // AMX_LANES
+    return [(r * 16, c) for r, c in AMX_TASKS if rows % (r * 16) == 0 and blocks % c == 0]
+
+
+def amx_product_tiles(func, row_tiles: int, column_tiles: int, intrinsic: str) -> Any:
+    """The schedule of :func:`dot_product_tiles`'s GEMMs on AMX: tasks of ``row_tiles`` x 16 rows by
+    ``column_tiles`` blocks of 16 outputs, each task's whole reduction one ``intrinsic``
+    (:func:`fxopt.codegen.intrinsics.x86.amx_dot`: the accumulators in tile registers), output blocks
+    outermost, on every core; the tail on the task's tile (:func:`epilogue_on_tile`) from the accumulators it
+    stores. Returns the schedule and its task loop."""
+    from tvm import s_tir
+
+    sch = s_tir.Schedule(func)
+    block = sch.get_sblock("acc")
+    m, channel_block, lane, step_loop, within_loop = sch.get_loops(block)
+    m_outer, m_inner = sch.split(m, [None, row_tiles * 16])
+    block_outer, block_inner = sch.split(channel_block, [None, column_tiles])
+    sch.reorder(block_outer, m_outer, m_inner, block_inner, lane, step_loop, within_loop)
+    task = sch.fuse(block_outer, m_outer)
+    epilogue_on_tile(sch, task, before=("wide",))
+    sch.set_scope(block, 0, "local")
+    sch.parallel(task)
+    init = sch.decompose_reduction(block, m_inner)
+    sch.tensorize(m_inner, intrinsic)
+    sch.vectorize(sch.get_loops(init)[-1])
+    widen = sch.get_sblock("wide")
+    widen_rows, widen_columns = sch.get_loops(widen)
+    sch.parallel(widen_rows)
+    sch.vectorize(widen_columns)
+    return sch, task

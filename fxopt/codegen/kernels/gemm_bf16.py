@@ -21,9 +21,17 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fxopt.codegen.intrinsics.x86 import bf16_bits, bf16_dot_llvm, bf16_value, dot_bf16_pairs
+from fxopt.codegen.intrinsics.x86 import amx_dot, bf16_bits, bf16_dot_llvm, bf16_value, dot_bf16_pairs
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, Workload, dot_product_tiles, dot_tile_default, dot_tiles
+from fxopt.codegen.kernels.base import (
+    KernelFamily,
+    Workload,
+    amx_product_tiles,
+    amx_tasks,
+    dot_product_tiles,
+    dot_tile_default,
+    dot_tiles,
+)
 from fxopt.codegen.kernels.gemm_f32 import biased_with_epilogue
 
 if TYPE_CHECKING:
@@ -37,13 +45,15 @@ LANES = 16
 
 @dataclass(frozen=True)
 class GemmBf16Config:
-    """The register tile: ``rows`` activation rows x ``blocks`` blocks of 16 output channels."""
+    """The register tile: ``rows`` activation rows x ``blocks`` blocks of 16 output channels; ``amx``: tile
+    registers instead (``rows`` a multiple of 16), the reduction in them."""
 
     rows: int
     blocks: int
+    amx: bool = False
 
     def __str__(self) -> str:
-        return f"{self.rows}x{self.blocks} tile of vdpbf16ps"
+        return f"{self.rows}x{self.blocks} " + ("AMX tile" if self.amx else "tile of vdpbf16ps")
 
 
 class GemmBf16(KernelFamily[GemmBf16Config]):
@@ -59,18 +69,28 @@ class GemmBf16(KernelFamily[GemmBf16Config]):
         return isa.avx512_bf16 and isa.lanes() == LANES and out_features % LANES == 0 and in_features % 2 == 0
 
     def space(self, workload: Workload, isa: Isa) -> list[GemmBf16Config]:
-        """The dot-product tiles (:func:`~.base.dot_tiles`: 1-8 rows by 1-4 blocks that fit the registers and
-        divide the workload), and the default."""
+        """The AMX tasks (:data:`~.base.AMX_TASKS`) where the ISA has AMX-BF16, the dot-product tiles
+        (:func:`~.base.dot_tiles`: 1-8 rows by 1-4 blocks that fit the registers and divide the workload), and the
+        default."""
         rows, _, out_features = workload
         tiles = [GemmBf16Config(r, b) for r, b in dot_tiles(rows, out_features // LANES, LANES, isa)]
+        tiles = self._amx_tasks(workload, isa) + tiles
         default = self.default(workload, isa)
         return tiles if default in tiles else [default, *tiles]
 
     def default(self, workload: Workload, isa: Isa) -> GemmBf16Config:
-        """8 rows x 3 blocks (24 accumulators, as the float32 GEMM's AVX-512 tile); fewer where they do not divide
-        the workload."""
+        """AMX-BF16 (Sapphire Rapids and later) where the rows are a multiple of 16 and the inputs of 32: the
+        first task of :data:`~.base.AMX_TASKS` that divides the workload. Else 8 rows x 3 blocks (24
+        accumulators, as the float32 GEMM's AVX-512 tile); fewer where they do not divide the workload."""
+        amx = self._amx_tasks(workload, isa)
+        if amx:
+            return amx[0]
         rows, _, out_features = workload
         return GemmBf16Config(*dot_tile_default(rows, out_features // LANES, LANES, isa, wide=True))
+
+    @staticmethod
+    def _amx_tasks(workload: Workload, isa: Isa) -> list[GemmBf16Config]:
+        return [GemmBf16Config(r, c, amx=True) for r, c in amx_tasks(workload, 2)] if isa.amx_bf16 else []
 
     @staticmethod
     def pack(weight: torch.Tensor, config: GemmBf16Config) -> torch.Tensor:
@@ -102,8 +122,13 @@ class GemmBf16(KernelFamily[GemmBf16Config]):
         )
         operands, out = biased_with_epilogue(acc, bias, variant, out_features)
         func = te.create_prim_func([x, packed, bias, *operands, out])
-        sch, tile = dot_product_tiles(func, config.rows, config.blocks, dot_bf16_pairs(LANES))
-        sch.annotate(tile, "pragma_import_llvm", bf16_dot_llvm(LANES))
+        if config.amx:
+            row_tiles = config.rows // 16
+            intrinsic = amx_dot("bf16", row_tiles, config.blocks, in_features // 2)
+            sch, _ = amx_product_tiles(func, row_tiles, config.blocks, intrinsic)
+        else:
+            sch, tile = dot_product_tiles(func, config.rows, config.blocks, dot_bf16_pairs(LANES))
+            sch.annotate(tile, "pragma_import_llvm", bf16_dot_llvm(LANES))
         return self.tagged(sch.mod["main"], workload)
 
 

@@ -32,9 +32,24 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from fxopt.codegen.intrinsics.x86 import DOT_INT16_LANES, dot_int16_pairs, dot_u8s8_quads
+from fxopt.codegen.intrinsics.x86 import (
+    AMX_ROWS,
+    DOT_INT16_LANES,
+    amx_dot,
+    dot_int16_pairs,
+    dot_u8s8_quads,
+)
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, Workload, dot_product_tiles, dot_tile_default, dot_tiles
+from fxopt.codegen.kernels.base import (
+    AMX_LANES,
+    KernelFamily,
+    Workload,
+    amx_product_tiles,
+    amx_tasks,
+    dot_product_tiles,
+    dot_tile_default,
+    dot_tiles,
+)
 
 if TYPE_CHECKING:
     from fxopt.codegen.epilogue import Epilogue
@@ -64,8 +79,12 @@ class GemmInt8Config:
     blocks: int
     lanes: int = DOT_INT16_LANES
     depth: int = 2
+    #: AMX: ``rows`` (a multiple of 16) x ``blocks`` blocks of 16 are tile registers, the reduction in them.
+    amx: bool = False
 
     def __str__(self) -> str:
+        if self.amx:
+            return f"{self.rows}x{self.blocks} AMX tile"
         return f"{self.rows}x{self.blocks} tile" + (f" of {self.lanes}-lane vpdpbusd" if self.depth == 4 else "")
 
 
@@ -104,22 +123,33 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         return isa.avx2 and out_features % lanes == 0 and in_features % depth == 0
 
     def space(self, workload: Workload, isa: Isa) -> list[GemmInt8Config]:
-        """The dot-product tiles (:func:`~.base.dot_tiles`: 1-8 rows by 1-4 blocks that fit the registers and
-        divide the workload), and the default."""
+        """The AMX tasks (:data:`~.base.AMX_TASKS`) where the ISA has AMX, the dot-product tiles
+        (:func:`~.base.dot_tiles`: 1-8 rows by 1-4 blocks that fit the registers and divide the workload), and the
+        default."""
         rows, _, out_features = workload
         lanes, depth = dot_instruction(isa)
         tiles = [GemmInt8Config(r, b, lanes, depth) for r, b in dot_tiles(rows, out_features // lanes, lanes, isa)]
+        tiles = self._amx_tasks(workload, isa) + tiles
         default = self.default(workload, isa)
         return tiles if default in tiles else [default, *tiles]
 
     def default(self, workload: Workload, isa: Isa) -> GemmInt8Config:
-        """AVX2: 4 rows x 2 blocks (8 accumulators). VNNI: 8 rows x 3 blocks on AVX-512's 32 registers (24
-        accumulators: ``vpdpbusd``'s latency x its two a cycle needs 10 in flight), 4 x 2 on AVX-VNNI's 16. Fewer
-        rows and blocks where they do not divide the workload."""
+        """AMX (Sapphire Rapids and later) where the rows are a multiple of 16 and the inputs of 64: the first
+        task of :data:`~.base.AMX_TASKS` that divides the workload. AVX2: 4 rows x 2 blocks (8 accumulators).
+        VNNI: 8 rows x 3 blocks on AVX-512's 32 registers (24 accumulators: ``vpdpbusd``'s latency x its two a
+        cycle needs 10 in flight), 4 x 2 on AVX-VNNI's 16. Fewer rows and blocks where they do not divide the
+        workload."""
+        amx = self._amx_tasks(workload, isa)
+        if amx:
+            return amx[0]
         rows, _, out_features = workload
         lanes, depth = dot_instruction(isa)
         wide = depth == 4 and isa.vector_registers >= 32
         return GemmInt8Config(*dot_tile_default(rows, out_features // lanes, lanes, isa, wide), lanes, depth)
+
+    @staticmethod
+    def _amx_tasks(workload: Workload, isa: Isa) -> list[GemmInt8Config]:
+        return [GemmInt8Config(r, c, AMX_LANES, 4, amx=True) for r, c in amx_tasks(workload, 4)] if isa.amx_int8 else []
 
     @staticmethod
     def pack(weight: torch.Tensor, config: GemmInt8Config) -> torch.Tensor:
@@ -198,8 +228,13 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
             [xq, packed, colsum, zero_point, x_scale, w_scale, bias, *operands, *requantize, out]
         )
 
-        intrinsic = dot_int16_pairs() if depth == 2 else dot_u8s8_quads(lanes)
-        sch, _ = dot_product_tiles(func, config.rows, config.blocks, intrinsic)
+        if config.amx:
+            row_tiles = config.rows // AMX_ROWS
+            intrinsic = amx_dot("u8s8", row_tiles, config.blocks, in_features // depth)
+            sch, _ = amx_product_tiles(func, row_tiles, config.blocks, intrinsic)
+        else:
+            intrinsic = dot_int16_pairs() if depth == 2 else dot_u8s8_quads(lanes)
+            sch, _ = dot_product_tiles(func, config.rows, config.blocks, intrinsic)
         return self.tagged(sch.mod["main"], workload)
 
 
