@@ -740,11 +740,12 @@ def test_every_int8_depthwise_config_is_exact(
 
 
 # Every config of the weight-only GEMM at the host's lanes and AVX-512's 16 (LLVM splits them where the host has
-# none): the reference's float weights, (q - zero point) x scale per group, multiplied and summed in float32.
+# none): the linear layer of the reference's float weights, (q - zero point) x scale per group, within float32
+# rounding (the kernel scales each group's sums; full-range zero points, so their correction is large).
 @pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the x86 builds run on x86 CPUs with AVX2")
 @pytest.mark.parametrize("spec", ["cpu", "cpu:avx512"])
 @pytest.mark.parametrize("bits, group_size", [(8, 48), (4, 16)])
-def test_every_weight_only_gemm_config_dequantizes_the_reference_weights(spec, bits, group_size):
+def test_every_weight_only_gemm_config_computes_the_reference_linear(spec, bits, group_size):
     import tvm
 
     isa = Isa.named(spec)

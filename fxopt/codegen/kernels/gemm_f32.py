@@ -175,26 +175,40 @@ def biased_with_epilogue(acc, bias, epilogue, out_features: int) -> tuple[list, 
     return written_with_epilogue(linear, epilogue, (rows, out_features))
 
 
-def panel_tiles(func, rows: int, config: GemmF32Config, k_step: int = 0) -> object:
-    """The float32 GEMM's schedule of ``func``: an ``acc`` stage ``[rows, panels, width]`` reduced over ``k``, read
-    by the tail that ``out`` writes (:func:`~.base.epilogue_on_tile`; other stages inlined: a weight computed from
-    quantized ones, :mod:`.gemm_wq`). ``k_step``: the reduction split into steps of that many (values per step
-    computed outside the innermost loop: a group's scales)."""
+def panel_tiles(func, rows: int, config: GemmF32Config, per_step: tuple[str, ...] = ()) -> object:
+    """The float32 GEMM's schedule of ``func``: an ``acc`` stage ``[rows, panels, width]`` reduced over its last
+    axis, read by the tail that ``out`` writes (:func:`~.base.epilogue_on_tile`; other stages inlined).
+    ``per_step``: stages computed before ``acc`` (the weight-only GEMM's: each row's sums per group, at the root)
+    and, the last of them, a reduction ``[rows, panels, steps, width]`` that each step of ``acc``'s reduction reads,
+    computed there as a register tile of its own (its sums over a group of inputs)."""
     from tvm import s_tir
 
     tile = config.tile
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("acc")
-    m, panel, lane, k_loop = sch.get_loops(block)
+    m, panel, lane, step = sch.get_loops(block)
     m_outer, m_inner = sch.split(m, [None, min(tile.rows, rows)])  # a partial last tile is predicated
     vector, lane_inner = sch.split(lane, [None, tile.lanes])
     # Groups of panels outermost: their weights (K x width floats each) stay in L2 while every row tile streams
     # past them, and each task runs its row tile over the group's panels in turn (the tile's activations stay
     # in L1, its output rows are written group-wide). A partial last group is predicated.
     group, panel = sch.split(panel, [None, config.panels_per_task])
-    steps = sch.split(k_loop, [None, k_step]) if k_step else [k_loop]
-    sch.reorder(group, m_outer, panel, *steps, m_inner, vector, lane_inner)
+    sch.reorder(group, m_outer, panel, step, m_inner, vector, lane_inner)
     fused = sch.fuse(group, m_outer)
-    epilogue_on_tile(sch, panel)
-    accumulate_in_registers(sch, block, fused, (m_inner, vector), lane_inner, steps[0])
+    epilogue_on_tile(sch, panel, before=("pad", *per_step))
+    inner = None
+    if per_step:
+        inner = sch.get_sblock(per_step[-1])
+        sch.compute_at(inner, step, preserve_unit_loops=True)
+        sch.set_scope(inner, 0, "local")
+        rows_loop, _, _, lanes, reduction = sch.get_loops(inner)[-5:]
+        inner_vector, inner_lane = sch.split(lanes, [None, tile.lanes])
+        sch.reorder(reduction, rows_loop, inner_vector, inner_lane)
+        sch.unroll(rows_loop)
+        sch.unroll(inner_vector)
+        sch.vectorize(inner_lane)
+    accumulate_in_registers(sch, block, fused, (m_inner, vector), lane_inner, step)
+    if inner is not None:  # after the task loop is parallel: a decomposed reduction inside it is not one
+        init = sch.decompose_reduction(inner, reduction)
+        sch.vectorize(sch.get_loops(init)[-1])
     return sch.mod["main"]
