@@ -52,8 +52,9 @@ FXOPT_SCHEMES = {
         "quantize{scheme=mixed mix=[w4,w8] max-error=0.1}",
         "quantize{scheme=mixed max-error=0.05}",
         "quantize{scheme=bf16}",
+        "quantize{attention=int8}",
     ],
-    "bert": ["quantize", "quantize{scheme=w8a8-dynamic}", "quantize{scheme=bf16}"],
+    "bert": ["quantize", "quantize{attention=int8}", "quantize{scheme=w8a8-dynamic}", "quantize{scheme=bf16}"],
     "digits": ["quantize", "quantize{observer=percentile}", "quantize{scheme=fp8}", "quantize{scheme=w8a8-dynamic}"],
     "resnet50": ["quantize"],
     "mobilenet_v2": ["quantize"],
@@ -61,8 +62,8 @@ FXOPT_SCHEMES = {
 TOOLS = ["fxopt", "fxopt-cpu", "onnxruntime", "openvino", "pytorch-bf16", "torchao"]
 # The schemes whose CPU latency is measured through fxopt's TVM build (measured dispatch, and all in TVM).
 TVM_SCHEMES = {
-    "minilm": ["quantize", "quantize{scheme=w4}", "quantize{scheme=bf16}"],
-    "bert": ["quantize", "quantize{scheme=bf16}"],
+    "minilm": ["quantize", "quantize{attention=int8}", "quantize{scheme=w4}", "quantize{scheme=bf16}"],
+    "bert": ["quantize", "quantize{attention=int8}", "quantize{scheme=bf16}"],
     "digits": ["quantize", "quantize{scheme=w4}"],
     "resnet50": ["quantize"],
     "mobilenet_v2": ["quantize"],

@@ -27,6 +27,7 @@ from typing import cast
 import torch
 
 from fxopt.ir.numerics import Tolerance, compare_outputs
+from fxopt.quant.ops import WEIGHT_LEVELS
 from fxopt.timing import time_call
 
 __all__ = [
@@ -152,26 +153,35 @@ def measure_runners(
 
 #: One bfloat16 step, relative to the value's magnitude at most: 8 significand bits, the first implicit.
 BF16_STEP = 2.0**-7
+#: What one of int8 attention's softmax weight levels moves its output by, relative to the output's magnitude at
+#: most: a level of 255 against a row whose largest weight alone is 255 (the mean of V's values over the row's
+#: levels moves by at most twice their magnitude over the levels' sum).
+ATTENTION_LEVEL_STEP = 2.0 / WEIGHT_LEVELS
 
 
 def rounding_allowance(graph_module: torch.fx.GraphModule, expected: Sequence) -> list[float]:
     """Per output of a segment, how far TVM's may stray from PyTorch's beyond the tolerance: one step (1) where
-    ``fxopt.quantize`` produces it; one bfloat16 step of the output's scale for the float outputs of a segment with
-    ``fxopt.linear_bf16`` layers; else 0.
+    ``fxopt.quantize`` produces it; for the float outputs of a segment with ``fxopt.linear_bf16`` layers one
+    bfloat16 step of the output's scale, with ``fxopt.attention_q`` one softmax weight level's
+    (:data:`ATTENTION_LEVEL_STEP`); else 0.
 
     A float input that differs from PyTorch's in its last bit (TVM's layer norm, GELU, a GEMM summing in
-    another order) can round to the neighbouring integer, or bfloat16 value: that step is the bound there, not
-    equality.
+    another order, its ``exp``) can round to the neighbouring integer, bfloat16 value or weight level: that step
+    is the bound there, not equality.
     """
     (outputs,) = graph_module.graph.output_node().args
     quantize = torch.ops.fxopt.quantize.default
-    bf16 = any(n.target is torch.ops.fxopt.linear_bf16.default for n in graph_module.graph.nodes)
+    targets = {n.target for n in graph_module.graph.nodes}
+    step = max(
+        BF16_STEP if torch.ops.fxopt.linear_bf16.default in targets else 0.0,
+        ATTENTION_LEVEL_STEP if torch.ops.fxopt.attention_q.default in targets else 0.0,
+    )
     allowance = []
     for output, value in zip(cast(tuple, outputs), expected):
         if isinstance(output, torch.fx.Node) and output.target is quantize:
             allowance.append(1.0)
-        elif bf16 and isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
-            allowance.append(BF16_STEP * float(value.abs().max()))
+        elif step and isinstance(value, torch.Tensor) and value.is_floating_point() and value.numel():
+            allowance.append(step * float(value.abs().max()))
         else:
             allowance.append(0.0)
     return allowance

@@ -171,43 +171,12 @@ def _sdpa(node: fx.Node, importer) -> object:
         k = bb.emit(relax.op.repeat(k, repeats, axis=-3))
         v = bb.emit(relax.op.repeat(v, repeats, axis=-3))
     scale = 1.0 / math.sqrt(q_val.shape[-1]) if scale is None else float(cast(float, scale))
+    float32 = all(a.meta["val"].dtype == torch.float32 for a in operands)
+    workload = (*q_val.shape[:3], k_val.shape[-2], q_val.shape[3]) if q_val.dim() == 4 else ()
+    if importer.isa is not None and workload and float32 and ATTENTION_F32.applies(workload, importer.isa):
+        return attention_call(node, importer, (q, k, v), mask, is_causal, scale, repeated=bool(repeats))
     length, source = q_val.shape[-2], k_val.shape[-2]
     neg_inf = relax.const(float("-inf"), dtype)
-    float32 = all(a.meta["val"].dtype == torch.float32 for a in operands)
-    workload = (*q_val.shape[:3], source, q_val.shape[3]) if q_val.dim() == 4 else ()
-    if importer.isa is not None and workload and float32 and ATTENTION_F32.applies(workload, importer.isa):
-        mask_shape = [1, 1, *(mask.meta["val"].shape if mask is not None else ())][-4:]
-        bias_shape = [q_val.shape[0] if mask_shape[0] > 1 else 1, q_val.shape[1] if mask_shape[1] > 1 else 1]
-        bias_shape += [length, source]
-        causal = torch.full((length, source), float("-inf")).triu(1) if is_causal else torch.zeros(())
-        if mask is None or mask in importer.constants:
-            # Computed here: TVM's constant folding compiles and runs each op on constants (0.1 s per layer).
-            value = torch.zeros(()) if mask is None else importer.constants[mask]
-            value = torch.where(value, 0.0, float("-inf")) if value.dtype == torch.bool else value
-            bias = to_relax_constant((value + causal).float().expand(bias_shape))
-        else:
-            m = importer.env[mask]
-            bias = bb.emit(relax.op.where(m, relax.const(0.0), neg_inf)) if mask.meta["val"].dtype == torch.bool else m
-            bias = bb.emit(relax.op.add(bias, to_relax_constant(causal))) if is_causal else bias
-            bias = bb.emit(relax.op.broadcast_to(bias, bias_shape))
-        # Q, K and V read where their chains of views, splits and permutes start (a fused projection's result),
-        # so the chains' copies go unread and are dropped; not where K and V were repeated for GQA above.
-        reads = [read_through(a) for a in operands]
-        gathers = [g if g.source is not g.node and not (repeats and i) else None for i, g in enumerate(reads)]
-        q, k, v = (importer.env[g.source] if g else value for g, value in zip(gathers, (q, k, v)))
-        # Written heads inside when all that reads it is the transpose merging the heads: that is then free.
-        (reader,) = node.users if len(node.users) == 1 else (None,)
-        merge = reader is not None and _swaps_heads_and_rows(reader)
-        shape = [q_val.shape[i] for i in ((0, 2, 1, 3) if merge else range(4))]
-        config = importer.templates.config(ATTENTION_F32, workload, importer.isa)
-        inputs = AttentionInputs(tuple(bias_shape), scale, tuple(gathers), merge)
-        kernel = ATTENTION_F32.build(workload, config, inputs)
-        kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
-        out = bb.emit(relax.call_tir(kernel, [q, k, v, bias], relax.TensorType(shape, "float32")))
-        if not merge:
-            return out
-        importer.absorbed[reader] = out
-        return bb.emit(relax.op.permute_dims(out, [0, 2, 1, 3]))  # read by none but the transpose: left unused
     axes = list(range(k_val.dim()))
     axes[-1], axes[-2] = axes[-2], axes[-1]
     scores = bb.emit(relax.op.matmul(q, bb.emit(relax.op.permute_dims(k, axes))))
@@ -223,6 +192,63 @@ def _sdpa(node: fx.Node, importer) -> object:
             scores = bb.emit(relax.op.add(scores, m))
     probs = bb.emit(relax.op.nn.softmax(scores, axis=-1))
     return bb.emit(relax.op.matmul(probs, v))
+
+
+def attention_call(
+    node: fx.Node,
+    importer,
+    values: tuple,
+    mask: fx.Node | None,
+    is_causal: bool,
+    scale: float,
+    repeated: bool = False,
+    levels: tuple = (),
+) -> object:
+    """``node``'s attention as one call of the attention kernel (:mod:`fxopt.codegen.kernels.attention_f32`), its
+    Q, K and V its first three inputs, lowered as ``values`` (K and V ``repeated`` for grouped queries: then read
+    as they are). The masks (bool, additive, causal) become one additive mask; Q, K and V are read where their
+    chains of views start; the result is written with the heads merged where only the transpose merging them
+    reads it. ``levels``: int8 attention's per-head scales of Q, K and V (lowered values; ``fxopt::attention_q``)."""
+    from tvm import relax
+
+    bb = importer.block_builder
+    operands = [input_node(node, i) for i in range(3)]
+    q_val, k_val = operands[0].meta["val"], operands[1].meta["val"]
+    length, source = q_val.shape[-2], k_val.shape[-2]
+    workload = (*q_val.shape[:3], source, q_val.shape[3])
+    mask_shape = [1, 1, *(mask.meta["val"].shape if mask is not None else ())][-4:]
+    bias_shape = [q_val.shape[0] if mask_shape[0] > 1 else 1, q_val.shape[1] if mask_shape[1] > 1 else 1]
+    bias_shape += [length, source]
+    causal = torch.full((length, source), float("-inf")).triu(1) if is_causal else torch.zeros(())
+    if mask is None or mask in importer.constants:
+        # Computed here: TVM's constant folding compiles and runs each op on constants (0.1 s per layer).
+        value = torch.zeros(()) if mask is None else importer.constants[mask]
+        value = torch.where(value, 0.0, float("-inf")) if value.dtype == torch.bool else value
+        bias = to_relax_constant((value + causal).float().expand(bias_shape))
+    else:
+        m = importer.env[mask]
+        neg_inf = relax.const(float("-inf"), "float32")
+        bias = bb.emit(relax.op.where(m, relax.const(0.0), neg_inf)) if mask.meta["val"].dtype == torch.bool else m
+        bias = bb.emit(relax.op.add(bias, to_relax_constant(causal))) if is_causal else bias
+        bias = bb.emit(relax.op.broadcast_to(bias, bias_shape))
+    # Q, K and V read where their chains of views, splits and permutes start (a fused projection's result),
+    # so the chains' copies go unread and are dropped; not where K and V were repeated for GQA.
+    reads = [read_through(a) for a in operands]
+    gathers = [g if g.source is not g.node and not (repeated and i) else None for i, g in enumerate(reads)]
+    q, k, v = (importer.env[g.source] if g else value for g, value in zip(gathers, values))
+    # Written heads inside when all that reads it is the transpose merging the heads: that is then free.
+    (reader,) = node.users if len(node.users) == 1 else (None,)
+    merge = reader is not None and _swaps_heads_and_rows(reader)
+    shape = [q_val.shape[i] for i in ((0, 2, 1, 3) if merge else range(4))]
+    config = importer.templates.config(ATTENTION_F32, workload, importer.isa)
+    inputs = AttentionInputs(tuple(bias_shape), scale, tuple(gathers), merge, quantized=bool(levels))
+    kernel = ATTENTION_F32.build(workload, config, inputs)
+    kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
+    out = bb.emit(relax.call_tir(kernel, [q, k, v, bias, *levels], relax.TensorType(shape, "float32")))
+    if not merge:
+        return out
+    importer.absorbed[reader] = out
+    return bb.emit(relax.op.permute_dims(out, [0, 2, 1, 3]))  # read by none but the transpose: left unused
 
 
 def _swaps_heads_and_rows(node: fx.Node) -> bool:

@@ -19,6 +19,7 @@ import torch.fx as fx
 
 from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.intrinsics.x86 import bf16_bits, bf16_value
+from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape
 from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, Conv2dInt8, Conv2dInt8Variant, input_block
 from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8, DepthwiseInt8
@@ -26,11 +27,12 @@ from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
-from fxopt.codegen.lower_contractions import call_gemm, epilogue_operands
+from fxopt.codegen.lower_contractions import attention_call, call_gemm, epilogue_operands
 from fxopt.ir.meta import input_node, optional_input_node
 from fxopt.ir.program import attribute_owner
 from fxopt.quant import ops as _quant_ops  # noqa: F401  (registers the fxopt:: quantized ops lowered here)
 from fxopt.quant.formats import unpack_int4
+from fxopt.quant.ops import EXACT_ATTENTION_KEYS
 
 fxopt_ops = torch.ops.fxopt
 
@@ -502,3 +504,27 @@ def _linear_bf16(node: fx.Node, importer) -> object:
         to_relax_constant(torch.zeros(out_features)) if bias is None else _float32(bias, importer),
     ]
     return call_gemm(node, importer, GEMM_BF16.build(workload, config, epilogue), args, epilogue)
+
+
+@register_lowering(fxopt_ops.attention_q.default)
+def _attention_q(node: fx.Node, importer) -> object:
+    """int8 attention as the attention kernel on int8 levels (:class:`~.kernels.attention_f32.AttentionInputs`
+    ``quantized``), where it applies and its sums are exact in float32: x86 with AVX2, float32 Q, K and V, heads of
+    at most 1024 values (``dim x 128 x 128 <= 2^24``) and :data:`~fxopt.quant.ops.EXACT_ATTENTION_KEYS` keys.
+    Else PyTorch runs the reference."""
+    q, k, v = (input_node(node, i) for i in range(3))
+    mask = optional_input_node(node, 3)
+    q_val, k_val = q.meta["val"], k.meta["val"]
+    workload = (*q_val.shape[:3], k_val.shape[-2], q_val.shape[3])
+    float32 = all(a.meta["val"].dtype == torch.float32 for a in (q, k, v))
+    exact = q_val.shape[-1] * 128 * 128 <= 2**24 and k_val.shape[-2] <= EXACT_ATTENTION_KEYS
+    if not (float32 and exact and importer.isa is not None and ATTENTION_F32.applies(workload, importer.isa)):
+        raise LoweringError(
+            node,
+            "int8 attention has a TVM kernel for float32 heads of at most 1024 values and "
+            f"{EXACT_ATTENTION_KEYS} keys on x86 CPUs with AVX2",
+        )
+    values = tuple(importer.env[a] for a in (q, k, v))
+    levels = tuple(importer.env[input_node(node, i)] for i in (4, 5, 6))
+    scale, is_causal = float(cast(float, node.args[7])), bool(node.args[8])
+    return attention_call(node, importer, values, mask, is_causal, scale, levels=levels)

@@ -1,4 +1,5 @@
-"""quantize: post-training quantization of linear and conv layers to int8, int4, fp8 and bfloat16 kernels.
+"""quantize: post-training quantization of linear and conv layers to int8, int4, fp8 and bfloat16 kernels, and of
+attention to int8.
 
 The pass holds the options; :mod:`fxopt.quant` does the work (formats, observers, GPTQ, the plan and the rewrite).
 """
@@ -8,8 +9,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from fxopt.ir.meta import describe_node
 from fxopt.ir.program import Program
 from fxopt.passes.base import Pass, PassContext, option
+from fxopt.quant.attention import attention_layers, calibrate_attention, rewrite_attention
 from fxopt.quant.observers import ObserverKind
 from fxopt.quant.plan import candidates, choose
 from fxopt.quant.rewrite import STATIC, WEIGHT_ONLY, Precision, Scheme
@@ -19,7 +22,7 @@ __all__ = ["Quantize"]
 
 @dataclass(frozen=True)
 class Quantize(Pass):
-    """Quantize linear and conv layers: explicit quantized ops that the backend runs as integer or fp8 kernels.
+    """Quantize linear and conv layers (attention too: ``attention=int8``): explicit quantized ops run as kernels.
 
     ``scheme``: ``w8a8`` static int8 (symmetric per-output-channel weights,
     per-tensor activations over the range the ``observer`` picks on the
@@ -32,7 +35,11 @@ class Quantize(Pass):
     for most layers, the second (``float``: left alone) for the most
     sensitive ones, as few as keep the output error on the calibration data
     within ``max-error``. Weights become int8, packed int4 or fp8 tensors: the
-    model is smaller as well as integer.
+    model is smaller as well as integer. ``attention=int8``: each attention's
+    Q, K and V on int8 levels (one scale per head, calibrated on the
+    quantized model), its softmax weights on 8-bit levels and both matmuls
+    integer sums (``fxopt::attention_q``); each one's output error on the
+    calibration data is in the pass's notes.
 
     Not exact: every value moves by at most half a quantization step (fp8: 2⁻⁴
     of its magnitude, bf16: 2⁻⁸) within the calibrated range; the pass record
@@ -65,6 +72,9 @@ class Quantize(Pass):
         0.05, "scheme=mixed: output error allowed on the calibration data (relative RMS, or the calibration's metric)"
     )
     ignore: tuple[str, ...] = option((), "layers left in float (module path or weight name globs)")
+    attention: Literal["float", "int8"] = option(
+        "float", "int8: attention's Q·Kᵀ and P·V on int8 levels (per-head scales, calibrated); error in the notes"
+    )
 
     def __post_init__(self):
         if self.group_size < 0:
@@ -79,6 +89,8 @@ class Quantize(Pass):
             raise ValueError(f"max-error must be positive, got {self.max_error}")
 
     def calibration_need(self) -> str | None:
+        if self.attention == "int8":
+            return "quantize{attention=int8}"
         if self.scheme == "mixed":
             return "quantize{scheme=mixed}"
         if self.scheme in STATIC:
@@ -88,6 +100,26 @@ class Quantize(Pass):
         return None
 
     def apply(self, program: Program, ctx: PassContext) -> bool:
+        attention = []
+        if self.attention == "int8":  # found before the layers are rewritten: their nodes have metadata
+            attention, refused = attention_layers(program)
+            for node, why in refused:
+                ctx.skip(describe_node(node), why)
+        changed = self._quantize_layers(program, ctx)
+        if attention:
+            calibrate_attention(program, ctx.require_calibration("quantize{attention=int8}"), attention, ctx.progress)
+            rewrite_attention(program, attention, self.name)
+            program.graph_module.recompile()
+            ctx.count("attention layers", len(attention))
+            worst = max(attention, key=lambda layer: layer.error)
+            mean = sum(layer.error for layer in attention) / len(attention)
+            ctx.notes.append(
+                f"{len(attention)} attention layers to int8: output error on the calibration data (relative RMS, "
+                f"each layer alone) mean {mean:.3g}, worst {worst.error:.3g} ({describe_node(worst.node)})"
+            )
+        return changed or bool(attention)
+
+    def _quantize_layers(self, program: Program, ctx: PassContext) -> bool:
         chosen = candidates(program, self, ctx)
         if not chosen:
             return False

@@ -8,7 +8,9 @@
 - :mod:`~fxopt.quant.weights`: group-wise weight quantization, the clipping search and GPTQ;
 - :mod:`~fxopt.quant.equivalence`: output-preserving channel scales and shifts (SmoothQuant, OS+, AWQ);
 - :mod:`~fxopt.quant.plan` and :mod:`~fxopt.quant.rewrite`: choosing each layer's precision
-  (sensitivity, ``scheme=mixed``) and rewriting the graph to quantized ops.
+  (sensitivity, ``scheme=mixed``) and rewriting the graph to quantized ops;
+- :mod:`~fxopt.quant.attention`: int8 attention (``attention=int8``): per-head scales, each layer's error, the
+  rewrite to ``fxopt::attention_q``.
 
 The passes in :mod:`fxopt.passes` hold the options and call these.
 """

@@ -5,7 +5,9 @@ and integer (or fp8) layers ``fxopt::linear_q`` / ``fxopt::conv_q`` read the
 quantized values and their constant quantized weights; weight-only layers
 ``fxopt::linear_wq`` read float activations and dequantize their weights
 inside the matmul; ``fxopt::linear_bf16`` layers round their float activations
-to bfloat16 and multiply them by bfloat16 weights, summing in float32. Every
+to bfloat16 and multiply them by bfloat16 weights, summing in float32;
+``fxopt::attention_q`` is attention on int8 levels of Q, K and V and 8-bit
+levels of the softmax's weights, with integer sums. Every
 op is a ``torch.library`` custom op whose PyTorch implementation is the
 reference (so a quantized graph runs, and is measured, in PyTorch); the TVM
 backend lowers them to integer (and bfloat16) kernels.
@@ -24,9 +26,21 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import register_flop_formula
 
 from fxopt.ir.ops import from_blocked, to_blocked
-from fxopt.quant.formats import FORMATS, dequantize_groups, quantize_tensor, unpack_int4
+from fxopt.quant.formats import FORMATS, INT8, dequantize_groups, quantize_tensor, unpack_int4
 
-__all__ = ["quantize", "linear_q", "conv_q", "conv_q_blocked", "linear_wq", "linear_bf16", "EXACT_FLOAT32_TERMS"]
+__all__ = [
+    "quantize",
+    "linear_q",
+    "conv_q",
+    "conv_q_blocked",
+    "linear_wq",
+    "linear_bf16",
+    "attention_q",
+    "attention_mask",
+    "EXACT_FLOAT32_TERMS",
+    "WEIGHT_LEVELS",
+    "EXACT_ATTENTION_KEYS",
+]
 
 
 @torch.library.custom_op("fxopt::quantize", mutates_args=())
@@ -202,6 +216,73 @@ def linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 @linear_bf16.register_fake
 def _linear_bf16_fake(x, weight, bias):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+#: The levels of the softmax's weights in :func:`attention_q`: ``exp(s - max)`` in ``[0, 1]`` as 0..255.
+WEIGHT_LEVELS = 255
+#: Keys :func:`attention_q`'s sums of weight levels times int8 values (each at most 255 x 128) stay exact in
+#: float32 for: kernels summing in float32 lanes apply up to this many.
+EXACT_ATTENTION_KEYS = 2**24 // (WEIGHT_LEVELS * 128)
+
+
+def attention_mask(scores_shape, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    """``scaled_dot_product_attention``'s masks as one additive float mask broadcast to ``scores_shape``: boolean
+    masks ``-inf`` where False, additive ones as they are, ``is_causal`` ``-inf`` above the diagonal."""
+    length, source = scores_shape[-2:]
+    bias = torch.zeros(())
+    if attn_mask is not None:
+        bias = torch.where(attn_mask, 0.0, float("-inf")) if attn_mask.dtype == torch.bool else attn_mask.float()
+    if is_causal:
+        bias = bias + torch.full((length, source), float("-inf")).triu(1)
+    return bias.expand(scores_shape)
+
+
+@torch.library.custom_op("fxopt::attention_q", mutates_args=())
+def attention_q(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None,
+    q_scale: torch.Tensor,
+    k_scale: torch.Tensor,
+    v_scale: torch.Tensor,
+    scale: float,
+    is_causal: bool,
+) -> torch.Tensor:
+    """Attention on integer levels, ``[batch, heads, length, dim]``: Q, K and V quantized to int8 with one
+    symmetric scale per head (``[heads]``), Q·Kᵀ an exact integer sum scaled by ``q_scale * k_scale * scale``,
+    the mask added; each row's softmax weights ``exp(s - max)`` (the largest 1) rounded to :data:`WEIGHT_LEVELS`
+    levels, P·V an exact integer sum of levels times V's int8 values, divided by the row's sum of levels and
+    scaled by ``v_scale``. A row whose keys are all masked out gives zeros, as in PyTorch.
+
+    Weight levels relative to each row's largest keep 8 bits wherever the weights are near the maximum (a
+    diffuse row: normalized probabilities of 1/128 would get two levels)."""
+    heads = (1, -1, 1, 1)
+    levels = [
+        quantize_tensor(t, s.reshape(heads), None, INT8).double() for t, s in ((q, q_scale), (k, k_scale), (v, v_scale))
+    ]
+    qi, ki, vi = levels
+    dots = (qi @ ki.transpose(-1, -2)).float()
+    scores = dots * (q_scale * k_scale * scale).reshape(heads) + attention_mask(dots.shape, attn_mask, is_causal)
+    top = scores.amax(-1, keepdim=True)
+    weights = torch.floor(torch.exp(scores - top) * WEIGHT_LEVELS + 0.5)
+    weights = torch.where(top == float("-inf"), 0.0, weights)
+    total = weights.sum(-1, keepdim=True)
+    mixed = (weights.double() @ vi).float()
+    out = torch.where(total > 0, mixed / total.clamp_min(1) * v_scale.reshape(heads), 0.0)
+    return _heads_inside(out.to(q.dtype))
+
+
+def _heads_inside(out: torch.Tensor) -> torch.Tensor:
+    """``out`` ``[batch, heads, length, dim]`` laid out ``[batch, length, heads, dim]``, as PyTorch's CPU attention
+    lays out its result (graphs captured from it view the heads merged without a copy)."""
+    return out.transpose(1, 2).contiguous().transpose(1, 2)
+
+
+@attention_q.register_fake
+def _attention_q_fake(q, k, v, attn_mask, q_scale, k_scale, v_scale, scale, is_causal):
+    batch, heads, length, _ = q.shape
+    return q.new_empty((batch, length, heads, v.shape[-1])).transpose(1, 2)
 
 
 # Quantized layers count the multiply-adds of the float layers they replace.

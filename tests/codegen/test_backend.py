@@ -511,6 +511,26 @@ def test_bf16_segment_outputs_may_differ_by_one_bf16_step():
     assert rounding_allowance(float_segment, float_segment(x)) == [0.0]
 
 
+def test_int8_attention_segment_outputs_may_differ_by_one_weight_level():
+    from fxopt.codegen.dispatch import ATTENTION_LEVEL_STEP, rounding_allowance
+    from fxopt.codegen.partition import partition
+    from tests.passes.test_quantize import SelfAttention, attention_batches
+
+    calibration = attention_batches()
+    program = fxopt.capture(SelfAttention().eval(), calibration[0])
+    quantized, _ = fxopt.PassManager("quantize{scheme=w8 attention=int8}", calibration=calibration).run(program)
+    attention, steps = torch.ops.fxopt.attention_q.default, []
+    for segment in partition(quantized).segments:
+        graph_module = segment.graph_module
+        inputs = [torch.randn(p.meta["val"].shape) for p in graph_module.graph.find_nodes(op="placeholder")]
+        with torch.no_grad():
+            expected = graph_module(*inputs)
+        step = ATTENTION_LEVEL_STEP if any(n.target is attention for n in graph_module.graph.nodes) else 0.0
+        assert rounding_allowance(graph_module, expected) == [step * float(e.abs().max()) for e in expected]
+        steps.append(step)
+    assert ATTENTION_LEVEL_STEP in steps
+
+
 class _Unlowerable(torch.nn.Module):
     """Two TVM runs around an op TVM has no lowering for (erfinv), which PyTorch runs."""
 

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from fxopt import capture
 from fxopt.codegen.compile import STACK_SCRATCH_BYTES, compile_kernel
+from fxopt.codegen.dispatch import ATTENTION_LEVEL_STEP
 from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.intrinsics.x86 import amx_dot, amx_tile_config, bf16_bits, dot_bf16_pairs, dot_u8s8_quads
 from fxopt.codegen.isa import Isa
@@ -158,6 +159,49 @@ def test_every_attention_config_at_every_isas_lanes_matches_pytorch(spec, shape,
     library["main"](*map(to_tvm, (q, k, v, bias, out)))
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3).nan_to_num(0.0)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
+
+
+# int8 attention: the same schedules on int8 levels. Every sum is an integer float32 holds, so the kernel equals
+# the reference but where TVM's exp and PyTorch's round a weight to neighbouring levels: at most one level's move
+# (the dispatcher's allowance), and nearly every output exactly or within float32 rounding.
+@pytest.mark.parametrize("spec", ATTENTION_ISAS)
+@settings(max_examples=6, deadline=None)
+@given(
+    st.tuples(
+        st.integers(1, 2),
+        st.integers(1, 3),
+        st.integers(1, 13),
+        st.one_of(st.integers(1, 19), st.sampled_from([64, 128])),
+        st.one_of(st.integers(1, 40), st.sampled_from([16, 64])),
+    ),
+    st.sampled_from([(1, 1), (2, 1), (2, 3)]),
+    st.integers(0, 2**16),
+    st.integers(0, 99),
+)
+def test_every_int8_attention_config_matches_the_reference(spec, shape, mask_dims, seed, choice):
+    import tvm
+
+    batch, heads, length, source, dim = shape
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, length, dim, generator=generator) * 3
+    k, v = (torch.randn(batch, heads, source, dim, generator=generator) for _ in range(2))
+    # per-head scales a little short of each head's largest value: the extremes clamp to +-127
+    scales = [t.abs().amax((0, 2, 3)) / 120 for t in (q, k, v)]
+    bias_shape = (min(mask_dims[0], batch), min(mask_dims[1], heads), length, source)
+    bias = torch.randn(bias_shape, generator=generator).masked_fill(
+        torch.rand(bias_shape, generator=generator) > 0.7, float("-inf")
+    )
+    bias[..., 0, :] = float("-inf")  # a row whose every key is masked out: zeros
+    space = ATTENTION_F32.space(shape, Isa.named(spec))
+    variant = AttentionInputs(bias_shape, 0.3, quantized=True)
+    kernel = ATTENTION_F32.build(shape, space[choice % len(space)], variant)
+    library = compile_kernel(tvm.IRModule({"main": kernel}), CPU.tvm())
+    out = torch.full((batch, heads, length, dim), float("nan"))
+    library["main"](*map(to_tvm, (q, k, v, bias, *scales, out)))
+    expected = fxopt_ops.attention_q(q, k, v, bias, *scales, 0.3, False)
+    difference = (out - expected).abs()
+    assert float(difference.max()) <= ATTENTION_LEVEL_STEP * float(expected.abs().max()) + 1e-6
+    assert float((difference <= 1e-5 * (1 + expected.abs())).float().mean()) >= 0.95
 
 
 @pytest.mark.parametrize("spec", ATTENTION_ISAS)
@@ -448,6 +492,22 @@ def test_the_int8_kernels_build_with_each_cpus_dot_product(mcpu, instruction, re
         assert re.search(instruction + r"\s[^\n]*%" + registers, asm), family.name
         assert instruction == "vpmaddwd" or "vpmaddwd" not in asm  # VNNI needs no int16 pairs
         assert "tdpbusd" not in asm
+
+
+# The int8 depthwise convolution: float FMAs on the centered values in each CPU's widest registers (MobileNetV2's
+# 3x3 layer of 96 channels at stride 1, blocked by the ISA's lanes), no dot-product instruction, no gathers.
+@pytest.mark.parametrize("mcpu, registers", [("znver3", "ymm"), ("znver4", "zmm"), ("sapphirerapids", "zmm")])
+def test_the_int8_depthwise_convolution_builds_with_each_cpus_vectors(mcpu, registers):
+    import tvm
+
+    isa = Isa.named(f"x86_64:{mcpu}")
+    lanes = isa.lanes()
+    shape = ConvShape(1, 96, 28, 28, 96, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, lanes, lanes, 96)
+    kernel = DEPTHWISE_INT8.build(shape.workload, DEPTHWISE_INT8.default(shape.workload, isa))
+    asm = compile_kernel(tvm.IRModule({"main": kernel}), tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+    source = asm.mod.inspect_source("asm")
+    assert len(re.findall(r"vfmadd\d+ps\s[^\n]*%" + registers, source)) >= 9  # a 3x3 window's taps at least
+    assert not re.search(r"vpdpbusd|vpmaddwd|gather", source)
 
 
 # AMX: whole tiles of rows and inputs take tile registers on Sapphire Rapids; elsewhere there are none.
@@ -791,43 +851,25 @@ def _bf16_ties(shape, generator) -> torch.Tensor:
     return torch.where(tie, (bits & ~0xFFFF) | 0x8000, bits).view(torch.float32)
 
 
-# Natively where the host has AVX-512 BF16, else by the instruction's definition (16 lanes: LLVM splits them).
+# Natively where the host has AVX-512 BF16 (AMX-BF16), else by the instruction's definition (16 lanes: LLVM
+# splits them): every vector tile on Zen 4, every AMX task on Sapphire Rapids.
 @pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the bfloat16 GEMM is for x86 CPUs")
-def test_every_bf16_gemm_config_sums_the_references_products_in_float32(monkeypatch):
+@pytest.mark.parametrize(
+    "mcpu, workload",
+    [("znver4", (24, 38, 48)), ("sapphirerapids", (96, 64, 96))],  # 19 pairs of inputs; whole AMX tiles
+)
+def test_every_bf16_gemm_config_sums_the_references_products_in_float32(mcpu, workload, monkeypatch):
     import tvm
 
     if not Isa.of(CPU).avx512_bf16:
         monkeypatch.setattr(gemm_bf16, "dot_bf16_pairs", _bf16_dot_by_its_definition)
-    isa = Isa.named("x86_64:znver4")
-    workload = rows, in_features, out_features = 24, 38, 48  # 19 pairs of inputs, 3 blocks of 16 outputs
-    space = GEMM_BF16.space(workload, isa)
-    assert len(space) >= 6
-    epilogue = ScaledRelu(out_features)
-    kernels = [GEMM_BF16.build(workload, config, epilogue) for config in space]
-    mod = tvm.IRModule({f"c{i}": kernel.with_attr("global_symbol", f"c{i}") for i, kernel in enumerate(kernels)})
-    library = compile_kernel(mod, CPU.tvm())
-    generator = torch.Generator().manual_seed(0)
-    x = _bf16_ties((rows, in_features), generator)
-    weight = torch.randn(out_features, in_features, generator=generator).bfloat16()
-    bias, scale = torch.randn(out_features, generator=generator), torch.rand(out_features, generator=generator)
-    expected = torch.relu(fxopt_ops.linear_bf16(x, weight, bias)) * scale
-    for i, config in enumerate(space):
-        out = torch.full((rows, out_features), float("nan"))
-        library[f"c{i}"](*map(to_tvm, (x, GEMM_BF16.pack(weight, config), bias, scale, out)))
-        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5, msg=str(config))
-
-
-# Each AMX task, natively where the host has AMX-BF16, else by its tile products' definition.
-@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the bfloat16 GEMM is for x86 CPUs")
-def test_every_amx_bf16_gemm_task_sums_the_references_products_in_float32(monkeypatch):
-    import tvm
-
     if not Isa.of(CPU).amx_bf16:
         monkeypatch.setattr(gemm_bf16, "amx_dot", _amx_by_its_definition)
-    isa = Isa.named("x86_64:sapphirerapids")
-    workload = rows, in_features, out_features = 96, 64, 96
-    space = [c for c in GEMM_BF16.space(workload, isa) if c.amx]
-    assert [(c.rows // 16, c.blocks) for c in space] == list(AMX_TASKS) and GEMM_BF16.default(workload, isa) == space[0]
+    isa = Isa.named(f"x86_64:{mcpu}")
+    rows, in_features, out_features = workload
+    space = [c for c in GEMM_BF16.space(workload, isa) if c.amx == isa.amx_bf16]
+    assert len(space) >= 6 if not isa.amx_bf16 else [(c.rows // 16, c.blocks) for c in space] == list(AMX_TASKS)
+    assert GEMM_BF16.default(workload, isa) == space[0] or not isa.amx_bf16
     epilogue = ScaledRelu(out_features)
     kernels = [GEMM_BF16.build(workload, config, epilogue) for config in space]
     mod = tvm.IRModule({f"c{i}": kernel.with_attr("global_symbol", f"c{i}") for i, kernel in enumerate(kernels)})

@@ -84,6 +84,7 @@ def test_every_override_is_tested_here():
         "fxopt::conv_q_blocked",
         "fxopt::linear_wq",
         "fxopt::linear_bf16",
+        "fxopt::attention_q",
         "aten::gelu",
         "aten::linear",
         "aten::addmm",
@@ -387,6 +388,28 @@ def test_quantized_linears_built_for_sapphire_rapids_take_amx_tiles_where_they_a
     assert [(w, c.amx) for w, c, _ in kernels][1:] == [((32, 48, 64), False)]
     asm = kernel_source(compile_module(mod, target), "asm")
     assert re.search(rf"^\s+{instruction}\s+%tmm6, %tmm3, %tmm2$", asm, re.MULTILINE)  # the third column's tile
+
+
+@pytest.mark.skipif(not HOST.avx2, reason="the attention kernel is for x86 CPUs with AVX2")
+def test_int8_attention_lowers_to_the_attention_kernel_on_integer_levels():
+    # Q, K and V read through the fused projection's views, the heads merged by the kernel's layout; the outputs
+    # those of the reference but where a weight rounds to a neighbouring level (the dispatcher's allowance).
+    from fxopt.codegen.dispatch import rounding_allowance
+    from tests.passes.test_quantize import SelfAttention, attention_batches
+
+    calibration = attention_batches()
+    program = capture(SelfAttention().eval(), calibration[0])
+    quantized, _ = PassManager("quantize{attention=int8}", verify="off", calibration=calibration).run(program)
+    with spy_on(ATTENTION_F32) as kernels:
+        executable = build(quantized, CPU, dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    ((workload, _, inputs),) = kernels
+    assert workload == (2, 4, 12, 12, 16) and inputs.quantized and inputs.heads_inside
+    assert all(gather is not None for gather in inputs.gathers)
+    expected = quantized.run_flat()
+    allowance = rounding_allowance(quantized.graph_module, expected)
+    worst, _, failing = compare_outputs(executable.module.run_flat(), expected, Tolerance(), allowance=allowance)
+    assert failing is None, f"max abs error {worst}"
 
 
 @pytest.mark.parametrize("spec", ["cpu", "cpu:avx2"])

@@ -81,6 +81,67 @@ def test_static_schemes_need_calibration_and_say_how_to_give_it():
         quantize(Net(), "quantize{scheme=w8 weight-ranges=search}")
 
 
+class SelfAttention(nn.Module):
+    """A fused projection split into heads, attention under a padding mask, the heads merged, an output layer;
+    ``kv_heads`` fewer than ``heads``: grouped queries."""
+
+    def __init__(self, width=64, heads=4, kv_heads=4):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads, self.kv_heads, self.dim = heads, kv_heads, width // heads
+        self.qkv = nn.Linear(width, (heads + 2 * kv_heads) * self.dim)
+        self.out = nn.Linear(width, width)
+
+    def forward(self, x, mask):
+        batch, length, width = x.shape
+        qkv = self.qkv(x).view(batch, length, self.heads + 2 * self.kv_heads, self.dim).transpose(1, 2)
+        q, k, v = qkv.split([self.heads, self.kv_heads, self.kv_heads], dim=1)
+        grouped = self.kv_heads != self.heads
+        y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=grouped)
+        return self.out(y.transpose(1, 2).reshape(batch, length, width))
+
+
+def attention_batches(n=4, seed=1, length=12):
+    generator = torch.Generator().manual_seed(seed)
+    mask = torch.ones(2, 1, length, length, dtype=torch.bool)
+    mask[1, ..., length - 3 :] = False  # the second sequence padded
+    return [(torch.randn(2, length, 64, generator=generator) * 2, mask) for _ in range(n)]
+
+
+@pytest.mark.parametrize("scheme", ["w8a8", "w8", "bf16"])
+def test_int8_attention_replaces_each_attention_and_reports_its_error(scheme):
+    model, calibration = SelfAttention().eval(), attention_batches()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    program = capture(model, calibration[0])
+    quantized, records = PassManager(
+        f"quantize{{scheme={scheme} attention=int8}}", verify="off", calibration=calibration
+    ).run(program)
+    graph_ops = ops(quantized)
+    assert fxopt_ops.attention_q.default in graph_ops
+    assert torch.ops.aten.scaled_dot_product_attention.default not in graph_ops
+    record = records[-1]
+    assert record.stats["attention layers"] == 1
+    (note,) = [n for n in record.notes if "attention" in n]
+    error = float(note.split("worst ")[1].split(" ")[0])
+    assert 0 < error < 0.05 and "scaled_dot_product_attention" in note
+    scales = [quantized.get_constant(n.target) for n in quantized.graph.nodes if str(n.target).endswith("_scale")]
+    assert any(s.shape == (4,) for s in scales)  # per head
+    x, mask = attention_batches(1, seed=7)[0]
+    (out,), (reference,) = quantized.run_flat([x, mask]), program.run_flat([x, mask])
+    assert float((out - reference).norm() / reference.norm()) < 0.05
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the model is not modified
+
+
+def test_int8_attention_needs_calibration_and_leaves_grouped_queries_with_the_reason():
+    calibration = attention_batches()
+    with pytest.raises(PassError, match=r"quantize\{attention=int8\} needs calibration data"):
+        PassManager("quantize{scheme=w8 attention=int8}", verify="off").run(capture(SelfAttention(), calibration[0]))
+    program = capture(SelfAttention(kv_heads=2).eval(), calibration[0])
+    quantized, records = PassManager("quantize{attention=int8}", verify="off", calibration=calibration).run(program)
+    assert fxopt_ops.attention_q.default not in ops(quantized)
+    assert any("no grouped queries" in n for n in records[-1].notes)
+
+
 def test_ignore_leaves_named_layers_in_float_and_rejects_unknown_names():
     _, quantized, record = quantize(Net(), "quantize{ignore=[fc2]}", batches())
     assert ops(quantized).count(torch.ops.aten.linear.default) == 1
@@ -289,6 +350,7 @@ def minilm():
         ("shift-activations,quantize{activations=symmetric}", 0.985),  # 0.991
         ("smooth-activations,quantize", 0.99),
         ("quantize{scheme=w8a8-dynamic}", 0.995),
+        ("quantize{attention=int8}", 0.99),  # 0.9934
         ("quantize{scheme=fp8}", 0.995),
         ("quantize{scheme=w8}", 0.999),
         # The calibrated 4-bit searches take half a minute each: `pytest -m slow` runs them.

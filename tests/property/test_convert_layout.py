@@ -6,7 +6,8 @@ tiny images.
 - The pass at 8 and 16 lanes keeps the outputs within fxopt's default tolerance in PyTorch, and leaves no
   convolution whose channels blocks fit in NCHW (those it leaves, it says why).
 - So does it with random convolution times per block pair (``block-costs``), whatever blocks they make it choose.
-- Built for the CPU with ``dispatch="tvm"``, the blocked network matches PyTorch, every segment in TVM.
+- Built for the CPU with ``dispatch="tvm"``, the blocked network matches PyTorch, every segment in TVM; so does it
+  quantized (w8a8), within a few quantization steps of the quantized reference.
 """
 
 import tempfile
@@ -15,12 +16,15 @@ from pathlib import Path
 import torch
 from hypothesis import event, given, note, settings
 from hypothesis import strategies as st
+from torch.utils import _pytree as pytree
 
 from fxopt import PassManager, capture, optimize
 from fxopt.codegen.block_costs import geometry_key
 from fxopt.codegen.lower_conv import conv_shape
 from fxopt.ir.block_costs import write_block_costs
+from fxopt.passes import parse_pipeline
 from fxopt.passes.convert_layout import channel_block
+from fxopt.passes.pipeline import with_pass
 from tests.property.cnns import random_cnns
 from tests.property.test_random_dags import _within_bound
 
@@ -98,3 +102,23 @@ def test_the_blocked_quantized_network_computes_what_the_quantized_one_does(case
         assert torch.equal(output, reference), (output - reference).abs().max()
     blocked = [n for n in converted.graph.nodes if n.target is torch.ops.fxopt.conv_q_blocked.default]
     event(f"quantized convolutions blocked: {min(len(blocked), 3)}+, depthwise: {any(n.args[9] > 1 for n in blocked)}")
+
+
+# Quantized and built for the CPU (every int8 convolution, plain, grouped or depthwise, on TVM's kernels or
+# Relax's, with its tail and requantization on the tile): the reference's integers but where a float that
+# differs in its last bit rounds to the neighbouring one, whose effect a few layers on is a few steps: a
+# kernel that packed, padded or requantized wrongly would be off by far more. Each example builds (seconds).
+@settings(max_examples=max(10, settings().max_examples // 10), deadline=None)
+@given(random_cnns(max_steps=6))
+def test_quantized_networks_built_for_the_cpu_match_the_quantized_reference(case):
+    model, inputs = case
+    note(model.spec.describe())
+    pipeline = with_pass(parse_pipeline("cpu"), parse_pipeline("quantize")[0])
+    result = optimize(model, inputs, target="cpu", pipeline=pipeline, calibration=[inputs], dispatch="tvm")
+    with torch.no_grad():
+        built, reference = result(*inputs), result.graph_module(*inputs)
+    for output, expected in zip(pytree.tree_leaves(built), pytree.tree_leaves(reference)):
+        scale = float(expected.abs().max()) or 1.0
+        assert float((output - expected).abs().max()) <= 0.02 * scale
+        event(f"exact: {torch.equal(output, expected)}")
+    assert all(s.backend == "tvm" for s in result.report().segments), result.report().segments

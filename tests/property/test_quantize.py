@@ -5,6 +5,8 @@
 - the reference int8 kernels (``fxopt::linear_q``, ``fxopt::conv_q``) compute exactly what float64 computes on the
   same integer values, zero points included; int4 packing round-trips;
 - ``shift-activations``, ``smooth-activations`` and ``awq`` are exact in float32 on random transformers and CNNs;
+- int8 attention moves each output by at most half a softmax weight level per key from the float attention of
+  the same (int8-grid) values;
 - ``quantize`` with any scheme yields a verified graph with the model's output shapes and finite outputs.
 """
 
@@ -129,6 +131,43 @@ def test_int8_reductions_longer_than_float32_holds_exactly_stay_exact(seed, in_f
     xq, wq = extreme(1, channels, 5, 5), extreme(2, channels, 3, 3)
     out = fxopt_ops.conv_q(xq, one, zp, wq, torch.ones(2), None, [1, 1], [1, 1], [1, 1], 1, torch.float32)
     assert torch.equal(out, F.conv2d(xq.double() - zero_point, wq.double(), None, 1, 1).float())
+
+
+@settings(deadline=None)
+@given(
+    st.integers(0, 2**16),
+    st.integers(1, 3),
+    st.integers(1, 9),
+    st.integers(1, 70),
+    st.sampled_from([1, 8, 64]),
+    st.floats(0.01, 3.0),
+    st.booleans(),
+)
+def test_int8_attention_moves_each_output_by_at_most_half_a_weight_level_per_key(
+    seed, heads, length, source, dim, spread, masked
+):
+    # Q, K and V on their int8 grids (what the layer's own quantization leaves of them): the integer sums are
+    # exact, so attention_q differs from float64 attention of the same values only by each weight's rounding to
+    # a level (at most half of one): out - exact = sum_t e_t (v_t - exact) / sum_t levels_t, |e_t| <= 1/2.
+    generator = torch.Generator().manual_seed(seed)
+    scales = [torch.rand(heads, generator=generator) * spread + 1e-3 for _ in range(3)]
+    levels = [
+        torch.randint(-127, 128, (2, heads, n, dim), generator=generator).double() for n in (length, source, source)
+    ]
+    q, k, v = (lv * s.double().reshape(1, -1, 1, 1) for lv, s in zip(levels, scales))
+    mask = torch.rand(2, 1, length, source, generator=generator) > 0.3 if masked else None
+    out = fxopt_ops.attention_q(q.float(), k.float(), v.float(), mask, *scales, dim**-0.5, False).double()
+    factor = (scales[0] * scales[1] * dim**-0.5).double().reshape(1, -1, 1, 1)  # as float32 rounds it
+    scores = (levels[0] @ levels[1].transpose(-1, -2)) * factor
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    top = scores.amax(-1, keepdim=True)
+    weights = (255 * torch.exp(scores - top)).nan_to_num(0.0)
+    exact = (weights @ v) / weights.sum(-1, keepdim=True).clamp_min(1e-300)
+    deviation = (v.unsqueeze(-3) - exact.unsqueeze(-2)).abs()  # [..., length, source, dim]: |v_t - exact|
+    live = (weights > 0).unsqueeze(-1)
+    bound = 0.5 * (deviation * live).sum(-2) / torch.floor(weights + 0.5).sum(-1, keepdim=True).clamp_min(1)
+    assert ((out - exact).abs() <= bound * 1.001 + 1e-5 * v.abs().amax()).all()
 
 
 @given(st.integers(0, 2**16), st.integers(1, 3))

@@ -9,6 +9,12 @@ call), and the probabilities times V (the same register tile), so the scores nev
 through the layout ops that cut them out of a fused projection (:mod:`fxopt.codegen.layout`) and write its result
 with the heads merged.
 
+The same schedule computes int8 attention (``fxopt::attention_q``, :class:`AttentionInputs` ``quantized``): Q, K
+and V turned into their int8 levels once per call, the softmax's weights into 8-bit levels on the tile; every
+product and sum is an integer float32 holds exactly (heads of up to 1024 values, 514 keys), so the kernel equals
+the reference but where its ``exp`` and PyTorch's round a weight to neighbouring levels. It is not faster than
+the float kernel: its dot products are float FMAs on integer values.
+
 Workload: ``(batch, heads, length, source, dim)``: queries ``length``, keys ``source``.
 """
 
@@ -20,6 +26,7 @@ from dataclasses import dataclass
 from fxopt.codegen.intrinsics.x86 import transpose_block
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload
+from fxopt.quant.ops import WEIGHT_LEVELS
 
 __all__ = ["AttentionF32Config", "AttentionInputs", "AttentionF32", "ATTENTION_F32"]
 
@@ -47,12 +54,15 @@ class AttentionInputs:
     for q, k and v None or where the kernel reads it from instead (:class:`fxopt.codegen.layout.Gather`: the
     parameter is then a tensor of its ``shape``, read through its ``index`` map), and whether the result is laid
     out ``[batch, length, heads, dim]`` (as the transpose after attention that merges the heads wants it, which
-    then costs nothing) instead of ``[batch, heads, length, dim]``."""
+    then costs nothing) instead of ``[batch, heads, length, dim]``; and whether it is int8 attention
+    (``fxopt::attention_q``: Q, K and V on int8 levels of per-head scales, parameters after the mask; the softmax's
+    weights on 8-bit levels; every sum an integer float32 holds exactly)."""
 
     bias_shape: tuple
     scale: float
     gathers: tuple = (None, None, None)
     heads_inside: bool = False
+    quantized: bool = False
 
 
 #: The tiles tuning times (rows, vectors), those that fit the ISA's registers; the first is the default (a 4 x 3
@@ -102,6 +112,9 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
         (q_in, q), (k_in, k), (v_in, v) = (read(*args) for args in zip("qkv", (length, source, source), inputs.gathers))
         bias = te.placeholder(inputs.bias_shape, "float32", name="bias")
         per_batch, per_head = inputs.bias_shape[0] > 1, inputs.bias_shape[1] > 1
+        levels = [te.placeholder((heads,), "float32", name=f"{n}_scale") for n in "qkv"] if inputs.quantized else []
+        if levels:  # each value's int8 level (as fxopt::quantize rounds), once per call, as a float
+            q, k, v = (_levels(t, s, f"{n}_levels") for t, s, n in zip((q, k, v), levels, "qkv"))
         keys = te.compute((batch, heads, dim, source), lambda b, h, c, t: k[b, h, t, c], name="keys")
         c = te.reduce_axis((0, dim), "c")
         dot = te.compute(
@@ -109,9 +122,15 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
             lambda b, h, i, t: te.sum(q[b, h, i, c] * keys[b, h, c, t], axis=c),
             name="dot",
         )
+
+        def scaled(b, h, i, t):
+            if levels:  # as the reference rounds: (q_scale * k_scale) * scale, then the dot
+                return dot[b, h, i, t] * (levels[0][h] * levels[1][h] * inputs.scale)
+            return dot[b, h, i, t] * inputs.scale
+
         scores = te.compute(
             dot.shape,
-            lambda b, h, i, t: dot[b, h, i, t] * inputs.scale + bias[b if per_batch else 0, h if per_head else 0, i, t],
+            lambda b, h, i, t: scaled(b, h, i, t) + bias[b if per_batch else 0, h if per_head else 0, i, t],
             name="scores",
         )
         # The maximum starts at -inf (te.max's identity is the lowest finite float): a fully masked row stays -inf.
@@ -140,23 +159,39 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
             top = te.compute((batch, heads, length), lambda b, h, i: maximum(scores[b, h, i, t], axis=t), name="top")
         shifted = te.compute(dot.shape, lambda b, h, i, t: scores[b, h, i, t] - top[b, h, i], name="shifted")
         weights = topi.fast_exp(shifted)
+        if levels:  # exp(s - max) in [0, 1] as 0..255
+            exp = weights
+            weights = te.compute(
+                dot.shape, lambda *i: tvm.tirx.floor(exp(*i) * float(WEIGHT_LEVELS) + 0.5), name="weight_levels"
+            )
         t = te.reduce_axis((0, source), "t")
         total = te.compute((batch, heads, length), lambda b, h, i: te.sum(weights[b, h, i, t], axis=t), name="total")
         t = te.reduce_axis((0, source), "t")
         mixed = te.compute(
             q.shape, lambda b, h, i, c: te.sum(weights[b, h, i, t] * v[b, h, t, c], axis=t), name="mixed"
         )
+
+        def mean(b, h, i, c):
+            value = mixed[b, h, i, c] / total[b, h, i]
+            return value * levels[2][h] if levels else value
+
         out = te.compute(
             q.shape,
             lambda b, h, i, c: te.if_then_else(
-                top[b, h, i] == float("-inf"), tvm.tirx.const(0.0, "float32"), mixed[b, h, i, c] / total[b, h, i]
+                top[b, h, i] == float("-inf"), tvm.tirx.const(0.0, "float32"), mean(b, h, i, c)
             ),
             name="out",
         )
-        sch = s_tir.Schedule(te.create_prim_func([q_in, k_in, v_in, bias, out]))
+        sch = s_tir.Schedule(te.create_prim_func([q_in, k_in, v_in, bias, *levels, out]))
         for name, gather in zip("qkv", inputs.gathers):
             if gather is not None:
                 sch.compute_inline(sch.get_sblock(name))
+        if levels:
+            for name in ("q_levels", "k_levels", "v_levels"):
+                *rows, columns = sch.get_loops(sch.get_sblock(name))
+                sch.parallel(sch.fuse(*rows[:2]))
+                sch.vectorize(columns)
+            sch.compute_inline(sch.get_sblock("T_fast_exp"))
         if inputs.heads_inside:
             sch.transform_layout(sch.get_sblock("out"), ("write", 0), lambda b, h, i, c: (b, i, h, c))
 
@@ -193,7 +228,8 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
         if in_lanes:
             *_, key = sch.get_loops(sch.get_sblock("total"))
             sch.rfactor(sch.split(key, [None, lanes])[1], factor_axis=3)
-        for name in ("total", "total_rf", "T_fast_exp", "shifted", "top", "top_lanes", "scores"):
+        exp_stage = "weight_levels" if levels else "T_fast_exp"
+        for name in ("total", "total_rf", exp_stage, "shifted", "top", "top_lanes", "scores"):
             if name.endswith(("_rf", "_lanes")) and not in_lanes:
                 continue
             block = sch.get_sblock(name)
@@ -207,7 +243,7 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
                 sch.reorder(row, key, lane)
                 sch.vectorize(lane)
                 sch.vectorize(sch.get_loops(sch.decompose_reduction(block, key))[-1])
-        sch.vectorize(sch.get_loops(sch.get_sblock("T_fast_exp"))[-1])
+        sch.vectorize(sch.get_loops(sch.get_sblock(exp_stage))[-1])
         # The scores in panels of keys, each the register tile of q against the transposed keys.
         scores_block = sch.get_sblock("scores")
         tile_row, key = sch.get_loops(scores_block)[-2:]
@@ -216,6 +252,17 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
         sch.vectorize(key_lane)
         _register_tile(sch, sch.get_sblock("dot"), key_panel, lanes)
         return self.tagged(sch.mod["main"], workload)
+
+
+def _levels(x, scale, name: str):
+    """``x``'s int8 levels at its head's ``scale`` as ``fxopt::quantize`` rounds them (``floor(x / s + 0.5)``,
+    clamped), as floats."""
+    from tvm import te, tirx
+
+    def level(b, h, i, c):
+        return tirx.max(tirx.min(tirx.floor(x[b, h, i, c] / scale[h] + 0.5), 127.0), -128.0)
+
+    return te.compute(x.shape, level, name=name)
 
 
 def _lane_loops(sch, block) -> tuple:

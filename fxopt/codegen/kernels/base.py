@@ -227,13 +227,15 @@ def dot_tile_default(rows: int, blocks: int, lanes: int, isa: Isa, wide: bool) -
     return r, b
 
 
-def dot_product_tiles(func, rows: int, blocks: int, intrinsic: str) -> Any:
+def dot_product_tiles(func, rows: int, blocks: int, intrinsic: str, whole_reduction: bool = False) -> Any:
     """The schedule of the GEMMs whose dot instruction sums a few adjacent inputs per output lane (int8's
-    ``vpmaddwd``/``vpdpbusd``, bfloat16's ``vdpbf16ps``): ``func`` computes ``acc[m, block, lane]`` over
-    ``(step, within)`` from ``wide`` (the activations as the instruction reads them, converted once per call: the
-    tiles read each row once per block of outputs) and packed weights; tiles of ``rows`` x ``blocks`` blocks,
-    output blocks outermost (a block's weights stay in cache while the rows stream by), on every core, the
-    reduction's innermost step ``intrinsic`` (tensorized), the tail on the tile (:func:`epilogue_on_tile`).
+    ``vpmaddwd``/``vpdpbusd``, bfloat16's ``vdpbf16ps``, AMX's tile products): ``func`` computes
+    ``acc[m, block, lane]`` over ``(step, within)`` from ``wide`` (the activations as the instruction reads them,
+    converted once per call: the tiles read each row once per block of outputs) and packed weights; tiles of
+    ``rows`` x ``blocks`` blocks, output blocks outermost (a block's weights stay in cache while the rows stream
+    by), on every core, the tail on the tile (:func:`epilogue_on_tile`). ``intrinsic`` (tensorized) computes the
+    reduction's innermost step for one row's block, or with ``whole_reduction`` the tile's whole reduction
+    (:func:`fxopt.codegen.intrinsics.x86.amx_dot`: its accumulators in tile registers, stored for the tail).
     Returns the schedule and its tile loop."""
     from tvm import s_tir
 
@@ -242,15 +244,22 @@ def dot_product_tiles(func, rows: int, blocks: int, intrinsic: str) -> Any:
     m, channel_block, lane, step_loop, within_loop = sch.get_loops(block)
     m_outer, m_inner = sch.split(m, [None, rows])
     block_outer, block_inner = sch.split(channel_block, [None, blocks])
-    sch.reorder(block_outer, m_outer, step_loop, m_inner, block_inner, lane, within_loop)
+    if whole_reduction:
+        sch.reorder(block_outer, m_outer, m_inner, block_inner, lane, step_loop, within_loop)
+    else:
+        sch.reorder(block_outer, m_outer, step_loop, m_inner, block_inner, lane, within_loop)
     tile = sch.fuse(block_outer, m_outer)
     epilogue_on_tile(sch, tile, before=("wide",))  # its last loop, the tile's columns, vectorized
     sch.set_scope(block, 0, "local")
     sch.parallel(tile)
-    init = sch.decompose_reduction(block, step_loop)
-    sch.tensorize(lane, intrinsic)
-    sch.unroll(m_inner)
-    sch.unroll(block_inner)
+    if whole_reduction:
+        init = sch.decompose_reduction(block, m_inner)
+        sch.tensorize(m_inner, intrinsic)
+    else:
+        init = sch.decompose_reduction(block, step_loop)
+        sch.tensorize(lane, intrinsic)
+        sch.unroll(m_inner)
+        sch.unroll(block_inner)
     sch.vectorize(sch.get_loops(init)[-1])
     widen = sch.get_sblock("wide")
     widen_rows, widen_columns = sch.get_loops(widen)
@@ -276,31 +285,3 @@ def amx_tasks(workload: Workload, depth: int) -> list[tuple[int, int]]:
         return []
     blocks = out_features // AMX_LANES
     return [(r * 16, c) for r, c in AMX_TASKS if rows % (r * 16) == 0 and blocks % c == 0]
-
-
-def amx_product_tiles(func, row_tiles: int, column_tiles: int, intrinsic: str) -> Any:
-    """The schedule of :func:`dot_product_tiles`'s GEMMs on AMX: tasks of ``row_tiles`` x 16 rows by
-    ``column_tiles`` blocks of 16 outputs, each task's whole reduction one ``intrinsic``
-    (:func:`fxopt.codegen.intrinsics.x86.amx_dot`: the accumulators in tile registers), output blocks
-    outermost, on every core; the tail on the task's tile (:func:`epilogue_on_tile`) from the accumulators it
-    stores. Returns the schedule and its task loop."""
-    from tvm import s_tir
-
-    sch = s_tir.Schedule(func)
-    block = sch.get_sblock("acc")
-    m, channel_block, lane, step_loop, within_loop = sch.get_loops(block)
-    m_outer, m_inner = sch.split(m, [None, row_tiles * 16])
-    block_outer, block_inner = sch.split(channel_block, [None, column_tiles])
-    sch.reorder(block_outer, m_outer, m_inner, block_inner, lane, step_loop, within_loop)
-    task = sch.fuse(block_outer, m_outer)
-    epilogue_on_tile(sch, task, before=("wide",))
-    sch.set_scope(block, 0, "local")
-    sch.parallel(task)
-    init = sch.decompose_reduction(block, m_inner)
-    sch.tensorize(m_inner, intrinsic)
-    sch.vectorize(sch.get_loops(init)[-1])
-    widen = sch.get_sblock("wide")
-    widen_rows, widen_columns = sch.get_loops(widen)
-    sch.parallel(widen_rows)
-    sch.vectorize(widen_columns)
-    return sch, task

@@ -26,7 +26,6 @@ from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import (
     KernelFamily,
     Workload,
-    amx_product_tiles,
     amx_tasks,
     dot_product_tiles,
     dot_tile_default,
@@ -123,9 +122,8 @@ class GemmBf16(KernelFamily[GemmBf16Config]):
         operands, out = biased_with_epilogue(acc, bias, variant, out_features)
         func = te.create_prim_func([x, packed, bias, *operands, out])
         if config.amx:
-            row_tiles = config.rows // 16
-            intrinsic = amx_dot("bf16", row_tiles, config.blocks, in_features // 2)
-            sch, _ = amx_product_tiles(func, row_tiles, config.blocks, intrinsic)
+            intrinsic = amx_dot("bf16", config.rows // 16, config.blocks, in_features // 2)
+            sch, _ = dot_product_tiles(func, config.rows, config.blocks, intrinsic, whole_reduction=True)
         else:
             sch, tile = dot_product_tiles(func, config.rows, config.blocks, dot_bf16_pairs(LANES))
             sch.annotate(tile, "pragma_import_llvm", bf16_dot_llvm(LANES))

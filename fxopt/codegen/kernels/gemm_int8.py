@@ -44,7 +44,6 @@ from fxopt.codegen.kernels.base import (
     AMX_LANES,
     KernelFamily,
     Workload,
-    amx_product_tiles,
     amx_tasks,
     dot_product_tiles,
     dot_tile_default,
@@ -229,12 +228,10 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         )
 
         if config.amx:
-            row_tiles = config.rows // AMX_ROWS
-            intrinsic = amx_dot("u8s8", row_tiles, config.blocks, in_features // depth)
-            sch, _ = amx_product_tiles(func, row_tiles, config.blocks, intrinsic)
+            intrinsic = amx_dot("u8s8", config.rows // AMX_ROWS, config.blocks, in_features // depth)
         else:
             intrinsic = dot_int16_pairs() if depth == 2 else dot_u8s8_quads(lanes)
-            sch, _ = dot_product_tiles(func, config.rows, config.blocks, intrinsic)
+        sch, _ = dot_product_tiles(func, config.rows, config.blocks, intrinsic, whole_reduction=config.amx)
         return self.tagged(sch.mod["main"], workload)
 
 
