@@ -4,7 +4,8 @@
 (:mod:`fxopt.codegen.kernels`: the float32 GEMM on BERT's 128x768x3072, attention on BERT's 12 heads x 128 x 64, the
 direct convolution on ResNet-50's 3x3 64-channel layer blocked by the ISA's lanes, the int8 GEMM and (where the
 CPU has AVX-512 BF16) the bfloat16 GEMM on BERT's 128x768x3072, the int8 direct convolution on that 3x3 layer,
-the weight-only GEMM (4-bit weights, groups of 128) on BERT's 128x768x3072;
+the weight-only GEMM (4-bit weights, groups of 128) on a decode step's 1x4096x4096 (its per-group sums; rows of
+several tiles run the float GEMM's loop on panels dequantized once);
 not the depthwise convolution, whose taps LLVM unrolls whole, leaving no loop, and which memory bounds) is built
 with its default config for each CPU (``x86_64:CPU``: its ISA's tiles, lanes and instructions, cross-compiled
 where this host lacks the ISA); the loops of its assembly that hold its multiply-adds (float FMAs, the int8
@@ -83,8 +84,8 @@ def kernels(isa: Isa) -> dict:
         # the int8 direct convolution: output blocks of its dot instruction's lanes
         (CONV2D_INT8, (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, dot_instruction(isa)[0])),
         (GEMM_BF16, (128, 768, 3072)),
-        # the weight-only GEMM: 4-bit weights in groups of 128, dequantized in the loop
-        (GEMM_WQ, (128, 768, 3072, 128, 4)),
+        # the weight-only GEMM's decode: 4-bit weights in groups of 128, converted in the loop, sums per group
+        (GEMM_WQ, (1, 4096, 4096, 128, 4)),
     ]
     return {
         family.kernel_name(w): family.build(w, family.default(w, isa))

@@ -175,12 +175,16 @@ def biased_with_epilogue(acc, bias, epilogue, out_features: int) -> tuple[list, 
     return written_with_epilogue(linear, epilogue, (rows, out_features))
 
 
-def panel_tiles(func, rows: int, config: GemmF32Config, per_step: tuple[str, ...] = ()) -> object:
+def panel_tiles(
+    func, rows: int, config: GemmF32Config, per_step: tuple[str, ...] = (), per_task: str | None = None
+) -> object:
     """The float32 GEMM's schedule of ``func``: an ``acc`` stage ``[rows, panels, width]`` reduced over its last
     axis, read by the tail that ``out`` writes (:func:`~.base.epilogue_on_tile`; other stages inlined).
     ``per_step``: stages computed before ``acc`` (the weight-only GEMM's: each row's sums per group, at the root)
     and, the last of them, a reduction ``[rows, panels, steps, width]`` that each step of ``acc``'s reduction reads,
-    computed there as a register tile of its own (its sums over a group of inputs)."""
+    computed there as a register tile of its own (its sums over a group of inputs). ``per_task``: a stage of the
+    packed weight's shape (the weight-only GEMM's dequantized panels) computed once per task for its group of
+    panels, each task then running every row tile over them."""
     from tvm import s_tir
 
     tile = config.tile
@@ -194,8 +198,12 @@ def panel_tiles(func, rows: int, config: GemmF32Config, per_step: tuple[str, ...
     # in L1, its output rows are written group-wide). A partial last group is predicated.
     group, panel = sch.split(panel, [None, config.panels_per_task])
     sch.reorder(group, m_outer, panel, step, m_inner, vector, lane_inner)
-    fused = sch.fuse(group, m_outer)
-    epilogue_on_tile(sch, panel, before=("pad", *per_step))
+    task = group if per_task else sch.fuse(group, m_outer)
+    epilogue_on_tile(sch, panel, before=("pad", *per_step, *([per_task] if per_task else [])))
+    if per_task:
+        panels = sch.get_sblock(per_task)
+        sch.compute_at(panels, task, preserve_unit_loops=True)
+        sch.vectorize(sch.get_loops(panels)[-1])
     inner = None
     if per_step:
         inner = sch.get_sblock(per_step[-1])
@@ -207,7 +215,7 @@ def panel_tiles(func, rows: int, config: GemmF32Config, per_step: tuple[str, ...
         sch.unroll(rows_loop)
         sch.unroll(inner_vector)
         sch.vectorize(inner_lane)
-    accumulate_in_registers(sch, block, fused, (m_inner, vector), lane_inner, step)
+    accumulate_in_registers(sch, block, task, (m_inner, vector), lane_inner, step)
     if inner is not None:  # after the task loop is parallel: a decomposed reduction inside it is not one
         init = sch.decompose_reduction(inner, reduction)
         sch.vectorize(sch.get_loops(init)[-1])

@@ -11,13 +11,17 @@ zero points and scales ``[N/panel, K/group, panel]``. The reference's sum regrou
 then its zero point and scale applied to the tile once (each row's sums per group, ``sum_k x``, computed once per
 call). The same value as the reference within float32 rounding, not bit for bit. Dequantizing each weight
 vector instead (a conversion, a subtraction and a multiplication) bounded decode: regrouped it runs 1.3-1.5x
-faster (4096 x 4096, 4096 x 11008; 2.6-3.8x on 384 x 1536, whose weights sit in L2; prefill 1.1-1.2x; Zen 4).
-Decode (one row) reads a quarter or an eighth of a float GEMV's bytes.
+faster (4096 x 4096, 4096 x 11008; 2.6-3.8x on 384 x 1536, whose weights sit in L2; Zen 4). Decode (one row)
+reads a quarter or an eighth of a float GEMV's bytes. Rows of :data:`PANEL_ONCE_ROWS` tiles or more (prefill)
+would convert every weight once per row tile: there each task dequantizes its group of panels once, as the
+reference does (the same float weights), and runs the float32 GEMM's loop over them for every row tile.
 
 Workload: ``(rows, in_features, out_features, group_size, bits)``.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -25,7 +29,11 @@ from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import KernelFamily, Workload
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, GemmF32Config, biased_with_epilogue, panel_tiles
 
-__all__ = ["GemmWq", "GEMM_WQ"]
+__all__ = ["GemmWq", "GEMM_WQ", "PANEL_ONCE_ROWS"]
+
+#: Row tiles from which each task dequantizes its weight panels once (the float GEMM's loop then runs over them)
+#: rather than summing each group's integer products per row tile.
+PANEL_ONCE_ROWS = 2
 
 
 class GemmWq(KernelFamily[GemmF32Config]):
@@ -95,29 +103,46 @@ class GemmWq(KernelFamily[GemmF32Config]):
             return packed[panel, k, lane].astype("float32")
 
         levels = te.compute((panels, in_features, width), level, name="levels")
-        within = te.reduce_axis((0, group_size), "within")
-        row_sums = te.compute(
-            (rows, groups), lambda m, g: te.sum(x[m, g * group_size + within], axis=within), name="row_sums"
-        )
-        within = te.reduce_axis((0, group_size), "within")
-        sums = te.compute(
-            (rows, panels, groups, width),
-            lambda m, p, g, lane: te.sum(
-                x[m, g * group_size + within] * levels[p, g * group_size + within, lane], axis=within
-            ),
-            name="sums",
-        )
-        g = te.reduce_axis((0, groups), "g")
-        acc = te.compute(
-            (rows, panels, width),
-            lambda m, p, lane: te.sum(
-                (sums[m, p, g, lane] - zero_point[p, g, lane] * row_sums[m, g]) * scale[p, g, lane], axis=g
-            ),
-            name="acc",
-        )
+        if rows >= PANEL_ONCE_ROWS * config.tile.rows:
+            # Rows of several tiles (prefill): each task dequantizes its panels once, as the reference does, and
+            # runs the float32 GEMM's tiles over them.
+            weight = te.compute(
+                levels.shape,
+                lambda p, k, lane: (
+                    (levels[p, k, lane] - zero_point[p, k // group_size, lane]) * scale[p, k // group_size, lane]
+                ),
+                name="weight",
+            )
+            k = te.reduce_axis((0, in_features), "k")
+            acc = te.compute(
+                (rows, panels, width), lambda m, p, lane: te.sum(x[m, k] * weight[p, k, lane], axis=k), name="acc"
+            )
+            schedule = functools.partial(panel_tiles, per_task="weight")
+        else:
+            within = te.reduce_axis((0, group_size), "within")
+            row_sums = te.compute(
+                (rows, groups), lambda m, g: te.sum(x[m, g * group_size + within], axis=within), name="row_sums"
+            )
+            within = te.reduce_axis((0, group_size), "within")
+            sums = te.compute(
+                (rows, panels, groups, width),
+                lambda m, p, g, lane: te.sum(
+                    x[m, g * group_size + within] * levels[p, g * group_size + within, lane], axis=within
+                ),
+                name="sums",
+            )
+            g = te.reduce_axis((0, groups), "g")
+            acc = te.compute(
+                (rows, panels, width),
+                lambda m, p, lane: te.sum(
+                    (sums[m, p, g, lane] - zero_point[p, g, lane] * row_sums[m, g]) * scale[p, g, lane], axis=g
+                ),
+                name="acc",
+            )
+            schedule = functools.partial(panel_tiles, per_step=("row_sums", "sums"))
         operands, out = biased_with_epilogue(acc, bias, variant, out_features)
         func = te.create_prim_func([x, packed, scale, zero_point, bias, *operands, out])
-        return self.tagged(panel_tiles(func, rows, config, per_step=("row_sums", "sums")), workload)
+        return self.tagged(schedule(func, rows, config), workload)
 
 
 GEMM_WQ = GemmWq()
