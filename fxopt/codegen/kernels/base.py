@@ -3,7 +3,8 @@ tuned-choice database treat them all alike.
 
 A family (one module under :mod:`fxopt.codegen.kernels`) builds one kind of kernel — a float32 GEMM, an int8
 GEMM, attention — for any *workload* (its shape: a tuple of ints, e.g. ``(rows, in_features, out_features)``)
-from a *config* (a frozen dataclass of int knobs: register tile, cache blocks, lanes). It declares
+from a *config* (a frozen dataclass of int knobs: register tile, cache blocks, lanes; and bool switches: AMX
+tiles). It declares
 
 - :meth:`~KernelFamily.applies`: whether it builds a workload for an :class:`~fxopt.codegen.isa.Isa`;
 - :meth:`~KernelFamily.space`: the configs tuning times for a workload on an ISA, and
@@ -23,6 +24,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, TypeVar
 
+from fxopt.codegen.intrinsics.x86 import AMX_ROWS
 from fxopt.codegen.isa import Isa
 
 __all__ = [
@@ -281,7 +283,7 @@ def amx_tasks(workload: Workload, depth: int) -> list[tuple[int, int]]:
     inputs come ``depth`` to a 32-bit element (int8: 4, bfloat16: 2); none where the inputs are not whole tile
     rows (16 elements) or the outputs whole tiles (16)."""
     rows, in_features, out_features = workload
-    if in_features % (16 * depth) or out_features % AMX_LANES:
+    if in_features % (AMX_ROWS * depth) or out_features % AMX_LANES:
         return []
     blocks = out_features // AMX_LANES
-    return [(r * 16, c) for r, c in AMX_TASKS if rows % (r * 16) == 0 and blocks % c == 0]
+    return [(r * AMX_ROWS, c) for r, c in AMX_TASKS if rows % (r * AMX_ROWS) == 0 and blocks % c == 0]

@@ -9,7 +9,9 @@ even, as PyTorch rounds), register tiles of 8 rows x 3 blocks on AVX-512's 32 re
 ops after the layer (:mod:`fxopt.codegen.epilogue`) on the tile.
 
 The result is ``linear_bf16``'s (:func:`fxopt.quant.ops.linear_bf16`) but for the order of the float32 additions
-(and denormal products, which ``vdpbf16ps`` flushes to zero).
+(and denormal products, which ``vdpbf16ps`` flushes to zero). With AMX-BF16 (Sapphire/Emerald Rapids) a config
+may be ``amx``: the int8 GEMM's AMX tasks on the same pairs (``tdpbf16ps``, 16 x 16 x 32 multiply-adds into
+float32 tiles), the default where the rows are whole tiles (16) and the inputs whole tile rows (32).
 
 Workload: ``(rows, in_features, out_features)``.
 """

@@ -22,6 +22,11 @@ On a CPU with VNNI (AVX-512 VNNI: Zen 4/5, Sapphire/Emerald Rapids; AVX-VNNI) on
 are shifted into uint8 once per call (``xq + 128``) and the shift is taken back with the zero point
 (``acc - (zp + 128) * colsum``), so the result is the same integer as the AVX2 kernel's.
 
+With AMX (Sapphire/Emerald Rapids) a config may be ``amx``: each task of 16-32 rows by 32-48 outputs keeps its
+accumulators in tile registers over the whole reduction (:func:`fxopt.codegen.intrinsics.x86.amx_dot`:
+``tdpbusd``, 16 x 16 x 64 exact multiply-adds, on the same packing and shifted activations), then stores them
+for the tail; the default where the rows are whole tiles (16) and the inputs whole tile rows (64).
+
 Workload: ``(rows, in_features, out_features)``.
 """
 
