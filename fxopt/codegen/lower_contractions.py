@@ -241,7 +241,10 @@ def attention_call(
     merge = reader is not None and _swaps_heads_and_rows(reader)
     shape = [q_val.shape[i] for i in ((0, 2, 1, 3) if merge else range(4))]
     config = importer.templates.config(ATTENTION_F32, workload, importer.isa)
-    inputs = AttentionInputs(tuple(bias_shape), scale, tuple(gathers), merge, quantized=bool(levels))
+    vnni = bool(levels) and importer.isa.vnni
+    if vnni and length % min(config.rows, length):  # VNNI's dot products take whole tiles of query rows
+        config = next((c for c in ATTENTION_F32.space(workload, importer.isa) if length % c.rows == 0), config)
+    inputs = AttentionInputs(tuple(bias_shape), scale, tuple(gathers), merge, quantized=bool(levels), vnni=vnni)
     kernel = ATTENTION_F32.build(workload, config, inputs)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     out = bb.emit(relax.call_tir(kernel, [q, k, v, bias, *levels], relax.TensorType(shape, "float32")))

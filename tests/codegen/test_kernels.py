@@ -21,8 +21,8 @@ from fxopt.codegen.dispatch import ATTENTION_LEVEL_STEP
 from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.intrinsics.x86 import amx_dot, amx_tile_config, bf16_bits, dot_bf16_pairs, dot_u8s8_quads
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels import FAMILIES, conv2d_int8, gemm_bf16, gemm_int8, template_workloads
-from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionInputs
+from fxopt.codegen.kernels import FAMILIES, attention_f32, conv2d_int8, gemm_bf16, gemm_int8, template_workloads
+from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionF32Config, AttentionInputs
 from fxopt.codegen.kernels.base import AMX_TASKS
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
 from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, Conv2dInt8Variant
@@ -177,8 +177,11 @@ def test_every_attention_config_at_every_isas_lanes_matches_pytorch(spec, shape,
     st.sampled_from([(1, 1), (2, 1), (2, 3)]),
     st.integers(0, 2**16),
     st.integers(0, 99),
+    st.booleans(),
 )
-def test_every_int8_attention_config_matches_the_reference(spec, shape, mask_dims, seed, choice):
+def test_every_int8_attention_config_matches_the_reference(spec, shape, mask_dims, seed, choice, vnni):
+    # vnni: Q·Kᵀ as vpdpbusd dot products where the tiles are whole (natively where the host has VNNI, else by
+    # the instruction's definition); the float lanes' path otherwise.
     import tvm
 
     batch, heads, length, source, dim = shape
@@ -193,15 +196,51 @@ def test_every_int8_attention_config_matches_the_reference(spec, shape, mask_dim
     )
     bias[..., 0, :] = float("-inf")  # a row whose every key is masked out: zeros
     space = ATTENTION_F32.space(shape, Isa.named(spec))
-    variant = AttentionInputs(bias_shape, 0.3, quantized=True)
-    kernel = ATTENTION_F32.build(shape, space[choice % len(space)], variant)
-    library = compile_kernel(tvm.IRModule({"main": kernel}), CPU.tvm())
+    variant = AttentionInputs(bias_shape, 0.3, quantized=True, vnni=vnni)
+    with pytest.MonkeyPatch.context() as patch:
+        if not Isa.of(CPU).vnni:
+            patch.setattr(attention_f32, "dot_u8s8_quads", _vnni_by_its_definition)
+        kernel = ATTENTION_F32.build(shape, space[choice % len(space)], variant)
+        library = compile_kernel(tvm.IRModule({"main": kernel}), CPU.tvm())
     out = torch.full((batch, heads, length, dim), float("nan"))
     library["main"](*map(to_tvm, (q, k, v, bias, *scales, out)))
     expected = fxopt_ops.attention_q(q, k, v, bias, *scales, 0.3, False)
     difference = (out - expected).abs()
     assert float(difference.max()) <= ATTENTION_LEVEL_STEP * float(expected.abs().max()) + 1e-6
     assert float((difference <= 1e-5 * (1 + expected.abs())).float().mean()) >= 0.95
+
+
+# int8 attention's Q·Kᵀ on VNNI: whole tiles of query rows and key panels take vpdpbusd (16 lanes on AVX-512, the
+# VEX form's 8 on AVX-VNNI), exactly the reference's integers.
+@pytest.mark.parametrize(
+    "mcpu, instruction, lanes", [("znver4", "vpdpbusd", 16), ("alderlake", r"\{vex\}\s+vpdpbusd", 8)]
+)
+def test_int8_attention_takes_vnni_dot_products_for_whole_tiles(mcpu, instruction, lanes, monkeypatch):
+    import tvm
+
+    isa = Isa.named(f"x86_64:{mcpu}")
+    shape = batch, heads, length, source, dim = (1, 2, 32, 64, 64)
+    config = AttentionF32Config(8, 2, isa.lanes())
+    variant = AttentionInputs((1, 1, length, source), 0.125, quantized=True, vnni=True)
+    kernel = ATTENTION_F32.build(shape, config, variant)
+    asm = compile_kernel(tvm.IRModule({"main": kernel}), tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+    assert (
+        len(re.findall(instruction + r"\s[^\n]*%" + ("zmm" if lanes == 16 else "ymm"), asm.mod.inspect_source("asm")))
+        >= 8
+    )
+    if not Isa.of(CPU).avx2:
+        return
+    if not Isa.of(CPU).vnni:
+        monkeypatch.setattr(attention_f32, "dot_u8s8_quads", _vnni_by_its_definition)
+    library = compile_kernel(tvm.IRModule({"main": ATTENTION_F32.build(shape, config, variant)}), CPU.tvm())
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, heads, n, dim, generator=generator) * 2 for n in (length, source, source))
+    scales = [t.abs().amax((0, 2, 3)) / 127 for t in (q, k, v)]
+    bias = torch.zeros(1, 1, length, source)
+    out = torch.full((batch, heads, length, dim), float("nan"))
+    library["main"](*map(to_tvm, (q, k, v, bias, *scales, out)))
+    expected = fxopt_ops.attention_q(q, k, v, bias, *scales, 0.125, False)
+    assert float((out - expected).abs().max()) <= ATTENTION_LEVEL_STEP * float(expected.abs().max()) + 1e-6
 
 
 @pytest.mark.parametrize("spec", ATTENTION_ISAS)
