@@ -242,8 +242,9 @@ def attention_call(
     shape = [q_val.shape[i] for i in ((0, 2, 1, 3) if merge else range(4))]
     config = importer.templates.config(ATTENTION_F32, workload, importer.isa)
     vnni = bool(levels) and importer.isa.vnni
-    if vnni and length % min(config.rows, length):  # VNNI's dot products take whole tiles of query rows
-        config = next((c for c in ATTENTION_F32.space(workload, importer.isa) if length % c.rows == 0), config)
+    if vnni and length % min(config.rows, length):  # VNNI's dot products take whole tiles: the largest that divides
+        whole = [c for c in ATTENTION_F32.space(workload, importer.isa) if length % c.rows == 0]
+        config = max(whole, key=lambda c: c.rows * c.vectors, default=config)
     inputs = AttentionInputs(tuple(bias_shape), scale, tuple(gathers), merge, quantized=bool(levels), vnni=vnni)
     kernel = ATTENTION_F32.build(workload, config, inputs)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
