@@ -20,6 +20,7 @@ from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.codegen.layout import read_through
 from fxopt.codegen.lower import LoweringError, node_arg, register_lowering, to_relax_constant, tvm_dtype
 from fxopt.ir.meta import input_node, optional_input_node
+from fxopt.quant.ops import attention_mask
 
 aten = torch.ops.aten
 
@@ -172,7 +173,7 @@ def _sdpa(node: fx.Node, importer) -> object:
         v = bb.emit(relax.op.repeat(v, repeats, axis=-3))
     scale = 1.0 / math.sqrt(q_val.shape[-1]) if scale is None else float(cast(float, scale))
     float32 = all(a.meta["val"].dtype == torch.float32 for a in operands)
-    workload = (*q_val.shape[:3], k_val.shape[-2], q_val.shape[3]) if q_val.dim() == 4 else ()
+    workload = attention_workload(node) if q_val.dim() == 4 else ()
     if importer.isa is not None and workload and float32 and ATTENTION_F32.applies(workload, importer.isa):
         return attention_call(node, importer, (q, k, v), mask, is_causal, scale, repeated=bool(repeats))
     length, source = q_val.shape[-2], k_val.shape[-2]
@@ -194,6 +195,13 @@ def _sdpa(node: fx.Node, importer) -> object:
     return bb.emit(relax.op.matmul(probs, v))
 
 
+def attention_workload(node: fx.Node) -> tuple[int, ...]:
+    """The attention kernel's workload for 4-D attention ``node`` (Q, K, V its first inputs): ``(batch, heads,
+    queries, keys, head size)``."""
+    q_val, k_val = input_node(node, 0).meta["val"], input_node(node, 1).meta["val"]
+    return (*q_val.shape[:3], k_val.shape[-2], q_val.shape[3])
+
+
 def attention_call(
     node: fx.Node,
     importer,
@@ -213,23 +221,22 @@ def attention_call(
 
     bb = importer.block_builder
     operands = [input_node(node, i) for i in range(3)]
-    q_val, k_val = operands[0].meta["val"], operands[1].meta["val"]
-    length, source = q_val.shape[-2], k_val.shape[-2]
-    workload = (*q_val.shape[:3], source, q_val.shape[3])
+    q_val = operands[0].meta["val"]
+    workload = _, _, length, source, _ = attention_workload(node)
     mask_shape = [1, 1, *(mask.meta["val"].shape if mask is not None else ())][-4:]
     bias_shape = [q_val.shape[0] if mask_shape[0] > 1 else 1, q_val.shape[1] if mask_shape[1] > 1 else 1]
     bias_shape += [length, source]
-    causal = torch.full((length, source), float("-inf")).triu(1) if is_causal else torch.zeros(())
     if mask is None or mask in importer.constants:
         # Computed here: TVM's constant folding compiles and runs each op on constants (0.1 s per layer).
-        value = torch.zeros(()) if mask is None else importer.constants[mask]
-        value = torch.where(value, 0.0, float("-inf")) if value.dtype == torch.bool else value
-        bias = to_relax_constant((value + causal).float().expand(bias_shape))
+        constant = None if mask is None else importer.constants[mask]
+        bias = to_relax_constant(attention_mask(bias_shape, constant, is_causal))
     else:
         m = importer.env[mask]
         neg_inf = relax.const(float("-inf"), "float32")
         bias = bb.emit(relax.op.where(m, relax.const(0.0), neg_inf)) if mask.meta["val"].dtype == torch.bool else m
-        bias = bb.emit(relax.op.add(bias, to_relax_constant(causal))) if is_causal else bias
+        if is_causal:
+            causal = attention_mask((length, source), None, is_causal=True)
+            bias = bb.emit(relax.op.add(bias, to_relax_constant(causal)))
         bias = bb.emit(relax.op.broadcast_to(bias, bias_shape))
     # Q, K and V read where their chains of views, splits and permutes start (a fused projection's result),
     # so the chains' copies go unread and are dropped; not where K and V were repeated for GQA.

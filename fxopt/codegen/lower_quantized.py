@@ -3,8 +3,8 @@
 int8 ``linear_q`` becomes the int8 GEMM family's kernel (:mod:`fxopt.codegen.kernels.gemm_int8`) where it applies, else
 Relax's integer matmul; ``conv_q`` the int8 convolution family's (:mod:`fxopt.codegen.kernels.conv2d_int8`; depthwise:
 :mod:`~fxopt.codegen.kernels.depthwise_int8`), else an int32-accumulating conv; ``linear_wq`` the weight-only GEMM
-family's (:mod:`fxopt.codegen.kernels.gemm_wq`: weights dequantized in registers), else a dequantize fused into a
-TE matmul;
+family's (:mod:`fxopt.codegen.kernels.gemm_wq`: integer weights converted in registers), else a dequantize fused
+into a TE matmul; ``attention_q`` the attention kernel on integer levels;
 ``linear_bf16`` the bfloat16 GEMM family's kernel (:mod:`fxopt.codegen.kernels.gemm_bf16`) on CPUs with AVX-512
 BF16, else a float32 matmul of the activations rounded to bfloat16 by the weights widened at build time.
 Registered in :data:`fxopt.codegen.lower.OVERRIDES` when :mod:`fxopt.codegen` is imported.
@@ -27,12 +27,12 @@ from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
-from fxopt.codegen.lower_contractions import attention_call, call_gemm, epilogue_operands
+from fxopt.codegen.lower_contractions import attention_call, attention_workload, call_gemm, epilogue_operands
 from fxopt.ir.meta import input_node, optional_input_node
 from fxopt.ir.program import attribute_owner
 from fxopt.quant import ops as _quant_ops  # noqa: F401  (registers the fxopt:: quantized ops lowered here)
 from fxopt.quant.formats import unpack_int4
-from fxopt.quant.ops import EXACT_ATTENTION_KEYS
+from fxopt.quant.ops import EXACT_ATTENTION_DIM, EXACT_ATTENTION_KEYS
 
 fxopt_ops = torch.ops.fxopt
 
@@ -405,13 +405,14 @@ def _int8_conv_call(
 @register_lowering(fxopt_ops.linear_wq.default)
 def _linear_wq(node: fx.Node, importer) -> object:
     """Weight-only ``linear``: the weight-only GEMM family's kernel (:mod:`fxopt.codegen.kernels.gemm_wq`: the
-    float GEMM's tiles, each weight vector dequantized in registers), with the float ops after it that its tile
-    can apply, where it applies (float32 activations, constant weights); else one TE kernel that dequantizes each
-    weight element inside the matmul's reduction.
+    float GEMM's tiles on the integer weights, each group's sums scaled once, or each task's panels dequantized
+    once), with the float ops after it that its tile can apply, where it applies (float32 activations, constant
+    weights); else one TE kernel that dequantizes each weight element inside the matmul's reduction as the
+    reference does, ``(q - zero_point) * scale`` in float32.
 
-    Either way the integer weights stay in the library (int8, or two 4-bit values per byte); a separate
-    dequantize op would be folded back into a float weight by ``FoldConstant``, so the dequantization is part of
-    the reduction itself, computed as the reference does: ``(q - zero_point) * scale`` in float32.
+    Either way the integer weights stay in the library (int8, or two 4-bit values per byte): a separate
+    dequantize op would be folded back into a float weight by ``FoldConstant``, so the dequantization is inside
+    the kernel.
     """
     from tvm import relax, te, tirx
 
@@ -510,18 +511,18 @@ def _linear_bf16(node: fx.Node, importer) -> object:
 def _attention_q(node: fx.Node, importer) -> object:
     """int8 attention as the attention kernel on int8 levels (:class:`~.kernels.attention_f32.AttentionInputs`
     ``quantized``), where it applies and its sums are exact in float32: x86 with AVX2, float32 Q, K and V, heads of
-    at most 1024 values (``dim x 128 x 128 <= 2^24``) and :data:`~fxopt.quant.ops.EXACT_ATTENTION_KEYS` keys.
-    Else PyTorch runs the reference."""
+    at most :data:`~fxopt.quant.ops.EXACT_ATTENTION_DIM` values and :data:`~fxopt.quant.ops.EXACT_ATTENTION_KEYS`
+    keys. Else PyTorch runs the reference."""
     q, k, v = (input_node(node, i) for i in range(3))
     mask = optional_input_node(node, 3)
-    q_val, k_val = q.meta["val"], k.meta["val"]
-    workload = (*q_val.shape[:3], k_val.shape[-2], q_val.shape[3])
+    workload = attention_workload(node)
+    source, dim = workload[3:]
     float32 = all(a.meta["val"].dtype == torch.float32 for a in (q, k, v))
-    exact = q_val.shape[-1] * 128 * 128 <= 2**24 and k_val.shape[-2] <= EXACT_ATTENTION_KEYS
+    exact = dim <= EXACT_ATTENTION_DIM and source <= EXACT_ATTENTION_KEYS
     if not (float32 and exact and importer.isa is not None and ATTENTION_F32.applies(workload, importer.isa)):
         raise LoweringError(
             node,
-            "int8 attention has a TVM kernel for float32 heads of at most 1024 values and "
+            f"int8 attention has a TVM kernel for float32 heads of at most {EXACT_ATTENTION_DIM} values and "
             f"{EXACT_ATTENTION_KEYS} keys on x86 CPUs with AVX2",
         )
     values = tuple(importer.env[a] for a in (q, k, v))

@@ -40,6 +40,7 @@ __all__ = [
     "EXACT_FLOAT32_TERMS",
     "WEIGHT_LEVELS",
     "EXACT_ATTENTION_KEYS",
+    "EXACT_ATTENTION_DIM",
 ]
 
 
@@ -223,6 +224,8 @@ WEIGHT_LEVELS = 255
 #: Keys :func:`attention_q`'s sums of weight levels times int8 values (each at most 255 x 128) stay exact in
 #: float32 for: kernels summing in float32 lanes apply up to this many.
 EXACT_ATTENTION_KEYS = 2**24 // (WEIGHT_LEVELS * 128)
+#: The head size its Q·Kᵀ sums (each product at most 128 x 128) stay exact in float32 for.
+EXACT_ATTENTION_DIM = 2**24 // (128 * 128)
 
 
 def attention_mask(scores_shape, attn_mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:

@@ -123,25 +123,23 @@ def test_a_task_runs_as_many_panels_as_half_the_l2_holds(l2_bytes, tile):
 ATTENTION_ISAS = [pytest.param("cpu:avx2", id="8 lanes"), pytest.param("cpu:avx512", id="16 lanes")]
 
 
-@pytest.mark.parametrize("spec", ATTENTION_ISAS)
-@settings(max_examples=6, deadline=None)
-@given(
-    st.tuples(
-        st.integers(1, 2),
-        st.integers(1, 3),
-        st.integers(1, 13),
-        # Rows in lanes from 64 keys that are whole vectors of the ISA's lanes; fewer or a partial vector: serial.
-        st.one_of(st.integers(1, 19), st.sampled_from([64, 72, 80, 128])),
-        # Dims and keys that are whole vectors: K read in blocks transposed in registers.
-        st.one_of(st.integers(1, 40), st.sampled_from([16, 32, 64])),
-    ),
-    st.sampled_from([(1, 1), (2, 1), (2, 3)]),  # the mask's own batch and head dims
-    st.integers(0, 2**16),
-    st.integers(0, 99),
+#: Attention workloads ``(batch, heads, queries, keys, head size)``.
+ATTENTION_SHAPES = st.tuples(
+    st.integers(1, 2),
+    st.integers(1, 3),
+    st.integers(1, 13),
+    # Rows in lanes from 64 keys that are whole vectors of the ISA's lanes; fewer or a partial vector: serial.
+    st.one_of(st.integers(1, 19), st.sampled_from([64, 72, 80, 128])),
+    # Dims and keys that are whole vectors: K read in blocks transposed in registers.
+    st.one_of(st.integers(1, 40), st.sampled_from([16, 32, 64])),
 )
-def test_every_attention_config_at_every_isas_lanes_matches_pytorch(spec, shape, mask_dims, seed, choice):
-    import tvm
+#: The mask's own batch and head dims.
+MASK_DIMS = st.sampled_from([(1, 1), (2, 1), (2, 3)])
 
+
+def _attention_case(shape, mask_dims, seed: int) -> tuple:
+    """Random Q, K and V of attention workload ``shape`` and an additive mask of ``mask_dims`` (30% of it -inf,
+    and a row whose every key is masked out: zeros, as PyTorch's SDPA gives), and the mask's shape."""
     batch, heads, length, source, dim = shape
     generator = torch.Generator().manual_seed(seed)
     q = torch.randn(batch, heads, length, dim, generator=generator)
@@ -150,12 +148,21 @@ def test_every_attention_config_at_every_isas_lanes_matches_pytorch(spec, shape,
     bias = torch.randn(bias_shape, generator=generator).masked_fill(
         torch.rand(bias_shape, generator=generator) > 0.7, float("-inf")
     )
-    bias[..., 0, :] = float("-inf")  # a row whose every key is masked out: zeros, as PyTorch's SDPA gives
-    workload = shape
-    space = ATTENTION_F32.space(workload, Isa.named(spec))
-    kernel = ATTENTION_F32.build(workload, space[choice % len(space)], AttentionInputs(bias_shape, 0.3))
+    bias[..., 0, :] = float("-inf")
+    return q, k, v, bias, bias_shape
+
+
+@pytest.mark.parametrize("spec", ATTENTION_ISAS)
+@settings(max_examples=6, deadline=None)
+@given(ATTENTION_SHAPES, MASK_DIMS, st.integers(0, 2**16), st.integers(0, 99))
+def test_every_attention_config_at_every_isas_lanes_matches_pytorch(spec, shape, mask_dims, seed, choice):
+    import tvm
+
+    q, k, v, bias, bias_shape = _attention_case(shape, mask_dims, seed)
+    space = ATTENTION_F32.space(shape, Isa.named(spec))
+    kernel = ATTENTION_F32.build(shape, space[choice % len(space)], AttentionInputs(bias_shape, 0.3))
     library = compile_kernel(tvm.IRModule({"main": kernel}), CPU.tvm())
-    out = torch.full((batch, heads, length, dim), float("nan"))
+    out = torch.full(q.shape, float("nan"))
     library["main"](*map(to_tvm, (q, k, v, bias, out)))
     expected = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=0.3).nan_to_num(0.0)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-5)
@@ -166,35 +173,16 @@ def test_every_attention_config_at_every_isas_lanes_matches_pytorch(spec, shape,
 # (the dispatcher's allowance), and nearly every output exactly or within float32 rounding.
 @pytest.mark.parametrize("spec", ATTENTION_ISAS)
 @settings(max_examples=6, deadline=None)
-@given(
-    st.tuples(
-        st.integers(1, 2),
-        st.integers(1, 3),
-        st.integers(1, 13),
-        st.one_of(st.integers(1, 19), st.sampled_from([64, 128])),
-        st.one_of(st.integers(1, 40), st.sampled_from([16, 64])),
-    ),
-    st.sampled_from([(1, 1), (2, 1), (2, 3)]),
-    st.integers(0, 2**16),
-    st.integers(0, 99),
-    st.booleans(),
-)
+@given(ATTENTION_SHAPES, MASK_DIMS, st.integers(0, 2**16), st.integers(0, 99), st.booleans())
 def test_every_int8_attention_config_matches_the_reference(spec, shape, mask_dims, seed, choice, vnni):
     # vnni: Q·Kᵀ as vpdpbusd dot products where the tiles are whole (natively where the host has VNNI, else by
     # the instruction's definition); the float lanes' path otherwise.
     import tvm
 
-    batch, heads, length, source, dim = shape
-    generator = torch.Generator().manual_seed(seed)
-    q = torch.randn(batch, heads, length, dim, generator=generator) * 3
-    k, v = (torch.randn(batch, heads, source, dim, generator=generator) for _ in range(2))
+    q, k, v, bias, bias_shape = _attention_case(shape, mask_dims, seed)
+    q = q * 3
     # per-head scales a little short of each head's largest value: the extremes clamp to +-127
     scales = [t.abs().amax((0, 2, 3)) / 120 for t in (q, k, v)]
-    bias_shape = (min(mask_dims[0], batch), min(mask_dims[1], heads), length, source)
-    bias = torch.randn(bias_shape, generator=generator).masked_fill(
-        torch.rand(bias_shape, generator=generator) > 0.7, float("-inf")
-    )
-    bias[..., 0, :] = float("-inf")  # a row whose every key is masked out: zeros
     space = ATTENTION_F32.space(shape, Isa.named(spec))
     variant = AttentionInputs(bias_shape, 0.3, quantized=True, vnni=vnni)
     with pytest.MonkeyPatch.context() as patch:
@@ -202,7 +190,7 @@ def test_every_int8_attention_config_matches_the_reference(spec, shape, mask_dim
             patch.setattr(attention_f32, "dot_u8s8_quads", _vnni_by_its_definition)
         kernel = ATTENTION_F32.build(shape, space[choice % len(space)], variant)
         library = compile_kernel(tvm.IRModule({"main": kernel}), CPU.tvm())
-    out = torch.full((batch, heads, length, dim), float("nan"))
+    out = torch.full(q.shape, float("nan"))
     library["main"](*map(to_tvm, (q, k, v, bias, *scales, out)))
     expected = fxopt_ops.attention_q(q, k, v, bias, *scales, 0.3, False)
     difference = (out - expected).abs()
