@@ -4,7 +4,8 @@
 (:mod:`fxopt.codegen.kernels`: the float32 GEMM on BERT's 128x768x3072, attention on BERT's 12 heads x 128 x 64, the
 direct convolution on ResNet-50's 3x3 64-channel layer blocked by the ISA's lanes, the int8 GEMM and (where the
 CPU has AVX-512 BF16) the bfloat16 GEMM on BERT's 128x768x3072, the int8 direct convolution on that 3x3 layer,
-the weight-only GEMM (4-bit weights, groups of 128) on a decode step's 1x4096x4096 (its per-group sums; rows of
+int8 attention (Q·Kᵀ as ``vpdpbusd``) where the CPU has VNNI, the weight-only GEMM (4-bit weights, groups of 128)
+on a decode step's 1x4096x4096 (its per-group sums; rows of
 several tiles run the float GEMM's loop on panels dequantized once);
 not the depthwise convolution, whose taps LLVM unrolls whole, leaving no loop, and which memory bounds) is built
 with its default config for each CPU (``x86_64:CPU``: its ISA's tiles, lanes and instructions, cross-compiled
@@ -32,7 +33,7 @@ import sys
 
 from fxopt.codegen.compile import compile_kernel
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
+from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionF32Config, AttentionInputs
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
 from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
@@ -87,11 +88,17 @@ def kernels(isa: Isa) -> dict:
         # the weight-only GEMM's decode: 4-bit weights in groups of 128, converted in the loop, sums per group
         (GEMM_WQ, (1, 4096, 4096, 128, 4)),
     ]
-    return {
+    built = {
         family.kernel_name(w): family.build(w, family.default(w, isa))
         for family, w in measured
         if family.applies(w, isa)
     }
+    if isa.vnni:  # int8 attention: Q·Kᵀ as vpdpbusd on its int8 levels (a tile whose 8 rows divide the queries)
+        workload = (1, 12, 128, 128, 64)
+        quantized = AttentionInputs((1, 1, 128, 128), 0.125, quantized=True, vnni=True)
+        config = AttentionF32Config(8, 2, isa.lanes())
+        built[f"{ATTENTION_F32.kernel_name(workload)}/int8"] = ATTENTION_F32.build(workload, config, quantized)
+    return built
 
 
 def multiply_add_loops(asm: str) -> list[list[str]]:

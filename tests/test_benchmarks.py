@@ -142,7 +142,8 @@ def test_the_llvm_mca_benchmark_predicts_each_kernels_loops_per_cpu(capsys, monk
         for cpu in ("znver3", "sapphirerapids")
         for kernel in kernels
         if kernel != "gemm_bf16" or cpu == "sapphirerapids"  # AVX-512 BF16: not Zen 3
-    ]
+    ] + [("sapphirerapids", "attention_f32")]  # int8 attention's, with VNNI: not Zen 3
+    assert [row[2].endswith("/int8") for row in rows] == [False] * (len(rows) - 1) + [True]
     for row in rows:
         assert row[6] == ("ymm" if row[0] == "znver3" else "zmm")  # each CPU's own vector registers
         # int8: AVX2's int16 pair products, VNNI's byte quads where the CPU has them
