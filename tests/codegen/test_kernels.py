@@ -78,7 +78,9 @@ def test_dense_tile_matches_pytorch_or_builds_for_its_isa(tile, flag, mcpu, regi
 
     rows, in_features, out_features = shape
     epilogue = ScaledRelu(out_features) if with_epilogue else None
-    config = GemmF32Config(tile.rows, tile.vectors, tile.lanes, default_panels_per_task(in_features, tile, 256 << 10))
+    config = GemmF32Config(
+        tile.rows, tile.vectors, tile.lanes, default_panels_per_task(in_features, out_features, tile, 256 << 10)
+    )
     kernel = tvm.IRModule({"main": GEMM_F32.build((rows, in_features, out_features), config, epilogue)})
     if flag not in host_cpu().features:
         library = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
@@ -109,13 +111,18 @@ def test_a_named_isa_gets_its_tile_whatever_the_host(spec, tile):
 
 @pytest.mark.parametrize("l2_bytes", [256 << 10, 512 << 10, 1 << 20, 2 << 20])
 @pytest.mark.parametrize("tile", [AVX2_TILE, AVX512_TILE], ids=["avx2", "avx512"])
-def test_a_task_runs_as_many_panels_as_half_the_l2_holds(l2_bytes, tile):
+def test_a_task_runs_as_many_panels_as_half_the_l2_holds_in_whole_groups(l2_bytes, tile):
     for in_features in (16, 384, 768, 1024, 3072, 4096, 16384):
-        panels = default_panels_per_task(in_features, tile, l2_bytes)
         panel_bytes = in_features * tile.panel * 4
-        assert 1 <= panels <= 3
-        assert panels == 1 or panels * panel_bytes <= l2_bytes // 2  # the group fits
-        assert panels == 3 or (panels + 1) * panel_bytes > l2_bytes // 2  # and is no smaller than it must be
+        fit = max(1, min(3, l2_bytes // 2 // panel_bytes))
+        for out_features in (tile.panel * 16, tile.panel * 64, tile.panel * 5, 50257):
+            per_task = default_panels_per_task(in_features, out_features, tile, l2_bytes)
+            panels = -(-out_features // tile.panel)
+            assert 1 <= per_task <= fit  # the group fits
+            # the groups are whole, or so many that the last one's idle core costs little
+            assert panels % per_task == 0 or panels >= 16 * per_task
+            # and no larger count fitting would do as well
+            assert not any(panels % n == 0 or panels >= 16 * n for n in range(per_task + 1, fit + 1))
 
 
 # Each ISA's attention schedule, built for this host's CPU: a wider ISA's vectors are split by LLVM, so the

@@ -121,7 +121,7 @@ class GemmBf16(KernelFamily[GemmBf16Config]):
             ),
             name="acc",
         )
-        operands, out = biased_with_epilogue(acc, bias, variant, out_features)
+        operands, out = biased_with_epilogue(acc, bias, variant, (rows, out_features))
         func = te.create_prim_func([x, packed, bias, *operands, out])
         if config.amx:
             intrinsic = amx_dot("bf16", config.rows // 16, config.blocks, in_features // 2)

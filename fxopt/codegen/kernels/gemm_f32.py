@@ -27,6 +27,7 @@ from fxopt.codegen.kernels.base import (
     Workload,
     accumulate_in_registers,
     epilogue_on_tile,
+    padded_to,
     written_with_epilogue,
 )
 
@@ -40,6 +41,7 @@ __all__ = [
     "NEON_TILE",
     "default_tile",
     "default_panels_per_task",
+    "panel_sums",
     "panel_tiles",
     "biased_with_epilogue",
 ]
@@ -91,13 +93,17 @@ def default_tile(isa: Isa) -> RegisterTile:
     return AVX512_TILE if isa.lanes() >= 16 else AVX2_TILE
 
 
-def default_panels_per_task(in_features: int, tile: RegisterTile, l2_bytes: int) -> int:
+def default_panels_per_task(in_features: int, out_features: int, tile: RegisterTile, l2_bytes: int) -> int:
     """How many weight panels one task runs its row tile over: as many as fit in half of a core's L2 (the other
-    half holds the activations), at most 3. Measured here (2-core Zen 3, 512 KiB L2, K=768: three 74 KiB panels):
-    GPT-2's LM head (128x768x50257) 8-10% faster than one panel per task, 128x768x3072 4-5%, 768x768 3%, 768x2304
-    the same; at K=3072 (295 KiB panels) two per task were 2-4% slower."""
+    half holds the activations), at most 3, and as divide the panels (a last group short of panels leaves the
+    core that runs it idle: 768 outputs in 16 panels, 2-core Zen 4, 3 per task 12% slower than 2) unless there are
+    16 groups or more. Measured here (2-core Zen 3, 512 KiB L2, K=768: three 74 KiB panels): GPT-2's LM head
+    (128x768x50257) 8-10% faster than one panel per task, 128x768x3072 4-5%, 768x768 3%, 768x2304 the same; at
+    K=3072 (295 KiB panels) two per task were 2-4% slower."""
     panel_bytes = in_features * tile.panel * 4
-    return max(1, min(3, l2_bytes // 2 // panel_bytes))
+    panels = -(-out_features // tile.panel)
+    most = max(1, min(3, l2_bytes // 2 // panel_bytes))
+    return next(n for n in range(most, 0, -1) if panels % n == 0 or panels >= 16 * n)
 
 
 class GemmF32(KernelFamily[GemmF32Config]):
@@ -124,7 +130,7 @@ class GemmF32(KernelFamily[GemmF32Config]):
     def default(self, workload: Workload, isa: Isa) -> GemmF32Config:
         tile = default_tile(isa)
         return GemmF32Config(
-            tile.rows, tile.vectors, tile.lanes, default_panels_per_task(workload[1], tile, isa.l2_bytes)
+            tile.rows, tile.vectors, tile.lanes, default_panels_per_task(workload[1], workload[2], tile, isa.l2_bytes)
         )
 
     @staticmethod
@@ -151,13 +157,8 @@ class GemmF32(KernelFamily[GemmF32Config]):
         x = te.placeholder((rows, in_features), "float32", name="x")
         packed = te.placeholder((panels, in_features, width), "float32", name="packed")
         bias = te.placeholder((out_features,), "float32", name="bias")
-        k = te.reduce_axis((0, in_features), "k")
-        acc = te.compute(
-            (rows, panels, width),
-            lambda m, panel, lane: te.sum(x[m, k] * packed[panel, k, lane], axis=k),
-            name="acc",
-        )
-        operands, out = biased_with_epilogue(acc, bias, epilogue, out_features)
+        acc = panel_sums(x, packed, config)
+        operands, out = biased_with_epilogue(acc, bias, epilogue, (rows, out_features))
         func = te.create_prim_func([x, packed, bias, *operands, out])
         return self.tagged(panel_tiles(func, rows, config), workload)
 
@@ -165,14 +166,30 @@ class GemmF32(KernelFamily[GemmF32Config]):
 GEMM_F32 = GemmF32()
 
 
-def biased_with_epilogue(acc, bias, epilogue, out_features: int) -> tuple[list, object]:
-    """The panels' sums ``acc`` (``[rows, panels, width]``) plus ``bias``, then ``epilogue`` (or None): its
-    operands (TE placeholders) and the ``out`` stage writing ``[rows, out_features]``."""
+def panel_sums(x, panels, config: GemmF32Config):
+    """The ``acc`` stage of :func:`panel_tiles`: ``x`` ``[rows, K]`` times ``panels`` ``[panels, K, width]``, over
+    whole row tiles of ``config``: a last partial tile's rows past the end repeat the last row (computed, never
+    written), since predicating them in every step of the tile cost 30% (196 rows, Zen 4)."""
     from tvm import te
 
-    rows, _, width = acc.shape
-    linear = te.compute((rows, out_features), lambda m, n: acc[m, n // width, n % width] + bias[n], name="linear")
-    return written_with_epilogue(linear, epilogue, (rows, out_features))
+    rows, in_features = x.shape
+    k = te.reduce_axis((0, in_features), "k")
+    return te.compute(
+        (padded_to(rows, min(config.tile.rows, rows)), panels.shape[0], panels.shape[2]),
+        lambda m, panel, lane: te.sum(x[te.min(m, rows - 1), k] * panels[panel, k, lane], axis=k),
+        name="acc",
+    )
+
+
+def biased_with_epilogue(acc, bias, epilogue, out_shape: tuple[int, int]) -> tuple[list, object]:
+    """The panels' sums ``acc`` (``[rows, panels, width]``; rows past ``out_shape``'s, if any, are not written)
+    plus ``bias``, then ``epilogue`` (or None): its operands (TE placeholders) and the ``out`` stage writing
+    ``out_shape``, ``[rows, out_features]``."""
+    from tvm import te
+
+    width = acc.shape[2]
+    linear = te.compute(out_shape, lambda m, n: acc[m, n // width, n % width] + bias[n], name="linear")
+    return written_with_epilogue(linear, epilogue, out_shape)
 
 
 def panel_tiles(
@@ -191,7 +208,7 @@ def panel_tiles(
     sch = s_tir.Schedule(func)
     block = sch.get_sblock("acc")
     m, panel, lane, step = sch.get_loops(block)
-    m_outer, m_inner = sch.split(m, [None, min(tile.rows, rows)])  # a partial last tile is predicated
+    m_outer, m_inner = sch.split(m, [None, min(tile.rows, rows)])  # whole tiles (panel_sums), else predicated
     vector, lane_inner = sch.split(lane, [None, tile.lanes])
     # Groups of panels outermost: their weights (K x width floats each) stay in L2 while every row tile streams
     # past them, and each task runs its row tile over the group's panels in turn (the tile's activations stay

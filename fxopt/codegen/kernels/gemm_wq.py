@@ -27,7 +27,13 @@ import torch
 
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import KernelFamily, Workload
-from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, GemmF32Config, biased_with_epilogue, panel_tiles
+from fxopt.codegen.kernels.gemm_f32 import (
+    GEMM_F32,
+    GemmF32Config,
+    biased_with_epilogue,
+    panel_sums,
+    panel_tiles,
+)
 
 __all__ = ["GemmWq", "GEMM_WQ", "PANEL_ONCE_ROWS"]
 
@@ -113,10 +119,7 @@ class GemmWq(KernelFamily[GemmF32Config]):
                 ),
                 name="weight",
             )
-            k = te.reduce_axis((0, in_features), "k")
-            acc = te.compute(
-                (rows, panels, width), lambda m, p, lane: te.sum(x[m, k] * weight[p, k, lane], axis=k), name="acc"
-            )
+            acc = panel_sums(x, weight, config)
             schedule = functools.partial(panel_tiles, per_task="weight")
         else:
             within = te.reduce_axis((0, group_size), "within")
@@ -140,7 +143,7 @@ class GemmWq(KernelFamily[GemmF32Config]):
                 name="acc",
             )
             schedule = functools.partial(panel_tiles, per_step=("row_sums", "sums"))
-        operands, out = biased_with_epilogue(acc, bias, variant, out_features)
+        operands, out = biased_with_epilogue(acc, bias, variant, (rows, out_features))
         func = te.create_prim_func([x, packed, scale, zero_point, bias, *operands, out])
         return self.tagged(schedule(func, rows, config), workload)
 
