@@ -182,8 +182,8 @@ def test_every_attention_config_at_every_isas_lanes_matches_pytorch(spec, shape,
 @settings(max_examples=6, deadline=None)
 @given(ATTENTION_SHAPES, MASK_DIMS, st.integers(0, 2**16), st.integers(0, 99), st.booleans())
 def test_every_int8_attention_config_matches_the_reference(spec, shape, mask_dims, seed, choice, vnni):
-    # vnni: Q·Kᵀ as vpdpbusd dot products where the tiles are whole (natively where the host has VNNI, else by
-    # the instruction's definition); the float lanes' path otherwise.
+    # vnni: Q·Kᵀ and P·V as vpdpbusd dot products where the tiles are whole (natively where the host has VNNI,
+    # else by the instruction's definition); the float lanes' path otherwise.
     import tvm
 
     q, k, v, bias, bias_shape = _attention_case(shape, mask_dims, seed)
@@ -205,8 +205,9 @@ def test_every_int8_attention_config_matches_the_reference(spec, shape, mask_dim
     assert float((difference <= 1e-5 * (1 + expected.abs())).float().mean()) >= 0.95
 
 
-# int8 attention's Q·Kᵀ on VNNI: whole tiles of query rows and key panels take vpdpbusd (16 lanes on AVX-512, the
-# VEX form's 8 on AVX-VNNI), exactly the reference's integers.
+# int8 attention on VNNI: whole tiles of query rows and key panels take vpdpbusd for Q·Kᵀ, and for P·V where the
+# head's columns are whole panels too (16 lanes on AVX-512, the VEX form's 8 on AVX-VNNI), exactly the reference's
+# integers.
 @pytest.mark.parametrize(
     "mcpu, instruction, lanes", [("znver4", "vpdpbusd", 16), ("alderlake", r"\{vex\}\s+vpdpbusd", 8)]
 )
@@ -218,6 +219,10 @@ def test_int8_attention_takes_vnni_dot_products_for_whole_tiles(mcpu, instructio
     config = AttentionF32Config(8, 2, isa.lanes())
     variant = AttentionInputs((1, 1, length, source), 0.125, quantized=True, vnni=True)
     kernel = ATTENTION_F32.build(shape, config, variant)
+    # two dot-product stages tensorized: Q·Kᵀ and P·V (the head's 64 columns are whole panels of 2 vectors)
+    assert kernel.script().count("vpdpbusd") == 2
+    # a head of 40 columns is not: P·V in float lanes
+    assert ATTENTION_F32.build((*shape[:4], 40), config, variant).script().count("vpdpbusd") == 1
     asm = compile_kernel(tvm.IRModule({"main": kernel}), tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
     assert (
         len(re.findall(instruction + r"\s[^\n]*%" + ("zmm" if lanes == 16 else "ymm"), asm.mod.inspect_source("asm")))

@@ -72,21 +72,21 @@ def dot_int16_pairs() -> str:
 
 
 @functools.cache
-def dot_u8s8_quads(lanes: int) -> str:
+def dot_u8s8_quads(lanes: int, a_scope: str = "global") -> str:
     """The name of the VNNI tensor intrinsic ``c[0:lanes] += sum_k a[k] * b[0:lanes, k]`` over ``k < 4``, ``a``
     uint8 and ``b`` int8 into int32: one ``vpdpbusd`` of the broadcast quad ``a`` by ``lanes`` channels' quads
     (16: AVX-512 VNNI; 8: AVX-VNNI or AVX-512 VNNI's 256-bit form). Exact: its four products (at most 255 x 128)
-    are summed into int32 without saturation (``vpdpbusds`` would saturate). Registered with TVM on the first
-    call."""
+    are summed into int32 without saturation (``vpdpbusds`` would saturate). ``a_scope``: where ``a`` lives (a
+    kernel's own ``"local"`` tile, as attention's softmax weights). Registered with TVM on the first call."""
     from tvm.s_tir import TensorIntrin
     from tvm.script import tirx as T
 
-    name = f"fxopt_vnni_dot_{lanes}x4_u8s8"
+    name = f"fxopt_vnni_dot_{lanes}x4_u8s8" + ("" if a_scope == "global" else f"_{a_scope}")
     llvm_intrinsic = {16: "llvm.x86.avx512.vpdpbusd.512", 8: "llvm.x86.avx512.vpdpbusd.256"}[lanes]
 
     @T.prim_func(s_tir=True)
     def description(
-        a: T.Buffer((4,), "uint8", offset_factor=1),
+        a: T.Buffer((4,), "uint8", offset_factor=1, scope=a_scope),
         b: T.Buffer((lanes, 4), "int8", offset_factor=1),
         c: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
     ) -> None:
@@ -101,7 +101,7 @@ def dot_u8s8_quads(lanes: int) -> str:
 
     @T.prim_func(s_tir=True)
     def implementation(
-        a: T.Buffer((4,), "uint8", offset_factor=1),
+        a: T.Buffer((4,), "uint8", offset_factor=1, scope=a_scope),
         b: T.Buffer((lanes, 4), "int8", offset_factor=1),
         c: T.Buffer((lanes,), "int32", offset_factor=1, scope="local"),
     ) -> None:

@@ -14,8 +14,10 @@ and V turned into their int8 levels once per call, the softmax's weights into 8-
 product and sum is an integer float32 holds exactly (heads of up to 1024 values, 514 keys), so the kernel equals
 the reference but where its ``exp`` and PyTorch's round a weight to neighbouring levels. With VNNI (and whole
 tiles) Q·Kᵀ is ``vpdpbusd`` dot products: Q's levels shifted into uint8, K's packed in quads of dims per key once
-per call, the shift taken back with each key's sum (BERT's 12 heads x 128 x 64 on Zen 4: 283 -> 200 µs, float32
-attention 269); P·V stays float FMAs on the integer levels.
+per call, the shift taken back with each key's sum; and where the head's columns are whole panels, P·V too: the
+tile's weight levels (0..255) as uint8 in the task's scratch, V's levels packed in quads of keys per column once
+per call. BERT's 12 heads x 128 x 64 on Zen 4: float lanes 304 µs, Q·Kᵀ on VNNI 200, both 132; float32 attention
+269.
 
 Workload: ``(batch, heads, length, source, dim)``: queries ``length``, keys ``source``.
 """
@@ -65,8 +67,9 @@ class AttentionInputs:
     gathers: tuple = (None, None, None)
     heads_inside: bool = False
     quantized: bool = False
-    #: int8 attention's Q·Kᵀ as VNNI ``vpdpbusd`` dot products (K's levels packed in quads per call): where the CPU
-    #: has VNNI and the tile's rows divide the queries, its panels the keys (whole tiles only).
+    #: int8 attention's Q·Kᵀ (and P·V where the head's columns are whole panels) as VNNI ``vpdpbusd`` dot products
+    #: (K's and V's levels packed in quads per call): where the CPU has VNNI and the tile's rows divide the
+    #: queries, its panels the keys (whole tiles only).
     vnni: bool = False
 
 
@@ -121,6 +124,7 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
         tile_shape = config.tile
         whole = length % min(tile_shape.rows, length) == 0 and source % tile_shape.panel == 0 and dim % 4 == 0
         vnni = inputs.quantized and inputs.vnni and whole
+        mix_vnni = vnni and dim % tile_shape.panel == 0  # P·V on whole panels of the output's columns too
         if levels:  # each value's int8 level (as fxopt::quantize rounds), once per call, as a float
             q, k, v = (_levels(t, s, f"{n}_levels") for t, s, n in zip((q, k, v), levels, "qkv"))
         if vnni:  # Q's levels shifted into uint8, K's packed in quads of dims for each key, as vpdpbusd reads them
@@ -197,13 +201,31 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
             )
         t = te.reduce_axis((0, source), "t")
         total = te.compute((batch, heads, length), lambda b, h, i: te.sum(weights[b, h, i, t], axis=t), name="total")
-        t = te.reduce_axis((0, source), "t")
-        mixed = te.compute(
-            q.shape, lambda b, h, i, c: te.sum(weights[b, h, i, t] * v[b, h, t, c], axis=t), name="mixed"
-        )
+        if mix_vnni:  # the weights' levels as uint8, V's packed in quads of keys for each column
+            weight_bytes = te.compute(dot.shape, lambda *i: weights(*i).astype("uint8"), name="weight_bytes")
+            values = te.compute(
+                (batch, heads, source // 4, dim, 4),
+                lambda b, h, t4, c, w: v[b, h, t4 * 4 + w, c].astype("int8"),
+                name="values",
+            )
+            step, within = te.reduce_axis((0, source // 4), "step"), te.reduce_axis((0, 4), "within")
+            mixed = te.compute(
+                q.shape,
+                lambda b, h, i, c: te.sum(
+                    weight_bytes[b, h, i, step * 4 + within].astype("int32")
+                    * values[b, h, step, c, within].astype("int32"),
+                    axis=[step, within],
+                ),
+                name="mixed",
+            )
+        else:
+            t = te.reduce_axis((0, source), "t")
+            mixed = te.compute(
+                q.shape, lambda b, h, i, c: te.sum(weights[b, h, i, t] * v[b, h, t, c], axis=t), name="mixed"
+            )
 
         def mean(b, h, i, c):
-            value = mixed[b, h, i, c] / total[b, h, i]
+            value = mixed[b, h, i, c].astype("float32") / total[b, h, i]
             return value * levels[2][h] if levels else value
 
         out = te.compute(
@@ -221,7 +243,13 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
             if vnni:
                 sch.compute_inline(sch.get_sblock("q_levels"))
                 sch.compute_inline(sch.get_sblock("k_levels"))
-            for name in ("q_bytes", "k_bytes", "v_levels") if vnni else ("q_levels", "k_levels", "v_levels"):
+            if mix_vnni:
+                sch.compute_inline(sch.get_sblock("v_levels"))
+            for name in (
+                ("q_bytes", "k_bytes", "values" if mix_vnni else "v_levels")
+                if vnni
+                else ("q_levels", "k_levels", "v_levels")
+            ):
                 *rows, columns = sch.get_loops(sch.get_sblock(name))
                 sch.parallel(sch.fuse(*rows[:2]))
                 sch.vectorize(columns)
@@ -264,13 +292,17 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
         tile = sch.fuse(b, h, row_tile)
         sch.parallel(tile)
         sch.vectorize(lane)
-        _register_tile(sch, sch.get_sblock("mixed"), panel, lanes)
+        if mix_vnni:  # the weights' tile in the task's scratch (computed under the tile below)
+            sch.set_scope(sch.get_sblock("weight_bytes"), 0, "local")
+            _dot_tile(sch, sch.get_sblock("mixed"), panel, lanes, a_scope="local")
+        else:
+            _register_tile(sch, sch.get_sblock("mixed"), panel, lanes)
         if in_lanes:
             *_, key = sch.get_loops(sch.get_sblock("total"))
             sch.rfactor(sch.split(key, [None, lanes])[1], factor_axis=3)
         exp_stage = "weight_levels" if levels else "T_fast_exp"
-        for name in ("total", "total_rf", exp_stage, "shifted", "top", "top_lanes", "scores"):
-            if name.endswith(("_rf", "_lanes")) and not in_lanes:
+        for name in ("weight_bytes", "total", "total_rf", exp_stage, "shifted", "top", "top_lanes", "scores"):
+            if name.endswith(("_rf", "_lanes")) and not in_lanes or name == "weight_bytes" and not mix_vnni:
                 continue
             block = sch.get_sblock(name)
             sch.compute_at(block, tile, preserve_unit_loops=True)
@@ -284,6 +316,8 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
                 sch.vectorize(lane)
                 sch.vectorize(sch.get_loops(sch.decompose_reduction(block, key))[-1])
         sch.vectorize(sch.get_loops(sch.get_sblock(exp_stage))[-1])
+        if mix_vnni:
+            sch.vectorize(sch.get_loops(sch.get_sblock("weight_bytes"))[-1])
         # The scores in panels of keys, each the register tile of q against the transposed keys.
         scores_block = sch.get_sblock("scores")
         tile_row, key = sch.get_loops(scores_block)[-2:]
@@ -318,9 +352,9 @@ def _lane_loops(sch, block) -> tuple:
     return tuple(loops[-3:])
 
 
-def _dot_tile(sch, block, loop, lanes: int) -> None:
+def _dot_tile(sch, block, loop, lanes: int, a_scope: str = "global") -> None:
     """:func:`_register_tile` for int32 accumulators of ``vpdpbusd`` dot products (a reduction over steps of 4
-    bytes): each step one broadcast quad of a row's uint8 levels by ``lanes`` keys' quads."""
+    bytes): each step one broadcast quad of a row's uint8 levels (in ``a_scope``) by ``lanes`` columns' quads."""
     sch.compute_at(block, loop, preserve_unit_loops=True)
     sch.set_scope(block, 0, "local")
     loops = sch.get_loops(block)
@@ -330,7 +364,7 @@ def _dot_tile(sch, block, loop, lanes: int) -> None:
     sch.reorder(step, *tile_loops[:-1], vector, lane, within)
     init = sch.decompose_reduction(block, step)
     sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(lane, dot_u8s8_quads(lanes))
+    sch.tensorize(lane, dot_u8s8_quads(lanes, a_scope))
     for unrolled in (*tile_loops[:-1], vector):
         sch.unroll(unrolled)
 
