@@ -243,6 +243,18 @@ def test_int8_attention_takes_vnni_dot_products_for_whole_tiles(mcpu, instructio
     assert float((out - expected).abs().max()) <= ATTENTION_LEVEL_STEP * float(expected.abs().max()) + 1e-6
 
 
+def test_the_vnni_intrinsic_is_one_whatever_spelling_asks_for_it_first():
+    # The int8 GEMM asks for dot_u8s8_quads(16), attention's Q·Kᵀ for dot_u8s8_quads(16, "global"): one intrinsic,
+    # which the cache keys apart. Registering it twice raised, and BERT's int8 attention fell back to PyTorch.
+    from tvm.s_tir import TensorIntrin
+
+    assert dot_u8s8_quads(16, "global") == dot_u8s8_quads(16) == dot_u8s8_quads(16, "global")
+    assert dot_u8s8_quads(16, "local") != dot_u8s8_quads(16)
+    local_a = 'a: T.Buffer((4,), "uint8", scope="local"'
+    assert local_a in TensorIntrin.get(dot_u8s8_quads(16, "local")).desc.script()
+    assert local_a not in TensorIntrin.get(dot_u8s8_quads(16)).desc.script()
+
+
 @pytest.mark.parametrize("spec", ATTENTION_ISAS)
 def test_attention_transposes_k_in_registers_on_avx512_where_its_rows_are_whole_vectors(spec):
     import tvm
@@ -410,7 +422,8 @@ def _by_definition(intrinsic):
 
         name = intrinsic(*args)
         definition = TensorIntrin.get(name).desc
-        TensorIntrin.register(f"{name}_by_definition", definition, definition)
+        # override: one intrinsic may be named by several spellings of its arguments (default or given)
+        TensorIntrin.register(f"{name}_by_definition", definition, definition, override=True)
         return f"{name}_by_definition"
 
     return named
