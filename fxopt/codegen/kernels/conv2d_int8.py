@@ -155,19 +155,21 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
         return list(dict.fromkeys(tiles))
 
     def default(self, workload: Workload, isa: Isa) -> Conv2dInt8Config:
-        """AVX-512 VNNI: 5 or 6 pixels x 2 output blocks (10-12 accumulators: ``vpdpbusd``'s latency x its two a
-        cycle on Sapphire Rapids), whichever recomputes fewer pixels past the end, pixel tiles outermost. On Zen 4
+        """Pixel tiles outermost (a tile's input stays in L1 while every block's weights stream by), 2 output blocks
+        and as many pixels as recompute fewest past the end: 5 or 6 with 32 registers (AVX-512 VNNI: 10-12
+        accumulators, ``vpdpbusd``'s latency x its two a cycle on Sapphire Rapids), 4 or 5 with 16 (AVX2). On Zen 4
         ResNet-50's convolutions ran at 740-920 GOP/s so, 1-34% faster than in 12 x 2 tiles with output blocks
-        outermost (1x1 on 56 x 56 images the most: a tile's input stays in L1 while every block's weights stream
-        by), and within 4% of the best tile each. Else (and where 2 blocks do not divide the output's) the tile
+        outermost (1x1 on 56 x 56 images the most), and within 4% of the best tile each; on AVX2 (``vpmaddwd``, Zen
+        4 running the AVX2 build) at 280-335 GOP/s, 1.2-1.4x the 6 x 2 tiles with output blocks outermost on images
+        of 28 x 28 and more, within 5% of the best tile each. Where 2 blocks do not divide the output's, the tile
         with the most accumulators, the first in :data:`~.conv2d_f32.TILES` order of those, output blocks
         outermost."""
         space = self.space(workload, isa)
-        if dot_instruction(isa)[1] == 4 and isa.vector_registers >= 32:
-            pixels = ConvShape(*workload).pixels
-            pairs = [c for c in space if c.order == PIXELS_OUTER and c.vectors == 2 and c.rows in (5, 6)]
-            if pairs:
-                return min(pairs, key=lambda config: (padded_to(pixels, config.rows), config.rows))
+        pixels = ConvShape(*workload).pixels
+        rows = (5, 6) if isa.vector_registers >= 32 else (4, 5)
+        pairs = [c for c in space if c.order == PIXELS_OUTER and c.vectors == 2 and c.rows in rows]
+        if pairs:
+            return min(pairs, key=lambda config: (padded_to(pixels, config.rows), config.rows))
         outer = [config for config in space if config.order == CHANNELS_OUTER]
         return max(outer, key=lambda config: config.rows * config.vectors)
 
