@@ -26,6 +26,7 @@ from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8, DepthwiseInt8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
+from fxopt.codegen.kernels.winograd_int8 import WINOGRAD_INT8, WinogradInt8
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
 from fxopt.codegen.lower_contractions import attention_call, attention_workload, call_gemm, epilogue_operands
 from fxopt.ir.meta import input_node, optional_input_node
@@ -36,7 +37,7 @@ from fxopt.quant.ops import EXACT_ATTENTION_DIM, EXACT_ATTENTION_KEYS
 
 fxopt_ops = torch.ops.fxopt
 
-Int8ConvFamily = Conv2dInt8 | DepthwiseInt8
+Int8ConvFamily = Conv2dInt8 | DepthwiseInt8 | WinogradInt8
 
 
 def _int8_only(node: fx.Node) -> None:
@@ -318,6 +319,9 @@ def _int8_conv_kernel(
         right, dilation_h, dilation_w, x_block, writes, groups,
     )  # fmt: skip
     applies = family.applies(shape.workload, isa) and out_block in (None, writes)
+    winograd = WINOGRAD_INT8.applies(shape.workload, isa) and WINOGRAD_INT8.worthwhile(shape)
+    if applies and winograd and WINOGRAD_INT8.exact(weight):
+        return WINOGRAD_INT8, shape
     return (family, shape) if applies else None
 
 
@@ -380,10 +384,12 @@ def _int8_conv_call(
     out_channels, w_scale, bias = shape.out_channels, input_node(node, 4), optional_input_node(node, 5)
     per_channel = relax.op.broadcast_to(relax.op.reshape(importer.env[w_scale], [-1]), [out_channels])
     flat = list(family.result_shape(shape))
+    colsum = weight.to(torch.int32).sum((1, 2, 3), dtype=torch.int32)  # each output channel's, for the zero point
     if family is DEPTHWISE_INT8:
         weights = [DEPTHWISE_INT8.pack(weight, shape)]
-    else:  # and each output channel's weight sum, for the zero point
-        colsum = weight.to(torch.int32).sum((1, 2, 3), dtype=torch.int32)
+    elif family is WINOGRAD_INT8:
+        weights = [WINOGRAD_INT8.pack(weight, shape), colsum]
+    else:
         weights = [CONV2D_INT8.pack(weight, shape, dot_instruction(isa)[1]), colsum]
     args = [
         blocked_xq,

@@ -41,6 +41,7 @@ from fxopt.codegen.kernels.gemm_f32 import (
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Config, GemmInt8Variant, dot_instruction
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
+from fxopt.codegen.kernels.winograd_int8 import MAX_CHANNELS, WINOGRAD_INT8
 from fxopt.codegen.runtime import to_tvm
 from fxopt.quant.formats import dequantize_groups
 from fxopt.targets import host_cpu, parse_target
@@ -310,6 +311,11 @@ WORKLOADS = {
         (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, 16),
         (2, 3, 5, 6, 8, 3, 3, 1, 1, 0, 2, 1, 0, 1, 1, 3, 8),
     ],
+    # 8-lane output blocks (vpmaddwd's), input blocks of whole pairs
+    "winograd_int8": [
+        (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, 8),
+        (2, 4, 5, 6, 24, 3, 3, 1, 1, 0, 2, 1, 0, 1, 1, 2, 8),
+    ],
     "depthwise_f32": [
         (1, 96, 56, 56, 96, 3, 3, 2, 2, 0, 0, 1, 1, 1, 1, 16, 16, 96),
         (2, 8, 3, 3, 8, 5, 5, 1, 1, 2, 2, 2, 2, 1, 1, 4, 4, 8),
@@ -367,9 +373,12 @@ def test_which_isas_each_family_applies_to():
         "depthwise_f32",
         "winograd_f32",
     }  # NEON: no attention, no int8 so far
-    for spec in FAMILY_ISAS:  # x86: every family; the bfloat16 GEMM where there is AVX-512 BF16
+    for spec in FAMILY_ISAS:  # x86: every family; the bfloat16 GEMM where there is AVX-512 BF16, the int8
+        # Winograd convolution where the int8 dot product is vpmaddwd's int16 pairs (no VNNI)
         bf16 = {"gemm_bf16"} if Isa.named(spec).avx512_bf16 else set()
-        assert spec == "aarch64" or applies[spec] == set(WORKLOADS) - {"gemm_bf16"} | bf16
+        pairs = set() if Isa.named(spec).vnni else {"winograd_int8"}
+        assert spec == "aarch64" or applies[spec] == set(WORKLOADS) - {"gemm_bf16", "winograd_int8"} | bf16 | pairs
+    assert "winograd_int8" in applies["x86_64:znver3"] and "winograd_int8" not in applies["x86_64:sapphirerapids"]
     assert "gemm_bf16" in applies["x86_64:sapphirerapids"] and "gemm_bf16" not in applies["cpu:avx2"]
     assert not GEMM_INT8.applies((4, 15, 48), Isa.named("cpu:avx2"))  # odd input features: no int16 pairs
 
@@ -710,6 +719,83 @@ def test_every_int8_convolution_config_is_exact(
         args = (_blocked(xq, x_block), CONV2D_INT8.pack(weight, shape, depth), colsum, zero_point, ones[0], *ones[1:])
         library[f"c{i}"](*map(to_tvm, (*args, bias, out)))
         assert torch.equal(out.double(), expected), str(config)
+
+
+# F(2x2, 3x3) on AVX2's vpmaddwd: every tile exact on full-range int8 (the direct convolution's integers), the
+# padding the zero point, partial tiles at the bottom and right, the tail (requantization too) on the output rows.
+@pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the int8 Winograd convolution is for x86 CPUs with AVX2")
+@settings(max_examples=8, deadline=None)
+@given(
+    st.integers(1, 2),
+    st.integers(1, 3),
+    st.sampled_from([2, 8]),
+    st.integers(1, 9),
+    st.integers(1, 9),
+    st.integers(0, 1),
+    st.integers(1, 2),
+    st.integers(-128, 127),
+    st.integers(0, 2**16),
+)
+def test_every_int8_winograd_config_is_exact(batch, blocks, x_block, height, width, pad, out_blocks, zp, seed):
+    import tvm
+
+    isa = Isa.named("cpu:avx2")
+    shape = ConvShape(
+        batch, blocks * x_block, height + 2 - 2 * pad, width + 2 - 2 * pad, 8 * out_blocks, 3, 3, 1, 1,
+        pad, pad, pad, pad, 1, 1, x_block, 8,
+    )  # fmt: skip
+    assert WINOGRAD_INT8.applies(shape.workload, isa)
+    space = WINOGRAD_INT8.space(shape.workload, isa)
+    variant = Conv2dInt8Variant(requantized=True, float_too=True)
+    kernels = [WINOGRAD_INT8.build(shape.workload, config, variant) for config in space]
+    mod = tvm.IRModule({f"c{i}": kernel.with_attr("global_symbol", f"c{i}") for i, kernel in enumerate(kernels)})
+    library = compile_kernel(mod, CPU.tvm())
+    generator = torch.Generator().manual_seed(seed)
+    xq = torch.randint(-128, 128, (batch, shape.channels, shape.height, shape.width), generator=generator)
+    weight = torch.randint(-128, 128, (shape.out_channels, shape.channels, 3, 3), generator=generator)
+    xq, weight = xq.to(torch.int8), weight.to(torch.int8)
+    zero_point = torch.tensor([zp], dtype=torch.int32)
+    bias = torch.randint(-1000, 1000, (shape.out_channels,), generator=generator).float()
+    # The reference: padding pads the real 0 (the zero point), the sums exact in int64; unit scales.
+    centered = F.pad(xq.long() - zp, (pad, pad, pad, pad))
+    acc = F.conv2d(centered.double(), weight.double()).long()
+    expected = _blocked(acc.double() + bias.double()[:, None, None], 8)
+    out_scale, out_zero_point = torch.tensor([512.0]), torch.tensor([-3], dtype=torch.int32)
+    expected_int8 = fxopt_ops.quantize(expected.float(), out_scale, out_zero_point, "int8")
+    colsum = weight.to(torch.int32).sum((1, 2, 3), dtype=torch.int32)
+    packed = WINOGRAD_INT8.pack(weight, shape)
+    for i, config in enumerate(space):
+        out = torch.full(WINOGRAD_INT8.result_shape(shape), float("nan"))
+        out_int8 = torch.zeros(out.shape, dtype=torch.int8)
+        args = (_blocked(xq, x_block), packed, colsum, zero_point, torch.ones(1), torch.ones(shape.out_channels))
+        library[f"c{i}"](*map(to_tvm, (*args, bias, out_scale, out_zero_point, out, out_int8)))
+        assert torch.equal(out.double(), expected), str(config)
+        assert torch.equal(out_int8, expected_int8), str(config)
+
+
+def test_the_int8_winograd_convolution_is_exact_up_to_its_bound():
+    # Any int8 weights up to MAX_CHANNELS input channels; past it, where the layer's own weights keep every sum in
+    # int32 (ResNet-50's 512 channels of full-range weights); not for thousands of channels.
+    assert MAX_CHANNELS * 4 * 128 * 128 * 64 < 2**31 <= (MAX_CHANNELS + 1) * 4 * 128 * 128 * 64
+    extremes = torch.tensor([-128, 127], dtype=torch.int8)
+    generator = torch.Generator().manual_seed(0)
+    for channels in (MAX_CHANNELS, 512):
+        signs = torch.randint(0, 2, (8, channels, 3, 3), generator=generator)
+        assert WINOGRAD_INT8.exact(extremes[signs])
+    assert not WINOGRAD_INT8.exact(extremes[torch.randint(0, 2, (8, 8192, 3, 3), generator=generator)])
+
+
+@pytest.mark.parametrize("mcpu", ["znver3", "haswell"])
+def test_the_int8_winograd_convolution_builds_its_gemms_on_vpmaddwd(mcpu):
+    import tvm
+
+    shape = ConvShape(1, 64, 14, 14, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 8, 8)
+    config = WINOGRAD_INT8.default(shape.workload, Isa.named(f"x86_64:{mcpu}"))
+    kernel = WINOGRAD_INT8.build(shape.workload, config)
+    asm = compile_kernel(tvm.IRModule({"main": kernel}), tvm.target.Target({"kind": "llvm", "mcpu": mcpu}))
+    # a product per tile row and block: 5 x 2 on 49 tiles
+    assert len(re.findall(r"vpmaddwd\s[^\n]*%ymm", asm.mod.inspect_source("asm"))) >= config.rows * config.vectors
+    assert not WINOGRAD_INT8.applies(shape.workload, Isa.named("x86_64:znver4"))  # VNNI: the direct vpdpbusd
 
 
 class _BlockedResidual(torch.nn.Module):

@@ -4,6 +4,7 @@ Bound: fxopt's default Tolerance (1e-5 + 1e-4 * max|reference|, float32); intege
 """
 
 import contextlib
+import functools
 import math
 import re
 
@@ -26,6 +27,7 @@ from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, default_tile
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, dot_instruction
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
+from fxopt.codegen.kernels.winograd_int8 import WINOGRAD_INT8, WinogradInt8Config
 from fxopt.codegen.lower import OVERRIDES, is_lowerable, lower_graph, register_lowering
 from fxopt.codegen.lower_conv import block_diagonal, conv_shapes, merged_groups
 from fxopt.ir.numerics import Tolerance, compare_outputs
@@ -57,12 +59,14 @@ def assert_matches_torch(fn, *inputs):
 
 
 @contextlib.contextmanager
-def spy_on(family):
-    """``(workload, config, variant)`` of every kernel of ``family`` built inside the block."""
+def spy_on(*families):
+    """``(workload, config, variant)`` of every kernel of the ``families`` built inside the block, in order."""
     calls = []
-    real = family.build
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(family, "build", lambda *args: calls.append((*args, None)[:3]) or real(*args))
+        for family in families:
+            real = family.build
+            spy = functools.partial(lambda real, *args: calls.append((*args, None)[:3]) or real(*args), real)
+            patch.setattr(family, "build", spy)
         yield calls
 
 
@@ -212,7 +216,7 @@ def test_int8_convolutions_on_avx2_are_the_exact_hand_scheduled_kernel():
 
     x = torch.randn(2, 3, 9, 7)
     quantized, _ = PassManager("quantize", verify="off", calibration=[x]).run(capture(Int8ConvNet(), (x,)))
-    with spy_on(CONV2D_INT8) as kernels:
+    with spy_on(CONV2D_INT8, WINOGRAD_INT8) as kernels:
         executable = build(quantized, CPU, dispatch="tvm")
     assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
     assert [ConvShape(*w)[:7] for w, _, _ in kernels] == [
@@ -234,7 +238,7 @@ def test_blocked_int8_convolutions_run_on_their_blocked_values_without_layout_co
     for pipeline in ([quantize], with_pass(parse_pipeline("cpu"), quantize)):  # NCHW, then blocked
         quantized, _ = PassManager(pipeline, verify="off", calibration=[x]).run(capture(Int8ConvNet(), (x,)))
         blocked = [n for n in quantized.graph.nodes if n.target is torch.ops.fxopt.conv_q_blocked.default]
-        with spy_on(CONV2D_INT8) as kernels:
+        with spy_on(CONV2D_INT8, WINOGRAD_INT8) as kernels:
             executable = build(quantized, CPU, dispatch="tvm")
         assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
         assert len(kernels) == 3  # each convolution the family's kernel, NCHW or blocked
@@ -272,7 +276,7 @@ def test_blocked_int8_convolutions_requantize_on_their_tiles():
     x = torch.randn(2, 3, 9, 7)
     pipeline = with_pass(parse_pipeline("cpu"), parse_pipeline("quantize")[0])
     quantized, _ = PassManager(pipeline, verify="off", calibration=[x]).run(capture(Int8ResidualNet(), (x,)))
-    with spy_on(CONV2D_INT8) as kernels:
+    with spy_on(CONV2D_INT8, WINOGRAD_INT8) as kernels:
         executable = build(quantized, CPU, dispatch="tvm")
     assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
     tails = [
@@ -290,6 +294,27 @@ def test_blocked_int8_convolutions_requantize_on_their_tiles():
 
 
 @pytest.mark.skipif(not HOST.avx2, reason="the int8 convolution kernels are for AVX2 CPUs")
+def test_int8_3x3_convolutions_for_avx2_are_winograds_with_their_tails_exactly():
+    # For vpmaddwd (an AVX2 target, whatever the host): the residual block's inner 3x3 stride-1 convolution (40
+    # tiles of 2x2) is F(2x2, 3x3) on int16 values, its ReLU and quantization on its output rows; the RGB stem (3
+    # channels: no whole pairs) and the 1x1 ones stay direct. The same outputs as the reference.
+    from fxopt.passes import parse_pipeline
+
+    x = torch.randn(2, 3, 9, 7)
+    pipeline = [*parse_pipeline("quantize"), *parse_pipeline("convert-layout{lanes=8}")]
+    quantized, _ = PassManager(pipeline, verify="off", calibration=[x]).run(capture(Int8ResidualNet(), (x,)))
+    with spy_on(CONV2D_INT8, WINOGRAD_INT8) as kernels:
+        executable = build(quantized, parse_target("cpu:avx2"), dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    winograd = [
+        (ConvShape(*w)[:7], v.epilogue.ops, v.requantized) for w, c, v in kernels if isinstance(c, WinogradInt8Config)
+    ]
+    assert winograd == [((2, 16, 9, 7, 16, 3, 3), ("relu",), True)]
+    assert len(kernels) == 4
+    assert_built_matches(quantized, executable)
+
+
+@pytest.mark.skipif(not HOST.avx2, reason="the int8 convolution kernels are for AVX2 CPUs")
 def test_a_quantized_inverted_residual_runs_on_the_int8_kernels_blocked():
     from fxopt.passes import parse_pipeline
     from fxopt.passes.pipeline import with_pass
@@ -302,7 +327,7 @@ def test_a_quantized_inverted_residual_runs_on_the_int8_kernels_blocked():
     pipeline = with_pass(parse_pipeline("cpu"), parse_pipeline("quantize")[0])
     model = QuantizedInvertedResidual()
     quantized, _ = PassManager(pipeline, verify="off", calibration=[x]).run(capture(model, (x,)))
-    with spy_on(CONV2D_INT8) as convs, spy_on(DEPTHWISE_INT8) as depthwise:
+    with spy_on(CONV2D_INT8, WINOGRAD_INT8) as convs, spy_on(DEPTHWISE_INT8) as depthwise:
         executable = build(quantized, CPU, dispatch="tvm")
     assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
     # The projection to 24 channels in blocks of 8 (VNNI's 256-bit form on AVX-512), the depthwise layer on its
@@ -322,7 +347,7 @@ def test_blocked_int8_convolutions_the_kernel_does_not_take_run_between_conversi
     pipeline = [*parse_pipeline("quantize"), *parse_pipeline("convert-layout{lanes=16}")]
     quantized, _ = PassManager(pipeline, verify="off", calibration=[x]).run(capture(Int8ConvNet(), (x,)))
     assert [n.target for n in quantized.graph.nodes].count(torch.ops.fxopt.conv_q_blocked.default) == 3
-    with spy_on(CONV2D_INT8) as kernels:
+    with spy_on(CONV2D_INT8, WINOGRAD_INT8) as kernels:
         executable = build(quantized, parse_target("cpu:avx2"), dispatch="tvm")
     assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
     assert not kernels

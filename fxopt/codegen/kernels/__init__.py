@@ -22,6 +22,7 @@ from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
+from fxopt.codegen.kernels.winograd_int8 import WINOGRAD_INT8
 
 __all__ = ["FAMILIES", "template_workloads", "kernel_attrs"]
 
@@ -39,6 +40,7 @@ FAMILIES: dict[str, KernelFamily] = {
         DEPTHWISE_F32,
         DEPTHWISE_INT8,
         WINOGRAD_F32,
+        WINOGRAD_INT8,
     )
 }
 

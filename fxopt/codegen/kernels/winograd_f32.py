@@ -33,7 +33,17 @@ from fxopt.codegen.kernels.base import (
 )
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, schedule_padding
 
-__all__ = ["WinogradF32Config", "WinogradF32", "WINOGRAD_F32"]
+__all__ = [
+    "WinogradF32Config",
+    "WinogradF32",
+    "WINOGRAD_F32",
+    "input_transform",
+    "output_transform",
+    "inline_tail",
+    "schedule_input_transform",
+    "gemm_task",
+    "schedule_output_transform",
+]
 
 # F(4x4, 3x3) with the points 0, ±1, ±2, ∞.
 B_T = (
@@ -71,16 +81,17 @@ class WinogradF32Config:
 TILES = ((8, 3), (6, 2), (4, 3), (12, 2), (6, 4), (4, 2), (4, 1))
 
 
-def _weighted_sum(coefficients, index, terms) -> object:
-    """``sum_k coefficients[index][k] * terms(k)`` with ``index`` a loop variable the schedule unrolls: each row
-    of coefficients a ``Select`` on ``index``, folded to constants once it is unrolled."""
+def weighted_sum(coefficients, index, terms, dtype: str = "float32") -> object:
+    """``sum_k coefficients[index][k] * terms(k)`` in ``dtype`` with ``index`` a loop variable the schedule unrolls:
+    each row of coefficients a ``Select`` on ``index``, folded to constants once it is unrolled."""
     from tvm import tirx
 
+    kind = float if dtype.startswith("float") else int
     total = None
     for k in range(len(coefficients[0])):
-        weight = tirx.const(float(coefficients[-1][k]), "float32")
+        weight = tirx.const(kind(coefficients[-1][k]), dtype)
         for row in range(len(coefficients) - 2, -1, -1):
-            weight = tirx.Select(index == row, tirx.const(float(coefficients[row][k]), "float32"), weight)
+            weight = tirx.Select(index == row, tirx.const(kind(coefficients[row][k]), dtype), weight)
         term = weight * terms(k)
         total = term if total is None else total + term
     return total
@@ -168,22 +179,7 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
         u = te.placeholder((PATCH * PATCH, out_blocks, group_channels, y_block), "float32", name="u")
         bias = te.placeholder((shape.out_channels,), "float32", name="bias")
 
-        def patch(t, c, a, b):  # tile t's input value at (a, b) of its patch, channel c; past the last tile: the last
-            t = te.min(t, tiles - 1)
-            n, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
-            return source[n, c // x_block, rest // tiles_w * TILE + a, rest % tiles_w * TILE + b, c % x_block]
-
-        # V = Bᵀ d B, by rows then columns: [36, tiles, C].
-        rows_done = te.compute(
-            (PATCH, PATCH, padded_tiles, shape.channels),
-            lambda xi, b, t, c: _weighted_sum(B_T, xi, lambda a: patch(t, c, a, b)),
-            name="input_rows",
-        )
-        transformed = te.compute(
-            (PATCH * PATCH, padded_tiles, shape.channels),
-            lambda e, t, c: _weighted_sum(B_T, e % PATCH, lambda b: rows_done[e // PATCH, b, t, c]),
-            name="input_transform",
-        )
+        transformed = input_transform(source, shape, B_T, padded_tiles, "float32")
         k = te.reduce_axis((0, group_channels), "k")
         acc = te.compute(
             (PATCH * PATCH, out_blocks, padded_tiles, y_block),
@@ -192,82 +188,143 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
             ),
             name="acc",
         )
-        product = te.compute(acc.shape, lambda *i: acc(*i), name="product")
-        # Y = Aᵀ M A, by columns then rows, per output pixel.
         out_shape = self.result_shape(shape)
-
-        columns_done = te.compute(
-            (PATCH, TILE, shape.batch, out_blocks, tiles_h * tiles_w, y_block),
-            lambda xi, j, n, o, r, lane: _weighted_sum(
-                A_T, j, lambda nu: product[xi * PATCH + nu, o, n * tiles_h * tiles_w + r, lane]
-            ),
-            name="output_columns",
-        )
+        output = output_transform(acc, shape, A_T, "float32")
         conv = te.compute(
-            out_shape,
-            lambda n, o, h, w, lane: (
-                _weighted_sum(
-                    A_T, h % TILE, lambda xi: columns_done[xi, w % TILE, n, o, h // TILE * tiles_w + w // TILE, lane]
-                )
-                + bias[o * y_block + lane]
-            ),
-            name="conv",
+            out_shape, lambda n, o, h, w, lane: output(n, o, h, w, lane) + bias[o * y_block + lane], name="conv"
         )
         operands, out = written_with_epilogue(conv, epilogue, out_shape)
         func = te.create_prim_func([x, u, bias, *operands, out])
 
         sch = s_tir.Schedule(func)
-        own = ("pad", "input_rows", "input_transform", "acc", "product", "output_columns", "out")
-        kept = []
-        for stage in sch.get_child_blocks(sch.get_sblock("root")):
-            name = sch.get(stage).name_hint
-            if name.startswith(KEPT):
-                kept.append(stage)
-            elif name not in own:
-                sch.compute_inline(stage)
+        kept = inline_tail(sch, ("out",))
         schedule_padding(sch, extended)
-        # The input transform: per tile and block of channels, the patch's 36 values in vectors of the block.
-        stage = sch.get_sblock("input_transform")
-        e, t, c = sch.get_loops(stage)
-        c_block, lane = sch.split(c, [None, x_block])
-        sch.reorder(t, c_block, e, lane)
-        sch.parallel(t)
-        sch.unroll(e)
-        sch.vectorize(lane)
-        rows_stage = sch.get_sblock("input_rows")
-        sch.compute_at(rows_stage, c_block, preserve_unit_loops=True)
-        xi, b, _, lane = sch.get_loops(rows_stage)[-4:]
-        sch.unroll(xi)
-        sch.unroll(b)
-        sch.vectorize(lane)
-        # The 36 GEMMs on the register tile.
+        schedule_input_transform(sch, x_block)
+        # The GEMMs on the register tile.
         block = sch.get_sblock("acc")
-        e, o, t, lane, k_loop = sch.get_loops(block)
-        group, vector = sch.split(o, [None, config.vectors])
-        tile, row = sch.split(t, [None, rows])
-        sch.reorder(e, group, tile, k_loop, row, vector, lane)
-        task = sch.fuse(e, group, tile)
-        writer = sch.get_sblock("product")
-        sch.reverse_compute_at(writer, task, preserve_unit_loops=True)
-        sch.vectorize(sch.get_loops(writer)[-1])
+        task, row, vector, lane, k_loop = gemm_task(sch, block, config.rows, config.vectors, tiles)
         accumulate_in_registers(sch, block, task, (row, vector), lane, k_loop)
-        # The output transform, the bias and the epilogue, per output pixel row.
-        columns = sch.get_sblock("output_columns")
-        loops = sch.get_loops(columns)
-        sch.reorder(*loops[2:5], loops[0], loops[1], loops[5])
-        sch.parallel(sch.fuse(*loops[2:5]))
-        sch.unroll(loops[0])
-        sch.unroll(loops[1])
-        sch.vectorize(loops[5])
-        out_loops = sch.get_loops(sch.get_sblock("out"))
-        row_task = sch.fuse(*out_loops[:3])
-        sch.parallel(row_task)
-        sch.vectorize(out_loops[-1])
-        for stage in reversed(kept):  # each reads the ones before it: the last first
-            sch.compute_at(stage, row_task, preserve_unit_loops=True)
-            sch.set_scope(stage, 0, "local")
-            sch.vectorize(sch.get_loops(stage)[-1])
+        schedule_output_transform(sch, ("out",), kept)
         return self.tagged(sch.mod["main"], workload)
 
 
 WINOGRAD_F32 = WinogradF32()
+
+
+def input_transform(source, shape: ConvShape, b_t, padded_tiles: int, dtype: str):
+    """``V = Bᵀ d B`` of every tile's patch of ``source`` (the padded input, ``[N, C/x, H', W', x]``), by rows then
+    columns, in ``dtype``: ``[patch positions, tiles (padded_tiles: past the last, the last), C]``."""
+    from tvm import te
+
+    patch_size, tile_size = len(b_t), len(b_t) - 2
+    tiles_h, tiles_w = -(-shape.out_height // tile_size), -(-shape.out_width // tile_size)
+    tiles, x_block = shape.batch * tiles_h * tiles_w, shape.in_block
+
+    def patch(t, c, a, b):  # tile t's input value at (a, b) of its patch, channel c
+        t = te.min(t, tiles - 1)
+        n, rest = t // (tiles_h * tiles_w), t % (tiles_h * tiles_w)
+        value = source[n, c // x_block, rest // tiles_w * tile_size + a, rest % tiles_w * tile_size + b, c % x_block]
+        return value.astype(dtype)
+
+    rows_done = te.compute(
+        (patch_size, patch_size, padded_tiles, shape.channels),
+        lambda xi, b, t, c: weighted_sum(b_t, xi, lambda a: patch(t, c, a, b), dtype),
+        name="input_rows",
+    )
+    return te.compute(
+        (patch_size * patch_size, padded_tiles, shape.channels),
+        lambda e, t, c: weighted_sum(b_t, e % patch_size, lambda b: rows_done[e // patch_size, b, t, c], dtype),
+        name="input_transform",
+    )
+
+
+def output_transform(acc, shape: ConvShape, a_t, dtype: str):
+    """``Y = Aᵀ M A`` of the GEMMs' sums ``acc`` (``[patch positions, O/y, tiles, y]``, copied out of the register
+    tile as ``product``), by columns then rows: a function of the output pixel ``(n, o, h, w, lane)``."""
+    from tvm import te
+
+    tile_size, patch_size = len(a_t), len(a_t[0])
+    tiles_h, tiles_w = -(-shape.out_height // tile_size), -(-shape.out_width // tile_size)
+    product = te.compute(acc.shape, lambda *i: acc(*i), name="product")
+    columns_done = te.compute(
+        (patch_size, tile_size, shape.batch, acc.shape[1], tiles_h * tiles_w, acc.shape[3]),
+        lambda xi, j, n, o, r, lane: weighted_sum(
+            a_t, j, lambda nu: product[xi * patch_size + nu, o, n * tiles_h * tiles_w + r, lane], dtype
+        ),
+        name="output_columns",
+    )
+
+    def pixel(n, o, h, w, lane):
+        tile = h // tile_size * tiles_w + w // tile_size
+        return weighted_sum(a_t, h % tile_size, lambda xi: columns_done[xi, w % tile_size, n, o, tile, lane], dtype)
+
+    return pixel
+
+
+def inline_tail(sch, writers: tuple[str, ...]) -> list:
+    """Inline every stage but the kernel's own (the transforms, the GEMMs, the ``writers``) and those the
+    epilogue reads more than once (:data:`~fxopt.codegen.epilogue.KEPT`), which it returns."""
+    own = ("pad", "input_rows", "input_transform", "acc", "product", "output_columns", *writers)
+    kept = []
+    for stage in sch.get_child_blocks(sch.get_sblock("root")):
+        name = sch.get(stage).name_hint
+        if name.startswith(KEPT):
+            kept.append(stage)
+        elif name not in own:
+            sch.compute_inline(stage)
+    return kept
+
+
+def schedule_input_transform(sch, x_block: int) -> None:
+    """The input transform: per tile and block of channels, the patch's values in vectors of the block."""
+    stage = sch.get_sblock("input_transform")
+    e, t, c = sch.get_loops(stage)
+    c_block, lane = sch.split(c, [None, x_block])
+    sch.reorder(t, c_block, e, lane)
+    sch.parallel(t)
+    sch.unroll(e)
+    sch.vectorize(lane)
+    rows_stage = sch.get_sblock("input_rows")
+    sch.compute_at(rows_stage, c_block, preserve_unit_loops=True)
+    xi, b, _, lane = sch.get_loops(rows_stage)[-4:]
+    sch.unroll(xi)
+    sch.unroll(b)
+    sch.vectorize(lane)
+
+
+def gemm_task(sch, block, rows: int, vectors: int, tiles: int) -> tuple:
+    """The GEMMs' loops (``block``'s: patch position, output block, tile, lane, then its reductions): a task per
+    position, group of ``vectors`` output blocks and ``rows`` tiles, the first reduction outside the tile's rows and
+    vectors, the others inside its lanes; ``product`` written per task. Returns the task, row, vector, lane and
+    outer reduction loops."""
+    position, o, t, lane, outer, *inner = sch.get_loops(block)
+    group, vector = sch.split(o, [None, vectors])
+    tile, row = sch.split(t, [None, min(rows, tiles)])
+    sch.reorder(position, group, tile, outer, row, vector, lane, *inner)
+    task = sch.fuse(position, group, tile)
+    writer = sch.get_sblock("product")
+    sch.reverse_compute_at(writer, task, preserve_unit_loops=True)
+    sch.vectorize(sch.get_loops(writer)[-1])
+    return task, row, vector, lane, outer
+
+
+def schedule_output_transform(sch, writers: tuple[str, ...], kept: list) -> None:
+    """The output transform, then each writer (the bias, the epilogue, a requantization) per output pixel row,
+    the ``kept`` stages in registers under the first writer's rows."""
+    columns = sch.get_sblock("output_columns")
+    loops = sch.get_loops(columns)
+    sch.reorder(*loops[2:5], loops[0], loops[1], loops[5])
+    sch.parallel(sch.fuse(*loops[2:5]))
+    sch.unroll(loops[0])
+    sch.unroll(loops[1])
+    sch.vectorize(loops[5])
+    row_tasks = []
+    for name in writers:
+        out_loops = sch.get_loops(sch.get_sblock(name))
+        row_tasks.append(sch.fuse(*out_loops[:3]))
+        sch.parallel(row_tasks[-1])
+        sch.vectorize(out_loops[-1])
+    for stage in reversed(kept):  # each reads the ones before it: the last first
+        sch.compute_at(stage, row_tasks[0], preserve_unit_loops=True)
+        sch.set_scope(stage, 0, "local")
+        sch.vectorize(sch.get_loops(stage)[-1])
