@@ -37,6 +37,7 @@ __all__ = [
     "WinogradF32Config",
     "WinogradF32",
     "WINOGRAD_F32",
+    "output_tiles",
     "input_transform",
     "output_transform",
     "inline_tail",
@@ -129,7 +130,7 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
     @staticmethod
     def tiles(shape: ConvShape) -> tuple[int, int]:
         """Output tiles down and across."""
-        return -(-shape.out_height // TILE), -(-shape.out_width // TILE)
+        return output_tiles(shape, TILE)
 
     def worthwhile(self, shape: ConvShape) -> bool:
         """Whether it beats the direct convolution, as measured here (2-core Zen 3, ResNet-50's 3x3 layers, 2
@@ -211,13 +212,18 @@ class WinogradF32(KernelFamily[WinogradF32Config]):
 WINOGRAD_F32 = WinogradF32()
 
 
+def output_tiles(shape: ConvShape, tile_size: int) -> tuple[int, int]:
+    """Tiles of ``tile_size`` x ``tile_size`` output pixels down and across ``shape``'s output."""
+    return -(-shape.out_height // tile_size), -(-shape.out_width // tile_size)
+
+
 def input_transform(source, shape: ConvShape, b_t, padded_tiles: int, dtype: str):
     """``V = Bᵀ d B`` of every tile's patch of ``source`` (the padded input, ``[N, C/x, H', W', x]``), by rows then
     columns, in ``dtype``: ``[patch positions, tiles (padded_tiles: past the last, the last), C]``."""
     from tvm import te
 
     patch_size, tile_size = len(b_t), len(b_t) - 2
-    tiles_h, tiles_w = -(-shape.out_height // tile_size), -(-shape.out_width // tile_size)
+    tiles_h, tiles_w = output_tiles(shape, tile_size)
     tiles, x_block = shape.batch * tiles_h * tiles_w, shape.in_block
 
     def patch(t, c, a, b):  # tile t's input value at (a, b) of its patch, channel c
@@ -244,7 +250,7 @@ def output_transform(acc, shape: ConvShape, a_t, dtype: str):
     from tvm import te
 
     tile_size, patch_size = len(a_t), len(a_t[0])
-    tiles_h, tiles_w = -(-shape.out_height // tile_size), -(-shape.out_width // tile_size)
+    tiles_h, tiles_w = output_tiles(shape, tile_size)
     product = te.compute(acc.shape, lambda *i: acc(*i), name="product")
     columns_done = te.compute(
         (patch_size, tile_size, shape.batch, acc.shape[1], tiles_h * tiles_w, acc.shape[3]),

@@ -36,9 +36,11 @@ from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, schedule_p
 from fxopt.codegen.kernels.conv2d_int8 import Conv2dInt8Variant
 from fxopt.codegen.kernels.gemm_int8 import dot_instruction
 from fxopt.codegen.kernels.winograd_f32 import (
+    WinogradF32,
     gemm_task,
     inline_tail,
     input_transform,
+    output_tiles,
     output_transform,
     schedule_input_transform,
     schedule_output_transform,
@@ -130,17 +132,15 @@ class WinogradInt8(KernelFamily[WinogradInt8Config]):
     @staticmethod
     def tiles(shape: ConvShape) -> tuple[int, int]:
         """Output tiles down and across."""
-        return -(-shape.out_height // TILE), -(-shape.out_width // TILE)
+        return output_tiles(shape, TILE)
 
     def worthwhile(self, shape: ConvShape) -> bool:
         """Whether it beats the direct convolution: 16 tiles or more."""
         tiles_h, tiles_w = self.tiles(shape)
         return shape.batch * tiles_h * tiles_w >= 16
 
-    @staticmethod
-    def result_shape(shape: ConvShape) -> tuple[int, ...]:
-        """``[N, O/y, OH, OW, y]``."""
-        return (shape.batch, shape.out_channels // shape.out_block, shape.out_height, shape.out_width, shape.out_block)
+    #: ``[N, O/y, OH, OW, y]``, as the float Winograd kernel's.
+    result_shape = staticmethod(WinogradF32.result_shape)
 
     @staticmethod
     def pack(weight: torch.Tensor, shape: ConvShape) -> torch.Tensor:
