@@ -4,8 +4,8 @@
 (:mod:`fxopt.codegen.kernels`: the float32 GEMM on BERT's 128x768x3072, attention on BERT's 12 heads x 128 x 64, the
 direct convolution on ResNet-50's 3x3 64-channel layer blocked by the ISA's lanes, the int8 GEMM and (where the
 CPU has AVX-512 BF16) the bfloat16 GEMM on BERT's 128x768x3072, the int8 direct convolution on that 3x3 layer,
-int8 attention (Q·Kᵀ as ``vpdpbusd``) where the CPU has VNNI, the weight-only GEMM (4-bit weights, groups of 128)
-on a decode step's 1x4096x4096 (its per-group sums; rows of
+int8 attention (Q·Kᵀ and P·V as ``vpdpbusd``) where the CPU has VNNI, the weight-only GEMM (4-bit weights, groups
+of 128) on a decode step's 1x4096x4096 (its per-group sums; rows of
 several tiles run the float GEMM's loop on panels dequantized once);
 not the depthwise convolution, whose taps LLVM unrolls whole, leaving no loop, and which memory bounds) is built
 with its default config for each CPU (``x86_64:CPU``: its ISA's tiles, lanes and instructions, cross-compiled
@@ -93,7 +93,7 @@ def kernels(isa: Isa) -> dict:
         for family, w in measured
         if family.applies(w, isa)
     }
-    if isa.vnni:  # int8 attention: Q·Kᵀ as vpdpbusd on its int8 levels (a tile whose 8 rows divide the queries)
+    if isa.vnni:  # int8 attention: Q·Kᵀ and P·V as vpdpbusd on int8 levels (a tile whose 8 rows divide the queries)
         workload = (1, 12, 128, 128, 64)
         quantized = AttentionInputs((1, 1, 128, 128), 0.125, quantized=True, vnni=True)
         config = AttentionF32Config(8, 2, isa.lanes())

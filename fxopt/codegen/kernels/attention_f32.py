@@ -302,7 +302,7 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
             sch.rfactor(sch.split(key, [None, lanes])[1], factor_axis=3)
         exp_stage = "weight_levels" if levels else "T_fast_exp"
         for name in ("weight_bytes", "total", "total_rf", exp_stage, "shifted", "top", "top_lanes", "scores"):
-            if name.endswith(("_rf", "_lanes")) and not in_lanes or name == "weight_bytes" and not mix_vnni:
+            if (name.endswith(("_rf", "_lanes")) and not in_lanes) or (name == "weight_bytes" and not mix_vnni):
                 continue
             block = sch.get_sblock(name)
             sch.compute_at(block, tile, preserve_unit_loops=True)
