@@ -6,7 +6,8 @@ direct convolution on ResNet-50's 3x3 64-channel layer blocked by the ISA's lane
 CPU has AVX-512 BF16) the bfloat16 GEMM on BERT's 128x768x3072, the int8 direct convolution on that 3x3 layer,
 int8 attention (Q·Kᵀ and P·V as ``vpdpbusd``) where the CPU has VNNI, the weight-only GEMM (4-bit weights, groups
 of 128) on a decode step's 1x4096x4096 (its per-group sums; rows of
-several tiles run the float GEMM's loop on panels dequantized once);
+several tiles run the float GEMM's loop on panels dequantized once), the int8 Winograd convolution where the int8
+dot product is ``vpmaddwd`` (ResNet-50's 3x3 256-channel layer on 14 x 14);
 not the depthwise convolution, whose taps LLVM unrolls whole, leaving no loop, and which memory bounds) is built
 with its default config for each CPU (``x86_64:CPU``: its ISA's tiles, lanes and instructions, cross-compiled
 where this host lacks the ISA); the loops of its assembly that hold its multiply-adds (float FMAs, the int8
@@ -40,6 +41,7 @@ from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
 from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, dot_instruction
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
+from fxopt.codegen.kernels.winograd_int8 import WINOGRAD_INT8
 from fxopt.targets import parse_target
 
 #: float32 FLOP per cycle of one core at its FMA peak: FMA units x lanes x 2. Zen 4 runs a 512-bit FMA as two
@@ -87,6 +89,8 @@ def kernels(isa: Isa) -> dict:
         (GEMM_BF16, (128, 768, 3072)),
         # the weight-only GEMM's decode: 4-bit weights in groups of 128, converted in the loop, sums per group
         (GEMM_WQ, (1, 4096, 4096, 128, 4)),
+        # int8 Winograd where the dot product is vpmaddwd (no VNNI): ResNet-50's 3x3 layer on 14 x 14
+        (WINOGRAD_INT8, (1, 256, 14, 14, 256, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 8, 8)),
     ]
     built = {
         family.kernel_name(w): family.build(w, family.default(w, isa))
