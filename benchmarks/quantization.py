@@ -13,6 +13,7 @@ constants. Speed: CPU latency (medians over rounds of warm blocks, benchmarks/ru
     python benchmarks/quantization.py                                   # MiniLM and digits, every tool
     python benchmarks/quantization.py bert --tools fxopt-cpu onnxruntime openvino pytorch-bf16
     python benchmarks/quantization.py resnet50 --tools fxopt-cpu onnxruntime openvino
+    python benchmarks/quantization.py resnet50 bert --tools fxopt-cpu --target cpu:avx2   # the AVX2 kernels
     python benchmarks/quantization.py digits --rounds 3 --tools fxopt onnxruntime      # a smoke run
 
 Install the peers with ``pip install -e ".[bench]"``.
@@ -184,12 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         choices=TOOLS,
         help="fxopt-cpu: the TVM CPU builds (minutes on MiniLM)",
     )
+    parser.add_argument(
+        "--target", default="cpu", help="fxopt-cpu's target: cpu:avx2 times the AVX2 kernels on a wider host"
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.rounds} rounds of warm blocks")
     for name in args.models:
         case = load_case(name)
-        rows, runners = compare(case, args.tools)
+        rows, runners = compare(case, args.tools, args.target)
         latency = measure(runners, args.rounds)
         eager = latency["float32 (eager)"]
         print(f"\n### {name}\n")
@@ -203,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def compare(case: Case, tools: list[str]) -> tuple[list[tuple], dict[str, Callable[[], object]]]:
-    """Quality rows ``(tool, method, quality, weights, runner name)`` and the runners to time."""
+def compare(case: Case, tools: list[str], target: str = "cpu") -> tuple[list[tuple], dict[str, Callable[[], object]]]:
+    """Quality rows ``(tool, method, quality, weights, runner name)`` and the runners to time (fxopt's TVM builds
+    for ``target``)."""
     rows, runners = [], {}
 
     def add(
@@ -233,7 +238,9 @@ def compare(case: Case, tools: list[str]) -> tuple[list[tuple], dict[str, Callab
             add(
                 "fxopt cpu",
                 method,
-                lambda spec=spec, dispatch=dispatch: _fxopt_built(model, inputs, spec, case.calibration, dispatch),
+                lambda spec=spec, dispatch=dispatch: _fxopt_built(
+                    model, inputs, spec, case.calibration, dispatch, target
+                ),
             )
     if "onnxruntime" in tools:
         exported = functools.cache(lambda: export_onnx(model, inputs))  # once for the three; a failure is each's row
@@ -256,7 +263,7 @@ def _fxopt_reference(program, spec: str, calibration: list[tuple]):
     return (lambda: quantized.run_flat()[0]), size
 
 
-def _fxopt_built(model, inputs, spec: str, calibration: list[tuple], dispatch: str):
+def _fxopt_built(model, inputs, spec: str, calibration: list[tuple], dispatch: str, target: str):
     # The CPU target's own pipeline (its convert-layout blocks a CNN's float convolutions), ``spec``'s passes
     # inserted as `fxopt quantize` inserts them. dispatch="measure" is what fxopt.optimize gives; "tvm" runs every
     # segment TVM can lower in TVM, to time its integer kernels against its float ones.
@@ -264,7 +271,7 @@ def _fxopt_built(model, inputs, spec: str, calibration: list[tuple], dispatch: s
     for added in parse_pipeline(spec) if spec else ():
         pipeline = with_pass(pipeline, added)
     optimized = fxopt.optimize(
-        model, inputs, target="cpu", pipeline=pipeline, calibration=calibration, dispatch=dispatch
+        model, inputs, target=target, pipeline=pipeline, calibration=calibration, dispatch=dispatch
     )
     optimized(*inputs)
     size = sum(t.nbytes for _, t in optimized.program.constants())

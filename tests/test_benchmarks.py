@@ -61,6 +61,16 @@ def test_quantization_benchmark_compares_fxopt_with_onnxruntime(capsys, monkeypa
     assert table[("onnxruntime", "quantize_static QDQ")][2].endswith("ms")  # timed side by side
 
 
+def test_quantization_benchmark_builds_fxopt_for_the_target_it_is_given(capsys, monkeypatch):
+    # --target cpu:avx2 times the AVX2 kernels on a wider host: the build is for that target.
+    pytest.importorskip("sklearn.datasets")
+    quantization = run_script("quantization.py", monkeypatch)
+    case = quantization["load_case"]("digits")
+    run, _ = quantization["_fxopt_built"](case.model, case.inputs, "quantize", case.calibration, "tvm", "cpu:avx2")
+    assert run().shape == case.model(*case.inputs).shape
+    assert "on cpu:avx2" in capsys.readouterr().err
+
+
 def test_gpu_check_dry_run_packages_a_cuda_export_and_runs_it_on_the_tvm_runtime_alone(tmp_path):
     # Everything the GPU machine does but the GPU: the CUDA library is built and carried, and the same case's CPU
     # export goes through gpu_check.sh with TVM's runtime only (no compiler), weights rebuilt from the model.
