@@ -384,13 +384,14 @@ def _int8_conv_call(
     out_channels, w_scale, bias = shape.out_channels, input_node(node, 4), optional_input_node(node, 5)
     per_channel = relax.op.broadcast_to(relax.op.reshape(importer.env[w_scale], [-1]), [out_channels])
     flat = list(family.result_shape(shape))
-    colsum = weight.to(torch.int32).sum((1, 2, 3), dtype=torch.int32)  # each output channel's, for the zero point
     if family is DEPTHWISE_INT8:
         weights = [DEPTHWISE_INT8.pack(weight, shape)]
-    elif family is WINOGRAD_INT8:
-        weights = [WINOGRAD_INT8.pack(weight, shape), colsum]
-    else:
-        weights = [CONV2D_INT8.pack(weight, shape, dot_instruction(isa)[1]), colsum]
+    else:  # and each output channel's weight sum, for the zero point
+        if family is WINOGRAD_INT8:
+            packed = WINOGRAD_INT8.pack(weight, shape)
+        else:
+            packed = CONV2D_INT8.pack(weight, shape, dot_instruction(isa)[1])
+        weights = [packed, weight.to(torch.int32).sum((1, 2, 3), dtype=torch.int32)]
     args = [
         blocked_xq,
         *map(to_relax_constant, weights),

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 from fxopt.codegen.intrinsics.x86 import dot_u8s8_quads, transpose_block
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload
+from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, accumulate_in_registers
 from fxopt.quant.ops import WEIGHT_LEVELS
 
 __all__ = ["AttentionF32Config", "AttentionInputs", "AttentionF32", "ATTENTION_F32"]
@@ -138,15 +138,7 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
             key_sums = te.compute(
                 (batch, heads, source), lambda b, h, t: te.sum(k[b, h, t, c].astype("int32"), axis=c), name="key_sums"
             )
-            step, within = te.reduce_axis((0, dim // 4), "step"), te.reduce_axis((0, 4), "within")
-            dot = te.compute(
-                (batch, heads, length, source),
-                lambda b, h, i, t: te.sum(
-                    q[b, h, i, step * 4 + within].astype("int32") * keys[b, h, step, t, within].astype("int32"),
-                    axis=[step, within],
-                ),
-                name="dot",
-            )
+            dot = _quad_dots(q, keys, "dot")
         else:
             keys = te.compute((batch, heads, dim, source), lambda b, h, c, t: k[b, h, t, c], name="keys")
             c = te.reduce_axis((0, dim), "c")
@@ -208,16 +200,7 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
                 lambda b, h, t4, c, w: v[b, h, t4 * 4 + w, c].astype("int8"),
                 name="values",
             )
-            step, within = te.reduce_axis((0, source // 4), "step"), te.reduce_axis((0, 4), "within")
-            mixed = te.compute(
-                q.shape,
-                lambda b, h, i, c: te.sum(
-                    weight_bytes[b, h, i, step * 4 + within].astype("int32")
-                    * values[b, h, step, c, within].astype("int32"),
-                    axis=[step, within],
-                ),
-                name="mixed",
-            )
+            mixed = _quad_dots(weight_bytes, values, "mixed")
         else:
             t = te.reduce_axis((0, source), "t")
             mixed = te.compute(
@@ -294,7 +277,7 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
         sch.vectorize(lane)
         if mix_vnni:  # the weights' tile in the task's scratch (computed under the tile below)
             sch.set_scope(sch.get_sblock("weight_bytes"), 0, "local")
-            _dot_tile(sch, sch.get_sblock("mixed"), panel, lanes, a_scope="local")
+            _register_tile(sch, sch.get_sblock("mixed"), panel, lanes, dot_u8s8_quads(lanes, "local"))
         else:
             _register_tile(sch, sch.get_sblock("mixed"), panel, lanes)
         if in_lanes:
@@ -324,10 +307,7 @@ class AttentionF32(KernelFamily[AttentionF32Config]):
         key_panel, key_lane = sch.split(key, [None, tile_shape.panel])
         sch.reorder(key_panel, tile_row, key_lane)
         sch.vectorize(key_lane)
-        if vnni:
-            _dot_tile(sch, sch.get_sblock("dot"), key_panel, lanes)
-        else:
-            _register_tile(sch, sch.get_sblock("dot"), key_panel, lanes)
+        _register_tile(sch, sch.get_sblock("dot"), key_panel, lanes, dot_u8s8_quads(lanes) if vnni else None)
         return self.tagged(sch.mod["main"], workload)
 
 
@@ -352,38 +332,35 @@ def _lane_loops(sch, block) -> tuple:
     return tuple(loops[-3:])
 
 
-def _dot_tile(sch, block, loop, lanes: int, a_scope: str = "global") -> None:
-    """:func:`_register_tile` for int32 accumulators of ``vpdpbusd`` dot products (a reduction over steps of 4
-    bytes): each step one broadcast quad of a row's uint8 levels (in ``a_scope``) by ``lanes`` columns' quads."""
-    sch.compute_at(block, loop, preserve_unit_loops=True)
-    sch.set_scope(block, 0, "local")
-    loops = sch.get_loops(block)
-    depth = next(n for n, enclosing in enumerate(loops, 1) if sch.get(enclosing).same_as(sch.get(loop)))
-    *tile_loops, step, within = loops[depth:]
-    vector, lane = sch.split(tile_loops[-1], [None, lanes])
-    sch.reorder(step, *tile_loops[:-1], vector, lane, within)
-    init = sch.decompose_reduction(block, step)
-    sch.vectorize(sch.get_loops(init)[-1])
-    sch.tensorize(lane, dot_u8s8_quads(lanes, a_scope))
-    for unrolled in (*tile_loops[:-1], vector):
-        sch.unroll(unrolled)
+def _quad_dots(a, packed, name: str):
+    """``a`` ``[batch, heads, rows, K]`` (uint8) times ``packed`` ``[batch, heads, K/4, columns, 4]`` (int8: each
+    column's values in quads along K), int32 sums as ``vpdpbusd`` computes them: ``[batch, heads, rows, columns]``."""
+    from tvm import te
+
+    batch, heads, rows, depth = a.shape
+    step, within = te.reduce_axis((0, depth // 4), "step"), te.reduce_axis((0, 4), "within")
+    return te.compute(
+        (batch, heads, rows, packed.shape[3]),
+        lambda b, h, i, j: te.sum(
+            a[b, h, i, step * 4 + within].astype("int32") * packed[b, h, step, j, within].astype("int32"),
+            axis=[step, within],
+        ),
+        name=name,
+    )
 
 
-def _register_tile(sch, block, loop, lanes: int) -> None:
+def _register_tile(sch, block, loop, lanes: int, intrinsic: str | None = None) -> None:
     """Compute reduction ``block`` under ``loop`` as a tile of accumulators held in vector registers of
-    ``lanes``: the reduction outermost, rows and vectors unrolled inside it."""
+    ``lanes``: the reduction outermost, rows and vectors unrolled inside it. With a dot instruction's ``intrinsic``
+    (int32 accumulators of ``vpdpbusd``: the reduction in steps of 4 bytes, each a broadcast quad of a row by
+    ``lanes`` columns' quads), tensorized over the lanes and the quad."""
     sch.compute_at(block, loop, preserve_unit_loops=True)  # the loops below are then always rows, columns, reduction
-    sch.set_scope(block, 0, "local")
     loops = sch.get_loops(block)
     depth = next(n for n, enclosing in enumerate(loops, 1) if sch.get(enclosing).same_as(sch.get(loop)))
-    *tile_loops, reduction = loops[depth:]
+    *tile_loops, reduction = loops[depth:] if intrinsic is None else loops[depth:-1]  # the quad: the intrinsic's
     vector, lane = sch.split(tile_loops[-1], [None, lanes])
     sch.reorder(reduction, *tile_loops[:-1], vector, lane)
-    for unrolled in (*tile_loops[:-1], vector):
-        sch.unroll(unrolled)
-    sch.vectorize(lane)
-    init = sch.decompose_reduction(block, reduction)
-    sch.vectorize(sch.get_loops(init)[-1])
+    accumulate_in_registers(sch, block, None, (*tile_loops[:-1], vector), lane, reduction, intrinsic)
 
 
 ATTENTION_F32 = AttentionF32()

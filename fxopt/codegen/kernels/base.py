@@ -195,16 +195,24 @@ def written_with_epilogue(conv, epilogue, out_shape: tuple[int, ...]) -> tuple[l
     return operands, te.compute(out_shape, lambda *index: result(*index), name="out")
 
 
-def accumulate_in_registers(sch, acc, task, unrolled, lane, reduction) -> None:
-    """The register tile's schedule the families share: the accumulator stage ``acc`` in registers, ``task`` on
-    every core, the tile's ``unrolled`` loops unrolled and its ``lane`` loop vectorized, the accumulators' zeroing
-    split off before the ``reduction`` loop and vectorized."""
+def accumulate_in_registers(sch, acc, task, unrolled, lane, reduction, intrinsic: str | None = None) -> None:
+    """The register tile's schedule the families share: the accumulator stage ``acc`` in registers, ``task`` (if
+    any) on every core, the tile's ``unrolled`` loops unrolled and its ``lane`` loop vectorized, or with a dot
+    instruction's ``intrinsic`` (the sums of a few adjacent inputs per lane, inside ``lane``) tensorized there, the
+    accumulators' zeroing split off before the ``reduction`` loop and vectorized."""
     sch.set_scope(acc, 0, "local")  # a stack slot (fxopt's TIR pipeline: compile.scratch_on_stack), in registers
-    sch.parallel(task)
-    for loop in unrolled:
-        sch.unroll(loop)
-    sch.vectorize(lane)
-    init = sch.decompose_reduction(acc, reduction)
+    if task is not None:
+        sch.parallel(task)
+    if intrinsic is None:
+        for loop in unrolled:
+            sch.unroll(loop)
+        sch.vectorize(lane)
+        init = sch.decompose_reduction(acc, reduction)
+    else:  # the zeroing split off first: the intrinsic matches the update alone
+        init = sch.decompose_reduction(acc, reduction)
+        sch.tensorize(lane, intrinsic)
+        for loop in unrolled:
+            sch.unroll(loop)
     sch.vectorize(sch.get_loops(init)[-1])
 
 
@@ -252,17 +260,10 @@ def dot_product_tiles(func, rows: int, blocks: int, intrinsic: str, whole_reduct
         sch.reorder(block_outer, m_outer, step_loop, m_inner, block_inner, lane, within_loop)
     tile = sch.fuse(block_outer, m_outer)
     epilogue_on_tile(sch, tile, before=("wide",))  # its last loop, the tile's columns, vectorized
-    sch.set_scope(block, 0, "local")
-    sch.parallel(tile)
-    if whole_reduction:
-        init = sch.decompose_reduction(block, m_inner)
-        sch.tensorize(m_inner, intrinsic)
+    if whole_reduction:  # the tile's whole reduction in the intrinsic, the zeroing before it
+        accumulate_in_registers(sch, block, tile, (), m_inner, m_inner, intrinsic)
     else:
-        init = sch.decompose_reduction(block, step_loop)
-        sch.tensorize(lane, intrinsic)
-        sch.unroll(m_inner)
-        sch.unroll(block_inner)
-    sch.vectorize(sch.get_loops(init)[-1])
+        accumulate_in_registers(sch, block, tile, (m_inner, block_inner), lane, step_loop, intrinsic)
     widen = sch.get_sblock("wide")
     widen_rows, widen_columns = sch.get_loops(widen)
     sch.parallel(widen_rows)

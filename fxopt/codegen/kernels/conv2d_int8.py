@@ -32,6 +32,7 @@ from fxopt.codegen.kernels.base import (
     KernelFamily,
     RegisterTile,
     Workload,
+    accumulate_in_registers,
     epilogue_on_tile,
     padded_to,
     wide_indexed_prim_func,
@@ -51,7 +52,16 @@ from fxopt.codegen.kernels.gemm_int8 import UNSIGNED_SHIFT, dot_instruction, req
 if TYPE_CHECKING:
     from fxopt.codegen.epilogue import Epilogue
 
-__all__ = ["Conv2dInt8", "CONV2D_INT8", "Conv2dInt8Config", "Conv2dInt8Variant", "input_block", "source_block"]
+__all__ = [
+    "Conv2dInt8",
+    "CONV2D_INT8",
+    "Conv2dInt8Config",
+    "Conv2dInt8Variant",
+    "dequantize_parameters",
+    "dequantized",
+    "input_block",
+    "source_block",
+]
 
 
 @dataclass(frozen=True)
@@ -95,6 +105,30 @@ class Conv2dInt8Variant:
             out_scale, out_zero_point = requantize
             results.append(requantized(out, out_scale, out_zero_point, "out_int8"))
         return operands, requantize, results, ("out",) * self.writes_float + ("out_int8",) * self.requantized
+
+
+def dequantize_parameters(out_channels: int) -> list:
+    """The TE placeholders an int8 convolution's sums are dequantized by, its parameters after the packed weight:
+    ``colsum`` int32 ``[O]`` (each output channel's weight sum), ``zero_point`` int32 and ``x_scale`` float32
+    ``[1]``, ``w_scale`` and ``bias`` float32 ``[O]``."""
+    from tvm import te
+
+    return [
+        te.placeholder((out_channels,), "int32", name="colsum"),
+        te.placeholder((1,), "int32", name="zero_point"),
+        te.placeholder((1,), "float32", name="x_scale"),
+        te.placeholder((out_channels,), "float32", name="w_scale"),
+        te.placeholder((out_channels,), "float32", name="bias"),
+    ]
+
+
+def dequantized(total, channel, parameters: list, shift: int = 0):
+    """``total``, output ``channel``'s int32 sum over the input padded with its zero point (each value ``shift``ed
+    as the dot instruction reads it), as float32: the zero point's share taken off with the channel's weight sum,
+    scaled, the bias added (``parameters``: :func:`dequantize_parameters`')."""
+    colsum, zero_point, x_scale, w_scale, bias = parameters
+    centered = total - (zero_point[0] + shift) * colsum[channel]
+    return centered.astype("float32") * (x_scale[0] * w_scale[channel]) + bias[channel]
 
 
 def input_block(channels: int, isa: Isa) -> int | None:
@@ -211,11 +245,8 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
             "int16" if depth == 2 else "int8",
             name="packed",
         )
-        colsum = te.placeholder((shape.out_channels,), "int32", name="colsum")
-        zero_point = te.placeholder((1,), "int32", name="zero_point")
-        x_scale = te.placeholder((1,), "float32", name="x_scale")
-        w_scale = te.placeholder((shape.out_channels,), "float32", name="w_scale")
-        bias = te.placeholder((shape.out_channels,), "float32", name="bias")
+        dequantize = dequantize_parameters(shape.out_channels)
+        zero_point = dequantize[1]
         shift = 0 if depth == 2 else UNSIGNED_SHIFT
         wide_type = "int16" if depth == 2 else "uint8"
         # Padded with the zero point (inlined into the widening), widened or shifted as the instruction reads it,
@@ -249,14 +280,13 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
         )
         out_shape = self.result_shape(shape)
 
-        def dequantized(n, o, p, lane):
-            channel = o * y_block + lane
-            centered = acc[n, o, p, lane] - (zero_point[0] + shift) * colsum[channel]
-            return centered.astype("float32") * (x_scale[0] * w_scale[channel]) + bias[channel]
-
-        conv = te.compute(out_shape, dequantized, name="conv")
+        conv = te.compute(
+            out_shape,
+            lambda n, o, p, lane: dequantized(acc[n, o, p, lane], o * y_block + lane, dequantize, shift),
+            name="conv",
+        )
         operands, requantize, results, writers = adds.written(conv, out_shape)
-        params = [xq, packed, colsum, zero_point, x_scale, w_scale, bias, *operands, *requantize, *results]
+        params = [xq, packed, *dequantize, *operands, *requantize, *results]
         func = wide_indexed_prim_func(params)
 
         sch = s_tir.Schedule(func)
@@ -268,13 +298,8 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
         sch.reorder(n, *outer, c_loop, kh_loop, kw_loop, step_loop, pixel, vector, lane, within_loop)
         task = sch.fuse(n, *outer)
         epilogue_on_tile(sch, task, before=("wide",), writers=writers)
-        sch.set_scope(block, 0, "local")
-        sch.parallel(task)
-        init = sch.decompose_reduction(block, c_loop)
-        sch.tensorize(lane, dot_int16_pairs() if depth == 2 else dot_u8s8_quads(y_block))
-        sch.unroll(pixel)
-        sch.unroll(vector)
-        sch.vectorize(sch.get_loops(init)[-1])
+        intrinsic = dot_int16_pairs() if depth == 2 else dot_u8s8_quads(y_block)
+        accumulate_in_registers(sch, block, task, (pixel, vector), lane, c_loop, intrinsic)
         loops = sch.get_loops(sch.get_sblock("wide"))
         sch.parallel(sch.fuse(*loops[:3]))
         sch.vectorize(loops[-1])

@@ -31,9 +31,9 @@ import torch
 
 from fxopt.codegen.intrinsics.x86 import DOT_INT16_LANES, dot_int16_pairs
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, padded_to
+from fxopt.codegen.kernels.base import KernelFamily, RegisterTile, Workload, accumulate_in_registers, padded_to
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape, padded_input, schedule_padding
-from fxopt.codegen.kernels.conv2d_int8 import Conv2dInt8Variant
+from fxopt.codegen.kernels.conv2d_int8 import Conv2dInt8Variant, dequantize_parameters, dequantized
 from fxopt.codegen.kernels.gemm_int8 import dot_instruction
 from fxopt.codegen.kernels.winograd_f32 import (
     WinogradF32,
@@ -175,12 +175,8 @@ class WinogradInt8(KernelFamily[WinogradInt8Config]):
         )
         xq = te.placeholder((shape.batch, in_blocks, shape.height, shape.width, x_block), "int8", name="xq")
         u = te.placeholder((PATCH * PATCH, out_blocks, shape.channels // 2, y_block, 2), "int16", name="u")
-        colsum = te.placeholder((shape.out_channels,), "int32", name="colsum")
-        zero_point = te.placeholder((1,), "int32", name="zero_point")
-        x_scale = te.placeholder((1,), "float32", name="x_scale")
-        w_scale = te.placeholder((shape.out_channels,), "float32", name="w_scale")
-        bias = te.placeholder((shape.out_channels,), "float32", name="bias")
-
+        dequantize = dequantize_parameters(shape.out_channels)
+        zero_point = dequantize[1]
         source = padded_input(extended, xq, zero_point[0].astype("int8"))
         transformed = input_transform(source, shape, B_T, padded_tiles, "int16")
         step, within = te.reduce_axis((0, shape.channels // 2), "step"), te.reduce_axis((0, 2), "within")
@@ -195,17 +191,17 @@ class WinogradInt8(KernelFamily[WinogradInt8Config]):
         output = output_transform(acc, shape, A_T, "int32")
         out_shape = self.result_shape(shape)
 
-        def dequantized(n, o, h, w, lane):
-            channel = o * y_block + lane
-            exact = tirx.shift_right(output(n, o, h, w, lane), 2)  # Y' = 4y exactly
-            centered = exact - zero_point[0] * colsum[channel]
-            return centered.astype("float32") * (x_scale[0] * w_scale[channel]) + bias[channel]
-
-        conv = te.compute(out_shape, dequantized, name="conv")
-        operands, requantize, results, writers = adds.written(conv, out_shape)
-        func = te.create_prim_func(
-            [xq, u, colsum, zero_point, x_scale, w_scale, bias, *operands, *requantize, *results]
+        conv = te.compute(
+            out_shape,
+            lambda n, o, h, w, lane: dequantized(
+                tirx.shift_right(output(n, o, h, w, lane), 2),
+                o * y_block + lane,
+                dequantize,  # Y' = 4y exactly
+            ),
+            name="conv",
         )
+        operands, requantize, results, writers = adds.written(conv, out_shape)
+        func = te.create_prim_func([xq, u, *dequantize, *operands, *requantize, *results])
 
         sch = s_tir.Schedule(func)
         kept = inline_tail(sch, writers)
@@ -213,13 +209,7 @@ class WinogradInt8(KernelFamily[WinogradInt8Config]):
         schedule_input_transform(sch, x_block)
         block = sch.get_sblock("acc")
         task, row, vector, lane, step_loop = gemm_task(sch, block, config.rows, config.vectors, tiles)
-        sch.set_scope(block, 0, "local")
-        sch.parallel(task)
-        init = sch.decompose_reduction(block, step_loop)
-        sch.tensorize(lane, dot_int16_pairs())
-        sch.unroll(row)
-        sch.unroll(vector)
-        sch.vectorize(sch.get_loops(init)[-1])
+        accumulate_in_registers(sch, block, task, (row, vector), lane, step_loop, dot_int16_pairs())
         schedule_output_transform(sch, writers, kept)
         return self.tagged(sch.mod["main"], workload)
 
