@@ -21,10 +21,17 @@ from fxopt.codegen.epilogue import find_epilogue
 from fxopt.codegen.intrinsics.x86 import bf16_bits, bf16_value
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
 from fxopt.codegen.kernels.conv2d_f32 import ConvShape
-from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, Conv2dInt8, Conv2dInt8Variant, input_block
+from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, CONV2D_INT8_7BIT, Conv2dInt8, Conv2dInt8Variant, input_block
 from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8, DepthwiseInt8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
-from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Variant, dot_instruction
+from fxopt.codegen.kernels.gemm_int8 import (
+    GEMM_INT8,
+    GEMM_INT8_7BIT,
+    GemmInt8,
+    GemmInt8Variant,
+    dot_instruction,
+    seven_bit,
+)
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.kernels.winograd_int8 import WINOGRAD_INT8, WinogradInt8
 from fxopt.codegen.lower import LoweringError, register_lowering, to_relax_constant, tvm_dtype
@@ -98,7 +105,8 @@ def _dequantize_accumulator(node: fx.Node, importer, acc, channel_shape: list[in
 def _linear_q(node: fx.Node, importer) -> object:
     """int8 × int8 → int32 matmul; the activation zero point is subtracted as ``zp * Σ_k w[n, k]`` (a constant).
 
-    Where the int8 GEMM family applies, its kernel with the epilogue inside.
+    Where the int8 GEMM family applies, its kernel with the epilogue inside: the seven-bit one where the weights
+    fit it and it applies (AVX2 without VNNI: ``vpmaddubsw``), else the full-range one.
     """
     from tvm import relax
 
@@ -107,8 +115,11 @@ def _linear_q(node: fx.Node, importer) -> object:
     out_features, in_features = input_node(node, 3).meta["val"].shape
     x_meta = input_node(node, 0).meta["val"]
     workload = (x_meta.numel() // x_meta.shape[-1], in_features, out_features)
-    if importer.isa is not None and weight is not None and GEMM_INT8.applies(workload, importer.isa):
-        return _linear_q_kernel(node, importer, weight, workload)
+    if importer.isa is not None and weight is not None:
+        narrow = GEMM_INT8_7BIT.applies(workload, importer.isa) and seven_bit(weight)
+        family = GEMM_INT8_7BIT if narrow else GEMM_INT8
+        if family.applies(workload, importer.isa):
+            return _linear_q_kernel(node, importer, family, weight, workload)
     bb = importer.block_builder
     xq, zero_point, wq = importer.env[node.args[0]], importer.env[node.args[2]], importer.env[node.args[3]]
     acc = bb.emit(relax.op.matmul(xq, relax.op.permute_dims(wq, [1, 0]), out_dtype="int32"))
@@ -124,8 +135,10 @@ def _constant(node: fx.Node) -> torch.Tensor | None:
     return getattr(*attribute_owner(cast(fx.GraphModule, node.graph.owning_module), str(node.target)))
 
 
-def _linear_q_kernel(node: fx.Node, importer, weight: torch.Tensor, workload: tuple[int, int, int]) -> object:
-    """``linear_q`` as one call of the int8 GEMM family's kernel over the rows of the activation, with the float
+def _linear_q_kernel(
+    node: fx.Node, importer, family: GemmInt8, weight: torch.Tensor, workload: tuple[int, int, int]
+) -> object:
+    """``linear_q`` as one call of int8 GEMM ``family``'s kernel over the rows of the activation, with the float
     ops after it that its tile can apply (:func:`fxopt.codegen.epilogue.find_epilogue`) and, where all that reads
     their result is a per-tensor int8 ``quantize`` (the next quantized layer's input), that quantization too: the
     kernel then writes int8, bound to the ``quantize``, and nothing to the ops inside (``importer.absorbed``)."""
@@ -147,12 +160,12 @@ def _linear_q_kernel(node: fx.Node, importer, weight: torch.Tensor, workload: tu
     epilogue = find_epilogue(node, lambda value: value in importer.env) if float32 else None
     requantize = _requantizing(epilogue.exit if epilogue else node, importer) if float32 else None
     variant = GemmInt8Variant(per_row, w_scale.meta["val"].numel() > 1, epilogue, requantize is not None)
-    config = importer.templates.config(GEMM_INT8, workload, importer.isa)
-    kernel = GEMM_INT8.build(workload, config, variant)
+    config = importer.templates.config(family, workload, importer.isa)
+    kernel = family.build(workload, config, variant)
     kernel = bb.add_func(kernel.with_attr("global_symbol", node.name), node.name)
     args = [
         bb.emit(relax.op.reshape(importer.env[node.args[0]], [rows, in_features])),
-        to_relax_constant(GEMM_INT8.pack(weight, config)),
+        to_relax_constant(family.pack(weight, config)),
         to_relax_constant(weight.to(torch.int32).sum(1, dtype=torch.int32)),
         per_activation(input_node(node, 2), "int32"),
         per_activation(input_node(node, 1), "float32"),
@@ -298,9 +311,10 @@ def _int8_conv_kernel(
 ) -> tuple[Int8ConvFamily, ConvShape] | None:
     """The int8 kernel family for ``conv_q`` (or ``conv_q_blocked``) ``node`` on input ``(N, C, H, W, input
     block)`` padded ``[top, left, bottom, right]`` and its workload: the depthwise family for a group per channel
-    (its output in the input's block), else the convolution family (its output in ``out_block``, or unless
-    given, the ISA's dot instruction's lanes, else 8). None where neither applies (or the activation's scale is
-    not one)."""
+    (its output in the input's block), else a convolution family (its output in ``out_block``, or unless given,
+    the ISA's dot instruction's lanes, else 8): the Winograd one where it is worthwhile and exact, the seven-bit one
+    where the weights fit it (``quantize{weight-bits=7}``) and it applies, else the direct one. None where none
+    applies (or the activation's scale is not one)."""
     isa = importer.isa
     per_tensor = all(input_node(node, i).meta["val"].numel() == 1 for i in (1, 2))
     if isa is None or not per_tensor:
@@ -322,6 +336,8 @@ def _int8_conv_kernel(
     winograd = WINOGRAD_INT8.applies(shape.workload, isa) and WINOGRAD_INT8.worthwhile(shape)
     if applies and winograd and WINOGRAD_INT8.exact(weight):
         return WINOGRAD_INT8, shape
+    if applies and not depthwise and CONV2D_INT8_7BIT.applies(shape.workload, isa) and seven_bit(weight):
+        return CONV2D_INT8_7BIT, shape
     return (family, shape) if applies else None
 
 
@@ -387,10 +403,10 @@ def _int8_conv_call(
     if family is DEPTHWISE_INT8:
         weights = [DEPTHWISE_INT8.pack(weight, shape)]
     else:  # and each output channel's weight sum, for the zero point
-        if family is WINOGRAD_INT8:
-            packed = WINOGRAD_INT8.pack(weight, shape)
+        if isinstance(family, Conv2dInt8):
+            packed = family.pack(weight, shape, family.instruction(isa)[1])
         else:
-            packed = CONV2D_INT8.pack(weight, shape, dot_instruction(isa)[1])
+            packed = WINOGRAD_INT8.pack(weight, shape)
         weights = [packed, weight.to(torch.int32).sum((1, 2, 3), dtype=torch.int32)]
     args = [
         blocked_xq,

@@ -30,6 +30,7 @@ __all__ = [
     "INT8",
     "INT4",
     "FP8",
+    "signed_int8",
     "quantize_tensor",
     "fake_quantize",
     "affine_params",
@@ -60,6 +61,12 @@ INT8 = Format("int8", torch.int8, -128, 127, True)
 INT4 = Format("int4", torch.uint8, 0, 15, True)  # unsigned nibbles; symmetric weights use zero point 8
 FP8 = Format("fp8", torch.float8_e4m3fn, -448.0, 448.0, False)
 FORMATS = {f.name: f for f in (INT8, INT4, FP8)}
+
+
+def signed_int8(bits: int) -> Format:
+    """int8 storage of ``bits``-bit signed values (:data:`INT8` for 8): a symmetric scale maps ``amax`` to
+    ``2^(bits-1) - 1``. Seven-bit weights are what ``vpmaddubsw`` multiplies by unsigned bytes exactly."""
+    return INT8 if bits == 8 else Format("int8", torch.int8, -(2 ** (bits - 1)), 2 ** (bits - 1) - 1, True)
 
 
 def quantize_tensor(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, fmt: Format) -> torch.Tensor:

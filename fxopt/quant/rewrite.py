@@ -13,7 +13,7 @@ from fxopt.ir.layers import WeightedLayer
 from fxopt.ir.meta import stamp_provenance
 from fxopt.ir.program import Program
 from fxopt.quant import ops as _ops  # noqa: F401  (registers the ops this rewrite emits)
-from fxopt.quant.formats import FP8, INT4, INT8, affine_params, pack_int4, quantize_tensor
+from fxopt.quant.formats import FP8, INT4, INT8, affine_params, pack_int4, quantize_tensor, signed_int8
 from fxopt.quant.weights import gptq_groups, group_params
 
 if TYPE_CHECKING:
@@ -100,7 +100,7 @@ class Rewriter:
         if scheme == "bf16":
             return (weight.to(torch.bfloat16),)
         if scheme not in WEIGHT_ONLY:
-            fmt = FP8 if scheme == "fp8" else INT8
+            fmt = FP8 if scheme == "fp8" else signed_int8(self.options.weight_bits)
             amax = weight.float().abs().amax(dim=tuple(range(1, weight.dim())))
             w_scale, _ = affine_params(-amax, amax, fmt, symmetric=True)
             return quantize_tensor(weight, w_scale.reshape(-1, *[1] * (weight.dim() - 1)), None, fmt), w_scale

@@ -19,13 +19,20 @@ from fxopt import capture
 from fxopt.codegen.compile import STACK_SCRATCH_BYTES, compile_kernel
 from fxopt.codegen.dispatch import ATTENTION_LEVEL_STEP
 from fxopt.codegen.epilogue import find_epilogue
-from fxopt.codegen.intrinsics.x86 import amx_dot, amx_tile_config, bf16_bits, dot_bf16_pairs, dot_u8s8_quads
+from fxopt.codegen.intrinsics.x86 import (
+    SEVEN_BIT_WEIGHT,
+    amx_dot,
+    amx_tile_config,
+    bf16_bits,
+    dot_bf16_pairs,
+    dot_u8s8_quads,
+)
 from fxopt.codegen.isa import Isa
-from fxopt.codegen.kernels import FAMILIES, attention_f32, conv2d_int8, gemm_bf16, gemm_int8, template_workloads
+from fxopt.codegen.kernels import FAMILIES, attention_f32, gemm_bf16, gemm_int8, template_workloads
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32, AttentionF32Config, AttentionInputs
 from fxopt.codegen.kernels.base import AMX_TASKS
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
-from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, Conv2dInt8Variant
+from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, CONV2D_INT8_7BIT, Conv2dInt8Variant
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32, DepthwiseF32Config
 from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
@@ -38,7 +45,14 @@ from fxopt.codegen.kernels.gemm_f32 import (
     default_panels_per_task,
     default_tile,
 )
-from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GemmInt8Config, GemmInt8Variant, dot_instruction
+from fxopt.codegen.kernels.gemm_int8 import (
+    GEMM_INT8,
+    GEMM_INT8_7BIT,
+    GemmInt8Config,
+    GemmInt8Variant,
+    dot_instruction,
+    seven_bit,
+)
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.kernels.winograd_int8 import MAX_CHANNELS, WINOGRAD_INT8
@@ -293,11 +307,16 @@ FAMILY_ISAS = ["cpu:avx2", "cpu:avx512", "x86_64:sapphirerapids", "x86_64:znver3
 WORKLOADS = {
     "gemm_f32": [(128, 768, 3072), (128, 3072, 768), (1, 64, 100), (13, 37, 53)],
     "gemm_int8": [(128, 384, 1536), (1, 64, 48), (24, 38, 48), (7, 16, 8)],
+    "gemm_int8_7bit": [(128, 384, 1536), (1, 64, 48), (24, 40, 48), (7, 16, 8)],
     "gemm_bf16": [(128, 768, 3072), (1, 64, 48), (24, 38, 48), (7, 16, 16)],
     # rows, in, out, the group along K, bits
     "gemm_wq": [(128, 384, 1536, 128, 4), (1, 64, 48, 64, 8), (13, 32, 53, 16, 4)],
     # the output block is the dot instruction's lanes (8 for vpmaddwd: _applicable gives each ISA its own)
     "conv2d_int8": [
+        (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, 8),
+        (2, 4, 5, 6, 8, 3, 3, 2, 1, 0, 2, 1, 0, 1, 2, 4, 8),
+    ],
+    "conv2d_int8_7bit": [
         (1, 64, 56, 56, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 16, 8),
         (2, 4, 5, 6, 8, 3, 3, 2, 1, 0, 2, 1, 0, 1, 2, 4, 8),
     ],
@@ -350,8 +369,8 @@ def test_a_familys_default_is_one_of_its_space_and_its_configs_are_stored_as_the
         assert family.default(workload, isa) in space and len(set(space)) == len(space)
         for config in space:
             assert family.config_from(family.config_entry(config)) == config
-            # the ISA's own vectors (int8: its dot instruction's, 8 lanes of vpmaddwd without VNNI)
-            lanes = dot_instruction(isa)[0] if family is GEMM_INT8 else isa.lanes()
+            # the ISA's own vectors (int8: its dot instruction's, 8 lanes of vpmaddwd or vpmaddubsw without VNNI)
+            lanes = family.instruction(isa)[0] if family in (GEMM_INT8, GEMM_INT8_7BIT) else isa.lanes()
             assert getattr(config, "lanes", lanes) == lanes
             if not getattr(config, "amx", False):  # AMX's accumulators are tiles, not vector registers
                 assert getattr(config, "rows", 1) * getattr(config, "vectors", 1) <= isa.vector_registers
@@ -374,10 +393,12 @@ def test_which_isas_each_family_applies_to():
         "winograd_f32",
     }  # NEON: no attention, no int8 so far
     for spec in FAMILY_ISAS:  # x86: every family; the bfloat16 GEMM where there is AVX-512 BF16, the int8
-        # Winograd convolution where the int8 dot product is vpmaddwd's int16 pairs (no VNNI)
+        # Winograd convolution and the seven-bit families where the int8 dot product is vpmaddwd's int16 pairs (no
+        # VNNI)
         bf16 = {"gemm_bf16"} if Isa.named(spec).avx512_bf16 else set()
-        pairs = set() if Isa.named(spec).vnni else {"winograd_int8"}
-        assert spec == "aarch64" or applies[spec] == set(WORKLOADS) - {"gemm_bf16", "winograd_int8"} | bf16 | pairs
+        no_vnni = {"winograd_int8", "gemm_int8_7bit", "conv2d_int8_7bit"}
+        pairs = set() if Isa.named(spec).vnni else no_vnni
+        assert spec == "aarch64" or applies[spec] == set(WORKLOADS) - {"gemm_bf16", *no_vnni} | bf16 | pairs
     assert "winograd_int8" in applies["x86_64:znver3"] and "winograd_int8" not in applies["x86_64:sapphirerapids"]
     assert "gemm_bf16" in applies["x86_64:sapphirerapids"] and "gemm_bf16" not in applies["cpu:avx2"]
     assert not GEMM_INT8.applies((4, 15, 48), Isa.named("cpu:avx2"))  # odd input features: no int16 pairs
@@ -444,28 +465,37 @@ _bf16_dot_by_its_definition = _by_definition(dot_bf16_pairs)
 
 
 # The host's own int8 instruction, and VNNI's at 16 lanes (AVX-512) and 8 (AVX-VNNI): natively where the host has
-# VNNI, else by its definition. Full-range int8 operands: no saturation anywhere.
+# VNNI, else by its definition. Full-range int8 operands: no saturation anywhere; the seven-bit family's
+# vpmaddubsw (any AVX2 host) on full-range activations and weights within +-64, the extremes included.
 @pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the int8 GEMM is for x86 CPUs with AVX2")
-@pytest.mark.parametrize("spec", ["cpu", "x86_64:znver4", "x86_64:alderlake"])
+@pytest.mark.parametrize(
+    "family, spec",
+    [(GEMM_INT8, "cpu"), (GEMM_INT8, "x86_64:znver4"), (GEMM_INT8, "x86_64:alderlake"), (GEMM_INT8_7BIT, "cpu:avx2")],
+)
 @pytest.mark.parametrize(
     "scales", [GemmInt8Variant(), GemmInt8Variant(per_row_activation=True, per_channel_weight=False)]
 )
-def test_every_int8_gemm_config_is_exact(scales, spec, monkeypatch):
+def test_every_int8_gemm_config_is_exact(scales, family, spec, monkeypatch):
     import tvm
 
     isa = Isa.named(spec)
     if isa.vnni and not Isa.of(CPU).vnni:
         monkeypatch.setattr(gemm_int8, "dot_u8s8_quads", _vnni_by_its_definition)
     # tiles of 1-8 rows by 1-3 blocks of 8 or 16 channels; 38 input channels are 19 pairs, not whole quads
-    workload = rows, in_features, out_features = 24, 38 if dot_instruction(isa)[1] == 2 else 40, 48
-    space = GEMM_INT8.space(workload, isa)
-    assert len(space) >= 6 and {(c.lanes, c.depth) for c in space} == {dot_instruction(isa)}
+    lanes, depth = family.instruction(isa)
+    workload = rows, in_features, out_features = 24, 38 if depth == 2 else 40, 48
+    space = family.space(workload, isa)
+    assert len(space) >= 6 and {(c.lanes, c.depth) for c in space} == {(lanes, depth)}
     mod = tvm.IRModule(
-        {f"c{i}": GEMM_INT8.build(workload, c, scales).with_attr("global_symbol", f"c{i}") for i, c in enumerate(space)}
+        {f"c{i}": family.build(workload, c, scales).with_attr("global_symbol", f"c{i}") for i, c in enumerate(space)}
     )
     library = compile_kernel(mod, CPU.tvm())
+    largest = SEVEN_BIT_WEIGHT if family is GEMM_INT8_7BIT else 127
     xq = torch.randint(-128, 128, (rows, in_features), dtype=torch.int8)
-    weight = torch.randint(-128, 128, (out_features, in_features), dtype=torch.int8)
+    weight = torch.randint(-largest - 1 if largest == 127 else -largest, largest + 1, (out_features, in_features))
+    xq[0], weight[0], weight[1] = 127, largest, -largest - (largest == 127)  # the largest sums of products
+    weight = weight.to(torch.int8)
+    assert seven_bit(weight) == (family is GEMM_INT8_7BIT)
     activations = rows if scales.per_row_activation else 1
     zero_point = torch.randint(-20, 20, (activations,), dtype=torch.int32)
     x_scale = torch.rand(activations) + 0.5
@@ -476,7 +506,7 @@ def test_every_int8_gemm_config_is_exact(scales, spec, monkeypatch):
     colsum = weight.to(torch.int32).sum(1, dtype=torch.int32)
     for i, config in enumerate(space):
         out = torch.full((rows, out_features), float("nan"))
-        args = (xq, GEMM_INT8.pack(weight, config), colsum, zero_point, x_scale, w_scale, bias, out)
+        args = (xq, family.pack(weight, config), colsum, zero_point, x_scale, w_scale, bias, out)
         library[f"c{i}"](*map(to_tvm, args))
         torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-3, msg=str(config))
 
@@ -553,6 +583,27 @@ def test_the_int8_kernels_build_with_each_cpus_dot_product(mcpu, instruction, re
         assert re.search(instruction + r"\s[^\n]*%" + registers, asm), family.name
         assert instruction == "vpmaddwd" or "vpmaddwd" not in asm  # VNNI needs no int16 pairs
         assert "tdpbusd" not in asm
+
+
+# The seven-bit families on AVX2 CPUs: each quad product a vpmaddubsw and a vpmaddwd (by ones) on 8 lanes.
+@pytest.mark.parametrize("mcpu", ["znver3", "haswell"])
+def test_the_seven_bit_int8_kernels_build_with_vpmaddubsw(mcpu):
+    import tvm
+
+    isa = Isa.named(f"x86_64:{mcpu}")
+    conv = ConvShape(1, 64, 14, 14, 64, 3, 3, 1, 1, 1, 1, 1, 1, 1, 1, 8, 8).workload
+    for family, workload in [(GEMM_INT8_7BIT, (24, 384, 1536)), (CONV2D_INT8_7BIT, conv)]:
+        kernel = tvm.IRModule({"main": family.build(workload, family.default(workload, isa))})
+        asm = compile_kernel(kernel, tvm.target.Target({"kind": "llvm", "mcpu": mcpu})).mod.inspect_source("asm")
+        products = len(re.findall(r"\svpmaddubsw\s[^\n]*%ymm", asm))
+        assert products and len(re.findall(r"\svpmaddwd\s[^\n]*%ymm", asm)) >= products, family.name
+
+
+def test_seven_bit_weights_are_those_within_64():
+    assert seven_bit(torch.tensor([[-64, 64], [0, 3]], dtype=torch.int8))
+    assert not seven_bit(torch.tensor([[-65, 0]], dtype=torch.int8))
+    assert not seven_bit(torch.tensor([[65, 0]], dtype=torch.int8))
+    assert not seven_bit(torch.tensor([[-128, 0]], dtype=torch.int8))  # no int8 overflow in the test
 
 
 # The int8 depthwise convolution: float FMAs on the centered values in each CPU's widest registers (MobileNetV2's
@@ -661,11 +712,15 @@ def test_every_amx_int8_gemm_task_is_exact(requantized, monkeypatch):
             torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-3, msg=str(config))
 
 
-# The host's own int8 instruction, and VNNI's at 16 lanes (AVX-512) and 8 (AVX-VNNI), as the GEMM's test runs them.
+# The host's own int8 instruction, and VNNI's at 16 lanes (AVX-512) and 8 (AVX-VNNI), and the seven-bit family's
+# vpmaddubsw on weights within +-64, as the GEMM's test runs them.
 @pytest.mark.skipif(not Isa.of(CPU).avx2, reason="the int8 convolution is for x86 CPUs with AVX2")
 @settings(max_examples=8, deadline=None)
 @given(
-    st.sampled_from(["cpu", "x86_64:znver4", "x86_64:alderlake"]),
+    st.sampled_from(
+        [(CONV2D_INT8, "cpu"), (CONV2D_INT8, "x86_64:znver4"), (CONV2D_INT8, "x86_64:alderlake")]
+        + [(CONV2D_INT8_7BIT, "cpu:avx2")]
+    ),
     st.integers(1, 2),
     st.integers(1, 3),
     st.integers(1, 9),
@@ -679,12 +734,13 @@ def test_every_amx_int8_gemm_task_is_exact(requantized, monkeypatch):
     st.sampled_from([0, 1, 2, 3]),
 )
 def test_every_int8_convolution_config_is_exact(
-    spec, batch, blocks, height, width, k, stride, pad, dilation, zp, seed, tiny
+    family_spec, batch, blocks, height, width, k, stride, pad, dilation, zp, seed, tiny
 ):
     import tvm
 
+    family, spec = family_spec
     isa = Isa.named(spec)
-    lanes, depth = dot_instruction(isa)
+    lanes, depth = family.instruction(isa)
     x_block = 4 if depth == 4 else 2
     channels = blocks * x_block
     if tiny:  # an RGB image's few channels in blocks of 1 (NCHW itself), re-blocked by the kernel
@@ -695,17 +751,20 @@ def test_every_int8_convolution_config_is_exact(
     )  # fmt: skip
     if shape.out_height < 1 or shape.out_width < 1:
         shape = shape._replace(pad_top=k * dilation, pad_left=k * dilation)
-    assert CONV2D_INT8.applies(shape.workload, isa)
-    space = CONV2D_INT8.space(shape.workload, isa)
+    assert family.applies(shape.workload, isa)
+    space = family.space(shape.workload, isa)
     with pytest.MonkeyPatch.context() as patch:
         if isa.vnni and not Isa.of(CPU).vnni:
-            patch.setattr(conv2d_int8, "dot_u8s8_quads", _vnni_by_its_definition)
-        kernels = [CONV2D_INT8.build(shape.workload, config) for config in space]
+            patch.setattr(gemm_int8, "dot_u8s8_quads", _vnni_by_its_definition)
+        kernels = [family.build(shape.workload, config) for config in space]
         mod = tvm.IRModule({f"c{i}": kernel.with_attr("global_symbol", f"c{i}") for i, kernel in enumerate(kernels)})
         library = compile_kernel(mod, CPU.tvm())
     generator = torch.Generator().manual_seed(seed)
     xq = torch.randint(-128, 128, (batch, shape.channels, height, width), generator=generator, dtype=torch.int8)
-    weight = torch.randint(-128, 128, (shape.out_channels, shape.channels, k, k), generator=generator, dtype=torch.int8)
+    low, high = (-SEVEN_BIT_WEIGHT, SEVEN_BIT_WEIGHT + 1) if family is CONV2D_INT8_7BIT else (-128, 128)
+    weight_shape = (shape.out_channels, shape.channels, k, k)
+    weight = torch.randint(low, high, weight_shape, generator=generator, dtype=torch.int8)
+    xq[0, :, 0, 0], weight[0], weight[1] = 127, high - 1, low  # the largest sums of products, at the first pixel
     zero_point = torch.tensor([zp], dtype=torch.int32)
     bias = torch.randint(-1000, 1000, (shape.out_channels,), generator=generator).float()
     # The reference: padding pads the real 0 (the zero point), the sums exact in int64; unit scales.
@@ -716,7 +775,7 @@ def test_every_int8_convolution_config_is_exact(
     ones = torch.ones(1), torch.ones(shape.out_channels)
     for i, config in enumerate(space):
         out = torch.full(CONV2D_INT8.result_shape(shape), float("nan"))
-        args = (_blocked(xq, x_block), CONV2D_INT8.pack(weight, shape, depth), colsum, zero_point, ones[0], *ones[1:])
+        args = (_blocked(xq, x_block), family.pack(weight, shape, depth), colsum, zero_point, ones[0], *ones[1:])
         library[f"c{i}"](*map(to_tvm, (*args, bias, out)))
         assert torch.equal(out.double(), expected), str(config)
 
@@ -860,7 +919,7 @@ def test_the_int8_convolution_requantizes_its_tile_exactly(seed, spec, size, k, 
     config = CONV2D_INT8.default(shape.workload, isa)
     with pytest.MonkeyPatch.context() as patch:
         if isa.vnni and not Isa.of(CPU).vnni:
-            patch.setattr(conv2d_int8, "dot_u8s8_quads", _vnni_by_its_definition)
+            patch.setattr(gemm_int8, "dot_u8s8_quads", _vnni_by_its_definition)
         kernel = CONV2D_INT8.build(shape.workload, config, variant)
         library = compile_kernel(tvm.IRModule({"main": kernel}), CPU.tvm())
     flat = CONV2D_INT8.result_shape(shape)

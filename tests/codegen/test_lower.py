@@ -19,12 +19,12 @@ from fxopt.codegen import build
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32, ConvShape
-from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8
+from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, CONV2D_INT8_7BIT
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
 from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32, default_tile
-from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, dot_instruction
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GEMM_INT8_7BIT, dot_instruction
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.kernels.winograd_int8 import WINOGRAD_INT8, WinogradInt8Config
@@ -390,6 +390,34 @@ def test_int8_linear_on_avx2_is_the_exact_hand_scheduled_kernel(spec, rows, bias
         ((24, 48), ("relu", "sub"), "dynamic" not in spec),
         ((48, 16), (), False),
     ]
+    assert_built_matches(quantized, executable)
+
+
+# Seven-bit weights for an AVX2 CPU without VNNI: the linears and the direct convolutions take the vpmaddubsw
+# families (the 3x3 stride-1 one, Winograd, stays vpmaddwd's), exact; full-range weights keep the vpmaddwd ones.
+@pytest.mark.skipif(not HOST.avx2, reason="the hand-scheduled int8 kernels are for AVX2 CPUs")
+@pytest.mark.parametrize("bits", [7, 8])
+def test_seven_bit_weights_on_avx2_take_the_vpmaddubsw_kernels(bits):
+    avx2 = parse_target("cpu:avx2")
+    x = torch.randn(3, 24)
+    spec = f"quantize{{weight-bits={bits}}}"
+    quantized, _ = PassManager(spec, verify="off", calibration=[x]).run(capture(Int8MLP(True), (x,)))
+    assert {int(c.abs().max()) for c in quantized.graph_module.state_dict().values() if c.dtype == torch.int8} == {
+        2 ** (bits - 1) - 1
+    }
+    with spy_on(GEMM_INT8_7BIT) as seven, spy_on(GEMM_INT8) as full:
+        executable = build(quantized, avx2, dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    assert [w[1:] for w, _, _ in (seven if bits == 7 else full)] == [(24, 48), (48, 16)]
+    assert not (full if bits == 7 else seven)
+    assert_built_matches(quantized, executable)
+
+    image = torch.randn(2, 3, 9, 7)
+    quantized, _ = PassManager(spec, verify="off", calibration=[image]).run(capture(Int8ConvNet(), (image,)))
+    with spy_on(CONV2D_INT8_7BIT) as seven, spy_on(CONV2D_INT8, WINOGRAD_INT8) as others:
+        executable = build(quantized, avx2, dispatch="tvm")
+    assert executable.backend == "tvm", (executable.segments, executable.fallbacks)
+    assert len(seven) == (3 if bits == 7 else 0) and len(others) == 3 - len(seven)
     assert_built_matches(quantized, executable)
 
 

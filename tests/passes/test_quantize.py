@@ -71,6 +71,20 @@ def test_each_scheme_replaces_the_layers_by_quantized_ops(scheme, layer_op, weig
     assert count_flops(quantized) == count_flops(program)  # integer multiply-adds count like float ones
 
 
+@pytest.mark.parametrize("scheme", ["w8a8", "w8a8-dynamic"])
+def test_weight_bits_narrow_each_output_channels_range(scheme):
+    errors = {}
+    for bits in (8, 7, 4):
+        program, quantized, _ = quantize(Net(), f"quantize{{scheme={scheme} weight-bits={bits}}}", batches())
+        weights = [t for _, t in quantized.constants() if t.dtype == torch.int8 and t.dim() > 1]
+        assert len(weights) == (3 if scheme == "w8a8" else 2)
+        # symmetric per output channel: each channel's largest magnitude is the range's end
+        assert all(w.flatten(1).abs().amax(1).eq(2 ** (bits - 1) - 1).all() for w in weights)
+        (out,), (reference,) = quantized.run_flat(), program.run_flat()
+        errors[bits] = ((out - reference).norm() / reference.norm()).item()
+    assert max(errors[8], errors[7]) < errors[4] < 0.2  # the activations' rounding dominates 7 and 8 bits' error
+
+
 def test_static_schemes_need_calibration_and_say_how_to_give_it():
     with pytest.raises(
         PassError, match=r"quantize\{scheme=w8a8\} needs calibration data: optimize\(\.\.\., calibration"
@@ -170,6 +184,7 @@ def test_bad_options_and_order_are_errors():
         ("quantize{percentile=500}", r"percentile must be in \(0, 100\]"),
         ("quantize{max-error=-1}", "max-error must be positive"),
         ("quantize{scheme=mixed mix=[float,w8]}", "mix takes two precisions, the low one first"),
+        ("quantize{weight-bits=9}", "weight-bits must be 2 to 8, got 9"),
     ],
 )
 def test_options_are_checked_when_the_pipeline_is_parsed(spec, message):

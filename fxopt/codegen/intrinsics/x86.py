@@ -8,6 +8,8 @@ __all__ = [
     "DOT_INT16_LANES",
     "dot_int16_pairs",
     "dot_u8s8_quads",
+    "dot_u8s7_quads",
+    "SEVEN_BIT_WEIGHT",
     "dot_bf16_pairs",
     "bf16_dot_llvm",
     "bf16_bits",
@@ -121,6 +123,53 @@ def dot_u8s8_quads(lanes: int, a_scope: str = "global") -> str:
 
     # override: dot_u8s8_quads(16) and dot_u8s8_quads(16, "global") are one intrinsic the cache keys apart
     TensorIntrin.register(name, description, implementation, override=True)
+    return name
+
+
+#: The largest weight magnitude :func:`dot_u8s7_quads` multiplies exactly: a pair of products of unsigned bytes
+#: (at most 255) by weights of at most 64 sums to at most 32640, inside ``vpmaddubsw``'s int16.
+SEVEN_BIT_WEIGHT = 64
+
+
+@functools.cache
+def dot_u8s7_quads() -> str:
+    """The name of the AVX2 tensor intrinsic ``c[0:8] += sum_k a[k] * b[0:8, k]`` over ``k < 4``, ``a`` uint8 and
+    ``b`` int8 weights of at most :data:`SEVEN_BIT_WEIGHT` in magnitude, into int32: VNNI's ``vpdpbusd`` as AVX2
+    has it, ``vpmaddubsw`` (the broadcast quad by eight channels' quads: adjacent products summed into int16),
+    ``vpmaddwd`` by ones (the two int16 sums of a lane into int32), ``vpaddd``: four multiply-adds a lane in three
+    instructions where :func:`dot_int16_pairs` gives two in two. Exact only for such weights: ``vpmaddubsw``
+    saturates its int16 sums, which full-range weights (255 x 128 x 2) overflow. Registered with TVM on the first
+    call."""
+    from tvm.s_tir import TensorIntrin
+    from tvm.script import tirx as T
+
+    name = "fxopt_avx2_dot_8x4_u8s7"
+    description = TensorIntrin.get(dot_u8s8_quads(8)).desc  # the same sums as VNNI's 8 lanes
+
+    @T.prim_func(s_tir=True)
+    def implementation(
+        a: T.Buffer((4,), "uint8", offset_factor=1),
+        b: T.Buffer((8, 4), "int8", offset_factor=1),
+        c: T.Buffer((8,), "int32", offset_factor=1, scope="local"),
+    ) -> None:
+        with T.sblock("root"):
+            T.reads(c[0:8], a[0:4], b[0:8, 0:4])
+            T.writes(c[0:8])
+            quad = T.reinterpret(a.vload([0], "uint8x4"), dtype="int32")
+            pairs = T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.ub.sw"),
+                T.reinterpret(T.broadcast(quad, 8), dtype="int8x32"),
+                b.vload([0, 0], dtype="int8x32"),
+                dtype="int16x16",
+            )
+            c[T.ramp(T.int32(0), 1, 8)] += T.call_llvm_pure_intrin(
+                T.llvm_lookup_intrinsic_id("llvm.x86.avx2.pmadd.wd"),
+                pairs,
+                T.broadcast(T.int16(1), 16),
+                dtype="int32x8",
+            )
+
+    TensorIntrin.register(name, description, implementation)
     return name
 
 

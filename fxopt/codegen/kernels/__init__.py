@@ -14,12 +14,12 @@ import math
 from fxopt.codegen.kernels.attention_f32 import ATTENTION_F32
 from fxopt.codegen.kernels.base import TEMPLATE_ATTR, KernelFamily, Workload, parse_workload_key
 from fxopt.codegen.kernels.conv2d_f32 import CONV2D_F32
-from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8
+from fxopt.codegen.kernels.conv2d_int8 import CONV2D_INT8, CONV2D_INT8_7BIT
 from fxopt.codegen.kernels.depthwise_f32 import DEPTHWISE_F32
 from fxopt.codegen.kernels.depthwise_int8 import DEPTHWISE_INT8
 from fxopt.codegen.kernels.gemm_bf16 import GEMM_BF16
 from fxopt.codegen.kernels.gemm_f32 import GEMM_F32
-from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8
+from fxopt.codegen.kernels.gemm_int8 import GEMM_INT8, GEMM_INT8_7BIT
 from fxopt.codegen.kernels.gemm_wq import GEMM_WQ
 from fxopt.codegen.kernels.winograd_f32 import WINOGRAD_F32
 from fxopt.codegen.kernels.winograd_int8 import WINOGRAD_INT8
@@ -32,11 +32,13 @@ FAMILIES: dict[str, KernelFamily] = {
     for family in (
         GEMM_F32,
         GEMM_INT8,
+        GEMM_INT8_7BIT,
         GEMM_BF16,
         GEMM_WQ,
         ATTENTION_F32,
         CONV2D_F32,
         CONV2D_INT8,
+        CONV2D_INT8_7BIT,
         DEPTHWISE_F32,
         DEPTHWISE_INT8,
         WINOGRAD_F32,

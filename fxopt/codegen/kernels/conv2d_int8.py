@@ -13,7 +13,9 @@ lanes (the instruction's) accumulates one dot instruction per pixel, block and g
 zero point, scales and bias are applied on the tile, then the float ops after the layer (ReLU, a residual add:
 :mod:`fxopt.codegen.epilogue`) and, where the next convolution reads the result, its quantization to int8
 (:class:`Conv2dInt8Variant`): a quantized CNN's blocks then pass int8 from kernel to kernel. Plain convolutions
-(one group); the activation quantized per tensor, the weight per output channel or per tensor.
+(one group); the activation quantized per tensor, the weight per output channel or per tensor. Weights within
++-64 on an AVX2 CPU without VNNI: :class:`Conv2dInt8SevenBit`, VNNI's quads by ``vpmaddubsw``
+(:class:`~.gemm_int8.GemmInt8SevenBit`).
 
 Workload: :class:`~.conv2d_f32.ConvShape`'s, ``y`` the instruction's lanes (or 8: VNNI's 256-bit form); the
 results are ``[N, O/y, OH * OW, y]``, float32 or int8.
@@ -26,7 +28,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from fxopt.codegen.intrinsics.x86 import dot_int16_pairs, dot_u8s8_quads
 from fxopt.codegen.isa import Isa
 from fxopt.codegen.kernels.base import (
     KernelFamily,
@@ -47,7 +48,14 @@ from fxopt.codegen.kernels.conv2d_f32 import (
     padded_input,
     tap,
 )
-from fxopt.codegen.kernels.gemm_int8 import UNSIGNED_SHIFT, dot_instruction, requantize_parameters, requantized
+from fxopt.codegen.kernels.gemm_int8 import (
+    UNSIGNED_SHIFT,
+    Int8Dot,
+    SevenBitDot,
+    dot_instruction,
+    requantize_parameters,
+    requantized,
+)
 
 if TYPE_CHECKING:
     from fxopt.codegen.epilogue import Epilogue
@@ -55,6 +63,8 @@ if TYPE_CHECKING:
 __all__ = [
     "Conv2dInt8",
     "CONV2D_INT8",
+    "Conv2dInt8SevenBit",
+    "CONV2D_INT8_7BIT",
     "Conv2dInt8Config",
     "Conv2dInt8Variant",
     "dequantize_parameters",
@@ -76,7 +86,7 @@ class Conv2dInt8Config:
     depth: int = 2
 
     def __str__(self) -> str:
-        return str(Conv2dF32Config(self.rows, self.vectors, self.order)) + (" of vpdpbusd" if self.depth == 4 else "")
+        return str(Conv2dF32Config(self.rows, self.vectors, self.order)) + (" of byte quads" if self.depth == 4 else "")
 
 
 @dataclass(frozen=True)
@@ -151,7 +161,7 @@ def source_block(shape: ConvShape, depth: int) -> int:
     return padded_to(shape.channels, depth)
 
 
-class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
+class Conv2dInt8(Int8Dot, KernelFamily[Conv2dInt8Config]):
     """``out[n, o, p] = (sum_{c, kh, kw} (xq - zp)[n, c, p's tap] * w[o, c, kh, kw]) * x_scale * w_scale[o]
     + bias[o]``, the sums exact in int32, in NCHW[x]c."""
 
@@ -163,9 +173,9 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
         channels (:func:`source_block`); output blocks of its lanes, or of 8 (AVX-512 VNNI's 256-bit form, for
         channels that 16 do not divide)."""
         shape = ConvShape(*workload)
-        lanes, depth = dot_instruction(isa)
+        lanes, depth = self.instruction(isa)
         return (
-            isa.avx2
+            self.runs_on(isa)
             and shape.groups == 1
             and (shape.in_block % depth == 0 or shape.channels < 4)
             and shape.out_block in (lanes, 8)
@@ -179,7 +189,7 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
         instruction's lanes and divide the output blocks, at most as many pixels as the output has, either loop
         order."""
         shape = ConvShape(*workload)
-        depth = dot_instruction(isa)[1]
+        depth = self.instruction(isa)[1]
         tiles = [
             Conv2dInt8Config(min(rows, shape.pixels), vectors, order, depth)
             for rows, vectors in TILES
@@ -298,7 +308,7 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
         sch.reorder(n, *outer, c_loop, kh_loop, kw_loop, step_loop, pixel, vector, lane, within_loop)
         task = sch.fuse(n, *outer)
         epilogue_on_tile(sch, task, before=("wide",), writers=writers)
-        intrinsic = dot_int16_pairs() if depth == 2 else dot_u8s8_quads(y_block)
+        intrinsic = self.dot_intrinsic(depth, y_block)
         accumulate_in_registers(sch, block, task, (pixel, vector), lane, c_loop, intrinsic)
         loops = sch.get_loops(sch.get_sblock("wide"))
         sch.parallel(sch.fuse(*loops[:3]))
@@ -307,3 +317,13 @@ class Conv2dInt8(KernelFamily[Conv2dInt8Config]):
 
 
 CONV2D_INT8 = Conv2dInt8()
+
+
+class Conv2dInt8SevenBit(SevenBitDot, Conv2dInt8):
+    """:class:`Conv2dInt8` for weights of at most :data:`~fxopt.codegen.intrinsics.x86.SEVEN_BIT_WEIGHT` in
+    magnitude on AVX2 CPUs without VNNI: VNNI's quads by ``vpmaddubsw`` (:class:`~.gemm_int8.SevenBitDot`)."""
+
+    name = "conv2d_int8_7bit"
+
+
+CONV2D_INT8_7BIT = Conv2dInt8SevenBit()

@@ -22,6 +22,10 @@ On a CPU with VNNI (AVX-512 VNNI: Zen 4/5, Sapphire/Emerald Rapids; AVX-VNNI) on
 are shifted into uint8 once per call (``xq + 128``) and the shift is taken back with the zero point
 (``acc - (zp + 128) * colsum``), so the result is the same integer as the AVX2 kernel's.
 
+Weights within +-64 (``quantize{weight-bits=7}``) on an AVX2 CPU without VNNI take :class:`GemmInt8SevenBit`:
+VNNI's packing, shift and tiles, each quad product by ``vpmaddubsw`` (bytes by bytes, pairs summed into int16,
+exact for such weights), ``vpmaddwd`` by ones and ``vpaddd``: 1.4-1.6x the ``vpmaddwd`` kernel on BERT's shapes.
+
 With AMX (Sapphire/Emerald Rapids) a config may be ``amx``: each task of 16-32 rows by 32-48 outputs keeps its
 accumulators in tile registers over the whole reduction (:func:`fxopt.codegen.intrinsics.x86.amx_dot`:
 ``tdpbusd``, 16 x 16 x 64 exact multiply-adds, on the same packing and shifted activations), then stores them
@@ -40,8 +44,10 @@ import torch
 from fxopt.codegen.intrinsics.x86 import (
     AMX_ROWS,
     DOT_INT16_LANES,
+    SEVEN_BIT_WEIGHT,
     amx_dot,
     dot_int16_pairs,
+    dot_u8s7_quads,
     dot_u8s8_quads,
 )
 from fxopt.codegen.isa import Isa
@@ -63,7 +69,12 @@ __all__ = [
     "GemmInt8Variant",
     "GemmInt8",
     "GEMM_INT8",
+    "GemmInt8SevenBit",
+    "GEMM_INT8_7BIT",
+    "Int8Dot",
+    "SevenBitDot",
     "dot_instruction",
+    "seven_bit",
     "UNSIGNED_SHIFT",
     "requantize_parameters",
     "requantized",
@@ -89,7 +100,7 @@ class GemmInt8Config:
     def __str__(self) -> str:
         if self.amx:
             return f"{self.rows}x{self.blocks} AMX tile"
-        return f"{self.rows}x{self.blocks} tile" + (f" of {self.lanes}-lane vpdpbusd" if self.depth == 4 else "")
+        return f"{self.rows}x{self.blocks} tile" + (f" of {self.lanes}-lane byte quads" if self.depth == 4 else "")
 
 
 def dot_instruction(isa: Isa) -> tuple[int, int]:
@@ -111,7 +122,43 @@ class GemmInt8Variant:
     requantized: bool = False
 
 
-class GemmInt8(KernelFamily[GemmInt8Config]):
+class Int8Dot:
+    """The dot instruction of an int8 family's kernels: :func:`dot_instruction`'s, on AVX2 CPUs."""
+
+    @staticmethod
+    def runs_on(isa: Isa) -> bool:
+        return isa.avx2
+
+    @staticmethod
+    def instruction(isa: Isa) -> tuple[int, int]:
+        """``(lanes, depth)`` of the dot instruction on ``isa``."""
+        return dot_instruction(isa)
+
+    @staticmethod
+    def dot_intrinsic(depth: int, lanes: int) -> str:
+        """The tensor intrinsic of the dot instruction summing ``depth`` inputs into each of ``lanes`` outputs."""
+        return dot_int16_pairs() if depth == 2 else dot_u8s8_quads(lanes)
+
+
+class SevenBitDot(Int8Dot):
+    """The dot instruction of the seven-bit families (weights within
+    :data:`~fxopt.codegen.intrinsics.x86.SEVEN_BIT_WEIGHT`), on AVX2 CPUs without VNNI (with it, the full-range
+    families are as fast): VNNI's quads of 8 lanes by :func:`~fxopt.codegen.intrinsics.x86.dot_u8s7_quads`."""
+
+    @staticmethod
+    def runs_on(isa: Isa) -> bool:
+        return isa.avx2 and not isa.vnni
+
+    @staticmethod
+    def instruction(isa: Isa) -> tuple[int, int]:
+        return DOT_INT16_LANES, 4
+
+    @staticmethod
+    def dot_intrinsic(depth: int, lanes: int) -> str:
+        return dot_u8s7_quads()
+
+
+class GemmInt8(Int8Dot, KernelFamily[GemmInt8Config]):
     """``y[m, n] = (acc[m, n] - zp * colsum[n]) * (x_scale * w_scale) + bias[n]``, ``acc`` the exact int32 sums
     of int8 activations by int8 weights; ``out`` is ``y`` or, per the variant, the epilogue of ``y``, quantized
     to int8 or not."""
@@ -123,15 +170,15 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         """AVX2 (VNNI or not); whole blocks of the instruction's lanes of output channels, and of its depth of
         input channels."""
         _, in_features, out_features = workload
-        lanes, depth = dot_instruction(isa)
-        return isa.avx2 and out_features % lanes == 0 and in_features % depth == 0
+        lanes, depth = self.instruction(isa)
+        return self.runs_on(isa) and out_features % lanes == 0 and in_features % depth == 0
 
     def space(self, workload: Workload, isa: Isa) -> list[GemmInt8Config]:
         """The AMX tasks (:data:`~.base.AMX_TASKS`) where the ISA has AMX, the dot-product tiles
         (:func:`~.base.dot_tiles`: 1-8 rows by 1-4 blocks that fit the registers and divide the workload), and the
         default."""
         rows, _, out_features = workload
-        lanes, depth = dot_instruction(isa)
+        lanes, depth = self.instruction(isa)
         tiles = [GemmInt8Config(r, b, lanes, depth) for r, b in dot_tiles(rows, out_features // lanes, lanes, isa)]
         tiles = self._amx_tasks(workload, isa) + tiles
         default = self.default(workload, isa)
@@ -147,7 +194,7 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         if amx:
             return amx[0]
         rows, _, out_features = workload
-        lanes, depth = dot_instruction(isa)
+        lanes, depth = self.instruction(isa)
         wide = depth == 4 and isa.vector_registers >= 32
         return GemmInt8Config(*dot_tile_default(rows, out_features // lanes, lanes, isa, wide), lanes, depth)
 
@@ -235,12 +282,32 @@ class GemmInt8(KernelFamily[GemmInt8Config]):
         if config.amx:
             intrinsic = amx_dot("u8s8", config.rows // AMX_ROWS, config.blocks, in_features // depth)
         else:
-            intrinsic = dot_int16_pairs() if depth == 2 else dot_u8s8_quads(lanes)
+            intrinsic = self.dot_intrinsic(depth, lanes)
         sch, _ = dot_product_tiles(func, config.rows, config.blocks, intrinsic, whole_reduction=config.amx)
         return self.tagged(sch.mod["main"], workload)
 
 
 GEMM_INT8 = GemmInt8()
+
+
+class GemmInt8SevenBit(SevenBitDot, GemmInt8):
+    """:class:`GemmInt8` for weights of at most :data:`~fxopt.codegen.intrinsics.x86.SEVEN_BIT_WEIGHT` in
+    magnitude (``quantize{weight-bits=7}``) on AVX2 CPUs without VNNI (:class:`SevenBitDot`): VNNI's packing,
+    shifted activations and tiles, each quad product a ``vpmaddubsw``, a ``vpmaddwd`` by ones and a ``vpaddd``:
+    four multiply-adds a lane in three instructions where ``vpmaddwd`` pairs take two and a half for two (with
+    their share of broadcasts). On Zen 4 running AVX2 code, 1.4-1.6x the ``vpmaddwd`` kernel on BERT's shapes. The
+    lowering picks it where the layer's weights fit (:func:`seven_bit`)."""
+
+    name = "gemm_int8_7bit"
+
+
+GEMM_INT8_7BIT = GemmInt8SevenBit()
+
+
+def seven_bit(weight: torch.Tensor) -> bool:
+    """Whether int8 ``weight``'s values all lie within :data:`~fxopt.codegen.intrinsics.x86.SEVEN_BIT_WEIGHT` in
+    magnitude: what the seven-bit families multiply exactly."""
+    return not weight.numel() or -SEVEN_BIT_WEIGHT <= int(weight.min()) and int(weight.max()) <= SEVEN_BIT_WEIGHT
 
 
 def requantize_parameters() -> list:
