@@ -194,9 +194,9 @@ class WinogradInt8(KernelFamily[WinogradInt8Config]):
         conv = te.compute(
             out_shape,
             lambda n, o, h, w, lane: dequantized(
-                tirx.shift_right(output(n, o, h, w, lane), 2),
+                tirx.shift_right(output(n, o, h, w, lane), 2),  # Y' = 4y exactly
                 o * y_block + lane,
-                dequantize,  # Y' = 4y exactly
+                dequantize,
             ),
             name="conv",
         )
